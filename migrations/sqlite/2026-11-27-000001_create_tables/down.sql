@@ -1,0 +1,14 @@
+DROP TABLE preference_pairs;
+DROP TABLE rewards;
+DROP TABLE assignments;
+DROP TABLE events;
+DROP TABLE questionnaire_answers;
+DROP TABLE ratings;
+DROP TABLE document_revisions;
+DROP TABLE candidates;
+DROP TABLE messages;
+DROP TABLE sessions;
+DROP TABLE participants;
+DROP TABLE arms;
+DROP TABLE study_versions;
+DROP TABLE studies;

@@ -1,0 +1,48 @@
+//! Server settings, read once at start from flags and `COLLABLLM_*` environment variables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+
+/// Where the example protocol lives in the repository; `serve` falls back to the embedded copy.
+pub const EXAMPLE_PROTOCOL_PATH: &str = "study-protocols/doc-cocreation.toml";
+/// The example protocol, compiled into the binary so `serve` runs from any directory.
+pub const EXAMPLE_PROTOCOL: &str = include_str!("../study-protocols/doc-cocreation.toml");
+
+/// Settings every command shares.
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Database: a SQLite file (`sqlite://path` or a path) or `postgres://user@host/db`.
+    #[arg(
+        long,
+        global = true,
+        env = "COLLABLLM_DATABASE_URL",
+        default_value = "sqlite://collabllm.sqlite3"
+    )]
+    pub database_url: String,
+
+    /// Directory of GGUF models; relative model paths in protocols resolve against it.
+    #[arg(long, global = true, env = "COLLABLLM_MODELS_DIR", default_value = "models")]
+    pub models_dir: PathBuf,
+
+    /// Largest number of pooled database connections.
+    #[arg(long, global = true, env = "COLLABLLM_DB_CONNECTIONS", default_value_t = 8)]
+    pub db_connections: u32,
+}
+
+/// Settings of the web server.
+#[derive(Debug, Clone, Args)]
+pub struct ServeSettings {
+    /// Address and port to listen on.
+    #[arg(long, env = "COLLABLLM_BIND", default_value = "127.0.0.1:8080")]
+    pub bind: SocketAddr,
+
+    /// Protocol files to import at start (default: the embedded example protocol).
+    #[arg(long = "protocol", env = "COLLABLLM_PROTOCOLS", value_delimiter = ',')]
+    pub protocols: Vec<PathBuf>,
+
+    /// HTTP worker threads (default: one per core).
+    #[arg(long, env = "COLLABLLM_HTTP_WORKERS")]
+    pub http_workers: Option<usize>,
+}

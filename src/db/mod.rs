@@ -1,0 +1,248 @@
+//! Storage: one connection type over SQLite and PostgreSQL, the pool, embedded migrations, and one
+//! module of query functions per aggregate. Nothing outside `db` writes diesel queries.
+//!
+//! The backend is chosen by the URL: `postgres://…`/`postgresql://…` is PostgreSQL, anything else
+//! (`sqlite://file`, a plain path, `:memory:`) is an SQLite file.
+
+pub mod answers;
+pub mod assignments;
+pub mod candidates;
+pub mod events;
+pub mod messages;
+pub mod models;
+pub mod pairs;
+pub mod participants;
+pub mod ratings;
+pub mod revisions;
+pub mod rewards;
+pub mod schema;
+pub mod sessions;
+pub mod studies;
+
+use std::time::Duration;
+
+use diesel::connection::SimpleConnection;
+use diesel::pg::PgConnection;
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel::sqlite::SqliteConnection;
+use diesel::Connection;
+use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
+
+/// One connection to whichever backend the URL names.
+#[derive(diesel::MultiConnection)]
+pub enum DbConn {
+    Sqlite(SqliteConnection),
+    Postgres(PgConnection),
+}
+
+pub type DbPool = Pool<ConnectionManager<DbConn>>;
+pub type PooledConn = PooledConnection<ConnectionManager<DbConn>>;
+
+const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
+const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
+
+/// How long an SQLite writer waits for another writer before giving up.
+const SQLITE_BUSY_TIMEOUT_MS: u32 = 10_000;
+/// How long a request waits for a free pooled connection.
+const POOL_TIMEOUT_SECS: u64 = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("database query failed: {0}")]
+    Query(#[from] diesel::result::Error),
+    #[error(
+        "cannot connect to the database {url}: {reason}. Check that the server is running and the \
+         URL (--database-url / COLLABLLM_DATABASE_URL) is right."
+    )]
+    Connect { url: String, reason: String },
+    #[error("cannot apply the database migrations: {0}")]
+    Migration(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type DbResult<T> = Result<T, DbError>;
+
+/// Which backend a URL names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+impl Backend {
+    pub fn of_url(url: &str) -> Backend {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Backend::Postgres
+        } else {
+            Backend::Sqlite
+        }
+    }
+}
+
+/// The SQLite path diesel expects: without a `sqlite://` prefix.
+fn sqlite_path(url: &str) -> &str {
+    url.strip_prefix("sqlite://").unwrap_or(url)
+}
+
+/// Opens one connection, with the SQLite settings applied.
+pub fn connect(url: &str) -> DbResult<DbConn> {
+    let conn = match Backend::of_url(url) {
+        Backend::Postgres => PgConnection::establish(url).map(DbConn::Postgres),
+        Backend::Sqlite => SqliteConnection::establish(sqlite_path(url)).map(DbConn::Sqlite),
+    };
+    let mut conn = conn.map_err(|e| DbError::Connect {
+        url: redact(url),
+        reason: e.to_string().trim().to_string(),
+    })?;
+    configure(&mut conn).map_err(|e| DbError::Connect {
+        url: redact(url),
+        reason: e.to_string(),
+    })?;
+    Ok(conn)
+}
+
+/// WAL lets readers run beside the writer; FULL sync makes every acknowledged write survive a
+/// power cut, not only a crash; foreign keys are off by default in SQLite.
+fn configure(conn: &mut DbConn) -> diesel::QueryResult<()> {
+    if let DbConn::Sqlite(c) = conn {
+        c.batch_execute(&format!(
+            "PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS};
+             PRAGMA journal_mode = WAL;
+             PRAGMA synchronous = FULL;
+             PRAGMA foreign_keys = ON;"
+        ))?;
+    }
+    Ok(())
+}
+
+#[derive(Debug)]
+struct SqliteSettings;
+
+impl CustomizeConnection<DbConn, diesel::r2d2::Error> for SqliteSettings {
+    fn on_acquire(&self, conn: &mut DbConn) -> Result<(), diesel::r2d2::Error> {
+        configure(conn).map_err(diesel::r2d2::Error::QueryError)
+    }
+}
+
+/// Connects, applies pending migrations and returns a pool. Fails with a clear message when the
+/// database cannot be reached.
+pub fn open(url: &str, max_connections: u32) -> DbResult<DbPool> {
+    // A first connection gives the real reason when the database is unreachable, which r2d2's
+    // timeout would hide.
+    let mut conn = connect(url)?;
+    migrate(&mut conn)?;
+    let backend = Backend::of_url(url);
+    let manager = ConnectionManager::<DbConn>::new(match backend {
+        Backend::Postgres => url,
+        Backend::Sqlite => sqlite_path(url),
+    });
+    // An in-memory SQLite database exists once per connection: keep it to one.
+    let size = if url.contains(":memory:") {
+        1
+    } else {
+        max_connections.max(1)
+    };
+    Pool::builder()
+        .max_size(size)
+        .connection_timeout(Duration::from_secs(POOL_TIMEOUT_SECS))
+        .connection_customizer(Box::new(SqliteSettings))
+        .build(manager)
+        .map_err(|e| DbError::Connect {
+            url: redact(url),
+            reason: e.to_string(),
+        })
+}
+
+/// Applies every pending migration of the connection's backend.
+pub fn migrate(conn: &mut DbConn) -> DbResult<Vec<String>> {
+    let applied = match conn {
+        DbConn::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS),
+        DbConn::Postgres(c) => c.run_pending_migrations(POSTGRES_MIGRATIONS),
+    }
+    .map_err(|e| DbError::Migration(e.to_string()))?;
+    Ok(applied.iter().map(|v| v.to_string()).collect())
+}
+
+/// Reverts every applied migration (used by the migration round-trip test and `migrate --down`).
+pub fn revert_all(conn: &mut DbConn) -> DbResult<()> {
+    match conn {
+        DbConn::Sqlite(c) => c.revert_all_migrations(SQLITE_MIGRATIONS).map(drop),
+        DbConn::Postgres(c) => c.revert_all_migrations(POSTGRES_MIGRATIONS).map(drop),
+    }
+    .map_err(|e| DbError::Migration(e.to_string()))
+}
+
+/// The URL without its password, for messages and logs.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => {
+            let userinfo = &url[scheme_end + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme_end + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Now, in UTC without a zone: how every timestamp is stored.
+pub fn now() -> chrono::NaiveDateTime {
+    chrono::Utc::now().naive_utc()
+}
+
+/// Whether `e` is a unique-constraint violation (a duplicate of something already stored).
+fn is_unique_violation(e: &diesel::result::Error) -> bool {
+    matches!(
+        e,
+        diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::UniqueViolation, _)
+    )
+}
+
+/// Inserts a row that may already exist (a resent frame, a returning participant): when a unique
+/// constraint says it does, the stored row is returned instead, with `false`.
+fn insert_once<T>(
+    conn: &mut DbConn,
+    insert: impl FnOnce(&mut DbConn) -> diesel::QueryResult<T>,
+    existing: impl FnOnce(&mut DbConn) -> diesel::QueryResult<T>,
+) -> DbResult<(T, bool)> {
+    match insert(conn) {
+        Ok(row) => Ok((row, true)),
+        Err(e) if is_unique_violation(&e) => Ok((existing(conn)?, false)),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// How often a numbered insert is retried when a concurrent writer took the same number.
+const NUMBERING_ATTEMPTS: usize = 5;
+
+/// Runs `insert`, which reads the highest number so far and inserts the next, in a transaction;
+/// when another writer took that number first (unique violation) it tries again.
+fn next_number<T>(
+    conn: &mut DbConn,
+    mut insert: impl FnMut(&mut DbConn) -> diesel::QueryResult<T>,
+) -> DbResult<T> {
+    let mut attempt = 1;
+    loop {
+        match conn.transaction(|conn| insert(conn)) {
+            Err(e) if is_unique_violation(&e) && attempt < NUMBERING_ATTEMPTS => attempt += 1,
+            result => return Ok(result?),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact;
+
+    #[test]
+    fn redact_hides_only_the_password() {
+        assert_eq!(
+            redact("postgres://app:secret@db:5432/x"),
+            "postgres://app:***@db:5432/x"
+        );
+        assert_eq!(redact("postgres://postgres@127.0.0.1/test"), "postgres://postgres@127.0.0.1/test");
+        assert_eq!(redact("data/studio.sqlite3"), "data/studio.sqlite3");
+    }
+}

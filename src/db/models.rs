@@ -1,0 +1,274 @@
+//! Rows as stored, and the values to insert them. Query functions live in the per-aggregate modules.
+
+use chrono::NaiveDateTime;
+use diesel::prelude::*;
+use serde::Serialize;
+
+use super::schema::*;
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = studies)]
+pub struct Study {
+    pub id: i64,
+    pub slug: String,
+    pub title: String,
+    pub status: String,
+    pub created_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = study_versions)]
+pub struct StudyVersion {
+    pub id: i64,
+    pub study_id: i64,
+    pub version: i32,
+    pub label: String,
+    pub protocol_text: String,
+    pub protocol_sha256: String,
+    pub source_path: String,
+    pub imported_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = arms)]
+pub struct Arm {
+    pub id: i64,
+    pub study_version_id: i64,
+    pub name: String,
+    pub model_id: String,
+    pub weight: f64,
+    pub quota: Option<i32>,
+    /// The arm's policy (system prompt, sampling, adapters) as JSON, as imported.
+    pub policy_json: String,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = participants)]
+pub struct Participant {
+    pub id: i64,
+    pub study_id: i64,
+    pub pseudonym: String,
+    pub external_id_hmac: Option<String>,
+    pub simulated: bool,
+    pub created_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = sessions)]
+pub struct Session {
+    pub id: i64,
+    pub public_id: String,
+    pub participant_id: i64,
+    pub study_version_id: i64,
+    pub arm_id: Option<i64>,
+    pub task_id: String,
+    pub topic_id: String,
+    pub token_hash: String,
+    pub state: String,
+    pub outcome: Option<String>,
+    pub completion_code: Option<String>,
+    pub consent_sha256: Option<String>,
+    pub consented_at: Option<NaiveDateTime>,
+    pub started_at: NaiveDateTime,
+    pub first_message_at: Option<NaiveDateTime>,
+    pub finished_at: Option<NaiveDateTime>,
+    pub last_activity_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = sessions)]
+pub struct NewSession<'a> {
+    pub public_id: &'a str,
+    pub participant_id: i64,
+    pub study_version_id: i64,
+    pub arm_id: Option<i64>,
+    pub task_id: &'a str,
+    pub topic_id: &'a str,
+    pub token_hash: &'a str,
+    pub state: &'a str,
+    pub started_at: NaiveDateTime,
+    pub last_activity_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = messages)]
+pub struct Message {
+    pub id: i64,
+    pub session_id: i64,
+    pub seq: i32,
+    pub role: String,
+    pub content: String,
+    pub created_at: NaiveDateTime,
+    pub ttft_ms: Option<i32>,
+    pub gen_ms: Option<i32>,
+    pub prompt_tokens: Option<i32>,
+    pub gen_tokens: Option<i32>,
+    pub finish_reason: Option<String>,
+    pub policy_json: Option<String>,
+}
+
+/// A message to append; `seq` is assigned by [`super::messages::append`].
+#[derive(Debug, Clone, Default)]
+pub struct NewMessage<'a> {
+    pub role: &'a str,
+    pub content: &'a str,
+    pub ttft_ms: Option<i32>,
+    pub gen_ms: Option<i32>,
+    pub prompt_tokens: Option<i32>,
+    pub gen_tokens: Option<i32>,
+    pub finish_reason: Option<&'a str>,
+    pub policy_json: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = candidates)]
+pub struct Candidate {
+    pub id: i64,
+    pub session_id: i64,
+    pub after_seq: i32,
+    pub source: String,
+    pub content: String,
+    pub chosen: Option<bool>,
+    pub policy_json: String,
+    pub created_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = candidates)]
+pub struct NewCandidate<'a> {
+    pub session_id: i64,
+    pub after_seq: i32,
+    pub source: &'a str,
+    pub content: &'a str,
+    pub chosen: Option<bool>,
+    pub policy_json: &'a str,
+    pub created_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = document_revisions)]
+pub struct DocumentRevision {
+    pub id: i64,
+    pub session_id: i64,
+    pub rev: i32,
+    pub author: String,
+    pub content: String,
+    pub created_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = ratings)]
+pub struct Rating {
+    pub id: i64,
+    pub session_id: i64,
+    pub after_turn: i32,
+    pub rating_key: String,
+    pub value: i32,
+    pub created_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = questionnaire_answers)]
+pub struct Answer {
+    pub id: i64,
+    pub session_id: i64,
+    pub question_key: String,
+    pub answer: String,
+    pub created_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = events)]
+pub struct Event {
+    pub id: i64,
+    pub session_id: i64,
+    pub client_seq: i64,
+    pub kind: String,
+    pub payload_json: String,
+    pub created_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = assignments)]
+pub struct Assignment {
+    pub id: i64,
+    pub study_version_id: i64,
+    pub participant_id: i64,
+    pub draw_index: i32,
+    pub method: String,
+    pub arm_id: i64,
+    pub task_id: String,
+    pub topic_id: String,
+    /// What the draw saw (counts, block position, seed), so the sequence can be audited.
+    pub inputs_json: String,
+    pub created_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewAssignment<'a> {
+    pub study_version_id: i64,
+    pub participant_id: i64,
+    pub method: &'a str,
+    pub arm_id: i64,
+    pub task_id: &'a str,
+    pub topic_id: &'a str,
+    pub inputs_json: &'a str,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = rewards)]
+pub struct Reward {
+    pub id: i64,
+    pub session_id: i64,
+    pub turn: i32,
+    pub candidate_id: Option<i64>,
+    pub mr: f64,
+    pub mr_std: f64,
+    pub components_json: String,
+    pub created_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = rewards)]
+pub struct NewReward<'a> {
+    pub session_id: i64,
+    pub turn: i32,
+    pub candidate_id: Option<i64>,
+    pub mr: f64,
+    pub mr_std: f64,
+    pub components_json: &'a str,
+    pub created_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = preference_pairs)]
+pub struct PreferencePair {
+    pub id: i64,
+    pub study_id: i64,
+    pub session_id: Option<i64>,
+    pub turn: i32,
+    pub source: String,
+    pub prompt_json: String,
+    pub chosen: String,
+    pub rejected: String,
+    pub score_chosen: Option<f64>,
+    pub score_rejected: Option<f64>,
+    pub metadata_json: String,
+    pub created_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = preference_pairs)]
+pub struct NewPreferencePair<'a> {
+    pub study_id: i64,
+    pub session_id: Option<i64>,
+    pub turn: i32,
+    pub source: &'a str,
+    pub prompt_json: &'a str,
+    pub chosen: &'a str,
+    pub rejected: &'a str,
+    pub score_chosen: Option<f64>,
+    pub score_rejected: Option<f64>,
+    pub metadata_json: &'a str,
+    pub created_at: NaiveDateTime,
+}

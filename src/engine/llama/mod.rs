@@ -1,0 +1,262 @@
+//! The local backend: GGUF models loaded once through llama.cpp, and a worker thread per
+//! (model, adapter) pair that owns the context and serves requests with continuous batching.
+
+mod worker;
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, OnceLock};
+use std::time::{Instant, SystemTime};
+
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::{ChatRequest, Engine, EngineError, EngineStatus, Generation};
+
+/// Tokens one decode call may carry (generating sequences + prompt chunks).
+const BATCH_TOKENS: u32 = 1024;
+
+/// The process-wide llama.cpp backend; llama.cpp allows one initialisation per process.
+fn backend() -> Result<&'static LlamaBackend, EngineError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            llama_cpp_2::send_logs_to_tracing(llama_cpp_2::LogOptions::default());
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| EngineError::Load {
+            path: String::new(),
+            reason: e.clone(),
+        })
+}
+
+/// Threads for llama.cpp: every core. (The crate's default of 4 on a 2-core machine is ~200×
+/// slower than 2.)
+pub fn thread_count() -> i32 {
+    std::thread::available_parallelism()
+        .map(|n| i32::try_from(n.get()).unwrap_or(1))
+        .unwrap_or(1)
+}
+
+/// A GGUF model in memory with the LoRA adapters its policies use.
+pub struct LoadedModel {
+    pub model: LlamaModel,
+    pub path: PathBuf,
+    pub sha256: String,
+    adapters: HashMap<PathBuf, Mutex<LlamaLoraAdapter>>,
+}
+
+impl LoadedModel {
+    pub fn has_adapter(&self, path: &Path) -> bool {
+        self.adapters.contains_key(path)
+    }
+}
+
+/// Loads a model once, checks its sha256 when one is expected, and initialises `adapters`.
+pub fn load_model(
+    path: &Path,
+    expected_sha256: Option<&str>,
+    adapters: &[PathBuf],
+) -> Result<Arc<LoadedModel>, EngineError> {
+    let fail = |reason: String| EngineError::Load {
+        path: path.display().to_string(),
+        reason,
+    };
+    let sha256 = file_sha256(path).map_err(|e| {
+        fail(format!(
+            "{e}. Run `collabllm models fetch` for the default model or check the path"
+        ))
+    })?;
+    if let Some(expected) = expected_sha256 {
+        if !expected.eq_ignore_ascii_case(&sha256) {
+            return Err(fail(format!(
+                "the file is corrupt or a different model: sha256 {sha256}, expected {expected}. \
+                 Delete it and run `collabllm models fetch` again, or update the protocol's sha256"
+            )));
+        }
+    }
+    let started = Instant::now();
+    let mut model = LlamaModel::load_from_file(backend()?, path, &LlamaModelParams::default())
+        .map_err(|e| fail(format!("llama.cpp cannot load it ({e}); is it a valid GGUF model?")))?;
+    let mut loaded_adapters = HashMap::new();
+    for adapter in adapters {
+        let a = model.lora_adapter_init(adapter).map_err(|e| EngineError::Load {
+            path: adapter.display().to_string(),
+            reason: format!("not a LoRA adapter for this model ({e})"),
+        })?;
+        loaded_adapters.insert(adapter.clone(), Mutex::new(a));
+    }
+    tracing::info!(path = %path.display(), %sha256, ms = started.elapsed().as_millis() as u64, "model loaded");
+    Ok(Arc::new(LoadedModel {
+        model,
+        path: path.to_path_buf(),
+        sha256,
+        adapters: loaded_adapters,
+    }))
+}
+
+/// sha256 of a file, computed once per (path, size, modification time) in this process.
+pub fn file_sha256(path: &Path) -> std::io::Result<String> {
+    type Key = (PathBuf, u64, Option<SystemTime>);
+    static CACHE: OnceLock<Mutex<HashMap<Key, String>>> = OnceLock::new();
+    let meta = std::fs::metadata(path)?;
+    let key = (path.to_path_buf(), meta.len(), meta.modified().ok());
+    let cache = CACHE.get_or_init(Default::default);
+    if let Some(hash) = cache.lock().expect("sha cache lock").get(&key) {
+        return Ok(hash.clone());
+    }
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    let hash = hex::encode(hasher.finalize());
+    cache
+        .lock()
+        .expect("sha cache lock")
+        .insert(key, hash.clone());
+    Ok(hash)
+}
+
+/// How a worker is set up.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Name in logs and status (the protocol's model id).
+    pub name: String,
+    /// Tokens one conversation may hold (prompt + reply).
+    pub context_tokens: u32,
+    /// Conversations held at once.
+    pub slots: u32,
+    /// Adapter applied to every request of this worker, with its scale.
+    pub lora: Option<(PathBuf, f32)>,
+}
+
+/// Handle to a worker thread. Dropping it lets the worker finish its requests and stop.
+pub struct LlamaEngine {
+    jobs: std_mpsc::Sender<worker::Job>,
+    status: Arc<Mutex<EngineStatus>>,
+    fingerprint: String,
+}
+
+impl LlamaEngine {
+    /// Starts a worker with its own context on `model`; returns once the context exists.
+    pub fn spawn(model: Arc<LoadedModel>, config: WorkerConfig) -> Result<Self, EngineError> {
+        let (jobs, inbox) = std_mpsc::channel();
+        let (ready_tx, ready_rx) = std_mpsc::channel();
+        let status = Arc::new(Mutex::new(EngineStatus {
+            model: config.name.clone(),
+            backend: "llama.cpp",
+            slots: config.slots as usize,
+            ..Default::default()
+        }));
+        let fingerprint = match &config.lora {
+            Some((adapter, scale)) => {
+                let adapter_sha = file_sha256(adapter).unwrap_or_default();
+                format!("{}+lora:{adapter_sha}@{scale}", model.sha256)
+            }
+            None => model.sha256.clone(),
+        };
+        let thread_status = status.clone();
+        std::thread::Builder::new()
+            .name(format!("llama-{}", config.name))
+            .spawn(move || {
+                let context = match new_context(&model, &config) {
+                    Ok(c) => {
+                        let _ = ready_tx.send(Ok(()));
+                        c
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                worker::Worker::new(&model, context, &config, thread_status).run(inbox);
+            })
+            .map_err(|e| EngineError::Inference(format!("cannot start worker thread: {e}")))?;
+        ready_rx.recv().map_err(|_| EngineError::Stopped)??;
+        Ok(Self {
+            jobs,
+            status,
+            fingerprint,
+        })
+    }
+}
+
+fn new_context<'m>(
+    model: &'m LoadedModel,
+    config: &WorkerConfig,
+) -> Result<llama_cpp_2::context::LlamaContext<'m>, EngineError> {
+    let threads = thread_count();
+    let total = config.context_tokens.saturating_mul(config.slots.max(1));
+    let params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(total))
+        .with_n_batch(BATCH_TOKENS)
+        .with_n_ubatch(BATCH_TOKENS.min(512))
+        .with_n_seq_max(config.slots.max(1))
+        .with_kv_unified(false)
+        .with_n_threads(threads)
+        .with_n_threads_batch(threads);
+    let mut context = model
+        .model
+        .new_context(backend()?, params)
+        .map_err(|e| EngineError::Load {
+            path: model.path.display().to_string(),
+            reason: format!("cannot create a context of {total} tokens ({e})"),
+        })?;
+    if let Some((path, scale)) = &config.lora {
+        let adapter = model.adapters.get(path).ok_or_else(|| EngineError::Load {
+            path: path.display().to_string(),
+            reason: "adapter was not loaded with the model".into(),
+        })?;
+        let mut adapter = adapter.lock().expect("adapter lock");
+        context
+            .lora_adapter_set(&mut adapter, *scale)
+            .map_err(|e| EngineError::Load {
+                path: path.display().to_string(),
+                reason: format!("cannot apply the adapter ({e})"),
+            })?;
+    }
+    Ok(context)
+}
+
+impl Engine for LlamaEngine {
+    fn start(&self, request: ChatRequest) -> Result<Generation, EngineError> {
+        if request.messages.is_empty() {
+            return Err(EngineError::EmptyMessages);
+        }
+        request.sampling.check().map_err(EngineError::InvalidRequest)?;
+        let (events, rx) = mpsc::unbounded_channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.jobs
+            .send(worker::Job {
+                request,
+                events,
+                cancel: cancel.clone(),
+                arrived: Instant::now(),
+            })
+            .map_err(|_| EngineError::Stopped)?;
+        self.status.lock().expect("status lock").queued += 1;
+        Ok(Generation::new(rx, cancel))
+    }
+
+    fn status(&self) -> EngineStatus {
+        self.status.lock().expect("status lock").clone()
+    }
+
+    fn fingerprint(&self) -> String {
+        self.fingerprint.clone()
+    }
+}

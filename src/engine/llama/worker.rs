@@ -1,0 +1,610 @@
+//! The worker thread: owns one llama.cpp context with several sequence slots.
+//!
+//! Each step decodes, in one batch, the next token of every generating sequence plus prompt
+//! chunks of newly admitted ones (continuous batching). A slot keeps its tokens between turns, so
+//! the next turn of a conversation only computes what is new (prefix reuse); idle slots are
+//! reused least-recently-used first. Cancellation is checked every step.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use tokio::sync::mpsc;
+
+use super::{LoadedModel, WorkerConfig, BATCH_TOKENS};
+use crate::engine::chat_template::ChatTemplate;
+use crate::engine::text::{Pushed, TextStream};
+use crate::engine::{
+    ChatRequest, Completion, Constraint, EngineError, EngineEvent, EngineStatus, FinishReason,
+    Sampling,
+};
+
+/// Largest prompt chunk one sequence may add to a step, so generating sequences keep streaming
+/// while a long prompt is read.
+const PREFILL_CHUNK_TOKENS: usize = 512;
+/// Window over which tokens per second are reported.
+const RATE_WINDOW: Duration = Duration::from_secs(10);
+
+pub(crate) struct Job {
+    pub request: ChatRequest,
+    pub events: mpsc::UnboundedSender<EngineEvent>,
+    pub cancel: Arc<AtomicBool>,
+    pub arrived: Instant,
+}
+
+impl Job {
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed) || self.events.is_closed()
+    }
+
+    fn fail(&self, error: EngineError) {
+        let _ = self.events.send(EngineEvent::Error(error));
+    }
+}
+
+/// A sequence of the context: what its KV cache holds and the request it serves.
+struct Slot {
+    seq: i32,
+    cache: SeqCache,
+    conversation: Option<String>,
+    last_used: Instant,
+    active: Option<Active>,
+}
+
+/// The tokens whose keys and values are in a sequence's cache, in position order.
+#[derive(Default)]
+struct SeqCache {
+    tokens: Vec<LlamaToken>,
+    /// The text those tokens spell, and where each token ends in it.
+    text: Vec<u8>,
+    ends: Vec<usize>,
+    /// Whether `text` is exactly the prompt text that produced the tokens (then a new prompt can
+    /// be matched by text and only its new tail tokenised).
+    exact: bool,
+}
+
+/// The request a slot is serving.
+struct Active {
+    job: Job,
+    /// Prompt tokens not yet decoded.
+    prefill: VecDeque<LlamaToken>,
+    prompt_text_len: usize,
+    /// Sampled but not yet decoded.
+    next: Option<LlamaToken>,
+    /// Index in the current batch whose logits this slot samples from.
+    logits_at: Option<i32>,
+    sampler: LlamaSampler,
+    stream: TextStream,
+    prompt_tokens: usize,
+    prompt_processed: usize,
+    generated: usize,
+    max_tokens: usize,
+    seed: u32,
+    first_token_at: Option<Instant>,
+}
+
+pub(crate) struct Worker<'m> {
+    model: &'m LlamaModel,
+    context: LlamaContext<'m>,
+    template: Option<ChatTemplate>,
+    slots: Vec<Slot>,
+    queue: VecDeque<Job>,
+    context_tokens: usize,
+    status: Arc<Mutex<EngineStatus>>,
+    recent: VecDeque<(Instant, usize)>,
+}
+
+impl<'m> Worker<'m> {
+    pub(crate) fn new(
+        model: &'m LoadedModel,
+        context: LlamaContext<'m>,
+        config: &WorkerConfig,
+        status: Arc<Mutex<EngineStatus>>,
+    ) -> Self {
+        let template = match ChatTemplate::of_model(&model.model) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::error!(model = %config.name, error = %e, "no usable chat template");
+                None
+            }
+        };
+        let now = Instant::now();
+        let slots = (0..config.slots.max(1))
+            .map(|seq| Slot {
+                seq: i32::try_from(seq).expect("slot count fits i32"),
+                cache: SeqCache {
+                    exact: true,
+                    ..Default::default()
+                },
+                conversation: None,
+                last_used: now,
+                active: None,
+            })
+            .collect();
+        Self {
+            model: &model.model,
+            context,
+            template,
+            slots,
+            queue: VecDeque::new(),
+            context_tokens: config.context_tokens as usize,
+            status,
+            recent: VecDeque::new(),
+        }
+    }
+
+    /// Serves jobs until every handle is dropped and nothing is left to do.
+    pub(crate) fn run(mut self, inbox: std_mpsc::Receiver<Job>) {
+        let mut batch = LlamaBatch::new(BATCH_TOKENS as usize, self.slots.len() as i32);
+        loop {
+            if self.idle() {
+                match inbox.recv() {
+                    Ok(job) => self.queue.push_back(job),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = inbox.try_recv() {
+                self.queue.push_back(job);
+            }
+            self.drop_cancelled_queued();
+            self.admit();
+            self.cancel_active();
+            let generated = self.step(&mut batch);
+            self.publish(generated);
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.queue.is_empty() && self.slots.iter().all(|s| s.active.is_none())
+    }
+
+    fn take_from_queue(&mut self) -> Option<Job> {
+        let job = self.queue.pop_front()?;
+        let mut status = self.status.lock().expect("status lock");
+        status.queued = status.queued.saturating_sub(1);
+        Some(job)
+    }
+
+    fn drop_cancelled_queued(&mut self) {
+        let (cancelled, kept): (Vec<Job>, Vec<Job>) =
+            self.queue.drain(..).partition(Job::cancelled);
+        self.queue = kept.into();
+        for job in cancelled {
+            let mut status = self.status.lock().expect("status lock");
+            status.queued = status.queued.saturating_sub(1);
+            drop(status);
+            let _ = job.events.send(EngineEvent::Done(Completion {
+                text: String::new(),
+                finish_reason: FinishReason::Cancelled,
+                prompt_tokens: 0,
+                prompt_tokens_processed: 0,
+                generated_tokens: 0,
+                ttft_ms: 0,
+                total_ms: ms_since(job.arrived),
+                seed: job.request.sampling.seed.unwrap_or(0),
+            }));
+        }
+    }
+
+    /// Moves queued jobs into idle slots, first come first served.
+    fn admit(&mut self) {
+        while !self.queue.is_empty() && self.slots.iter().any(|s| s.active.is_none()) {
+            let job = self.take_from_queue().expect("queue is not empty");
+            let prompt = match self.render(&job.request) {
+                Ok(p) => p,
+                Err(e) => {
+                    job.fail(e);
+                    continue;
+                }
+            };
+            let index = self.choose_slot(&job, prompt.as_bytes());
+            if let Err(e) = self.start_in_slot(index, job, &prompt) {
+                tracing::debug!(error = %e, "request rejected");
+            }
+        }
+    }
+
+    fn render(&self, request: &ChatRequest) -> Result<String, EngineError> {
+        if request.messages.is_empty() {
+            return Err(EngineError::EmptyMessages);
+        }
+        let template = self
+            .template
+            .as_ref()
+            .ok_or_else(|| EngineError::Template("the model has no usable chat template".into()))?;
+        template.render(self.model, &request.messages)
+    }
+
+    /// The idle slot for a job: the one holding its conversation, else the one whose cache
+    /// shares the longest prefix with the prompt, else the least recently used.
+    fn choose_slot(&self, job: &Job, prompt: &[u8]) -> usize {
+        let idle = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.active.is_none());
+        if let Some(conv) = &job.request.conversation {
+            if let Some((i, _)) = idle
+                .clone()
+                .find(|(_, s)| s.conversation.as_deref() == Some(conv.as_str()))
+            {
+                return i;
+            }
+        }
+        idle.max_by(|(_, a), (_, b)| {
+            let shared_a = common_prefix(&a.cache.text, prompt);
+            let shared_b = common_prefix(&b.cache.text, prompt);
+            shared_a
+                .cmp(&shared_b)
+                .then_with(|| b.last_used.cmp(&a.last_used))
+        })
+        .map(|(i, _)| i)
+        .expect("admit checks that an idle slot exists")
+    }
+
+    /// Reuses what the slot's cache shares with the prompt, drops the rest, and queues the new
+    /// prompt tokens for decoding.
+    fn start_in_slot(&mut self, index: usize, job: Job, prompt: &str) -> Result<(), EngineError> {
+        let (sampler, seed) = match build_sampler(self.model, &job.request) {
+            Ok(s) => s,
+            Err(e) => {
+                job.fail(e.clone());
+                return Err(e);
+            }
+        };
+        let model = self.model;
+        let slot = &mut self.slots[index];
+        let cache = &mut slot.cache;
+        let (keep, tail) = if cache.exact {
+            let shared = common_prefix(&cache.text, prompt.as_bytes());
+            let keep = cache.ends.partition_point(|&end| end <= shared);
+            let from = if keep == 0 { 0 } else { cache.ends[keep - 1] };
+            let tail = tokenize(model, &prompt[from..], keep == 0);
+            (keep, tail)
+        } else {
+            let all = tokenize(model, prompt, true);
+            let keep = cache
+                .tokens
+                .iter()
+                .zip(&all)
+                .take_while(|(a, b)| a == b)
+                .count();
+            (keep, all[keep..].to_vec())
+        };
+        // At least one token must be decoded to get logits for the first reply token.
+        let (keep, tail) = if tail.is_empty() && keep > 0 {
+            let mut t = vec![cache.tokens[keep - 1]];
+            t.extend(tail);
+            (keep - 1, t)
+        } else {
+            (keep, tail)
+        };
+        let prompt_tokens = keep + tail.len();
+        if prompt_tokens + 1 >= self.context_tokens {
+            let e = EngineError::PromptTooLong {
+                tokens: prompt_tokens,
+                limit: self.context_tokens - 1,
+            };
+            job.fail(e.clone());
+            return Err(e);
+        }
+        cache.truncate(&mut self.context, slot.seq, keep);
+        if keep == 0 {
+            // A fresh sequence: its text is rebuilt from the prompt and checked after prefill.
+            cache.exact = true;
+        }
+        slot.conversation = job.request.conversation.clone();
+        let max_tokens = (job.request.sampling.max_tokens as usize)
+            .min(self.context_tokens - prompt_tokens - 1);
+        let stop = job.request.sampling.stop.clone();
+        slot.active = Some(Active {
+            prefill: tail.into(),
+            prompt_text_len: prompt.len(),
+            next: None,
+            logits_at: None,
+            sampler,
+            stream: TextStream::new(stop),
+            prompt_tokens,
+            prompt_processed: prompt_tokens - keep,
+            generated: 0,
+            max_tokens,
+            seed,
+            first_token_at: None,
+            job,
+        });
+        Ok(())
+    }
+
+    fn cancel_active(&mut self) {
+        for i in 0..self.slots.len() {
+            let cancelled = self.slots[i]
+                .active
+                .as_ref()
+                .is_some_and(|a| a.job.cancelled());
+            if cancelled {
+                self.finish(i, FinishReason::Cancelled);
+            }
+        }
+    }
+
+    /// One decode over every active slot; returns the number of tokens generated.
+    fn step(&mut self, batch: &mut LlamaBatch) -> usize {
+        batch.clear();
+        // Generating sequences first: one token each.
+        for Slot {
+            seq, cache, active, ..
+        } in &mut self.slots
+        {
+            let Some(active) = active.as_mut() else { continue };
+            active.logits_at = None;
+            if let Some(token) = active.next.take() {
+                let pos = cache.tokens.len() as i32;
+                if batch.add(token, pos, &[*seq], true).is_err() {
+                    active.next = Some(token);
+                    continue;
+                }
+                active.logits_at = Some(batch.n_tokens() - 1);
+                cache.push(self.model, token);
+            }
+        }
+        // Then prompt chunks of admitted sequences, as far as the batch has room.
+        for Slot {
+            seq, cache, active, ..
+        } in &mut self.slots
+        {
+            let room = BATCH_TOKENS as usize - batch.n_tokens() as usize;
+            if room == 0 {
+                break;
+            }
+            let Some(active) = active.as_mut() else { continue };
+            let chunk = active.prefill.len().min(room).min(PREFILL_CHUNK_TOKENS);
+            for _ in 0..chunk {
+                let token = active.prefill.pop_front().expect("chunk ≤ prefill length");
+                let last = active.prefill.is_empty();
+                let pos = cache.tokens.len() as i32;
+                batch
+                    .add(token, pos, &[*seq], last)
+                    .expect("room was checked");
+                if last {
+                    active.logits_at = Some(batch.n_tokens() - 1);
+                }
+                cache.push(self.model, token);
+            }
+            if active.prefill.is_empty() && chunk > 0 {
+                cache.exact = cache.exact && cache.text.len() == active.prompt_text_len;
+            }
+        }
+        if batch.n_tokens() == 0 {
+            return 0;
+        }
+        if let Err(e) = self.context.decode(batch) {
+            let error = EngineError::Inference(format!("decode failed: {e}"));
+            tracing::error!(%error, "decode failed; failing the requests of this batch");
+            for i in 0..self.slots.len() {
+                let in_batch = self.slots[i]
+                    .active
+                    .as_ref()
+                    .is_some_and(|a| a.logits_at.is_some() || !a.prefill.is_empty());
+                if in_batch {
+                    let active = self.slots[i].active.take().expect("checked active");
+                    active.job.fail(error.clone());
+                    let slot = &mut self.slots[i];
+                    slot.cache.truncate(&mut self.context, slot.seq, 0);
+                }
+            }
+            return 0;
+        }
+        let mut generated = 0;
+        for i in 0..self.slots.len() {
+            let Some(at) = self.slots[i].active.as_ref().and_then(|a| a.logits_at) else {
+                continue;
+            };
+            generated += 1;
+            if let Some(reason) = self.sample(i, at) {
+                self.finish(i, reason);
+            }
+        }
+        generated
+    }
+
+    /// Samples the slot's next token; returns why generation ends, if it does.
+    fn sample(&mut self, index: usize, at: i32) -> Option<FinishReason> {
+        let model = self.model;
+        let context_tokens = self.context_tokens;
+        let slot = &mut self.slots[index];
+        let active = slot.active.as_mut().expect("sampled slots are active");
+        let token = active.sampler.sample(&self.context, at);
+        active.first_token_at.get_or_insert_with(Instant::now);
+        active.generated += 1;
+        let eog = model.vocab().is_eog(token);
+        if eog && !active.job.request.ignore_eos {
+            return Some(FinishReason::Stop);
+        }
+        let piece = if eog {
+            Vec::new()
+        } else {
+            model.vocab().token_to_piece(token, false, None)
+        };
+        match active.stream.push(&piece) {
+            Pushed::Text(text) => {
+                if !text.is_empty() {
+                    let _ = active.job.events.send(EngineEvent::Token(text));
+                }
+            }
+            Pushed::Stopped(text) => {
+                if !text.is_empty() {
+                    let _ = active.job.events.send(EngineEvent::Token(text));
+                }
+                return Some(FinishReason::Stop);
+            }
+        }
+        if active.generated >= active.max_tokens || slot.cache.tokens.len() + 1 >= context_tokens {
+            return Some(FinishReason::Length);
+        }
+        active.next = Some(token);
+        None
+    }
+
+    /// Ends the slot's request: flushes the text, reports the completion, frees the slot.
+    fn finish(&mut self, index: usize, reason: FinishReason) {
+        let slot = &mut self.slots[index];
+        let Some(mut active) = slot.active.take() else { return };
+        slot.last_used = Instant::now();
+        if !active.prefill.is_empty() {
+            // Cancelled while reading the prompt: the cache holds part of it, which the text
+            // check after prefill never confirmed.
+            slot.cache.exact = false;
+        }
+        let rest = active.stream.finish();
+        if !rest.is_empty() && reason != FinishReason::Cancelled {
+            let _ = active.job.events.send(EngineEvent::Token(rest));
+        }
+        let ttft = active
+            .first_token_at
+            .map_or(0, |t| t.duration_since(active.job.arrived).as_millis() as u64);
+        let completion = Completion {
+            text: active.stream.text().to_string(),
+            finish_reason: reason,
+            prompt_tokens: active.prompt_tokens as u32,
+            prompt_tokens_processed: active.prompt_processed as u32,
+            generated_tokens: active.generated as u32,
+            ttft_ms: ttft,
+            total_ms: ms_since(active.job.arrived),
+            seed: active.seed,
+        };
+        {
+            let mut status = self.status.lock().expect("status lock");
+            status.prompt_tokens_processed += active.prompt_processed as u64;
+            status.prompt_tokens_reused += (active.prompt_tokens - active.prompt_processed) as u64;
+        }
+        let _ = active.job.events.send(EngineEvent::Done(completion));
+    }
+
+    fn publish(&mut self, generated: usize) {
+        let now = Instant::now();
+        if generated > 0 {
+            self.recent.push_back((now, generated));
+        }
+        while self
+            .recent
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) > RATE_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+        let in_window: usize = self.recent.iter().map(|(_, n)| n).sum();
+        let span = self
+            .recent
+            .front()
+            .map_or(0.0, |(t, _)| now.duration_since(*t).as_secs_f64());
+        let mut status = self.status.lock().expect("status lock");
+        status.active = self.slots.iter().filter(|s| s.active.is_some()).count();
+        status.generated_tokens += generated as u64;
+        status.tokens_per_second = if span > 0.0 {
+            in_window as f64 / span
+        } else {
+            0.0
+        };
+    }
+}
+
+impl SeqCache {
+    /// Records that `token` is now in the cache at the next position.
+    fn push(&mut self, model: &LlamaModel, token: LlamaToken) {
+        // BOS is added by tokenisation, not spelled in the prompt text.
+        let vocab = model.vocab();
+        let piece = if self.tokens.is_empty() && token == vocab.bos() {
+            Vec::new()
+        } else {
+            vocab.token_to_piece(token, true, None)
+        };
+        self.tokens.push(token);
+        self.text.extend_from_slice(&piece);
+        self.ends.push(self.text.len());
+    }
+
+    /// Keeps the first `keep` tokens in the cache and forgets the rest.
+    fn truncate(&mut self, context: &mut LlamaContext, seq: i32, keep: usize) {
+        let seq = seq as u32;
+        if keep < self.tokens.len() {
+            let from = (keep > 0).then_some(keep as u32);
+            let removed = context.clear_kv_cache_seq(Some(seq), from, None);
+            if removed != Ok(true) {
+                // The backend could not drop part of the sequence: drop all of it.
+                let _ = context.clear_kv_cache_seq(Some(seq), None, None);
+                self.tokens.clear();
+                self.text.clear();
+                self.ends.clear();
+                return;
+            }
+        }
+        self.tokens.truncate(keep);
+        self.ends.truncate(keep);
+        self.text.truncate(self.ends.last().copied().unwrap_or(0));
+    }
+}
+
+/// Tokens of prompt text; special tokens of the chat template are parsed, and BOS is added at the
+/// start of a sequence when the model wants one.
+fn tokenize(model: &LlamaModel, text: &str, at_start: bool) -> Vec<LlamaToken> {
+    model.vocab().tokenize(text.as_bytes(), at_start, true)
+}
+
+fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+fn ms_since(t: Instant) -> u64 {
+    t.elapsed().as_millis() as u64
+}
+
+/// The sampler chain of a request, and the seed it uses.
+fn build_sampler(
+    model: &LlamaModel,
+    request: &ChatRequest,
+) -> Result<(LlamaSampler, u32), EngineError> {
+    let s: &Sampling = &request.sampling;
+    let seed = s.seed.unwrap_or_else(rand::random);
+    let mut chain = Vec::new();
+    if let Some(constraint) = &request.constraint {
+        let grammar = match constraint {
+            Constraint::Grammar(g) => g.clone(),
+            Constraint::JsonSchema(schema) => {
+                llama_cpp_2::json_schema_to_grammar(&schema.to_string())
+                    .map_err(|e| EngineError::Grammar(format!("JSON schema: {e}")))?
+            }
+        };
+        let sampler = LlamaSampler::grammar(model, &grammar, "root")
+            .map_err(|e| EngineError::Grammar(e.to_string()))?;
+        chain.push(sampler);
+    }
+    if s.repeat_penalty != 1.0 {
+        chain.push(LlamaSampler::penalties(
+            model.n_vocab(),
+            s.repeat_last_n,
+            s.repeat_penalty,
+            0.0,
+            0.0,
+        ));
+    }
+    if s.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if s.top_k > 0 {
+            chain.push(LlamaSampler::top_k(s.top_k));
+        }
+        chain.push(LlamaSampler::top_p(s.top_p, 1));
+        if s.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(s.min_p, 1));
+        }
+        chain.push(LlamaSampler::temp(s.temperature));
+        chain.push(LlamaSampler::dist(seed));
+    }
+    Ok((LlamaSampler::chain_simple(chain), seed))
+}

@@ -1,0 +1,239 @@
+//! Inference. Every arm, the user simulator and the judge are served through the [`Engine`]
+//! trait: a request in, a stream of [`EngineEvent`]s out. Two backends implement it: a llama.cpp
+//! worker thread per local model ([`llama`]) and a client of an OpenAI-compatible server
+//! ([`remote`]). This module knows nothing of HTTP serving, studies or the database.
+
+pub mod chat_template;
+pub mod fetch;
+pub mod llama;
+pub mod registry;
+pub mod remote;
+mod sampling;
+mod text;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+pub use registry::Engines;
+pub use sampling::Sampling;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: Role,
+    pub content: String,
+}
+
+impl ChatMessage {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self {
+            role,
+            content: content.into(),
+        }
+    }
+}
+
+/// Output restricted to a formal language, so callers can always parse it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Constraint {
+    /// A JSON schema; converted to a GBNF grammar by llama.cpp.
+    JsonSchema(serde_json::Value),
+    /// A GBNF grammar with a `root` rule.
+    Grammar(String),
+}
+
+/// One generation: the whole conversation so far (system prompt included) and how to sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    pub messages: Vec<ChatMessage>,
+    pub sampling: Sampling,
+    pub constraint: Option<Constraint>,
+    /// Keeps a conversation on the slot that already holds its earlier turns.
+    pub conversation: Option<String>,
+    /// Generate `max_tokens` even past end-of-generation tokens (benchmarks).
+    #[serde(default)]
+    pub ignore_eos: bool,
+}
+
+impl ChatRequest {
+    pub fn new(messages: Vec<ChatMessage>, sampling: Sampling) -> Self {
+        Self {
+            messages,
+            sampling,
+            constraint: None,
+            conversation: None,
+            ignore_eos: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// End-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` or the context was reached.
+    Length,
+    /// The caller cancelled or went away.
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// The end of a generation, with what it cost.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Completion {
+    pub text: String,
+    pub finish_reason: FinishReason,
+    /// Tokens of the whole prompt.
+    pub prompt_tokens: u32,
+    /// Prompt tokens that had to be computed (the rest were reused from the slot's cache).
+    pub prompt_tokens_processed: u32,
+    pub generated_tokens: u32,
+    /// From the request's arrival to its first generated token.
+    pub ttft_ms: u64,
+    /// From the request's arrival to its end.
+    pub total_ms: u64,
+    /// The seed the sampler used (drawn when the request had none).
+    pub seed: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EngineEvent {
+    /// The next piece of text: valid UTF-8, never part of a stop string.
+    Token(String),
+    Done(Completion),
+    Error(EngineError),
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EngineError {
+    #[error("the request has no messages")]
+    EmptyMessages,
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("the prompt has {tokens} tokens but a conversation may use at most {limit}; shorten the conversation or raise context_tokens")]
+    PromptTooLong { tokens: usize, limit: usize },
+    #[error("unknown model {model:?}; available: {available}")]
+    UnknownModel { model: String, available: String },
+    #[error("invalid grammar or schema: {0}")]
+    Grammar(String),
+    #[error("chat template failed: {0}")]
+    Template(String),
+    #[error("cannot load model {path}: {reason}")]
+    Load { path: String, reason: String },
+    #[error("llama.cpp failed: {0}")]
+    Inference(String),
+    #[error("remote backend {endpoint}: {reason}")]
+    Remote { endpoint: String, reason: String },
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+/// A running generation. Dropping it cancels the generation.
+pub struct Generation {
+    events: mpsc::UnboundedReceiver<EngineEvent>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Generation {
+    /// A generation fed by `events`; the producer watches `cancel`.
+    pub fn new(events: mpsc::UnboundedReceiver<EngineEvent>, cancel: Arc<AtomicBool>) -> Self {
+        Self { events, cancel }
+    }
+
+    /// Asks the producer to stop; it reports `Done` with finish reason `cancelled`.
+    pub fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// The next event; `None` once the generation has ended.
+    pub async fn next(&mut self) -> Option<EngineEvent> {
+        self.events.recv().await
+    }
+
+    /// Waits for the end and returns the completion (the text is in `Completion::text`).
+    pub async fn finish(mut self) -> Result<Completion, EngineError> {
+        while let Some(event) = self.events.recv().await {
+            match event {
+                EngineEvent::Token(_) => {}
+                EngineEvent::Done(c) => return Ok(c),
+                EngineEvent::Error(e) => return Err(e),
+            }
+        }
+        Err(EngineError::Stopped)
+    }
+
+    /// [`Generation::finish`] for threads outside the async runtime.
+    pub fn finish_blocking(mut self) -> Result<Completion, EngineError> {
+        while let Some(event) = self.events.blocking_recv() {
+            match event {
+                EngineEvent::Token(_) => {}
+                EngineEvent::Done(c) => return Ok(c),
+                EngineEvent::Error(e) => return Err(e),
+            }
+        }
+        Err(EngineError::Stopped)
+    }
+}
+
+impl Drop for Generation {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+/// Load and throughput of one backend, for the console and `/healthz`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct EngineStatus {
+    pub model: String,
+    pub backend: &'static str,
+    pub queued: usize,
+    pub active: usize,
+    pub slots: usize,
+    pub generated_tokens: u64,
+    pub prompt_tokens_processed: u64,
+    pub prompt_tokens_reused: u64,
+    /// Generated tokens per second over the recent past.
+    pub tokens_per_second: f64,
+}
+
+/// Something that turns chat requests into streams of events.
+pub trait Engine: Send + Sync {
+    /// Queues a request. Errors found before queueing come back here; later ones as events.
+    fn start(&self, request: ChatRequest) -> Result<Generation, EngineError>;
+
+    fn status(&self) -> EngineStatus;
+
+    /// sha256 of the weights (local) or the endpoint and model name (remote): what produced a reply.
+    fn fingerprint(&self) -> String;
+}

@@ -1,0 +1,10 @@
+//! CollabLLM Studio: run human–AI document co-creation studies and turn them into training data
+//! for collaborative LLMs.
+//!
+//! Dependencies flow one way: `web` → `study` → `db` / `engine` / `protocol`.
+
+pub mod config;
+pub mod db;
+pub mod engine;
+pub mod protocol;
+pub mod web;

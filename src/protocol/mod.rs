@@ -1,0 +1,336 @@
+//! Study protocol files (`study-protocols/*.toml`): the serde types a researcher writes, and the checks
+//! that turn a protocol into a valid [`Protocol`] or a list of [`Diagnostic`]s naming file, line and fix.
+//!
+//! This module reads files and nothing else: it knows no database, no engine and no HTTP.
+
+mod diagnostic;
+mod validate;
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use diagnostic::{Diagnostic, ProtocolError};
+
+use crate::engine::Sampling;
+
+/// A study protocol as written in a TOML file.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Protocol {
+    pub study: StudyInfo,
+    pub consent: Consent,
+    #[serde(default)]
+    pub session: SessionRules,
+    pub models: Vec<ModelSpec>,
+    pub arms: Vec<ArmSpec>,
+    pub tasks: Vec<TaskSpec>,
+    #[serde(default)]
+    pub ratings: Vec<RatingSpec>,
+    #[serde(default)]
+    pub questionnaire: Vec<QuestionSpec>,
+    pub outcomes: Outcomes,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StudyInfo {
+    /// URL-safe identifier: participants enter at `/s/{slug}`.
+    pub slug: String,
+    pub title: String,
+    /// The researcher's own version label of this protocol (stored with every import).
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Consent {
+    /// Version label of the consent text; its sha256 is stored with each agreement.
+    pub version: String,
+    pub text: String,
+}
+
+/// How a session runs: turn counts, input limits, assignment.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionRules {
+    /// Turns (user message + assistant reply) before the participant may finish.
+    pub min_turns: u32,
+    /// Hard cap on turns; 0 means no cap.
+    pub max_turns: u32,
+    pub max_message_bytes: usize,
+    pub max_document_bytes: usize,
+    pub messages_per_minute: u32,
+    /// A session without activity for this long ends as `timed_out`.
+    pub idle_timeout_minutes: u32,
+    pub assignment: AssignmentMethod,
+    /// Seed of the permuted-block sequence; recorded so the sequence can be audited and replayed.
+    pub assignment_seed: u64,
+}
+
+impl Default for SessionRules {
+    fn default() -> Self {
+        Self {
+            min_turns: 8,
+            max_turns: 0,
+            max_message_bytes: 8 * 1024,
+            max_document_bytes: 200 * 1024,
+            messages_per_minute: 10,
+            idle_timeout_minutes: 60,
+            assignment: AssignmentMethod::PermutedBlocks,
+            assignment_seed: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum AssignmentMethod {
+    /// Blocks holding every arm in proportion to its weight, shuffled with a recorded seed.
+    PermutedBlocks,
+    /// The arm with the fewest active + completed sessions relative to its weight.
+    LeastFilled,
+}
+
+/// A model the arms can use: a local GGUF file or a remote OpenAI-compatible endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub id: String,
+    /// GGUF file; a relative path is resolved against the models directory (`--models-dir`).
+    pub file: Option<PathBuf>,
+    /// Expected sha256 of `file`; checked when the model is loaded.
+    pub sha256: Option<String>,
+    /// Base URL of an OpenAI-compatible server (`…/v1`), instead of `file`.
+    pub endpoint: Option<String>,
+    /// Model name sent to `endpoint`.
+    pub remote_model: Option<String>,
+    /// Environment variable holding the bearer token for `endpoint`.
+    pub api_key_env: Option<String>,
+    #[serde(default = "default_context_tokens")]
+    pub context_tokens: u32,
+    /// Sequence slots of the worker; default: sized to the protocol.
+    pub slots: Option<u32>,
+}
+
+fn default_context_tokens() -> u32 {
+    8192
+}
+
+/// One arm of the study: a policy the participant chats with.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ArmSpec {
+    pub id: String,
+    pub model: String,
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+    /// Stop assigning this arm after this many active + completed sessions.
+    pub quota: Option<u32>,
+    pub system_prompt: String,
+    #[serde(default)]
+    pub sampling: Sampling,
+    #[serde(default)]
+    pub lora: Vec<LoraSpec>,
+    /// Shown to researchers only.
+    #[serde(default)]
+    pub description: String,
+}
+
+fn default_weight() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSpec {
+    /// GGUF adapter file; relative paths resolve against the models directory.
+    pub file: PathBuf,
+    #[serde(default = "default_lora_scale")]
+    pub scale: f32,
+}
+
+fn default_lora_scale() -> f32 {
+    1.0
+}
+
+/// A document type with its bank of topics.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    pub id: String,
+    /// "blog post", "creative writing", …
+    pub kind: String,
+    pub instructions: String,
+    pub topics: Vec<TopicSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSpec {
+    pub id: String,
+    pub title: String,
+    /// What the participant is asked to aim for; stored, never sent to the assistant.
+    #[serde(default)]
+    pub hidden_intent: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RatingSpec {
+    pub id: String,
+    pub question: String,
+    pub when: RatingWhen,
+    /// With `when = "periodic"`: ask after every this many turns.
+    pub every_turns: Option<u32>,
+    #[serde(default = "default_scale_min")]
+    pub min: i32,
+    #[serde(default = "default_scale_max")]
+    pub max: i32,
+    #[serde(default)]
+    pub min_label: String,
+    #[serde(default)]
+    pub max_label: String,
+}
+
+fn default_scale_min() -> i32 {
+    1
+}
+
+fn default_scale_max() -> i32 {
+    10
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RatingWhen {
+    Periodic,
+    Final,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct QuestionSpec {
+    pub id: String,
+    pub prompt: String,
+    #[serde(default = "default_true")]
+    pub required: bool,
+    #[serde(default = "default_answer_chars")]
+    pub max_chars: usize,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_answer_chars() -> usize {
+    4000
+}
+
+/// Completion codes and redirects for each way a session can end.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Outcomes {
+    pub completed: OutcomeSpec,
+    pub no_consent: OutcomeSpec,
+    pub timed_out: OutcomeSpec,
+    pub screened_out: OutcomeSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct OutcomeSpec {
+    pub code: String,
+    /// URL shown after the code; `{code}` is replaced by the code (e.g. a Prolific completion URL).
+    pub redirect: Option<String>,
+    #[serde(default)]
+    pub message: String,
+}
+
+/// A protocol that passed every check, with the exact text it came from.
+#[derive(Debug, Clone)]
+pub struct LoadedProtocol {
+    pub protocol: Protocol,
+    pub text: String,
+    pub sha256: String,
+    pub source: PathBuf,
+}
+
+impl LoadedProtocol {
+    /// Reads and checks a protocol file. Relative model paths resolve against `models_dir`.
+    pub fn load(path: &Path, models_dir: &Path) -> Result<Self, ProtocolError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ProtocolError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_text(path, text, models_dir)
+    }
+
+    /// Checks protocol text; `path` is only used in messages.
+    pub fn from_text(path: &Path, text: String, models_dir: &Path) -> Result<Self, ProtocolError> {
+        let protocol = validate::check(path, &text, models_dir)?;
+        Ok(Self {
+            protocol,
+            sha256: sha256_hex(text.as_bytes()),
+            text,
+            source: path.to_path_buf(),
+        })
+    }
+}
+
+impl Protocol {
+    pub fn model(&self, id: &str) -> Option<&ModelSpec> {
+        self.models.iter().find(|m| m.id == id)
+    }
+
+    pub fn arm(&self, id: &str) -> Option<&ArmSpec> {
+        self.arms.iter().find(|a| a.id == id)
+    }
+
+    /// Sequence slots a model's worker needs so every arm using it can serve its share of
+    /// concurrent participants: at least 4, or what the protocol sets.
+    pub fn slots_for(&self, model_id: &str) -> u32 {
+        self.model(model_id)
+            .and_then(|m| m.slots)
+            .unwrap_or(DEFAULT_SLOTS_PER_MODEL)
+    }
+
+    /// The periodic ratings due after `turn` completed turns.
+    pub fn periodic_ratings_due(&self, turn: u32) -> Vec<&RatingSpec> {
+        self.ratings
+            .iter()
+            .filter(|r| r.when == RatingWhen::Periodic)
+            .filter(|r| matches!(r.every_turns, Some(n) if n > 0 && turn > 0 && turn % n == 0))
+            .collect()
+    }
+
+    pub fn final_ratings(&self) -> Vec<&RatingSpec> {
+        self.ratings
+            .iter()
+            .filter(|r| r.when == RatingWhen::Final)
+            .collect()
+    }
+}
+
+/// Sequence slots per model when the protocol does not say.
+pub const DEFAULT_SLOTS_PER_MODEL: u32 = 8;
+
+impl ModelSpec {
+    /// The GGUF path with a relative `file` resolved against `models_dir`.
+    pub fn resolved_file(&self, models_dir: &Path) -> Option<PathBuf> {
+        self.file.as_ref().map(|f| {
+            if f.is_absolute() {
+                f.clone()
+            } else {
+                models_dir.join(f)
+            }
+        })
+    }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}

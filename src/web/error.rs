@@ -1,0 +1,81 @@
+//! The one error type of the web edge: each kind maps to a status code and serialises as
+//! `{"error": "kind", "message": "..."}`.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde::Serialize;
+
+use crate::db::DbError;
+use crate::engine::EngineError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("the database is unavailable: {0}")]
+    Database(#[from] DbError),
+    #[error("{0}")]
+    Engine(#[from] EngineError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: String,
+}
+
+impl ApiError {
+    fn kind(&self) -> &'static str {
+        match self {
+            ApiError::NotFound(_) => "not_found",
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::Database(_) => "database_unavailable",
+            ApiError::Engine(EngineError::UnknownModel { .. }) => "model_not_found",
+            ApiError::Engine(e) if is_request_error(e) => "invalid_request",
+            ApiError::Engine(_) => "engine_error",
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Engine(EngineError::UnknownModel { .. }) => StatusCode::NOT_FOUND,
+            ApiError::Engine(e) if is_request_error(e) => StatusCode::BAD_REQUEST,
+            ApiError::Engine(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        HttpResponse::build(self.status_code()).json(ErrorBody {
+            error: self.kind(),
+            message: self.to_string(),
+        })
+    }
+}
+
+impl From<actix_web::error::BlockingError> for ApiError {
+    fn from(e: actix_web::error::BlockingError) -> Self {
+        ApiError::Internal(e.to_string())
+    }
+}
+
+/// Engine errors caused by the request rather than the server.
+fn is_request_error(e: &EngineError) -> bool {
+    matches!(
+        e,
+        EngineError::EmptyMessages
+            | EngineError::InvalidRequest(_)
+            | EngineError::PromptTooLong { .. }
+            | EngineError::Grammar(_)
+    )
+}

@@ -1,0 +1,84 @@
+//! The HTTP edge (actix-web): routes, pages and their errors. Handlers are thin: they parse,
+//! call `db`/`engine`, and shape the response.
+
+mod error;
+mod health;
+mod openai;
+
+use actix_web::{web, App, HttpResponse, HttpServer};
+use askama::Template;
+
+pub use error::ApiError;
+
+use crate::db::{DbConn, DbPool};
+use crate::engine::Engines;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub pool: DbPool,
+    pub engines: Engines,
+}
+
+impl AppState {
+    /// Runs blocking database work off the async threads.
+    pub async fn db<T, F>(&self, work: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut DbConn) -> Result<T, ApiError> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        web::block(move || {
+            let mut conn = pool
+                .get()
+                .map_err(|e| ApiError::Database(crate::db::DbError::Invalid(e.to_string())))?;
+            work(&mut conn)
+        })
+        .await?
+    }
+}
+
+/// Registers every route; used by `serve` and by the tests' in-process app.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(json_config())
+        .service(health::get_healthz)
+        .service(health::get_home)
+        .service(openai::list_models)
+        .service(openai::create_chat_completion);
+}
+
+/// Largest JSON body accepted (a long conversation sent to `/v1`).
+const MAX_JSON_BYTES: usize = 4 * 1024 * 1024;
+
+/// JSON bodies that do not parse get the same error shape as everything else.
+fn json_config() -> web::JsonConfig {
+    web::JsonConfig::default()
+        .limit(MAX_JSON_BYTES)
+        .error_handler(|err, _req| ApiError::BadRequest(format!("invalid JSON body: {err}")).into())
+}
+
+/// Renders a template into an HTML response.
+pub fn render<T: Template>(page: &T) -> Result<HttpResponse, ApiError> {
+    let html = page
+        .render()
+        .map_err(|e| ApiError::Internal(format!("template: {e}")))?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(html))
+}
+
+/// Serves until the process is stopped.
+pub async fn serve(
+    state: AppState,
+    bind: std::net::SocketAddr,
+    workers: Option<usize>,
+) -> std::io::Result<()> {
+    let data = web::Data::new(state);
+    let mut server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
+        .bind(bind)?;
+    if let Some(n) = workers {
+        server = server.workers(n);
+    }
+    tracing::info!(%bind, "listening");
+    server.run().await
+}

@@ -1,0 +1,291 @@
+//! The OpenAI-compatible API over the local engines: `POST /v1/chat/completions` (streaming and
+//! not) and `GET /v1/models`, so other nodes, benchmarks and any OpenAI client can use them.
+//! Fields this server does not know are ignored; llama-server's `ignore_eos`, `grammar`,
+//! `repeat_penalty`, `top_k` and `min_p` extensions are honoured.
+
+use actix_web::web::Bytes;
+use actix_web::{get, post, web, HttpResponse};
+use futures_util::stream;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{ApiError, AppState};
+use crate::engine::{
+    ChatMessage, ChatRequest, Completion, Constraint, EngineEvent, Generation, Role, Sampling,
+};
+
+#[derive(Deserialize)]
+struct CompletionRequest {
+    model: String,
+    messages: Vec<MessageIn>,
+    #[serde(default)]
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    temperature: Option<f32>,
+    top_p: Option<f32>,
+    top_k: Option<i32>,
+    min_p: Option<f32>,
+    repeat_penalty: Option<f32>,
+    repeat_last_n: Option<i32>,
+    max_tokens: Option<u32>,
+    max_completion_tokens: Option<u32>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    #[serde(default)]
+    ignore_eos: bool,
+    response_format: Option<Value>,
+    grammar: Option<String>,
+    json_schema: Option<Value>,
+    /// Keeps a conversation on one slot (an extension; `user` is used when absent).
+    conversation: Option<String>,
+    user: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: bool,
+}
+
+#[derive(Deserialize)]
+struct MessageIn {
+    role: String,
+    content: Content,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: String,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl CompletionRequest {
+    /// The engine request, or what is wrong with this one.
+    fn to_chat_request(&self) -> Result<ChatRequest, ApiError> {
+        let messages = self
+            .messages
+            .iter()
+            .map(|m| {
+                let role = match m.role.as_str() {
+                    "system" | "developer" => Role::System,
+                    "user" => Role::User,
+                    "assistant" => Role::Assistant,
+                    other => {
+                        return Err(ApiError::BadRequest(format!(
+                            "message role {other:?} is not supported; use system, user or assistant"
+                        )))
+                    }
+                };
+                let content = match &m.content {
+                    Content::Text(t) => t.clone(),
+                    Content::Parts(parts) => {
+                        if let Some(p) = parts.iter().find(|p| p.kind != "text") {
+                            return Err(ApiError::BadRequest(format!(
+                                "content parts of type {:?} are not supported; send text",
+                                p.kind
+                            )));
+                        }
+                        parts.iter().map(|p| p.text.as_str()).collect()
+                    }
+                };
+                Ok(ChatMessage::new(role, content))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let d = Sampling::default();
+        let sampling = Sampling {
+            temperature: self.temperature.unwrap_or(d.temperature),
+            top_p: self.top_p.unwrap_or(d.top_p),
+            top_k: self.top_k.unwrap_or(d.top_k),
+            min_p: self.min_p.unwrap_or(d.min_p),
+            repeat_penalty: self.repeat_penalty.unwrap_or(d.repeat_penalty),
+            repeat_last_n: self.repeat_last_n.unwrap_or(d.repeat_last_n),
+            max_tokens: self
+                .max_completion_tokens
+                .or(self.max_tokens)
+                .unwrap_or(d.max_tokens),
+            seed: self.seed.map(|s| s as u32),
+            stop: match &self.stop {
+                None => Vec::new(),
+                Some(Stop::One(s)) => vec![s.clone()],
+                Some(Stop::Many(v)) => v.clone(),
+            },
+        };
+        sampling.check().map_err(ApiError::BadRequest)?;
+        Ok(ChatRequest {
+            messages,
+            sampling,
+            constraint: self.constraint()?,
+            conversation: self.conversation.clone().or_else(|| self.user.clone()),
+            ignore_eos: self.ignore_eos,
+        })
+    }
+
+    fn constraint(&self) -> Result<Option<Constraint>, ApiError> {
+        if let Some(g) = &self.grammar {
+            return Ok(Some(Constraint::Grammar(g.clone())));
+        }
+        if let Some(schema) = &self.json_schema {
+            return Ok(Some(Constraint::JsonSchema(schema.clone())));
+        }
+        let Some(format) = &self.response_format else { return Ok(None) };
+        match format["type"].as_str() {
+            Some("text") | None => Ok(None),
+            Some("json_object") => Ok(Some(Constraint::JsonSchema(json!({"type": "object"})))),
+            Some("json_schema") => {
+                let schema = format["json_schema"]["schema"].clone();
+                if schema.is_null() {
+                    return Err(ApiError::BadRequest(
+                        "response_format.json_schema.schema is missing".into(),
+                    ));
+                }
+                Ok(Some(Constraint::JsonSchema(schema)))
+            }
+            Some(other) => Err(ApiError::BadRequest(format!(
+                "response_format type {other:?} is not supported; use text, json_object or json_schema"
+            ))),
+        }
+    }
+}
+
+#[get("/v1/models")]
+async fn list_models(state: web::Data<AppState>) -> HttpResponse {
+    let data: Vec<Value> = state
+        .engines
+        .names()
+        .into_iter()
+        .map(|id| json!({"id": id, "object": "model", "owned_by": "collabllm"}))
+        .collect();
+    HttpResponse::Ok().json(json!({"object": "list", "data": data}))
+}
+
+#[post("/v1/chat/completions")]
+async fn create_chat_completion(
+    state: web::Data<AppState>,
+    body: web::Json<CompletionRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.into_inner();
+    let request = body.to_chat_request()?;
+    let engine = state.engines.get(&body.model)?;
+    let generation = engine.start(request)?;
+    let meta = Meta {
+        id: format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+        created: chrono::Utc::now().timestamp(),
+        model: body.model,
+        include_usage: body.stream_options.is_some_and(|o| o.include_usage),
+    };
+    if body.stream {
+        Ok(HttpResponse::Ok()
+            .content_type("text/event-stream")
+            .insert_header(("Cache-Control", "no-cache"))
+            .streaming(sse(generation, meta)))
+    } else {
+        let completion = generation.finish().await?;
+        Ok(HttpResponse::Ok().json(json!({
+            "id": meta.id,
+            "object": "chat.completion",
+            "created": meta.created,
+            "model": meta.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": completion.text},
+                "finish_reason": completion.finish_reason.as_str(),
+            }],
+            "usage": usage(&completion),
+            "timings": timings(&completion),
+        })))
+    }
+}
+
+struct Meta {
+    id: String,
+    created: i64,
+    model: String,
+    include_usage: bool,
+}
+
+impl Meta {
+    fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> Bytes {
+        event(&json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }))
+    }
+}
+
+fn event(value: &Value) -> Bytes {
+    Bytes::from(format!("data: {value}\n\n"))
+}
+
+fn usage(c: &Completion) -> Value {
+    json!({
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": c.generated_tokens,
+        "total_tokens": c.prompt_tokens + c.generated_tokens,
+        "prompt_tokens_details": {"cached_tokens": c.prompt_tokens - c.prompt_tokens_processed},
+    })
+}
+
+fn timings(c: &Completion) -> Value {
+    json!({
+        "prompt_n": c.prompt_tokens_processed,
+        "predicted_n": c.generated_tokens,
+        "ttft_ms": c.ttft_ms,
+        "total_ms": c.total_ms,
+        "seed": c.seed,
+    })
+}
+
+/// Server-sent events of a generation; dropping the stream (client gone) cancels it.
+fn sse(
+    generation: Generation,
+    meta: Meta,
+) -> impl futures_util::Stream<Item = Result<Bytes, actix_web::Error>> {
+    let first = meta.chunk(json!({"role": "assistant", "content": ""}), None);
+    let state = (Some(generation), meta, Some(first));
+    stream::unfold(state, |(generation, meta, pending)| async move {
+        if let Some(bytes) = pending {
+            return Some((Ok(bytes), (generation, meta, None)));
+        }
+        let mut generation = generation?;
+        let out = match generation.next().await? {
+            EngineEvent::Token(t) => meta.chunk(json!({"content": t}), None),
+            EngineEvent::Done(c) => {
+                let mut out = meta.chunk(json!({}), Some(c.finish_reason.as_str())).to_vec();
+                if meta.include_usage {
+                    let mut last = json!({
+                        "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
+                        "model": meta.model, "choices": [], "usage": usage(&c),
+                    });
+                    last["timings"] = timings(&c);
+                    out.extend_from_slice(&event(&last));
+                }
+                out.extend_from_slice(b"data: [DONE]\n\n");
+                return Some((Ok(Bytes::from(out)), (None, meta, None)));
+            }
+            EngineEvent::Error(e) => {
+                let body = json!({"error": {"message": e.to_string(), "type": "engine_error"}});
+                return Some((Ok(event(&body)), (None, meta, None)));
+            }
+        };
+        Some((Ok(out), (Some(generation), meta, None)))
+    })
+}
