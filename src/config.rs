@@ -23,11 +23,21 @@ pub struct Settings {
     pub database_url: String,
 
     /// Directory of GGUF models; relative model paths in protocols resolve against it.
-    #[arg(long, global = true, env = "COLLABLLM_MODELS_DIR", default_value = "models")]
+    #[arg(
+        long,
+        global = true,
+        env = "COLLABLLM_MODELS_DIR",
+        default_value = "models"
+    )]
     pub models_dir: PathBuf,
 
     /// Largest number of pooled database connections.
-    #[arg(long, global = true, env = "COLLABLLM_DB_CONNECTIONS", default_value_t = 8)]
+    #[arg(
+        long,
+        global = true,
+        env = "COLLABLLM_DB_CONNECTIONS",
+        default_value_t = 8
+    )]
     pub db_connections: u32,
 }
 

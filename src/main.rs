@@ -110,7 +110,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Protocol(ProtocolCommand::Check { files }) => check_protocols(&files, &settings.models_dir),
+        Command::Protocol(ProtocolCommand::Check { files }) => {
+            check_protocols(&files, &settings.models_dir)
+        }
         Command::Protocol(ProtocolCommand::Import { file }) => {
             let loaded = load_protocol(&file, &settings.models_dir)?;
             let mut conn = db::connect(&settings.database_url)?;
@@ -120,7 +122,11 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Models(ModelsCommand::Fetch { force, python }) => {
             let path = fetch::fetch_default_model(&settings.models_dir, &python, force)?;
-            println!("{} (sha256 {})", path.display(), fetch::DEFAULT_MODEL_SHA256);
+            println!(
+                "{} (sha256 {})",
+                path.display(),
+                fetch::DEFAULT_MODEL_SHA256
+            );
             Ok(())
         }
         Command::Chat { protocol, arm } => run_chat(&protocol, &arm, &settings.models_dir),
@@ -211,7 +217,10 @@ fn run_chat(protocol: &Path, arm_id: &str, models_dir: &Path) -> Result<()> {
     let loaded = load_protocol(protocol, models_dir)?;
     let arm = loaded.protocol.arm(arm_id).with_context(|| {
         let ids: Vec<&str> = loaded.protocol.arms.iter().map(|a| a.id.as_str()).collect();
-        format!("the protocol has no arm {arm_id:?}; its arms are: {}", ids.join(", "))
+        format!(
+            "the protocol has no arm {arm_id:?}; its arms are: {}",
+            ids.join(", ")
+        )
     })?;
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let _guard = runtime.enter();

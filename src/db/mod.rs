@@ -214,20 +214,53 @@ fn insert_once<T>(
     }
 }
 
-/// How often a numbered insert is retried when a concurrent writer took the same number.
-const NUMBERING_ATTEMPTS: usize = 5;
+/// The row whose children get consecutive numbers (a session's messages, a version's draws):
+/// numbering is serialised on it.
+struct Parent {
+    table: &'static str,
+    id: i64,
+}
 
-/// Runs `insert`, which reads the highest number so far and inserts the next, in a transaction;
-/// when another writer took that number first (unique violation) it tries again.
+/// Runs `insert`, which reads the highest number so far among the parent's children and inserts
+/// the next, so that concurrent writers never take the same number.
 fn next_number<T>(
     conn: &mut DbConn,
-    mut insert: impl FnMut(&mut DbConn) -> diesel::QueryResult<T>,
+    parent: Parent,
+    insert: impl FnOnce(&mut DbConn) -> diesel::QueryResult<T>,
 ) -> DbResult<T> {
-    let mut attempt = 1;
-    loop {
-        match conn.transaction(|conn| insert(conn)) {
-            Err(e) if is_unique_violation(&e) && attempt < NUMBERING_ATTEMPTS => attempt += 1,
-            result => return Ok(result?),
+    write_transaction(conn, |conn| {
+        if let DbConn::Postgres(c) = conn {
+            // `table` is one of our table names and `id` an integer: nothing to escape.
+            c.batch_execute(&format!(
+                "SELECT 1 FROM {} WHERE id = {} FOR UPDATE",
+                parent.table, parent.id
+            ))?;
+        }
+        Ok(insert(conn)?)
+    })
+}
+
+/// A transaction that will write. SQLite takes the write lock at the start (`BEGIN IMMEDIATE`):
+/// a deferred transaction that reads first cannot wait for another writer and fails with
+/// "database is locked".
+fn write_transaction<T, E>(
+    conn: &mut DbConn,
+    work: impl FnOnce(&mut DbConn) -> Result<T, E>,
+) -> Result<T, E>
+where
+    E: From<diesel::result::Error>,
+{
+    if !matches!(conn, DbConn::Sqlite(_)) {
+        return conn.transaction(work);
+    }
+    conn.batch_execute("BEGIN IMMEDIATE")?;
+    let result = work(conn);
+    let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    match conn.batch_execute(end) {
+        Ok(()) => result,
+        Err(e) => {
+            let _ = conn.batch_execute("ROLLBACK");
+            Err(e.into())
         }
     }
 }
@@ -242,7 +275,10 @@ mod tests {
             redact("postgres://app:secret@db:5432/x"),
             "postgres://app:***@db:5432/x"
         );
-        assert_eq!(redact("postgres://postgres@127.0.0.1/test"), "postgres://postgres@127.0.0.1/test");
+        assert_eq!(
+            redact("postgres://postgres@127.0.0.1/test"),
+            "postgres://postgres@127.0.0.1/test"
+        );
         assert_eq!(redact("data/studio.sqlite3"), "data/studio.sqlite3");
     }
 }

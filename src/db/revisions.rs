@@ -4,7 +4,7 @@ use diesel::prelude::*;
 
 use super::models::DocumentRevision;
 use super::schema::document_revisions as revs;
-use super::{next_number, now, DbConn, DbResult};
+use super::{next_number, now, DbConn, DbResult, Parent};
 
 /// Stores `content` as the session's next revision (`rev` 1, 2, …).
 pub fn append(
@@ -13,22 +13,29 @@ pub fn append(
     author: &str,
     content: &str,
 ) -> DbResult<DocumentRevision> {
-    next_number(conn, |conn| {
-        let rev: Option<i32> = revs::table
-            .filter(revs::session_id.eq(session_id))
-            .select(diesel::dsl::max(revs::rev))
-            .first(conn)?;
-        diesel::insert_into(revs::table)
-            .values((
-                revs::session_id.eq(session_id),
-                revs::rev.eq(rev.unwrap_or(0) + 1),
-                revs::author.eq(author),
-                revs::content.eq(content),
-                revs::created_at.eq(now()),
-            ))
-            .returning(revs::all_columns)
-            .get_result(conn)
-    })
+    next_number(
+        conn,
+        Parent {
+            table: "sessions",
+            id: session_id,
+        },
+        |conn| {
+            let rev: Option<i32> = revs::table
+                .filter(revs::session_id.eq(session_id))
+                .select(diesel::dsl::max(revs::rev))
+                .first(conn)?;
+            diesel::insert_into(revs::table)
+                .values((
+                    revs::session_id.eq(session_id),
+                    revs::rev.eq(rev.unwrap_or(0) + 1),
+                    revs::author.eq(author),
+                    revs::content.eq(content),
+                    revs::created_at.eq(now()),
+                ))
+                .returning(revs::all_columns)
+                .get_result(conn)
+        },
+    )
 }
 
 pub fn latest(conn: &mut DbConn, session_id: i64) -> DbResult<Option<DocumentRevision>> {

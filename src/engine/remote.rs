@@ -116,7 +116,10 @@ impl Engine for RemoteEngine {
         if request.messages.is_empty() {
             return Err(EngineError::EmptyMessages);
         }
-        request.sampling.check().map_err(EngineError::InvalidRequest)?;
+        request
+            .sampling
+            .check()
+            .map_err(EngineError::InvalidRequest)?;
         let (events, rx) = mpsc::unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
         let seed = request.sampling.seed.unwrap_or_else(rand::random);
@@ -174,11 +177,17 @@ async fn stream(
     seed: u32,
 ) -> Result<Completion, String> {
     let started = Instant::now();
-    let response = http.send().await.map_err(|e| format!("request failed: {e}"))?;
+    let response = http
+        .send()
+        .await
+        .map_err(|e| format!("request failed: {e}"))?;
     let status = response.status();
     if !status.is_success() {
         let body = response.text().await.unwrap_or_default();
-        return Err(format!("HTTP {status}: {}", body.chars().take(500).collect::<String>()));
+        return Err(format!(
+            "HTTP {status}: {}",
+            body.chars().take(500).collect::<String>()
+        ));
     }
     let mut body = response.bytes_stream();
     let mut buffer = Vec::new();
@@ -202,18 +211,23 @@ async fn stream(
         while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
             let line: Vec<u8> = buffer.drain(..=end).collect();
             let line = String::from_utf8_lossy(&line);
-            let Some(data) = line.trim().strip_prefix("data:") else { continue };
+            let Some(data) = line.trim().strip_prefix("data:") else {
+                continue;
+            };
             let data = data.trim();
             if data == "[DONE]" {
                 continue;
             }
-            let value: Value = serde_json::from_str(data)
-                .map_err(|e| format!("the server sent something that is not JSON ({e}): {data:.200}"))?;
+            let value: Value = serde_json::from_str(data).map_err(|e| {
+                format!("the server sent something that is not JSON ({e}): {data:.200}")
+            })?;
             if let Some(err) = value.get("error") {
                 return Err(format!("the server reported an error: {err}"));
             }
             usage.read(&value);
-            let Some(choice) = value["choices"].get(0) else { continue };
+            let Some(choice) = value["choices"].get(0) else {
+                continue;
+            };
             if let Some(delta) = choice["delta"]["content"].as_str() {
                 if !delta.is_empty() {
                     first_token_at.get_or_insert_with(Instant::now);
@@ -234,8 +248,12 @@ async fn stream(
     let generated = usage.completion.unwrap_or(generated);
     let prompt = usage.prompt.unwrap_or(0);
     let processed = usage.prompt_processed.unwrap_or(prompt);
-    counters.generated.fetch_add(generated as u64, Ordering::Relaxed);
-    counters.prompt_processed.fetch_add(processed as u64, Ordering::Relaxed);
+    counters
+        .generated
+        .fetch_add(generated as u64, Ordering::Relaxed);
+    counters
+        .prompt_processed
+        .fetch_add(processed as u64, Ordering::Relaxed);
     counters
         .prompt_reused
         .fetch_add(prompt.saturating_sub(processed) as u64, Ordering::Relaxed);
@@ -245,7 +263,8 @@ async fn stream(
         prompt_tokens: prompt,
         prompt_tokens_processed: processed,
         generated_tokens: generated,
-        ttft_ms: first_token_at.map_or(0, |t: Instant| t.duration_since(started).as_millis() as u64),
+        ttft_ms: first_token_at
+            .map_or(0, |t: Instant| t.duration_since(started).as_millis() as u64),
         total_ms: started.elapsed().as_millis() as u64,
         seed,
     })

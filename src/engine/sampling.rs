@@ -54,8 +54,11 @@ impl Sampling {
         if self.top_k < 0 {
             return Err(format!("top_k {} is negative", self.top_k));
         }
-        if !(self.repeat_penalty > 0.0) {
-            return Err(format!("repeat_penalty {} is not positive", self.repeat_penalty));
+        if self.repeat_penalty.is_nan() || self.repeat_penalty <= 0.0 {
+            return Err(format!(
+                "repeat_penalty {} is not positive",
+                self.repeat_penalty
+            ));
         }
         if self.max_tokens == 0 {
             return Err("max_tokens is 0".into());

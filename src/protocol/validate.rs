@@ -72,7 +72,10 @@ impl Checker<'_> {
         self.unique_ids("arms", p.arms.iter().map(|a| a.id.as_str()));
         self.unique_ids("tasks", p.tasks.iter().map(|t| t.id.as_str()));
         self.unique_ids("ratings", p.ratings.iter().map(|r| r.id.as_str()));
-        self.unique_ids("questionnaire", p.questionnaire.iter().map(|q| q.id.as_str()));
+        self.unique_ids(
+            "questionnaire",
+            p.questionnaire.iter().map(|q| q.id.as_str()),
+        );
         for (i, model) in p.models.iter().enumerate() {
             self.model(i, model, models_dir);
         }
@@ -183,7 +186,10 @@ impl Checker<'_> {
         if model.context_tokens < 512 {
             self.report(
                 &[Key("models"), Index(i), Key("context_tokens")],
-                format!("context_tokens = {} is too small for a chat", model.context_tokens),
+                format!(
+                    "context_tokens = {} is too small for a chat",
+                    model.context_tokens
+                ),
                 "use at least 512 (the default is 8192)".into(),
             );
         }
@@ -209,7 +215,10 @@ impl Checker<'_> {
             if !known.contains(&arm.model.as_str()) {
                 self.report(
                     &[Key("arms"), Index(i), Key("model")],
-                    format!("arm {:?} uses model {:?}, which is not defined", arm.id, arm.model),
+                    format!(
+                        "arm {:?} uses model {:?}, which is not defined",
+                        arm.id, arm.model
+                    ),
                     format!(
                         "add a [[models]] entry with id = {:?}, or use one of: {}",
                         arm.model,
@@ -220,7 +229,10 @@ impl Checker<'_> {
             if !(arm.weight.is_finite() && arm.weight > 0.0) {
                 self.report(
                     &[Key("arms"), Index(i), Key("weight")],
-                    format!("arm {:?} has weight {}, which is not positive", arm.id, arm.weight),
+                    format!(
+                        "arm {:?} has weight {}, which is not positive",
+                        arm.id, arm.weight
+                    ),
                     "use a weight above 0 (arms with equal weights are assigned equally often)"
                         .into(),
                 );
@@ -242,7 +254,11 @@ impl Checker<'_> {
             if arm.lora.len() > 1 {
                 self.report(
                     &[Key("arms"), Index(i), Key("lora"), Index(1)],
-                    format!("arm {:?} has {} LoRA adapters; one is supported", arm.id, arm.lora.len()),
+                    format!(
+                        "arm {:?} has {} LoRA adapters; one is supported",
+                        arm.id,
+                        arm.lora.len()
+                    ),
                     "merge the adapters into one (llama.cpp's export-lora) or keep one".into(),
                 );
             }
@@ -314,7 +330,10 @@ impl Checker<'_> {
                 ),
                 (RatingWhen::Final, Some(_)) => self.report(
                     &[Key("ratings"), Index(i), Key("every_turns")],
-                    format!("final rating {:?} has every_turns, which only periodic ratings use", r.id),
+                    format!(
+                        "final rating {:?} has every_turns, which only periodic ratings use",
+                        r.id
+                    ),
                     "remove every_turns, or set when = \"periodic\"".into(),
                 ),
                 _ => {}
@@ -335,7 +354,9 @@ impl Checker<'_> {
         let mut node = Node::Table(doc.as_table());
         let mut best = 0;
         for seg in at {
-            let Some((next, span)) = node.child(*seg) else { break };
+            let Some((next, span)) = node.child(*seg) else {
+                break;
+            };
             if let Some(start) = span {
                 best = start;
             }

@@ -74,8 +74,8 @@ pub async fn serve(
     workers: Option<usize>,
 ) -> std::io::Result<()> {
     let data = web::Data::new(state);
-    let mut server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
-        .bind(bind)?;
+    let mut server =
+        HttpServer::new(move || App::new().app_data(data.clone()).configure(routes)).bind(bind)?;
     if let Some(n) = workers {
         server = server.workers(n);
     }

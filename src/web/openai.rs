@@ -143,7 +143,9 @@ impl CompletionRequest {
         if let Some(schema) = &self.json_schema {
             return Ok(Some(Constraint::JsonSchema(schema.clone())));
         }
-        let Some(format) = &self.response_format else { return Ok(None) };
+        let Some(format) = &self.response_format else {
+            return Ok(None);
+        };
         match format["type"].as_str() {
             Some("text") | None => Ok(None),
             Some("json_object") => Ok(Some(Constraint::JsonSchema(json!({"type": "object"})))),
@@ -269,7 +271,9 @@ fn sse(
         let out = match generation.next().await? {
             EngineEvent::Token(t) => meta.chunk(json!({"content": t}), None),
             EngineEvent::Done(c) => {
-                let mut out = meta.chunk(json!({}), Some(c.finish_reason.as_str())).to_vec();
+                let mut out = meta
+                    .chunk(json!({}), Some(c.finish_reason.as_str()))
+                    .to_vec();
                 if meta.include_usage {
                     let mut last = json!({
                         "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,

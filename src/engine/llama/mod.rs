@@ -85,13 +85,19 @@ pub fn load_model(
     }
     let started = Instant::now();
     let mut model = LlamaModel::load_from_file(backend()?, path, &LlamaModelParams::default())
-        .map_err(|e| fail(format!("llama.cpp cannot load it ({e}); is it a valid GGUF model?")))?;
+        .map_err(|e| {
+            fail(format!(
+                "llama.cpp cannot load it ({e}); is it a valid GGUF model?"
+            ))
+        })?;
     let mut loaded_adapters = HashMap::new();
     for adapter in adapters {
-        let a = model.lora_adapter_init(adapter).map_err(|e| EngineError::Load {
-            path: adapter.display().to_string(),
-            reason: format!("not a LoRA adapter for this model ({e})"),
-        })?;
+        let a = model
+            .lora_adapter_init(adapter)
+            .map_err(|e| EngineError::Load {
+                path: adapter.display().to_string(),
+                reason: format!("not a LoRA adapter for this model ({e})"),
+            })?;
         loaded_adapters.insert(adapter.clone(), Mutex::new(a));
     }
     tracing::info!(path = %path.display(), %sha256, ms = started.elapsed().as_millis() as u64, "model loaded");
@@ -209,13 +215,14 @@ fn new_context<'m>(
         .with_kv_unified(false)
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
-    let mut context = model
-        .model
-        .new_context(backend()?, params)
-        .map_err(|e| EngineError::Load {
-            path: model.path.display().to_string(),
-            reason: format!("cannot create a context of {total} tokens ({e})"),
-        })?;
+    let mut context =
+        model
+            .model
+            .new_context(backend()?, params)
+            .map_err(|e| EngineError::Load {
+                path: model.path.display().to_string(),
+                reason: format!("cannot create a context of {total} tokens ({e})"),
+            })?;
     if let Some((path, scale)) = &config.lora {
         let adapter = model.adapters.get(path).ok_or_else(|| EngineError::Load {
             path: path.display().to_string(),
@@ -237,7 +244,10 @@ impl Engine for LlamaEngine {
         if request.messages.is_empty() {
             return Err(EngineError::EmptyMessages);
         }
-        request.sampling.check().map_err(EngineError::InvalidRequest)?;
+        request
+            .sampling
+            .check()
+            .map_err(EngineError::InvalidRequest)?;
         let (events, rx) = mpsc::unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
         self.jobs

@@ -28,6 +28,8 @@ use crate::engine::{
 /// Largest prompt chunk one sequence may add to a step, so generating sequences keep streaming
 /// while a long prompt is read.
 const PREFILL_CHUNK_TOKENS: usize = 512;
+/// Share of a slot's cached text a prompt must continue for the slot to be picked by prefix.
+const SLOT_SIMILARITY: f64 = 0.5;
 /// Window over which tokens per second are reported.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -221,31 +223,36 @@ impl<'m> Worker<'m> {
         template.render(self.model, &request.messages)
     }
 
-    /// The idle slot for a job: the one holding its conversation, else the one whose cache
-    /// shares the longest prefix with the prompt, else the least recently used.
+    /// The idle slot for a job: the one holding its conversation; for a request without a
+    /// conversation id, an unowned slot whose cache the prompt continues (as llama.cpp's server
+    /// does for clients that resend the whole history); else the least recently used. Another
+    /// conversation's cache is only taken as the least recently used.
     fn choose_slot(&self, job: &Job, prompt: &[u8]) -> usize {
-        let idle = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.active.is_none());
-        if let Some(conv) = &job.request.conversation {
-            if let Some((i, _)) = idle
-                .clone()
-                .find(|(_, s)| s.conversation.as_deref() == Some(conv.as_str()))
-            {
+        let idle = || {
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.active.is_none())
+        };
+        let wanted = job.request.conversation.as_deref();
+        if wanted.is_some() {
+            if let Some((i, _)) = idle().find(|(_, s)| s.conversation.as_deref() == wanted) {
+                return i;
+            }
+        } else {
+            let continued = idle()
+                .filter(|(_, s)| s.conversation.is_none() && !s.cache.text.is_empty())
+                .map(|(i, s)| (i, common_prefix(&s.cache.text, prompt), s.cache.text.len()))
+                .filter(|&(_, shared, cached)| shared as f64 >= SLOT_SIMILARITY * cached as f64)
+                .max_by_key(|&(_, shared, _)| shared);
+            if let Some((i, _, _)) = continued {
                 return i;
             }
         }
-        idle.max_by(|(_, a), (_, b)| {
-            let shared_a = common_prefix(&a.cache.text, prompt);
-            let shared_b = common_prefix(&b.cache.text, prompt);
-            shared_a
-                .cmp(&shared_b)
-                .then_with(|| b.last_used.cmp(&a.last_used))
-        })
-        .map(|(i, _)| i)
-        .expect("admit checks that an idle slot exists")
+        idle()
+            .min_by_key(|(_, s)| s.last_used)
+            .map(|(i, _)| i)
+            .expect("admit checks that an idle slot exists")
     }
 
     /// Reuses what the slot's cache shares with the prompt, drops the rest, and queues the new
@@ -300,8 +307,8 @@ impl<'m> Worker<'m> {
             cache.exact = true;
         }
         slot.conversation = job.request.conversation.clone();
-        let max_tokens = (job.request.sampling.max_tokens as usize)
-            .min(self.context_tokens - prompt_tokens - 1);
+        let max_tokens =
+            (job.request.sampling.max_tokens as usize).min(self.context_tokens - prompt_tokens - 1);
         let stop = job.request.sampling.stop.clone();
         slot.active = Some(Active {
             prefill: tail.into(),
@@ -341,7 +348,9 @@ impl<'m> Worker<'m> {
             seq, cache, active, ..
         } in &mut self.slots
         {
-            let Some(active) = active.as_mut() else { continue };
+            let Some(active) = active.as_mut() else {
+                continue;
+            };
             active.logits_at = None;
             if let Some(token) = active.next.take() {
                 let pos = cache.tokens.len() as i32;
@@ -362,7 +371,9 @@ impl<'m> Worker<'m> {
             if room == 0 {
                 break;
             }
-            let Some(active) = active.as_mut() else { continue };
+            let Some(active) = active.as_mut() else {
+                continue;
+            };
             let chunk = active.prefill.len().min(room).min(PREFILL_CHUNK_TOKENS);
             for _ in 0..chunk {
                 let token = active.prefill.pop_front().expect("chunk ≤ prefill length");
@@ -454,7 +465,9 @@ impl<'m> Worker<'m> {
     /// Ends the slot's request: flushes the text, reports the completion, frees the slot.
     fn finish(&mut self, index: usize, reason: FinishReason) {
         let slot = &mut self.slots[index];
-        let Some(mut active) = slot.active.take() else { return };
+        let Some(mut active) = slot.active.take() else {
+            return;
+        };
         slot.last_used = Instant::now();
         if !active.prefill.is_empty() {
             // Cancelled while reading the prompt: the cache holds part of it, which the text
@@ -465,9 +478,9 @@ impl<'m> Worker<'m> {
         if !rest.is_empty() && reason != FinishReason::Cancelled {
             let _ = active.job.events.send(EngineEvent::Token(rest));
         }
-        let ttft = active
-            .first_token_at
-            .map_or(0, |t| t.duration_since(active.job.arrived).as_millis() as u64);
+        let ttft = active.first_token_at.map_or(0, |t| {
+            t.duration_since(active.job.arrived).as_millis() as u64
+        });
         let completion = Completion {
             text: active.stream.text().to_string(),
             finish_reason: reason,
@@ -517,9 +530,9 @@ impl<'m> Worker<'m> {
 impl SeqCache {
     /// Records that `token` is now in the cache at the next position.
     fn push(&mut self, model: &LlamaModel, token: LlamaToken) {
-        // BOS is added by tokenisation, not spelled in the prompt text.
+        // A BOS that tokenisation adds is not spelled in the prompt text.
         let vocab = model.vocab();
-        let piece = if self.tokens.is_empty() && token == vocab.bos() {
+        let piece = if self.tokens.is_empty() && vocab.should_add_bos() && token == vocab.bos() {
             Vec::new()
         } else {
             vocab.token_to_piece(token, true, None)

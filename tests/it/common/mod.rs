@@ -1,0 +1,206 @@
+//! Helpers shared by the integration tests: a fresh database per test on either backend, the
+//! real default model, and the real router served on a loopback port.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use actix_web::{web, App, HttpServer};
+use collabllm::config::EXAMPLE_PROTOCOL_PATH;
+use collabllm::db::{self, DbConn, DbPool};
+use collabllm::engine::fetch::default_model_path;
+use collabllm::engine::Engines;
+use collabllm::protocol::LoadedProtocol;
+use collabllm::web::AppState;
+use diesel::connection::SimpleConnection;
+
+/// The PostgreSQL server the tests use (a database where we may create schemas).
+pub fn postgres_base_url() -> String {
+    std::env::var("COLLABLLM_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// A database of its own for one test; dropped (schema or file) at the end.
+pub struct TestDb {
+    pub url: String,
+    schema: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = format!("sqlite://{}", dir.path().join("test.sqlite3").display());
+        Self {
+            url,
+            schema: None,
+            _dir: Some(dir),
+        }
+    }
+
+    /// A fresh schema on the test PostgreSQL server; every connection of the URL uses it.
+    pub fn postgres() -> Self {
+        let base = postgres_base_url();
+        let schema = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = db::connect(&base).unwrap_or_else(|e| {
+            panic!("the PostgreSQL tests need a server at {base} (set COLLABLLM_TEST_POSTGRES_URL): {e}")
+        });
+        if let DbConn::Postgres(c) = &mut conn {
+            c.batch_execute(&format!("CREATE SCHEMA {schema}"))
+                .expect("create schema");
+        }
+        let sep = if base.contains('?') { '&' } else { '?' };
+        Self {
+            url: format!("{base}{sep}options=-csearch_path%3D{schema}"),
+            schema: Some(schema),
+            _dir: None,
+        }
+    }
+
+    pub fn conn(&self) -> DbConn {
+        let mut conn = db::connect(&self.url).expect("connect");
+        db::migrate(&mut conn).expect("migrate");
+        conn
+    }
+
+    pub fn pool(&self) -> DbPool {
+        db::open(&self.url, 4).expect("pool")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Some(schema) = &self.schema {
+            if let Ok(DbConn::Postgres(mut c)) = db::connect(&postgres_base_url()) {
+                let _ = c.batch_execute(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"));
+            }
+        }
+    }
+}
+
+/// Runs a test body once on SQLite and once on PostgreSQL, each with a fresh database.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($name:ident, $body:expr) => {
+        mod $name {
+            use super::*;
+            #[test]
+            fn sqlite() {
+                let db = $crate::common::TestDb::sqlite();
+                ($body)(&db);
+            }
+            #[test]
+            fn postgres() {
+                let db = $crate::common::TestDb::postgres();
+                ($body)(&db);
+            }
+        }
+    };
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("COLLABLLM_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models"))
+}
+
+/// The real default model; a test that needs it fails loudly when it is missing.
+pub fn model_path() -> PathBuf {
+    let path = default_model_path(&models_dir());
+    assert!(
+        path.exists(),
+        "the default model is missing at {}: run `cargo run -- models fetch` first",
+        path.display()
+    );
+    path
+}
+
+pub fn protocol(name: &str) -> LoadedProtocol {
+    let path = repo_root().join("study-protocols").join(name);
+    LoadedProtocol::load(&path, &models_dir()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+pub fn example_protocol() -> LoadedProtocol {
+    LoadedProtocol::load(&repo_root().join(EXAMPLE_PROTOCOL_PATH), &models_dir())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The real router on a loopback port, in a thread of its own; stops when dropped.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    handle: actix_web::dev::ServerHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestServer {
+    pub fn start(state: AppState) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let data = web::Data::new(state);
+                let server = HttpServer::new(move || {
+                    App::new()
+                        .app_data(data.clone())
+                        .configure(collabllm::web::routes)
+                })
+                .workers(2)
+                .bind(("127.0.0.1", 0))
+                .expect("bind");
+                let addr = server.addrs()[0];
+                let server = server.run();
+                tx.send((addr, server.handle())).expect("send addr");
+                server.await.expect("server");
+            });
+        });
+        let (addr, handle) = rx.recv().expect("server started");
+        Self {
+            addr,
+            handle,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let handle = self.handle.clone();
+        std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(handle.stop(false));
+        })
+        .join()
+        .ok();
+        if let Some(t) = self.thread.take() {
+            t.join().ok();
+        }
+    }
+}
+
+/// App state over `db` with the engines of the quick-pilot protocol (the real model).
+pub fn state_with_model(db: &TestDb) -> AppState {
+    let loaded = protocol("quick-pilot.toml");
+    let pool = db.pool();
+    {
+        let mut conn = pool.get().expect("conn");
+        db::studies::import(&mut conn, &loaded).expect("import");
+    }
+    let engines = Engines::new();
+    engines
+        .load_protocol(&loaded.protocol, &models_dir())
+        .expect("engines start");
+    AppState { pool, engines }
+}
+
+pub fn write_temp(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write temp file");
+    path
+}

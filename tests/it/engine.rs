@@ -1,0 +1,472 @@
+//! The llama.cpp engine with the real SmolLM2-135M model: streaming, batching, prefix reuse,
+//! cancellation, constrained output, determinism, eviction, bad input, and the remote backend.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use collabllm::engine::llama::{self, LlamaEngine, LoadedModel, WorkerConfig};
+use collabllm::engine::remote::RemoteEngine;
+use collabllm::engine::{
+    ChatMessage, ChatRequest, Completion, Constraint, Engine, EngineError, EngineEvent,
+    FinishReason, Generation, Role, Sampling,
+};
+
+use crate::common::{model_path, state_with_model, TestDb, TestServer};
+
+/// The model, loaded once for all tests of this binary.
+fn model() -> Arc<LoadedModel> {
+    static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            llama::load_model(&model_path(), None, &[]).expect("load the default model")
+        })
+        .clone()
+}
+
+fn engine(slots: u32, context_tokens: u32) -> LlamaEngine {
+    LlamaEngine::spawn(
+        model(),
+        WorkerConfig {
+            name: "test".into(),
+            context_tokens,
+            slots,
+            lora: None,
+        },
+    )
+    .expect("start worker")
+}
+
+fn greedy(max_tokens: u32) -> Sampling {
+    Sampling {
+        temperature: 0.0,
+        max_tokens,
+        ..Sampling::default()
+    }
+}
+
+fn chat(user: &str, sampling: Sampling) -> ChatRequest {
+    ChatRequest::new(
+        vec![
+            ChatMessage::new(Role::System, "You are a helpful assistant."),
+            ChatMessage::new(Role::User, user),
+        ],
+        sampling,
+    )
+}
+
+/// All events of a generation: the streamed pieces and how it ended.
+async fn collect(mut generation: Generation) -> (Vec<String>, Result<Completion, EngineError>) {
+    let mut pieces = Vec::new();
+    while let Some(event) = generation.next().await {
+        match event {
+            EngineEvent::Token(t) => pieces.push(t),
+            EngineEvent::Done(c) => return (pieces, Ok(c)),
+            EngineEvent::Error(e) => return (pieces, Err(e)),
+        }
+    }
+    (pieces, Err(EngineError::Stopped))
+}
+
+async fn run(engine: &dyn Engine, request: ChatRequest) -> Completion {
+    let (pieces, done) = collect(engine.start(request).expect("queued")).await;
+    let done = done.expect("completion");
+    assert_eq!(
+        pieces.concat(),
+        done.text,
+        "streamed pieces add up to the reply"
+    );
+    done
+}
+
+#[tokio::test]
+async fn the_default_model_generates_a_few_tokens() {
+    let engine = engine(1, 2048);
+    let c = run(&engine, chat("Say hello.", greedy(8))).await;
+    assert!(!c.text.trim().is_empty());
+    assert!(c.generated_tokens >= 1 && c.generated_tokens <= 8, "{c:?}");
+    assert!(c.prompt_tokens > 5);
+    assert_eq!(engine.fingerprint(), model().sha256);
+    assert_eq!(
+        model().sha256,
+        collabllm::engine::fetch::DEFAULT_MODEL_SHA256,
+        "the model in models/ is the pinned one"
+    );
+}
+
+#[tokio::test]
+async fn streamed_text_is_in_order_and_never_splits_a_character() {
+    let engine = engine(1, 2048);
+    let request = chat(
+        "Repeat this line five times: café, naïve, 日本語, emoji 🙂🎉",
+        greedy(120),
+    );
+    let c = run(&engine, request).await;
+    assert!(
+        !c.text.contains('\u{FFFD}'),
+        "no broken characters: {:?}",
+        c.text
+    );
+    assert!(
+        !c.text.is_ascii(),
+        "the reply has multi-byte text: {:?}",
+        c.text
+    );
+}
+
+#[tokio::test]
+async fn concurrent_requests_each_get_their_own_reply() {
+    let engine = engine(4, 2048);
+    let prompts = [
+        "What is the capital of France?",
+        "Name three colours.",
+        "Write one sentence about the sea.",
+        "What is 2 + 2?",
+    ];
+    let mut alone = Vec::new();
+    for p in prompts {
+        alone.push(run(&engine, chat(p, greedy(24))).await.text);
+    }
+    let generations: Vec<_> = prompts
+        .iter()
+        .map(|p| engine.start(chat(p, greedy(24))).unwrap())
+        .collect();
+    let mut together = Vec::new();
+    for g in generations {
+        let (pieces, done) = collect(g).await;
+        let done = done.unwrap();
+        assert_eq!(pieces.concat(), done.text);
+        together.push(done.text);
+    }
+    assert_eq!(
+        together, alone,
+        "batched replies are the replies each request gets alone"
+    );
+    assert!(engine.status().generated_tokens >= 4 * 10);
+}
+
+#[tokio::test]
+async fn cancelling_frees_the_slot_for_the_next_request() {
+    let engine = engine(1, 2048);
+    let mut long = chat("Tell me a long story.", greedy(1500));
+    long.ignore_eos = true;
+    let mut first = engine.start(long).unwrap();
+    // The second request waits: the only slot is busy.
+    let second = engine.start(chat("Say yes.", greedy(4))).unwrap();
+    match first.next().await {
+        Some(EngineEvent::Token(_)) => {}
+        other => panic!("expected a token, got {other:?}"),
+    }
+    first.cancel();
+    let (_, done) = collect(first).await;
+    let done = done.unwrap();
+    assert_eq!(done.finish_reason, FinishReason::Cancelled);
+    assert!(done.generated_tokens < 1500);
+    let (_, second) = tokio::time::timeout(Duration::from_secs(60), collect(second))
+        .await
+        .expect("the queued request starts after the cancellation");
+    assert!(second.is_ok());
+}
+
+#[tokio::test]
+async fn dropping_the_stream_cancels_the_generation() {
+    let engine = engine(1, 2048);
+    let mut long = chat("Count to one thousand.", greedy(1500));
+    long.ignore_eos = true;
+    let mut g = engine.start(long).unwrap();
+    assert!(matches!(g.next().await, Some(EngineEvent::Token(_))));
+    drop(g);
+    let c = tokio::time::timeout(Duration::from_secs(60), run(&engine, chat("Hi", greedy(4))))
+        .await
+        .expect("the slot was freed");
+    assert!(c.generated_tokens > 0);
+}
+
+fn two_turns(first_reply: &str) -> Vec<ChatMessage> {
+    vec![
+        ChatMessage::new(Role::System, "You are a writing assistant. ".repeat(20)),
+        ChatMessage::new(Role::User, "Help me write a note to my neighbour."),
+        ChatMessage::new(Role::Assistant, first_reply),
+        ChatMessage::new(Role::User, "Make it shorter."),
+    ]
+}
+
+#[tokio::test]
+async fn the_second_turn_only_processes_what_is_new() {
+    let engine = engine(2, 4096);
+    let mut turn1 = ChatRequest::new(two_turns("")[..2].to_vec(), greedy(40));
+    turn1.conversation = Some("conv-a".into());
+    let reply = run(&engine, turn1).await;
+    assert_eq!(reply.prompt_tokens_processed, reply.prompt_tokens);
+    let mut turn2 = ChatRequest::new(two_turns(&reply.text), greedy(20));
+    turn2.conversation = Some("conv-a".into());
+    let c = run(&engine, turn2).await;
+    assert!(
+        c.prompt_tokens_processed * 5 < c.prompt_tokens,
+        "turn 2 computed {} of {} prompt tokens",
+        c.prompt_tokens_processed,
+        c.prompt_tokens
+    );
+    assert!(engine.status().prompt_tokens_reused > 0);
+}
+
+#[tokio::test]
+async fn a_request_without_conversation_id_reuses_the_slot_with_the_longest_prefix() {
+    let engine = engine(3, 4096);
+    // Fill the other slots with unrelated conversations.
+    run(&engine, chat("Unrelated one.", greedy(4))).await;
+    let reply = run(
+        &engine,
+        ChatRequest::new(two_turns("")[..2].to_vec(), greedy(30)),
+    )
+    .await;
+    run(&engine, chat("Unrelated two.", greedy(4))).await;
+    let c = run(
+        &engine,
+        ChatRequest::new(two_turns(&reply.text), greedy(10)),
+    )
+    .await;
+    assert!(
+        c.prompt_tokens_processed * 5 < c.prompt_tokens,
+        "computed {} of {}",
+        c.prompt_tokens_processed,
+        c.prompt_tokens
+    );
+}
+
+/// Turn 1 of a conversation named `name`, and its reply.
+async fn first_turn(engine: &dyn Engine, name: &str) -> (ChatRequest, Completion) {
+    let mut r = ChatRequest::new(two_turns("")[..2].to_vec(), greedy(12));
+    r.messages[1].content = format!("Conversation {name}: help me write a note.");
+    r.conversation = Some(name.into());
+    let reply = run(engine, r.clone()).await;
+    (r, reply)
+}
+
+fn next_turn(mut r: ChatRequest, reply: &Completion) -> ChatRequest {
+    r.messages
+        .push(ChatMessage::new(Role::Assistant, reply.text.clone()));
+    r.messages.push(ChatMessage::new(Role::User, "Thanks."));
+    r.sampling.max_tokens = 8;
+    r
+}
+
+#[tokio::test]
+async fn more_conversations_than_slots_evict_the_least_recently_used() {
+    // Reference: turn 2 of "a" while its turn 1 is still cached.
+    let fresh = engine(2, 4096);
+    let (a, reply) = first_turn(&fresh, "a").await;
+    let cached = run(&fresh, next_turn(a, &reply)).await;
+
+    let engine = engine(2, 4096);
+    let (a, reply_a) = first_turn(&engine, "a").await;
+    first_turn(&engine, "b").await;
+    first_turn(&engine, "c").await; // takes the slot of "a", the least recently used
+    let evicted = run(&engine, next_turn(a, &reply_a)).await;
+    assert_eq!(
+        evicted.text, cached.text,
+        "an evicted conversation is recomputed transparently"
+    );
+    assert!(
+        evicted.prompt_tokens_processed > cached.prompt_tokens_processed + 5,
+        "evicted: {} tokens computed, cached: {}",
+        evicted.prompt_tokens_processed,
+        cached.prompt_tokens_processed
+    );
+}
+
+#[tokio::test]
+async fn a_json_schema_constrains_the_output_to_parseable_json() {
+    let engine = engine(2, 2048);
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "thought": {"type": "string", "maxLength": 80},
+            "interactivity": {"type": "number", "minimum": 0, "maximum": 1}
+        },
+        "required": ["thought", "interactivity"],
+        "additionalProperties": false
+    });
+    for seed in [1, 2, 3] {
+        let mut r = chat(
+            "Rate how interactive this assistant was, as JSON.",
+            Sampling {
+                temperature: 0.8,
+                seed: Some(seed),
+                max_tokens: 200,
+                ..Sampling::default()
+            },
+        );
+        r.constraint = Some(Constraint::JsonSchema(schema.clone()));
+        let c = run(&engine, r).await;
+        let v: serde_json::Value =
+            serde_json::from_str(&c.text).unwrap_or_else(|e| panic!("{e}: {:?}", c.text));
+        assert!(v["thought"].is_string(), "{v}");
+        assert!(v["interactivity"].is_number(), "{v}");
+    }
+}
+
+#[tokio::test]
+async fn a_gbnf_grammar_constrains_the_output() {
+    let engine = engine(1, 2048);
+    let mut r = chat(
+        "Is the sky blue? Answer yes or no.",
+        Sampling {
+            seed: Some(5),
+            ..Sampling::default()
+        },
+    );
+    r.constraint = Some(Constraint::Grammar("root ::= \"yes\" | \"no\"".into()));
+    let c = run(&engine, r).await;
+    assert!(c.text == "yes" || c.text == "no", "{:?}", c.text);
+}
+
+#[tokio::test]
+async fn the_same_seed_gives_the_same_text() {
+    let engine = engine(1, 2048);
+    let sampling = Sampling {
+        temperature: 1.0,
+        seed: Some(1234),
+        max_tokens: 40,
+        ..Sampling::default()
+    };
+    let a = run(&engine, chat("Invent a name for a cat.", sampling.clone())).await;
+    let b = run(&engine, chat("Invent a name for a cat.", sampling.clone())).await;
+    assert_eq!(a.text, b.text);
+    assert_eq!(a.seed, 1234);
+    let other = run(
+        &engine,
+        chat(
+            "Invent a name for a cat.",
+            Sampling {
+                seed: Some(99),
+                ..sampling
+            },
+        ),
+    )
+    .await;
+    assert_eq!(other.seed, 99);
+}
+
+#[tokio::test]
+async fn stop_strings_end_the_reply_and_are_not_shown() {
+    let engine = engine(1, 2048);
+    let c = run(
+        &engine,
+        chat(
+            "List five fruits, one per line.",
+            Sampling {
+                stop: vec!["\n".into()],
+                ..greedy(60)
+            },
+        ),
+    )
+    .await;
+    assert!(!c.text.contains('\n'), "{:?}", c.text);
+    assert_eq!(c.finish_reason, FinishReason::Stop);
+}
+
+#[tokio::test]
+async fn bad_requests_get_clear_errors_and_the_worker_keeps_serving() {
+    let engine = engine(2, 512);
+    let err = engine
+        .start(ChatRequest::new(vec![], greedy(4)))
+        .err()
+        .unwrap();
+    assert_eq!(err, EngineError::EmptyMessages);
+
+    let bad_sampling = engine.start(chat(
+        "hi",
+        Sampling {
+            top_p: 2.0,
+            ..greedy(4)
+        },
+    ));
+    assert!(matches!(bad_sampling, Err(EngineError::InvalidRequest(_))));
+
+    let huge = chat(&"word ".repeat(2000), greedy(4));
+    let (_, result) = collect(engine.start(huge).unwrap()).await;
+    match result {
+        Err(EngineError::PromptTooLong { tokens, limit }) => assert!(tokens > limit),
+        other => panic!("expected PromptTooLong, got {other:?}"),
+    }
+
+    let mut bad_grammar = chat("hi", greedy(4));
+    bad_grammar.constraint = Some(Constraint::Grammar("root ::= (".into()));
+    let (_, result) = collect(engine.start(bad_grammar).unwrap()).await;
+    assert!(matches!(result, Err(EngineError::Grammar(_))), "{result:?}");
+
+    let c = run(&engine, chat("Say ok.", greedy(4))).await;
+    assert!(c.generated_tokens > 0, "the worker still serves");
+}
+
+#[tokio::test]
+async fn ignore_eos_generates_exactly_max_tokens() {
+    let engine = engine(1, 2048);
+    let mut r = chat("Hi", greedy(50));
+    r.ignore_eos = true;
+    let c = run(&engine, r).await;
+    assert_eq!(c.generated_tokens, 50);
+    assert_eq!(c.finish_reason, FinishReason::Length);
+}
+
+#[test]
+fn a_corrupt_model_file_is_refused_with_the_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.gguf");
+    std::fs::write(&path, b"GGUF but not really a model").unwrap();
+    let err = llama::load_model(
+        &path,
+        Some(collabllm::engine::fetch::DEFAULT_MODEL_SHA256),
+        &[],
+    )
+    .err()
+    .unwrap();
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    let err = llama::load_model(&path, None, &[]).err().unwrap();
+    assert!(err.to_string().contains("valid GGUF"), "{err}");
+    let err = llama::load_model(&dir.path().join("none.gguf"), None, &[])
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("models fetch"), "{err}");
+}
+
+#[test]
+fn llama_contexts_use_every_core() {
+    let cores = std::thread::available_parallelism().unwrap().get() as i32;
+    assert_eq!(llama::thread_count(), cores);
+}
+
+#[test]
+fn the_remote_backend_streams_from_another_serve_instance() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(state_with_model(&db));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let endpoint = server.url("/v1");
+        let remote = RemoteEngine::new(&endpoint, "smollm2-135m", None).unwrap();
+        let c = run(&remote, chat("Say hello.", greedy(12))).await;
+        assert!(c.generated_tokens > 0 && c.generated_tokens <= 12, "{c:?}");
+        assert!(c.prompt_tokens > 5, "usage is read: {c:?}");
+
+        // The same greedy request gives the same text locally and through /v1.
+        let local = run(&engine(1, 2048), chat("Say hello.", greedy(12))).await;
+        assert_eq!(c.text, local.text);
+
+        let mut constrained = chat("Is water wet?", greedy(8));
+        constrained.constraint = Some(Constraint::Grammar("root ::= \"yes\" | \"no\"".into()));
+        let c = run(&remote, constrained).await;
+        assert!(c.text == "yes" || c.text == "no", "{:?}", c.text);
+
+        let unknown = RemoteEngine::new(&endpoint, "no-such-model", None).unwrap();
+        let (_, err) = collect(unknown.start(chat("hi", greedy(4))).unwrap()).await;
+        let err = err.unwrap_err().to_string();
+        assert!(
+            err.contains("404") && err.contains("no-such-model"),
+            "{err}"
+        );
+
+        let dead = RemoteEngine::new("http://127.0.0.1:1/v1", "x", None).unwrap();
+        let (_, err) = collect(dead.start(chat("hi", greedy(4))).unwrap()).await;
+        assert!(err.unwrap_err().to_string().contains("request failed"));
+    });
+}

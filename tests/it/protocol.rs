@@ -1,0 +1,286 @@
+//! Protocol files: the shipped examples are valid and match the paper's study; every kind of
+//! mistake is reported with its file, line and a fix, several at once.
+
+use std::path::Path;
+
+use collabllm::protocol::{AssignmentMethod, LoadedProtocol, ProtocolError, RatingWhen};
+
+use crate::common::{protocol, write_temp};
+
+/// A valid protocol; tests replace parts of it to make one mistake at a time.
+const VALID: &str = r#"
+[study]
+slug = "t"
+title = "Test"
+version = "1"
+
+[consent]
+version = "c1"
+text = "Agree?"
+
+[[models]]
+id = "m"
+file = "fake.gguf"
+
+[[arms]]
+id = "base"
+model = "m"
+weight = 1
+system_prompt = "Be helpful."
+
+[[arms]]
+id = "proactive"
+model = "m"
+weight = 2
+system_prompt = "Ask questions."
+
+[[tasks]]
+id = "blog"
+kind = "blog post"
+instructions = "Write."
+[[tasks.topics]]
+id = "a"
+title = "A"
+
+[[ratings]]
+id = "interaction"
+question = "How was it?"
+when = "periodic"
+every_turns = 3
+min = 1
+max = 10
+
+[outcomes.completed]
+code = "C"
+[outcomes.no_consent]
+code = "N"
+[outcomes.timed_out]
+code = "T"
+[outcomes.screened_out]
+code = "S"
+"#;
+
+/// A models directory holding a file that looks like a GGUF model.
+fn models_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("fake.gguf"), b"GGUF\x03\x00\x00\x00").unwrap();
+    dir
+}
+
+fn check(text: &str) -> Result<LoadedProtocol, ProtocolError> {
+    let models = models_dir();
+    LoadedProtocol::from_text(Path::new("study.toml"), text.to_string(), models.path())
+}
+
+/// 1-based line of the first line containing `needle` (the `nth` occurrence, from 0).
+fn line_of(text: &str, needle: &str, nth: usize) -> usize {
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| l.contains(needle))
+        .nth(nth)
+        .unwrap_or_else(|| panic!("{needle:?} not in text"))
+        .0
+        + 1
+}
+
+/// The single diagnostic of an invalid protocol.
+fn only_problem(text: &str) -> collabllm::protocol::Diagnostic {
+    let err = check(text).expect_err("the protocol must be rejected");
+    let d = err.diagnostics();
+    assert_eq!(d.len(), 1, "expected one problem, got: {err}");
+    d[0].clone()
+}
+
+#[test]
+fn the_valid_base_protocol_passes() {
+    let loaded = check(VALID).unwrap();
+    assert_eq!(loaded.protocol.arms.len(), 2);
+    assert_eq!(loaded.sha256.len(), 64);
+}
+
+#[test]
+fn a_toml_syntax_error_names_its_line() {
+    let text = VALID.replace("[consent]", "[consent");
+    let d = only_problem(&text);
+    assert_eq!(d.line, line_of(&text, "[consent", 0));
+    assert!(d.help.contains("syntax"), "{d}");
+}
+
+#[test]
+fn an_unknown_key_is_rejected_at_its_line() {
+    let text = VALID.replace("title = \"Test\"", "title = \"Test\"\ncolour = \"blue\"");
+    let d = only_problem(&text);
+    assert_eq!(d.line, line_of(&text, "colour", 0));
+    assert!(d.message.contains("unknown field `colour`"), "{d}");
+    assert!(d.help.contains("spelling"), "{d}");
+}
+
+#[test]
+fn a_missing_field_names_the_table_that_lacks_it() {
+    let text = VALID.replace("title = \"Test\"\n", "");
+    let d = only_problem(&text);
+    assert!(d.message.contains("missing field `title`"), "{d}");
+    assert_eq!(d.line, line_of(&text, "[study]", 0));
+}
+
+#[test]
+fn an_arm_with_an_unknown_model_is_reported_at_its_model_key() {
+    let text = VALID.replacen("model = \"m\"", "model = \"nope\"", 1);
+    let d = only_problem(&text);
+    assert_eq!(d.line, line_of(&text, "model = \"nope\"", 0));
+    assert_eq!(d.column, 1);
+    assert!(d.message.contains("\"nope\""), "{d}");
+    assert!(d.help.contains("use one of: m"), "{d}");
+}
+
+#[test]
+fn a_weight_that_is_not_positive_is_reported() {
+    for weight in ["0", "-1.5"] {
+        let text = VALID.replace("weight = 2", &format!("weight = {weight}"));
+        let d = only_problem(&text);
+        assert_eq!(
+            d.line,
+            line_of(&text, &format!("weight = {weight}"), 0),
+            "{d}"
+        );
+        assert!(d.message.contains("not positive"), "{d}");
+    }
+}
+
+#[test]
+fn duplicate_ids_point_at_the_second_one() {
+    let text = VALID.replace("id = \"proactive\"", "id = \"base\"");
+    let d = only_problem(&text);
+    assert_eq!(d.line, line_of(&text, "id = \"base\"", 1));
+    assert!(
+        d.message.contains("duplicate id \"base\" in [[arms]]"),
+        "{d}"
+    );
+}
+
+#[test]
+fn a_rating_scale_with_min_not_below_max_is_reported() {
+    let text = VALID.replace("min = 1\nmax = 10", "min = 5\nmax = 5");
+    let d = only_problem(&text);
+    assert_eq!(d.line, line_of(&text, "max = 5", 0));
+    assert!(d.message.contains("scale is empty"), "{d}");
+}
+
+#[test]
+fn a_model_file_that_does_not_exist_is_reported_with_the_fix() {
+    let text = VALID.replace("file = \"fake.gguf\"", "file = \"missing.gguf\"");
+    let d = only_problem(&text);
+    assert_eq!(d.line, line_of(&text, "missing.gguf", 0));
+    assert!(d.message.contains("cannot be opened"), "{d}");
+    assert!(d.help.contains("models fetch"), "{d}");
+}
+
+#[test]
+fn a_file_that_is_not_gguf_is_reported() {
+    let models = models_dir();
+    std::fs::write(models.path().join("text.gguf"), b"hello").unwrap();
+    let text = VALID.replace("fake.gguf", "text.gguf");
+    let err =
+        LoadedProtocol::from_text(Path::new("p.toml"), text.clone(), models.path()).unwrap_err();
+    let d = &err.diagnostics()[0];
+    assert!(d.message.contains("not a GGUF file"), "{d}");
+    assert_eq!(d.line, line_of(&text, "text.gguf", 0));
+}
+
+#[test]
+fn several_problems_are_reported_at_once_in_line_order() {
+    let text = VALID
+        .replacen("model = \"m\"", "model = \"nope\"", 1)
+        .replace("weight = 2", "weight = 0")
+        .replace(
+            "id = \"a\"\ntitle",
+            "id = \"a\"\ntitle = \"A\"\n[[tasks.topics]]\nid = \"a\"\ntitle",
+        );
+    let err = check(&text).unwrap_err();
+    let lines: Vec<usize> = err.diagnostics().iter().map(|d| d.line).collect();
+    assert_eq!(
+        lines,
+        vec![
+            line_of(&text, "model = \"nope\"", 0),
+            line_of(&text, "weight = 0", 0),
+            line_of(&text, "id = \"a\"", 1),
+        ],
+        "{err}"
+    );
+    let shown = err.to_string();
+    assert!(shown.starts_with("3 problems"), "{shown}");
+    assert!(shown.contains("study.toml:"), "{shown}");
+}
+
+#[test]
+fn a_missing_protocol_file_names_the_path() {
+    let err =
+        LoadedProtocol::load(Path::new("/nonexistent/x.toml"), Path::new("models")).unwrap_err();
+    assert!(matches!(err, ProtocolError::Read { .. }));
+    assert!(err.to_string().contains("/nonexistent/x.toml"), "{err}");
+}
+
+#[test]
+fn a_periodic_rating_without_an_interval_is_reported() {
+    let text = VALID.replace("every_turns = 3\n", "");
+    let d = only_problem(&text);
+    assert_eq!(d.line, line_of(&text, "when = \"periodic\"", 0));
+}
+
+#[test]
+fn the_paper_protocol_reproduces_the_study_design() {
+    let p = protocol("doc-cocreation.toml").protocol;
+    let arms: Vec<&str> = p.arms.iter().map(|a| a.id.as_str()).collect();
+    assert_eq!(arms, ["base", "proactive", "collabllm"]);
+    assert!(p.arms.iter().all(|a| a.weight == 1.0));
+    let kinds: Vec<&str> = p.tasks.iter().map(|t| t.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["blog post", "creative writing", "personal statement"]
+    );
+    for task in &p.tasks {
+        assert!(task.topics.len() >= 5, "{} has too few topics", task.id);
+        assert!(task.topics.iter().all(|t| !t.hidden_intent.is_empty()));
+    }
+    assert!(p.session.min_turns >= 8);
+    assert_eq!(p.session.assignment, AssignmentMethod::PermutedBlocks);
+    let periodic: Vec<_> = p
+        .ratings
+        .iter()
+        .filter(|r| r.when == RatingWhen::Periodic)
+        .collect();
+    assert_eq!(periodic.len(), 1);
+    assert_eq!(
+        (periodic[0].every_turns, periodic[0].min, periodic[0].max),
+        (Some(3), 1, 10)
+    );
+    let finals: Vec<&str> = p.final_ratings().iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(finals, ["document_quality", "overall_interaction"]);
+    let questions: Vec<&str> = p.questionnaire.iter().map(|q| q.id.as_str()).collect();
+    assert_eq!(questions, ["strengths", "weaknesses"]);
+    assert_eq!(p.periodic_ratings_due(3).len(), 1);
+    assert!(p.periodic_ratings_due(4).is_empty());
+}
+
+#[test]
+fn the_quick_pilot_is_small() {
+    let p = protocol("quick-pilot.toml").protocol;
+    assert_eq!(p.arms.len(), 1);
+    assert_eq!(p.session.min_turns, 2);
+}
+
+#[test]
+fn a_protocol_file_on_disk_is_checked_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_temp(
+        dir.path(),
+        "broken.toml",
+        &VALID.replace("weight = 2", "weight = 0"),
+    );
+    let models = models_dir();
+    let err = LoadedProtocol::load(&path, models.path()).unwrap_err();
+    assert!(
+        err.to_string().contains(&format!("{}:", path.display())),
+        "{err}"
+    );
+}
