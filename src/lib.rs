@@ -3,8 +3,10 @@
 //!
 //! Dependencies flow one way: `web` → `study` → `db` / `engine` / `protocol`.
 
+pub mod bench;
 pub mod config;
 pub mod db;
 pub mod engine;
 pub mod protocol;
+pub mod study;
 pub mod web;

@@ -6,10 +6,14 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use collabllm::bench::{self, EngineBenchOptions};
 use collabllm::config::{ServeSettings, Settings, EXAMPLE_PROTOCOL, EXAMPLE_PROTOCOL_PATH};
 use collabllm::db::{self, studies::ImportOutcome};
 use collabllm::engine::registry::engine_name;
-use collabllm::engine::{fetch, ChatMessage, ChatRequest, EngineEvent, Engines, Role};
+use collabllm::engine::llama::{self, LlamaEngine, WorkerConfig};
+use collabllm::engine::remote::RemoteEngine;
+use collabllm::engine::{fetch, ChatMessage, ChatRequest, Engine, EngineEvent, Engines, Role};
+use indicatif::ProgressBar;
 use collabllm::protocol::{LoadedProtocol, ProtocolError};
 use collabllm::web::{self, AppState};
 
@@ -48,6 +52,41 @@ enum Command {
         /// Arm id to chat with.
         #[arg(long)]
         arm: String,
+    },
+    /// Measure performance against a baseline run in the same process.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Engine throughput and time to first token vs one-at-a-time without prefix reuse.
+    Engine {
+        /// GGUF model (default: the default model in the models directory).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Sequence slots of the engine under test.
+        #[arg(long, default_value_t = 8)]
+        slots: u32,
+        /// Tokens one conversation may hold.
+        #[arg(long, default_value_t = 4096)]
+        context_tokens: u32,
+        /// Tokens generated per request.
+        #[arg(long, default_value_t = 64)]
+        tokens: u32,
+        /// Turns of the conversation whose time to first token is measured.
+        #[arg(long, default_value_t = 10)]
+        turns: usize,
+        /// Numbers of concurrent chats to measure.
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+        concurrency: Vec<usize>,
+        /// Measure this OpenAI-compatible server (e.g. llama-server at http://127.0.0.1:8081/v1)
+        /// instead of the in-process engine; the baseline stays in-process.
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Model name sent to --endpoint.
+        #[arg(long, default_value = "default")]
+        remote_model: String,
     },
 }
 
@@ -130,7 +169,96 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Chat { protocol, arm } => run_chat(&protocol, &arm, &settings.models_dir),
+        Command::Bench(BenchCommand::Engine {
+            model,
+            slots,
+            context_tokens,
+            tokens,
+            turns,
+            concurrency,
+            endpoint,
+            remote_model,
+        }) => {
+            let model = model.unwrap_or_else(|| fetch::default_model_path(&settings.models_dir));
+            let options = EngineBenchOptions {
+                tokens,
+                concurrency,
+                turns,
+            };
+            run_engine_bench(&model, slots, context_tokens, &options, endpoint.map(|e| (e, remote_model)))
+        }
     }
+}
+
+fn run_engine_bench(
+    model: &Path,
+    slots: u32,
+    context_tokens: u32,
+    options: &EngineBenchOptions,
+    endpoint: Option<(String, String)>,
+) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let _guard = runtime.enter();
+    let loaded = llama::load_model(model, None, &[])?;
+    let worker = |name: &str, slots, reuse_prefix| {
+        LlamaEngine::spawn(
+            loaded.clone(),
+            WorkerConfig {
+                name: name.into(),
+                context_tokens,
+                slots,
+                lora: None,
+                reuse_prefix,
+            },
+        )
+    };
+    let engine: Box<dyn Engine> = match endpoint {
+        Some((url, name)) => Box::new(RemoteEngine::new(&url, &name, None)?),
+        None => Box::new(worker("engine", slots, true)?),
+    };
+    let baseline = worker("baseline", 1, false)?;
+    let progress = ProgressBar::new(bench::steps(options));
+    let figures = runtime.block_on(bench::engine_bench(&*engine, &baseline, options, &progress))?;
+    progress.finish_and_clear();
+    println!(
+        "model {} ({}), {slots} slots, {} generated tokens per request, {} threads",
+        model.display(),
+        loaded.sha256,
+        options.tokens,
+        llama::thread_count()
+    );
+    println!("{:<36} {:>12} {:>12} {:>8}", "", "engine", "baseline", "ratio");
+    for f in &figures {
+        println!(
+            "{:<36} {:>8.1} {:<3} {:>8.1} {:<3} {:>7.2}x",
+            f.name,
+            f.engine,
+            f.unit,
+            f.baseline,
+            f.unit,
+            f.ratio()
+        );
+    }
+    let get = |prefix: &str| figures.iter().find(|f| f.name.starts_with(prefix)).map(|f| f.engine);
+    if let (Some(one), Some(eight)) = (get("aggregate, 1 "), get("aggregate, 8 ")) {
+        println!("aggregate at 8 chats / 1 chat: {:.2}x (target >= 1.75x)", eight / one);
+    }
+    let ttft: Vec<f64> = figures
+        .iter()
+        .filter(|f| f.name.starts_with("time to first token"))
+        .map(|f| f.engine)
+        .collect();
+    if let [first, last] = ttft[..] {
+        println!(
+            "time to first token, turn {} / turn 1: {:.2}x (target <= 1.4x)",
+            options.turns,
+            last / first.max(1.0)
+        );
+    }
+    if let Some(rss) = bench::peak_rss_mib() {
+        println!("peak RSS: {rss:.0} MiB");
+    }
+    Ok(())
 }
 
 fn load_protocol(path: &Path, models_dir: &Path) -> Result<LoadedProtocol> {
@@ -207,7 +335,7 @@ fn run_serve(settings: &Settings, serve: ServeSettings) -> Result<()> {
             .load_protocol(&p.protocol, &settings.models_dir)
             .with_context(|| format!("cannot start the models of {}", p.source.display()))?;
     }
-    let state = AppState { pool, engines };
+    let state = AppState::new(pool, engines)?;
     actix_web::rt::System::new()
         .block_on(web::serve(state, serve.bind, serve.http_workers))
         .with_context(|| format!("the web server on {} failed", serve.bind))

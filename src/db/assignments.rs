@@ -44,3 +44,27 @@ pub fn list_for_version(conn: &mut DbConn, study_version_id: i64) -> DbResult<Ve
         .select(Assignment::as_select())
         .load(conn)?)
 }
+
+/// Draws so far per (task, topic) in a version's ledger: the input of balanced task assignment.
+pub fn task_counts(conn: &mut DbConn, study_version_id: i64) -> DbResult<Vec<(String, String, i64)>> {
+    Ok(assignments::table
+        .filter(assignments::study_version_id.eq(study_version_id))
+        .group_by((assignments::task_id, assignments::topic_id))
+        .select((assignments::task_id, assignments::topic_id, diesel::dsl::count_star()))
+        .load(conn)?)
+}
+
+/// The draw of a participant, if they have one (a returning participant keeps it).
+pub fn find_for_participant(
+    conn: &mut DbConn,
+    study_version_id: i64,
+    participant_id: i64,
+) -> DbResult<Option<Assignment>> {
+    Ok(assignments::table
+        .filter(assignments::study_version_id.eq(study_version_id))
+        .filter(assignments::participant_id.eq(participant_id))
+        .order(assignments::draw_index)
+        .select(Assignment::as_select())
+        .first(conn)
+        .optional()?)
+}

@@ -16,6 +16,7 @@ pub mod ratings;
 pub mod revisions;
 pub mod rewards;
 pub mod schema;
+pub mod secrets;
 pub mod sessions;
 pub mod studies;
 
@@ -201,13 +202,18 @@ fn is_unique_violation(e: &diesel::result::Error) -> bool {
 }
 
 /// Inserts a row that may already exist (a resent frame, a returning participant): when a unique
-/// constraint says it does, the stored row is returned instead, with `false`.
+/// constraint says it does, the stored row is returned instead, with `false`. Inside a transaction
+/// the failed insert is rolled back to a savepoint, so the transaction goes on.
 fn insert_once<T>(
     conn: &mut DbConn,
     insert: impl FnOnce(&mut DbConn) -> diesel::QueryResult<T>,
     existing: impl FnOnce(&mut DbConn) -> diesel::QueryResult<T>,
 ) -> DbResult<(T, bool)> {
-    match insert(conn) {
+    let inserted = match conn {
+        DbConn::Postgres(_) => conn.transaction(insert),
+        DbConn::Sqlite(_) => insert(conn),
+    };
+    match inserted {
         Ok(row) => Ok((row, true)),
         Err(e) if is_unique_violation(&e) => Ok((existing(conn)?, false)),
         Err(e) => Err(e.into()),
@@ -240,10 +246,16 @@ fn next_number<T>(
     })
 }
 
-/// A transaction that will write. SQLite takes the write lock at the start (`BEGIN IMMEDIATE`):
-/// a deferred transaction that reads first cannot wait for another writer and fails with
-/// "database is locked".
-fn write_transaction<T, E>(
+thread_local! {
+    /// Depth of the SQLite write transactions open on this thread: nested calls join the
+    /// outermost one.
+    static SQLITE_WRITE_DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// A transaction that will write; calls nest (the inner ones join the outer transaction). SQLite
+/// takes the write lock at the start (`BEGIN IMMEDIATE`): a deferred transaction that reads first
+/// cannot wait for another writer and fails with "database is locked".
+pub fn write_transaction<T, E>(
     conn: &mut DbConn,
     work: impl FnOnce(&mut DbConn) -> Result<T, E>,
 ) -> Result<T, E>
@@ -253,8 +265,14 @@ where
     if !matches!(conn, DbConn::Sqlite(_)) {
         return conn.transaction(work);
     }
+    let depth = SQLITE_WRITE_DEPTH.get();
+    if depth > 0 {
+        return work(conn);
+    }
     conn.batch_execute("BEGIN IMMEDIATE")?;
+    SQLITE_WRITE_DEPTH.set(1);
     let result = work(conn);
+    SQLITE_WRITE_DEPTH.set(0);
     let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
     match conn.batch_execute(end) {
         Ok(()) => result,

@@ -60,9 +60,11 @@ pub struct Session {
     pub public_id: String,
     pub participant_id: i64,
     pub study_version_id: i64,
+    /// Arm, task and topic are drawn at consent.
     pub arm_id: Option<i64>,
-    pub task_id: String,
-    pub topic_id: String,
+    pub task_id: Option<String>,
+    pub topic_id: Option<String>,
+    /// sha256 of the participant's session token (the token itself is never stored).
     pub token_hash: String,
     pub state: String,
     pub outcome: Option<String>,
@@ -73,6 +75,8 @@ pub struct Session {
     pub first_message_at: Option<NaiveDateTime>,
     pub finished_at: Option<NaiveDateTime>,
     pub last_activity_at: NaiveDateTime,
+    /// The highest client frame number applied: resent frames at or below it are duplicates.
+    pub last_client_seq: i64,
 }
 
 #[derive(Debug, Clone, Insertable)]
@@ -82,8 +86,8 @@ pub struct NewSession<'a> {
     pub participant_id: i64,
     pub study_version_id: i64,
     pub arm_id: Option<i64>,
-    pub task_id: &'a str,
-    pub topic_id: &'a str,
+    pub task_id: Option<&'a str>,
+    pub topic_id: Option<&'a str>,
     pub token_hash: &'a str,
     pub state: &'a str,
     pub started_at: NaiveDateTime,
@@ -152,6 +156,8 @@ pub struct DocumentRevision {
     pub session_id: i64,
     pub rev: i32,
     pub author: String,
+    /// For an insert from the chat: the assistant message inserted.
+    pub message_seq: Option<i32>,
     pub content: String,
     pub created_at: NaiveDateTime,
 }

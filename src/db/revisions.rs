@@ -6,11 +6,13 @@ use super::models::DocumentRevision;
 use super::schema::document_revisions as revs;
 use super::{next_number, now, DbConn, DbResult, Parent};
 
-/// Stores `content` as the session's next revision (`rev` 1, 2, …).
+/// Stores `content` as the session's next revision (`rev` 1, 2, …); `message_seq` names the
+/// assistant message when the change inserted one.
 pub fn append(
     conn: &mut DbConn,
     session_id: i64,
     author: &str,
+    message_seq: Option<i32>,
     content: &str,
 ) -> DbResult<DocumentRevision> {
     next_number(
@@ -29,6 +31,7 @@ pub fn append(
                     revs::session_id.eq(session_id),
                     revs::rev.eq(rev.unwrap_or(0) + 1),
                     revs::author.eq(author),
+                revs::message_seq.eq(message_seq),
                     revs::content.eq(content),
                     revs::created_at.eq(now()),
                 ))

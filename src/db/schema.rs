@@ -1,6 +1,14 @@
 // The tables of both backends; the migrations in `migrations/sqlite` and `migrations/postgres` create them.
 
 diesel::table! {
+    secrets (name) {
+        name -> Text,
+        value -> Text,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
     studies (id) {
         id -> BigInt,
         slug -> Text,
@@ -53,8 +61,8 @@ diesel::table! {
         participant_id -> BigInt,
         study_version_id -> BigInt,
         arm_id -> Nullable<BigInt>,
-        task_id -> Text,
-        topic_id -> Text,
+        task_id -> Nullable<Text>,
+        topic_id -> Nullable<Text>,
         token_hash -> Text,
         state -> Text,
         outcome -> Nullable<Text>,
@@ -65,6 +73,7 @@ diesel::table! {
         first_message_at -> Nullable<Timestamp>,
         finished_at -> Nullable<Timestamp>,
         last_activity_at -> Timestamp,
+        last_client_seq -> BigInt,
     }
 }
 
@@ -104,6 +113,7 @@ diesel::table! {
         session_id -> BigInt,
         rev -> Integer,
         author -> Text,
+        message_seq -> Nullable<Integer>,
         content -> Text,
         created_at -> Timestamp,
     }
@@ -207,6 +217,7 @@ diesel::joinable!(preference_pairs -> studies (study_id));
 diesel::joinable!(preference_pairs -> sessions (session_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
+    secrets,
     studies,
     study_versions,
     arms,

@@ -5,7 +5,7 @@ use diesel::prelude::*;
 
 use super::models::{NewSession, Session};
 use super::schema::sessions;
-use super::{now, DbConn, DbResult};
+use super::{now, write_transaction, DbConn, DbResult};
 
 pub fn create(conn: &mut DbConn, new: &NewSession) -> DbResult<Session> {
     Ok(diesel::insert_into(sessions::table)
@@ -115,4 +115,85 @@ pub fn count_by_arm(
         .into_iter()
         .filter_map(|(arm, n)| arm.map(|a| (a, n)))
         .collect())
+}
+
+pub fn find_by_token_hash(conn: &mut DbConn, token_hash: &str) -> DbResult<Option<Session>> {
+    Ok(sessions::table
+        .filter(sessions::token_hash.eq(token_hash))
+        .select(Session::as_select())
+        .first(conn)
+        .optional()?)
+}
+
+/// Replaces the session's token (a returning participant on a new browser gets a new one).
+pub fn set_token_hash(conn: &mut DbConn, id: i64, token_hash: &str) -> DbResult<()> {
+    diesel::update(sessions::table.find(id))
+        .set(sessions::token_hash.eq(token_hash))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Records the drawn arm, task and topic.
+pub fn assign(conn: &mut DbConn, id: i64, arm_id: i64, task_id: &str, topic_id: &str) -> DbResult<Session> {
+    Ok(diesel::update(sessions::table.find(id))
+        .set((
+            sessions::arm_id.eq(arm_id),
+            sessions::task_id.eq(task_id),
+            sessions::topic_id.eq(topic_id),
+        ))
+        .returning(sessions::all_columns)
+        .get_result(conn)?)
+}
+
+/// Sessions in one of `states` with no activity since `before`.
+pub fn idle_since(conn: &mut DbConn, states: &[&str], before: NaiveDateTime) -> DbResult<Vec<Session>> {
+    Ok(sessions::table
+        .filter(sessions::state.eq_any(states))
+        .filter(sessions::last_activity_at.lt(before))
+        .select(Session::as_select())
+        .load(conn)?)
+}
+
+/// Whether a client frame was new or a resend of one already applied.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Applied<T> {
+    New(T),
+    Duplicate,
+}
+
+/// Applies client frame `client_seq` of a session at most once: `work` runs, in one transaction
+/// with the session locked, only when the number is above the last applied one; then the number
+/// is recorded. When `work` fails nothing is recorded.
+pub fn apply_frame<T, E>(
+    conn: &mut DbConn,
+    id: i64,
+    client_seq: i64,
+    work: impl FnOnce(&mut DbConn, &Session) -> Result<T, E>,
+) -> Result<Applied<T>, E>
+where
+    E: From<diesel::result::Error>,
+{
+    write_transaction(conn, |conn| {
+        if let DbConn::Postgres(c) = conn {
+            diesel::connection::SimpleConnection::batch_execute(
+                c,
+                &format!("SELECT 1 FROM sessions WHERE id = {id} FOR UPDATE"),
+            )?;
+        }
+        let session: Session = sessions::table
+            .find(id)
+            .select(Session::as_select())
+            .first(conn)?;
+        if client_seq <= session.last_client_seq {
+            return Ok(Applied::Duplicate);
+        }
+        let out = work(conn, &session)?;
+        diesel::update(sessions::table.find(id))
+            .set((
+                sessions::last_client_seq.eq(client_seq),
+                sessions::last_activity_at.eq(now()),
+            ))
+            .execute(conn)?;
+        Ok(Applied::New(out))
+    })
 }

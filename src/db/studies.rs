@@ -164,3 +164,14 @@ pub fn set_status(conn: &mut DbConn, study_id: i64, status: &str) -> DbResult<St
         .returning(studies::all_columns)
         .get_result(conn)?)
 }
+
+pub fn version(conn: &mut DbConn, id: i64) -> DbResult<StudyVersion> {
+    Ok(study_versions::table
+        .find(id)
+        .select(StudyVersion::as_select())
+        .first(conn)?)
+}
+
+pub fn get(conn: &mut DbConn, id: i64) -> DbResult<Study> {
+    Ok(studies::table.find(id).select(Study::as_select()).first(conn)?)
+}

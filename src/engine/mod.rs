@@ -176,6 +176,11 @@ impl Generation {
         self.cancel.store(true, Ordering::Relaxed);
     }
 
+    /// A flag that cancels this generation when set, for whoever else may need to stop it.
+    pub fn canceller(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
+    }
+
     /// The next event; `None` once the generation has ended.
     pub async fn next(&mut self) -> Option<EngineEvent> {
         self.events.recv().await

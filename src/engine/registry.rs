@@ -101,6 +101,7 @@ impl Engines {
                     context_tokens: spec.context_tokens,
                     slots,
                     lora,
+                    reuse_prefix: true,
                 };
                 Arc::new(LlamaEngine::spawn(model, config)?)
             }

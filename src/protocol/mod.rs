@@ -282,6 +282,20 @@ impl LoadedProtocol {
 }
 
 impl Protocol {
+    /// Parses the text of a protocol that was checked when it was imported (model files are not
+    /// looked at again).
+    pub fn from_stored(text: &str) -> Result<Self, ProtocolError> {
+        toml::from_str(text).map_err(|e| {
+            ProtocolError::Invalid(vec![Diagnostic::at(
+                Path::new("stored protocol"),
+                text,
+                e.span().map_or(0, |s| s.start),
+                e.message().trim(),
+                "re-import the protocol file",
+            )])
+        })
+    }
+
     pub fn model(&self, id: &str) -> Option<&ModelSpec> {
         self.models.iter().find(|m| m.id == id)
     }

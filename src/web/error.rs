@@ -14,6 +14,10 @@ pub enum ApiError {
     NotFound(String),
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error("the database is unavailable: {0}")]
     Database(#[from] DbError),
     #[error("{0}")]
@@ -33,6 +37,8 @@ impl ApiError {
         match self {
             ApiError::NotFound(_) => "not_found",
             ApiError::BadRequest(_) => "bad_request",
+            ApiError::Unauthorized(_) => "unauthorized",
+            ApiError::Unavailable(_) => "unavailable",
             ApiError::Database(_) => "database_unavailable",
             ApiError::Engine(EngineError::UnknownModel { .. }) => "model_not_found",
             ApiError::Engine(e) if is_request_error(e) => "invalid_request",
@@ -47,6 +53,8 @@ impl ResponseError for ApiError {
         match self {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Engine(EngineError::UnknownModel { .. }) => StatusCode::NOT_FOUND,
             ApiError::Engine(e) if is_request_error(e) => StatusCode::BAD_REQUEST,

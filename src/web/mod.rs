@@ -1,9 +1,12 @@
 //! The HTTP edge (actix-web): routes, pages and their errors. Handlers are thin: they parse,
 //! call `db`/`engine`, and shape the response.
 
+mod assets;
 mod error;
 mod health;
 mod openai;
+mod participant;
+mod socket;
 
 use actix_web::{web, App, HttpResponse, HttpServer};
 use askama::Template;
@@ -12,12 +15,27 @@ pub use error::ApiError;
 
 use crate::db::{DbConn, DbPool};
 use crate::engine::Engines;
+use crate::study::Studio;
+use std::sync::Arc;
 
 /// What every handler can reach.
 #[derive(Clone)]
 pub struct AppState {
     pub pool: DbPool,
     pub engines: Engines,
+    pub studio: Arc<Studio>,
+}
+
+impl AppState {
+    /// The state of a server over `pool` and `engines`.
+    pub fn new(pool: DbPool, engines: Engines) -> Result<Self, crate::db::DbError> {
+        let studio = Studio::new(pool.clone(), engines.clone())?;
+        Ok(Self {
+            pool,
+            engines,
+            studio,
+        })
+    }
 }
 
 impl AppState {
@@ -44,7 +62,12 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(health::get_healthz)
         .service(health::get_home)
         .service(openai::list_models)
-        .service(openai::create_chat_completion);
+        .service(openai::create_chat_completion)
+        .service(assets::get_asset)
+        .service(participant::enter_study)
+        .service(participant::show_session)
+        .service(participant::submit_consent)
+        .service(socket::connect_socket);
 }
 
 /// Largest JSON body accepted (a long conversation sent to `/v1`).
@@ -65,6 +88,20 @@ pub fn render<T: Template>(page: &T) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .body(html))
+}
+
+/// Headers every response carries: no inline scripts or styles, no framing, no sniffing, no
+/// referrer leaking a participant's URL.
+pub fn security_headers() -> actix_web::middleware::DefaultHeaders {
+    actix_web::middleware::DefaultHeaders::new()
+        .add((
+            "Content-Security-Policy",
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+             connect-src 'self'; frame-ancestors 'none'; form-action 'self'",
+        ))
+        .add(("X-Content-Type-Options", "nosniff"))
+        .add(("Referrer-Policy", "no-referrer"))
+        .add(("X-Frame-Options", "DENY"))
 }
 
 /// Serves until the process is stopped.

@@ -31,6 +31,7 @@ fn engine(slots: u32, context_tokens: u32) -> LlamaEngine {
             context_tokens,
             slots,
             lora: None,
+            reuse_prefix: true,
         },
     )
     .expect("start worker")

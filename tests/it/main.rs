@@ -4,3 +4,5 @@ mod common;
 mod engine;
 mod protocol;
 mod storage;
+mod cli;
+mod participant;

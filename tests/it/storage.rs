@@ -59,8 +59,8 @@ fn new_session(
             participant_id,
             study_version_id: version_id,
             arm_id,
-            task_id: "blog-post",
-            topic_id: "remote-work",
+            task_id: Some("blog-post"),
+            topic_id: Some("remote-work"),
             token_hash: "hash",
             state: "consent",
             started_at: now,
@@ -365,8 +365,8 @@ on_both_backends!(
         assert!(db::revisions::latest(&mut conn, f.session_id)
             .unwrap()
             .is_none());
-        let r1 = db::revisions::append(&mut conn, f.session_id, "assistant", "Draft").unwrap();
-        let r2 = db::revisions::append(&mut conn, f.session_id, "user", AWKWARD).unwrap();
+        let r1 = db::revisions::append(&mut conn, f.session_id, "assistant", Some(2), "Draft").unwrap();
+        let r2 = db::revisions::append(&mut conn, f.session_id, "user", None, AWKWARD).unwrap();
         assert_eq!((r1.rev, r2.rev), (1, 2));
         assert_eq!(
             db::revisions::latest(&mut conn, f.session_id)

@@ -12,3 +12,4 @@ DROP TABLE participants;
 DROP TABLE arms;
 DROP TABLE study_versions;
 DROP TABLE studies;
+DROP TABLE secrets;

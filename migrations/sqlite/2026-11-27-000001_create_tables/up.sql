@@ -1,3 +1,9 @@
+CREATE TABLE secrets (
+    name TEXT PRIMARY KEY NOT NULL,
+    value TEXT NOT NULL,
+    created_at TIMESTAMP NOT NULL
+);
+
 CREATE TABLE studies (
     id INTEGER PRIMARY KEY AUTOINCREMENT NOT NULL,
     slug TEXT NOT NULL UNIQUE,
@@ -45,8 +51,8 @@ CREATE TABLE sessions (
     participant_id BIGINT NOT NULL REFERENCES participants(id),
     study_version_id BIGINT NOT NULL REFERENCES study_versions(id),
     arm_id BIGINT REFERENCES arms(id),
-    task_id TEXT NOT NULL,
-    topic_id TEXT NOT NULL,
+    task_id TEXT,
+    topic_id TEXT,
     token_hash TEXT NOT NULL,
     state TEXT NOT NULL,
     outcome TEXT,
@@ -56,7 +62,8 @@ CREATE TABLE sessions (
     started_at TIMESTAMP NOT NULL,
     first_message_at TIMESTAMP,
     finished_at TIMESTAMP,
-    last_activity_at TIMESTAMP NOT NULL
+    last_activity_at TIMESTAMP NOT NULL,
+    last_client_seq BIGINT NOT NULL DEFAULT 0
 );
 CREATE INDEX sessions_participant ON sessions (participant_id);
 CREATE INDEX sessions_version_state ON sessions (study_version_id, state);
@@ -95,6 +102,7 @@ CREATE TABLE document_revisions (
     session_id BIGINT NOT NULL REFERENCES sessions(id),
     rev INTEGER NOT NULL,
     author TEXT NOT NULL,
+    message_seq INTEGER,
     content TEXT NOT NULL,
     created_at TIMESTAMP NOT NULL,
     UNIQUE (session_id, rev)

@@ -148,6 +148,8 @@ pub struct WorkerConfig {
     pub slots: u32,
     /// Adapter applied to every request of this worker, with its scale.
     pub lora: Option<(PathBuf, f32)>,
+    /// Reuse cached prompt prefixes across requests; off only for the benchmark's baseline.
+    pub reuse_prefix: bool,
 }
 
 /// Handle to a worker thread. Dropping it lets the worker finish its requests and stop.

@@ -98,6 +98,7 @@ pub(crate) struct Worker<'m> {
     slots: Vec<Slot>,
     queue: VecDeque<Job>,
     context_tokens: usize,
+    reuse_prefix: bool,
     status: Arc<Mutex<EngineStatus>>,
     recent: VecDeque<(Instant, usize)>,
 }
@@ -136,6 +137,7 @@ impl<'m> Worker<'m> {
             slots,
             queue: VecDeque::new(),
             context_tokens: config.context_tokens as usize,
+            reuse_prefix: config.reuse_prefix,
             status,
             recent: VecDeque::new(),
         }
@@ -268,7 +270,9 @@ impl<'m> Worker<'m> {
         let model = self.model;
         let slot = &mut self.slots[index];
         let cache = &mut slot.cache;
-        let (keep, tail) = if cache.exact {
+        let (keep, tail) = if !self.reuse_prefix {
+            (0, tokenize(model, prompt, true))
+        } else if cache.exact {
             let shared = common_prefix(&cache.text, prompt.as_bytes());
             let keep = cache.ends.partition_point(|&end| end <= shared);
             let from = if keep == 0 { 0 } else { cache.ends[keep - 1] };

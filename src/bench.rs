@@ -1,0 +1,201 @@
+//! `collabllm bench engine`: throughput and latency of the engine against a naive baseline
+//! measured in the same run (one request at a time, the whole prompt recomputed every turn), so
+//! the printed ratios do not depend on the machine.
+
+use std::time::Instant;
+
+use futures_util::future::join_all;
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+use crate::engine::{ChatMessage, ChatRequest, Completion, Engine, EngineError, Role, Sampling};
+
+#[derive(Debug, Clone)]
+pub struct EngineBenchOptions {
+    /// Tokens generated per request (end-of-generation ignored).
+    pub tokens: u32,
+    pub concurrency: Vec<usize>,
+    /// Turns of the conversation whose time to first token is measured.
+    pub turns: usize,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Figure {
+    pub name: String,
+    pub engine: f64,
+    pub baseline: f64,
+    pub unit: &'static str,
+}
+
+impl Figure {
+    pub fn ratio(&self) -> f64 {
+        if self.baseline > 0.0 {
+            self.engine / self.baseline
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Runs every measurement on `engine` and on `baseline`; `progress` ticks once per measurement.
+pub async fn engine_bench(
+    engine: &dyn Engine,
+    baseline: &dyn Engine,
+    options: &EngineBenchOptions,
+    progress: &ProgressBar,
+) -> Result<Vec<Figure>, EngineError> {
+    let mut figures = Vec::new();
+    let single = |e| decode_rate(e, options.tokens);
+    figures.push(Figure {
+        name: "single-stream decode".into(),
+        engine: single(engine).await?,
+        baseline: single(baseline).await?,
+        unit: "tok/s",
+    });
+    progress.inc(1);
+    for &n in &options.concurrency {
+        figures.push(Figure {
+            name: format!("aggregate, {n} concurrent chats"),
+            engine: aggregate(engine, n, options.tokens, true).await?,
+            baseline: aggregate(baseline, n, options.tokens, false).await?,
+            unit: "tok/s",
+        });
+        progress.inc(1);
+    }
+    let (engine_first, engine_last) = ttft(engine, options).await?;
+    let (base_first, base_last) = ttft(baseline, options).await?;
+    progress.inc(1);
+    figures.push(Figure {
+        name: "time to first token, turn 1".into(),
+        engine: engine_first,
+        baseline: base_first,
+        unit: "ms",
+    });
+    figures.push(Figure {
+        name: format!("time to first token, turn {}", options.turns),
+        engine: engine_last,
+        baseline: base_last,
+        unit: "ms",
+    });
+    Ok(figures)
+}
+
+/// Number of measurements `engine_bench` makes (for the progress bar).
+pub fn steps(options: &EngineBenchOptions) -> u64 {
+    2 + options.concurrency.len() as u64
+}
+
+/// A chat request; `fixed_length` generates exactly `tokens` (end-of-generation ignored).
+fn request(topic: usize, history: &[ChatMessage], tokens: u32, fixed_length: bool) -> ChatRequest {
+    // Each conversation has its own system prompt, so no request finds another's prefix cached.
+    let mut messages = vec![ChatMessage::new(
+        Role::System,
+        format!("Session {topic}. You are a helpful writing assistant. Answer in full sentences."),
+    )];
+    messages.extend_from_slice(history);
+    if history.is_empty() {
+        messages.push(ChatMessage::new(
+            Role::User,
+            format!("Write a paragraph about topic number {topic}: the history of bridges and ships."),
+        ));
+    }
+    let mut r = ChatRequest::new(
+        messages,
+        Sampling {
+            temperature: 0.7,
+            seed: Some(topic as u32),
+            max_tokens: tokens,
+            ..Sampling::default()
+        },
+    );
+    r.ignore_eos = fixed_length;
+    r
+}
+
+async fn complete(engine: &dyn Engine, r: ChatRequest) -> Result<Completion, EngineError> {
+    engine.start(r)?.finish().await
+}
+
+/// Decode speed of one request alone: generated tokens over the time after the first token.
+async fn decode_rate(engine: &dyn Engine, tokens: u32) -> Result<f64, EngineError> {
+    let mut rates = Vec::new();
+    for topic in 0..3 {
+        let c = complete(engine, request(1000 + topic, &[], tokens, true)).await?;
+        let decode_ms = c.total_ms.saturating_sub(c.ttft_ms).max(1);
+        rates.push(f64::from(c.generated_tokens.saturating_sub(1)) * 1000.0 / decode_ms as f64);
+    }
+    Ok(median(rates))
+}
+
+/// Generated tokens per second over `n` chats, together or one after another (median of 3).
+async fn aggregate(engine: &dyn Engine, n: usize, tokens: u32, together: bool) -> Result<f64, EngineError> {
+    let mut rates = Vec::new();
+    for round in 0..3 {
+        let first = 100 * (round + 1);
+        rates.push(aggregate_once(engine, first..first + n, tokens, together).await?);
+    }
+    Ok(median(rates))
+}
+
+async fn aggregate_once(
+    engine: &dyn Engine,
+    topics: std::ops::Range<usize>,
+    tokens: u32,
+    together: bool,
+) -> Result<f64, EngineError> {
+    let started = Instant::now();
+    let completions: Vec<Completion> = if together {
+        join_all(topics.map(|i| complete(engine, request(i, &[], tokens, true))))
+            .await
+            .into_iter()
+            .collect::<Result<_, _>>()?
+    } else {
+        let mut all = Vec::new();
+        for i in topics {
+            all.push(complete(engine, request(i, &[], tokens, true)).await?);
+        }
+        all
+    };
+    let generated: u32 = completions.iter().map(|c| c.generated_tokens).sum();
+    Ok(f64::from(generated) / started.elapsed().as_secs_f64())
+}
+
+/// Median time to first token at turn 1 and at the last turn of a few conversations.
+async fn ttft(engine: &dyn Engine, options: &EngineBenchOptions) -> Result<(f64, f64), EngineError> {
+    let mut first = Vec::new();
+    let mut last = Vec::new();
+    for conversation in 10..13 {
+        let mut history = Vec::new();
+        for turn in 1..=options.turns {
+            history.push(ChatMessage::new(
+                Role::User,
+                format!("Turn {turn}: please continue the story and add one detail about turn {turn}."),
+            ));
+            // Replies end as in a real chat, so the next turn's prompt matches what was cached.
+            let mut r = request(conversation, &history, options.tokens, false);
+            r.conversation = Some(format!("bench-{conversation}"));
+            let c = complete(engine, r).await?;
+            if turn == 1 {
+                first.push(c.ttft_ms as f64);
+            }
+            if turn == options.turns {
+                last.push(c.ttft_ms as f64);
+            }
+            history.push(ChatMessage::new(Role::Assistant, c.text));
+        }
+    }
+    Ok((median(first), median(last)))
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// Peak resident memory of this process in MiB (Linux), if known.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
+}

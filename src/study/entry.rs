@@ -1,0 +1,213 @@
+//! Entering a study: resume by cookie or external id, or start a new session; consent and the
+//! assignment draw that follows it.
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use super::assign::{self, ArmState};
+use super::{new_token, state, token_hash, StudyError, Studio};
+use crate::db::models::{NewAssignment, NewSession, Session, Study};
+use crate::db::{self, write_transaction, DbConn};
+use crate::protocol::{sha256_hex, OutcomeSpec, Protocol};
+
+/// Where a participant stands after entering.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub study: Study,
+    pub session: Session,
+    /// A new token to give the browser (absent when the browser's own token was used).
+    pub new_token: Option<String>,
+}
+
+impl Studio {
+    /// A participant arrives at `/s/{slug}`: the session of their browser token, else of their
+    /// external id, else a new one. Never a second session or arm for the same external id.
+    pub async fn enter(
+        self: &Arc<Self>,
+        slug: String,
+        external_id: Option<String>,
+        browser_token: Option<String>,
+    ) -> Result<Entry, StudyError> {
+        let external = external_id
+            .filter(|id| !id.trim().is_empty())
+            .map(|id| self.external_id_hmac(&slug, id.trim()));
+        self.db(move |conn| {
+            let study = db::studies::find_by_slug(conn, &slug)?.ok_or(StudyError::UnknownStudy(slug))?;
+            if let Some(session) = session_of_token(conn, &study, browser_token.as_deref())? {
+                return Ok(Entry {
+                    study,
+                    session,
+                    new_token: None,
+                });
+            }
+            write_transaction(conn, |conn| {
+                let (participant, _) =
+                    db::participants::find_or_create(conn, study.id, external.as_deref(), false)?;
+                let (token, hash) = new_token();
+                if let Some(session) = db::sessions::latest_of_participant(conn, participant.id)? {
+                    db::sessions::set_token_hash(conn, session.id, &hash)?;
+                    return Ok(Entry {
+                        study: study.clone(),
+                        session,
+                        new_token: Some(token),
+                    });
+                }
+                if study.status != "active" {
+                    return Err(StudyError::NotAccepting);
+                }
+                let version = db::studies::current_version(conn, study.id)?;
+                let now = db::now();
+                let public_id = uuid::Uuid::new_v4().to_string();
+                let session = db::sessions::create(
+                    conn,
+                    &NewSession {
+                        public_id: &public_id,
+                        participant_id: participant.id,
+                        study_version_id: version.id,
+                        arm_id: None,
+                        task_id: None,
+                        topic_id: None,
+                        token_hash: &hash,
+                        state: state::CONSENT,
+                        started_at: now,
+                        last_activity_at: now,
+                    },
+                )?;
+                Ok(Entry {
+                    study: study.clone(),
+                    session,
+                    new_token: Some(token),
+                })
+            })
+        })
+        .await
+    }
+
+    /// The session a browser token opens in this study, if any.
+    pub async fn session_for_token(
+        self: &Arc<Self>,
+        slug: String,
+        token: String,
+    ) -> Result<Option<(Study, Session)>, StudyError> {
+        self.db(move |conn| {
+            let Some(study) = db::studies::find_by_slug(conn, &slug)? else {
+                return Ok(None);
+            };
+            Ok(session_of_token(conn, &study, Some(&token))?.map(|s| (study, s)))
+        })
+        .await
+    }
+
+    /// The protocol of a session's study version.
+    pub async fn protocol_of(self: &Arc<Self>, session: &Session) -> Result<Arc<Protocol>, StudyError> {
+        let this = self.clone();
+        let version_id = session.study_version_id;
+        self.db(move |conn| this.protocol(conn, version_id)).await
+    }
+
+    /// Consent given: stores it with the consent text's sha256, draws arm, task and topic, and
+    /// opens the workspace. Repeated calls change nothing.
+    pub async fn agree(self: &Arc<Self>, session_id: i64) -> Result<Session, StudyError> {
+        let this = self.clone();
+        self.db(move |conn| {
+            write_transaction(conn, |conn| {
+                let session = db::sessions::get(conn, session_id)?;
+                if session.state != state::CONSENT {
+                    return Ok(session);
+                }
+                let protocol = this.protocol(conn, session.study_version_id)?;
+                db::sessions::record_consent(conn, session.id, &sha256_hex(protocol.consent.text.as_bytes()))?;
+                draw(conn, &protocol, &session)?;
+                Ok(db::sessions::set_state(conn, session.id, state::CHATTING)?)
+            })
+        })
+        .await
+    }
+
+    /// Consent refused: the session ends with the protocol's "no consent" outcome.
+    pub async fn decline(self: &Arc<Self>, session_id: i64) -> Result<Session, StudyError> {
+        let this = self.clone();
+        self.db(move |conn| {
+            let session = db::sessions::get(conn, session_id)?;
+            if session.state != state::CONSENT {
+                return Ok(session);
+            }
+            let protocol = this.protocol(conn, session.study_version_id)?;
+            Ok(db::sessions::finish(
+                conn,
+                session.id,
+                state::DECLINED,
+                "no_consent",
+                &protocol.outcomes.no_consent.code,
+            )?)
+        })
+        .await
+    }
+}
+
+fn session_of_token(conn: &mut DbConn, study: &Study, token: Option<&str>) -> Result<Option<Session>, StudyError> {
+    let Some(token) = token else { return Ok(None) };
+    let Some(session) = db::sessions::find_by_token_hash(conn, &token_hash(token))? else {
+        return Ok(None);
+    };
+    let version = db::studies::version(conn, session.study_version_id)?;
+    Ok((version.study_id == study.id).then_some(session))
+}
+
+/// Draws the session's arm and topic and writes the draw to the ledger. A participant who was
+/// drawn before (under this version) keeps that draw.
+fn draw(conn: &mut DbConn, protocol: &Protocol, session: &Session) -> Result<(), StudyError> {
+    let version_id = session.study_version_id;
+    if let Some(previous) = db::assignments::find_for_participant(conn, version_id, session.participant_id)? {
+        db::sessions::assign(conn, session.id, previous.arm_id, &previous.task_id, &previous.topic_id)?;
+        return Ok(());
+    }
+    let arms = db::studies::arms_of(conn, version_id)?;
+    let filled = db::sessions::count_by_arm(conn, version_id, &state::FILLING)?;
+    let arm_states: Vec<ArmState> = arms
+        .iter()
+        .map(|a| ArmState {
+            arm_id: a.id,
+            name: a.name.clone(),
+            weight: a.weight,
+            quota: a.quota,
+            filled: filled.iter().find(|(id, _)| *id == a.id).map_or(0, |(_, n)| *n),
+        })
+        .collect();
+    let draws = db::assignments::list_for_version(conn, version_id)?.len() as i64;
+    let rules = &protocol.session;
+    let arm = assign::choose_arm(rules.assignment, rules.assignment_seed, draws, &arm_states)
+        .ok_or(StudyError::Full)?;
+    let bank: Vec<(String, Vec<String>)> = protocol
+        .tasks
+        .iter()
+        .map(|t| (t.id.clone(), t.topics.iter().map(|p| p.id.clone()).collect()))
+        .collect();
+    let counts = db::assignments::task_counts(conn, version_id)?;
+    let (task, topic) = assign::choose_topic(rules.assignment_seed, draws, &bank, &counts);
+    let inputs = json!({"arm": arm.inputs, "topic_counts": counts});
+    db::assignments::record(
+        conn,
+        &NewAssignment {
+            study_version_id: version_id,
+            participant_id: session.participant_id,
+            method: arm.method,
+            arm_id: arm.arm_id,
+            task_id: &task,
+            topic_id: &topic,
+            inputs_json: &inputs.to_string(),
+        },
+    )?;
+    db::sessions::assign(conn, session.id, arm.arm_id, &task, &topic)?;
+    Ok(())
+}
+
+/// The completion view of an outcome: its code and redirect with `{code}` filled in.
+pub(super) fn completed_view(outcome: &OutcomeSpec) -> super::frames::CompletedView {
+    super::frames::CompletedView {
+        code: outcome.code.clone(),
+        redirect: outcome.redirect.as_ref().map(|r| r.replace("{code}", &outcome.code)),
+        message: outcome.message.clone(),
+    }
+}

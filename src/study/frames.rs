@@ -1,0 +1,177 @@
+//! The websocket protocol between the participant's browser and the server: JSON frames with a
+//! `type`. Client frames that change something carry a `client_seq`; the server applies each at
+//! most once and acknowledges it, so a client resends unacknowledged frames after a reconnect.
+//! The server answers `hello` with the full `state`, which is how a reconnecting client catches up
+//! (a reply still streaming is part of it).
+//!
+//! Nothing here names the arm, the model, the system prompt or the sampling settings: the
+//! participant only ever sees "Assistant".
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientFrame {
+    /// First frame of a connection: whose session this is.
+    Hello { session_token: String },
+    UserMessage { client_seq: i64, text: String },
+    /// Stop the reply that is streaming.
+    Stop { client_seq: i64 },
+    /// The whole document after an edit, based on revision `base_rev` (0 before the first).
+    /// `inserted_message` names the assistant message the change inserted, if it was an insert.
+    DocUpdate {
+        client_seq: i64,
+        base_rev: i32,
+        content: String,
+        #[serde(default)]
+        inserted_message: Option<i32>,
+    },
+    Rating { client_seq: i64, key: String, value: i32 },
+    /// Ask to end the conversation (allowed after the minimum number of turns).
+    Finish { client_seq: i64 },
+    /// Final ratings and questionnaire answers; ends the session.
+    FinalAnswers {
+        client_seq: i64,
+        ratings: BTreeMap<String, i32>,
+        answers: BTreeMap<String, String>,
+    },
+    /// A browser event (focus, blur, visibility, …) for active-time measures.
+    Event {
+        client_seq: i64,
+        kind: String,
+        #[serde(default)]
+        data: serde_json::Value,
+    },
+}
+
+impl ClientFrame {
+    pub fn client_seq(&self) -> Option<i64> {
+        match self {
+            ClientFrame::Hello { .. } => None,
+            ClientFrame::UserMessage { client_seq, .. }
+            | ClientFrame::Stop { client_seq }
+            | ClientFrame::DocUpdate { client_seq, .. }
+            | ClientFrame::Rating { client_seq, .. }
+            | ClientFrame::Finish { client_seq }
+            | ClientFrame::FinalAnswers { client_seq, .. }
+            | ClientFrame::Event { client_seq, .. } => Some(*client_seq),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    State(StateView),
+    AssistantStart {
+        msg_seq: i32,
+    },
+    Token {
+        msg_seq: i32,
+        delta: String,
+    },
+    AssistantDone {
+        msg_seq: i32,
+        text: String,
+        finish_reason: String,
+    },
+    Ack {
+        client_seq: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rev: Option<i32>,
+    },
+    RatingRequest {
+        after_turn: i32,
+        ratings: Vec<RatingView>,
+    },
+    Error {
+        code: String,
+        message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        client_seq: Option<i64>,
+    },
+    Completed(CompletedView),
+}
+
+impl ServerFrame {
+    pub fn error(code: &str, message: impl Into<String>, client_seq: Option<i64>) -> Self {
+        ServerFrame::Error {
+            code: code.into(),
+            message: message.into(),
+            client_seq,
+        }
+    }
+}
+
+/// Everything the participant's page shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StateView {
+    /// `chatting`, `rating`, `final` or `finished`.
+    pub phase: String,
+    /// Completed turns (assistant replies).
+    pub turn: i32,
+    pub min_turns: u32,
+    pub max_turns: u32,
+    pub can_finish: bool,
+    pub task: TaskView,
+    pub messages: Vec<MessageView>,
+    /// A reply still being generated, with its text so far.
+    pub streaming: Option<MessageView>,
+    pub document: DocumentView,
+    pub pending_ratings: Vec<RatingView>,
+    pub final_ratings: Vec<RatingView>,
+    pub questionnaire: Vec<QuestionView>,
+    pub max_message_bytes: usize,
+    pub max_document_bytes: usize,
+    /// The highest client frame applied: frames at or below it need no resend.
+    pub last_client_seq: i64,
+    pub completed: Option<CompletedView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub kind: String,
+    pub title: String,
+    pub instructions: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MessageView {
+    pub seq: i32,
+    /// `user` or `assistant`.
+    pub role: String,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DocumentView {
+    pub rev: i32,
+    pub content: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RatingView {
+    pub key: String,
+    pub question: String,
+    pub min: i32,
+    pub max: i32,
+    pub min_label: String,
+    pub max_label: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QuestionView {
+    pub key: String,
+    pub prompt: String,
+    pub required: bool,
+    pub max_chars: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CompletedView {
+    pub code: String,
+    pub redirect: Option<String>,
+    pub message: String,
+}

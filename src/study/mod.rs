@@ -1,0 +1,141 @@
+//! The study as participants live it: entry and resume, consent, balanced assignment, the live
+//! co-writing session (messages, replies, document, ratings, completion) and its timings. This
+//! module decides; `db` stores and `engine` generates. It knows nothing of HTTP or sockets: the web
+//! layer turns requests and frames into calls here.
+
+pub mod assign;
+mod entry;
+pub mod frames;
+mod live;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
+pub use entry::Entry;
+pub use live::Connection;
+
+use crate::db::{self, DbConn, DbError, DbPool};
+use crate::engine::Engines;
+use crate::protocol::Protocol;
+
+/// Session states, as stored.
+pub mod state {
+    pub const CONSENT: &str = "consent";
+    pub const DECLINED: &str = "declined";
+    pub const CHATTING: &str = "chatting";
+    pub const RATING: &str = "rating";
+    pub const FINAL: &str = "final";
+    pub const FINISHED: &str = "finished";
+    pub const TIMED_OUT: &str = "timed_out";
+    /// Sessions that count towards an arm's fill: active or completed.
+    pub const FILLING: [&str; 4] = [CHATTING, RATING, FINAL, FINISHED];
+    /// Sessions a participant is still working in.
+    pub const OPEN: [&str; 4] = [CONSENT, CHATTING, RATING, FINAL];
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StudyError {
+    #[error("there is no study {0:?}")]
+    UnknownStudy(String),
+    #[error("this study is not accepting participants at the moment")]
+    NotAccepting,
+    #[error("every arm of the study has reached its quota")]
+    Full,
+    #[error("{0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<diesel::result::Error> for StudyError {
+    fn from(e: diesel::result::Error) -> Self {
+        StudyError::Db(e.into())
+    }
+}
+
+/// The participant-facing side of every study in the database.
+pub struct Studio {
+    pool: DbPool,
+    engines: Engines,
+    /// Parsed protocols by study version.
+    protocols: Mutex<HashMap<i64, Arc<Protocol>>>,
+    live: Mutex<HashMap<i64, Arc<live::LiveSession>>>,
+    /// Key of the external-id HMACs (an installation secret kept in the database).
+    hmac_key: Vec<u8>,
+}
+
+impl Studio {
+    pub fn new(pool: DbPool, engines: Engines) -> Result<Arc<Self>, DbError> {
+        let mut conn = pool
+            .get()
+            .map_err(|e| DbError::Invalid(format!("no database connection: {e}")))?;
+        let key = db::secrets::get_or_create(&mut conn, "participant-id-hmac", || {
+            hex::encode(rand::random::<[u8; 32]>())
+        })?;
+        Ok(Arc::new(Self {
+            pool,
+            engines,
+            protocols: Mutex::default(),
+            live: Mutex::default(),
+            hmac_key: key.into_bytes(),
+        }))
+    }
+
+    /// Runs blocking database work off the async threads.
+    async fn db<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<DbError> + Send + 'static,
+        F: FnOnce(&mut DbConn) -> Result<T, E> + Send + 'static,
+    {
+        let pool = self.pool.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = pool
+                .get()
+                .map_err(|e| DbError::Invalid(format!("no database connection: {e}")))?;
+            work(&mut conn)
+        })
+        .await
+        .unwrap_or_else(|e| Err(DbError::Invalid(format!("database task failed: {e}")).into()))
+    }
+
+    /// The protocol a study version runs under (parsed once).
+    fn protocol(&self, conn: &mut DbConn, version_id: i64) -> Result<Arc<Protocol>, StudyError> {
+        if let Some(p) = self.protocols.lock().expect("protocols lock").get(&version_id) {
+            return Ok(p.clone());
+        }
+        let version = db::studies::version(conn, version_id)?;
+        let protocol = Arc::new(
+            Protocol::from_stored(&version.protocol_text).map_err(|e| StudyError::Protocol(e.to_string()))?,
+        );
+        self.protocols
+            .lock()
+            .expect("protocols lock")
+            .insert(version_id, protocol.clone());
+        Ok(protocol)
+    }
+
+    /// The pseudonymous form of an external id (a Prolific PID): an HMAC keyed by an
+    /// installation secret, so the id cannot be read back or matched across installations.
+    fn external_id_hmac(&self, study_slug: &str, external_id: &str) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.hmac_key).expect("HMAC takes any key length");
+        mac.update(study_slug.as_bytes());
+        mac.update(b"\0");
+        mac.update(external_id.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+}
+
+/// A new random session token (given to the browser) and its hash (stored).
+fn new_token() -> (String, String) {
+    let token = hex::encode(rand::random::<[u8; 32]>());
+    let hash = token_hash(&token);
+    (token, hash)
+}
+
+pub fn token_hash(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}

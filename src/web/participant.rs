@@ -1,0 +1,176 @@
+//! The participant's pages: entry at `/s/{slug}` (with Prolific's query parameters), consent,
+//! the workspace, and the end page. The session token travels in an HttpOnly cookie scoped to the
+//! study's path; the workspace page hands it to its own script for the websocket `hello`.
+
+use actix_web::cookie::{time::Duration as CookieDuration, Cookie, SameSite};
+use actix_web::http::header;
+use actix_web::{get, post, web, HttpRequest, HttpResponse};
+use askama::Template;
+use serde::Deserialize;
+
+use super::{render, ApiError, AppState};
+use crate::db::models::Session;
+use crate::protocol::{OutcomeSpec, Protocol};
+use crate::study::{state, StudyError};
+
+const COOKIE: &str = "collabllm_session";
+/// How long a browser keeps its session cookie.
+const COOKIE_DAYS: i64 = 14;
+
+#[derive(Deserialize)]
+struct EntryQuery {
+    #[serde(rename = "PROLIFIC_PID")]
+    prolific_pid: Option<String>,
+}
+
+fn study_path(slug: &str) -> String {
+    format!("/s/{slug}")
+}
+
+fn session_cookie(req: &HttpRequest, slug: &str, token: String) -> Cookie<'static> {
+    Cookie::build(COOKIE, token)
+        .path(study_path(slug))
+        .http_only(true)
+        .same_site(SameSite::Lax)
+        .secure(req.connection_info().scheme() == "https")
+        .max_age(CookieDuration::days(COOKIE_DAYS))
+        .finish()
+}
+
+fn see_other(location: String) -> HttpResponse {
+    HttpResponse::SeeOther()
+        .insert_header((header::LOCATION, location))
+        .finish()
+}
+
+impl From<StudyError> for ApiError {
+    fn from(e: StudyError) -> Self {
+        match e {
+            StudyError::UnknownStudy(_) => ApiError::NotFound(e.to_string()),
+            StudyError::NotAccepting | StudyError::Full => ApiError::Unavailable(e.to_string()),
+            StudyError::Protocol(m) => ApiError::Internal(m),
+            StudyError::Db(e) => ApiError::Database(e),
+        }
+    }
+}
+
+#[get("/s/{slug}")]
+async fn enter_study(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    slug: web::Path<String>,
+    query: web::Query<EntryQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let slug = slug.into_inner();
+    let token = req.cookie(COOKIE).map(|c| c.value().to_string());
+    let entry = state
+        .studio
+        .enter(slug.clone(), query.into_inner().prolific_pid, token)
+        .await?;
+    let mut response = see_other(format!("{}/p", study_path(&slug)));
+    if let Some(token) = entry.new_token {
+        response
+            .add_cookie(&session_cookie(&req, &slug, token))
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    }
+    Ok(response)
+}
+
+#[derive(Template)]
+#[template(path = "consent.html")]
+struct ConsentPage<'a> {
+    title: &'a str,
+    slug: &'a str,
+    consent: &'a str,
+}
+
+#[derive(Template)]
+#[template(path = "workspace.html")]
+struct WorkspacePage<'a> {
+    title: &'a str,
+    slug: &'a str,
+    token: &'a str,
+}
+
+#[derive(Template)]
+#[template(path = "done.html")]
+struct DonePage<'a> {
+    title: &'a str,
+    outcome: &'a OutcomeSpec,
+    redirect: Option<String>,
+}
+
+#[get("/s/{slug}/p")]
+async fn show_session(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    slug: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let slug = slug.into_inner();
+    let Some(token) = req.cookie(COOKIE).map(|c| c.value().to_string()) else {
+        return Ok(see_other(study_path(&slug)));
+    };
+    let Some((study, session)) = state.studio.session_for_token(slug.clone(), token.clone()).await? else {
+        return Ok(see_other(study_path(&slug)));
+    };
+    let protocol = state.studio.protocol_of(&session).await?;
+    match session.state.as_str() {
+        state::CONSENT => render(&ConsentPage {
+            title: &study.title,
+            slug: &slug,
+            consent: &protocol.consent.text,
+        }),
+        state::CHATTING | state::RATING | state::FINAL => render(&WorkspacePage {
+            title: &study.title,
+            slug: &slug,
+            token: &token,
+        }),
+        _ => {
+            let outcome = outcome_of(&protocol, &session);
+            render(&DonePage {
+                title: &study.title,
+                outcome,
+                redirect: outcome.redirect.as_ref().map(|r| r.replace("{code}", &outcome.code)),
+            })
+        }
+    }
+}
+
+fn outcome_of<'p>(protocol: &'p Protocol, session: &Session) -> &'p OutcomeSpec {
+    match session.outcome.as_deref() {
+        Some("no_consent") => &protocol.outcomes.no_consent,
+        Some("timed_out") => &protocol.outcomes.timed_out,
+        Some("screened_out") => &protocol.outcomes.screened_out,
+        _ => &protocol.outcomes.completed,
+    }
+}
+
+#[derive(Deserialize)]
+struct ConsentForm {
+    decision: String,
+}
+
+#[post("/s/{slug}/consent")]
+async fn submit_consent(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    slug: web::Path<String>,
+    form: web::Form<ConsentForm>,
+) -> Result<HttpResponse, ApiError> {
+    let slug = slug.into_inner();
+    let token = req
+        .cookie(COOKIE)
+        .map(|c| c.value().to_string())
+        .ok_or_else(|| ApiError::Unauthorized("your session has expired; open the study link again".into()))?;
+    let (_, session) = state
+        .studio
+        .session_for_token(slug.clone(), token)
+        .await?
+        .ok_or_else(|| ApiError::Unauthorized("your session has expired; open the study link again".into()))?;
+    match form.decision.as_str() {
+        "agree" => state.studio.agree(session.id).await?,
+        "decline" => state.studio.decline(session.id).await?,
+        other => return Err(ApiError::BadRequest(format!("unknown decision {other:?}"))),
+    };
+    Ok(see_other(format!("{}/p", study_path(&slug))))
+}

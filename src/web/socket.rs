@@ -1,0 +1,70 @@
+//! The participant's websocket (`/s/{slug}/ws`): reads frames, hands them to the study's
+//! connection, writes its answers and the session's broadcasts. Bad frames get an `error` frame;
+//! the connection stays open.
+
+use actix_web::{get, web, HttpRequest, HttpResponse};
+use actix_ws::AggregatedMessage;
+
+use super::AppState;
+use crate::study::frames::ServerFrame;
+use crate::study::Connection;
+
+/// Largest websocket message accepted at all. The protocol's own limits (message and document
+/// sizes) are far lower and answered with an `error` frame; this bound only protects memory.
+const MAX_WS_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+#[get("/s/{slug}/ws")]
+async fn connect_socket(
+    req: HttpRequest,
+    body: web::Payload,
+    state: web::Data<AppState>,
+    slug: web::Path<String>,
+) -> Result<HttpResponse, actix_web::Error> {
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let stream = stream
+        .max_frame_size(MAX_WS_MESSAGE_BYTES)
+        .aggregate_continuations()
+        .max_continuation_size(MAX_WS_MESSAGE_BYTES);
+    let connection = Connection::new(state.studio.clone(), slug.into_inner());
+    actix_web::rt::spawn(run(connection, session, stream));
+    Ok(response)
+}
+
+async fn run(
+    mut connection: Connection,
+    mut session: actix_ws::Session,
+    mut stream: actix_ws::AggregatedMessageStream,
+) {
+    loop {
+        let outgoing = tokio::select! {
+            message = stream.recv() => match message {
+                Some(Ok(AggregatedMessage::Text(text))) => connection.handle_text(&text).await,
+                Some(Ok(AggregatedMessage::Binary(_))) => vec![ServerFrame::error(
+                    "bad_frame",
+                    "frames are JSON text, not binary",
+                    None,
+                )],
+                Some(Ok(AggregatedMessage::Ping(bytes))) => {
+                    if session.pong(&bytes).await.is_err() {
+                        return;
+                    }
+                    Vec::new()
+                }
+                Some(Ok(AggregatedMessage::Pong(_))) => Vec::new(),
+                Some(Ok(AggregatedMessage::Close(_))) | None => break,
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "websocket protocol error");
+                    break;
+                }
+            },
+            frame = connection.next_event() => vec![frame],
+        };
+        for frame in outgoing {
+            let json = serde_json::to_string(&frame).expect("frames serialise");
+            if session.text(json).await.is_err() {
+                return;
+            }
+        }
+    }
+    let _ = session.close(None).await;
+}

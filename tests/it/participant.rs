@@ -1,0 +1,542 @@
+//! The participant's study over HTTP and a real websocket client, with the real model: the whole
+//! session, reconnects, resends, isolation, blinding, bad input, assignment and restarts.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use collabllm::db;
+use collabllm::protocol::LoadedProtocol;
+use collabllm::study::frames::{ClientFrame, ServerFrame, StateView};
+use collabllm::web::AppState;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::common::{models_dir, repo_root, state_with_model, TestDb, TestServer};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+/// An HTTP client that keeps the session cookie, as a browser would.
+pub struct Browser {
+    base: String,
+    http: reqwest::Client,
+    pub token: Option<String>,
+}
+
+impl Browser {
+    pub fn new(server: &TestServer) -> Self {
+        Self {
+            base: server.url(""),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            token: None,
+        }
+    }
+
+    fn cookie(&self) -> String {
+        format!("collabllm_session={}", self.token.clone().unwrap_or_default())
+    }
+
+    /// Opens the study link; keeps the cookie it sets.
+    pub async fn enter(&mut self, slug: &str, pid: Option<&str>) -> reqwest::Response {
+        let url = match pid {
+            Some(pid) => format!("{}/s/{slug}?PROLIFIC_PID={pid}&STUDY_ID=s1&SESSION_ID=x1", self.base),
+            None => format!("{}/s/{slug}", self.base),
+        };
+        let response = self.http.get(url).header("cookie", self.cookie()).send().await.unwrap();
+        if let Some(set) = response.headers().get("set-cookie") {
+            let value = set.to_str().unwrap();
+            let token = value.split(';').next().unwrap().split_once('=').unwrap().1;
+            self.token = Some(token.to_string());
+        }
+        response
+    }
+
+    pub async fn page(&self, slug: &str) -> String {
+        self.http
+            .get(format!("{}/s/{slug}/p", self.base))
+            .header("cookie", self.cookie())
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    pub async fn consent(&self, slug: &str, decision: &str) -> reqwest::Response {
+        self.http
+            .post(format!("{}/s/{slug}/consent", self.base))
+            .header("cookie", self.cookie())
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(format!("decision={decision}"))
+            .send()
+            .await
+            .unwrap()
+    }
+}
+
+/// A websocket client speaking the participant protocol.
+pub struct Socket {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub seq: i64,
+}
+
+impl Socket {
+    pub async fn connect(server: &TestServer, slug: &str) -> Self {
+        let url = format!("ws://{}/s/{slug}/ws", server.addr);
+        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
+        Self { ws, seq: 0 }
+    }
+
+    pub async fn raw(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.unwrap();
+    }
+
+    pub async fn send(&mut self, frame: &ClientFrame) {
+        self.raw(&serde_json::to_string(frame).unwrap()).await;
+    }
+
+    pub async fn hello(&mut self, token: &str) -> ServerFrame {
+        self.send(&ClientFrame::Hello {
+            session_token: token.into(),
+        })
+        .await;
+        self.next().await
+    }
+
+    pub fn next_seq(&mut self) -> i64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    pub async fn next(&mut self) -> ServerFrame {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame arrives in time")
+                .expect("the socket stays open")
+                .expect("a valid websocket message");
+            if let Message::Text(text) = message {
+                return serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+            }
+        }
+    }
+
+    /// Frames until one matches; returns it and what came before.
+    pub async fn until(&mut self, wanted: impl Fn(&ServerFrame) -> bool) -> (ServerFrame, Vec<ServerFrame>) {
+        let mut before = Vec::new();
+        loop {
+            let f = self.next().await;
+            if wanted(&f) {
+                return (f, before);
+            }
+            before.push(f);
+        }
+    }
+
+    /// Sends a message and waits for the reply to finish; returns the reply text.
+    pub async fn chat(&mut self, text: &str) -> String {
+        let seq = self.next_seq();
+        self.send(&ClientFrame::UserMessage {
+            client_seq: seq,
+            text: text.into(),
+        })
+        .await;
+        let (done, before) = self.until(|f| matches!(f, ServerFrame::AssistantDone { .. })).await;
+        assert!(
+            before.iter().any(|f| matches!(f, ServerFrame::Ack { client_seq, .. } if *client_seq == seq)),
+            "the message was acknowledged: {before:?}"
+        );
+        let ServerFrame::AssistantDone { text, .. } = done else { unreachable!() };
+        let streamed: String = before
+            .iter()
+            .filter_map(|f| match f {
+                ServerFrame::Token { delta, .. } => Some(delta.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(streamed, text, "the streamed tokens add up to the reply");
+        text
+    }
+
+    pub async fn expect_ack(&mut self, seq: i64) -> Option<i32> {
+        match self.until(|f| matches!(f, ServerFrame::Ack { .. } | ServerFrame::Error { .. })).await.0 {
+            ServerFrame::Ack { client_seq, rev } => {
+                assert_eq!(client_seq, seq);
+                rev
+            }
+            other => panic!("expected ack {seq}, got {other:?}"),
+        }
+    }
+
+    pub async fn expect_error(&mut self, code: &str) -> ServerFrame {
+        let (f, _) = self.until(|f| matches!(f, ServerFrame::Error { .. })).await;
+        match &f {
+            ServerFrame::Error { code: c, .. } => assert_eq!(c, code, "{f:?}"),
+            _ => unreachable!(),
+        }
+        f
+    }
+}
+
+/// The one session of the quick pilot's current version.
+fn only_session(conn: &mut db::DbConn) -> db::models::Session {
+    let study = db::studies::find_by_slug(conn, "quick-pilot").unwrap().unwrap();
+    let version = db::studies::current_version(conn, study.id).unwrap();
+    let mut sessions = db::sessions::list_for_version(conn, version.id).unwrap();
+    assert_eq!(sessions.len(), 1);
+    sessions.remove(0)
+}
+
+fn state_of(frame: ServerFrame) -> StateView {
+    match frame {
+        ServerFrame::State(s) => s,
+        other => panic!("expected state, got {other:?}"),
+    }
+}
+
+/// A participant who consented, with an open socket that said hello.
+async fn consented(server: &TestServer, slug: &str, pid: &str) -> (Browser, Socket, StateView) {
+    let mut browser = Browser::new(server);
+    let r = browser.enter(slug, Some(pid)).await;
+    assert_eq!(r.status(), 303);
+    assert!(browser.page(slug).await.contains("I agree"));
+    assert_eq!(browser.consent(slug, "agree").await.status(), 303);
+    let mut socket = Socket::connect(server, slug).await;
+    let state = state_of(socket.hello(browser.token.as_ref().unwrap()).await);
+    (browser, socket, state)
+}
+
+/// The quick pilot with a protocol change applied, imported as the study's current version.
+fn pilot_with(state: &AppState, change: impl Fn(String) -> String) {
+    let path = repo_root().join("study-protocols/quick-pilot.toml");
+    let text = change(std::fs::read_to_string(&path).unwrap());
+    let loaded = LoadedProtocol::from_text(&path, text, &models_dir()).unwrap();
+    db::studies::import(&mut state.pool.get().unwrap(), &loaded).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_whole_session_from_consent_to_completion_code() {
+    let db = TestDb::sqlite();
+    let state = state_with_model(&db);
+    let pool = state.pool.clone();
+    let server = TestServer::start(state);
+    let (browser, mut ws, s) = consented(&server, "quick-pilot", "pid-full").await;
+    assert_eq!((s.phase.as_str(), s.turn, s.min_turns), ("chatting", 0, 2));
+    assert!(!s.task.title.is_empty() && !s.task.instructions.is_empty());
+    assert!(!s.can_finish);
+
+    // Turn 1, then the periodic rating (every turn in the pilot) before anything else.
+    let reply = ws.chat("Help me thank my neighbour for watering the plants.").await;
+    let (request, _) = ws.until(|f| matches!(f, ServerFrame::RatingRequest { .. })).await;
+    let ServerFrame::RatingRequest { after_turn, ratings } = request else { unreachable!() };
+    assert_eq!((after_turn, ratings[0].key.as_str()), (1, "interaction"));
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::UserMessage { client_seq: seq, text: "too soon".into() }).await;
+    ws.expect_error("rating_due").await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::Rating { client_seq: seq, key: "interaction".into(), value: 7 }).await;
+    ws.expect_ack(seq).await;
+    assert_eq!(state_of(ws.next().await).phase, "chatting");
+
+    // The document: the reply inserted, then edited by hand.
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::DocUpdate { client_seq: seq, base_rev: 0, content: reply.clone(), inserted_message: Some(2) }).await;
+    assert_eq!(ws.expect_ack(seq).await, Some(1));
+    let seq = ws.next_seq();
+    let edited = format!("{reply}\nThank you so much! — Sam");
+    ws.send(&ClientFrame::DocUpdate { client_seq: seq, base_rev: 1, content: edited.clone(), inserted_message: None }).await;
+    assert_eq!(ws.expect_ack(seq).await, Some(2));
+
+    // Finishing before the minimum is refused; after turn 2 it is allowed.
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::Finish { client_seq: seq }).await;
+    ws.expect_error("too_early").await;
+    ws.chat("Make it shorter please.").await;
+    ws.until(|f| matches!(f, ServerFrame::RatingRequest { .. })).await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::Rating { client_seq: seq, key: "interaction".into(), value: 9 }).await;
+    ws.expect_ack(seq).await;
+    let s = state_of(ws.next().await);
+    assert!(s.can_finish);
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::Finish { client_seq: seq }).await;
+    ws.expect_ack(seq).await;
+    let s = state_of(ws.next().await);
+    assert_eq!(s.phase, "final");
+    assert_eq!(s.final_ratings[0].key, "document_quality");
+
+    // Incomplete final answers are refused; complete ones end the session with the code.
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::FinalAnswers { client_seq: seq, ratings: BTreeMap::new(), answers: BTreeMap::new() }).await;
+    ws.expect_error("incomplete").await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::FinalAnswers {
+        client_seq: seq,
+        ratings: BTreeMap::from([("document_quality".to_string(), 8)]),
+        answers: BTreeMap::from([("comments".to_string(), "Nice, \"quick\", helpful.\nThanks".to_string())]),
+    })
+    .await;
+    ws.expect_ack(seq).await;
+    match ws.next().await {
+        ServerFrame::Completed(c) => assert_eq!(c.code, "PILOT-DONE"),
+        other => panic!("expected completed, got {other:?}"),
+    }
+    assert!(browser.page("quick-pilot").await.contains("PILOT-DONE"));
+
+    // Everything is stored, with server-side timings.
+    let mut conn = pool.get().unwrap();
+    let study = db::studies::find_by_slug(&mut conn, "quick-pilot").unwrap().unwrap();
+    let version = db::studies::current_version(&mut conn, study.id).unwrap();
+    let sessions = db::sessions::list_for_version(&mut conn, version.id).unwrap();
+    assert_eq!(sessions.len(), 1);
+    let session = &sessions[0];
+    assert_eq!((session.state.as_str(), session.outcome.as_deref()), ("finished", Some("completed")));
+    assert!(session.consented_at.is_some() && session.first_message_at.is_some() && session.finished_at.is_some());
+    assert_eq!(session.consent_sha256.as_ref().map(String::len), Some(64));
+    let messages = db::messages::list_for_session(&mut conn, session.id).unwrap();
+    let roles: Vec<&str> = messages.iter().map(|m| m.role.as_str()).collect();
+    assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
+    let reply = &messages[1];
+    assert!(reply.ttft_ms.is_some() && reply.gen_ms.is_some() && reply.gen_tokens.unwrap() > 0);
+    let policy: serde_json::Value = serde_json::from_str(reply.policy_json.as_ref().unwrap()).unwrap();
+    assert_eq!(policy["fingerprint"], collabllm::engine::fetch::DEFAULT_MODEL_SHA256);
+    assert!(policy["sampling"]["seed"].is_u64());
+    let ratings = db::ratings::list_for_session(&mut conn, session.id).unwrap();
+    let ratings: Vec<(i32, &str, i32)> = ratings.iter().map(|r| (r.after_turn, r.rating_key.as_str(), r.value)).collect();
+    assert_eq!(ratings, [(1, "interaction", 7), (2, "document_quality", 8), (2, "interaction", 9)]);
+    let revisions = db::revisions::list_for_session(&mut conn, session.id).unwrap();
+    let authors: Vec<&str> = revisions.iter().map(|r| r.author.as_str()).collect();
+    assert_eq!(authors, ["assistant_insert", "user"]);
+    assert_eq!(revisions[1].content, edited);
+    let answers = db::answers::list_for_session(&mut conn, session.id).unwrap();
+    assert_eq!(answers[0].answer, "Nice, \"quick\", helpful.\nThanks");
+    let ledger = db::assignments::list_for_version(&mut conn, version.id).unwrap();
+    assert_eq!(ledger.len(), 1);
+    assert_eq!(Some(ledger[0].arm_id), session.arm_id);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reply_interrupted_by_a_reconnect_completes_and_is_shown() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(state_with_model(&db));
+    let (browser, mut ws, _) = consented(&server, "quick-pilot", "pid-reconnect").await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::UserMessage { client_seq: seq, text: "Write a note about moving a meeting.".into() }).await;
+    ws.until(|f| matches!(f, ServerFrame::Token { .. })).await;
+    drop(ws); // the page is refreshed mid-stream
+
+    let mut ws = Socket::connect(&server, "quick-pilot").await;
+    let s = state_of(ws.hello(browser.token.as_ref().unwrap()).await);
+    let stored = s.messages.iter().any(|m| m.role == "assistant");
+    assert!(stored || s.streaming.is_some(), "the reply is shown after reconnect: {s:?}");
+    if !stored {
+        ws.until(|f| matches!(f, ServerFrame::AssistantDone { .. })).await;
+    }
+    let mut again = Socket::connect(&server, "quick-pilot").await;
+    let s = state_of(again.hello(browser.token.as_ref().unwrap()).await);
+    assert_eq!(s.messages.len(), 2);
+    assert_eq!(s.last_client_seq, seq);
+    assert!(!s.messages[1].content.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resent_frame_is_applied_once() {
+    let db = TestDb::sqlite();
+    let state = state_with_model(&db);
+    let pool = state.pool.clone();
+    let server = TestServer::start(state);
+    let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-resend").await;
+    let doc = ClientFrame::DocUpdate { client_seq: 1, base_rev: 0, content: "Draft".into(), inserted_message: None };
+    ws.send(&doc).await;
+    assert_eq!(ws.expect_ack(1).await, Some(1));
+    ws.send(&doc).await;
+    assert_eq!(ws.expect_ack(1).await, None, "a resend is acknowledged, not applied");
+    let message = ClientFrame::UserMessage { client_seq: 2, text: "Hello".into() };
+    ws.send(&message).await;
+    ws.until(|f| matches!(f, ServerFrame::AssistantDone { .. })).await;
+    ws.send(&message).await;
+    ws.expect_ack(2).await;
+    ws.send(&ClientFrame::Event { client_seq: 3, kind: "blur".into(), data: serde_json::json!({"at": 1}) }).await;
+    ws.expect_ack(3).await;
+    ws.send(&ClientFrame::Event { client_seq: 3, kind: "blur".into(), data: serde_json::json!({"at": 1}) }).await;
+    ws.expect_ack(3).await;
+
+    let mut conn = pool.get().unwrap();
+    let session = only_session(&mut conn);
+    let users = db::messages::list_for_session(&mut conn, session.id)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.role == "user")
+        .count();
+    assert_eq!(users, 1);
+    assert_eq!(db::revisions::list_for_session(&mut conn, session.id).unwrap().len(), 1);
+    assert_eq!(db::events::list_for_session(&mut conn, session.id).unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_participants_see_only_their_own_session() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(state_with_model(&db));
+    let (a, mut ws_a, _) = consented(&server, "quick-pilot", "pid-a").await;
+    let (b, mut ws_b, _) = consented(&server, "quick-pilot", "pid-b").await;
+    assert_ne!(a.token, b.token);
+    ws_a.chat("Secret of A: the tomatoes.").await;
+    // B's socket got nothing of A's conversation, and B's state has none of it.
+    let s = state_of(ws_b.hello(b.token.as_ref().unwrap()).await);
+    assert!(s.messages.is_empty(), "{s:?}");
+    // A's token on B's connection is refused; the connection stays B's.
+    let refused = ws_b.hello(a.token.as_ref().unwrap()).await;
+    assert!(matches!(refused, ServerFrame::Error { ref code, .. } if code == "wrong_session"), "{refused:?}");
+    // B's page is B's: a browser without A's cookie never sees A's workspace.
+    assert!(!b.page("quick-pilot").await.contains(a.token.as_ref().unwrap()));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_client_never_learns_the_arm_model_or_prompt() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(state_with_model(&db));
+    let (browser, mut ws, _) = consented(&server, "quick-pilot", "pid-blind").await;
+    let page = browser.page("quick-pilot").await;
+    let mut seen = page.clone();
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::UserMessage { client_seq: seq, text: "Hi".into() }).await;
+    let (_, frames) = ws.until(|f| matches!(f, ServerFrame::AssistantDone { .. })).await;
+    for f in frames {
+        seen.push_str(&serde_json::to_string(&f).unwrap());
+    }
+    ws.send(&ClientFrame::Hello { session_token: browser.token.clone().unwrap() }).await;
+    let (again, frames) = ws.until(|f| matches!(f, ServerFrame::State(_))).await;
+    for f in frames.iter().chain([&again]) {
+        seen.push_str(&serde_json::to_string(f).unwrap());
+    }
+    let js = reqwest::get(server.url("/static/workspace.js")).await.unwrap().text().await.unwrap();
+    seen.push_str(&js);
+    for secret in ["proactive", "smollm2", "SmolLM2", "Ask one clarifying question", "temperature", "sampling", ".gguf"] {
+        assert!(!seen.contains(secret), "the client saw {secret:?}");
+    }
+    let headers = reqwest::get(server.url("/s/quick-pilot")).await.unwrap();
+    let csp = headers.headers().get("content-security-policy").unwrap().to_str().unwrap();
+    assert!(csp.contains("script-src 'self'"), "{csp}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_frames_get_error_frames_and_the_connection_survives() {
+    let db = TestDb::sqlite();
+    let state = state_with_model(&db);
+    pilot_with(&state, |t| t.replace("messages_per_minute = 30", "messages_per_minute = 1"));
+    let pool = state.pool.clone();
+    let server = TestServer::start(state);
+    let (browser, mut ws, _) = consented(&server, "quick-pilot", "pid-bad").await;
+
+    let mut fresh = Socket::connect(&server, "quick-pilot").await;
+    fresh.send(&ClientFrame::Stop { client_seq: 1 }).await;
+    fresh.expect_error("not_authenticated").await;
+    assert!(matches!(fresh.hello("not-a-token").await, ServerFrame::Error { ref code, .. } if code == "unauthorized"));
+
+    ws.raw("this is not json").await;
+    ws.expect_error("bad_frame").await;
+    ws.raw(r#"{"type":"user_message","client_seq":"one"}"#).await;
+    ws.expect_error("bad_frame").await;
+    ws.raw(r#"{"type":"launch_missiles","client_seq":1}"#).await;
+    ws.expect_error("bad_frame").await;
+    ws.ws.send(Message::binary(vec![0u8, 159, 146, 150])).await.unwrap();
+    ws.expect_error("bad_frame").await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::UserMessage { client_seq: seq, text: "x".repeat(8 * 1024 + 1) }).await;
+    ws.expect_error("too_large").await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::DocUpdate { client_seq: seq, base_rev: 0, content: "y".repeat(200 * 1024 + 1), inserted_message: None }).await;
+    ws.expect_error("too_large").await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::DocUpdate { client_seq: seq, base_rev: 5, content: "stale".into(), inserted_message: None }).await;
+    ws.expect_error("conflict").await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::Rating { client_seq: seq, key: "interaction".into(), value: 5 }).await;
+    ws.expect_error("invalid_rating").await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::Event { client_seq: seq, kind: "k".repeat(65), data: serde_json::Value::Null }).await;
+    ws.expect_error("bad_event").await;
+
+    // Rate limit: one message per minute in this protocol.
+    ws.chat("First message.").await;
+    ws.until(|f| matches!(f, ServerFrame::RatingRequest { .. })).await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::Rating { client_seq: seq, key: "interaction".into(), value: 11 }).await;
+    ws.expect_error("invalid_rating").await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::Rating { client_seq: seq, key: "interaction".into(), value: 5 }).await;
+    ws.expect_ack(seq).await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::UserMessage { client_seq: seq, text: "Second, too soon.".into() }).await;
+    ws.expect_error("rate_limited").await;
+
+    // After all that the connection still works and nothing stored was lost.
+    let s = state_of(ws.hello(browser.token.as_ref().unwrap()).await);
+    assert_eq!(s.messages.len(), 2);
+    let mut conn = pool.get().unwrap();
+    let session = only_session(&mut conn);
+    assert_eq!(db::messages::list_for_session(&mut conn, session.id).unwrap().len(), 2);
+    assert!(db::revisions::list_for_session(&mut conn, session.id).unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn declining_consent_ends_with_the_no_consent_code() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(state_with_model(&db));
+    let mut browser = Browser::new(&server);
+    browser.enter("quick-pilot", Some("pid-no")).await;
+    browser.consent("quick-pilot", "decline").await;
+    assert!(browser.page("quick-pilot").await.contains("PILOT-NOCONSENT"));
+    // Coming back with the same PID shows the same outcome, not a new session.
+    let mut again = Browser::new(&server);
+    again.enter("quick-pilot", Some("pid-no")).await;
+    assert!(again.page("quick-pilot").await.contains("PILOT-NOCONSENT"));
+    let unknown = Browser::new(&server).enter("no-such-study", None).await;
+    assert_eq!(unknown.status(), 404);
+}
+
+crate::on_both_backends!(balanced_assignment_of_300_entries, |db: &TestDb| {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let pool = db.pool();
+        let loaded = crate::common::example_protocol();
+        db::studies::import(&mut pool.get().unwrap(), &loaded).unwrap();
+        let studio = collabllm::study::Studio::new(pool.clone(), collabllm::engine::Engines::new()).unwrap();
+        let mut first_arm = None;
+        for i in 0..300 {
+            let entry = studio.enter("doc-cocreation".into(), Some(format!("pid-{i}")), None).await.unwrap();
+            let session = studio.agree(entry.session.id).await.unwrap();
+            if i == 0 {
+                first_arm = session.arm_id;
+            }
+        }
+        let mut conn = pool.get().unwrap();
+        let study = db::studies::find_by_slug(&mut conn, "doc-cocreation").unwrap().unwrap();
+        let version = db::studies::current_version(&mut conn, study.id).unwrap();
+        let ledger = db::assignments::list_for_version(&mut conn, version.id).unwrap();
+        assert_eq!(ledger.len(), 300);
+        let mut counts = std::collections::HashMap::new();
+        for a in &ledger {
+            *counts.entry(a.arm_id).or_insert(0) += 1;
+        }
+        let (min, max) = (counts.values().min().unwrap(), counts.values().max().unwrap());
+        assert_eq!(counts.len(), 3);
+        assert!(max - min <= 3, "arm counts differ by more than one block: {counts:?}");
+        let mut topics = std::collections::HashMap::new();
+        for a in &ledger {
+            *topics.entry(a.task_id.clone()).or_insert(0) += 1;
+        }
+        assert!(topics.values().all(|n| *n == 100), "{topics:?}");
+        let inputs: serde_json::Value = serde_json::from_str(&ledger[5].inputs_json).unwrap();
+        assert_eq!(inputs["arm"]["seed"], 20250713);
+        // A returning participant keeps their session and arm.
+        let back = studio.enter("doc-cocreation".into(), Some("pid-0".into()), None).await.unwrap();
+        assert_eq!(back.session.arm_id, first_arm);
+        assert_eq!(db::sessions::list_for_version(&mut conn, version.id).unwrap().len(), 300);
+    });
+});
