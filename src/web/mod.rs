@@ -56,18 +56,22 @@ impl AppState {
     }
 }
 
-/// Registers every route; used by `serve` and by the tests' in-process app.
+/// Registers every route, with the security headers; used by `serve` and by the tests'
+/// in-process server.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(json_config())
-        .service(health::get_healthz)
-        .service(health::get_home)
-        .service(openai::list_models)
-        .service(openai::create_chat_completion)
-        .service(assets::get_asset)
-        .service(participant::enter_study)
-        .service(participant::show_session)
-        .service(participant::submit_consent)
-        .service(socket::connect_socket);
+    cfg.app_data(json_config()).service(
+        web::scope("")
+            .wrap(security_headers())
+            .service(health::get_healthz)
+            .service(health::get_home)
+            .service(openai::list_models)
+            .service(openai::create_chat_completion)
+            .service(assets::get_asset)
+            .service(participant::enter_study)
+            .service(participant::show_session)
+            .service(participant::submit_consent)
+            .service(socket::connect_socket),
+    );
 }
 
 /// Largest JSON body accepted (a long conversation sent to `/v1`).
@@ -92,7 +96,7 @@ pub fn render<T: Template>(page: &T) -> Result<HttpResponse, ApiError> {
 
 /// Headers every response carries: no inline scripts or styles, no framing, no sniffing, no
 /// referrer leaking a participant's URL.
-pub fn security_headers() -> actix_web::middleware::DefaultHeaders {
+fn security_headers() -> actix_web::middleware::DefaultHeaders {
     actix_web::middleware::DefaultHeaders::new()
         .add((
             "Content-Security-Policy",

@@ -67,7 +67,9 @@ async fn enter_study(
         .studio
         .enter(slug.clone(), query.into_inner().prolific_pid, token)
         .await?;
-    let mut response = see_other(format!("{}/p", study_path(&slug)));
+    // The marker tells the next page that a cookie was just set, so a browser that refuses
+    // cookies gets an explanation instead of a redirect loop.
+    let mut response = see_other(format!("{}/p?entered=1", study_path(&slug)));
     if let Some(token) = entry.new_token {
         response
             .add_cookie(&session_cookie(&req, &slug, token))
@@ -100,14 +102,34 @@ struct DonePage<'a> {
     redirect: Option<String>,
 }
 
+#[derive(Template)]
+#[template(path = "notice.html")]
+struct NoticePage<'a> {
+    heading: &'a str,
+    message: &'a str,
+}
+
+#[derive(Deserialize)]
+struct SessionQuery {
+    entered: Option<String>,
+}
+
 #[get("/s/{slug}/p")]
 async fn show_session(
     req: HttpRequest,
     state: web::Data<AppState>,
     slug: web::Path<String>,
+    query: web::Query<SessionQuery>,
 ) -> Result<HttpResponse, ApiError> {
     let slug = slug.into_inner();
     let Some(token) = req.cookie(COOKIE).map(|c| c.value().to_string()) else {
+        if query.entered.is_some() {
+            return render(&NoticePage {
+                heading: "Cookies are needed",
+                message: "This study keeps your place with a cookie. Please allow cookies for this site \
+                          and open the study link again.",
+            });
+        }
         return Ok(see_other(study_path(&slug)));
     };
     let Some((study, session)) = state.studio.session_for_token(slug.clone(), token.clone()).await? else {

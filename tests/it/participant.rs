@@ -204,6 +204,7 @@ async fn consented(server: &TestServer, slug: &str, pid: &str) -> (Browser, Sock
     let mut browser = Browser::new(server);
     let r = browser.enter(slug, Some(pid)).await;
     assert_eq!(r.status(), 303);
+    assert_eq!(r.headers()["location"], format!("/s/{slug}/p?entered=1"));
     assert!(browser.page(slug).await.contains("I agree"));
     assert_eq!(browser.consent(slug, "agree").await.status(), 303);
     let mut socket = Socket::connect(server, slug).await;
@@ -419,7 +420,7 @@ async fn the_client_never_learns_the_arm_model_or_prompt() {
     for secret in ["proactive", "smollm2", "SmolLM2", "Ask one clarifying question", "temperature", "sampling", ".gguf"] {
         assert!(!seen.contains(secret), "the client saw {secret:?}");
     }
-    let headers = reqwest::get(server.url("/s/quick-pilot")).await.unwrap();
+    let headers = Browser::new(&server).enter("quick-pilot", None).await;
     let csp = headers.headers().get("content-security-policy").unwrap().to_str().unwrap();
     assert!(csp.contains("script-src 'self'"), "{csp}");
 }
@@ -498,6 +499,9 @@ async fn declining_consent_ends_with_the_no_consent_code() {
     assert!(again.page("quick-pilot").await.contains("PILOT-NOCONSENT"));
     let unknown = Browser::new(&server).enter("no-such-study", None).await;
     assert_eq!(unknown.status(), 404);
+    // A browser that refuses cookies is told so instead of being sent round in circles.
+    let no_cookies = reqwest::get(server.url("/s/quick-pilot")).await.unwrap();
+    assert!(no_cookies.text().await.unwrap().contains("Cookies are needed"));
 }
 
 crate::on_both_backends!(balanced_assignment_of_300_entries, |db: &TestDb| {
