@@ -96,7 +96,9 @@ fn request(topic: usize, history: &[ChatMessage], tokens: u32, fixed_length: boo
     if history.is_empty() {
         messages.push(ChatMessage::new(
             Role::User,
-            format!("Write a paragraph about topic number {topic}: the history of bridges and ships."),
+            format!(
+                "Write a paragraph about topic number {topic}: the history of bridges and ships."
+            ),
         ));
     }
     let mut r = ChatRequest::new(
@@ -128,7 +130,12 @@ async fn decode_rate(engine: &dyn Engine, tokens: u32) -> Result<f64, EngineErro
 }
 
 /// Generated tokens per second over `n` chats, together or one after another (median of 3).
-async fn aggregate(engine: &dyn Engine, n: usize, tokens: u32, together: bool) -> Result<f64, EngineError> {
+async fn aggregate(
+    engine: &dyn Engine,
+    n: usize,
+    tokens: u32,
+    together: bool,
+) -> Result<f64, EngineError> {
     let mut rates = Vec::new();
     for round in 0..3 {
         let first = 100 * (round + 1);
@@ -161,7 +168,10 @@ async fn aggregate_once(
 }
 
 /// Median time to first token at turn 1 and at the last turn of a few conversations.
-async fn ttft(engine: &dyn Engine, options: &EngineBenchOptions) -> Result<(f64, f64), EngineError> {
+async fn ttft(
+    engine: &dyn Engine,
+    options: &EngineBenchOptions,
+) -> Result<(f64, f64), EngineError> {
     let mut first = Vec::new();
     let mut last = Vec::new();
     for conversation in 10..13 {
@@ -169,7 +179,9 @@ async fn ttft(engine: &dyn Engine, options: &EngineBenchOptions) -> Result<(f64,
         for turn in 1..=options.turns {
             history.push(ChatMessage::new(
                 Role::User,
-                format!("Turn {turn}: please continue the story and add one detail about turn {turn}."),
+                format!(
+                    "Turn {turn}: please continue the story and add one detail about turn {turn}."
+                ),
             ));
             // Replies end as in a real chat, so the next turn's prompt matches what was cached.
             let mut r = request(conversation, &history, options.tokens, false);

@@ -9,13 +9,13 @@ use clap::{Parser, Subcommand};
 use collabllm::bench::{self, EngineBenchOptions};
 use collabllm::config::{ServeSettings, Settings, EXAMPLE_PROTOCOL, EXAMPLE_PROTOCOL_PATH};
 use collabllm::db::{self, studies::ImportOutcome};
-use collabllm::engine::registry::engine_name;
 use collabllm::engine::llama::{self, LlamaEngine, WorkerConfig};
+use collabllm::engine::registry::engine_name;
 use collabllm::engine::remote::RemoteEngine;
 use collabllm::engine::{fetch, ChatMessage, ChatRequest, Engine, EngineEvent, Engines, Role};
-use indicatif::ProgressBar;
 use collabllm::protocol::{LoadedProtocol, ProtocolError};
 use collabllm::web::{self, AppState};
+use indicatif::ProgressBar;
 
 /// CollabLLM Studio: run human–AI document co-creation studies and turn them into training data.
 #[derive(Parser)]
@@ -185,7 +185,13 @@ fn run(cli: Cli) -> Result<()> {
                 concurrency,
                 turns,
             };
-            run_engine_bench(&model, slots, context_tokens, &options, endpoint.map(|e| (e, remote_model)))
+            run_engine_bench(
+                &model,
+                slots,
+                context_tokens,
+                &options,
+                endpoint.map(|e| (e, remote_model)),
+            )
         }
     }
 }
@@ -227,7 +233,10 @@ fn run_engine_bench(
         options.tokens,
         llama::thread_count()
     );
-    println!("{:<36} {:>12} {:>12} {:>8}", "", "engine", "baseline", "ratio");
+    println!(
+        "{:<36} {:>12} {:>12} {:>8}",
+        "", "engine", "baseline", "ratio"
+    );
     for f in &figures {
         println!(
             "{:<36} {:>8.1} {:<3} {:>8.1} {:<3} {:>7.2}x",
@@ -239,9 +248,17 @@ fn run_engine_bench(
             f.ratio()
         );
     }
-    let get = |prefix: &str| figures.iter().find(|f| f.name.starts_with(prefix)).map(|f| f.engine);
+    let get = |prefix: &str| {
+        figures
+            .iter()
+            .find(|f| f.name.starts_with(prefix))
+            .map(|f| f.engine)
+    };
     if let (Some(one), Some(eight)) = (get("aggregate, 1 "), get("aggregate, 8 ")) {
-        println!("aggregate at 8 chats / 1 chat: {:.2}x (target >= 1.75x)", eight / one);
+        println!(
+            "aggregate at 8 chats / 1 chat: {:.2}x (target >= 1.75x)",
+            eight / one
+        );
     }
     let ttft: Vec<f64> = figures
         .iter()

@@ -46,11 +46,18 @@ pub fn list_for_version(conn: &mut DbConn, study_version_id: i64) -> DbResult<Ve
 }
 
 /// Draws so far per (task, topic) in a version's ledger: the input of balanced task assignment.
-pub fn task_counts(conn: &mut DbConn, study_version_id: i64) -> DbResult<Vec<(String, String, i64)>> {
+pub fn task_counts(
+    conn: &mut DbConn,
+    study_version_id: i64,
+) -> DbResult<Vec<(String, String, i64)>> {
     Ok(assignments::table
         .filter(assignments::study_version_id.eq(study_version_id))
         .group_by((assignments::task_id, assignments::topic_id))
-        .select((assignments::task_id, assignments::topic_id, diesel::dsl::count_star()))
+        .select((
+            assignments::task_id,
+            assignments::topic_id,
+            diesel::dsl::count_star(),
+        ))
         .load(conn)?)
 }
 

@@ -31,7 +31,7 @@ pub fn append(
                     revs::session_id.eq(session_id),
                     revs::rev.eq(rev.unwrap_or(0) + 1),
                     revs::author.eq(author),
-                revs::message_seq.eq(message_seq),
+                    revs::message_seq.eq(message_seq),
                     revs::content.eq(content),
                     revs::created_at.eq(now()),
                 ))

@@ -7,7 +7,11 @@ use super::schema::secrets;
 use super::{insert_once, now, DbConn, DbResult};
 
 /// The secret called `name`, created with `make` the first time it is asked for.
-pub fn get_or_create(conn: &mut DbConn, name: &str, make: impl FnOnce() -> String) -> DbResult<String> {
+pub fn get_or_create(
+    conn: &mut DbConn,
+    name: &str,
+    make: impl FnOnce() -> String,
+) -> DbResult<String> {
     let existing = secrets::table
         .find(name)
         .select(secrets::value)

@@ -134,7 +134,13 @@ pub fn set_token_hash(conn: &mut DbConn, id: i64, token_hash: &str) -> DbResult<
 }
 
 /// Records the drawn arm, task and topic.
-pub fn assign(conn: &mut DbConn, id: i64, arm_id: i64, task_id: &str, topic_id: &str) -> DbResult<Session> {
+pub fn assign(
+    conn: &mut DbConn,
+    id: i64,
+    arm_id: i64,
+    task_id: &str,
+    topic_id: &str,
+) -> DbResult<Session> {
     Ok(diesel::update(sessions::table.find(id))
         .set((
             sessions::arm_id.eq(arm_id),
@@ -146,7 +152,11 @@ pub fn assign(conn: &mut DbConn, id: i64, arm_id: i64, task_id: &str, topic_id: 
 }
 
 /// Sessions in one of `states` with no activity since `before`.
-pub fn idle_since(conn: &mut DbConn, states: &[&str], before: NaiveDateTime) -> DbResult<Vec<Session>> {
+pub fn idle_since(
+    conn: &mut DbConn,
+    states: &[&str],
+    before: NaiveDateTime,
+) -> DbResult<Vec<Session>> {
     Ok(sessions::table
         .filter(sessions::state.eq_any(states))
         .filter(sessions::last_activity_at.lt(before))

@@ -173,5 +173,8 @@ pub fn version(conn: &mut DbConn, id: i64) -> DbResult<StudyVersion> {
 }
 
 pub fn get(conn: &mut DbConn, id: i64) -> DbResult<Study> {
-    Ok(studies::table.find(id).select(Study::as_select()).first(conn)?)
+    Ok(studies::table
+        .find(id)
+        .select(Study::as_select())
+        .first(conn)?)
 }

@@ -71,9 +71,11 @@ impl Engines {
     ) -> Result<(), EngineError> {
         let name = engine_name(&spec.id, lora);
         let lora = lora.map(|l| (resolve(models_dir, &l.file), l.scale));
+        // What the model is; context size and slots are serving settings, set by the first
+        // protocol that starts the model.
         let origin = format!(
-            "{:?}|{:?}|{}",
-            spec.file, spec.endpoint, spec.context_tokens
+            "{:?}|{:?}|{:?}",
+            spec.file, spec.endpoint, spec.remote_model
         );
         let mut inner = self.inner.write().expect("engines lock");
         if let Some(existing) = inner.origins.get(&name) {

@@ -56,8 +56,9 @@ impl SplitMix64 {
 fn block_counts(arms: &[ArmState]) -> Vec<usize> {
     let multiplier = (1..=1000)
         .find(|m| {
-            arms.iter()
-                .all(|a| ((a.weight * f64::from(*m)) - (a.weight * f64::from(*m)).round()).abs() < 1e-6)
+            arms.iter().all(|a| {
+                ((a.weight * f64::from(*m)) - (a.weight * f64::from(*m)).round()).abs() < 1e-6
+            })
         })
         .unwrap_or(1000);
     arms.iter()
@@ -80,11 +81,19 @@ pub fn block(arms: &[ArmState], seed: u64, block: u64) -> Vec<usize> {
 }
 
 /// Picks the arm of draw number `draw_index`, or `None` when every arm's quota is full.
-pub fn choose_arm(method: AssignmentMethod, seed: u64, draw_index: i64, arms: &[ArmState]) -> Option<ArmDraw> {
+pub fn choose_arm(
+    method: AssignmentMethod,
+    seed: u64,
+    draw_index: i64,
+    arms: &[ArmState],
+) -> Option<ArmDraw> {
     if arms.iter().all(ArmState::full) {
         return None;
     }
-    let filled: Vec<_> = arms.iter().map(|a| json!({"arm": a.name, "filled": a.filled})).collect();
+    let filled: Vec<_> = arms
+        .iter()
+        .map(|a| json!({"arm": a.name, "filled": a.filled}))
+        .collect();
     if method == AssignmentMethod::PermutedBlocks {
         let size = block_counts(arms).iter().sum::<usize>() as i64;
         let (block_no, position) = (draw_index / size, draw_index % size);
@@ -136,12 +145,31 @@ pub fn choose_topic(
     let mut rng = SplitMix64::new(seed ^ (draw_index as u64).wrapping_mul(0x9FB2_1C65_1E98_DF25));
     let least = |candidates: Vec<(&str, i64)>, rng: &mut SplitMix64| -> String {
         let low = candidates.iter().map(|(_, n)| *n).min().unwrap_or(0);
-        let tied: Vec<&str> = candidates.iter().filter(|(_, n)| *n == low).map(|(c, _)| *c).collect();
+        let tied: Vec<&str> = candidates
+            .iter()
+            .filter(|(_, n)| *n == low)
+            .map(|(c, _)| *c)
+            .collect();
         tied[rng.below(tied.len())].to_string()
     };
-    let task = least(bank.iter().map(|(t, _)| (t.as_str(), count(t, None))).collect(), &mut rng);
-    let topics = &bank.iter().find(|(t, _)| *t == task).expect("chosen from the bank").1;
-    let topic = least(topics.iter().map(|p| (p.as_str(), count(&task, Some(p)))).collect(), &mut rng);
+    let task = least(
+        bank.iter()
+            .map(|(t, _)| (t.as_str(), count(t, None)))
+            .collect(),
+        &mut rng,
+    );
+    let topics = &bank
+        .iter()
+        .find(|(t, _)| *t == task)
+        .expect("chosen from the bank")
+        .1;
+    let topic = least(
+        topics
+            .iter()
+            .map(|p| (p.as_str(), count(&task, Some(p))))
+            .collect(),
+        &mut rng,
+    );
     (task, topic)
 }
 
@@ -179,7 +207,10 @@ mod tests {
         assert_eq!(b.iter().filter(|&&i| i == 1).count(), 4);
         assert_eq!(b.iter().filter(|&&i| i == 2).count(), 1);
         assert_eq!(block(&a, 7, 0), b, "the same seed gives the same block");
-        assert!((1..5).any(|n| block(&a, 7, n) != b), "blocks are shuffled anew");
+        assert!(
+            (1..5).any(|n| block(&a, 7, n) != b),
+            "blocks are shuffled anew"
+        );
     }
 
     #[test]
@@ -213,7 +244,10 @@ mod tests {
         let mut counts: Vec<(String, String, i64)> = Vec::new();
         for i in 0..40 {
             let (task, topic) = choose_topic(9, i, &bank, &counts);
-            match counts.iter_mut().find(|(t, p, _)| *t == task && *p == topic) {
+            match counts
+                .iter_mut()
+                .find(|(t, p, _)| *t == task && *p == topic)
+            {
                 Some(c) => c.2 += 1,
                 None => counts.push((task, topic, 1)),
             }

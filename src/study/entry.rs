@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::json;
 
 use super::assign::{self, ArmState};
-use super::{new_token, state, token_hash, StudyError, Studio};
+use super::{new_token, state, token_hash, Studio, StudyError};
 use crate::db::models::{NewAssignment, NewSession, Session, Study};
 use crate::db::{self, write_transaction, DbConn};
 use crate::protocol::{sha256_hex, OutcomeSpec, Protocol};
@@ -33,7 +33,8 @@ impl Studio {
             .filter(|id| !id.trim().is_empty())
             .map(|id| self.external_id_hmac(&slug, id.trim()));
         self.db(move |conn| {
-            let study = db::studies::find_by_slug(conn, &slug)?.ok_or(StudyError::UnknownStudy(slug))?;
+            let study =
+                db::studies::find_by_slug(conn, &slug)?.ok_or(StudyError::UnknownStudy(slug))?;
             if let Some(session) = session_of_token(conn, &study, browser_token.as_deref())? {
                 return Ok(Entry {
                     study,
@@ -100,7 +101,10 @@ impl Studio {
     }
 
     /// The protocol of a session's study version.
-    pub async fn protocol_of(self: &Arc<Self>, session: &Session) -> Result<Arc<Protocol>, StudyError> {
+    pub async fn protocol_of(
+        self: &Arc<Self>,
+        session: &Session,
+    ) -> Result<Arc<Protocol>, StudyError> {
         let this = self.clone();
         let version_id = session.study_version_id;
         self.db(move |conn| this.protocol(conn, version_id)).await
@@ -117,7 +121,11 @@ impl Studio {
                     return Ok(session);
                 }
                 let protocol = this.protocol(conn, session.study_version_id)?;
-                db::sessions::record_consent(conn, session.id, &sha256_hex(protocol.consent.text.as_bytes()))?;
+                db::sessions::record_consent(
+                    conn,
+                    session.id,
+                    &sha256_hex(protocol.consent.text.as_bytes()),
+                )?;
                 draw(conn, &protocol, &session)?;
                 Ok(db::sessions::set_state(conn, session.id, state::CHATTING)?)
             })
@@ -146,7 +154,11 @@ impl Studio {
     }
 }
 
-fn session_of_token(conn: &mut DbConn, study: &Study, token: Option<&str>) -> Result<Option<Session>, StudyError> {
+fn session_of_token(
+    conn: &mut DbConn,
+    study: &Study,
+    token: Option<&str>,
+) -> Result<Option<Session>, StudyError> {
     let Some(token) = token else { return Ok(None) };
     let Some(session) = db::sessions::find_by_token_hash(conn, &token_hash(token))? else {
         return Ok(None);
@@ -159,8 +171,16 @@ fn session_of_token(conn: &mut DbConn, study: &Study, token: Option<&str>) -> Re
 /// drawn before (under this version) keeps that draw.
 fn draw(conn: &mut DbConn, protocol: &Protocol, session: &Session) -> Result<(), StudyError> {
     let version_id = session.study_version_id;
-    if let Some(previous) = db::assignments::find_for_participant(conn, version_id, session.participant_id)? {
-        db::sessions::assign(conn, session.id, previous.arm_id, &previous.task_id, &previous.topic_id)?;
+    if let Some(previous) =
+        db::assignments::find_for_participant(conn, version_id, session.participant_id)?
+    {
+        db::sessions::assign(
+            conn,
+            session.id,
+            previous.arm_id,
+            &previous.task_id,
+            &previous.topic_id,
+        )?;
         return Ok(());
     }
     let arms = db::studies::arms_of(conn, version_id)?;
@@ -172,7 +192,10 @@ fn draw(conn: &mut DbConn, protocol: &Protocol, session: &Session) -> Result<(),
             name: a.name.clone(),
             weight: a.weight,
             quota: a.quota,
-            filled: filled.iter().find(|(id, _)| *id == a.id).map_or(0, |(_, n)| *n),
+            filled: filled
+                .iter()
+                .find(|(id, _)| *id == a.id)
+                .map_or(0, |(_, n)| *n),
         })
         .collect();
     let draws = db::assignments::list_for_version(conn, version_id)?.len() as i64;
@@ -182,7 +205,12 @@ fn draw(conn: &mut DbConn, protocol: &Protocol, session: &Session) -> Result<(),
     let bank: Vec<(String, Vec<String>)> = protocol
         .tasks
         .iter()
-        .map(|t| (t.id.clone(), t.topics.iter().map(|p| p.id.clone()).collect()))
+        .map(|t| {
+            (
+                t.id.clone(),
+                t.topics.iter().map(|p| p.id.clone()).collect(),
+            )
+        })
         .collect();
     let counts = db::assignments::task_counts(conn, version_id)?;
     let (task, topic) = assign::choose_topic(rules.assignment_seed, draws, &bank, &counts);
@@ -207,7 +235,10 @@ fn draw(conn: &mut DbConn, protocol: &Protocol, session: &Session) -> Result<(),
 pub(super) fn completed_view(outcome: &OutcomeSpec) -> super::frames::CompletedView {
     super::frames::CompletedView {
         code: outcome.code.clone(),
-        redirect: outcome.redirect.as_ref().map(|r| r.replace("{code}", &outcome.code)),
+        redirect: outcome
+            .redirect
+            .as_ref()
+            .map(|r| r.replace("{code}", &outcome.code)),
         message: outcome.message.clone(),
     }
 }

@@ -15,10 +15,17 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientFrame {
     /// First frame of a connection: whose session this is.
-    Hello { session_token: String },
-    UserMessage { client_seq: i64, text: String },
+    Hello {
+        session_token: String,
+    },
+    UserMessage {
+        client_seq: i64,
+        text: String,
+    },
     /// Stop the reply that is streaming.
-    Stop { client_seq: i64 },
+    Stop {
+        client_seq: i64,
+    },
     /// The whole document after an edit, based on revision `base_rev` (0 before the first).
     /// `inserted_message` names the assistant message the change inserted, if it was an insert.
     DocUpdate {
@@ -28,9 +35,15 @@ pub enum ClientFrame {
         #[serde(default)]
         inserted_message: Option<i32>,
     },
-    Rating { client_seq: i64, key: String, value: i32 },
+    Rating {
+        client_seq: i64,
+        key: String,
+        value: i32,
+    },
     /// Ask to end the conversation (allowed after the minimum number of turns).
-    Finish { client_seq: i64 },
+    Finish {
+        client_seq: i64,
+    },
     /// Final ratings and questionnaire answers; ends the session.
     FinalAnswers {
         client_seq: i64,
@@ -64,7 +77,7 @@ impl ClientFrame {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ServerFrame {
-    State(StateView),
+    State(Box<StateView>),
     AssistantStart {
         msg_seq: i32,
     },

@@ -13,9 +13,10 @@ use tokio::sync::broadcast;
 
 use super::entry::completed_view;
 use super::frames::{
-    ClientFrame, DocumentView, MessageView, QuestionView, RatingView, ServerFrame, StateView, TaskView,
+    ClientFrame, DocumentView, MessageView, QuestionView, RatingView, ServerFrame, StateView,
+    TaskView,
 };
-use super::{state, StudyError, Studio};
+use super::{state, Studio, StudyError};
 use crate::db::models::{Message, NewMessage, Session};
 use crate::db::sessions::Applied;
 use crate::db::{self, DbConn, DbError};
@@ -122,7 +123,9 @@ impl Connection {
         let _turn = live.gate.lock().await;
         match studio.apply(session_id, &live, frame).await {
             Ok(frames) => frames,
-            Err(Refusal::Frame(code, message)) => vec![ServerFrame::error(code, message, client_seq)],
+            Err(Refusal::Frame(code, message)) => {
+                vec![ServerFrame::error(code, message, client_seq)]
+            }
             Err(Refusal::Study(e)) => {
                 tracing::error!(session_id, error = %e, "frame failed");
                 vec![ServerFrame::error(
@@ -155,7 +158,10 @@ impl Connection {
     }
 
     async fn hello(&mut self, token: String) -> Vec<ServerFrame> {
-        let found = self.studio.session_for_token(self.slug.clone(), token).await;
+        let found = self
+            .studio
+            .session_for_token(self.slug.clone(), token)
+            .await;
         let session = match found {
             Ok(Some((_, session))) => session,
             Ok(None) => {
@@ -177,7 +183,11 @@ impl Connection {
             }
         }
         if session.state == state::CONSENT {
-            return vec![ServerFrame::error("not_consented", "give or refuse consent first", None)];
+            return vec![ServerFrame::error(
+                "not_consented",
+                "give or refuse consent first",
+                None,
+            )];
         }
         let live = self.studio.live(session.id);
         let events = live.events.subscribe();
@@ -213,23 +223,38 @@ impl Studio {
             .clone()
     }
 
-    async fn state_frame(self: &Arc<Self>, session_id: i64, live: &LiveSession) -> Result<ServerFrame, StudyError> {
-        let streaming = live.reply.lock().expect("reply lock").as_ref().map(|r| MessageView {
-            seq: r.msg_seq,
-            role: "assistant".into(),
-            content: r.text.clone(),
-        });
+    async fn state_frame(
+        self: &Arc<Self>,
+        session_id: i64,
+        live: &LiveSession,
+    ) -> Result<ServerFrame, StudyError> {
+        let streaming = live
+            .reply
+            .lock()
+            .expect("reply lock")
+            .as_ref()
+            .map(|r| MessageView {
+                seq: r.msg_seq,
+                role: "assistant".into(),
+                content: r.text.clone(),
+            });
         let this = self.clone();
         self.db(move |conn| {
             let session = db::sessions::get(conn, session_id)?;
             let protocol = this.protocol(conn, session.study_version_id)?;
-            Ok(ServerFrame::State(view(conn, &protocol, &session, streaming)?))
+            Ok(ServerFrame::State(Box::new(view(
+                conn, &protocol, &session, streaming,
+            )?)))
         })
         .await
     }
 
     /// After a restart, a user message may still wait for its reply: generate it now.
-    async fn resume_reply(self: &Arc<Self>, session: &Session, live: &Arc<LiveSession>) -> Result<(), StudyError> {
+    async fn resume_reply(
+        self: &Arc<Self>,
+        session: &Session,
+        live: &Arc<LiveSession>,
+    ) -> Result<(), StudyError> {
         if live.reply.lock().expect("reply lock").is_some() {
             return Ok(());
         }
@@ -237,7 +262,9 @@ impl Studio {
             return Ok(());
         }
         let session_id = session.id;
-        let messages = self.db(move |conn| db::messages::list_for_session(conn, session_id)).await?;
+        let messages = self
+            .db(move |conn| db::messages::list_for_session(conn, session_id))
+            .await?;
         if messages.last().is_some_and(|m| m.role == "user") {
             self.start_reply(session, live, messages).await?;
         }
@@ -261,7 +288,12 @@ impl Studio {
         if session.state == state::FINISHED || session.state == state::TIMED_OUT {
             return refuse("finished", "this session has ended");
         }
-        let ack = |client_seq| vec![ServerFrame::Ack { client_seq, rev: None }];
+        let ack = |client_seq| {
+            vec![ServerFrame::Ack {
+                client_seq,
+                rev: None,
+            }]
+        };
         match frame {
             ClientFrame::Hello { .. } => unreachable!("hello is handled by the connection"),
             ClientFrame::UserMessage { client_seq, text } => {
@@ -269,7 +301,10 @@ impl Studio {
                 let limits = &protocol.session;
                 if client_seq > session.last_client_seq {
                     if session.state == state::RATING {
-                        return refuse("rating_due", "please rate the conversation so far before you continue");
+                        return refuse(
+                            "rating_due",
+                            "please rate the conversation so far before you continue",
+                        );
                     }
                     if session.state != state::CHATTING {
                         return refuse("not_allowed", "the conversation has ended");
@@ -297,7 +332,10 @@ impl Studio {
                                 .filter(|m| m.role == "user" && m.created_at > since)
                                 .count() as i64;
                             if per_minute > 0 && recent >= per_minute {
-                                return refuse("rate_limited", "you are sending messages too quickly; wait a moment");
+                                return refuse(
+                                    "rate_limited",
+                                    "you are sending messages too quickly; wait a moment",
+                                );
                             }
                             let message = db::messages::append(
                                 conn,
@@ -319,8 +357,12 @@ impl Studio {
                 Ok(ack(client_seq))
             }
             ClientFrame::Stop { client_seq } => {
-                self.db(move |conn| db::sessions::apply_frame(conn, session_id, client_seq, |_, _| Ok::<_, Refusal>(())))
-                    .await?;
+                self.db(move |conn| {
+                    db::sessions::apply_frame(conn, session_id, client_seq, |_, _| {
+                        Ok::<_, Refusal>(())
+                    })
+                })
+                .await?;
                 if let Some(reply) = live.reply.lock().expect("reply lock").as_ref() {
                     reply.cancel.store(true, Ordering::Relaxed);
                 }
@@ -334,7 +376,10 @@ impl Studio {
             } => {
                 let max = protocol.session.max_document_bytes;
                 if content.len() > max && client_seq > session.last_client_seq {
-                    return refuse("too_large", format!("the document may be at most {max} bytes"));
+                    return refuse(
+                        "too_large",
+                        format!("the document may be at most {max} bytes"),
+                    );
                 }
                 let applied = self
                     .db(move |conn| {
@@ -357,9 +402,14 @@ impl Studio {
                 };
                 Ok(vec![ServerFrame::Ack { client_seq, rev }])
             }
-            ClientFrame::Rating { client_seq, key, value } => {
+            ClientFrame::Rating {
+                client_seq,
+                key,
+                value,
+            } => {
                 let turn = self.turn(session_id).await?;
-                let pending = pending_ratings(&protocol, turn, &self.recorded(session_id, turn).await?);
+                let pending =
+                    pending_ratings(&protocol, turn, &self.recorded(session_id, turn).await?);
                 if client_seq > session.last_client_seq {
                     let Some(spec) = pending.iter().find(|r| r.id == key) else {
                         return refuse("invalid_rating", format!("no rating {key:?} is due now"));
@@ -388,12 +438,18 @@ impl Studio {
                         return refuse("busy", "wait for the reply to finish");
                     }
                     if session.state != state::CHATTING {
-                        return refuse("not_allowed", "finish is possible while chatting, after any rating");
+                        return refuse(
+                            "not_allowed",
+                            "finish is possible while chatting, after any rating",
+                        );
                     }
                     if turn < protocol.session.min_turns as i32 {
                         return refuse(
                             "too_early",
-                            format!("please continue for at least {} turns (now {turn})", protocol.session.min_turns),
+                            format!(
+                                "please continue for at least {} turns (now {turn})",
+                                protocol.session.min_turns
+                            ),
                         );
                     }
                 }
@@ -415,7 +471,10 @@ impl Studio {
             } => {
                 if client_seq > session.last_client_seq {
                     if session.state != state::FINAL {
-                        return refuse("not_allowed", "the final questions come after the conversation");
+                        return refuse(
+                            "not_allowed",
+                            "the final questions come after the conversation",
+                        );
                     }
                     check_final(&protocol, &ratings, &answers)?;
                 }
@@ -429,19 +488,34 @@ impl Studio {
                         for (key, answer) in &answers {
                             db::answers::record(conn, session_id, key, answer)?;
                         }
-                        db::sessions::finish(conn, session_id, state::FINISHED, "completed", &code)?;
+                        db::sessions::finish(
+                            conn,
+                            session_id,
+                            state::FINISHED,
+                            "completed",
+                            &code,
+                        )?;
                         Ok::<_, Refusal>(())
                     })
                 })
                 .await?;
                 // Only now, with everything committed, is the code shown.
                 let mut frames = ack(client_seq);
-                frames.push(ServerFrame::Completed(completed_view(&protocol.outcomes.completed)));
+                frames.push(ServerFrame::Completed(completed_view(
+                    &protocol.outcomes.completed,
+                )));
                 Ok(frames)
             }
-            ClientFrame::Event { client_seq, kind, data } => {
+            ClientFrame::Event {
+                client_seq,
+                kind,
+                data,
+            } => {
                 let payload = data.to_string();
-                if kind.is_empty() || kind.len() > MAX_EVENT_KIND_BYTES || payload.len() > MAX_EVENT_DATA_BYTES {
+                if kind.is_empty()
+                    || kind.len() > MAX_EVENT_KIND_BYTES
+                    || payload.len() > MAX_EVENT_DATA_BYTES
+                {
                     return refuse(
                         "bad_event",
                         format!("events need a kind of 1–{MAX_EVENT_KIND_BYTES} bytes and data under {MAX_EVENT_DATA_BYTES} bytes"),
@@ -461,13 +535,21 @@ impl Studio {
 
     /// Completed turns: assistant replies so far.
     async fn turn(self: &Arc<Self>, session_id: i64) -> Result<i32, StudyError> {
-        let messages = self.db(move |conn| db::messages::list_for_session(conn, session_id)).await?;
+        let messages = self
+            .db(move |conn| db::messages::list_for_session(conn, session_id))
+            .await?;
         Ok(assistant_turns(&messages))
     }
 
     /// Keys of the ratings recorded after `turn`.
-    async fn recorded(self: &Arc<Self>, session_id: i64, turn: i32) -> Result<Vec<String>, StudyError> {
-        let ratings = self.db(move |conn| db::ratings::list_for_session(conn, session_id)).await?;
+    async fn recorded(
+        self: &Arc<Self>,
+        session_id: i64,
+        turn: i32,
+    ) -> Result<Vec<String>, StudyError> {
+        let ratings = self
+            .db(move |conn| db::ratings::list_for_session(conn, session_id))
+            .await?;
         Ok(ratings
             .into_iter()
             .filter(|r| r.after_turn == turn)
@@ -496,12 +578,18 @@ impl Studio {
             .await?;
         let arm = protocol
             .arm(&arm_name)
-            .ok_or_else(|| StudyError::Protocol(format!("arm {arm_name:?} is missing from the protocol")))?
+            .ok_or_else(|| {
+                StudyError::Protocol(format!("arm {arm_name:?} is missing from the protocol"))
+            })?
             .clone();
         let engine_id = engine_name(&arm.model, arm.lora.first());
         let mut messages = vec![ChatMessage::new(Role::System, arm.system_prompt.clone())];
         messages.extend(history.iter().map(|m| {
-            let role = if m.role == "user" { Role::User } else { Role::Assistant };
+            let role = if m.role == "user" {
+                Role::User
+            } else {
+                Role::Assistant
+            };
             ChatMessage::new(role, m.content.clone())
         }));
         let mut request = ChatRequest::new(messages, arm.sampling.clone());
@@ -560,7 +648,9 @@ impl Studio {
                     let mut policy = snapshot;
                     policy["sampling"] = json!(sampling);
                     policy["sampling"]["seed"] = json!(c.seed);
-                    studio.finish_reply(session_id, &live, msg_seq, c, policy).await
+                    studio
+                        .finish_reply(session_id, &live, msg_seq, c, policy)
+                        .await
                 }
                 Some(Err(e)) => Err(StudyError::Protocol(e.to_string())),
                 None => Err(StudyError::Protocol("the engine stopped".into())),
@@ -611,8 +701,10 @@ impl Studio {
                     },
                 )?;
                 let turn = assistant_turns(&db::messages::list_for_session(conn, session_id)?);
-                let due: Vec<RatingView> =
-                    pending_ratings(&protocol, turn, &[]).into_iter().map(rating_view).collect();
+                let due: Vec<RatingView> = pending_ratings(&protocol, turn, &[])
+                    .into_iter()
+                    .map(rating_view)
+                    .collect();
                 let max = protocol.session.max_turns as i32;
                 let next = if !due.is_empty() {
                     Some(state::RATING)
@@ -660,7 +752,11 @@ fn assistant_turns(messages: &[Message]) -> i32 {
 }
 
 /// Periodic ratings due after `turn` that are not recorded yet.
-fn pending_ratings<'p>(protocol: &'p Protocol, turn: i32, recorded: &[String]) -> Vec<&'p RatingSpec> {
+fn pending_ratings<'p>(
+    protocol: &'p Protocol,
+    turn: i32,
+    recorded: &[String],
+) -> Vec<&'p RatingSpec> {
     protocol
         .periodic_ratings_due(turn.max(0) as u32)
         .into_iter()
@@ -672,7 +768,10 @@ fn check_scale(spec: &RatingSpec, value: i32) -> Result<(), Refusal> {
     if value < spec.min || value > spec.max {
         return refuse(
             "invalid_rating",
-            format!("{:?} takes a value from {} to {}", spec.id, spec.min, spec.max),
+            format!(
+                "{:?} takes a value from {} to {}",
+                spec.id, spec.min, spec.max
+            ),
         );
     }
     Ok(())
@@ -691,7 +790,10 @@ fn check_final(
         }
     }
     if let Some(key) = ratings.keys().find(|k| !finals.iter().any(|r| &r.id == *k)) {
-        return refuse("invalid_rating", format!("there is no final rating {key:?}"));
+        return refuse(
+            "invalid_rating",
+            format!("there is no final rating {key:?}"),
+        );
     }
     for q in &protocol.questionnaire {
         let answer = answers.get(&q.id).map(|a| a.trim()).unwrap_or("");
@@ -699,10 +801,19 @@ fn check_final(
             return refuse("incomplete", format!("please answer: {}", q.prompt));
         }
         if answer.chars().count() > q.max_chars {
-            return refuse("too_large", format!("answers to {:?} may be at most {} characters", q.id, q.max_chars));
+            return refuse(
+                "too_large",
+                format!(
+                    "answers to {:?} may be at most {} characters",
+                    q.id, q.max_chars
+                ),
+            );
         }
     }
-    if let Some(key) = answers.keys().find(|k| !protocol.questionnaire.iter().any(|q| &q.id == *k)) {
+    if let Some(key) = answers
+        .keys()
+        .find(|k| !protocol.questionnaire.iter().any(|q| &q.id == *k))
+    {
         return refuse("invalid_answer", format!("there is no question {key:?}"));
     }
     Ok(())
@@ -734,8 +845,15 @@ fn view(
         .map(|r| r.rating_key)
         .collect();
     let document = db::revisions::latest(conn, session.id)?;
-    let task = protocol.tasks.iter().find(|t| Some(&t.id) == session.task_id.as_ref());
-    let topic = task.and_then(|t| t.topics.iter().find(|p| Some(&p.id) == session.topic_id.as_ref()));
+    let task = protocol
+        .tasks
+        .iter()
+        .find(|t| Some(&t.id) == session.task_id.as_ref());
+    let topic = task.and_then(|t| {
+        t.topics
+            .iter()
+            .find(|p| Some(&p.id) == session.topic_id.as_ref())
+    });
     let pending = if session.state == state::RATING {
         pending_ratings(protocol, turn, &recorded)
     } else {
@@ -766,7 +884,11 @@ fn view(
             content: document.map(|d| d.content).unwrap_or_default(),
         },
         pending_ratings: pending.into_iter().map(rating_view).collect(),
-        final_ratings: protocol.final_ratings().into_iter().map(rating_view).collect(),
+        final_ratings: protocol
+            .final_ratings()
+            .into_iter()
+            .map(rating_view)
+            .collect(),
         questionnaire: protocol
             .questionnaire
             .iter()
@@ -780,6 +902,7 @@ fn view(
         max_message_bytes: protocol.session.max_message_bytes,
         max_document_bytes: protocol.session.max_document_bytes,
         last_client_seq: session.last_client_seq,
-        completed: (session.state == state::FINISHED).then(|| completed_view(&protocol.outcomes.completed)),
+        completed: (session.state == state::FINISHED)
+            .then(|| completed_view(&protocol.outcomes.completed)),
     })
 }

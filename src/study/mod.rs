@@ -104,12 +104,18 @@ impl Studio {
 
     /// The protocol a study version runs under (parsed once).
     fn protocol(&self, conn: &mut DbConn, version_id: i64) -> Result<Arc<Protocol>, StudyError> {
-        if let Some(p) = self.protocols.lock().expect("protocols lock").get(&version_id) {
+        if let Some(p) = self
+            .protocols
+            .lock()
+            .expect("protocols lock")
+            .get(&version_id)
+        {
             return Ok(p.clone());
         }
         let version = db::studies::version(conn, version_id)?;
         let protocol = Arc::new(
-            Protocol::from_stored(&version.protocol_text).map_err(|e| StudyError::Protocol(e.to_string()))?,
+            Protocol::from_stored(&version.protocol_text)
+                .map_err(|e| StudyError::Protocol(e.to_string()))?,
         );
         self.protocols
             .lock()
@@ -121,7 +127,8 @@ impl Studio {
     /// The pseudonymous form of an external id (a Prolific PID): an HMAC keyed by an
     /// installation secret, so the id cannot be read back or matched across installations.
     fn external_id_hmac(&self, study_slug: &str, external_id: &str) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.hmac_key).expect("HMAC takes any key length");
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.hmac_key).expect("HMAC takes any key length");
         mac.update(study_slug.as_bytes());
         mac.update(b"\0");
         mac.update(external_id.as_bytes());

@@ -5,7 +5,11 @@ use actix_web::{get, web, HttpResponse};
 
 /// (name, content type, content)
 const ASSETS: &[(&str, &str, &str)] = &[
-    ("app.css", "text/css; charset=utf-8", include_str!("../../static/app.css")),
+    (
+        "app.css",
+        "text/css; charset=utf-8",
+        include_str!("../../static/app.css"),
+    ),
     (
         "workspace.js",
         "text/javascript; charset=utf-8",

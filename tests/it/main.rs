@@ -1,8 +1,9 @@
 //! Integration tests: the real router, SQLite and PostgreSQL, the real model, real clients.
 
+mod browser;
+mod cli;
 mod common;
 mod engine;
+mod participant;
 mod protocol;
 mod storage;
-mod cli;
-mod participant;

@@ -25,9 +25,10 @@ pub struct Browser {
 }
 
 impl Browser {
-    pub fn new(server: &TestServer) -> Self {
+    /// A browser of the server at `base` (`http://host:port`).
+    pub fn new(base: &str) -> Self {
         Self {
-            base: server.url(""),
+            base: base.to_string(),
             http: reqwest::Client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .build()
@@ -37,16 +38,28 @@ impl Browser {
     }
 
     fn cookie(&self) -> String {
-        format!("collabllm_session={}", self.token.clone().unwrap_or_default())
+        format!(
+            "collabllm_session={}",
+            self.token.clone().unwrap_or_default()
+        )
     }
 
     /// Opens the study link; keeps the cookie it sets.
     pub async fn enter(&mut self, slug: &str, pid: Option<&str>) -> reqwest::Response {
         let url = match pid {
-            Some(pid) => format!("{}/s/{slug}?PROLIFIC_PID={pid}&STUDY_ID=s1&SESSION_ID=x1", self.base),
+            Some(pid) => format!(
+                "{}/s/{slug}?PROLIFIC_PID={pid}&STUDY_ID=s1&SESSION_ID=x1",
+                self.base
+            ),
             None => format!("{}/s/{slug}", self.base),
         };
-        let response = self.http.get(url).header("cookie", self.cookie()).send().await.unwrap();
+        let response = self
+            .http
+            .get(url)
+            .header("cookie", self.cookie())
+            .send()
+            .await
+            .unwrap();
         if let Some(set) = response.headers().get("set-cookie") {
             let value = set.to_str().unwrap();
             let token = value.split(';').next().unwrap().split_once('=').unwrap().1;
@@ -86,9 +99,12 @@ pub struct Socket {
 }
 
 impl Socket {
-    pub async fn connect(server: &TestServer, slug: &str) -> Self {
-        let url = format!("ws://{}/s/{slug}/ws", server.addr);
-        let (ws, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
+    /// Connects to the server at `host` (`host:port`).
+    pub async fn connect(host: &str, slug: &str) -> Self {
+        let url = format!("ws://{host}/s/{slug}/ws");
+        let (ws, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .expect("websocket connects");
         Self { ws, seq: 0 }
     }
 
@@ -127,7 +143,10 @@ impl Socket {
     }
 
     /// Frames until one matches; returns it and what came before.
-    pub async fn until(&mut self, wanted: impl Fn(&ServerFrame) -> bool) -> (ServerFrame, Vec<ServerFrame>) {
+    pub async fn until(
+        &mut self,
+        wanted: impl Fn(&ServerFrame) -> bool,
+    ) -> (ServerFrame, Vec<ServerFrame>) {
         let mut before = Vec::new();
         loop {
             let f = self.next().await;
@@ -146,12 +165,18 @@ impl Socket {
             text: text.into(),
         })
         .await;
-        let (done, before) = self.until(|f| matches!(f, ServerFrame::AssistantDone { .. })).await;
+        let (done, before) = self
+            .until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
+            .await;
         assert!(
-            before.iter().any(|f| matches!(f, ServerFrame::Ack { client_seq, .. } if *client_seq == seq)),
+            before
+                .iter()
+                .any(|f| matches!(f, ServerFrame::Ack { client_seq, .. } if *client_seq == seq)),
             "the message was acknowledged: {before:?}"
         );
-        let ServerFrame::AssistantDone { text, .. } = done else { unreachable!() };
+        let ServerFrame::AssistantDone { text, .. } = done else {
+            unreachable!()
+        };
         let streamed: String = before
             .iter()
             .filter_map(|f| match f {
@@ -164,7 +189,11 @@ impl Socket {
     }
 
     pub async fn expect_ack(&mut self, seq: i64) -> Option<i32> {
-        match self.until(|f| matches!(f, ServerFrame::Ack { .. } | ServerFrame::Error { .. })).await.0 {
+        match self
+            .until(|f| matches!(f, ServerFrame::Ack { .. } | ServerFrame::Error { .. }))
+            .await
+            .0
+        {
             ServerFrame::Ack { client_seq, rev } => {
                 assert_eq!(client_seq, seq);
                 rev
@@ -185,7 +214,9 @@ impl Socket {
 
 /// The one session of the quick pilot's current version.
 fn only_session(conn: &mut db::DbConn) -> db::models::Session {
-    let study = db::studies::find_by_slug(conn, "quick-pilot").unwrap().unwrap();
+    let study = db::studies::find_by_slug(conn, "quick-pilot")
+        .unwrap()
+        .unwrap();
     let version = db::studies::current_version(conn, study.id).unwrap();
     let mut sessions = db::sessions::list_for_version(conn, version.id).unwrap();
     assert_eq!(sessions.len(), 1);
@@ -194,20 +225,20 @@ fn only_session(conn: &mut db::DbConn) -> db::models::Session {
 
 fn state_of(frame: ServerFrame) -> StateView {
     match frame {
-        ServerFrame::State(s) => s,
+        ServerFrame::State(s) => *s,
         other => panic!("expected state, got {other:?}"),
     }
 }
 
 /// A participant who consented, with an open socket that said hello.
 async fn consented(server: &TestServer, slug: &str, pid: &str) -> (Browser, Socket, StateView) {
-    let mut browser = Browser::new(server);
+    let mut browser = Browser::new(&server.url(""));
     let r = browser.enter(slug, Some(pid)).await;
     assert_eq!(r.status(), 303);
     assert_eq!(r.headers()["location"], format!("/s/{slug}/p?entered=1"));
     assert!(browser.page(slug).await.contains("I agree"));
     assert_eq!(browser.consent(slug, "agree").await.status(), 303);
-    let mut socket = Socket::connect(server, slug).await;
+    let mut socket = Socket::connect(&server.addr.to_string(), slug).await;
     let state = state_of(socket.hello(browser.token.as_ref().unwrap()).await);
     (browser, socket, state)
 }
@@ -232,25 +263,56 @@ async fn a_whole_session_from_consent_to_completion_code() {
     assert!(!s.can_finish);
 
     // Turn 1, then the periodic rating (every turn in the pilot) before anything else.
-    let reply = ws.chat("Help me thank my neighbour for watering the plants.").await;
-    let (request, _) = ws.until(|f| matches!(f, ServerFrame::RatingRequest { .. })).await;
-    let ServerFrame::RatingRequest { after_turn, ratings } = request else { unreachable!() };
+    let reply = ws
+        .chat("Help me thank my neighbour for watering the plants.")
+        .await;
+    let (request, _) = ws
+        .until(|f| matches!(f, ServerFrame::RatingRequest { .. }))
+        .await;
+    let ServerFrame::RatingRequest {
+        after_turn,
+        ratings,
+    } = request
+    else {
+        unreachable!()
+    };
     assert_eq!((after_turn, ratings[0].key.as_str()), (1, "interaction"));
     let seq = ws.next_seq();
-    ws.send(&ClientFrame::UserMessage { client_seq: seq, text: "too soon".into() }).await;
+    ws.send(&ClientFrame::UserMessage {
+        client_seq: seq,
+        text: "too soon".into(),
+    })
+    .await;
     ws.expect_error("rating_due").await;
     let seq = ws.next_seq();
-    ws.send(&ClientFrame::Rating { client_seq: seq, key: "interaction".into(), value: 7 }).await;
+    ws.send(&ClientFrame::Rating {
+        client_seq: seq,
+        key: "interaction".into(),
+        value: 7,
+    })
+    .await;
     ws.expect_ack(seq).await;
     assert_eq!(state_of(ws.next().await).phase, "chatting");
 
     // The document: the reply inserted, then edited by hand.
     let seq = ws.next_seq();
-    ws.send(&ClientFrame::DocUpdate { client_seq: seq, base_rev: 0, content: reply.clone(), inserted_message: Some(2) }).await;
+    ws.send(&ClientFrame::DocUpdate {
+        client_seq: seq,
+        base_rev: 0,
+        content: reply.clone(),
+        inserted_message: Some(2),
+    })
+    .await;
     assert_eq!(ws.expect_ack(seq).await, Some(1));
     let seq = ws.next_seq();
     let edited = format!("{reply}\nThank you so much! — Sam");
-    ws.send(&ClientFrame::DocUpdate { client_seq: seq, base_rev: 1, content: edited.clone(), inserted_message: None }).await;
+    ws.send(&ClientFrame::DocUpdate {
+        client_seq: seq,
+        base_rev: 1,
+        content: edited.clone(),
+        inserted_message: None,
+    })
+    .await;
     assert_eq!(ws.expect_ack(seq).await, Some(2));
 
     // Finishing before the minimum is refused; after turn 2 it is allowed.
@@ -258,9 +320,15 @@ async fn a_whole_session_from_consent_to_completion_code() {
     ws.send(&ClientFrame::Finish { client_seq: seq }).await;
     ws.expect_error("too_early").await;
     ws.chat("Make it shorter please.").await;
-    ws.until(|f| matches!(f, ServerFrame::RatingRequest { .. })).await;
+    ws.until(|f| matches!(f, ServerFrame::RatingRequest { .. }))
+        .await;
     let seq = ws.next_seq();
-    ws.send(&ClientFrame::Rating { client_seq: seq, key: "interaction".into(), value: 9 }).await;
+    ws.send(&ClientFrame::Rating {
+        client_seq: seq,
+        key: "interaction".into(),
+        value: 9,
+    })
+    .await;
     ws.expect_ack(seq).await;
     let s = state_of(ws.next().await);
     assert!(s.can_finish);
@@ -273,13 +341,21 @@ async fn a_whole_session_from_consent_to_completion_code() {
 
     // Incomplete final answers are refused; complete ones end the session with the code.
     let seq = ws.next_seq();
-    ws.send(&ClientFrame::FinalAnswers { client_seq: seq, ratings: BTreeMap::new(), answers: BTreeMap::new() }).await;
+    ws.send(&ClientFrame::FinalAnswers {
+        client_seq: seq,
+        ratings: BTreeMap::new(),
+        answers: BTreeMap::new(),
+    })
+    .await;
     ws.expect_error("incomplete").await;
     let seq = ws.next_seq();
     ws.send(&ClientFrame::FinalAnswers {
         client_seq: seq,
         ratings: BTreeMap::from([("document_quality".to_string(), 8)]),
-        answers: BTreeMap::from([("comments".to_string(), "Nice, \"quick\", helpful.\nThanks".to_string())]),
+        answers: BTreeMap::from([(
+            "comments".to_string(),
+            "Nice, \"quick\", helpful.\nThanks".to_string(),
+        )]),
     })
     .await;
     ws.expect_ack(seq).await;
@@ -291,25 +367,48 @@ async fn a_whole_session_from_consent_to_completion_code() {
 
     // Everything is stored, with server-side timings.
     let mut conn = pool.get().unwrap();
-    let study = db::studies::find_by_slug(&mut conn, "quick-pilot").unwrap().unwrap();
+    let study = db::studies::find_by_slug(&mut conn, "quick-pilot")
+        .unwrap()
+        .unwrap();
     let version = db::studies::current_version(&mut conn, study.id).unwrap();
     let sessions = db::sessions::list_for_version(&mut conn, version.id).unwrap();
     assert_eq!(sessions.len(), 1);
     let session = &sessions[0];
-    assert_eq!((session.state.as_str(), session.outcome.as_deref()), ("finished", Some("completed")));
-    assert!(session.consented_at.is_some() && session.first_message_at.is_some() && session.finished_at.is_some());
+    assert_eq!(
+        (session.state.as_str(), session.outcome.as_deref()),
+        ("finished", Some("completed"))
+    );
+    assert!(
+        session.consented_at.is_some()
+            && session.first_message_at.is_some()
+            && session.finished_at.is_some()
+    );
     assert_eq!(session.consent_sha256.as_ref().map(String::len), Some(64));
     let messages = db::messages::list_for_session(&mut conn, session.id).unwrap();
     let roles: Vec<&str> = messages.iter().map(|m| m.role.as_str()).collect();
     assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
     let reply = &messages[1];
     assert!(reply.ttft_ms.is_some() && reply.gen_ms.is_some() && reply.gen_tokens.unwrap() > 0);
-    let policy: serde_json::Value = serde_json::from_str(reply.policy_json.as_ref().unwrap()).unwrap();
-    assert_eq!(policy["fingerprint"], collabllm::engine::fetch::DEFAULT_MODEL_SHA256);
+    let policy: serde_json::Value =
+        serde_json::from_str(reply.policy_json.as_ref().unwrap()).unwrap();
+    assert_eq!(
+        policy["fingerprint"],
+        collabllm::engine::fetch::DEFAULT_MODEL_SHA256
+    );
     assert!(policy["sampling"]["seed"].is_u64());
     let ratings = db::ratings::list_for_session(&mut conn, session.id).unwrap();
-    let ratings: Vec<(i32, &str, i32)> = ratings.iter().map(|r| (r.after_turn, r.rating_key.as_str(), r.value)).collect();
-    assert_eq!(ratings, [(1, "interaction", 7), (2, "document_quality", 8), (2, "interaction", 9)]);
+    let ratings: Vec<(i32, &str, i32)> = ratings
+        .iter()
+        .map(|r| (r.after_turn, r.rating_key.as_str(), r.value))
+        .collect();
+    assert_eq!(
+        ratings,
+        [
+            (1, "interaction", 7),
+            (2, "document_quality", 8),
+            (2, "interaction", 9)
+        ]
+    );
     let revisions = db::revisions::list_for_session(&mut conn, session.id).unwrap();
     let authors: Vec<&str> = revisions.iter().map(|r| r.author.as_str()).collect();
     assert_eq!(authors, ["assistant_insert", "user"]);
@@ -327,18 +426,26 @@ async fn a_reply_interrupted_by_a_reconnect_completes_and_is_shown() {
     let server = TestServer::start(state_with_model(&db));
     let (browser, mut ws, _) = consented(&server, "quick-pilot", "pid-reconnect").await;
     let seq = ws.next_seq();
-    ws.send(&ClientFrame::UserMessage { client_seq: seq, text: "Write a note about moving a meeting.".into() }).await;
+    ws.send(&ClientFrame::UserMessage {
+        client_seq: seq,
+        text: "Write a note about moving a meeting.".into(),
+    })
+    .await;
     ws.until(|f| matches!(f, ServerFrame::Token { .. })).await;
     drop(ws); // the page is refreshed mid-stream
 
-    let mut ws = Socket::connect(&server, "quick-pilot").await;
+    let mut ws = Socket::connect(&server.addr.to_string(), "quick-pilot").await;
     let s = state_of(ws.hello(browser.token.as_ref().unwrap()).await);
     let stored = s.messages.iter().any(|m| m.role == "assistant");
-    assert!(stored || s.streaming.is_some(), "the reply is shown after reconnect: {s:?}");
+    assert!(
+        stored || s.streaming.is_some(),
+        "the reply is shown after reconnect: {s:?}"
+    );
     if !stored {
-        ws.until(|f| matches!(f, ServerFrame::AssistantDone { .. })).await;
+        ws.until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
+            .await;
     }
-    let mut again = Socket::connect(&server, "quick-pilot").await;
+    let mut again = Socket::connect(&server.addr.to_string(), "quick-pilot").await;
     let s = state_of(again.hello(browser.token.as_ref().unwrap()).await);
     assert_eq!(s.messages.len(), 2);
     assert_eq!(s.last_client_seq, seq);
@@ -352,19 +459,42 @@ async fn a_resent_frame_is_applied_once() {
     let pool = state.pool.clone();
     let server = TestServer::start(state);
     let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-resend").await;
-    let doc = ClientFrame::DocUpdate { client_seq: 1, base_rev: 0, content: "Draft".into(), inserted_message: None };
+    let doc = ClientFrame::DocUpdate {
+        client_seq: 1,
+        base_rev: 0,
+        content: "Draft".into(),
+        inserted_message: None,
+    };
     ws.send(&doc).await;
     assert_eq!(ws.expect_ack(1).await, Some(1));
     ws.send(&doc).await;
-    assert_eq!(ws.expect_ack(1).await, None, "a resend is acknowledged, not applied");
-    let message = ClientFrame::UserMessage { client_seq: 2, text: "Hello".into() };
+    assert_eq!(
+        ws.expect_ack(1).await,
+        None,
+        "a resend is acknowledged, not applied"
+    );
+    let message = ClientFrame::UserMessage {
+        client_seq: 2,
+        text: "Hello".into(),
+    };
     ws.send(&message).await;
-    ws.until(|f| matches!(f, ServerFrame::AssistantDone { .. })).await;
+    ws.until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
+        .await;
     ws.send(&message).await;
     ws.expect_ack(2).await;
-    ws.send(&ClientFrame::Event { client_seq: 3, kind: "blur".into(), data: serde_json::json!({"at": 1}) }).await;
+    ws.send(&ClientFrame::Event {
+        client_seq: 3,
+        kind: "blur".into(),
+        data: serde_json::json!({"at": 1}),
+    })
+    .await;
     ws.expect_ack(3).await;
-    ws.send(&ClientFrame::Event { client_seq: 3, kind: "blur".into(), data: serde_json::json!({"at": 1}) }).await;
+    ws.send(&ClientFrame::Event {
+        client_seq: 3,
+        kind: "blur".into(),
+        data: serde_json::json!({"at": 1}),
+    })
+    .await;
     ws.expect_ack(3).await;
 
     let mut conn = pool.get().unwrap();
@@ -375,8 +505,18 @@ async fn a_resent_frame_is_applied_once() {
         .filter(|m| m.role == "user")
         .count();
     assert_eq!(users, 1);
-    assert_eq!(db::revisions::list_for_session(&mut conn, session.id).unwrap().len(), 1);
-    assert_eq!(db::events::list_for_session(&mut conn, session.id).unwrap().len(), 1);
+    assert_eq!(
+        db::revisions::list_for_session(&mut conn, session.id)
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(
+        db::events::list_for_session(&mut conn, session.id)
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -392,9 +532,15 @@ async fn two_participants_see_only_their_own_session() {
     assert!(s.messages.is_empty(), "{s:?}");
     // A's token on B's connection is refused; the connection stays B's.
     let refused = ws_b.hello(a.token.as_ref().unwrap()).await;
-    assert!(matches!(refused, ServerFrame::Error { ref code, .. } if code == "wrong_session"), "{refused:?}");
+    assert!(
+        matches!(refused, ServerFrame::Error { ref code, .. } if code == "wrong_session"),
+        "{refused:?}"
+    );
     // B's page is B's: a browser without A's cookie never sees A's workspace.
-    assert!(!b.page("quick-pilot").await.contains(a.token.as_ref().unwrap()));
+    assert!(!b
+        .page("quick-pilot")
+        .await
+        .contains(a.token.as_ref().unwrap()));
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -405,23 +551,52 @@ async fn the_client_never_learns_the_arm_model_or_prompt() {
     let page = browser.page("quick-pilot").await;
     let mut seen = page.clone();
     let seq = ws.next_seq();
-    ws.send(&ClientFrame::UserMessage { client_seq: seq, text: "Hi".into() }).await;
-    let (_, frames) = ws.until(|f| matches!(f, ServerFrame::AssistantDone { .. })).await;
+    ws.send(&ClientFrame::UserMessage {
+        client_seq: seq,
+        text: "Hi".into(),
+    })
+    .await;
+    let (_, frames) = ws
+        .until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
+        .await;
     for f in frames {
         seen.push_str(&serde_json::to_string(&f).unwrap());
     }
-    ws.send(&ClientFrame::Hello { session_token: browser.token.clone().unwrap() }).await;
+    ws.send(&ClientFrame::Hello {
+        session_token: browser.token.clone().unwrap(),
+    })
+    .await;
     let (again, frames) = ws.until(|f| matches!(f, ServerFrame::State(_))).await;
     for f in frames.iter().chain([&again]) {
         seen.push_str(&serde_json::to_string(f).unwrap());
     }
-    let js = reqwest::get(server.url("/static/workspace.js")).await.unwrap().text().await.unwrap();
+    let js = reqwest::get(server.url("/static/workspace.js"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     seen.push_str(&js);
-    for secret in ["proactive", "smollm2", "SmolLM2", "Ask one clarifying question", "temperature", "sampling", ".gguf"] {
+    for secret in [
+        "proactive",
+        "smollm2",
+        "SmolLM2",
+        "Ask one clarifying question",
+        "temperature",
+        "sampling",
+        ".gguf",
+    ] {
         assert!(!seen.contains(secret), "the client saw {secret:?}");
     }
-    let headers = Browser::new(&server).enter("quick-pilot", None).await;
-    let csp = headers.headers().get("content-security-policy").unwrap().to_str().unwrap();
+    let headers = Browser::new(&server.url(""))
+        .enter("quick-pilot", None)
+        .await;
+    let csp = headers
+        .headers()
+        .get("content-security-policy")
+        .unwrap()
+        .to_str()
+        .unwrap();
     assert!(csp.contains("script-src 'self'"), "{csp}");
 }
 
@@ -429,51 +604,100 @@ async fn the_client_never_learns_the_arm_model_or_prompt() {
 async fn bad_frames_get_error_frames_and_the_connection_survives() {
     let db = TestDb::sqlite();
     let state = state_with_model(&db);
-    pilot_with(&state, |t| t.replace("messages_per_minute = 30", "messages_per_minute = 1"));
+    pilot_with(&state, |t| {
+        t.replace("messages_per_minute = 30", "messages_per_minute = 1")
+    });
     let pool = state.pool.clone();
     let server = TestServer::start(state);
     let (browser, mut ws, _) = consented(&server, "quick-pilot", "pid-bad").await;
 
-    let mut fresh = Socket::connect(&server, "quick-pilot").await;
+    let mut fresh = Socket::connect(&server.addr.to_string(), "quick-pilot").await;
     fresh.send(&ClientFrame::Stop { client_seq: 1 }).await;
     fresh.expect_error("not_authenticated").await;
-    assert!(matches!(fresh.hello("not-a-token").await, ServerFrame::Error { ref code, .. } if code == "unauthorized"));
+    assert!(
+        matches!(fresh.hello("not-a-token").await, ServerFrame::Error { ref code, .. } if code == "unauthorized")
+    );
 
     ws.raw("this is not json").await;
     ws.expect_error("bad_frame").await;
-    ws.raw(r#"{"type":"user_message","client_seq":"one"}"#).await;
+    ws.raw(r#"{"type":"user_message","client_seq":"one"}"#)
+        .await;
     ws.expect_error("bad_frame").await;
     ws.raw(r#"{"type":"launch_missiles","client_seq":1}"#).await;
     ws.expect_error("bad_frame").await;
-    ws.ws.send(Message::binary(vec![0u8, 159, 146, 150])).await.unwrap();
+    ws.ws
+        .send(Message::binary(vec![0u8, 159, 146, 150]))
+        .await
+        .unwrap();
     ws.expect_error("bad_frame").await;
     let seq = ws.next_seq();
-    ws.send(&ClientFrame::UserMessage { client_seq: seq, text: "x".repeat(8 * 1024 + 1) }).await;
+    ws.send(&ClientFrame::UserMessage {
+        client_seq: seq,
+        text: "x".repeat(8 * 1024 + 1),
+    })
+    .await;
     ws.expect_error("too_large").await;
     let seq = ws.next_seq();
-    ws.send(&ClientFrame::DocUpdate { client_seq: seq, base_rev: 0, content: "y".repeat(200 * 1024 + 1), inserted_message: None }).await;
+    ws.send(&ClientFrame::DocUpdate {
+        client_seq: seq,
+        base_rev: 0,
+        content: "y".repeat(200 * 1024 + 1),
+        inserted_message: None,
+    })
+    .await;
     ws.expect_error("too_large").await;
     let seq = ws.next_seq();
-    ws.send(&ClientFrame::DocUpdate { client_seq: seq, base_rev: 5, content: "stale".into(), inserted_message: None }).await;
+    ws.send(&ClientFrame::DocUpdate {
+        client_seq: seq,
+        base_rev: 5,
+        content: "stale".into(),
+        inserted_message: None,
+    })
+    .await;
     ws.expect_error("conflict").await;
     let seq = ws.next_seq();
-    ws.send(&ClientFrame::Rating { client_seq: seq, key: "interaction".into(), value: 5 }).await;
+    ws.send(&ClientFrame::Rating {
+        client_seq: seq,
+        key: "interaction".into(),
+        value: 5,
+    })
+    .await;
     ws.expect_error("invalid_rating").await;
     let seq = ws.next_seq();
-    ws.send(&ClientFrame::Event { client_seq: seq, kind: "k".repeat(65), data: serde_json::Value::Null }).await;
+    ws.send(&ClientFrame::Event {
+        client_seq: seq,
+        kind: "k".repeat(65),
+        data: serde_json::Value::Null,
+    })
+    .await;
     ws.expect_error("bad_event").await;
 
     // Rate limit: one message per minute in this protocol.
     ws.chat("First message.").await;
-    ws.until(|f| matches!(f, ServerFrame::RatingRequest { .. })).await;
+    ws.until(|f| matches!(f, ServerFrame::RatingRequest { .. }))
+        .await;
     let seq = ws.next_seq();
-    ws.send(&ClientFrame::Rating { client_seq: seq, key: "interaction".into(), value: 11 }).await;
+    ws.send(&ClientFrame::Rating {
+        client_seq: seq,
+        key: "interaction".into(),
+        value: 11,
+    })
+    .await;
     ws.expect_error("invalid_rating").await;
     let seq = ws.next_seq();
-    ws.send(&ClientFrame::Rating { client_seq: seq, key: "interaction".into(), value: 5 }).await;
+    ws.send(&ClientFrame::Rating {
+        client_seq: seq,
+        key: "interaction".into(),
+        value: 5,
+    })
+    .await;
     ws.expect_ack(seq).await;
     let seq = ws.next_seq();
-    ws.send(&ClientFrame::UserMessage { client_seq: seq, text: "Second, too soon.".into() }).await;
+    ws.send(&ClientFrame::UserMessage {
+        client_seq: seq,
+        text: "Second, too soon.".into(),
+    })
+    .await;
     ws.expect_error("rate_limited").await;
 
     // After all that the connection still works and nothing stored was lost.
@@ -481,27 +705,43 @@ async fn bad_frames_get_error_frames_and_the_connection_survives() {
     assert_eq!(s.messages.len(), 2);
     let mut conn = pool.get().unwrap();
     let session = only_session(&mut conn);
-    assert_eq!(db::messages::list_for_session(&mut conn, session.id).unwrap().len(), 2);
-    assert!(db::revisions::list_for_session(&mut conn, session.id).unwrap().is_empty());
+    assert_eq!(
+        db::messages::list_for_session(&mut conn, session.id)
+            .unwrap()
+            .len(),
+        2
+    );
+    assert!(db::revisions::list_for_session(&mut conn, session.id)
+        .unwrap()
+        .is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn declining_consent_ends_with_the_no_consent_code() {
     let db = TestDb::sqlite();
     let server = TestServer::start(state_with_model(&db));
-    let mut browser = Browser::new(&server);
+    let mut browser = Browser::new(&server.url(""));
     browser.enter("quick-pilot", Some("pid-no")).await;
     browser.consent("quick-pilot", "decline").await;
-    assert!(browser.page("quick-pilot").await.contains("PILOT-NOCONSENT"));
+    assert!(browser
+        .page("quick-pilot")
+        .await
+        .contains("PILOT-NOCONSENT"));
     // Coming back with the same PID shows the same outcome, not a new session.
-    let mut again = Browser::new(&server);
+    let mut again = Browser::new(&server.url(""));
     again.enter("quick-pilot", Some("pid-no")).await;
     assert!(again.page("quick-pilot").await.contains("PILOT-NOCONSENT"));
-    let unknown = Browser::new(&server).enter("no-such-study", None).await;
+    let unknown = Browser::new(&server.url(""))
+        .enter("no-such-study", None)
+        .await;
     assert_eq!(unknown.status(), 404);
     // A browser that refuses cookies is told so instead of being sent round in circles.
     let no_cookies = reqwest::get(server.url("/s/quick-pilot")).await.unwrap();
-    assert!(no_cookies.text().await.unwrap().contains("Cookies are needed"));
+    assert!(no_cookies
+        .text()
+        .await
+        .unwrap()
+        .contains("Cookies are needed"));
 }
 
 crate::on_both_backends!(balanced_assignment_of_300_entries, |db: &TestDb| {
@@ -510,17 +750,23 @@ crate::on_both_backends!(balanced_assignment_of_300_entries, |db: &TestDb| {
         let pool = db.pool();
         let loaded = crate::common::example_protocol();
         db::studies::import(&mut pool.get().unwrap(), &loaded).unwrap();
-        let studio = collabllm::study::Studio::new(pool.clone(), collabllm::engine::Engines::new()).unwrap();
+        let studio =
+            collabllm::study::Studio::new(pool.clone(), collabllm::engine::Engines::new()).unwrap();
         let mut first_arm = None;
         for i in 0..300 {
-            let entry = studio.enter("doc-cocreation".into(), Some(format!("pid-{i}")), None).await.unwrap();
+            let entry = studio
+                .enter("doc-cocreation".into(), Some(format!("pid-{i}")), None)
+                .await
+                .unwrap();
             let session = studio.agree(entry.session.id).await.unwrap();
             if i == 0 {
                 first_arm = session.arm_id;
             }
         }
         let mut conn = pool.get().unwrap();
-        let study = db::studies::find_by_slug(&mut conn, "doc-cocreation").unwrap().unwrap();
+        let study = db::studies::find_by_slug(&mut conn, "doc-cocreation")
+            .unwrap()
+            .unwrap();
         let version = db::studies::current_version(&mut conn, study.id).unwrap();
         let ledger = db::assignments::list_for_version(&mut conn, version.id).unwrap();
         assert_eq!(ledger.len(), 300);
@@ -528,9 +774,15 @@ crate::on_both_backends!(balanced_assignment_of_300_entries, |db: &TestDb| {
         for a in &ledger {
             *counts.entry(a.arm_id).or_insert(0) += 1;
         }
-        let (min, max) = (counts.values().min().unwrap(), counts.values().max().unwrap());
+        let (min, max) = (
+            counts.values().min().unwrap(),
+            counts.values().max().unwrap(),
+        );
         assert_eq!(counts.len(), 3);
-        assert!(max - min <= 3, "arm counts differ by more than one block: {counts:?}");
+        assert!(
+            max - min <= 3,
+            "arm counts differ by more than one block: {counts:?}"
+        );
         let mut topics = std::collections::HashMap::new();
         for a in &ledger {
             *topics.entry(a.task_id.clone()).or_insert(0) += 1;
@@ -539,8 +791,105 @@ crate::on_both_backends!(balanced_assignment_of_300_entries, |db: &TestDb| {
         let inputs: serde_json::Value = serde_json::from_str(&ledger[5].inputs_json).unwrap();
         assert_eq!(inputs["arm"]["seed"], 20250713);
         // A returning participant keeps their session and arm.
-        let back = studio.enter("doc-cocreation".into(), Some("pid-0".into()), None).await.unwrap();
+        let back = studio
+            .enter("doc-cocreation".into(), Some("pid-0".into()), None)
+            .await
+            .unwrap();
         assert_eq!(back.session.arm_id, first_arm);
-        assert_eq!(db::sessions::list_for_version(&mut conn, version.id).unwrap().len(), 300);
+        assert_eq!(
+            db::sessions::list_for_version(&mut conn, version.id)
+                .unwrap()
+                .len(),
+            300
+        );
     });
 });
+
+/// The `collabllm serve` binary on a free port, over `database`.
+struct ServeProcess {
+    child: std::process::Child,
+    host: String,
+}
+
+impl ServeProcess {
+    fn start(database: &str, port: u16) -> Self {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_collabllm"))
+            .args([
+                "--database-url",
+                database,
+                "--models-dir",
+                models_dir().to_str().unwrap(),
+            ])
+            .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+            .arg("--protocol")
+            .arg(repo_root().join("study-protocols/quick-pilot.toml"))
+            .env("COLLABLLM_LOG", "warn")
+            .spawn()
+            .expect("start collabllm serve");
+        let host = format!("127.0.0.1:{port}");
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(&host).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "serve did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { child, host }
+    }
+
+    /// Ends the process at once, as a crash or `kill -9` would.
+    fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_server_loses_nothing_that_was_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("study.sqlite3").display());
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = ServeProcess::start(&database, port);
+    let base = format!("http://{}", server.host);
+    let mut browser = Browser::new(&base);
+    browser.enter("quick-pilot", Some("pid-crash")).await;
+    browser.consent("quick-pilot", "agree").await;
+    let mut ws = Socket::connect(&server.host, "quick-pilot").await;
+    state_of(ws.hello(browser.token.as_ref().unwrap()).await);
+    ws.send(&ClientFrame::DocUpdate {
+        client_seq: 1,
+        base_rev: 0,
+        content: "Saved draft".into(),
+        inserted_message: None,
+    })
+    .await;
+    assert_eq!(ws.expect_ack(1).await, Some(1));
+    ws.send(&ClientFrame::UserMessage {
+        client_seq: 2,
+        text: "Please write the note.".into(),
+    })
+    .await;
+    ws.expect_ack(2).await;
+    server.kill(); // in the middle of the reply
+
+    let server = ServeProcess::start(&database, port);
+    let mut ws = Socket::connect(&server.host, "quick-pilot").await;
+    let s = state_of(ws.hello(browser.token.as_ref().unwrap()).await);
+    assert_eq!(s.document.content, "Saved draft");
+    assert_eq!(s.messages[0].content, "Please write the note.");
+    assert_eq!(s.last_client_seq, 2);
+    // The reply that was cut off is generated again.
+    if s.messages.len() < 2 {
+        ws.until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
+            .await;
+    }
+    let mut check = Socket::connect(&server.host, "quick-pilot").await;
+    let s = state_of(check.hello(browser.token.as_ref().unwrap()).await);
+    assert_eq!(s.messages.len(), 2);
+    server.kill();
+}

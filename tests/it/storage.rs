@@ -365,7 +365,8 @@ on_both_backends!(
         assert!(db::revisions::latest(&mut conn, f.session_id)
             .unwrap()
             .is_none());
-        let r1 = db::revisions::append(&mut conn, f.session_id, "assistant", Some(2), "Draft").unwrap();
+        let r1 =
+            db::revisions::append(&mut conn, f.session_id, "assistant", Some(2), "Draft").unwrap();
         let r2 = db::revisions::append(&mut conn, f.session_id, "user", None, AWKWARD).unwrap();
         assert_eq!((r1.rev, r2.rev), (1, 2));
         assert_eq!(

@@ -1,0 +1,304 @@
+//! The participant's study in a real headless Chromium (Debian's `chromium` and
+//! `chromium-driver`): consent, 8 turns with periodic ratings, insert into the document, edits, a
+//! page refresh in the middle, final ratings and the completion code; then the database.
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use collabllm::db;
+use collabllm::protocol::LoadedProtocol;
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
+
+use crate::common::{models_dir, repo_root, state_with_model, TestDb, TestServer};
+
+const WAIT: Duration = Duration::from_secs(180);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// chromedriver on a loopback port, stopped when dropped.
+struct Driver {
+    child: Child,
+    port: u16,
+}
+
+impl Driver {
+    fn start() -> Self {
+        let binary = std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
+        let port = free_port();
+        let child = Command::new(&binary)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start {binary} ({e}): install Debian's chromium and chromium-driver (scripts/setup --tests)")
+            });
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "chromedriver did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { child, port }
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn chromium(driver: &Driver, profile: &std::path::Path) -> Client {
+    let binary = std::env::var("CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    let caps = json!({
+        "goog:chromeOptions": {
+            "binary": binary,
+            "args": [
+                "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--disable-quic", "--no-first-run", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--window-size=1280,860",
+                format!("--user-data-dir={}", profile.display()),
+            ]
+        }
+    });
+    let caps = caps.as_object().unwrap().clone().into_iter().collect();
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(caps)
+        .connect(&format!("http://127.0.0.1:{}", driver.port))
+        .await
+        .expect("a Chromium session")
+}
+
+/// Polls a JavaScript condition until it is true.
+async fn wait_for(client: &Client, condition: &str) {
+    let started = Instant::now();
+    loop {
+        let value = client
+            .execute(&format!("return Boolean({condition});"), vec![])
+            .await
+            .unwrap();
+        if value == json!(true) {
+            return;
+        }
+        assert!(
+            started.elapsed() < WAIT,
+            "timed out waiting for: {condition}"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+}
+
+async fn click(client: &Client, css: &str) {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+}
+
+async fn replies(client: &Client) -> usize {
+    client
+        .find_all(Locator::Css(".msg.assistant .insert"))
+        .await
+        .unwrap()
+        .len()
+}
+
+async fn rate(client: &Client, overlay: &str, key: &str, value: i32) {
+    click(
+        client,
+        &format!("{overlay} [data-key=\"{key}\"] button[data-value=\"{value}\"]"),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_participant_completes_the_study_in_chromium() {
+    let db = TestDb::sqlite();
+    let state = state_with_model(&db);
+    // The paper's protocol, with short replies to keep the test quick.
+    let path = repo_root().join("study-protocols/doc-cocreation.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("max_tokens = 400", "max_tokens = 24");
+    let loaded = LoadedProtocol::from_text(&path, text, &models_dir()).unwrap();
+    db::studies::import(&mut state.pool.get().unwrap(), &loaded).unwrap();
+    state
+        .engines
+        .load_protocol(&loaded.protocol, &models_dir())
+        .unwrap();
+    let pool = state.pool.clone();
+    let server = TestServer::start(state);
+
+    let driver = Driver::start();
+    let profile = tempfile::tempdir().unwrap();
+    let client = chromium(&driver, profile.path()).await;
+    client
+        .goto(&server.url("/s/doc-cocreation?PROLIFIC_PID=browser-1&STUDY_ID=s&SESSION_ID=x"))
+        .await
+        .unwrap();
+    wait_for(&client, "document.getElementById('agree')").await;
+    click(&client, "#agree").await;
+    wait_for(
+        &client,
+        "document.getElementById('connection')?.textContent === 'Connected'",
+    )
+    .await;
+    wait_for(
+        &client,
+        "document.getElementById('task-instructions').textContent.length > 0",
+    )
+    .await;
+
+    for turn in 1..=8usize {
+        let input = client.find(Locator::Id("input")).await.unwrap();
+        input
+            .send_keys(&format!("Turn {turn}: help me improve my text."))
+            .await
+            .unwrap();
+        click(&client, "#send").await;
+        let started = Instant::now();
+        while replies(&client).await < turn {
+            assert!(started.elapsed() < WAIT, "no reply for turn {turn}");
+            tokio::time::sleep(Duration::from_millis(150)).await;
+        }
+        if turn == 1 {
+            // Insert the reply, then edit the document by hand.
+            click(&client, ".msg.assistant .insert").await;
+            wait_for(
+                &client,
+                "document.getElementById('saved').textContent === 'Saved'",
+            )
+            .await;
+            let doc = client.find(Locator::Id("document")).await.unwrap();
+            doc.send_keys(" My own words.").await.unwrap();
+            wait_for(
+                &client,
+                "document.getElementById('document').value.includes('My own words.')",
+            )
+            .await;
+            wait_for(
+                &client,
+                "document.getElementById('saved').textContent === 'Saved'",
+            )
+            .await;
+        }
+        if turn % 3 == 0 {
+            wait_for(&client, "!document.getElementById('rating').hidden").await;
+            rate(&client, "#rating", "interaction", 6 + (turn as i32 / 3)).await;
+            click(&client, "#rating-submit").await;
+            wait_for(&client, "document.getElementById('rating').hidden").await;
+        }
+        if turn == 2 {
+            let png = client.screenshot().await.unwrap();
+            let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("workspace.png");
+            std::fs::write(&shot, png).unwrap();
+        }
+        if turn == 4 {
+            // A refresh in the middle: everything is still there.
+            client.refresh().await.unwrap();
+            wait_for(
+                &client,
+                "document.querySelectorAll('.msg.user').length === 4",
+            )
+            .await;
+            wait_for(
+                &client,
+                "document.querySelectorAll('.msg.assistant .insert').length === 4",
+            )
+            .await;
+            wait_for(
+                &client,
+                "document.getElementById('document').value.includes('My own words.')",
+            )
+            .await;
+        }
+    }
+    wait_for(&client, "!document.getElementById('finish').disabled").await;
+    click(&client, "#finish").await;
+    wait_for(&client, "!document.getElementById('final').hidden").await;
+    rate(&client, "#final", "document_quality", 8).await;
+    rate(&client, "#final", "overall_interaction", 9).await;
+    let boxes = client
+        .find_all(Locator::Css("#final textarea"))
+        .await
+        .unwrap();
+    boxes[0]
+        .send_keys("It asked good questions.")
+        .await
+        .unwrap();
+    boxes[1]
+        .send_keys("Replies were short, \"too\" short.")
+        .await
+        .unwrap();
+    click(&client, "#final-submit").await;
+    wait_for(&client, "!document.getElementById('completed').hidden").await;
+    let code = client
+        .find(Locator::Css("#completed #completion-code"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(code, "CLLM-DONE-7Q2X");
+    let link = client
+        .find(Locator::Id("completion-link"))
+        .await
+        .unwrap()
+        .attr("href")
+        .await
+        .unwrap();
+    assert_eq!(
+        link.as_deref(),
+        Some("https://app.prolific.com/submissions/complete?cc=CLLM-DONE-7Q2X")
+    );
+    client.close().await.unwrap();
+
+    let mut conn = pool.get().unwrap();
+    let study = db::studies::find_by_slug(&mut conn, "doc-cocreation")
+        .unwrap()
+        .unwrap();
+    let version = db::studies::current_version(&mut conn, study.id).unwrap();
+    let session = db::sessions::list_for_version(&mut conn, version.id)
+        .unwrap()
+        .remove(0);
+    assert_eq!(session.state, "finished");
+    let messages = db::messages::list_for_session(&mut conn, session.id).unwrap();
+    assert_eq!(messages.len(), 16);
+    let ratings: Vec<(i32, String, i32)> = db::ratings::list_for_session(&mut conn, session.id)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.after_turn, r.rating_key, r.value))
+        .collect();
+    assert_eq!(
+        ratings,
+        [
+            (3, "interaction".to_string(), 7),
+            (6, "interaction".to_string(), 8),
+            (8, "document_quality".to_string(), 8),
+            (8, "overall_interaction".to_string(), 9),
+        ]
+    );
+    let revisions = db::revisions::list_for_session(&mut conn, session.id).unwrap();
+    assert_eq!(revisions[0].author, "assistant_insert");
+    assert_eq!(revisions[0].message_seq, Some(2));
+    assert!(revisions.last().unwrap().content.ends_with("My own words."));
+    assert!(revisions.iter().any(|r| r.author == "user"));
+    let answers = db::answers::list_for_session(&mut conn, session.id).unwrap();
+    assert_eq!(answers.len(), 2);
+    assert_eq!(answers[1].answer, "Replies were short, \"too\" short.");
+}
