@@ -64,7 +64,7 @@ pub struct SessionRules {
     pub max_message_bytes: usize,
     pub max_document_bytes: usize,
     pub messages_per_minute: u32,
-    /// A session without activity for this long ends as `timed_out`.
+    /// A session without activity for this long ends as `timed_out`; 0 means never.
     pub idle_timeout_minutes: u32,
     pub assignment: AssignmentMethod,
     /// Seed of the permuted-block sequence; recorded so the sequence can be audited and replayed.

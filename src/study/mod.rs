@@ -124,6 +124,38 @@ impl Studio {
         Ok(protocol)
     }
 
+    /// Ends, with the protocol's "timed out" outcome, every open session that has been idle
+    /// longer than its protocol allows at `now`. Returns how many ended.
+    pub async fn expire_idle_sessions(
+        self: &Arc<Self>,
+        now: chrono::NaiveDateTime,
+    ) -> Result<usize, StudyError> {
+        let this = self.clone();
+        self.db(move |conn| {
+            let mut ended = 0;
+            let candidates =
+                db::sessions::idle_since(conn, &state::OPEN, now - chrono::Duration::minutes(1))?;
+            for session in candidates {
+                let protocol = this.protocol(conn, session.study_version_id)?;
+                let limit = i64::from(protocol.session.idle_timeout_minutes);
+                if limit == 0 || session.last_activity_at > now - chrono::Duration::minutes(limit) {
+                    continue;
+                }
+                db::sessions::finish(
+                    conn,
+                    session.id,
+                    state::TIMED_OUT,
+                    "timed_out",
+                    &protocol.outcomes.timed_out.code,
+                )?;
+                tracing::info!(session = %session.public_id, "session timed out");
+                ended += 1;
+            }
+            Ok(ended)
+        })
+        .await
+    }
+
     /// The pseudonymous form of an external id (a Prolific PID): an HMAC keyed by an
     /// installation secret, so the id cannot be read back or matched across installations.
     fn external_id_hmac(&self, study_slug: &str, external_id: &str) -> String {

@@ -108,12 +108,16 @@ fn security_headers() -> actix_web::middleware::DefaultHeaders {
         .add(("X-Frame-Options", "DENY"))
 }
 
+/// How often idle sessions are looked for and ended as timed out.
+const IDLE_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Serves until the process is stopped.
 pub async fn serve(
     state: AppState,
     bind: std::net::SocketAddr,
     workers: Option<usize>,
 ) -> std::io::Result<()> {
+    let studio = state.studio.clone();
     let data = web::Data::new(state);
     let mut server =
         HttpServer::new(move || App::new().app_data(data.clone()).configure(routes)).bind(bind)?;
@@ -121,5 +125,14 @@ pub async fn serve(
         server = server.workers(n);
     }
     tracing::info!(%bind, "listening");
+    actix_web::rt::spawn(async move {
+        let mut every = tokio::time::interval(IDLE_SWEEP_INTERVAL);
+        loop {
+            every.tick().await;
+            if let Err(e) = studio.expire_idle_sessions(crate::db::now()).await {
+                tracing::warn!(error = %e, "cannot end idle sessions");
+            }
+        }
+    });
     server.run().await
 }

@@ -43,6 +43,61 @@ fn see_other(location: String) -> HttpResponse {
         .finish()
 }
 
+/// Errors of participant pages: the same kinds and status codes as [`ApiError`], shown as a page
+/// a person can read rather than as JSON.
+#[derive(Debug)]
+struct PageError(ApiError);
+
+impl std::fmt::Display for PageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<E: Into<ApiError>> From<E> for PageError {
+    fn from(e: E) -> Self {
+        PageError(e.into())
+    }
+}
+
+impl actix_web::ResponseError for PageError {
+    fn status_code(&self) -> actix_web::http::StatusCode {
+        self.0.status_code()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let heading = match self.0 {
+            ApiError::NotFound(_) => "Not found",
+            ApiError::Unauthorized(_) => "Session expired",
+            ApiError::Unavailable(_) => "Not available",
+            _ => "Something went wrong",
+        };
+        let message = match &self.0 {
+            ApiError::Database(_) | ApiError::Internal(_) | ApiError::Engine(_) => {
+                tracing::error!(error = %self.0, "participant page failed");
+                "The study server has a problem. Your answers so far are saved; please try again in a \
+                 few minutes."
+                    .to_string()
+            }
+            other => other.to_string(),
+        };
+        let page = NoticePage {
+            heading,
+            message: &message,
+        };
+        match page.render() {
+            Ok(html) => HttpResponse::build(self.status_code())
+                .content_type("text/html; charset=utf-8")
+                .body(html),
+            Err(_) => HttpResponse::build(self.status_code()).body(message),
+        }
+    }
+}
+
+fn page<T: Template>(t: &T) -> Result<HttpResponse, PageError> {
+    Ok(render(t)?)
+}
+
 impl From<StudyError> for ApiError {
     fn from(e: StudyError) -> Self {
         match e {
@@ -60,7 +115,7 @@ async fn enter_study(
     state: web::Data<AppState>,
     slug: web::Path<String>,
     query: web::Query<EntryQuery>,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<HttpResponse, PageError> {
     let slug = slug.into_inner();
     let token = req.cookie(COOKIE).map(|c| c.value().to_string());
     let entry = state
@@ -120,11 +175,11 @@ async fn show_session(
     state: web::Data<AppState>,
     slug: web::Path<String>,
     query: web::Query<SessionQuery>,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<HttpResponse, PageError> {
     let slug = slug.into_inner();
     let Some(token) = req.cookie(COOKIE).map(|c| c.value().to_string()) else {
         if query.entered.is_some() {
-            return render(&NoticePage {
+            return page(&NoticePage {
                 heading: "Cookies are needed",
                 message:
                     "This study keeps your place with a cookie. Please allow cookies for this site \
@@ -142,19 +197,19 @@ async fn show_session(
     };
     let protocol = state.studio.protocol_of(&session).await?;
     match session.state.as_str() {
-        state::CONSENT => render(&ConsentPage {
+        state::CONSENT => page(&ConsentPage {
             title: &study.title,
             slug: &slug,
             consent: &protocol.consent.text,
         }),
-        state::CHATTING | state::RATING | state::FINAL => render(&WorkspacePage {
+        state::CHATTING | state::RATING | state::FINAL => page(&WorkspacePage {
             title: &study.title,
             slug: &slug,
             token: &token,
         }),
         _ => {
             let outcome = outcome_of(&protocol, &session);
-            render(&DonePage {
+            page(&DonePage {
                 title: &study.title,
                 outcome,
                 redirect: outcome
@@ -186,7 +241,7 @@ async fn submit_consent(
     state: web::Data<AppState>,
     slug: web::Path<String>,
     form: web::Form<ConsentForm>,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<HttpResponse, PageError> {
     let slug = slug.into_inner();
     let token = req
         .cookie(COOKIE)
@@ -204,7 +259,7 @@ async fn submit_consent(
     match form.decision.as_str() {
         "agree" => state.studio.agree(session.id).await?,
         "decline" => state.studio.decline(session.id).await?,
-        other => return Err(ApiError::BadRequest(format!("unknown decision {other:?}"))),
+        other => return Err(ApiError::BadRequest(format!("unknown decision {other:?}")).into()),
     };
     Ok(see_other(format!("{}/p", study_path(&slug))))
 }

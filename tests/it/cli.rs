@@ -217,3 +217,59 @@ fn migrate_applies_the_migrations_once() {
     assert!(text(&out).contains("up to date"), "{}", text(&out));
     assert!(Path::new(db.url.trim_start_matches("sqlite://")).exists());
 }
+
+#[test]
+fn chat_talks_to_an_arm_in_the_terminal() {
+    use std::io::Write;
+    let models = models_dir();
+    let protocol = repo_root().join("study-protocols/quick-pilot.toml");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_collabllm"))
+        .args([
+            "--models-dir",
+            models.to_str().unwrap(),
+            "chat",
+            "--arm",
+            "proactive",
+            "--protocol",
+        ])
+        .arg(&protocol)
+        .env("COLLABLLM_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello, who are you?\n\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("assistant> ") && stdout.trim().len() > "assistant>".len(),
+        "{stdout}"
+    );
+    assert!(
+        text(&out).contains("prompt tokens computed"),
+        "{}",
+        text(&out)
+    );
+    let out = collabllm(&[
+        "--models-dir",
+        models.to_str().unwrap(),
+        "chat",
+        "--arm",
+        "nope",
+        "--protocol",
+        protocol.to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("its arms are: proactive"),
+        "{}",
+        text(&out)
+    );
+}

@@ -735,6 +735,11 @@ async fn declining_consent_ends_with_the_no_consent_code() {
         .enter("no-such-study", None)
         .await;
     assert_eq!(unknown.status(), 404);
+    let page = unknown.text().await.unwrap();
+    assert!(
+        page.contains("there is no study"),
+        "participants get a page, not JSON: {page}"
+    );
     // A browser that refuses cookies is told so instead of being sent round in circles.
     let no_cookies = reqwest::get(server.url("/s/quick-pilot")).await.unwrap();
     assert!(no_cookies
@@ -892,4 +897,29 @@ async fn a_killed_server_loses_nothing_that_was_acknowledged() {
     let s = state_of(check.hello(browser.token.as_ref().unwrap()).await);
     assert_eq!(s.messages.len(), 2);
     server.kill();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_sessions_end_with_the_timed_out_code() {
+    let db = TestDb::sqlite();
+    let state = state_with_model(&db);
+    let studio = state.studio.clone();
+    let pool = state.pool.clone();
+    let server = TestServer::start(state);
+    let (browser, _ws, _) = consented(&server, "quick-pilot", "pid-idle").await;
+    let now = db::now();
+    assert_eq!(
+        studio.expire_idle_sessions(now).await.unwrap(),
+        0,
+        "an active session stays"
+    );
+    // The pilot allows the default 60 idle minutes.
+    let later = now + chrono::Duration::minutes(61);
+    assert_eq!(studio.expire_idle_sessions(later).await.unwrap(), 1);
+    let session = only_session(&mut pool.get().unwrap());
+    assert_eq!(
+        (session.state.as_str(), session.completion_code.as_deref()),
+        ("timed_out", Some("PILOT-TIMEOUT"))
+    );
+    assert!(browser.page("quick-pilot").await.contains("PILOT-TIMEOUT"));
 }
