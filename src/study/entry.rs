@@ -35,7 +35,16 @@ impl Studio {
         self.db(move |conn| {
             let study =
                 db::studies::find_by_slug(conn, &slug)?.ok_or(StudyError::UnknownStudy(slug))?;
-            if let Some(session) = session_of_token(conn, &study, browser_token.as_deref())? {
+            let by_cookie = session_of_token(conn, &study, browser_token.as_deref())?;
+            // A browser shared by two participants: the external id in the link decides.
+            let by_cookie = match (by_cookie, &external) {
+                (Some(s), Some(hmac)) => {
+                    let owner = db::participants::get(conn, s.participant_id)?;
+                    (owner.external_id_hmac.as_ref() == Some(hmac)).then_some(s)
+                }
+                (found, _) => found,
+            };
+            if let Some(session) = by_cookie {
                 return Ok(Entry {
                     study,
                     session,

@@ -923,3 +923,24 @@ async fn idle_sessions_end_with_the_timed_out_code() {
     );
     assert!(browser.page("quick-pilot").await.contains("PILOT-TIMEOUT"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shared_browser_follows_the_participant_id_in_the_link() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(state_with_model(&db));
+    let mut browser = Browser::new(&server.url(""));
+    browser.enter("quick-pilot", Some("first-person")).await;
+    let first = browser.token.clone();
+    browser.consent("quick-pilot", "agree").await;
+    // Same browser (cookie kept), another participant's link: a session of their own.
+    browser.enter("quick-pilot", Some("second-person")).await;
+    assert_ne!(browser.token, first);
+    assert!(
+        browser.page("quick-pilot").await.contains("I agree"),
+        "the second person starts at consent"
+    );
+    // The cookie alone, without a link id, resumes whoever used the browser last.
+    let response = browser.enter("quick-pilot", None).await;
+    assert_eq!(response.status(), 303);
+    assert!(browser.page("quick-pilot").await.contains("I agree"));
+}

@@ -252,15 +252,18 @@ impl Engine for LlamaEngine {
             .map_err(EngineError::InvalidRequest)?;
         let (events, rx) = mpsc::unbounded_channel();
         let cancel = Arc::new(AtomicBool::new(false));
-        self.jobs
-            .send(worker::Job {
-                request,
-                events,
-                cancel: cancel.clone(),
-                arrived: Instant::now(),
-            })
-            .map_err(|_| EngineError::Stopped)?;
+        // Counted before sending: the worker takes the job off the count as soon as it sees it.
         self.status.lock().expect("status lock").queued += 1;
+        let sent = self.jobs.send(worker::Job {
+            request,
+            events,
+            cancel: cancel.clone(),
+            arrived: Instant::now(),
+        });
+        if sent.is_err() {
+            self.status.lock().expect("status lock").queued -= 1;
+            return Err(EngineError::Stopped);
+        }
         Ok(Generation::new(rx, cancel))
     }
 
