@@ -77,6 +77,14 @@ pub struct ChatRequest {
 }
 
 impl ChatRequest {
+    /// What every backend refuses before queueing.
+    pub fn check(&self) -> Result<(), EngineError> {
+        if self.messages.is_empty() {
+            return Err(EngineError::EmptyMessages);
+        }
+        self.sampling.check().map_err(EngineError::InvalidRequest)
+    }
+
     pub fn new(messages: Vec<ChatMessage>, sampling: Sampling) -> Self {
         Self {
             messages,
@@ -166,9 +174,15 @@ pub struct Generation {
 }
 
 impl Generation {
-    /// A generation fed by `events`; the producer watches `cancel`.
-    pub fn new(events: mpsc::UnboundedReceiver<EngineEvent>, cancel: Arc<AtomicBool>) -> Self {
-        Self { events, cancel }
+    /// A generation, with the sender its producer feeds and the flag the producer watches.
+    pub fn channel() -> (Self, mpsc::UnboundedSender<EngineEvent>, Arc<AtomicBool>) {
+        let (events, rx) = mpsc::unbounded_channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        let generation = Self {
+            events: rx,
+            cancel: cancel.clone(),
+        };
+        (generation, events, cancel)
     }
 
     /// Asks the producer to stop; it reports `Done` with finish reason `cancelled`.

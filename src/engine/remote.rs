@@ -113,15 +113,8 @@ impl RemoteEngine {
 
 impl Engine for RemoteEngine {
     fn start(&self, request: ChatRequest) -> Result<Generation, EngineError> {
-        if request.messages.is_empty() {
-            return Err(EngineError::EmptyMessages);
-        }
-        request
-            .sampling
-            .check()
-            .map_err(EngineError::InvalidRequest)?;
-        let (events, rx) = mpsc::unbounded_channel();
-        let cancel = Arc::new(AtomicBool::new(false));
+        request.check()?;
+        let (generation, events, flag) = Generation::channel();
         let seed = request.sampling.seed.unwrap_or_else(rand::random);
         let mut http = self
             .client
@@ -132,7 +125,6 @@ impl Engine for RemoteEngine {
         }
         let endpoint = self.endpoint.clone();
         let counters = self.counters.clone();
-        let flag = cancel.clone();
         counters.queued.fetch_add(1, Ordering::Relaxed);
         self.runtime.spawn(async move {
             counters.queued.fetch_sub(1, Ordering::Relaxed);
@@ -145,7 +137,7 @@ impl Engine for RemoteEngine {
             };
             let _ = events.send(event);
         });
-        Ok(Generation::new(rx, cancel))
+        Ok(generation)
     }
 
     fn status(&self) -> EngineStatus {

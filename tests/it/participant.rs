@@ -124,6 +124,18 @@ impl Socket {
         self.next().await
     }
 
+    /// Sends a rating; returns its client sequence number.
+    pub async fn rate(&mut self, key: &str, value: i32) -> i64 {
+        let seq = self.next_seq();
+        self.send(&ClientFrame::Rating {
+            client_seq: seq,
+            key: key.into(),
+            value,
+        })
+        .await;
+        seq
+    }
+
     pub fn next_seq(&mut self) -> i64 {
         self.seq += 1;
         self.seq
@@ -252,8 +264,16 @@ fn pilot_with(state: &AppState, change: impl Fn(String) -> String) {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_whole_session_from_consent_to_completion_code() {
-    let db = TestDb::sqlite();
+async fn a_whole_session_from_consent_to_completion_code_on_sqlite() {
+    a_whole_session_from_consent_to_completion_code(TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_whole_session_from_consent_to_completion_code_on_postgres() {
+    a_whole_session_from_consent_to_completion_code(TestDb::postgres()).await;
+}
+
+async fn a_whole_session_from_consent_to_completion_code(db: TestDb) {
     let state = state_with_model(&db);
     let pool = state.pool.clone();
     let server = TestServer::start(state);
@@ -284,13 +304,7 @@ async fn a_whole_session_from_consent_to_completion_code() {
     })
     .await;
     ws.expect_error("rating_due").await;
-    let seq = ws.next_seq();
-    ws.send(&ClientFrame::Rating {
-        client_seq: seq,
-        key: "interaction".into(),
-        value: 7,
-    })
-    .await;
+    let seq = ws.rate("interaction", 7).await;
     ws.expect_ack(seq).await;
     assert_eq!(state_of(ws.next().await).phase, "chatting");
 
@@ -322,13 +336,7 @@ async fn a_whole_session_from_consent_to_completion_code() {
     ws.chat("Make it shorter please.").await;
     ws.until(|f| matches!(f, ServerFrame::RatingRequest { .. }))
         .await;
-    let seq = ws.next_seq();
-    ws.send(&ClientFrame::Rating {
-        client_seq: seq,
-        key: "interaction".into(),
-        value: 9,
-    })
-    .await;
+    let seq = ws.rate("interaction", 9).await;
     ws.expect_ack(seq).await;
     let s = state_of(ws.next().await);
     assert!(s.can_finish);
@@ -453,8 +461,16 @@ async fn a_reply_interrupted_by_a_reconnect_completes_and_is_shown() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_resent_frame_is_applied_once() {
-    let db = TestDb::sqlite();
+async fn a_resent_frame_is_applied_once_on_sqlite() {
+    a_resent_frame_is_applied_once(TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resent_frame_is_applied_once_on_postgres() {
+    a_resent_frame_is_applied_once(TestDb::postgres()).await;
+}
+
+async fn a_resent_frame_is_applied_once(db: TestDb) {
     let state = state_with_model(&db);
     let pool = state.pool.clone();
     let server = TestServer::start(state);
@@ -655,13 +671,7 @@ async fn bad_frames_get_error_frames_and_the_connection_survives() {
     })
     .await;
     ws.expect_error("conflict").await;
-    let seq = ws.next_seq();
-    ws.send(&ClientFrame::Rating {
-        client_seq: seq,
-        key: "interaction".into(),
-        value: 5,
-    })
-    .await;
+    ws.rate("interaction", 5).await;
     ws.expect_error("invalid_rating").await;
     let seq = ws.next_seq();
     ws.send(&ClientFrame::Event {
@@ -676,21 +686,9 @@ async fn bad_frames_get_error_frames_and_the_connection_survives() {
     ws.chat("First message.").await;
     ws.until(|f| matches!(f, ServerFrame::RatingRequest { .. }))
         .await;
-    let seq = ws.next_seq();
-    ws.send(&ClientFrame::Rating {
-        client_seq: seq,
-        key: "interaction".into(),
-        value: 11,
-    })
-    .await;
+    ws.rate("interaction", 11).await;
     ws.expect_error("invalid_rating").await;
-    let seq = ws.next_seq();
-    ws.send(&ClientFrame::Rating {
-        client_seq: seq,
-        key: "interaction".into(),
-        value: 5,
-    })
-    .await;
+    let seq = ws.rate("interaction", 5).await;
     ws.expect_ack(seq).await;
     let seq = ws.next_seq();
     ws.send(&ClientFrame::UserMessage {
@@ -900,8 +898,16 @@ async fn a_killed_server_loses_nothing_that_was_acknowledged() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn idle_sessions_end_with_the_timed_out_code() {
-    let db = TestDb::sqlite();
+async fn idle_sessions_end_with_the_timed_out_code_on_sqlite() {
+    idle_sessions_end_with_the_timed_out_code(TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_sessions_end_with_the_timed_out_code_on_postgres() {
+    idle_sessions_end_with_the_timed_out_code(TestDb::postgres()).await;
+}
+
+async fn idle_sessions_end_with_the_timed_out_code(db: TestDb) {
     let state = state_with_model(&db);
     let studio = state.studio.clone();
     let pool = state.pool.clone();

@@ -7,7 +7,6 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::num::NonZeroU32;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{mpsc as std_mpsc, Arc, Mutex, OnceLock};
 use std::time::{Instant, SystemTime};
 
@@ -16,7 +15,6 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 
 use super::{ChatRequest, Engine, EngineError, EngineStatus, Generation};
 
@@ -243,28 +241,21 @@ fn new_context<'m>(
 
 impl Engine for LlamaEngine {
     fn start(&self, request: ChatRequest) -> Result<Generation, EngineError> {
-        if request.messages.is_empty() {
-            return Err(EngineError::EmptyMessages);
-        }
-        request
-            .sampling
-            .check()
-            .map_err(EngineError::InvalidRequest)?;
-        let (events, rx) = mpsc::unbounded_channel();
-        let cancel = Arc::new(AtomicBool::new(false));
+        request.check()?;
+        let (generation, events, cancel) = Generation::channel();
         // Counted before sending: the worker takes the job off the count as soon as it sees it.
         self.status.lock().expect("status lock").queued += 1;
         let sent = self.jobs.send(worker::Job {
             request,
             events,
-            cancel: cancel.clone(),
+            cancel,
             arrived: Instant::now(),
         });
         if sent.is_err() {
             self.status.lock().expect("status lock").queued -= 1;
             return Err(EngineError::Stopped);
         }
-        Ok(Generation::new(rx, cancel))
+        Ok(generation)
     }
 
     fn status(&self) -> EngineStatus {
