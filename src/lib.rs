@@ -7,6 +7,7 @@ pub mod bench;
 pub mod config;
 pub mod db;
 pub mod engine;
+pub mod export;
 pub mod protocol;
 pub mod study;
 pub mod web;

@@ -13,6 +13,7 @@ use collabllm::engine::llama::{self, LlamaEngine, WorkerConfig};
 use collabllm::engine::registry::engine_name;
 use collabllm::engine::remote::RemoteEngine;
 use collabllm::engine::{fetch, ChatMessage, ChatRequest, Engine, EngineEvent, Engines, Role};
+use collabllm::export;
 use collabllm::protocol::{LoadedProtocol, ProtocolError};
 use collabllm::web::{self, AppState};
 use indicatif::ProgressBar;
@@ -53,9 +54,38 @@ enum Command {
         #[arg(long)]
         arm: String,
     },
+    /// Export a study's data for analysis.
+    #[command(subcommand)]
+    Export(ExportCommand),
     /// Measure performance against a baseline run in the same process.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum ExportCommand {
+    /// CSV tables (sessions wide; messages, ratings, revisions, events, assignments long) and a
+    /// codebook, into a directory.
+    Csv {
+        /// Study slug.
+        #[arg(long)]
+        study: String,
+        /// Directory to write the files into (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Only sessions of this arm.
+        #[arg(long)]
+        arm: Option<String>,
+        /// Only sessions started on or after this day (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        from: Option<chrono::NaiveDate>,
+        /// Only sessions started on or before this day (YYYY-MM-DD, UTC).
+        #[arg(long)]
+        to: Option<chrono::NaiveDate>,
+        /// Only sessions that were completed.
+        #[arg(long)]
+        completed_only: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -169,6 +199,38 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Chat { protocol, arm } => run_chat(&protocol, &arm, &settings.models_dir),
+        Command::Export(ExportCommand::Csv {
+            study,
+            out,
+            arm,
+            from,
+            to,
+            completed_only,
+        }) => {
+            let filter = export::Filter {
+                arm,
+                from,
+                to,
+                completed_only,
+            };
+            let mut conn = db::connect(&settings.database_url)?;
+            db::migrate(&mut conn)?;
+            let bar = ProgressBar::new(0).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "exporting {bar:40} {pos}/{len} sessions ({eta})",
+                )
+                .expect("static template"),
+            );
+            let written = export::csv::export(&mut conn, &study, &filter, &out, &|done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })?;
+            bar.finish_and_clear();
+            for (file, rows) in written.files {
+                println!("{} ({rows} rows)", out.join(file).display());
+            }
+            Ok(())
+        }
         Command::Bench(BenchCommand::Engine {
             model,
             slots,

@@ -207,3 +207,20 @@ where
         Ok(Applied::New(out))
     })
 }
+
+/// Sessions of the given study versions with an id above `after_id`, oldest first, at most
+/// `limit`: exports page through a study with this, in constant memory.
+pub fn page(
+    conn: &mut DbConn,
+    version_ids: &[i64],
+    after_id: i64,
+    limit: i64,
+) -> DbResult<Vec<Session>> {
+    Ok(sessions::table
+        .filter(sessions::study_version_id.eq_any(version_ids))
+        .filter(sessions::id.gt(after_id))
+        .order(sessions::id)
+        .limit(limit)
+        .select(Session::as_select())
+        .load(conn)?)
+}

@@ -4,6 +4,7 @@ mod browser;
 mod cli;
 mod common;
 mod engine;
+mod export;
 mod openai;
 mod participant;
 mod protocol;

@@ -1,0 +1,80 @@
+//! Exports of a study for analysis: CSV tables with a codebook (`csv`). Exports page through the
+//! database a session at a time, so memory stays flat however large the study. Only pseudonymous
+//! ids leave: session and participant pseudonyms, never external ids, tokens or addresses.
+
+pub mod csv;
+
+use chrono::{NaiveDate, NaiveDateTime};
+
+use crate::db::models::Session;
+
+/// Which sessions an export covers.
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    /// Only sessions of this arm (by arm id in the protocol).
+    pub arm: Option<String>,
+    /// Only sessions started on or after this day (UTC).
+    pub from: Option<NaiveDate>,
+    /// Only sessions started on or before this day (UTC).
+    pub to: Option<NaiveDate>,
+    /// Only sessions that ended with the `completed` outcome.
+    pub completed_only: bool,
+}
+
+impl Filter {
+    fn admits(&self, session: &Session, arm_name: Option<&str>) -> bool {
+        let day = session.started_at.date();
+        self.arm.as_deref().is_none_or(|a| arm_name == Some(a))
+            && self.from.is_none_or(|from| day >= from)
+            && self.to.is_none_or(|to| day <= to)
+            && (!self.completed_only || session.outcome.as_deref() == Some("completed"))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("there is no study {0:?}")]
+    UnknownStudy(String),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Db(#[from] crate::db::DbError),
+}
+
+impl From<diesel::result::Error> for ExportError {
+    fn from(e: diesel::result::Error) -> Self {
+        ExportError::Db(e.into())
+    }
+}
+
+/// A cell a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, tab or CR first) gets a
+/// leading apostrophe, as OWASP recommends; other text is kept as it is.
+pub fn neutralise(text: &str) -> std::borrow::Cow<'_, str> {
+    match text.chars().next() {
+        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{text}").into(),
+        _ => text.into(),
+    }
+}
+
+/// ISO 8601 in UTC with milliseconds, as pandas and R parse it.
+pub fn timestamp(t: &NaiveDateTime) -> String {
+    t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::neutralise;
+
+    #[test]
+    fn formula_starts_are_neutralised() {
+        for risky in ["=SUM(A1)", "+1", "-2+3", "@cmd", "\tx", "\rx"] {
+            assert_eq!(neutralise(risky), format!("'{risky}"));
+        }
+        for safe in ["hello", "", "a=b", " =x", "'quoted"] {
+            assert_eq!(neutralise(safe), safe);
+        }
+    }
+}

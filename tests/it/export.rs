@@ -1,0 +1,274 @@
+//! CSV exports of a seeded study, read back with an RFC 4180 reader and checked field by field,
+//! on both backends.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use collabllm::db::models::NewMessage;
+use collabllm::db::{self, DbPool};
+use collabllm::export::{self, Filter};
+use collabllm::study::Studio;
+
+use crate::common::{example_protocol, TestDb};
+use crate::on_both_backends;
+
+/// A document that breaks naive CSV: commas, quotes, newlines, non-ASCII.
+const DOCUMENT: &str = "Dear Sam,\n\"Thank you\" — for the plants, the cat; and 🙂.\r\nBest, Alex";
+/// A document a spreadsheet would run as a formula.
+const FORMULA: &str = "=HYPERLINK(\"http://x\",\"click\")";
+
+/// Two sessions: one completed with everything recorded, one still chatting.
+fn seed(pool: &DbPool) -> (String, String) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let studio = Studio::new(pool.clone(), collabllm::engine::Engines::new()).unwrap();
+    let (done, open) = runtime.block_on(async {
+        let a = studio
+            .enter("doc-cocreation".into(), Some("PID-SECRET-1".into()), None)
+            .await
+            .unwrap();
+        let a = studio.agree(a.session.id).await.unwrap();
+        let b = studio
+            .enter("doc-cocreation".into(), Some("PID-SECRET-2".into()), None)
+            .await
+            .unwrap();
+        let b = studio.agree(b.session.id).await.unwrap();
+        (a, b)
+    });
+    let mut conn = pool.get().unwrap();
+    let c = &mut conn;
+    for turn in 1..=3 {
+        db::messages::append(
+            c,
+            done.id,
+            &NewMessage {
+                role: "user",
+                content: "Make it warmer,\nplease",
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        db::messages::append(
+            c,
+            done.id,
+            &NewMessage {
+                role: "assistant",
+                content: if turn == 1 {
+                    "-1 is a \"number\", isn't it?"
+                } else {
+                    "Sure."
+                },
+                ttft_ms: Some(100 * turn),
+                gen_ms: Some(900),
+                prompt_tokens: Some(50),
+                gen_tokens: Some(20),
+                finish_reason: Some("stop"),
+                policy_json: Some("{}"),
+            },
+        )
+        .unwrap();
+    }
+    db::revisions::append(c, done.id, "assistant_insert", Some(2), FORMULA).unwrap();
+    db::revisions::append(c, done.id, "user", None, DOCUMENT).unwrap();
+    db::ratings::record(c, done.id, 3, "interaction", 7).unwrap();
+    db::ratings::record(c, done.id, 3, "document_quality", 9).unwrap();
+    db::ratings::record(c, done.id, 3, "overall_interaction", 8).unwrap();
+    db::answers::record(c, done.id, "strengths", "@asked, questions").unwrap();
+    db::answers::record(c, done.id, "weaknesses", "none").unwrap();
+    db::events::record(c, done.id, 1, "blur", "{\"at\":1}").unwrap();
+    db::sessions::finish(c, done.id, "finished", "completed", "CLLM-DONE-7Q2X").unwrap();
+    db::messages::append(
+        c,
+        open.id,
+        &NewMessage {
+            role: "user",
+            content: "hi",
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (done.public_id, open.public_id)
+}
+
+type Table = Vec<HashMap<String, String>>;
+
+fn read(dir: &Path, name: &str) -> Table {
+    let mut reader = csv::Reader::from_path(dir.join(name)).unwrap();
+    let headers = reader.headers().unwrap().clone();
+    reader
+        .records()
+        .map(|r| {
+            let r = r.unwrap();
+            headers
+                .iter()
+                .map(String::from)
+                .zip(r.iter().map(String::from))
+                .collect()
+        })
+        .collect()
+}
+
+fn export_with(pool: &DbPool, filter: &Filter) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = pool.get().unwrap();
+    export::csv::export(&mut conn, "doc-cocreation", filter, dir.path(), &|_, _| {}).unwrap();
+    dir
+}
+
+on_both_backends!(csv_exports_round_trip_field_by_field, |db: &TestDb| {
+    let pool = db.pool();
+    db::studies::import(&mut pool.get().unwrap(), &example_protocol()).unwrap();
+    let (done, open) = seed(&pool);
+    let dir = export_with(&pool, &Filter::default());
+
+    let sessions = read(dir.path(), "sessions.csv");
+    assert_eq!(sessions.len(), 2);
+    let s = sessions.iter().find(|r| r["session"] == done).unwrap();
+    assert_eq!(s["state"], "finished");
+    assert_eq!(s["outcome"], "completed");
+    assert_eq!(s["turns"], "3");
+    assert_eq!(s["assistant_tokens"], "60");
+    assert_eq!(s["mean_ttft_ms"], "200.0");
+    assert_eq!(s["user_words"], "12");
+    assert_eq!(
+        s["final_document"], DOCUMENT,
+        "a document survives the round trip"
+    );
+    assert_eq!(s["rating_interaction_t3"], "7");
+    assert_eq!(s["rating_document_quality"], "9");
+    assert_eq!(s["rating_overall_interaction"], "8");
+    assert_eq!(
+        s["answer_strengths"], "'@asked, questions",
+        "formula starts are neutralised"
+    );
+    assert_eq!(s["answer_weaknesses"], "none");
+    assert!(s["participant"].starts_with("p-"));
+    assert!(s["started_at"].ends_with('Z'));
+    let o = sessions.iter().find(|r| r["session"] == open).unwrap();
+    assert_eq!(
+        (o["turns"].as_str(), o["rating_interaction_t3"].as_str()),
+        ("0", "")
+    );
+
+    let messages = read(dir.path(), "messages.csv");
+    assert_eq!(messages.len(), 7);
+    let first_reply = messages
+        .iter()
+        .find(|m| m["session"] == done && m["seq"] == "2")
+        .unwrap();
+    assert_eq!(first_reply["content"], "'-1 is a \"number\", isn't it?");
+    assert_eq!(first_reply["ttft_ms"], "100");
+    assert_eq!(messages[0]["content"], "Make it warmer,\nplease");
+
+    let revisions = read(dir.path(), "revisions.csv");
+    assert_eq!(revisions[0]["content"], format!("'{FORMULA}"));
+    assert_eq!(revisions[0]["author"], "assistant_insert");
+    assert_eq!(revisions[0]["inserted_message"], "2");
+    assert_eq!(revisions[1]["content"], DOCUMENT);
+
+    let ratings = read(dir.path(), "ratings.csv");
+    let kinds: Vec<(&str, &str)> = ratings
+        .iter()
+        .map(|r| (r["key"].as_str(), r["kind"].as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("document_quality", "final"),
+            ("interaction", "periodic"),
+            ("overall_interaction", "final")
+        ]
+    );
+    assert_eq!(read(dir.path(), "events.csv")[0]["data"], "{\"at\":1}");
+    let ledger = read(dir.path(), "assignments.csv");
+    assert_eq!(ledger.len(), 2);
+    assert!(ledger[0]["inputs"].contains("seed"));
+
+    // The codebook describes every column of every file.
+    let codebook = read(dir.path(), "codebook.csv");
+    for file in [
+        "sessions.csv",
+        "messages.csv",
+        "ratings.csv",
+        "revisions.csv",
+        "events.csv",
+        "assignments.csv",
+    ] {
+        let mut reader = csv::Reader::from_path(dir.path().join(file)).unwrap();
+        for column in reader.headers().unwrap() {
+            assert!(
+                codebook.iter().any(|c| c["file"] == file
+                    && c["column"] == column
+                    && !c["description"].is_empty()),
+                "{file}:{column} is not in the codebook"
+            );
+        }
+    }
+    // Nothing identifying leaves: no external ids, no token hashes.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        assert!(!text.contains("PID-SECRET"), "an external id leaked");
+    }
+});
+
+on_both_backends!(csv_export_filters_sessions, |db: &TestDb| {
+    let pool = db.pool();
+    db::studies::import(&mut pool.get().unwrap(), &example_protocol()).unwrap();
+    let (done, _) = seed(&pool);
+    let completed = export_with(
+        &pool,
+        &Filter {
+            completed_only: true,
+            ..Filter::default()
+        },
+    );
+    let rows = read(completed.path(), "sessions.csv");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0]["session"], done);
+    assert!(read(completed.path(), "messages.csv")
+        .iter()
+        .all(|m| m["session"] == done));
+
+    let arm = rows[0]["arm"].clone();
+    let by_arm = export_with(
+        &pool,
+        &Filter {
+            arm: Some(arm.clone()),
+            ..Filter::default()
+        },
+    );
+    assert!(read(by_arm.path(), "sessions.csv")
+        .iter()
+        .all(|r| r["arm"] == arm));
+    assert!(read(by_arm.path(), "assignments.csv")
+        .iter()
+        .all(|r| r["arm"] == arm));
+
+    let tomorrow = chrono::Utc::now().date_naive() + chrono::Duration::days(1);
+    let later = export_with(
+        &pool,
+        &Filter {
+            from: Some(tomorrow),
+            ..Filter::default()
+        },
+    );
+    assert!(read(later.path(), "sessions.csv").is_empty());
+    let earlier = export_with(
+        &pool,
+        &Filter {
+            to: Some(tomorrow),
+            ..Filter::default()
+        },
+    );
+    assert_eq!(read(earlier.path(), "sessions.csv").len(), 2);
+
+    let mut conn = pool.get().unwrap();
+    let err = export::csv::export(
+        &mut conn,
+        "nope",
+        &Filter::default(),
+        completed.path(),
+        &|_, _| {},
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("no study \"nope\""));
+});
