@@ -54,12 +54,25 @@ enum Command {
         #[arg(long)]
         arm: String,
     },
+    /// Manage researcher accounts of the console.
+    #[command(subcommand)]
+    User(UserCommand),
     /// Export a study's data for analysis.
     #[command(subcommand)]
     Export(ExportCommand),
     /// Measure performance against a baseline run in the same process.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+enum UserCommand {
+    /// Create a researcher account, or set a new password for an existing one. The password is
+    /// asked for on the terminal, or read as one line from standard input.
+    Add {
+        /// Login name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -199,6 +212,22 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Chat { protocol, arm } => run_chat(&protocol, &arm, &settings.models_dir),
+        Command::User(UserCommand::Add { name }) => {
+            let password = read_password()?;
+            if password.chars().count() < MIN_PASSWORD_CHARS {
+                bail!("the password must have at least {MIN_PASSWORD_CHARS} characters");
+            }
+            let hash =
+                collabllm::web::auth::hash_password(&password).map_err(anyhow::Error::msg)?;
+            let mut conn = db::connect(&settings.database_url)?;
+            db::migrate(&mut conn)?;
+            if db::researchers::set(&mut conn, &name, &hash)? {
+                println!("created researcher {name}");
+            } else {
+                println!("set a new password for researcher {name}");
+            }
+            Ok(())
+        }
         Command::Export(ExportCommand::Csv {
             study,
             out,
@@ -338,6 +367,21 @@ fn run_engine_bench(
         println!("peak RSS: {rss:.0} MiB");
     }
     Ok(())
+}
+
+/// Shortest password a researcher account accepts.
+const MIN_PASSWORD_CHARS: usize = 10;
+
+/// A password from the terminal (not echoed) or, when standard input is not a terminal, its first
+/// line.
+fn read_password() -> Result<String> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        return rpassword::prompt_password("password: ").context("cannot read the password");
+    }
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    Ok(line.trim_end_matches(['\n', '\r']).to_string())
 }
 
 fn load_protocol(path: &Path, models_dir: &Path) -> Result<LoadedProtocol> {

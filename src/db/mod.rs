@@ -13,6 +13,7 @@ pub mod models;
 pub mod pairs;
 pub mod participants;
 pub mod ratings;
+pub mod researchers;
 pub mod revisions;
 pub mod rewards;
 pub mod schema;

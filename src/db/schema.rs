@@ -1,6 +1,15 @@
 // The tables of both backends; the migrations in `migrations/sqlite` and `migrations/postgres` create them.
 
 diesel::table! {
+    researchers (id) {
+        id -> BigInt,
+        name -> Text,
+        password_hash -> Text,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
     secrets (name) {
         name -> Text,
         value -> Text,
@@ -217,6 +226,7 @@ diesel::joinable!(preference_pairs -> studies (study_id));
 diesel::joinable!(preference_pairs -> sessions (session_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
+    researchers,
     secrets,
     studies,
     study_versions,

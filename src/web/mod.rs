@@ -2,6 +2,8 @@
 //! call `db`/`engine`, and shape the response.
 
 mod assets;
+pub mod auth;
+mod console;
 mod error;
 mod health;
 mod openai;
@@ -24,16 +26,25 @@ pub struct AppState {
     pub pool: DbPool,
     pub engines: Engines,
     pub studio: Arc<Studio>,
+    /// Signs console sessions and CSRF tokens.
+    pub console_key: auth::ConsoleKey,
 }
 
 impl AppState {
     /// The state of a server over `pool` and `engines`.
     pub fn new(pool: DbPool, engines: Engines) -> Result<Self, crate::db::DbError> {
         let studio = Studio::new(pool.clone(), engines.clone())?;
+        let mut conn = pool
+            .get()
+            .map_err(|e| crate::db::DbError::Invalid(format!("no database connection: {e}")))?;
+        let key = crate::db::secrets::get_or_create(&mut conn, "console-session-key", || {
+            hex::encode(rand::random::<[u8; 32]>())
+        })?;
         Ok(Self {
             pool,
             engines,
             studio,
+            console_key: auth::ConsoleKey::new(&key),
         })
     }
 }
@@ -70,7 +81,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .service(participant::enter_study)
             .service(participant::show_session)
             .service(participant::submit_consent)
-            .service(socket::connect_socket),
+            .service(socket::connect_socket)
+            .service(console::show_login)
+            .service(console::submit_login)
+            .service(console::submit_logout)
+            .service(console::show_console)
+            .service(console::show_study)
+            .service(console::set_study_status)
+            .service(console::show_session)
+            .service(console::download_export),
     );
 }
 

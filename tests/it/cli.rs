@@ -34,6 +34,8 @@ fn every_command_explains_itself() {
         vec!["models", "fetch", "--help"],
         vec!["chat", "--help"],
         vec!["bench", "engine", "--help"],
+        vec!["user", "add", "--help"],
+        vec!["export", "csv", "--help"],
     ] {
         let out = collabllm(&args);
         assert!(out.status.success(), "{args:?}: {}", text(&out));
@@ -272,4 +274,52 @@ fn chat_talks_to_an_arm_in_the_terminal() {
         "{}",
         text(&out)
     );
+}
+
+#[test]
+fn user_add_stores_an_argon2_hash_and_refuses_short_passwords() {
+    use std::io::Write;
+    let db = TestDb::sqlite();
+    let add = |password: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_collabllm"))
+            .args(["--database-url", &db.url, "user", "add", "grace"])
+            .env("COLLABLLM_LOG", "warn")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(password.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+    let short = add("short\n");
+    assert!(!short.status.success());
+    assert!(
+        text(&short).contains("at least 10 characters"),
+        "{}",
+        text(&short)
+    );
+    let out = add("a long enough secret\n");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("created researcher grace"));
+    let again = add("another long secret\n");
+    assert!(
+        text(&again).contains("set a new password"),
+        "{}",
+        text(&again)
+    );
+    let mut conn = db.conn();
+    let stored = collabllm::db::researchers::find_by_name(&mut conn, "grace")
+        .unwrap()
+        .unwrap();
+    assert!(collabllm::web::auth::verify_password(
+        "another long secret",
+        &stored.password_hash
+    ));
+    assert!(!stored.password_hash.contains("another"));
 }

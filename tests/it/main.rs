@@ -3,6 +3,7 @@
 mod browser;
 mod cli;
 mod common;
+mod console;
 mod engine;
 mod export;
 mod openai;

@@ -1,0 +1,542 @@
+//! The researcher console under `/console`: login, studies with their arms and progress, the
+//! sessions of a study as they run, a session's transcript and document history, study status,
+//! and CSV downloads. Every route but the login page needs a researcher's session cookie; every
+//! form carries a CSRF token.
+
+use std::collections::BTreeMap;
+
+use actix_web::cookie::{time::Duration as CookieDuration, Cookie, SameSite};
+use actix_web::http::{header, StatusCode};
+use actix_web::{get, post, web, HttpRequest, HttpResponse, ResponseError};
+use askama::Template;
+use futures_util::StreamExt;
+use serde::Deserialize;
+
+use super::auth::{self, ConsoleKey, CSRF_COOKIE, SESSION_COOKIE};
+use super::{render, ApiError, AppState};
+use crate::db::researchers::Researcher;
+use crate::db::{self, DbConn};
+use crate::engine::EngineStatus;
+use crate::export;
+
+/// Why a console request was refused.
+#[derive(Debug)]
+enum ConsoleError {
+    /// Not logged in: go to the login page.
+    Login,
+    /// A form without a valid CSRF token.
+    Forbidden,
+    Api(ApiError),
+}
+
+impl std::fmt::Display for ConsoleError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ConsoleError::Login => f.write_str("log in first"),
+            ConsoleError::Forbidden => {
+                f.write_str("the form's security token is missing or wrong; reload the page")
+            }
+            ConsoleError::Api(e) => e.fmt(f),
+        }
+    }
+}
+
+impl<E: Into<ApiError>> From<E> for ConsoleError {
+    fn from(e: E) -> Self {
+        ConsoleError::Api(e.into())
+    }
+}
+
+impl ResponseError for ConsoleError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ConsoleError::Login => StatusCode::SEE_OTHER,
+            ConsoleError::Forbidden => StatusCode::FORBIDDEN,
+            ConsoleError::Api(e) => e.status_code(),
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        match self {
+            ConsoleError::Login => HttpResponse::SeeOther()
+                .insert_header((header::LOCATION, "/console/login"))
+                .finish(),
+            ConsoleError::Forbidden => HttpResponse::Forbidden().body(self.to_string()),
+            ConsoleError::Api(e) => e.error_response(),
+        }
+    }
+}
+
+type Page = Result<HttpResponse, ConsoleError>;
+
+fn page<T: Template>(t: &T) -> Page {
+    Ok(render(t)?)
+}
+
+/// The logged-in researcher, or `Login`.
+async fn researcher(req: &HttpRequest, state: &AppState) -> Result<Researcher, ConsoleError> {
+    let cookie = req.cookie(SESSION_COOKIE).ok_or(ConsoleError::Login)?;
+    let id = state
+        .console_key
+        .verify_session(cookie.value(), chrono::Utc::now().timestamp())
+        .ok_or(ConsoleError::Login)?;
+    state
+        .db(move |conn| Ok(db::researchers::get(conn, id)?))
+        .await?
+        .ok_or(ConsoleError::Login)
+}
+
+/// The CSRF token for this browser's forms, and the cookie to set when it has none yet.
+fn csrf(req: &HttpRequest, key: &ConsoleKey) -> (String, Option<Cookie<'static>>) {
+    match req.cookie(CSRF_COOKIE) {
+        Some(c) if !c.value().is_empty() => (key.csrf(c.value()), None),
+        _ => {
+            let value = hex::encode(rand::random::<[u8; 16]>());
+            let token = key.csrf(&value);
+            let cookie = Cookie::build(CSRF_COOKIE, value)
+                .path("/console")
+                .http_only(true)
+                .same_site(SameSite::Strict)
+                .finish();
+            (token, Some(cookie))
+        }
+    }
+}
+
+fn check_csrf(req: &HttpRequest, key: &ConsoleKey, token: &str) -> Result<(), ConsoleError> {
+    let cookie = req
+        .cookie(CSRF_COOKIE)
+        .map(|c| c.value().to_string())
+        .unwrap_or_default();
+    if key.verify_csrf(&cookie, token) {
+        Ok(())
+    } else {
+        Err(ConsoleError::Forbidden)
+    }
+}
+
+fn see_other(location: &str) -> HttpResponse {
+    HttpResponse::SeeOther()
+        .insert_header((header::LOCATION, location.to_string()))
+        .finish()
+}
+
+#[derive(Template)]
+#[template(path = "console_login.html")]
+struct LoginPage<'a> {
+    csrf: &'a str,
+    error: &'a str,
+}
+
+#[get("/console/login")]
+async fn show_login(req: HttpRequest, state: web::Data<AppState>) -> Page {
+    let (token, cookie) = csrf(&req, &state.console_key);
+    let mut response = render(&LoginPage {
+        csrf: &token,
+        error: "",
+    })?;
+    if let Some(c) = cookie {
+        response
+            .add_cookie(&c)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    }
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+struct LoginForm {
+    name: String,
+    password: String,
+    csrf: String,
+}
+
+#[post("/console/login")]
+async fn submit_login(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    form: web::Form<LoginForm>,
+) -> Page {
+    check_csrf(&req, &state.console_key, &form.csrf)?;
+    let LoginForm {
+        name,
+        password,
+        csrf: token,
+    } = form.into_inner();
+    let found = state
+        .db(move |conn| Ok(db::researchers::find_by_name(conn, &name)?))
+        .await?;
+    // Verification runs off the async threads: argon2 is slow on purpose.
+    let ok = match found {
+        Some(r) => {
+            let hash = r.password_hash.clone();
+            web::block(move || auth::verify_password(&password, &hash))
+                .await
+                .map_err(ApiError::from)?
+                .then_some(r)
+        }
+        None => None,
+    };
+    let Some(researcher) = ok else {
+        let mut response = render(&LoginPage {
+            csrf: &token,
+            error: "Unknown name or wrong password.",
+        })?;
+        *response.status_mut() = StatusCode::UNAUTHORIZED;
+        return Ok(response);
+    };
+    let expires = chrono::Utc::now().timestamp() + auth::SESSION_HOURS * 3600;
+    let cookie = Cookie::build(
+        SESSION_COOKIE,
+        state.console_key.session(researcher.id, expires),
+    )
+    .path("/console")
+    .http_only(true)
+    .same_site(SameSite::Strict)
+    .secure(req.connection_info().scheme() == "https")
+    .max_age(CookieDuration::hours(auth::SESSION_HOURS))
+    .finish();
+    let mut response = see_other("/console");
+    response
+        .add_cookie(&cookie)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(response)
+}
+
+#[derive(Deserialize)]
+struct CsrfForm {
+    csrf: String,
+}
+
+#[post("/console/logout")]
+async fn submit_logout(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    form: web::Form<CsrfForm>,
+) -> Page {
+    researcher(&req, &state).await?;
+    check_csrf(&req, &state.console_key, &form.csrf)?;
+    let mut response = see_other("/console/login");
+    let mut gone = Cookie::build(SESSION_COOKIE, "").path("/console").finish();
+    gone.make_removal();
+    response
+        .add_cookie(&gone)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(response)
+}
+
+struct StudyRow {
+    slug: String,
+    title: String,
+    status: String,
+    version: i32,
+    sessions: i64,
+}
+
+#[derive(Template)]
+#[template(path = "console_home.html")]
+struct HomePage<'a> {
+    who: &'a str,
+    csrf: &'a str,
+    studies: Vec<StudyRow>,
+    engines: Vec<EngineStatus>,
+}
+
+#[get("/console")]
+async fn show_console(req: HttpRequest, state: web::Data<AppState>) -> Page {
+    let who = researcher(&req, &state).await?;
+    let (token, cookie) = csrf(&req, &state.console_key);
+    let studies = state
+        .db(|conn| {
+            let mut rows = Vec::new();
+            for s in db::studies::list(conn)? {
+                let versions = db::studies::versions(conn, s.id)?;
+                let mut sessions = 0;
+                for v in &versions {
+                    sessions += db::studies::session_count(conn, v.id)?;
+                }
+                rows.push(StudyRow {
+                    slug: s.slug,
+                    title: s.title,
+                    status: s.status,
+                    version: versions.last().map_or(0, |v| v.version),
+                    sessions,
+                });
+            }
+            Ok(rows)
+        })
+        .await?;
+    let mut response = render(&HomePage {
+        who: &who.name,
+        csrf: &token,
+        studies,
+        engines: state.engines.statuses(),
+    })?;
+    if let Some(c) = cookie {
+        response
+            .add_cookie(&c)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    }
+    Ok(response)
+}
+
+struct ArmRow {
+    name: String,
+    model: String,
+    weight: f64,
+    quota: String,
+    by_state: BTreeMap<String, i64>,
+}
+
+struct SessionRow {
+    id: String,
+    participant: String,
+    arm: String,
+    state: String,
+    turns: usize,
+    words: usize,
+    minutes: String,
+    last_activity: String,
+}
+
+#[derive(Template)]
+#[template(path = "console_study.html")]
+struct StudyPage<'a> {
+    who: &'a str,
+    csrf: &'a str,
+    study: db::models::Study,
+    version: db::models::StudyVersion,
+    states: Vec<&'static str>,
+    arms: Vec<ArmRow>,
+    sessions: Vec<SessionRow>,
+    files: [&'static str; 7],
+}
+
+/// The export files offered for download.
+const EXPORT_FILES: [&str; 7] = [
+    "sessions.csv",
+    "messages.csv",
+    "ratings.csv",
+    "revisions.csv",
+    "events.csv",
+    "assignments.csv",
+    "codebook.csv",
+];
+
+const STATES: [&str; 7] = [
+    "consent",
+    "chatting",
+    "rating",
+    "final",
+    "finished",
+    "declined",
+    "timed_out",
+];
+
+#[get("/console/studies/{slug}")]
+async fn show_study(req: HttpRequest, state: web::Data<AppState>, slug: web::Path<String>) -> Page {
+    let who = researcher(&req, &state).await?;
+    let (token, cookie) = csrf(&req, &state.console_key);
+    let slug = slug.into_inner();
+    let (study, version, arms, sessions) = state
+        .db(move |conn| {
+            let study = db::studies::find_by_slug(conn, &slug)?
+                .ok_or_else(|| ApiError::NotFound(format!("there is no study {slug:?}")))?;
+            let version = db::studies::current_version(conn, study.id)?;
+            let (arms, sessions) = study_overview(conn, &version)?;
+            Ok((study, version, arms, sessions))
+        })
+        .await?;
+    let mut response = render(&StudyPage {
+        who: &who.name,
+        csrf: &token,
+        study,
+        version,
+        states: STATES.to_vec(),
+        arms,
+        sessions,
+        files: EXPORT_FILES,
+    })?;
+    if let Some(c) = cookie {
+        response
+            .add_cookie(&c)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    }
+    Ok(response)
+}
+
+fn study_overview(
+    conn: &mut DbConn,
+    version: &db::models::StudyVersion,
+) -> Result<(Vec<ArmRow>, Vec<SessionRow>), ApiError> {
+    let arms = db::studies::arms_of(conn, version.id)?;
+    let sessions = db::sessions::list_for_version(conn, version.id)?;
+    let mut arm_rows: Vec<ArmRow> = arms
+        .iter()
+        .map(|a| ArmRow {
+            name: a.name.clone(),
+            model: a.model_id.clone(),
+            weight: a.weight,
+            quota: a.quota.map(|q| q.to_string()).unwrap_or_else(|| "—".into()),
+            by_state: STATES.iter().map(|s| (s.to_string(), 0)).collect(),
+        })
+        .collect();
+    let mut rows = Vec::new();
+    let now = db::now();
+    for s in sessions.iter().rev() {
+        let arm = arms.iter().find(|a| Some(a.id) == s.arm_id);
+        if let Some(row) = arm.and_then(|a| arm_rows.iter_mut().find(|r| r.name == a.name)) {
+            *row.by_state.entry(s.state.clone()).or_default() += 1;
+        }
+        let messages = db::messages::list_for_session(conn, s.id)?;
+        let document = db::revisions::latest(conn, s.id)?;
+        let end = s.finished_at.unwrap_or(now);
+        rows.push(SessionRow {
+            id: s.public_id.clone(),
+            participant: db::participants::get(conn, s.participant_id)?.pseudonym,
+            arm: arm.map(|a| a.name.clone()).unwrap_or_else(|| "—".into()),
+            state: s.state.clone(),
+            turns: messages.iter().filter(|m| m.role == "assistant").count(),
+            words: document.map_or(0, |d| d.content.split_whitespace().count()),
+            minutes: format!("{:.1}", (end - s.started_at).num_seconds() as f64 / 60.0),
+            last_activity: export::timestamp(&s.last_activity_at),
+        });
+    }
+    Ok((arm_rows, rows))
+}
+
+#[derive(Deserialize)]
+struct StatusForm {
+    status: String,
+    csrf: String,
+}
+
+#[post("/console/studies/{slug}/status")]
+async fn set_study_status(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    slug: web::Path<String>,
+    form: web::Form<StatusForm>,
+) -> Page {
+    researcher(&req, &state).await?;
+    check_csrf(&req, &state.console_key, &form.csrf)?;
+    let slug = slug.into_inner();
+    let status = form.into_inner().status;
+    let location = format!("/console/studies/{slug}");
+    state
+        .db(move |conn| {
+            let study = db::studies::find_by_slug(conn, &slug)?
+                .ok_or_else(|| ApiError::NotFound(format!("there is no study {slug:?}")))?;
+            db::studies::set_status(conn, study.id, &status)
+                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            Ok(())
+        })
+        .await?;
+    Ok(see_other(&location))
+}
+
+#[derive(Template)]
+#[template(path = "console_session.html")]
+struct SessionPage<'a> {
+    who: &'a str,
+    csrf: &'a str,
+    slug: String,
+    session: db::models::Session,
+    participant: String,
+    arm: String,
+    messages: Vec<db::models::Message>,
+    revisions: Vec<db::models::DocumentRevision>,
+    ratings: Vec<db::models::Rating>,
+    answers: Vec<db::models::Answer>,
+    events: Vec<db::models::Event>,
+}
+
+#[get("/console/sessions/{id}")]
+async fn show_session(req: HttpRequest, state: web::Data<AppState>, id: web::Path<String>) -> Page {
+    let who = researcher(&req, &state).await?;
+    let (token, _) = csrf(&req, &state.console_key);
+    let id = id.into_inner();
+    let page_data = state
+        .db(move |conn| {
+            let session = db::sessions::find_by_public_id(conn, &id)?
+                .ok_or_else(|| ApiError::NotFound(format!("there is no session {id:?}")))?;
+            let version = db::studies::version(conn, session.study_version_id)?;
+            let study = db::studies::get(conn, version.study_id)?;
+            let arm = db::studies::arms_of(conn, version.id)?
+                .into_iter()
+                .find(|a| Some(a.id) == session.arm_id)
+                .map_or_else(|| "—".to_string(), |a| a.name);
+            Ok((
+                study.slug,
+                db::participants::get(conn, session.participant_id)?.pseudonym,
+                arm,
+                db::messages::list_for_session(conn, session.id)?,
+                db::revisions::list_for_session(conn, session.id)?,
+                db::ratings::list_for_session(conn, session.id)?,
+                db::answers::list_for_session(conn, session.id)?,
+                db::events::list_for_session(conn, session.id)?,
+                session,
+            ))
+        })
+        .await?;
+    let (slug, participant, arm, messages, revisions, ratings, answers, events, session) =
+        page_data;
+    page(&SessionPage {
+        who: &who.name,
+        csrf: &token,
+        slug,
+        session,
+        participant,
+        arm,
+        messages,
+        revisions,
+        ratings,
+        answers,
+        events,
+    })
+}
+
+#[get("/console/studies/{slug}/export/{file}")]
+async fn download_export(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Page {
+    researcher(&req, &state).await?;
+    let (slug, file) = path.into_inner();
+    if !EXPORT_FILES.contains(&file.as_str()) {
+        return Err(ApiError::NotFound(format!("there is no export file {file:?}")).into());
+    }
+    let dir = tempfile::tempdir().map_err(|e| ApiError::Internal(e.to_string()))?;
+    let out = dir.path().to_path_buf();
+    let export_slug = slug.clone();
+    state
+        .db(move |conn| {
+            export::csv::export(
+                conn,
+                &export_slug,
+                &export::Filter::default(),
+                &out,
+                &|_, _| {},
+            )
+            .map_err(|e| match e {
+                export::ExportError::UnknownStudy(_) => ApiError::NotFound(e.to_string()),
+                other => ApiError::Internal(other.to_string()),
+            })
+        })
+        .await?;
+    let handle = tokio::fs::File::open(dir.path().join(&file))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    // The file streams from disk; the directory lives as long as the stream.
+    let body = tokio_util::io::ReaderStream::new(handle).map(move |chunk| {
+        let _keep = &dir;
+        chunk
+    });
+    Ok(HttpResponse::Ok()
+        .content_type("text/csv; charset=utf-8")
+        .insert_header((
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"{slug}-{file}\""),
+        ))
+        .streaming(body))
+}

@@ -1,0 +1,277 @@
+//! The researcher console: login required on every route, CSRF on every form, pages with real
+//! data on both backends, escaping, downloads.
+
+use std::collections::HashMap;
+
+use collabllm::db::{self, models::NewMessage};
+use collabllm::engine::Engines;
+use collabllm::web::{auth, AppState};
+
+use crate::common::{protocol, TestDb, TestServer};
+
+/// A browser for the console: keeps cookies, follows no redirects.
+struct Client {
+    base: String,
+    http: reqwest::Client,
+    cookies: HashMap<String, String>,
+}
+
+struct Reply {
+    status: u16,
+    location: String,
+    body: String,
+}
+
+impl Client {
+    fn new(server: &TestServer) -> Self {
+        Self {
+            base: server.url(""),
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            cookies: HashMap::new(),
+        }
+    }
+
+    async fn send(&mut self, request: reqwest::RequestBuilder) -> Reply {
+        let cookie: Vec<String> = self
+            .cookies
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let response = request
+            .header("cookie", cookie.join("; "))
+            .send()
+            .await
+            .unwrap();
+        for set in response.headers().get_all("set-cookie") {
+            let pair = set.to_str().unwrap().split(';').next().unwrap();
+            let (k, v) = pair.split_once('=').unwrap();
+            self.cookies.insert(k.to_string(), v.to_string());
+        }
+        Reply {
+            status: response.status().as_u16(),
+            location: response
+                .headers()
+                .get("location")
+                .map(|l| l.to_str().unwrap().to_string())
+                .unwrap_or_default(),
+            body: response.text().await.unwrap(),
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> Reply {
+        let r = self.http.get(format!("{}{path}", self.base));
+        self.send(r).await
+    }
+
+    async fn post(&mut self, path: &str, form: &str) -> Reply {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form.to_string());
+        self.send(r).await
+    }
+
+    /// The CSRF token of the forms on a page.
+    async fn csrf(&mut self, path: &str) -> String {
+        let page = self.get(path).await.body;
+        let at = page
+            .find("name=\"csrf\" value=\"")
+            .expect("the page has a form")
+            + 19;
+        page[at..at + 64].to_string()
+    }
+
+    async fn login(&mut self, name: &str, password: &str) -> Reply {
+        let token = self.csrf("/console/login").await;
+        self.post(
+            "/console/login",
+            &format!("name={name}&password={password}&csrf={token}"),
+        )
+        .await
+    }
+}
+
+/// A server with the quick pilot, one session with a hostile message, and researcher "ada".
+async fn seeded(db: &TestDb) -> (TestServer, String) {
+    let pool = db.pool();
+    let mut conn = pool.get().unwrap();
+    db::studies::import(&mut conn, &protocol("quick-pilot.toml")).unwrap();
+    db::researchers::set(
+        &mut conn,
+        "ada",
+        &auth::hash_password("lovelace-1815").unwrap(),
+    )
+    .unwrap();
+    let state = AppState::new(pool.clone(), Engines::new()).unwrap();
+    let session = {
+        let entry = state
+            .studio
+            .enter("quick-pilot".into(), Some("pid-console".into()), None)
+            .await
+            .unwrap();
+        state.studio.agree(entry.session.id).await.unwrap()
+    };
+    db::messages::append(
+        &mut conn,
+        session.id,
+        &NewMessage {
+            role: "user",
+            content: "<script>alert('x')</script> & \"quotes\"",
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (TestServer::start(state), session.public_id)
+}
+
+/// Every console route, with a form body for the POSTs.
+fn routes(session: &str) -> Vec<(&'static str, String, &'static str)> {
+    vec![
+        ("GET", "/console".into(), ""),
+        ("GET", "/console/studies/quick-pilot".into(), ""),
+        ("GET", format!("/console/sessions/{session}"), ""),
+        (
+            "GET",
+            "/console/studies/quick-pilot/export/sessions.csv".into(),
+            "",
+        ),
+        (
+            "POST",
+            "/console/studies/quick-pilot/status".into(),
+            "status=paused&csrf=x",
+        ),
+        ("POST", "/console/logout".into(), "csrf=x"),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_console_route_needs_a_login() {
+    let db = TestDb::sqlite();
+    let (server, session) = seeded(&db).await;
+    let mut client = Client::new(&server);
+    // A participant's cookie is no key to the console.
+    client
+        .cookies
+        .insert("collabllm_session".into(), "participant-token".into());
+    for (method, path, form) in routes(&session) {
+        let reply = match method {
+            "GET" => client.get(&path).await,
+            _ => client.post(&path, form).await,
+        };
+        assert_eq!(
+            (reply.status, reply.location.as_str()),
+            (303, "/console/login"),
+            "{method} {path}"
+        );
+        assert!(
+            !reply.body.contains("pid") && !reply.body.contains("script"),
+            "{method} {path} leaked"
+        );
+    }
+    // A forged session cookie is refused too.
+    client
+        .cookies
+        .insert(auth::SESSION_COOKIE.into(), "1.99999999999.deadbeef".into());
+    assert_eq!(client.get("/console").await.status, 303);
+}
+
+async fn console_pages_show_the_study(db: TestDb) {
+    let (server, session) = seeded(&db).await;
+    let mut client = Client::new(&server);
+    let wrong = client.login("ada", "not-her-password").await;
+    assert_eq!(wrong.status, 401);
+    assert!(wrong.body.contains("wrong password"));
+    let ok = client.login("ada", "lovelace-1815").await;
+    assert_eq!((ok.status, ok.location.as_str()), (303, "/console"));
+
+    let home = client.get("/console").await;
+    assert_eq!(home.status, 200);
+    assert!(home.body.contains("quick-pilot") && home.body.contains("ada"));
+    let study = client.get("/console/studies/quick-pilot").await;
+    assert_eq!(study.status, 200);
+    assert!(study.body.contains("proactive") && study.body.contains(&session));
+    let detail = client.get(&format!("/console/sessions/{session}")).await;
+    assert_eq!(detail.status, 200);
+    assert!(
+        detail.body.contains("&#60;script&#62;alert"),
+        "text is escaped"
+    );
+    assert!(
+        !detail.body.contains("<script>alert"),
+        "no raw HTML from the data"
+    );
+    let csv = client
+        .get("/console/studies/quick-pilot/export/messages.csv")
+        .await;
+    assert_eq!(csv.status, 200);
+    assert!(csv.body.starts_with("session,participant,arm,seq"));
+    assert!(csv.body.contains("<script>alert('x')</script>"));
+    assert_eq!(
+        client
+            .get("/console/studies/quick-pilot/export/passwd")
+            .await
+            .status,
+        404
+    );
+    assert_eq!(client.get("/console/studies/none").await.status, 404);
+
+    // Forms need the CSRF token of this browser.
+    let no_token = client
+        .post("/console/studies/quick-pilot/status", "status=paused&csrf=")
+        .await;
+    assert_eq!(no_token.status, 403);
+    let forged = client
+        .post(
+            "/console/studies/quick-pilot/status",
+            &format!("status=paused&csrf={}", "0".repeat(64)),
+        )
+        .await;
+    assert_eq!(forged.status, 403);
+    let token = client.csrf("/console/studies/quick-pilot").await;
+    let paused = client
+        .post(
+            "/console/studies/quick-pilot/status",
+            &format!("status=paused&csrf={token}"),
+        )
+        .await;
+    assert_eq!(paused.status, 303);
+    assert!(client.get("/console").await.body.contains("paused"));
+    let bad = client
+        .post(
+            "/console/studies/quick-pilot/status",
+            &format!("status=deleted&csrf={token}"),
+        )
+        .await;
+    assert_eq!(bad.status, 400);
+
+    let out = client
+        .post("/console/logout", &format!("csrf={token}"))
+        .await;
+    assert_eq!(out.location, "/console/login");
+    assert_eq!(client.get("/console").await.status, 303, "logged out");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn console_pages_show_the_study_on_sqlite() {
+    console_pages_show_the_study(TestDb::sqlite()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn console_pages_show_the_study_on_postgres() {
+    console_pages_show_the_study(TestDb::postgres()).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn login_needs_the_csrf_token_too() {
+    let db = TestDb::sqlite();
+    let (server, _) = seeded(&db).await;
+    let mut client = Client::new(&server);
+    let reply = client
+        .post("/console/login", "name=ada&password=lovelace-1815&csrf=")
+        .await;
+    assert_eq!(reply.status, 403);
+}
