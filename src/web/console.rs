@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 
 use super::auth::{self, ConsoleKey, CSRF_COOKIE, SESSION_COOKIE};
-use super::{render, ApiError, AppState};
+use super::{render, see_other, ApiError, AppState};
 use crate::db::researchers::Researcher;
 use crate::db::{self, DbConn};
 use crate::engine::EngineStatus;
@@ -115,10 +115,14 @@ fn check_csrf(req: &HttpRequest, key: &ConsoleKey, token: &str) -> Result<(), Co
     }
 }
 
-fn see_other(location: &str) -> HttpResponse {
-    HttpResponse::SeeOther()
-        .insert_header((header::LOCATION, location.to_string()))
-        .finish()
+/// The response with `cookie` set, when there is one.
+fn with_cookie(mut response: HttpResponse, cookie: Option<Cookie<'static>>) -> Page {
+    if let Some(c) = cookie {
+        response
+            .add_cookie(&c)
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    }
+    Ok(response)
 }
 
 #[derive(Template)]
@@ -131,16 +135,11 @@ struct LoginPage<'a> {
 #[get("/console/login")]
 async fn show_login(req: HttpRequest, state: web::Data<AppState>) -> Page {
     let (token, cookie) = csrf(&req, &state.console_key);
-    let mut response = render(&LoginPage {
+    let response = render(&LoginPage {
         csrf: &token,
         error: "",
     })?;
-    if let Some(c) = cookie {
-        response
-            .add_cookie(&c)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-    }
-    Ok(response)
+    with_cookie(response, cookie)
 }
 
 #[derive(Deserialize)]
@@ -195,7 +194,7 @@ async fn submit_login(
     .secure(req.connection_info().scheme() == "https")
     .max_age(CookieDuration::hours(auth::SESSION_HOURS))
     .finish();
-    let mut response = see_other("/console");
+    let mut response = see_other("/console".into());
     response
         .add_cookie(&cookie)
         .map_err(|e| ApiError::Internal(e.to_string()))?;
@@ -215,7 +214,7 @@ async fn submit_logout(
 ) -> Page {
     researcher(&req, &state).await?;
     check_csrf(&req, &state.console_key, &form.csrf)?;
-    let mut response = see_other("/console/login");
+    let mut response = see_other("/console/login".into());
     let mut gone = Cookie::build(SESSION_COOKIE, "").path("/console").finish();
     gone.make_removal();
     response
@@ -265,18 +264,13 @@ async fn show_console(req: HttpRequest, state: web::Data<AppState>) -> Page {
             Ok(rows)
         })
         .await?;
-    let mut response = render(&HomePage {
+    let response = render(&HomePage {
         who: &who.name,
         csrf: &token,
         studies,
         engines: state.engines.statuses(),
     })?;
-    if let Some(c) = cookie {
-        response
-            .add_cookie(&c)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-    }
-    Ok(response)
+    with_cookie(response, cookie)
 }
 
 struct ArmRow {
@@ -346,7 +340,7 @@ async fn show_study(req: HttpRequest, state: web::Data<AppState>, slug: web::Pat
             Ok((study, version, arms, sessions))
         })
         .await?;
-    let mut response = render(&StudyPage {
+    let response = render(&StudyPage {
         who: &who.name,
         csrf: &token,
         study,
@@ -356,12 +350,7 @@ async fn show_study(req: HttpRequest, state: web::Data<AppState>, slug: web::Pat
         sessions,
         files: EXPORT_FILES,
     })?;
-    if let Some(c) = cookie {
-        response
-            .add_cookie(&c)
-            .map_err(|e| ApiError::Internal(e.to_string()))?;
-    }
-    Ok(response)
+    with_cookie(response, cookie)
 }
 
 fn study_overview(
@@ -431,7 +420,7 @@ async fn set_study_status(
             Ok(())
         })
         .await?;
-    Ok(see_other(&location))
+    Ok(see_other(location))
 }
 
 #[derive(Template)]

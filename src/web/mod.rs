@@ -103,6 +103,13 @@ fn json_config() -> web::JsonConfig {
         .error_handler(|err, _req| ApiError::BadRequest(format!("invalid JSON body: {err}")).into())
 }
 
+/// A redirect that makes the browser GET `location`.
+pub fn see_other(location: String) -> HttpResponse {
+    HttpResponse::SeeOther()
+        .insert_header((actix_web::http::header::LOCATION, location))
+        .finish()
+}
+
 /// Renders a template into an HTML response.
 pub fn render<T: Template>(page: &T) -> Result<HttpResponse, ApiError> {
     let html = page

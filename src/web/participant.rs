@@ -3,12 +3,11 @@
 //! study's path; the workspace page hands it to its own script for the websocket `hello`.
 
 use actix_web::cookie::{time::Duration as CookieDuration, Cookie, SameSite};
-use actix_web::http::header;
 use actix_web::{get, post, web, HttpRequest, HttpResponse};
 use askama::Template;
 use serde::Deserialize;
 
-use super::{render, ApiError, AppState};
+use super::{render, see_other, ApiError, AppState};
 use crate::db::models::Session;
 use crate::protocol::{OutcomeSpec, Protocol};
 use crate::study::{state, StudyError};
@@ -34,12 +33,6 @@ fn session_cookie(req: &HttpRequest, slug: &str, token: String) -> Cookie<'stati
         .same_site(SameSite::Lax)
         .secure(req.connection_info().scheme() == "https")
         .max_age(CookieDuration::days(COOKIE_DAYS))
-        .finish()
-}
-
-fn see_other(location: String) -> HttpResponse {
-    HttpResponse::SeeOther()
-        .insert_header((header::LOCATION, location))
         .finish()
 }
 
