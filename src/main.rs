@@ -99,6 +99,16 @@ enum ExportCommand {
         #[arg(long)]
         completed_only: bool,
     },
+    /// The whole study as one JSON document (protocol versions, sessions with everything
+    /// recorded, the assignment ledger), for archiving and re-analysis.
+    Json {
+        /// Study slug.
+        #[arg(long)]
+        study: String,
+        /// File to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -258,6 +268,15 @@ fn run(cli: Cli) -> Result<()> {
             for (file, rows) in written.files {
                 println!("{} ({rows} rows)", out.join(file).display());
             }
+            Ok(())
+        }
+        Command::Export(ExportCommand::Json { study, out }) => {
+            let mut conn = db::connect(&settings.database_url)?;
+            db::migrate(&mut conn)?;
+            let bar = ProgressBar::new_spinner().with_message("sessions exported");
+            let count = export::json::export(&mut conn, &study, &out, &|n| bar.set_position(n))?;
+            bar.finish_and_clear();
+            println!("{} ({count} sessions)", out.display());
             Ok(())
         }
         Command::Bench(BenchCommand::Engine {

@@ -2,16 +2,13 @@
 //! `revisions.csv`, `events.csv`, `assignments.csv` (long) and `codebook.csv`, which describes
 //! every column. RFC 4180, UTF-8, newlines inside fields kept, formula starts neutralised.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use super::{neutralise, timestamp, ExportError, Filter};
-use crate::db::models::{Session, StudyVersion};
+use super::{for_each_session, neutralise, study_versions, timestamp, ExportError, Filter};
+use crate::db::models::Session;
 use crate::db::{self, DbConn};
 use crate::protocol::Protocol;
-
-/// Sessions read from the database at a time.
-const PAGE_SESSIONS: i64 = 200;
 
 /// What was written: file names and their data rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -176,13 +173,6 @@ fn assignment_columns() -> Vec<Column> {
     ]
 }
 
-/// What the export knows of each study version.
-struct Version {
-    row: StudyVersion,
-    protocol: Protocol,
-    arms: HashMap<i64, String>,
-}
-
 struct Csv {
     path: PathBuf,
     writer: csv::Writer<std::fs::File>,
@@ -272,23 +262,7 @@ pub fn export(
         path: dir.display().to_string(),
         source,
     })?;
-    let mut versions = BTreeMap::new();
-    for row in db::studies::versions(conn, study.id)? {
-        let protocol = Protocol::from_stored(&row.protocol_text)
-            .map_err(|e| ExportError::Db(db::DbError::Invalid(e.to_string())))?;
-        let arms = db::studies::arms_of(conn, row.id)?
-            .into_iter()
-            .map(|a| (a.id, a.name))
-            .collect();
-        versions.insert(
-            row.id,
-            Version {
-                row,
-                protocol,
-                arms,
-            },
-        );
-    }
+    let versions = study_versions(conn, study.id)?;
     let version_ids: Vec<i64> = versions.keys().copied().collect();
     let arm_of = |s: &Session| {
         s.arm_id
@@ -613,23 +587,4 @@ pub fn export(
 
 fn is_final(protocol: &Protocol, key: &str) -> bool {
     protocol.final_ratings().iter().any(|r| r.id == key)
-}
-
-/// Calls `visit` for every session of the versions, a page at a time.
-fn for_each_session(
-    conn: &mut DbConn,
-    version_ids: &[i64],
-    mut visit: impl FnMut(&mut DbConn, &Session) -> Result<(), ExportError>,
-) -> Result<(), ExportError> {
-    let mut after = 0;
-    loop {
-        let page = db::sessions::page(conn, version_ids, after, PAGE_SESSIONS)?;
-        let Some(last) = page.last() else {
-            return Ok(());
-        };
-        after = last.id;
-        for s in &page {
-            visit(conn, s)?;
-        }
-    }
 }

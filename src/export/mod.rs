@@ -3,10 +3,67 @@
 //! ids leave: session and participant pseudonyms, never external ids, tokens or addresses.
 
 pub mod csv;
+pub mod json;
+
+use std::collections::{BTreeMap, HashMap};
 
 use chrono::{NaiveDate, NaiveDateTime};
 
-use crate::db::models::Session;
+use crate::db::models::{Session, StudyVersion};
+use crate::db::{self, DbConn};
+use crate::protocol::Protocol;
+
+/// Sessions read from the database at a time.
+const PAGE_SESSIONS: i64 = 200;
+
+/// What an export knows of each study version.
+struct Version {
+    row: StudyVersion,
+    protocol: Protocol,
+    /// Arm names by arm id.
+    arms: HashMap<i64, String>,
+}
+
+/// Every version of a study, by version id.
+fn study_versions(conn: &mut DbConn, study_id: i64) -> Result<BTreeMap<i64, Version>, ExportError> {
+    let mut versions = BTreeMap::new();
+    for row in db::studies::versions(conn, study_id)? {
+        let protocol = Protocol::from_stored(&row.protocol_text)
+            .map_err(|e| ExportError::Db(db::DbError::Invalid(e.to_string())))?;
+        let arms = db::studies::arms_of(conn, row.id)?
+            .into_iter()
+            .map(|a| (a.id, a.name))
+            .collect();
+        versions.insert(
+            row.id,
+            Version {
+                row,
+                protocol,
+                arms,
+            },
+        );
+    }
+    Ok(versions)
+}
+
+/// Calls `visit` for every session of the versions, a page at a time.
+fn for_each_session(
+    conn: &mut DbConn,
+    version_ids: &[i64],
+    mut visit: impl FnMut(&mut DbConn, &Session) -> Result<(), ExportError>,
+) -> Result<(), ExportError> {
+    let mut after = 0;
+    loop {
+        let page = db::sessions::page(conn, version_ids, after, PAGE_SESSIONS)?;
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
+        after = last.id;
+        for s in &page {
+            visit(conn, s)?;
+        }
+    }
+}
 
 /// Which sessions an export covers.
 #[derive(Debug, Clone, Default)]

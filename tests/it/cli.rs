@@ -36,6 +36,7 @@ fn every_command_explains_itself() {
         vec!["bench", "engine", "--help"],
         vec!["user", "add", "--help"],
         vec!["export", "csv", "--help"],
+        vec!["export", "json", "--help"],
     ] {
         let out = collabllm(&args);
         assert!(out.status.success(), "{args:?}: {}", text(&out));

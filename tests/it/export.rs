@@ -272,3 +272,41 @@ on_both_backends!(csv_export_filters_sessions, |db: &TestDb| {
     .unwrap_err();
     assert!(err.to_string().contains("no study \"nope\""));
 });
+
+on_both_backends!(the_json_dump_holds_the_whole_study, |db: &TestDb| {
+    let pool = db.pool();
+    db::studies::import(&mut pool.get().unwrap(), &example_protocol()).unwrap();
+    let (done, open) = seed(&pool);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("study.json");
+    let count =
+        export::json::export(&mut pool.get().unwrap(), "doc-cocreation", &path, &|_| {}).unwrap();
+    assert_eq!(count, 2);
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(!text.contains("PID-SECRET"), "no external ids");
+    let dump: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(dump["format"], export::json::FORMAT);
+    assert_eq!(dump["study"]["slug"], "doc-cocreation");
+    assert_eq!(
+        dump["versions"][0]["protocol_text"],
+        example_protocol().text
+    );
+    assert_eq!(dump["assignments"].as_array().unwrap().len(), 2);
+    let sessions = dump["sessions"].as_array().unwrap();
+    let s = sessions
+        .iter()
+        .find(|s| s["session"] == done.as_str())
+        .unwrap();
+    assert_eq!(s["messages"].as_array().unwrap().len(), 6);
+    assert_eq!(s["revisions"][1]["content"], DOCUMENT);
+    assert_eq!(
+        s["revisions"][0]["content"], FORMULA,
+        "JSON keeps text exactly as written"
+    );
+    assert_eq!(s["ratings"].as_array().unwrap().len(), 3);
+    assert_eq!(s["answers"][0]["answer"], "@asked, questions");
+    assert_eq!(s["events"][0]["data"]["at"], 1);
+    assert!(sessions.iter().any(|s| s["session"] == open.as_str()));
+    let err = export::json::export(&mut pool.get().unwrap(), "nope", &path, &|_| {}).unwrap_err();
+    assert!(err.to_string().contains("no study"));
+});
