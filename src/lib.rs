@@ -9,5 +9,6 @@ pub mod db;
 pub mod engine;
 pub mod export;
 pub mod protocol;
+pub mod results;
 pub mod study;
 pub mod web;

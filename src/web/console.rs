@@ -18,6 +18,7 @@ use crate::db::researchers::Researcher;
 use crate::db::{self, DbConn};
 use crate::engine::EngineStatus;
 use crate::export;
+use crate::results;
 
 /// Why a console request was refused.
 #[derive(Debug)]
@@ -292,6 +293,222 @@ struct SessionRow {
     last_activity: String,
 }
 
+/// Plot size in SVG units, and the margin for axis labels.
+const PLOT_W: f64 = 560.0;
+const PLOT_H: f64 = 240.0;
+const PLOT_MARGIN: f64 = 40.0;
+/// Series colours, one per arm (colour-blind safe).
+const COLOURS: [&str; 6] = [
+    "#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00",
+];
+
+/// One row of the results table.
+struct ResultRow {
+    arm: String,
+    n: usize,
+    cells: Vec<String>,
+}
+
+struct Series {
+    name: String,
+    colour: &'static str,
+    points: String,
+    dots: Vec<(f64, f64)>,
+}
+
+struct Tick {
+    at: f64,
+    label: String,
+}
+
+/// The periodic rating by turn, one line per arm.
+struct LinePlot {
+    key: String,
+    series: Vec<Series>,
+    x_ticks: Vec<Tick>,
+    y_ticks: Vec<Tick>,
+}
+
+/// Time to completion per arm.
+struct BoxRow {
+    name: String,
+    colour: &'static str,
+    y: f64,
+    min: f64,
+    q1: f64,
+    median: f64,
+    q3: f64,
+    max: f64,
+}
+
+struct BoxPlot {
+    rows: Vec<BoxRow>,
+    x_ticks: Vec<Tick>,
+    height: f64,
+}
+
+/// A tick label in minutes, with a decimal when the whole axis is short.
+fn minutes_label(value: f64, longest: f64) -> String {
+    if longest < 10.0 {
+        format!("{value:.1}")
+    } else {
+        format!("{value:.0}")
+    }
+}
+
+fn fmt_estimate(e: &Option<results::Estimate>) -> String {
+    match e {
+        Some(e) => format!("{:.2} [{:.2}, {:.2}]", e.mean, e.low, e.high),
+        None => "—".into(),
+    }
+}
+
+/// The results table, the rating-by-turn plots and the completion-time box plot.
+fn result_views(
+    arms: &[results::ArmResults],
+    protocol: &crate::protocol::Protocol,
+) -> (Vec<String>, Vec<ResultRow>, Vec<LinePlot>, Option<BoxPlot>) {
+    let final_keys: Vec<String> = protocol
+        .final_ratings()
+        .iter()
+        .map(|r| r.id.clone())
+        .collect();
+    let periodic_keys: Vec<String> = protocol
+        .ratings
+        .iter()
+        .filter(|r| r.when == crate::protocol::RatingWhen::Periodic)
+        .map(|r| r.id.clone())
+        .collect();
+    let mut headers: Vec<String> = final_keys.iter().map(|k| format!("{k} (final)")).collect();
+    headers.extend(periodic_keys.iter().map(|k| format!("{k} (periodic)")));
+    headers.extend(
+        [
+            "minutes, median [IQR]",
+            "turns",
+            "document words",
+            "assistant tokens",
+            "TTFT ms",
+        ]
+        .map(String::from),
+    );
+    let rows = arms
+        .iter()
+        .map(|a| {
+            let mut cells: Vec<String> = final_keys
+                .iter()
+                .map(|k| fmt_estimate(a.finals.get(k).unwrap_or(&None)))
+                .collect();
+            cells.extend(
+                periodic_keys
+                    .iter()
+                    .map(|k| fmt_estimate(a.periodic.get(k).unwrap_or(&None))),
+            );
+            cells.push(a.minutes.as_ref().map_or("—".into(), |s| {
+                format!("{:.1} [{:.1}, {:.1}]", s.median, s.q1, s.q3)
+            }));
+            cells.extend([&a.turns, &a.words, &a.assistant_tokens, &a.ttft_ms].map(fmt_estimate));
+            ResultRow {
+                arm: a.arm.clone(),
+                n: a.n,
+                cells,
+            }
+        })
+        .collect();
+    let lines = protocol
+        .ratings
+        .iter()
+        .filter(|r| r.when == crate::protocol::RatingWhen::Periodic)
+        .filter_map(|spec| {
+            let max_turn = arms
+                .iter()
+                .filter_map(|a| a.by_turn.get(&spec.id))
+                .flat_map(|points| points.iter().map(|(t, _)| *t))
+                .max()?;
+            let step = spec.every_turns.unwrap_or(1).max(1) as i32;
+            let x = |t: i32| {
+                PLOT_MARGIN
+                    + (PLOT_W - 2.0 * PLOT_MARGIN) * f64::from(t) / f64::from(max_turn.max(1))
+            };
+            let span = f64::from((spec.max - spec.min).max(1));
+            let y = |v: f64| {
+                PLOT_H
+                    - PLOT_MARGIN
+                    - (PLOT_H - 2.0 * PLOT_MARGIN) * (v - f64::from(spec.min)) / span
+            };
+            let series = arms
+                .iter()
+                .enumerate()
+                .filter_map(|(i, a)| {
+                    let points = a.by_turn.get(&spec.id)?;
+                    let dots: Vec<(f64, f64)> =
+                        points.iter().map(|(t, v)| (x(*t), y(*v))).collect();
+                    Some(Series {
+                        name: a.arm.clone(),
+                        colour: COLOURS[i % COLOURS.len()],
+                        points: dots
+                            .iter()
+                            .map(|(px, py)| format!("{px:.1},{py:.1}"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        dots,
+                    })
+                })
+                .collect();
+            Some(LinePlot {
+                key: spec.id.clone(),
+                series,
+                x_ticks: (1..=max_turn / step)
+                    .map(|k| Tick {
+                        at: x(k * step),
+                        label: (k * step).to_string(),
+                    })
+                    .collect(),
+                y_ticks: (spec.min..=spec.max)
+                    .map(|v| Tick {
+                        at: y(f64::from(v)),
+                        label: v.to_string(),
+                    })
+                    .collect(),
+            })
+        })
+        .collect();
+    let longest = arms
+        .iter()
+        .filter_map(|a| a.minutes.as_ref().map(|s| s.max))
+        .fold(0.0, f64::max);
+    let boxes = (longest > 0.0).then(|| {
+        let x = |m: f64| PLOT_MARGIN * 2.0 + (PLOT_W - 3.0 * PLOT_MARGIN) * m / longest;
+        let rows: Vec<BoxRow> = arms
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| {
+                let s = a.minutes.as_ref()?;
+                Some(BoxRow {
+                    name: a.arm.clone(),
+                    colour: COLOURS[i % COLOURS.len()],
+                    y: 20.0 + 36.0 * i as f64,
+                    min: x(s.min),
+                    q1: x(s.q1),
+                    median: x(s.median),
+                    q3: x(s.q3),
+                    max: x(s.max),
+                })
+            })
+            .collect();
+        BoxPlot {
+            height: 40.0 + 36.0 * arms.len() as f64,
+            x_ticks: (0..=4)
+                .map(|k| Tick {
+                    at: x(longest * f64::from(k) / 4.0),
+                    label: minutes_label(longest * f64::from(k) / 4.0, longest),
+                })
+                .collect(),
+            rows,
+        }
+    });
+    (headers, rows, lines, boxes)
+}
+
 #[derive(Template)]
 #[template(path = "console_study.html")]
 struct StudyPage<'a> {
@@ -303,6 +520,10 @@ struct StudyPage<'a> {
     arms: Vec<ArmRow>,
     sessions: Vec<SessionRow>,
     files: [&'static str; 7],
+    result_headers: Vec<String>,
+    results: Vec<ResultRow>,
+    lines: Vec<LinePlot>,
+    boxes: Option<BoxPlot>,
 }
 
 /// The export files offered for download.
@@ -331,15 +552,25 @@ async fn show_study(req: HttpRequest, state: web::Data<AppState>, slug: web::Pat
     let who = researcher(&req, &state).await?;
     let (token, cookie) = csrf(&req, &state.console_key);
     let slug = slug.into_inner();
-    let (study, version, arms, sessions) = state
+    let (study, version, arms, sessions, views) = state
         .db(move |conn| {
             let study = db::studies::find_by_slug(conn, &slug)?
                 .ok_or_else(|| ApiError::NotFound(format!("there is no study {slug:?}")))?;
             let version = db::studies::current_version(conn, study.id)?;
             let (arms, sessions) = study_overview(conn, &version)?;
-            Ok((study, version, arms, sessions))
+            let protocol = crate::protocol::Protocol::from_stored(&version.protocol_text)
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let per_arm = results::per_arm(conn, version.id, &protocol)?;
+            Ok((
+                study,
+                version,
+                arms,
+                sessions,
+                result_views(&per_arm, &protocol),
+            ))
         })
         .await?;
+    let (result_headers, results, lines, boxes) = views;
     let response = render(&StudyPage {
         who: &who.name,
         csrf: &token,
@@ -349,6 +580,10 @@ async fn show_study(req: HttpRequest, state: web::Data<AppState>, slug: web::Pat
         arms,
         sessions,
         files: EXPORT_FILES,
+        result_headers,
+        results,
+        lines,
+        boxes,
     })?;
     with_cookie(response, cookie)
 }

@@ -275,3 +275,85 @@ async fn login_needs_the_csrf_token_too() {
         .await;
     assert_eq!(reply.status, 403);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn results_per_arm_are_computed_and_plotted() {
+    let db = TestDb::sqlite();
+    let pool = db.pool();
+    let loaded = protocol("doc-cocreation.toml");
+    db::studies::import(&mut pool.get().unwrap(), &loaded).unwrap();
+    db::researchers::set(
+        &mut pool.get().unwrap(),
+        "ada",
+        &auth::hash_password("lovelace-1815").unwrap(),
+    )
+    .unwrap();
+    let state = AppState::new(pool.clone(), Engines::new()).unwrap();
+    for i in 0..6 {
+        let entry = state
+            .studio
+            .enter("doc-cocreation".into(), Some(format!("p{i}")), None)
+            .await
+            .unwrap();
+        let s = state.studio.agree(entry.session.id).await.unwrap();
+        let mut conn = pool.get().unwrap();
+        db::messages::append(
+            &mut conn,
+            s.id,
+            &NewMessage {
+                role: "user",
+                content: "hi",
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        db::messages::append(
+            &mut conn,
+            s.id,
+            &NewMessage {
+                role: "assistant",
+                content: "hello",
+                gen_tokens: Some(10),
+                ttft_ms: Some(50),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        db::ratings::record(&mut conn, s.id, 3, "interaction", 5 + i % 3).unwrap();
+        db::ratings::record(&mut conn, s.id, 6, "interaction", 6 + i % 3).unwrap();
+        db::ratings::record(&mut conn, s.id, 8, "document_quality", 7).unwrap();
+        db::ratings::record(&mut conn, s.id, 8, "overall_interaction", 8).unwrap();
+        db::sessions::finish(&mut conn, s.id, "finished", "completed", "CODE").unwrap();
+    }
+    let mut conn = pool.get().unwrap();
+    let study = db::studies::find_by_slug(&mut conn, "doc-cocreation")
+        .unwrap()
+        .unwrap();
+    let version = db::studies::current_version(&mut conn, study.id).unwrap();
+    let per_arm = collabllm::results::per_arm(&mut conn, version.id, &loaded.protocol).unwrap();
+    assert_eq!(per_arm.len(), 3);
+    assert_eq!(per_arm.iter().map(|a| a.n).sum::<usize>(), 6);
+    for arm in &per_arm {
+        assert_eq!(arm.n, 2, "permuted blocks give each arm two of six");
+        let quality = arm.finals["document_quality"].as_ref().unwrap();
+        assert_eq!((quality.mean, quality.low, quality.high), (7.0, 7.0, 7.0));
+        let turns: Vec<i32> = arm.by_turn["interaction"].iter().map(|(t, _)| *t).collect();
+        assert_eq!(turns, [3, 6]);
+        assert_eq!(arm.assistant_tokens.as_ref().unwrap().mean, 10.0);
+        assert!(arm.minutes.is_some());
+    }
+    drop(conn);
+    let server = TestServer::start(state);
+    let mut client = Client::new(&server);
+    client.login("ada", "lovelace-1815").await;
+    let page = client.get("/console/studies/doc-cocreation").await.body;
+    std::fs::write(
+        std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-study.html"),
+        &page,
+    )
+    .unwrap();
+    assert!(page.contains("Results per arm"));
+    assert!(page.contains("7.00 [7.00, 7.00]"), "the estimate is shown");
+    assert_eq!(page.matches("<polyline").count(), 3, "one line per arm");
+    assert_eq!(page.matches("<rect").count(), 3, "one box per arm");
+}

@@ -1,0 +1,228 @@
+//! Results per arm, as the CollabLLM paper reports them: for completed sessions, the mean and 95%
+//! bootstrap interval of the final ratings and of the periodic ratings, the periodic rating by
+//! turn, time to completion (median and quartiles), turns, document words, assistant tokens and
+//! time to first token. The bootstrap is seeded, so the same data give the same intervals.
+
+use std::collections::BTreeMap;
+
+use crate::db::{self, DbConn, DbResult};
+use crate::protocol::{Protocol, RatingWhen};
+use crate::study::assign::SplitMix64;
+
+/// Bootstrap resamples per interval.
+const BOOTSTRAP_RESAMPLES: usize = 2000;
+/// Seed of the bootstrap, fixed so results are reproducible.
+const BOOTSTRAP_SEED: u64 = 2025;
+
+/// A mean with its 95% percentile-bootstrap interval.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Estimate {
+    pub n: usize,
+    pub mean: f64,
+    pub low: f64,
+    pub high: f64,
+}
+
+/// Median and quartiles.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Spread {
+    pub min: f64,
+    pub q1: f64,
+    pub median: f64,
+    pub q3: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArmResults {
+    pub arm: String,
+    /// Completed sessions.
+    pub n: usize,
+    /// Final ratings by key.
+    pub finals: BTreeMap<String, Option<Estimate>>,
+    /// Each session's mean periodic rating, per key.
+    pub periodic: BTreeMap<String, Option<Estimate>>,
+    /// Mean periodic rating by turn, per key.
+    pub by_turn: BTreeMap<String, Vec<(i32, f64)>>,
+    pub minutes: Option<Spread>,
+    pub turns: Option<Estimate>,
+    pub words: Option<Estimate>,
+    pub assistant_tokens: Option<Estimate>,
+    pub ttft_ms: Option<Estimate>,
+}
+
+pub fn mean(values: &[f64]) -> Option<f64> {
+    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+}
+
+/// Mean and 95% percentile-bootstrap interval of `values`.
+pub fn estimate(values: &[f64]) -> Option<Estimate> {
+    let center = mean(values)?;
+    let mut rng = SplitMix64::new(BOOTSTRAP_SEED);
+    let mut means: Vec<f64> = (0..BOOTSTRAP_RESAMPLES)
+        .map(|_| {
+            (0..values.len())
+                .map(|_| values[rng.below(values.len())])
+                .sum::<f64>()
+                / values.len() as f64
+        })
+        .collect();
+    means.sort_by(f64::total_cmp);
+    Some(Estimate {
+        n: values.len(),
+        mean: center,
+        low: quantile(&means, 0.025),
+        high: quantile(&means, 0.975),
+    })
+}
+
+/// Linear-interpolated quantile of sorted values.
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let at = q * (sorted.len() - 1) as f64;
+    let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (at - lo as f64)
+}
+
+pub fn spread(values: &[f64]) -> Option<Spread> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    Some(Spread {
+        min: v[0],
+        q1: quantile(&v, 0.25),
+        median: quantile(&v, 0.5),
+        q3: quantile(&v, 0.75),
+        max: v[v.len() - 1],
+    })
+}
+
+/// Results per arm of one study version, from its completed sessions.
+pub fn per_arm(
+    conn: &mut DbConn,
+    version_id: i64,
+    protocol: &Protocol,
+) -> DbResult<Vec<ArmResults>> {
+    let arms = db::studies::arms_of(conn, version_id)?;
+    let sessions = db::sessions::list_for_version(conn, version_id)?;
+    let mut results = Vec::new();
+    for arm in &arms {
+        let mut finals: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let mut periodic: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+        let mut by_turn: BTreeMap<String, BTreeMap<i32, Vec<f64>>> = BTreeMap::new();
+        let (mut minutes, mut turns, mut words, mut tokens, mut ttft) =
+            (vec![], vec![], vec![], vec![], vec![]);
+        let completed = sessions
+            .iter()
+            .filter(|s| s.arm_id == Some(arm.id) && s.outcome.as_deref() == Some("completed"));
+        let mut n = 0;
+        for s in completed {
+            n += 1;
+            let mut own: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+            for r in db::ratings::list_for_session(conn, s.id)? {
+                let when = protocol
+                    .ratings
+                    .iter()
+                    .find(|spec| spec.id == r.rating_key)
+                    .map(|spec| spec.when);
+                let value = f64::from(r.value);
+                if when == Some(RatingWhen::Final) {
+                    finals.entry(r.rating_key).or_default().push(value);
+                } else {
+                    own.entry(r.rating_key.clone()).or_default().push(value);
+                    by_turn
+                        .entry(r.rating_key)
+                        .or_default()
+                        .entry(r.after_turn)
+                        .or_default()
+                        .push(value);
+                }
+            }
+            for (key, values) in own {
+                periodic.entry(key).or_default().extend(mean(&values));
+            }
+            let messages = db::messages::list_for_session(conn, s.id)?;
+            let replies: Vec<_> = messages.iter().filter(|m| m.role == "assistant").collect();
+            turns.push(replies.len() as f64);
+            tokens.push(
+                replies
+                    .iter()
+                    .filter_map(|m| m.gen_tokens)
+                    .map(f64::from)
+                    .sum(),
+            );
+            ttft.extend(mean(
+                &replies
+                    .iter()
+                    .filter_map(|m| m.ttft_ms)
+                    .map(f64::from)
+                    .collect::<Vec<_>>(),
+            ));
+            let document = db::revisions::latest(conn, s.id)?;
+            words.push(document.map_or(0, |d| d.content.split_whitespace().count()) as f64);
+            if let Some(end) = s.finished_at {
+                minutes.push((end - s.started_at).num_milliseconds() as f64 / 60_000.0);
+            }
+        }
+        results.push(ArmResults {
+            arm: arm.name.clone(),
+            n,
+            finals: finals
+                .iter()
+                .map(|(k, v)| (k.clone(), estimate(v)))
+                .collect(),
+            periodic: periodic
+                .iter()
+                .map(|(k, v)| (k.clone(), estimate(v)))
+                .collect(),
+            by_turn: by_turn
+                .into_iter()
+                .map(|(k, turns)| {
+                    (
+                        k,
+                        turns
+                            .into_iter()
+                            .filter_map(|(t, v)| mean(&v).map(|m| (t, m)))
+                            .collect(),
+                    )
+                })
+                .collect(),
+            minutes: spread(&minutes),
+            turns: estimate(&turns),
+            words: estimate(&words),
+            assistant_tokens: estimate(&tokens),
+            ttft_ms: estimate(&ttft),
+        });
+    }
+    Ok(results)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bootstrap_interval_contains_the_mean_and_is_reproducible() {
+        let values = [6.0, 7.0, 8.0, 9.0, 5.0, 7.0, 8.0, 6.0];
+        let e = estimate(&values).unwrap();
+        assert_eq!(e.mean, 7.0);
+        assert!(
+            e.low < 7.0 && e.high > 7.0 && e.low >= 5.0 && e.high <= 9.0,
+            "{e:?}"
+        );
+        assert_eq!(estimate(&values), Some(e));
+        let same = estimate(&[4.0, 4.0, 4.0]).unwrap();
+        assert_eq!((same.low, same.high), (4.0, 4.0));
+        assert!(estimate(&[]).is_none());
+    }
+
+    #[test]
+    fn spread_gives_quartiles() {
+        let s = spread(&[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+        assert_eq!(
+            (s.min, s.q1, s.median, s.q3, s.max),
+            (1.0, 2.0, 3.0, 4.0, 5.0)
+        );
+    }
+}
