@@ -211,3 +211,96 @@ pub fn peak_rss_mib() -> Option<f64> {
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
+
+/// Fills a database with a study of `sessions` finished sessions of `messages` messages each
+/// (with a document revision and ratings), for the export benchmark.
+pub fn seed_study(
+    url: &str,
+    sessions: usize,
+    messages: usize,
+    progress: &ProgressBar,
+) -> Result<(), crate::db::DbError> {
+    use crate::config::{EXAMPLE_PROTOCOL, EXAMPLE_PROTOCOL_PATH};
+    use crate::db::{self, models::NewMessage, models::NewSession};
+    use crate::protocol::{sha256_hex, LoadedProtocol, Protocol};
+
+    let mut conn = db::connect(url)?;
+    db::migrate(&mut conn)?;
+    let protocol =
+        Protocol::from_stored(EXAMPLE_PROTOCOL).map_err(|e| db::DbError::Invalid(e.to_string()))?;
+    let loaded = LoadedProtocol {
+        protocol,
+        text: EXAMPLE_PROTOCOL.to_string(),
+        sha256: sha256_hex(EXAMPLE_PROTOCOL.as_bytes()),
+        source: EXAMPLE_PROTOCOL_PATH.into(),
+    };
+    let imported = db::studies::import(&mut conn, &loaded)?;
+    let arms = db::studies::arms_of(&mut conn, imported.version.id)?;
+    let text =
+        "A sentence of a typical chat message, about as long as the ones in the study. ".repeat(4);
+    for i in 0..sessions {
+        db::write_transaction(&mut conn, |conn| {
+            let external = format!("bench-{i}");
+            let (participant, _) =
+                db::participants::find_or_create(conn, imported.study.id, Some(&external), false)?;
+            let now = db::now();
+            let public_id = uuid::Uuid::new_v4().to_string();
+            let session = db::sessions::create(
+                conn,
+                &NewSession {
+                    public_id: &public_id,
+                    participant_id: participant.id,
+                    study_version_id: imported.version.id,
+                    arm_id: Some(arms[i % arms.len()].id),
+                    task_id: Some("blog-post"),
+                    topic_id: Some("remote-work"),
+                    token_hash: &public_id,
+                    state: "finished",
+                    started_at: now,
+                    last_activity_at: now,
+                },
+            )?;
+            for m in 0..messages {
+                let role = if m % 2 == 0 { "user" } else { "assistant" };
+                db::messages::append(
+                    conn,
+                    session.id,
+                    &NewMessage {
+                        role,
+                        content: &text,
+                        ..Default::default()
+                    },
+                )?;
+            }
+            db::revisions::append(conn, session.id, "user", None, &text)?;
+            db::ratings::record(conn, session.id, 3, "interaction", 7)?;
+            db::sessions::finish(conn, session.id, "finished", "completed", "CODE")?;
+            Ok::<_, db::DbError>(())
+        })?;
+        progress.inc(1);
+    }
+    Ok(())
+}
+
+/// Runs `command` and returns its peak resident memory in MiB (Linux), polling `/proc`.
+pub fn peak_rss_of(mut command: std::process::Command) -> std::io::Result<(bool, f64)> {
+    let mut child = command.spawn()?;
+    let status_path = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0.0f64;
+    loop {
+        if let Ok(status) = std::fs::read_to_string(&status_path) {
+            if let Some(kib) = status
+                .lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+            {
+                peak_kib = peak_kib.max(kib);
+            }
+        }
+        if let Some(status) = child.try_wait()? {
+            return Ok((status.success(), peak_kib / 1024.0));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

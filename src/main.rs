@@ -113,6 +113,16 @@ enum ExportCommand {
 
 #[derive(Subcommand)]
 enum BenchCommand {
+    /// Peak memory and time of the CSV export of a large study against a study a tenth its size,
+    /// each exported by a child process.
+    Export {
+        /// Sessions in the large study.
+        #[arg(long, default_value_t = 1000)]
+        sessions: usize,
+        /// Messages per session.
+        #[arg(long, default_value_t = 100)]
+        messages: usize,
+    },
     /// Engine throughput and time to first token vs one-at-a-time without prefix reuse.
     Engine {
         /// GGUF model (default: the default model in the models directory).
@@ -279,6 +289,9 @@ fn run(cli: Cli) -> Result<()> {
             println!("{} ({count} sessions)", out.display());
             Ok(())
         }
+        Command::Bench(BenchCommand::Export { sessions, messages }) => {
+            run_export_bench(sessions, messages)
+        }
         Command::Bench(BenchCommand::Engine {
             model,
             slots,
@@ -304,6 +317,55 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
     }
+}
+
+fn run_export_bench(sessions: usize, messages: usize) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut results = Vec::new();
+    for (name, n) in [("reference", (sessions / 10).max(1)), ("large", sessions)] {
+        let url = format!(
+            "sqlite://{}",
+            dir.path().join(format!("{name}.sqlite3")).display()
+        );
+        let bar = ProgressBar::new(n as u64).with_message(format!("seeding the {name} study"));
+        bench::seed_study(&url, n, messages, &bar)?;
+        bar.finish_and_clear();
+        let mut command = std::process::Command::new(std::env::current_exe()?);
+        command
+            .args([
+                "--log",
+                "warn",
+                "--database-url",
+                &url,
+                "export",
+                "csv",
+                "--study",
+                "doc-cocreation",
+                "--out",
+            ])
+            .arg(dir.path().join(name))
+            .stdout(std::process::Stdio::null());
+        let started = std::time::Instant::now();
+        let (ok, peak) = bench::peak_rss_of(command)?;
+        if !ok {
+            bail!("the export of the {name} study failed");
+        }
+        results.push((name, n * messages, peak, started.elapsed().as_secs_f64()));
+    }
+    println!(
+        "{:<10} {:>10} {:>14} {:>10}",
+        "study", "messages", "peak RSS MiB", "seconds"
+    );
+    for (name, n, peak, secs) in &results {
+        println!("{name:<10} {n:>10} {peak:>14.1} {secs:>10.2}");
+    }
+    let (reference, large) = (&results[0], &results[1]);
+    println!(
+        "peak RSS, large / reference: {:.2}x for {:.0}x the messages (constant memory: about 1x)",
+        large.2 / reference.2,
+        large.1 as f64 / reference.1 as f64
+    );
+    Ok(())
 }
 
 fn run_engine_bench(
@@ -477,7 +539,7 @@ fn run_serve(settings: &Settings, serve: ServeSettings) -> Result<()> {
             .load_protocol(&p.protocol, &settings.models_dir)
             .with_context(|| format!("cannot start the models of {}", p.source.display()))?;
     }
-    let state = AppState::new(pool, engines)?;
+    let state = AppState::new(pool, engines, settings.models_dir.clone())?;
     actix_web::rt::System::new()
         .block_on(web::serve(state, serve.bind, serve.http_workers))
         .with_context(|| format!("the web server on {} failed", serve.bind))

@@ -239,12 +239,26 @@ struct HomePage<'a> {
     csrf: &'a str,
     studies: Vec<StudyRow>,
     engines: Vec<EngineStatus>,
+    /// A protocol that failed to import, with its problems.
+    draft: &'a str,
+    problems: Vec<String>,
 }
 
 #[get("/console")]
 async fn show_console(req: HttpRequest, state: web::Data<AppState>) -> Page {
     let who = researcher(&req, &state).await?;
-    let (token, cookie) = csrf(&req, &state.console_key);
+    home(&req, &state, &who, "", Vec::new()).await
+}
+
+/// The console's front page; `draft` and `problems` show a failed import.
+async fn home(
+    req: &HttpRequest,
+    state: &AppState,
+    who: &Researcher,
+    draft: &str,
+    problems: Vec<String>,
+) -> Page {
+    let (token, cookie) = csrf(req, &state.console_key);
     let studies = state
         .db(|conn| {
             let mut rows = Vec::new();
@@ -270,6 +284,8 @@ async fn show_console(req: HttpRequest, state: web::Data<AppState>) -> Page {
         csrf: &token,
         studies,
         engines: state.engines.statuses(),
+        draft,
+        problems,
     })?;
     with_cookie(response, cookie)
 }
@@ -626,6 +642,54 @@ fn study_overview(
         });
     }
     Ok((arm_rows, rows))
+}
+
+#[derive(Deserialize)]
+struct ImportForm {
+    protocol: String,
+    csrf: String,
+}
+
+/// Imports a pasted protocol: checked like `collabllm protocol check`, stored (a changed
+/// protocol becomes a new version), and its models started.
+#[post("/console/studies/import")]
+async fn import_protocol(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    form: web::Form<ImportForm>,
+) -> Page {
+    let who = researcher(&req, &state).await?;
+    let ImportForm {
+        protocol,
+        csrf: token,
+    } = form.into_inner();
+    check_csrf(&req, &state.console_key, &token)?;
+    let path = std::path::Path::new("pasted protocol");
+    let loaded =
+        match crate::protocol::LoadedProtocol::from_text(path, protocol.clone(), &state.models_dir)
+        {
+            Ok(l) => l,
+            Err(e) => {
+                let problems = match e.diagnostics() {
+                    [] => vec![e.to_string()],
+                    d => d.iter().map(ToString::to_string).collect(),
+                };
+                let mut response = home(&req, &state, &who, &protocol, problems).await?;
+                *response.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
+                return Ok(response);
+            }
+        };
+    let engines = state.engines.clone();
+    let models_dir = state.models_dir.clone();
+    let slug = loaded.protocol.study.slug.clone();
+    state
+        .db(move |conn| {
+            engines.load_protocol(&loaded.protocol, &models_dir)?;
+            db::studies::import(conn, &loaded)?;
+            Ok(())
+        })
+        .await?;
+    Ok(see_other(format!("/console/studies/{slug}")))
 }
 
 #[derive(Deserialize)]

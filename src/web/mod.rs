@@ -28,11 +28,17 @@ pub struct AppState {
     pub studio: Arc<Studio>,
     /// Signs console sessions and CSRF tokens.
     pub console_key: auth::ConsoleKey,
+    /// Where protocols imported from the console find their model files.
+    pub models_dir: std::path::PathBuf,
 }
 
 impl AppState {
     /// The state of a server over `pool` and `engines`.
-    pub fn new(pool: DbPool, engines: Engines) -> Result<Self, crate::db::DbError> {
+    pub fn new(
+        pool: DbPool,
+        engines: Engines,
+        models_dir: std::path::PathBuf,
+    ) -> Result<Self, crate::db::DbError> {
         let studio = Studio::new(pool.clone(), engines.clone())?;
         let mut conn = pool
             .get()
@@ -45,6 +51,7 @@ impl AppState {
             engines,
             studio,
             console_key: auth::ConsoleKey::new(&key),
+            models_dir,
         })
     }
 }
@@ -88,6 +95,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             .service(console::show_console)
             .service(console::show_study)
             .service(console::set_study_status)
+            .service(console::import_protocol)
             .service(console::show_session)
             .service(console::download_export),
     );

@@ -106,7 +106,7 @@ async fn seeded(db: &TestDb) -> (TestServer, String) {
         &auth::hash_password("lovelace-1815").unwrap(),
     )
     .unwrap();
-    let state = AppState::new(pool.clone(), Engines::new()).unwrap();
+    let state = AppState::new(pool.clone(), Engines::new(), crate::common::models_dir()).unwrap();
     let session = {
         let entry = state
             .studio
@@ -145,6 +145,11 @@ fn routes(session: &str) -> Vec<(&'static str, String, &'static str)> {
             "status=paused&csrf=x",
         ),
         ("POST", "/console/logout".into(), "csrf=x"),
+        (
+            "POST",
+            "/console/studies/import".into(),
+            "protocol=x&csrf=x",
+        ),
     ]
 }
 
@@ -248,6 +253,34 @@ async fn console_pages_show_the_study(db: TestDb) {
         .await;
     assert_eq!(bad.status, 400);
 
+    // Importing a protocol: problems are shown with their lines; a valid one is stored.
+    let original = std::fs::read_to_string(
+        crate::common::repo_root().join("study-protocols/quick-pilot.toml"),
+    )
+    .unwrap();
+    let broken = original.replace("model = \"smollm2-135m\"", "model = \"gone\"");
+    let form = |text: &str| format!("protocol={}&csrf={token}", urlencode(text));
+    let refused = client.post("/console/studies/import", &form(&broken)).await;
+    assert_eq!(refused.status, 422);
+    assert!(
+        refused.body.contains("pasted protocol:29:1"),
+        "{}",
+        refused.body
+    );
+    assert!(
+        refused.body.contains("gone"),
+        "the draft is kept for fixing"
+    );
+    let renamed = original.replace("slug = \"quick-pilot\"", "slug = \"pasted-pilot\"");
+    let imported = client
+        .post("/console/studies/import", &form(&renamed))
+        .await;
+    assert_eq!(
+        (imported.status, imported.location.as_str()),
+        (303, "/console/studies/pasted-pilot")
+    );
+    assert!(client.get("/console").await.body.contains("pasted-pilot"));
+
     let out = client
         .post("/console/logout", &format!("csrf={token}"))
         .await;
@@ -288,7 +321,7 @@ async fn results_per_arm_are_computed_and_plotted() {
         &auth::hash_password("lovelace-1815").unwrap(),
     )
     .unwrap();
-    let state = AppState::new(pool.clone(), Engines::new()).unwrap();
+    let state = AppState::new(pool.clone(), Engines::new(), crate::common::models_dir()).unwrap();
     for i in 0..6 {
         let entry = state
             .studio
@@ -356,4 +389,16 @@ async fn results_per_arm_are_computed_and_plotted() {
     assert!(page.contains("7.00 [7.00, 7.00]"), "the estimate is shown");
     assert_eq!(page.matches("<polyline").count(), 3, "one line per arm");
     assert_eq!(page.matches("<rect").count(), 3, "one box per arm");
+}
+
+/// Percent-encodes a form value.
+fn urlencode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }

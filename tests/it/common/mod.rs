@@ -196,7 +196,7 @@ pub fn state_with_model(db: &TestDb) -> AppState {
     engines
         .load_protocol(&loaded.protocol, &models_dir())
         .expect("engines start");
-    AppState::new(pool, engines).expect("app state")
+    AppState::new(pool, engines, models_dir()).expect("app state")
 }
 
 pub fn write_temp(dir: &Path, name: &str, text: &str) -> PathBuf {
