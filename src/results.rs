@@ -198,6 +198,60 @@ pub fn per_arm(
     Ok(results)
 }
 
+/// One piece of a revision's change against the previous revision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Same(String),
+    Added(String),
+    Removed(String),
+}
+
+/// Who wrote the final document: characters typed by the participant and characters that came
+/// from inserted assistant replies, following every revision's change. Returns, per revision,
+/// the change against the previous one, and the (typed, inserted) character counts of the last.
+pub fn authorship(revisions: &[(String, String)]) -> (Vec<Vec<Change>>, usize, usize) {
+    let mut owners: Vec<bool> = Vec::new(); // true: inserted from the assistant
+    let mut previous = String::new();
+    let mut changes = Vec::new();
+    for (author, content) in revisions {
+        let inserted = author == "assistant_insert";
+        let diff = similar::TextDiff::from_chars(previous.as_str(), content.as_str());
+        let mut next_owners = Vec::with_capacity(content.chars().count());
+        let mut old_at = 0;
+        let mut pieces: Vec<Change> = Vec::new();
+        for change in diff.iter_all_changes() {
+            let text = change.value();
+            let n = text.chars().count();
+            let piece = match change.tag() {
+                similar::ChangeTag::Equal => {
+                    next_owners.extend_from_slice(&owners[old_at..old_at + n]);
+                    old_at += n;
+                    Change::Same(text.to_string())
+                }
+                similar::ChangeTag::Delete => {
+                    old_at += n;
+                    Change::Removed(text.to_string())
+                }
+                similar::ChangeTag::Insert => {
+                    next_owners.extend(std::iter::repeat_n(inserted, n));
+                    Change::Added(text.to_string())
+                }
+            };
+            match (pieces.last_mut(), piece) {
+                (Some(Change::Same(a)), Change::Same(b))
+                | (Some(Change::Added(a)), Change::Added(b))
+                | (Some(Change::Removed(a)), Change::Removed(b)) => a.push_str(&b),
+                (_, piece) => pieces.push(piece),
+            }
+        }
+        owners = next_owners;
+        previous = content.clone();
+        changes.push(pieces);
+    }
+    let from_assistant = owners.iter().filter(|&&o| o).count();
+    (changes, owners.len() - from_assistant, from_assistant)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +269,23 @@ mod tests {
         let same = estimate(&[4.0, 4.0, 4.0]).unwrap();
         assert_eq!((same.low, same.high), (4.0, 4.0));
         assert!(estimate(&[]).is_none());
+    }
+
+    #[test]
+    fn authorship_follows_inserts_and_edits() {
+        let revisions = [
+            ("assistant_insert".to_string(), "Hello world".to_string()),
+            ("user".to_string(), "Hello brave world!".to_string()),
+        ];
+        let (changes, typed, inserted) = authorship(&revisions);
+        assert_eq!(changes[0], vec![Change::Added("Hello world".into())]);
+        assert!(
+            changes[1].contains(&Change::Added("brave ".into())),
+            "{:?}",
+            changes[1]
+        );
+        assert_eq!((typed, inserted), (7, 11));
+        assert_eq!(authorship(&[]), (vec![], 0, 0));
     }
 
     #[test]

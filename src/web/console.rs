@@ -732,7 +732,11 @@ struct SessionPage<'a> {
     participant: String,
     arm: String,
     messages: Vec<db::models::Message>,
-    revisions: Vec<db::models::DocumentRevision>,
+    /// Each revision with its change against the previous one.
+    revisions: Vec<(db::models::DocumentRevision, Vec<results::Change>)>,
+    /// Share of the final document typed by the participant and inserted from the assistant.
+    typed_percent: String,
+    inserted_percent: String,
     ratings: Vec<db::models::Rating>,
     answers: Vec<db::models::Answer>,
     events: Vec<db::models::Event>,
@@ -768,6 +772,20 @@ async fn show_session(req: HttpRequest, state: web::Data<AppState>, id: web::Pat
         .await?;
     let (slug, participant, arm, messages, revisions, ratings, answers, events, session) =
         page_data;
+    let history: Vec<(String, String)> = revisions
+        .iter()
+        .map(|r| (r.author.clone(), r.content.clone()))
+        .collect();
+    let (changes, typed, inserted) = results::authorship(&history);
+    let percent = |part: usize| {
+        if typed + inserted == 0 {
+            "—".to_string()
+        } else {
+            format!("{:.0}%", 100.0 * part as f64 / (typed + inserted) as f64)
+        }
+    };
+    let (typed_percent, inserted_percent) = (percent(typed), percent(inserted));
+    let revisions = revisions.into_iter().zip(changes).collect();
     page(&SessionPage {
         who: &who.name,
         csrf: &token,
@@ -777,6 +795,8 @@ async fn show_session(req: HttpRequest, state: web::Data<AppState>, id: web::Pat
         arm,
         messages,
         revisions,
+        typed_percent,
+        inserted_percent,
         ratings,
         answers,
         events,

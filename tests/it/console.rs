@@ -125,6 +125,15 @@ async fn seeded(db: &TestDb) -> (TestServer, String) {
         },
     )
     .unwrap();
+    db::revisions::append(
+        &mut conn,
+        session.id,
+        "assistant_insert",
+        Some(2),
+        "Hello world",
+    )
+    .unwrap();
+    db::revisions::append(&mut conn, session.id, "user", None, "Hello brave world!").unwrap();
     (TestServer::start(state), session.public_id)
 }
 
@@ -208,6 +217,14 @@ async fn console_pages_show_the_study(db: TestDb) {
     assert!(
         !detail.body.contains("<script>alert"),
         "no raw HTML from the data"
+    );
+    assert!(
+        detail.body.contains("<ins>brave </ins>"),
+        "revisions show their change"
+    );
+    assert!(
+        detail.body.contains(">39%</strong> typed")
+            && detail.body.contains(">61%</strong> inserted")
     );
     let csv = client
         .get("/console/studies/quick-pilot/export/messages.csv")
