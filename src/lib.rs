@@ -1,7 +1,7 @@
 //! CollabLLM Studio: run human–AI document co-creation studies and turn them into training data
 //! for collaborative LLMs.
 //!
-//! Dependencies flow one way: `web` → `study` / `export` → `db` / `engine` / `protocol`.
+//! Dependencies flow one way: `web` → `study` / `export` / `results` → `db` / `engine` / `protocol`.
 
 pub mod bench;
 pub mod config;

@@ -535,7 +535,7 @@ struct StudyPage<'a> {
     states: Vec<&'static str>,
     arms: Vec<ArmRow>,
     sessions: Vec<SessionRow>,
-    files: [&'static str; 7],
+    files: [&'static str; 8],
     result_headers: Vec<String>,
     results: Vec<ResultRow>,
     lines: Vec<LinePlot>,
@@ -543,7 +543,7 @@ struct StudyPage<'a> {
 }
 
 /// The export files offered for download.
-const EXPORT_FILES: [&str; 7] = [
+const EXPORT_FILES: [&str; 8] = [
     "sessions.csv",
     "messages.csv",
     "ratings.csv",
@@ -551,6 +551,7 @@ const EXPORT_FILES: [&str; 7] = [
     "events.csv",
     "assignments.csv",
     "codebook.csv",
+    "study.json",
 ];
 
 const STATES: [&str; 7] = [
@@ -817,16 +818,22 @@ async fn download_export(
     let dir = tempfile::tempdir().map_err(|e| ApiError::Internal(e.to_string()))?;
     let out = dir.path().to_path_buf();
     let export_slug = slug.clone();
+    let json = file == "study.json";
     state
         .db(move |conn| {
-            export::csv::export(
-                conn,
-                &export_slug,
-                &export::Filter::default(),
-                &out,
-                &|_, _| {},
-            )
-            .map_err(|e| match e {
+            let done = if json {
+                export::json::export(conn, &export_slug, &out.join("study.json"), &|_| {}).map(drop)
+            } else {
+                export::csv::export(
+                    conn,
+                    &export_slug,
+                    &export::Filter::default(),
+                    &out,
+                    &|_, _| {},
+                )
+                .map(drop)
+            };
+            done.map_err(|e| match e {
                 export::ExportError::UnknownStudy(_) => ApiError::NotFound(e.to_string()),
                 other => ApiError::Internal(other.to_string()),
             })
@@ -841,7 +848,11 @@ async fn download_export(
         chunk
     });
     Ok(HttpResponse::Ok()
-        .content_type("text/csv; charset=utf-8")
+        .content_type(if json {
+            "application/json"
+        } else {
+            "text/csv; charset=utf-8"
+        })
         .insert_header((
             header::CONTENT_DISPOSITION,
             format!("attachment; filename=\"{slug}-{file}\""),

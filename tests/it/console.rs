@@ -240,6 +240,12 @@ async fn console_pages_show_the_study(db: TestDb) {
         404
     );
     assert_eq!(client.get("/console/studies/none").await.status, 404);
+    let dump = client
+        .get("/console/studies/quick-pilot/export/study.json")
+        .await;
+    assert_eq!(dump.status, 200);
+    let dump: serde_json::Value = serde_json::from_str(&dump.body).unwrap();
+    assert_eq!(dump["sessions"][0]["session"], session.as_str());
 
     // Forms need the CSRF token of this browser.
     let no_token = client
