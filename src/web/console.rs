@@ -683,8 +683,11 @@ async fn import_protocol(
     let engines = state.engines.clone();
     let models_dir = state.models_dir.clone();
     let slug = loaded.protocol.study.slug.clone();
+    // Remote backends spawn their requests on this runtime.
+    let runtime = tokio::runtime::Handle::current();
     state
         .db(move |conn| {
+            let _runtime = runtime.enter();
             engines.load_protocol(&loaded.protocol, &models_dir)?;
             db::studies::import(conn, &loaded)?;
             Ok(())

@@ -303,6 +303,26 @@ async fn console_pages_show_the_study(db: TestDb) {
         (303, "/console/studies/pasted-pilot")
     );
     assert!(client.get("/console").await.body.contains("pasted-pilot"));
+    // A protocol whose model is served elsewhere (an OpenAI-compatible endpoint).
+    let remote = original
+        .replace("slug = \"quick-pilot\"", "slug = \"remote-pilot\"")
+        .replace("id = \"smollm2-135m\"", "id = \"remote-smollm\"")
+        .replace("model = \"smollm2-135m\"", "model = \"remote-smollm\"")
+        .replace(
+            "file = \"SmolLM2-135M-Instruct.Q4_1.gguf\"",
+            "endpoint = \"http://127.0.0.1:9/v1\"\nremote_model = \"smollm2\"",
+        )
+        .replace(
+            "sha256 = \"b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53\"\n",
+            "",
+        );
+    let imported = client.post("/console/studies/import", &form(&remote)).await;
+    assert_eq!(
+        (imported.status, imported.location.as_str()),
+        (303, "/console/studies/remote-pilot"),
+        "{}",
+        imported.body
+    );
 
     let out = client
         .post("/console/logout", &format!("csrf={token}"))
