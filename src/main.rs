@@ -99,6 +99,23 @@ enum ExportCommand {
         #[arg(long)]
         completed_only: bool,
     },
+    /// Preference pairs from the participants' own signals, as JSONL for TRL's DPOTrainer
+    /// (`train.jsonl` and `eval.jsonl`, split by participant). Source: assistant replies inserted
+    /// into the document and then rewritten (chosen: the participant's version).
+    Pairs {
+        /// Study slug.
+        #[arg(long)]
+        study: String,
+        /// Directory to write `train.jsonl` and `eval.jsonl` into.
+        #[arg(long)]
+        out: PathBuf,
+        /// Share of an inserted reply that must have changed for a pair (0–1).
+        #[arg(long, default_value_t = export::pairs::DEFAULT_EDIT_THRESHOLD)]
+        edit_threshold: f64,
+        /// Share of participants whose pairs go to eval.jsonl (0–1).
+        #[arg(long, default_value_t = 0.1)]
+        eval_share: f64,
+    },
     /// The whole study as one JSON document (protocol versions, sessions with everything
     /// recorded, the assignment ledger), for archiving and re-analysis.
     Json {
@@ -278,6 +295,31 @@ fn run(cli: Cli) -> Result<()> {
             for (file, rows) in written.files {
                 println!("{} ({rows} rows)", out.join(file).display());
             }
+            Ok(())
+        }
+        Command::Export(ExportCommand::Pairs {
+            study,
+            out,
+            edit_threshold,
+            eval_share,
+        }) => {
+            if !(0.0..=1.0).contains(&edit_threshold) || !(0.0..=1.0).contains(&eval_share) {
+                bail!("--edit-threshold and --eval-share are shares between 0 and 1");
+            }
+            let mut conn = db::connect(&settings.database_url)?;
+            db::migrate(&mut conn)?;
+            let options = export::pairs::PairOptions {
+                edit_threshold,
+                eval_share,
+            };
+            let counts = export::pairs::export(&mut conn, &study, &options, &out)?;
+            println!(
+                "{} ({} pairs), {} ({} pairs)",
+                out.join("train.jsonl").display(),
+                counts.train,
+                out.join("eval.jsonl").display(),
+                counts.eval
+            );
             Ok(())
         }
         Command::Export(ExportCommand::Json { study, out }) => {

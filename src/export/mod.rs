@@ -4,6 +4,7 @@
 
 pub mod csv;
 pub mod json;
+pub mod pairs;
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -37,6 +37,7 @@ fn every_command_explains_itself() {
         vec!["user", "add", "--help"],
         vec!["export", "csv", "--help"],
         vec!["export", "json", "--help"],
+        vec!["export", "pairs", "--help"],
     ] {
         let out = collabllm(&args);
         assert!(out.status.success(), "{args:?}: {}", text(&out));

@@ -310,3 +310,97 @@ on_both_backends!(the_json_dump_holds_the_whole_study, |db: &TestDb| {
     let err = export::json::export(&mut pool.get().unwrap(), "nope", &path, &|_| {}).unwrap_err();
     assert!(err.to_string().contains("no study"));
 });
+
+on_both_backends!(
+    edited_inserts_become_dpo_pairs_in_trl_format,
+    |db: &TestDb| {
+        let pool = db.pool();
+        db::studies::import(&mut pool.get().unwrap(), &example_protocol()).unwrap();
+        let (done, _) = seed(&pool);
+        let mut conn = pool.get().unwrap();
+        let session = db::sessions::find_by_public_id(&mut conn, &done)
+            .unwrap()
+            .unwrap();
+        // Message 4 ("Sure.") is inserted, then rewritten; message 6 is inserted and kept as it is.
+        let base = db::revisions::latest(&mut conn, session.id)
+            .unwrap()
+            .unwrap()
+            .content;
+        let with_reply = format!("{base}\nSure.");
+        db::revisions::append(
+            &mut conn,
+            session.id,
+            "assistant_insert",
+            Some(4),
+            &with_reply,
+        )
+        .unwrap();
+        let rewritten = format!("{base}\nOf course, gladly — here it is.");
+        db::revisions::append(&mut conn, session.id, "user", None, &rewritten).unwrap();
+        db::revisions::append(
+            &mut conn,
+            session.id,
+            "assistant_insert",
+            Some(6),
+            &format!("{rewritten}\nSure."),
+        )
+        .unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let options = export::pairs::PairOptions {
+            edit_threshold: 0.2,
+            eval_share: 0.0,
+        };
+        let counts =
+            export::pairs::export(&mut conn, "doc-cocreation", &options, dir.path()).unwrap();
+        // The seed's own insert of message 2 was replaced by other text too: two pairs; message 6
+        // stayed as inserted: no pair.
+        assert_eq!((counts.train, counts.eval), (2, 0));
+        let text = std::fs::read_to_string(dir.path().join("train.jsonl")).unwrap();
+        let rows: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert!(rows.iter().all(|r| r["metadata"]["turn"] != 3));
+        let row = rows
+            .iter()
+            .find(|r| r["rejected"][0]["content"] == "Sure.")
+            .unwrap();
+        // TRL's conversational preference format.
+        let prompt = row["prompt"].as_array().unwrap();
+        assert_eq!(prompt[0]["role"], "system");
+        assert_eq!(
+            prompt.last().unwrap()["role"],
+            "user",
+            "the prompt ends with a user message"
+        );
+        assert_eq!(prompt.len(), 1 + 3, "system, user, assistant, user");
+        for side in ["chosen", "rejected"] {
+            let messages = row[side].as_array().unwrap();
+            assert_eq!(messages.len(), 1);
+            assert_eq!(messages[0]["role"], "assistant");
+        }
+        assert_eq!(
+            row["chosen"][0]["content"],
+            "Of course, gladly — here it is."
+        );
+        assert_eq!(row["rejected"][0]["content"], "Sure.");
+        let meta = &row["metadata"];
+        assert_eq!(
+            (meta["source"].as_str(), meta["session"].as_str()),
+            (Some("edit"), Some(done.as_str()))
+        );
+        assert_eq!(meta["turn"], 2);
+        assert!(meta["participant"].as_str().unwrap().starts_with("p-"));
+        assert!(!text.contains("PID-SECRET"));
+
+        // The split is by participant: everything to eval with a share of 1.
+        let all_eval = export::pairs::PairOptions {
+            eval_share: 1.0,
+            ..options
+        };
+        let counts =
+            export::pairs::export(&mut conn, "doc-cocreation", &all_eval, dir.path()).unwrap();
+        assert_eq!((counts.train, counts.eval), (0, 2));
+    }
+);

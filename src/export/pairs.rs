@@ -1,0 +1,237 @@
+//! Preference pairs from human signals, as JSONL in the conversational format TRL's `DPOTrainer`
+//! reads: `prompt` (the messages before the compared reply, system prompt first), `chosen` and
+//! `rejected` (one assistant message each), plus `metadata`.
+//!
+//! Source implemented: **edits** — an assistant reply inserted into the document and then
+//! rewritten by the participant beyond a threshold gives chosen = the participant's version of
+//! that passage, rejected = the reply as generated. The passage is followed through every later
+//! revision by mapping its start and end through each change.
+//!
+//! Pairs are split into train and eval by participant (never by row): a participant's pairs all
+//! land in the same file, chosen by a hash of the pseudonym.
+
+use std::io::Write;
+use std::path::Path;
+
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::{for_each_session, study_versions, ExportError};
+use crate::db::{self, DbConn};
+
+/// Default: a passage counts as rewritten when at least this share of it changed.
+pub const DEFAULT_EDIT_THRESHOLD: f64 = 0.2;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairOptions {
+    /// Share of the inserted reply that must have changed (0–1).
+    pub edit_threshold: f64,
+    /// Share of participants whose pairs go to the eval file (0–1).
+    pub eval_share: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PairCounts {
+    pub train: u64,
+    pub eval: u64,
+}
+
+/// Maps a position of the old text to the new text through a character diff. `end` positions
+/// stay after text inserted exactly there; start positions stay before it.
+fn map_position(ops: &[similar::DiffOp], pos: usize, end: bool) -> usize {
+    for op in ops {
+        let (_, old, new) = op.as_tag_tuple();
+        let inside = if end { pos <= old.end } else { pos < old.end };
+        if old.start <= pos && (inside || old.is_empty() && pos == old.start) {
+            return match op.tag() {
+                similar::DiffTag::Equal => new.start + (pos - old.start),
+                _ if end => new.end,
+                _ => new.start,
+            };
+        }
+    }
+    ops.last().map_or(pos, |op| op.as_tag_tuple().2.end)
+}
+
+/// The final text of a passage inserted at revision `from` (as character positions `start..end`),
+/// following `later` revisions.
+fn follow(mut text: String, mut start: usize, mut end: usize, later: &[String]) -> String {
+    for next in later {
+        let diff = similar::TextDiff::from_chars(text.as_str(), next.as_str());
+        let ops = diff.ops().to_vec();
+        start = map_position(&ops, start, false);
+        end = map_position(&ops, end, true).max(start);
+        text = next.clone();
+    }
+    text.chars().skip(start).take(end - start).collect()
+}
+
+/// Share of `a` that differs from `b` (0 = same, 1 = nothing in common), by characters.
+fn changed_share(a: &str, b: &str) -> f64 {
+    1.0 - f64::from(similar::TextDiff::from_chars(a, b).ratio())
+}
+
+/// Whether a participant's pairs go to the eval file.
+fn in_eval(pseudonym: &str, eval_share: f64) -> bool {
+    let digest = Sha256::digest(pseudonym.as_bytes());
+    let bucket = u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]);
+    f64::from(bucket) / f64::from(u32::MAX) < eval_share
+}
+
+/// Writes `train.jsonl` and `eval.jsonl` of study `slug` into `dir`.
+pub fn export(
+    conn: &mut DbConn,
+    slug: &str,
+    options: &PairOptions,
+    dir: &Path,
+) -> Result<PairCounts, ExportError> {
+    let study = db::studies::find_by_slug(conn, slug)?
+        .ok_or_else(|| ExportError::UnknownStudy(slug.into()))?;
+    let write_err = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| ExportError::Write { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(write_err(dir))?;
+    let (train_path, eval_path) = (dir.join("train.jsonl"), dir.join("eval.jsonl"));
+    let mut train = std::io::BufWriter::new(
+        std::fs::File::create(&train_path).map_err(write_err(&train_path))?,
+    );
+    let mut eval =
+        std::io::BufWriter::new(std::fs::File::create(&eval_path).map_err(write_err(&eval_path))?);
+    let versions = study_versions(conn, study.id)?;
+    let ids: Vec<i64> = versions.keys().copied().collect();
+    let mut counts = PairCounts { train: 0, eval: 0 };
+    for_each_session(conn, &ids, |conn, s| {
+        let version = &versions[&s.study_version_id];
+        let Some(arm_name) = s.arm_id.and_then(|a| version.arms.get(&a)) else {
+            return Ok(());
+        };
+        let Some(arm) = version.protocol.arm(arm_name) else {
+            return Ok(());
+        };
+        let participant = db::participants::get(conn, s.participant_id)?;
+        let messages = db::messages::list_for_session(conn, s.id)?;
+        let revisions = db::revisions::list_for_session(conn, s.id)?;
+        let eval_side = in_eval(&participant.pseudonym, options.eval_share);
+        for (i, rev) in revisions.iter().enumerate() {
+            let Some(seq) = rev.message_seq.filter(|_| rev.author == "assistant_insert") else {
+                continue;
+            };
+            let Some(reply) = messages
+                .iter()
+                .find(|m| m.seq == seq && m.role == "assistant")
+            else {
+                continue;
+            };
+            // Where the reply went: the part of this revision that the previous one did not have.
+            let before = if i == 0 {
+                String::new()
+            } else {
+                revisions[i - 1].content.clone()
+            };
+            let diff = similar::TextDiff::from_chars(before.as_str(), rev.content.as_str());
+            let Some(inserted) = diff
+                .ops()
+                .iter()
+                .find(|op| op.tag() != similar::DiffTag::Equal)
+            else {
+                continue;
+            };
+            let span = inserted.as_tag_tuple().2;
+            let later: Vec<String> = revisions[i + 1..]
+                .iter()
+                .map(|r| r.content.clone())
+                .collect();
+            let edited = follow(rev.content.clone(), span.start, span.end, &later);
+            let edited = edited.trim();
+            if edited.is_empty()
+                || changed_share(reply.content.trim(), edited) < options.edit_threshold
+            {
+                continue;
+            }
+            let mut prompt = vec![json!({"role": "system", "content": arm.system_prompt})];
+            prompt.extend(
+                messages
+                    .iter()
+                    .filter(|m| m.seq < seq)
+                    .map(|m| json!({"role": m.role, "content": m.content})),
+            );
+            if prompt.last().is_none_or(|m| m["role"] != "user") {
+                continue;
+            }
+            let policy: Value = reply
+                .policy_json
+                .as_deref()
+                .and_then(|p| serde_json::from_str(p).ok())
+                .unwrap_or(Value::Null);
+            let row = json!({
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": edited}],
+                "rejected": [{"role": "assistant", "content": reply.content}],
+                "metadata": {
+                    "source": "edit",
+                    "study": slug,
+                    "study_version": version.row.version,
+                    "protocol_sha256": version.row.protocol_sha256,
+                    "arm": arm_name,
+                    "session": s.public_id,
+                    "participant": participant.pseudonym,
+                    "turn": messages.iter().filter(|m| m.role == "assistant" && m.seq <= seq).count(),
+                    "model_sha256": policy["fingerprint"],
+                    "seed": policy["sampling"]["seed"],
+                    "changed_share": changed_share(reply.content.trim(), edited),
+                },
+            });
+            let (file, path, count) = if eval_side {
+                (&mut eval, &eval_path, &mut counts.eval)
+            } else {
+                (&mut train, &train_path, &mut counts.train)
+            };
+            serde_json::to_writer(&mut *file, &row).map_err(|e| write_err(path)(e.into()))?;
+            file.write_all(b"\n").map_err(write_err(path))?;
+            *count += 1;
+        }
+        Ok(())
+    })?;
+    train.flush().map_err(write_err(&train_path))?;
+    eval.flush().map_err(write_err(&eval_path))?;
+    Ok(counts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_passage_is_followed_through_later_edits() {
+        let first = "Intro. Hello world. Outro.".to_string();
+        let later = vec![
+            "Intro. Hello brave new world. Outro.".to_string(),
+            "Intro typed first. Hello brave new world! Outro.".to_string(),
+        ];
+        // "Hello world." sits at characters 7..19 of the first revision.
+        assert_eq!(follow(first, 7, 19, &later), "Hello brave new world!");
+    }
+
+    #[test]
+    fn changed_share_measures_rewrites() {
+        assert_eq!(changed_share("same", "same"), 0.0);
+        assert!(
+            changed_share(
+                "Thanks for the plants",
+                "Thank you so much for watering my plants!"
+            ) > 0.2
+        );
+    }
+
+    #[test]
+    fn the_split_is_stable_per_participant() {
+        assert_eq!(in_eval("p-1", 0.5), in_eval("p-1", 0.5));
+        assert!(!in_eval("p-1", 0.0));
+        assert!(in_eval("p-1", 1.0));
+        let share = (0..1000)
+            .filter(|i| in_eval(&format!("p-{i}"), 0.2))
+            .count();
+        assert!((150..250).contains(&share), "{share}");
+    }
+}
