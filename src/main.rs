@@ -100,8 +100,9 @@ enum ExportCommand {
         completed_only: bool,
     },
     /// Preference pairs from the participants' own signals, as JSONL for TRL's DPOTrainer
-    /// (`train.jsonl` and `eval.jsonl`, split by participant). Source: assistant replies inserted
-    /// into the document and then rewritten (chosen: the participant's version).
+    /// (`train.jsonl`, `eval.jsonl`; ties as KTO rows in `kto_train.jsonl`, `kto_eval.jsonl`; split
+    /// by participant). Sources: the picks of comparison turns, and assistant replies inserted into
+    /// the document and then rewritten (chosen: the participant's version).
     Pairs {
         /// Study slug.
         #[arg(long)]
@@ -314,11 +315,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             let counts = export::pairs::export(&mut conn, &study, &options, &out)?;
             println!(
-                "{} ({} pairs), {} ({} pairs)",
-                out.join("train.jsonl").display(),
+                "{}: {} DPO pairs in train.jsonl, {} in eval.jsonl; {} KTO rows in kto_train.jsonl, {} in kto_eval.jsonl",
+                out.display(),
                 counts.train,
-                out.join("eval.jsonl").display(),
-                counts.eval
+                counts.eval,
+                counts.kto_train,
+                counts.kto_eval
             );
             Ok(())
         }

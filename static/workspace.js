@@ -44,6 +44,7 @@ let docRev = 0;
 let docTimer = null;
 let docDirty = false;
 let streaming = null; // {seq, el}
+let comparing = null; // {seq, texts, bodies, box}
 let retryMs = 500;
 const DOC_SAVE_DELAY_MS = 800;
 
@@ -106,9 +107,16 @@ function handle(frame) {
       onError(frame);
       break;
     case "assistant_start":
-      startStreaming(frame.msg_seq, "");
+      if (frame.comparison) startComparison(frame.msg_seq, ["", ""]);
+      else startStreaming(frame.msg_seq, "");
       break;
     case "token":
+      if (frame.candidate !== undefined && frame.candidate !== null) {
+        if (!comparing || comparing.seq !== frame.msg_seq) startComparison(frame.msg_seq, ["", ""]);
+        comparing.texts[frame.candidate] += frame.delta;
+        comparing.bodies[frame.candidate].textContent = comparing.texts[frame.candidate];
+        break;
+      }
       if (!streaming || streaming.seq !== frame.msg_seq) startStreaming(frame.msg_seq, "");
       streaming.text += frame.delta;
       streaming.body.textContent = streaming.text;
@@ -119,6 +127,12 @@ function handle(frame) {
       finishStreaming(frame.text, frame.finish_reason);
       state.turn += 1;
       state.messages.push({ seq: frame.msg_seq, role: "assistant", content: frame.text });
+      renderStatus();
+      break;
+    case "comparison":
+      state.phase = "choosing";
+      if (!comparing || comparing.seq !== frame.msg_seq) startComparison(frame.msg_seq, frame.candidates);
+      offerChoice(frame.candidates);
       renderStatus();
       break;
     case "rating_request":
@@ -163,8 +177,13 @@ function applyState(s) {
   el("task-instructions").textContent = s.task.instructions;
   messagesEl.replaceChildren();
   streaming = null;
+  comparing = null;
   for (const m of s.messages) addMessage(m.role, m.content, m.seq);
   if (s.streaming) startStreaming(s.streaming.seq, s.streaming.content);
+  if (s.comparison) {
+    startComparison(s.comparison.msg_seq, s.comparison.candidates);
+    offerChoice(s.comparison.candidates);
+  }
   for (const f of outbox) if (f.type === "user_message") addMessage("user", f.text, null, f.client_seq);
   const pendingDoc = [...outbox].reverse().find((f) => f.type === "doc_update");
   docRev = s.document.rev;
@@ -220,6 +239,52 @@ function startStreaming(seq, text) {
   renderStatus();
 }
 
+// A comparison turn: two replies side by side, then the participant's pick.
+function startComparison(seq, texts) {
+  const box = document.createElement("div");
+  box.className = "comparison";
+  const bodies = texts.map((text, i) => {
+    const div = document.createElement("div");
+    div.className = "msg assistant candidate";
+    const who = document.createElement("span");
+    who.className = "who";
+    who.textContent = `Reply ${i === 0 ? "A" : "B"}`;
+    const body = document.createElement("span");
+    body.className = "body";
+    body.textContent = text;
+    div.append(who, body);
+    box.append(div);
+    return body;
+  });
+  messagesEl.append(box);
+  messagesEl.scrollTop = messagesEl.scrollHeight;
+  comparing = { seq, texts: [...texts], bodies, box };
+  renderStatus();
+}
+
+function offerChoice(texts) {
+  comparing.texts = [...texts];
+  comparing.bodies.forEach((b, i) => (b.textContent = texts[i]));
+  const choices = document.createElement("div");
+  choices.className = "choices";
+  const ask = document.createElement("p");
+  ask.textContent = "Which reply is better?";
+  choices.append(ask);
+  for (const [choice, label] of [["a", "A is better"], ["b", "B is better"], ["tie", "Both equally good"], ["both_bad", "Both are bad"]]) {
+    const b = document.createElement("button");
+    b.type = "button";
+    b.dataset.choice = choice;
+    b.textContent = label;
+    b.addEventListener("click", () => {
+      for (const other of choices.querySelectorAll("button")) other.disabled = true;
+      send({ type: "choose", choice });
+    });
+    choices.append(b);
+  }
+  comparing.box.append(choices);
+  messagesEl.scrollTop = messagesEl.scrollHeight;
+}
+
 function finishStreaming(text, reason) {
   streaming.body.textContent = text;
   if (reason === "cancelled") {
@@ -235,7 +300,7 @@ function finishStreaming(text, reason) {
 
 function renderStatus() {
   if (!state) return;
-  const busy = streaming !== null;
+  const busy = streaming !== null || comparing !== null;
   const chatting = state.phase === "chatting";
   el("turns").textContent = `Turn ${state.turn} of at least ${state.min_turns}`;
   sendBtn.disabled = busy || !chatting;

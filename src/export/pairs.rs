@@ -2,10 +2,12 @@
 //! reads: `prompt` (the messages before the compared reply, system prompt first), `chosen` and
 //! `rejected` (one assistant message each), plus `metadata`.
 //!
-//! Source implemented: **edits** — an assistant reply inserted into the document and then
-//! rewritten by the participant beyond a threshold gives chosen = the participant's version of
-//! that passage, rejected = the reply as generated. The passage is followed through every later
-//! revision by mapping its start and end through each change.
+//! Sources: **comparisons** — at the protocol's comparison turns the participant picked one of
+//! two candidate replies (a tie or "both bad" gives KTO rows, `prompt`/`completion`/`label`, in
+//! separate files); **edits** — an assistant reply inserted into the document and then rewritten
+//! by the participant beyond a threshold gives chosen = the participant's version of that passage,
+//! rejected = the reply as generated. The passage is followed through every later revision by
+//! mapping its start and end through each change.
 //!
 //! Pairs are split into train and eval by participant (never by row): a participant's pairs all
 //! land in the same file, chosen by a hash of the pseudonym.
@@ -30,10 +32,12 @@ pub struct PairOptions {
     pub eval_share: f64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PairCounts {
     pub train: u64,
     pub eval: u64,
+    pub kto_train: u64,
+    pub kto_eval: u64,
 }
 
 /// Maps a position of the old text to the new text through a character diff. `end` positions
@@ -78,7 +82,89 @@ fn in_eval(pseudonym: &str, eval_share: f64) -> bool {
     f64::from(bucket) / f64::from(u32::MAX) < eval_share
 }
 
-/// Writes `train.jsonl` and `eval.jsonl` of study `slug` into `dir`.
+/// The four output files: DPO pairs and KTO rows, each split into train and eval.
+struct Out {
+    files: Vec<(std::path::PathBuf, std::io::BufWriter<std::fs::File>)>,
+    counts: PairCounts,
+}
+
+impl Out {
+    const NAMES: [&str; 4] = [
+        "train.jsonl",
+        "eval.jsonl",
+        "kto_train.jsonl",
+        "kto_eval.jsonl",
+    ];
+
+    fn create(dir: &Path) -> Result<Self, ExportError> {
+        std::fs::create_dir_all(dir).map_err(|e| write_error(dir, e))?;
+        let files = Self::NAMES
+            .iter()
+            .map(|name| {
+                let path = dir.join(name);
+                let file = std::fs::File::create(&path).map_err(|e| write_error(&path, e))?;
+                Ok((path, std::io::BufWriter::new(file)))
+            })
+            .collect::<Result<_, ExportError>>()?;
+        Ok(Self {
+            files,
+            counts: PairCounts::default(),
+        })
+    }
+
+    fn write(&mut self, kto: bool, eval: bool, row: &Value) -> Result<(), ExportError> {
+        let index = usize::from(kto) * 2 + usize::from(eval);
+        let (path, file) = &mut self.files[index];
+        serde_json::to_writer(&mut *file, row).map_err(|e| write_error(path, e.into()))?;
+        file.write_all(b"\n").map_err(|e| write_error(path, e))?;
+        let count = match (kto, eval) {
+            (false, false) => &mut self.counts.train,
+            (false, true) => &mut self.counts.eval,
+            (true, false) => &mut self.counts.kto_train,
+            (true, true) => &mut self.counts.kto_eval,
+        };
+        *count += 1;
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<PairCounts, ExportError> {
+        for (path, file) in &mut self.files {
+            file.flush().map_err(|e| write_error(path, e))?;
+        }
+        Ok(self.counts)
+    }
+}
+
+fn write_error(path: &Path, source: std::io::Error) -> ExportError {
+    ExportError::Write {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// The conversation before message `seq`, system prompt first; `None` unless it ends with the
+/// user's message (what TRL's conversational format needs).
+fn prompt_before(
+    system_prompt: &str,
+    messages: &[crate::db::models::Message],
+    seq: i32,
+) -> Option<Vec<Value>> {
+    let mut prompt = vec![json!({"role": "system", "content": system_prompt})];
+    prompt.extend(
+        messages
+            .iter()
+            .filter(|m| m.seq < seq)
+            .map(|m| json!({"role": m.role, "content": m.content})),
+    );
+    (prompt.last()?["role"] == "user").then_some(prompt)
+}
+
+fn assistant(content: &str) -> Value {
+    json!([{"role": "assistant", "content": content}])
+}
+
+/// Writes DPO pairs (`train.jsonl`, `eval.jsonl`) and KTO rows for ties and both-bad picks
+/// (`kto_train.jsonl`, `kto_eval.jsonl`) of study `slug` into `dir`.
 pub fn export(
     conn: &mut DbConn,
     slug: &str,
@@ -87,20 +173,9 @@ pub fn export(
 ) -> Result<PairCounts, ExportError> {
     let study = db::studies::find_by_slug(conn, slug)?
         .ok_or_else(|| ExportError::UnknownStudy(slug.into()))?;
-    let write_err = |path: &Path| {
-        let path = path.display().to_string();
-        move |source| ExportError::Write { path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(write_err(dir))?;
-    let (train_path, eval_path) = (dir.join("train.jsonl"), dir.join("eval.jsonl"));
-    let mut train = std::io::BufWriter::new(
-        std::fs::File::create(&train_path).map_err(write_err(&train_path))?,
-    );
-    let mut eval =
-        std::io::BufWriter::new(std::fs::File::create(&eval_path).map_err(write_err(&eval_path))?);
+    let mut out = Out::create(dir)?;
     let versions = study_versions(conn, study.id)?;
     let ids: Vec<i64> = versions.keys().copied().collect();
-    let mut counts = PairCounts { train: 0, eval: 0 };
     for_each_session(conn, &ids, |conn, s| {
         let version = &versions[&s.study_version_id];
         let Some(arm_name) = s.arm_id.and_then(|a| version.arms.get(&a)) else {
@@ -111,8 +186,70 @@ pub fn export(
         };
         let participant = db::participants::get(conn, s.participant_id)?;
         let messages = db::messages::list_for_session(conn, s.id)?;
-        let revisions = db::revisions::list_for_session(conn, s.id)?;
         let eval_side = in_eval(&participant.pseudonym, options.eval_share);
+        let metadata = |source: &str, seq: i32, policy_json: Option<&str>| {
+            let policy: Value = policy_json
+                .and_then(|p| serde_json::from_str(p).ok())
+                .unwrap_or(Value::Null);
+            json!({
+                "source": source,
+                "study": slug,
+                "study_version": version.row.version,
+                "protocol_sha256": version.row.protocol_sha256,
+                "arm": arm_name,
+                "session": s.public_id,
+                "participant": participant.pseudonym,
+                "turn": messages.iter().filter(|m| m.role == "assistant" && m.seq < seq).count() + 1,
+                "model_sha256": policy["fingerprint"],
+                "seed": policy["sampling"]["seed"],
+            })
+        };
+
+        // Comparisons: the pick between two candidates.
+        let candidates = db::candidates::list_for_session(conn, s.id)?;
+        let compared = candidates
+            .iter()
+            .filter(|c| c.source == "compare" && c.chosen.is_some());
+        let mut by_turn: std::collections::BTreeMap<i32, Vec<&crate::db::models::Candidate>> =
+            Default::default();
+        for c in compared {
+            by_turn.entry(c.after_seq).or_default().push(c);
+        }
+        for (after_seq, pair) in by_turn {
+            let [a, b] = pair[..] else { continue };
+            let Some(prompt) = prompt_before(&arm.system_prompt, &messages, after_seq + 1) else {
+                continue;
+            };
+            let meta = metadata("compare", after_seq + 1, Some(&a.policy_json));
+            match (a.chosen, b.chosen) {
+                (Some(x), Some(y)) if x != y => {
+                    let (chosen, rejected) = if x { (a, b) } else { (b, a) };
+                    let row = json!({
+                        "prompt": prompt,
+                        "chosen": assistant(&chosen.content),
+                        "rejected": assistant(&rejected.content),
+                        "metadata": meta,
+                    });
+                    out.write(false, eval_side, &row)?;
+                }
+                (Some(label), _) => {
+                    // A tie (both good) or both bad: no preference, but each reply is labelled.
+                    for c in [a, b] {
+                        let row = json!({
+                            "prompt": prompt,
+                            "completion": assistant(&c.content),
+                            "label": label,
+                            "metadata": meta,
+                        });
+                        out.write(true, eval_side, &row)?;
+                    }
+                }
+                _ => {}
+            }
+        }
+
+        // Edits: an inserted reply rewritten by the participant.
+        let revisions = db::revisions::list_for_session(conn, s.id)?;
         for (i, rev) in revisions.iter().enumerate() {
             let Some(seq) = rev.message_seq.filter(|_| rev.author == "assistant_insert") else {
                 continue;
@@ -144,58 +281,26 @@ pub fn export(
                 .collect();
             let edited = follow(rev.content.clone(), span.start, span.end, &later);
             let edited = edited.trim();
-            if edited.is_empty()
-                || changed_share(reply.content.trim(), edited) < options.edit_threshold
-            {
+            let changed = changed_share(reply.content.trim(), edited);
+            if edited.is_empty() || changed < options.edit_threshold {
                 continue;
             }
-            let mut prompt = vec![json!({"role": "system", "content": arm.system_prompt})];
-            prompt.extend(
-                messages
-                    .iter()
-                    .filter(|m| m.seq < seq)
-                    .map(|m| json!({"role": m.role, "content": m.content})),
-            );
-            if prompt.last().is_none_or(|m| m["role"] != "user") {
+            let Some(prompt) = prompt_before(&arm.system_prompt, &messages, seq) else {
                 continue;
-            }
-            let policy: Value = reply
-                .policy_json
-                .as_deref()
-                .and_then(|p| serde_json::from_str(p).ok())
-                .unwrap_or(Value::Null);
+            };
+            let mut meta = metadata("edit", seq, reply.policy_json.as_deref());
+            meta["changed_share"] = json!(changed);
             let row = json!({
                 "prompt": prompt,
-                "chosen": [{"role": "assistant", "content": edited}],
-                "rejected": [{"role": "assistant", "content": reply.content}],
-                "metadata": {
-                    "source": "edit",
-                    "study": slug,
-                    "study_version": version.row.version,
-                    "protocol_sha256": version.row.protocol_sha256,
-                    "arm": arm_name,
-                    "session": s.public_id,
-                    "participant": participant.pseudonym,
-                    "turn": messages.iter().filter(|m| m.role == "assistant" && m.seq <= seq).count(),
-                    "model_sha256": policy["fingerprint"],
-                    "seed": policy["sampling"]["seed"],
-                    "changed_share": changed_share(reply.content.trim(), edited),
-                },
+                "chosen": assistant(edited),
+                "rejected": assistant(&reply.content),
+                "metadata": meta,
             });
-            let (file, path, count) = if eval_side {
-                (&mut eval, &eval_path, &mut counts.eval)
-            } else {
-                (&mut train, &train_path, &mut counts.train)
-            };
-            serde_json::to_writer(&mut *file, &row).map_err(|e| write_err(path)(e.into()))?;
-            file.write_all(b"\n").map_err(write_err(path))?;
-            *count += 1;
+            out.write(false, eval_side, &row)?;
         }
         Ok(())
     })?;
-    train.flush().map_err(write_err(&train_path))?;
-    eval.flush().map_err(write_err(&eval_path))?;
-    Ok(counts)
+    out.finish()
 }
 
 #[cfg(test)]

@@ -69,6 +69,9 @@ pub struct SessionRules {
     pub assignment: AssignmentMethod,
     /// Seed of the permuted-block sequence; recorded so the sequence can be audited and replayed.
     pub assignment_seed: u64,
+    /// Every this many turns the participant sees two candidate replies and picks one (tie and
+    /// both-bad allowed): the preference pairs of the study. 0 turns comparisons off.
+    pub compare_every_turns: u32,
 }
 
 impl Default for SessionRules {
@@ -82,6 +85,7 @@ impl Default for SessionRules {
             idle_timeout_minutes: 60,
             assignment: AssignmentMethod::PermutedBlocks,
             assignment_seed: 1,
+            compare_every_turns: 0,
         }
     }
 }

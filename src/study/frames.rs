@@ -50,6 +50,11 @@ pub enum ClientFrame {
         ratings: BTreeMap<String, i32>,
         answers: BTreeMap<String, String>,
     },
+    /// The participant's pick between two candidate replies: `a`, `b`, `tie` or `both_bad`.
+    Choose {
+        client_seq: i64,
+        choice: String,
+    },
     /// A browser event (focus, blur, visibility, …) for active-time measures.
     Event {
         client_seq: i64,
@@ -69,6 +74,7 @@ impl ClientFrame {
             | ClientFrame::Rating { client_seq, .. }
             | ClientFrame::Finish { client_seq }
             | ClientFrame::FinalAnswers { client_seq, .. }
+            | ClientFrame::Choose { client_seq, .. }
             | ClientFrame::Event { client_seq, .. } => Some(*client_seq),
         }
     }
@@ -80,11 +86,19 @@ pub enum ServerFrame {
     State(Box<StateView>),
     AssistantStart {
         msg_seq: i32,
+        /// Two candidates stream at once (a comparison turn).
+        #[serde(default)]
+        comparison: bool,
     },
     Token {
         msg_seq: i32,
         delta: String,
+        /// In a comparison turn: which candidate (0 = A, 1 = B).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        candidate: Option<usize>,
     },
+    /// Both candidates of a comparison turn are ready; the participant picks with `choose`.
+    Comparison(ComparisonView),
     AssistantDone {
         msg_seq: i32,
         text: String,
@@ -141,6 +155,15 @@ pub struct StateView {
     /// The highest client frame applied: frames at or below it need no resend.
     pub last_client_seq: i64,
     pub completed: Option<CompletedView>,
+    /// Candidates waiting for the participant's pick.
+    pub comparison: Option<ComparisonView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ComparisonView {
+    pub msg_seq: i32,
+    /// Reply A and reply B.
+    pub candidates: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

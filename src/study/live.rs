@@ -8,16 +8,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::Duration;
+use futures_util::StreamExt;
 use serde_json::json;
 use tokio::sync::broadcast;
 
 use super::entry::completed_view;
 use super::frames::{
-    ClientFrame, DocumentView, MessageView, QuestionView, RatingView, ServerFrame, StateView,
-    TaskView,
+    ClientFrame, ComparisonView, DocumentView, MessageView, QuestionView, RatingView, ServerFrame,
+    StateView, TaskView,
 };
 use super::{state, Studio, StudyError};
-use crate::db::models::{Message, NewMessage, Session};
+use crate::db::models::{Candidate, Message, NewCandidate, NewMessage, Session};
 use crate::db::sessions::Applied;
 use crate::db::{self, DbConn, DbError};
 use crate::engine::registry::engine_name;
@@ -40,8 +41,26 @@ pub(super) struct LiveSession {
 /// A reply being generated.
 struct Reply {
     msg_seq: i32,
-    text: String,
-    cancel: Arc<AtomicBool>,
+    /// Text so far of each candidate (two in a comparison turn).
+    texts: Vec<String>,
+    cancels: Vec<Arc<AtomicBool>>,
+}
+
+/// Candidates of comparison turns, in the candidates table.
+const COMPARE: &str = "compare";
+
+/// What produced a reply: the arm's policy with the seed used and the reply's timings.
+fn policy_of(snapshot: &serde_json::Value, c: &Completion) -> serde_json::Value {
+    let mut policy = snapshot.clone();
+    policy["sampling"]["seed"] = json!(c.seed);
+    policy["usage"] = json!({
+        "ttft_ms": c.ttft_ms,
+        "gen_ms": c.total_ms.saturating_sub(c.ttft_ms),
+        "prompt_tokens": c.prompt_tokens,
+        "gen_tokens": c.generated_tokens,
+        "finish_reason": c.finish_reason.as_str(),
+    });
+    policy
 }
 
 /// Why a frame was refused: an error code for the client and a sentence for the participant.
@@ -236,7 +255,7 @@ impl Studio {
             .map(|r| MessageView {
                 seq: r.msg_seq,
                 role: "assistant".into(),
-                content: r.text.clone(),
+                content: r.texts[0].clone(),
             });
         let this = self.clone();
         self.db(move |conn| {
@@ -364,7 +383,9 @@ impl Studio {
                 })
                 .await?;
                 if let Some(reply) = live.reply.lock().expect("reply lock").as_ref() {
-                    reply.cancel.store(true, Ordering::Relaxed);
+                    for cancel in &reply.cancels {
+                        cancel.store(true, Ordering::Relaxed);
+                    }
                 }
                 Ok(ack(client_seq))
             }
@@ -506,6 +527,54 @@ impl Studio {
                 )));
                 Ok(frames)
             }
+            ClientFrame::Choose { client_seq, choice } => {
+                let picks = match choice.as_str() {
+                    "a" => [Some(true), Some(false)],
+                    "b" => [Some(false), Some(true)],
+                    "tie" => [Some(true), Some(true)],
+                    "both_bad" => [Some(false), Some(false)],
+                    _ => [None, None],
+                };
+                if client_seq > session.last_client_seq {
+                    if session.state != state::CHOOSING {
+                        return refuse("not_allowed", "there are no replies to choose between");
+                    }
+                    if picks[0].is_none() {
+                        return refuse("bad_choice", "choose a, b, tie or both_bad");
+                    }
+                }
+                let this = self.clone();
+                self.db(move |conn| {
+                    db::sessions::apply_frame(conn, session_id, client_seq, |conn, s| {
+                        let candidates = pending_candidates(conn, session_id)?;
+                        if candidates.len() != 2 {
+                            return refuse("not_allowed", "there are no replies to choose between");
+                        }
+                        for (candidate, chosen) in candidates.iter().zip(picks) {
+                            db::candidates::set_chosen(
+                                conn,
+                                candidate.id,
+                                chosen.unwrap_or(false),
+                            )?;
+                        }
+                        // The conversation goes on with the reply picked (A on a tie or when both are bad).
+                        let kept = if picks == [Some(false), Some(true)] {
+                            &candidates[1]
+                        } else {
+                            &candidates[0]
+                        };
+                        let policy: serde_json::Value =
+                            serde_json::from_str(&kept.policy_json).unwrap_or_default();
+                        let protocol = this.protocol(conn, s.study_version_id)?;
+                        store_reply(conn, &protocol, session_id, &kept.content, &policy)?;
+                        Ok::<_, Refusal>(())
+                    })
+                })
+                .await?;
+                let mut frames = ack(client_seq);
+                frames.push(self.state_frame(session_id, live).await?);
+                Ok(frames)
+            }
             ClientFrame::Event {
                 client_seq,
                 kind,
@@ -592,14 +661,33 @@ impl Studio {
             };
             ChatMessage::new(role, m.content.clone())
         }));
-        let mut request = ChatRequest::new(messages, arm.sampling.clone());
-        request.conversation = Some(session.public_id.clone());
         let msg_seq = history.last().map_or(1, |m| m.seq + 1);
-        let started = self
-            .engines
-            .get(&engine_id)
-            .and_then(|engine| Ok((engine.fingerprint(), engine.start(request)?)));
-        let (fingerprint, mut generation) = match started {
+        let every = protocol.session.compare_every_turns;
+        let comparison = every > 0 && (assistant_turns(&history) + 1) % every as i32 == 0;
+        // A comparison turn generates a second candidate with the next seed, in a slot of its own.
+        let requests: Vec<ChatRequest> = (0..if comparison { 2 } else { 1 })
+            .map(|i| {
+                let mut sampling = arm.sampling.clone();
+                if i > 0 {
+                    sampling.seed = sampling.seed.map(|s| s.wrapping_add(i));
+                }
+                let mut request = ChatRequest::new(messages.clone(), sampling);
+                request.conversation = Some(if i == 0 {
+                    session.public_id.clone()
+                } else {
+                    format!("{}#{i}", session.public_id)
+                });
+                request
+            })
+            .collect();
+        let started = self.engines.get(&engine_id).and_then(|engine| {
+            let generations = requests
+                .into_iter()
+                .map(|r| engine.start(r))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((engine.fingerprint(), generations))
+        });
+        let (fingerprint, generations) = match started {
             Ok(g) => g,
             Err(e) => {
                 tracing::error!(session_id = session.id, error = %e, "cannot start the reply");
@@ -613,10 +701,13 @@ impl Studio {
         };
         *live.reply.lock().expect("reply lock") = Some(Reply {
             msg_seq,
-            text: String::new(),
-            cancel: generation.canceller(),
+            texts: vec![String::new(); generations.len()],
+            cancels: generations.iter().map(|g| g.canceller()).collect(),
         });
-        let _ = live.events.send(ServerFrame::AssistantStart { msg_seq });
+        let _ = live.events.send(ServerFrame::AssistantStart {
+            msg_seq,
+            comparison,
+        });
         let studio = self.clone();
         let live = live.clone();
         let session_id = session.id;
@@ -627,33 +718,51 @@ impl Studio {
             "fingerprint": fingerprint,
             "system_prompt_sha256": crate::protocol::sha256_hex(arm.system_prompt.as_bytes()),
             "lora": arm.lora,
+            "sampling": arm.sampling,
         });
-        let sampling = arm.sampling.clone();
         tokio::spawn(async move {
-            let mut outcome = None;
-            while let Some(event) = generation.next().await {
+            let streams = generations.into_iter().enumerate().map(|(i, g)| {
+                futures_util::stream::unfold(g, move |mut g| async move {
+                    g.next().await.map(|event| ((i, event), g))
+                })
+                .boxed()
+            });
+            let mut events = futures_util::stream::select_all(streams);
+            let mut outcomes: Vec<Option<Result<Completion, String>>> =
+                vec![None; if comparison { 2 } else { 1 }];
+            while let Some((i, event)) = events.next().await {
                 match event {
                     EngineEvent::Token(delta) => {
                         if let Some(r) = live.reply.lock().expect("reply lock").as_mut() {
-                            r.text.push_str(&delta);
+                            r.texts[i].push_str(&delta);
                         }
-                        let _ = live.events.send(ServerFrame::Token { msg_seq, delta });
+                        let candidate = comparison.then_some(i);
+                        let _ = live.events.send(ServerFrame::Token {
+                            msg_seq,
+                            delta,
+                            candidate,
+                        });
                     }
-                    EngineEvent::Done(c) => outcome = Some(Ok(c)),
-                    EngineEvent::Error(e) => outcome = Some(Err(e)),
+                    EngineEvent::Done(c) => outcomes[i] = Some(Ok(c)),
+                    EngineEvent::Error(e) => outcomes[i] = Some(Err(e.to_string())),
                 }
             }
-            let result = match outcome {
-                Some(Ok(c)) => {
-                    let mut policy = snapshot;
-                    policy["sampling"] = json!(sampling);
-                    policy["sampling"]["seed"] = json!(c.seed);
+            let completions: Result<Vec<Completion>, String> = outcomes
+                .into_iter()
+                .map(|o| o.unwrap_or_else(|| Err("the engine stopped".into())))
+                .collect();
+            let result = match completions {
+                Ok(mut c) if c.len() == 1 => {
                     studio
-                        .finish_reply(session_id, &live, msg_seq, c, policy)
+                        .finish_reply(session_id, &live, msg_seq, c.remove(0), &snapshot)
                         .await
                 }
-                Some(Err(e)) => Err(StudyError::Protocol(e.to_string())),
-                None => Err(StudyError::Protocol("the engine stopped".into())),
+                Ok(c) => {
+                    studio
+                        .offer_candidates(session_id, &live, msg_seq, &c, &snapshot)
+                        .await
+                }
+                Err(e) => Err(StudyError::Protocol(e)),
             };
             if let Err(e) = result {
                 tracing::error!(session_id, error = %e, "reply failed");
@@ -668,79 +777,140 @@ impl Studio {
         Ok(())
     }
 
-    /// Stores a finished reply with its timings and what produced it, then moves the session on
-    /// (a periodic rating, or the final questions after the last turn).
+    /// Stores the candidates of a comparison turn and asks the participant to pick.
+    async fn offer_candidates(
+        self: &Arc<Self>,
+        session_id: i64,
+        live: &LiveSession,
+        msg_seq: i32,
+        completions: &[Completion],
+        snapshot: &serde_json::Value,
+    ) -> Result<(), StudyError> {
+        let rows: Vec<(String, String)> = completions
+            .iter()
+            .map(|c| (c.text.clone(), policy_of(snapshot, c).to_string()))
+            .collect();
+        self.db(move |conn| {
+            db::write_transaction(conn, |conn| {
+                for (text, policy) in &rows {
+                    db::candidates::insert(
+                        conn,
+                        &NewCandidate {
+                            session_id,
+                            after_seq: msg_seq - 1,
+                            source: COMPARE,
+                            content: text,
+                            chosen: None,
+                            policy_json: policy,
+                            created_at: db::now(),
+                        },
+                    )?;
+                }
+                db::sessions::set_state(conn, session_id, state::CHOOSING)?;
+                Ok::<_, StudyError>(())
+            })
+        })
+        .await?;
+        *live.reply.lock().expect("reply lock") = None;
+        let _ = live.events.send(ServerFrame::Comparison(ComparisonView {
+            msg_seq,
+            candidates: completions.iter().map(|c| c.text.clone()).collect(),
+        }));
+        Ok(())
+    }
+
+    /// Stores a finished reply with its timings and what produced it, then moves the session on.
     async fn finish_reply(
         self: &Arc<Self>,
         session_id: i64,
         live: &LiveSession,
         msg_seq: i32,
         c: Completion,
-        policy: serde_json::Value,
+        snapshot: &serde_json::Value,
     ) -> Result<(), StudyError> {
         let this = self.clone();
+        let policy = policy_of(snapshot, &c);
         let text = c.text.clone();
-        let finish_reason = c.finish_reason.as_str().to_string();
-        let (turn, next_state, due) = self
+        let (turn, next, due) = self
             .db(move |conn| {
                 let session = db::sessions::get(conn, session_id)?;
                 let protocol = this.protocol(conn, session.study_version_id)?;
-                let gen_ms = c.total_ms.saturating_sub(c.ttft_ms);
-                db::messages::append(
-                    conn,
-                    session_id,
-                    &NewMessage {
-                        role: "assistant",
-                        content: &c.text,
-                        ttft_ms: Some(clamp_i32(c.ttft_ms)),
-                        gen_ms: Some(clamp_i32(gen_ms)),
-                        prompt_tokens: Some(c.prompt_tokens as i32),
-                        gen_tokens: Some(c.generated_tokens as i32),
-                        finish_reason: Some(c.finish_reason.as_str()),
-                        policy_json: Some(&policy.to_string()),
-                    },
-                )?;
-                let turn = assistant_turns(&db::messages::list_for_session(conn, session_id)?);
-                let due: Vec<RatingView> = pending_ratings(&protocol, turn, &[])
-                    .into_iter()
-                    .map(rating_view)
-                    .collect();
-                let max = protocol.session.max_turns as i32;
-                let next = if !due.is_empty() {
-                    Some(state::RATING)
-                } else if max > 0 && turn >= max {
-                    Some(state::FINAL)
-                } else {
-                    None
-                };
-                if let Some(s) = next {
-                    db::sessions::set_state(conn, session_id, s)?;
-                }
-                Ok::<_, StudyError>((turn, next, due))
+                store_reply(conn, &protocol, session_id, &c.text, &policy)
             })
             .await?;
         *live.reply.lock().expect("reply lock") = None;
         let _ = live.events.send(ServerFrame::AssistantDone {
             msg_seq,
             text,
-            finish_reason,
+            finish_reason: c.finish_reason.as_str().to_string(),
         });
-        match next_state {
-            Some(s) if s == state::RATING => {
-                let _ = live.events.send(ServerFrame::RatingRequest {
-                    after_turn: turn,
-                    ratings: due,
-                });
+        if next == state::RATING {
+            let _ = live.events.send(ServerFrame::RatingRequest {
+                after_turn: turn,
+                ratings: due,
+            });
+        } else if next == state::FINAL {
+            if let Ok(frame) = self.state_frame(session_id, live).await {
+                let _ = live.events.send(frame);
             }
-            Some(_) => {
-                if let Ok(frame) = self.state_frame(session_id, live).await {
-                    let _ = live.events.send(frame);
-                }
-            }
-            None => {}
         }
         Ok(())
     }
+}
+
+/// Stores an assistant reply (its timings are in `policy["usage"]`) and moves the session on: a
+/// periodic rating when one is due, the final questions after the last turn, else chatting.
+/// Returns the turn, the new state and the ratings due.
+fn store_reply(
+    conn: &mut DbConn,
+    protocol: &Protocol,
+    session_id: i64,
+    text: &str,
+    policy: &serde_json::Value,
+) -> Result<(i32, &'static str, Vec<RatingView>), StudyError> {
+    let usage = &policy["usage"];
+    let number = |key: &str| usage[key].as_u64().map(clamp_i32);
+    db::messages::append(
+        conn,
+        session_id,
+        &NewMessage {
+            role: "assistant",
+            content: text,
+            ttft_ms: number("ttft_ms"),
+            gen_ms: number("gen_ms"),
+            prompt_tokens: number("prompt_tokens"),
+            gen_tokens: number("gen_tokens"),
+            finish_reason: usage["finish_reason"].as_str(),
+            policy_json: Some(&policy.to_string()),
+        },
+    )?;
+    let turn = assistant_turns(&db::messages::list_for_session(conn, session_id)?);
+    let due: Vec<RatingView> = pending_ratings(protocol, turn, &[])
+        .into_iter()
+        .map(rating_view)
+        .collect();
+    let max = protocol.session.max_turns as i32;
+    let next = if !due.is_empty() {
+        state::RATING
+    } else if max > 0 && turn >= max {
+        state::FINAL
+    } else {
+        state::CHATTING
+    };
+    db::sessions::set_state(conn, session_id, next)?;
+    Ok((turn, next, due))
+}
+
+/// The candidates of the comparison waiting for the participant's pick, if any.
+fn pending_candidates(conn: &mut DbConn, session_id: i64) -> Result<Vec<Candidate>, StudyError> {
+    let messages = db::messages::list_for_session(conn, session_id)?;
+    let Some(last) = messages.last().filter(|m| m.role == "user") else {
+        return Ok(Vec::new());
+    };
+    Ok(db::candidates::list_for_session(conn, session_id)?
+        .into_iter()
+        .filter(|c| c.source == COMPARE && c.after_seq == last.seq && c.chosen.is_none())
+        .collect())
 }
 
 fn clamp_i32(v: u64) -> i32 {
@@ -902,6 +1072,15 @@ fn view(
         max_message_bytes: protocol.session.max_message_bytes,
         max_document_bytes: protocol.session.max_document_bytes,
         last_client_seq: session.last_client_seq,
+        comparison: if session.state == state::CHOOSING {
+            let candidates = pending_candidates(conn, session.id)?;
+            candidates.first().map(|c| ComparisonView {
+                msg_seq: c.after_seq + 1,
+                candidates: candidates.iter().map(|c| c.content.clone()).collect(),
+            })
+        } else {
+            None
+        },
         completed: (session.state == state::FINISHED)
             .then(|| completed_view(&protocol.outcomes.completed)),
     })

@@ -28,12 +28,14 @@ pub mod state {
     pub const CHATTING: &str = "chatting";
     pub const RATING: &str = "rating";
     pub const FINAL: &str = "final";
+    /// Two candidate replies wait for the participant's pick.
+    pub const CHOOSING: &str = "choosing";
     pub const FINISHED: &str = "finished";
     pub const TIMED_OUT: &str = "timed_out";
     /// Sessions that count towards an arm's fill: active or completed.
-    pub const FILLING: [&str; 4] = [CHATTING, RATING, FINAL, FINISHED];
+    pub const FILLING: [&str; 5] = [CHATTING, CHOOSING, RATING, FINAL, FINISHED];
     /// Sessions a participant is still working in.
-    pub const OPEN: [&str; 4] = [CONSENT, CHATTING, RATING, FINAL];
+    pub const OPEN: [&str; 5] = [CONSENT, CHATTING, CHOOSING, RATING, FINAL];
 }
 
 #[derive(Debug, thiserror::Error)]

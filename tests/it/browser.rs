@@ -302,3 +302,81 @@ async fn a_participant_completes_the_study_in_chromium() {
     assert_eq!(answers.len(), 2);
     assert_eq!(answers[1].answer, "Replies were short, \"too\" short.");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_participant_picks_between_two_replies_in_chromium() {
+    let db = TestDb::sqlite();
+    let state = state_with_model(&db);
+    let path = repo_root().join("study-protocols/quick-pilot.toml");
+    let text = std::fs::read_to_string(&path).unwrap().replace(
+        "assignment = \"least_filled\"",
+        "assignment = \"least_filled\"\ncompare_every_turns = 1",
+    );
+    let loaded = LoadedProtocol::from_text(&path, text, &models_dir()).unwrap();
+    db::studies::import(&mut state.pool.get().unwrap(), &loaded).unwrap();
+    let pool = state.pool.clone();
+    let server = TestServer::start(state);
+    let driver = Driver::start();
+    let profile = tempfile::tempdir().unwrap();
+    let client = chromium(&driver, profile.path()).await;
+    client
+        .goto(&server.url("/s/quick-pilot?PROLIFIC_PID=browser-compare"))
+        .await
+        .unwrap();
+    wait_for(&client, "document.getElementById('agree')").await;
+    click(&client, "#agree").await;
+    wait_for(
+        &client,
+        "document.getElementById('connection')?.textContent === 'Connected'",
+    )
+    .await;
+    let input = client.find(Locator::Id("input")).await.unwrap();
+    input
+        .send_keys("Write a short thank-you note.")
+        .await
+        .unwrap();
+    click(&client, "#send").await;
+    wait_for(
+        &client,
+        "document.querySelectorAll('.comparison .candidate').length === 2",
+    )
+    .await;
+    wait_for(
+        &client,
+        "document.querySelector('.choices button[data-choice=\"b\"]')",
+    )
+    .await;
+    assert!(
+        client
+            .find(Locator::Id("send"))
+            .await
+            .unwrap()
+            .attr("disabled")
+            .await
+            .unwrap()
+            .is_some(),
+        "no new message while the pick is due"
+    );
+    click(&client, ".choices button[data-choice=\"b\"]").await;
+    wait_for(&client, "!document.getElementById('rating').hidden").await;
+    wait_for(
+        &client,
+        "document.querySelectorAll('.comparison').length === 0",
+    )
+    .await;
+    client.close().await.unwrap();
+
+    let mut conn = pool.get().unwrap();
+    let study = db::studies::find_by_slug(&mut conn, "quick-pilot")
+        .unwrap()
+        .unwrap();
+    let version = db::studies::current_version(&mut conn, study.id).unwrap();
+    let session = db::sessions::list_for_version(&mut conn, version.id)
+        .unwrap()
+        .remove(0);
+    let candidates = db::candidates::list_for_session(&mut conn, session.id).unwrap();
+    let chosen: Vec<Option<bool>> = candidates.iter().map(|c| c.chosen).collect();
+    assert_eq!(chosen, [Some(false), Some(true)]);
+    let messages = db::messages::list_for_session(&mut conn, session.id).unwrap();
+    assert_eq!(messages.last().unwrap().content, candidates[1].content);
+}

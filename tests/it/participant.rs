@@ -950,3 +950,139 @@ async fn a_shared_browser_follows_the_participant_id_in_the_link() {
     assert_eq!(response.status(), 303);
     assert!(browser.page("quick-pilot").await.contains("I agree"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn comparison_turns_offer_two_replies_and_record_the_pick() {
+    let db = TestDb::sqlite();
+    let state = state_with_model(&db);
+    pilot_with(&state, |t| {
+        t.replace(
+            "assignment = \"least_filled\"",
+            "assignment = \"least_filled\"\ncompare_every_turns = 1",
+        )
+    });
+    let pool = state.pool.clone();
+    let server = TestServer::start(state);
+    let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-compare").await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::Choose {
+        client_seq: seq,
+        choice: "a".into(),
+    })
+    .await;
+    ws.expect_error("not_allowed").await;
+
+    let mut picked = Vec::new();
+    for (turn, choice) in [(1, "b"), (2, "tie")] {
+        let seq = ws.next_seq();
+        ws.send(&ClientFrame::UserMessage {
+            client_seq: seq,
+            text: format!("Turn {turn}: write the note."),
+        })
+        .await;
+        let (start, _) = ws
+            .until(|f| matches!(f, ServerFrame::AssistantStart { .. }))
+            .await;
+        assert!(matches!(
+            start,
+            ServerFrame::AssistantStart {
+                comparison: true,
+                ..
+            }
+        ));
+        let (offer, before) = ws.until(|f| matches!(f, ServerFrame::Comparison(_))).await;
+        let ServerFrame::Comparison(offer) = offer else {
+            unreachable!()
+        };
+        assert_eq!(offer.candidates.len(), 2);
+        for (i, text) in offer.candidates.iter().enumerate() {
+            let streamed: String = before
+                .iter()
+                .filter_map(|f| match f {
+                    ServerFrame::Token {
+                        delta, candidate, ..
+                    } if *candidate == Some(i) => Some(delta.as_str()),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(&streamed, text, "candidate {i} streams its own text");
+        }
+        // Sending while the pick is due is refused; a bad pick too.
+        let seq = ws.next_seq();
+        ws.send(&ClientFrame::UserMessage {
+            client_seq: seq,
+            text: "wait".into(),
+        })
+        .await;
+        ws.expect_error("not_allowed").await;
+        let seq = ws.next_seq();
+        ws.send(&ClientFrame::Choose {
+            client_seq: seq,
+            choice: "c".into(),
+        })
+        .await;
+        ws.expect_error("bad_choice").await;
+        let seq = ws.next_seq();
+        ws.send(&ClientFrame::Choose {
+            client_seq: seq,
+            choice: choice.into(),
+        })
+        .await;
+        ws.expect_ack(seq).await;
+        let s = state_of(ws.next().await);
+        let kept = if choice == "b" {
+            &offer.candidates[1]
+        } else {
+            &offer.candidates[0]
+        };
+        assert_eq!(&s.messages.last().unwrap().content, kept);
+        assert_eq!(s.phase, "rating");
+        assert!(s.comparison.is_none());
+        let seq = ws.rate("interaction", 6).await;
+        ws.expect_ack(seq).await;
+        ws.until(|f| matches!(f, ServerFrame::State(_))).await;
+        picked.push(offer);
+    }
+
+    let mut conn = pool.get().unwrap();
+    let session = only_session(&mut conn);
+    let chosen: Vec<Option<bool>> = db::candidates::list_for_session(&mut conn, session.id)
+        .unwrap()
+        .iter()
+        .map(|c| c.chosen)
+        .collect();
+    assert_eq!(chosen, [Some(false), Some(true), Some(true), Some(true)]);
+    let dir = tempfile::tempdir().unwrap();
+    let options = collabllm::export::pairs::PairOptions {
+        edit_threshold: 0.2,
+        eval_share: 0.0,
+    };
+    let counts =
+        collabllm::export::pairs::export(&mut conn, "quick-pilot", &options, dir.path()).unwrap();
+    assert_eq!((counts.train, counts.kto_train), (1, 2));
+    let row: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(dir.path().join("train.jsonl"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(
+        row["chosen"][0]["content"],
+        picked[0].candidates[1].as_str()
+    );
+    assert_eq!(
+        row["rejected"][0]["content"],
+        picked[0].candidates[0].as_str()
+    );
+    assert_eq!(row["metadata"]["source"], "compare");
+    assert_eq!(
+        row["prompt"].as_array().unwrap().last().unwrap()["role"],
+        "user"
+    );
+    let kto = std::fs::read_to_string(dir.path().join("kto_train.jsonl")).unwrap();
+    for line in kto.lines() {
+        let row: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(row["label"], true, "a tie labels both replies good");
+        assert_eq!(row["completion"][0]["role"], "assistant");
+    }
+}
