@@ -101,7 +101,7 @@ enum ExportCommand {
     },
     /// Preference pairs from the participants' own signals, as JSONL for TRL's DPOTrainer
     /// (`train.jsonl`, `eval.jsonl`; ties as KTO rows in `kto_train.jsonl`, `kto_eval.jsonl`; split
-    /// by participant). Sources: the picks of comparison turns, and assistant replies inserted into
+    /// by participant). Sources: the picks of comparison turns and regenerated replies, and assistant replies inserted into
     /// the document and then rewritten (chosen: the participant's version).
     Pairs {
         /// Study slug.

@@ -35,6 +35,7 @@ const docEl = el("document");
 const sendBtn = el("send");
 const stopBtn = el("stop");
 const finishBtn = el("finish");
+const regenerateBtn = el("regenerate");
 
 let ws = null;
 let state = null;
@@ -131,7 +132,11 @@ function handle(frame) {
       break;
     case "comparison":
       state.phase = "choosing";
-      if (!comparing || comparing.seq !== frame.msg_seq) startComparison(frame.msg_seq, frame.candidates);
+      if (!comparing || comparing.seq !== frame.msg_seq) {
+        // A regenerated reply: the page shows the pair as the server has it.
+        ws.send(JSON.stringify({ type: "hello", session_token: token }));
+        break;
+      }
       offerChoice(frame.candidates);
       renderStatus();
       break;
@@ -307,6 +312,8 @@ function renderStatus() {
   stopBtn.hidden = !busy;
   input.disabled = !(chatting || state.phase === "rating");
   finishBtn.disabled = busy || !chatting || state.turn < state.min_turns;
+  const last = state.messages[state.messages.length - 1];
+  regenerateBtn.disabled = busy || !chatting || !last || last.role !== "assistant";
 }
 
 function countWords() {
@@ -478,6 +485,10 @@ input.addEventListener("keydown", (e) => {
 });
 input.addEventListener("input", () => store.set("draft", input.value));
 stopBtn.addEventListener("click", () => send({ type: "stop" }));
+regenerateBtn.addEventListener("click", () => {
+  regenerateBtn.disabled = true;
+  send({ type: "regenerate" });
+});
 finishBtn.addEventListener("click", () => send({ type: "finish" }));
 docEl.addEventListener("input", () => {
   countWords();

@@ -46,3 +46,10 @@ pub fn list_for_session(conn: &mut DbConn, session_id: i64) -> DbResult<Vec<Mess
         .select(Message::as_select())
         .load(conn)?)
 }
+
+/// Takes a message out of the transcript (a reply the participant asked to replace; it is kept
+/// as a candidate first).
+pub fn remove(conn: &mut DbConn, id: i64) -> DbResult<()> {
+    diesel::delete(messages::table.find(id)).execute(conn)?;
+    Ok(())
+}

@@ -3,7 +3,8 @@
 //! `rejected` (one assistant message each), plus `metadata`.
 //!
 //! Sources: **comparisons** — at the protocol's comparison turns the participant picked one of
-//! two candidate replies (a tie or "both bad" gives KTO rows, `prompt`/`completion`/`label`, in
+//! two candidate replies, and **regenerations** — the participant asked for another reply and
+//! kept one of the two (a tie or "both bad" gives KTO rows, `prompt`/`completion`/`label`, in
 //! separate files); **edits** — an assistant reply inserted into the document and then rewritten
 //! by the participant beyond a threshold gives chosen = the participant's version of that passage,
 //! rejected = the reply as generated. The passage is followed through every later revision by
@@ -205,46 +206,52 @@ pub fn export(
             })
         };
 
-        // Comparisons: the pick between two candidates.
+        // Picks between two candidates: comparison turns and regenerated replies. Candidates are
+        // stored in pairs, in order, per turn.
         let candidates = db::candidates::list_for_session(conn, s.id)?;
-        let compared = candidates
-            .iter()
-            .filter(|c| c.source == "compare" && c.chosen.is_some());
-        let mut by_turn: std::collections::BTreeMap<i32, Vec<&crate::db::models::Candidate>> =
-            Default::default();
-        for c in compared {
-            by_turn.entry(c.after_seq).or_default().push(c);
+        let mut by_turn: std::collections::BTreeMap<
+            (&str, i32),
+            Vec<&crate::db::models::Candidate>,
+        > = Default::default();
+        for c in candidates.iter().filter(|c| c.chosen.is_some()) {
+            by_turn
+                .entry((c.source.as_str(), c.after_seq))
+                .or_default()
+                .push(c);
         }
-        for (after_seq, pair) in by_turn {
-            let [a, b] = pair[..] else { continue };
-            let Some(prompt) = prompt_before(&arm.system_prompt, &messages, after_seq + 1) else {
-                continue;
-            };
-            let meta = metadata("compare", after_seq + 1, Some(&a.policy_json));
-            match (a.chosen, b.chosen) {
-                (Some(x), Some(y)) if x != y => {
-                    let (chosen, rejected) = if x { (a, b) } else { (b, a) };
-                    let row = json!({
-                        "prompt": prompt,
-                        "chosen": assistant(&chosen.content),
-                        "rejected": assistant(&rejected.content),
-                        "metadata": meta,
-                    });
-                    out.write(false, eval_side, &row)?;
-                }
-                (Some(label), _) => {
-                    // A tie (both good) or both bad: no preference, but each reply is labelled.
-                    for c in [a, b] {
+        for ((source, after_seq), picked) in by_turn {
+            for pair in picked.chunks(2) {
+                let [a, b] = pair[..] else { continue };
+                let Some(prompt) = prompt_before(&arm.system_prompt, &messages, after_seq + 1)
+                else {
+                    continue;
+                };
+                let meta = metadata(source, after_seq + 1, Some(&a.policy_json));
+                match (a.chosen, b.chosen) {
+                    (Some(x), Some(y)) if x != y => {
+                        let (chosen, rejected) = if x { (a, b) } else { (b, a) };
                         let row = json!({
                             "prompt": prompt,
-                            "completion": assistant(&c.content),
-                            "label": label,
+                            "chosen": assistant(&chosen.content),
+                            "rejected": assistant(&rejected.content),
                             "metadata": meta,
                         });
-                        out.write(true, eval_side, &row)?;
+                        out.write(false, eval_side, &row)?;
                     }
+                    (Some(label), _) => {
+                        // A tie (both good) or both bad: no preference, but each reply is labelled.
+                        for c in [a, b] {
+                            let row = json!({
+                                "prompt": prompt,
+                                "completion": assistant(&c.content),
+                                "label": label,
+                                "metadata": meta,
+                            });
+                            out.write(true, eval_side, &row)?;
+                        }
+                    }
+                    _ => {}
                 }
-                _ => {}
             }
         }
 

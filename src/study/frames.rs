@@ -50,6 +50,10 @@ pub enum ClientFrame {
         ratings: BTreeMap<String, i32>,
         answers: BTreeMap<String, String>,
     },
+    /// Ask for another reply to the last message; the participant then keeps one of the two.
+    Regenerate {
+        client_seq: i64,
+    },
     /// The participant's pick between two candidate replies: `a`, `b`, `tie` or `both_bad`.
     Choose {
         client_seq: i64,
@@ -75,6 +79,7 @@ impl ClientFrame {
             | ClientFrame::Finish { client_seq }
             | ClientFrame::FinalAnswers { client_seq, .. }
             | ClientFrame::Choose { client_seq, .. }
+            | ClientFrame::Regenerate { client_seq }
             | ClientFrame::Event { client_seq, .. } => Some(*client_seq),
         }
     }

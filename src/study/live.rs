@@ -48,6 +48,8 @@ struct Reply {
 
 /// Candidates of comparison turns, in the candidates table.
 const COMPARE: &str = "compare";
+/// A reply the participant asked to replace, and its replacement.
+const REGENERATE: &str = "regenerate";
 
 /// What produced a reply: the arm's policy with the seed used and the reply's timings.
 fn policy_of(snapshot: &serde_json::Value, c: &Completion) -> serde_json::Value {
@@ -281,11 +283,16 @@ impl Studio {
             return Ok(());
         }
         let session_id = session.id;
-        let messages = self
-            .db(move |conn| db::messages::list_for_session(conn, session_id))
+        let (messages, replacing) = self
+            .db(move |conn| {
+                let replacing = pending_candidates(conn, session_id)?
+                    .iter()
+                    .any(|c| c.source == REGENERATE);
+                Ok::<_, StudyError>((db::messages::list_for_session(conn, session_id)?, replacing))
+            })
             .await?;
         if messages.last().is_some_and(|m| m.role == "user") {
-            self.start_reply(session, live, messages).await?;
+            self.start_reply(session, live, messages, replacing).await?;
         }
         Ok(())
     }
@@ -371,7 +378,7 @@ impl Studio {
                     })
                     .await?;
                 if let Applied::New(history) = applied {
-                    self.start_reply(&session, live, history).await?;
+                    self.start_reply(&session, live, history, false).await?;
                 }
                 Ok(ack(client_seq))
             }
@@ -527,6 +534,52 @@ impl Studio {
                 )));
                 Ok(frames)
             }
+            ClientFrame::Regenerate { client_seq } => {
+                let busy = live.reply.lock().expect("reply lock").is_some();
+                if client_seq > session.last_client_seq
+                    && (busy || session.state != state::CHATTING)
+                {
+                    return refuse(
+                        "not_allowed",
+                        "another reply can be asked for while chatting, after any rating",
+                    );
+                }
+                let applied = self
+                    .db(move |conn| {
+                        db::sessions::apply_frame(conn, session_id, client_seq, |conn, _| {
+                            let messages = db::messages::list_for_session(conn, session_id)?;
+                            let Some(last) = messages.last().filter(|m| m.role == "assistant") else {
+                                return refuse("not_allowed", "there is no reply to replace");
+                            };
+                            // The reply stays on record as a candidate, with what produced it.
+                            let mut policy: serde_json::Value =
+                                last.policy_json.as_deref().and_then(|p| serde_json::from_str(p).ok()).unwrap_or_default();
+                            policy["usage"] = json!({
+                                "ttft_ms": last.ttft_ms, "gen_ms": last.gen_ms, "prompt_tokens": last.prompt_tokens,
+                                "gen_tokens": last.gen_tokens, "finish_reason": last.finish_reason,
+                            });
+                            db::candidates::insert(
+                                conn,
+                                &NewCandidate {
+                                    session_id,
+                                    after_seq: last.seq - 1,
+                                    source: REGENERATE,
+                                    content: &last.content,
+                                    chosen: None,
+                                    policy_json: &policy.to_string(),
+                                    created_at: db::now(),
+                                },
+                            )?;
+                            db::messages::remove(conn, last.id)?;
+                            Ok(db::messages::list_for_session(conn, session_id)?)
+                        })
+                    })
+                    .await?;
+                if let Applied::New(history) = applied {
+                    self.start_reply(&session, live, history, true).await?;
+                }
+                Ok(ack(client_seq))
+            }
             ClientFrame::Choose { client_seq, choice } => {
                 let picks = match choice.as_str() {
                     "a" => [Some(true), Some(false)],
@@ -627,11 +680,15 @@ impl Studio {
     }
 
     /// Starts the reply to `history` in a task of its own and marks the session busy.
+    /// Starts the reply to `history` (the last message is the user's) in a task of its own. A
+    /// comparison turn generates two candidates; `regenerate` generates a replacement for a reply
+    /// already kept as a candidate, and the participant then picks between the two.
     async fn start_reply(
         self: &Arc<Self>,
         session: &Session,
         live: &Arc<LiveSession>,
         history: Vec<Message>,
+        regenerate: bool,
     ) -> Result<(), StudyError> {
         let this = self.clone();
         let (arm_id, version_id) = (session.arm_id, session.study_version_id);
@@ -663,13 +720,16 @@ impl Studio {
         }));
         let msg_seq = history.last().map_or(1, |m| m.seq + 1);
         let every = protocol.session.compare_every_turns;
-        let comparison = every > 0 && (assistant_turns(&history) + 1) % every as i32 == 0;
+        let comparison =
+            !regenerate && every > 0 && (assistant_turns(&history) + 1) % every as i32 == 0;
         // A comparison turn generates a second candidate with the next seed, in a slot of its own.
         let requests: Vec<ChatRequest> = (0..if comparison { 2 } else { 1 })
             .map(|i| {
                 let mut sampling = arm.sampling.clone();
-                if i > 0 {
-                    sampling.seed = sampling.seed.map(|s| s.wrapping_add(i));
+                // Another candidate, or a replacement, must not repeat a fixed seed's text.
+                let offset = i + u32::from(regenerate);
+                if offset > 0 {
+                    sampling.seed = sampling.seed.map(|s| s.wrapping_add(offset));
                 }
                 let mut request = ChatRequest::new(messages.clone(), sampling);
                 request.conversation = Some(if i == 0 {
@@ -752,14 +812,15 @@ impl Studio {
                 .map(|o| o.unwrap_or_else(|| Err("the engine stopped".into())))
                 .collect();
             let result = match completions {
-                Ok(mut c) if c.len() == 1 => {
+                Ok(mut c) if c.len() == 1 && !regenerate => {
                     studio
                         .finish_reply(session_id, &live, msg_seq, c.remove(0), &snapshot)
                         .await
                 }
                 Ok(c) => {
+                    let source = if regenerate { REGENERATE } else { COMPARE };
                     studio
-                        .offer_candidates(session_id, &live, msg_seq, &c, &snapshot)
+                        .offer_candidates(session_id, &live, msg_seq, &c, &snapshot, source)
                         .await
                 }
                 Err(e) => Err(StudyError::Protocol(e)),
@@ -785,36 +846,38 @@ impl Studio {
         msg_seq: i32,
         completions: &[Completion],
         snapshot: &serde_json::Value,
+        source: &'static str,
     ) -> Result<(), StudyError> {
         let rows: Vec<(String, String)> = completions
             .iter()
             .map(|c| (c.text.clone(), policy_of(snapshot, c).to_string()))
             .collect();
-        self.db(move |conn| {
-            db::write_transaction(conn, |conn| {
-                for (text, policy) in &rows {
-                    db::candidates::insert(
-                        conn,
-                        &NewCandidate {
-                            session_id,
-                            after_seq: msg_seq - 1,
-                            source: COMPARE,
-                            content: text,
-                            chosen: None,
-                            policy_json: policy,
-                            created_at: db::now(),
-                        },
-                    )?;
-                }
-                db::sessions::set_state(conn, session_id, state::CHOOSING)?;
-                Ok::<_, StudyError>(())
+        let candidates = self
+            .db(move |conn| {
+                db::write_transaction(conn, |conn| {
+                    for (text, policy) in &rows {
+                        db::candidates::insert(
+                            conn,
+                            &NewCandidate {
+                                session_id,
+                                after_seq: msg_seq - 1,
+                                source,
+                                content: text,
+                                chosen: None,
+                                policy_json: policy,
+                                created_at: db::now(),
+                            },
+                        )?;
+                    }
+                    db::sessions::set_state(conn, session_id, state::CHOOSING)?;
+                    pending_candidates(conn, session_id)
+                })
             })
-        })
-        .await?;
+            .await?;
         *live.reply.lock().expect("reply lock") = None;
         let _ = live.events.send(ServerFrame::Comparison(ComparisonView {
             msg_seq,
-            candidates: completions.iter().map(|c| c.text.clone()).collect(),
+            candidates: candidates.into_iter().map(|c| c.content).collect(),
         }));
         Ok(())
     }
@@ -885,7 +948,12 @@ fn store_reply(
         },
     )?;
     let turn = assistant_turns(&db::messages::list_for_session(conn, session_id)?);
-    let due: Vec<RatingView> = pending_ratings(protocol, turn, &[])
+    let recorded: Vec<String> = db::ratings::list_for_session(conn, session_id)?
+        .into_iter()
+        .filter(|r| r.after_turn == turn)
+        .map(|r| r.rating_key)
+        .collect();
+    let due: Vec<RatingView> = pending_ratings(protocol, turn, &recorded)
         .into_iter()
         .map(rating_view)
         .collect();
@@ -909,7 +977,11 @@ fn pending_candidates(conn: &mut DbConn, session_id: i64) -> Result<Vec<Candidat
     };
     Ok(db::candidates::list_for_session(conn, session_id)?
         .into_iter()
-        .filter(|c| c.source == COMPARE && c.after_seq == last.seq && c.chosen.is_none())
+        .filter(|c| {
+            (c.source == COMPARE || c.source == REGENERATE)
+                && c.after_seq == last.seq
+                && c.chosen.is_none()
+        })
         .collect())
 }
 

@@ -364,6 +364,28 @@ async fn a_participant_picks_between_two_replies_in_chromium() {
         "document.querySelectorAll('.comparison').length === 0",
     )
     .await;
+    rate(&client, "#rating", "interaction", 7).await;
+    click(&client, "#rating-submit").await;
+    wait_for(&client, "document.getElementById('rating').hidden").await;
+    // Another reply to the same message: the two are offered, the participant keeps the first.
+    wait_for(&client, "!document.getElementById('regenerate').disabled").await;
+    click(&client, "#regenerate").await;
+    wait_for(
+        &client,
+        "document.querySelector('.choices button[data-choice=\"a\"]')",
+    )
+    .await;
+    click(&client, ".choices button[data-choice=\"a\"]").await;
+    wait_for(
+        &client,
+        "document.querySelectorAll('.comparison').length === 0",
+    )
+    .await;
+    wait_for(
+        &client,
+        "document.querySelectorAll('.msg.assistant').length === 1",
+    )
+    .await;
     client.close().await.unwrap();
 
     let mut conn = pool.get().unwrap();
@@ -375,8 +397,23 @@ async fn a_participant_picks_between_two_replies_in_chromium() {
         .unwrap()
         .remove(0);
     let candidates = db::candidates::list_for_session(&mut conn, session.id).unwrap();
-    let chosen: Vec<Option<bool>> = candidates.iter().map(|c| c.chosen).collect();
-    assert_eq!(chosen, [Some(false), Some(true)]);
+    let picks: Vec<(&str, Option<bool>)> = candidates
+        .iter()
+        .map(|c| (c.source.as_str(), c.chosen))
+        .collect();
+    assert_eq!(
+        picks,
+        [
+            ("compare", Some(false)),
+            ("compare", Some(true)),
+            ("regenerate", Some(true)),
+            ("regenerate", Some(false))
+        ]
+    );
     let messages = db::messages::list_for_session(&mut conn, session.id).unwrap();
-    assert_eq!(messages.last().unwrap().content, candidates[1].content);
+    assert_eq!(messages.len(), 2);
+    assert_eq!(
+        messages[1].content, candidates[1].content,
+        "B was picked, then kept over its replacement"
+    );
 }

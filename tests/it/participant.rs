@@ -1086,3 +1086,80 @@ async fn comparison_turns_offer_two_replies_and_record_the_pick() {
         assert_eq!(row["completion"][0]["role"], "assistant");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn asking_for_another_reply_lets_the_participant_keep_one() {
+    let db = TestDb::sqlite();
+    let state = state_with_model(&db);
+    let pool = state.pool.clone();
+    let server = TestServer::start(state);
+    let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-regenerate").await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::Regenerate { client_seq: seq }).await;
+    ws.expect_error("not_allowed").await;
+    let first = ws.chat("Write a note about the plants.").await;
+    ws.until(|f| matches!(f, ServerFrame::RatingRequest { .. }))
+        .await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::Regenerate { client_seq: seq }).await;
+    ws.expect_error("not_allowed").await; // the rating comes first
+    let seq = ws.rate("interaction", 4).await;
+    ws.expect_ack(seq).await;
+    ws.until(|f| matches!(f, ServerFrame::State(_))).await;
+
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::Regenerate { client_seq: seq }).await;
+    ws.expect_ack(seq).await;
+    let (offer, _) = ws.until(|f| matches!(f, ServerFrame::Comparison(_))).await;
+    let ServerFrame::Comparison(offer) = offer else {
+        unreachable!()
+    };
+    assert_eq!(
+        offer.candidates[0], first,
+        "the earlier reply is candidate A"
+    );
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::Choose {
+        client_seq: seq,
+        choice: "a".into(),
+    })
+    .await;
+    ws.expect_ack(seq).await;
+    let s = state_of(ws.next().await);
+    assert_eq!(s.phase, "chatting", "the turn was rated already");
+    assert_eq!(s.messages.len(), 2);
+    assert_eq!(s.messages[1].content, first);
+
+    let mut conn = pool.get().unwrap();
+    let session = only_session(&mut conn);
+    let candidates = db::candidates::list_for_session(&mut conn, session.id).unwrap();
+    let flags: Vec<(&str, Option<bool>)> = candidates
+        .iter()
+        .map(|c| (c.source.as_str(), c.chosen))
+        .collect();
+    assert_eq!(
+        flags,
+        [("regenerate", Some(true)), ("regenerate", Some(false))]
+    );
+    let messages = db::messages::list_for_session(&mut conn, session.id).unwrap();
+    assert!(
+        messages[1].ttft_ms.is_some(),
+        "the kept reply keeps its timings"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let options = collabllm::export::pairs::PairOptions {
+        edit_threshold: 0.2,
+        eval_share: 0.0,
+    };
+    let counts =
+        collabllm::export::pairs::export(&mut conn, "quick-pilot", &options, dir.path()).unwrap();
+    assert_eq!(counts.train, 1);
+    let row: serde_json::Value = serde_json::from_str(
+        std::fs::read_to_string(dir.path().join("train.jsonl"))
+            .unwrap()
+            .trim(),
+    )
+    .unwrap();
+    assert_eq!(row["metadata"]["source"], "regenerate");
+    assert_eq!(row["chosen"][0]["content"], first.as_str());
+}
