@@ -540,6 +540,14 @@ struct StudyPage<'a> {
     results: Vec<ResultRow>,
     lines: Vec<LinePlot>,
     boxes: Option<BoxPlot>,
+    tasks: Vec<TaskRow>,
+    engines: Vec<EngineStatus>,
+}
+
+/// A task of the protocol, with how often each topic was drawn.
+struct TaskRow {
+    kind: String,
+    topics: Vec<(String, i64)>,
 }
 
 /// The export files offered for download.
@@ -578,16 +586,34 @@ async fn show_study(req: HttpRequest, state: web::Data<AppState>, slug: web::Pat
             let protocol = crate::protocol::Protocol::from_stored(&version.protocol_text)
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
             let per_arm = results::per_arm(conn, version.id, &protocol)?;
+            let drawn = db::assignments::task_counts(conn, version.id)?;
+            let tasks = protocol
+                .tasks
+                .iter()
+                .map(|t| TaskRow {
+                    kind: t.kind.clone(),
+                    topics: t
+                        .topics
+                        .iter()
+                        .map(|p| {
+                            let n = drawn
+                                .iter()
+                                .find(|(task, topic, _)| *task == t.id && *topic == p.id);
+                            (p.title.clone(), n.map_or(0, |(_, _, n)| *n))
+                        })
+                        .collect(),
+                })
+                .collect();
             Ok((
                 study,
                 version,
                 arms,
                 sessions,
-                result_views(&per_arm, &protocol),
+                (result_views(&per_arm, &protocol), tasks),
             ))
         })
         .await?;
-    let (result_headers, results, lines, boxes) = views;
+    let ((result_headers, results, lines, boxes), tasks) = views;
     let response = render(&StudyPage {
         who: &who.name,
         csrf: &token,
@@ -601,6 +627,8 @@ async fn show_study(req: HttpRequest, state: web::Data<AppState>, slug: web::Pat
         results,
         lines,
         boxes,
+        tasks,
+        engines: state.engines.statuses(),
     })?;
     with_cookie(response, cookie)
 }

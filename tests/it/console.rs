@@ -208,6 +208,12 @@ async fn console_pages_show_the_study(db: TestDb) {
     let study = client.get("/console/studies/quick-pilot").await;
     assert_eq!(study.status, 200);
     assert!(study.body.contains("proactive") && study.body.contains(&session));
+    assert!(
+        study.body.contains("A thank-you note to a neighbour")
+            || study.body.contains("Moving a team meeting"),
+        "tasks are listed"
+    );
+    assert!(study.body.contains("Tokens/s"), "engine health is shown");
     let detail = client.get(&format!("/console/sessions/{session}")).await;
     assert_eq!(detail.status, 200);
     assert!(
