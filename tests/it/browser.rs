@@ -100,6 +100,18 @@ async fn wait_for(client: &Client, condition: &str) {
     }
 }
 
+/// Opens the study link, agrees to the consent and waits for the workspace to connect.
+async fn consent(client: &Client, url: &str) {
+    client.goto(url).await.unwrap();
+    wait_for(client, "document.getElementById('agree')").await;
+    click(client, "#agree").await;
+    wait_for(
+        client,
+        "document.getElementById('connection')?.textContent === 'Connected'",
+    )
+    .await;
+}
+
 async fn click(client: &Client, css: &str) {
     client
         .find(Locator::Css(css))
@@ -147,15 +159,9 @@ async fn a_participant_completes_the_study_in_chromium() {
     let driver = Driver::start();
     let profile = tempfile::tempdir().unwrap();
     let client = chromium(&driver, profile.path()).await;
-    client
-        .goto(&server.url("/s/doc-cocreation?PROLIFIC_PID=browser-1&STUDY_ID=s&SESSION_ID=x"))
-        .await
-        .unwrap();
-    wait_for(&client, "document.getElementById('agree')").await;
-    click(&client, "#agree").await;
-    wait_for(
+    consent(
         &client,
-        "document.getElementById('connection')?.textContent === 'Connected'",
+        &server.url("/s/doc-cocreation?PROLIFIC_PID=browser-1&STUDY_ID=s&SESSION_ID=x"),
     )
     .await;
     wait_for(
@@ -319,15 +325,9 @@ async fn a_participant_picks_between_two_replies_in_chromium() {
     let driver = Driver::start();
     let profile = tempfile::tempdir().unwrap();
     let client = chromium(&driver, profile.path()).await;
-    client
-        .goto(&server.url("/s/quick-pilot?PROLIFIC_PID=browser-compare"))
-        .await
-        .unwrap();
-    wait_for(&client, "document.getElementById('agree')").await;
-    click(&client, "#agree").await;
-    wait_for(
+    consent(
         &client,
-        "document.getElementById('connection')?.textContent === 'Connected'",
+        &server.url("/s/quick-pilot?PROLIFIC_PID=browser-compare"),
     )
     .await;
     let input = client.find(Locator::Id("input")).await.unwrap();
