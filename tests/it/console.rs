@@ -337,15 +337,7 @@ async fn console_pages_show_the_study(db: TestDb) {
     assert_eq!(client.get("/console").await.status, 303, "logged out");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn console_pages_show_the_study_on_sqlite() {
-    console_pages_show_the_study(TestDb::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn console_pages_show_the_study_on_postgres() {
-    console_pages_show_the_study(TestDb::postgres()).await;
-}
+crate::on_both_backends_async!(console_pages_show_the_study);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn login_needs_the_csrf_token_too() {

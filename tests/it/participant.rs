@@ -263,15 +263,7 @@ fn pilot_with(state: &AppState, change: impl Fn(String) -> String) {
     db::studies::import(&mut state.pool.get().unwrap(), &loaded).unwrap();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_whole_session_from_consent_to_completion_code_on_sqlite() {
-    a_whole_session_from_consent_to_completion_code(TestDb::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_whole_session_from_consent_to_completion_code_on_postgres() {
-    a_whole_session_from_consent_to_completion_code(TestDb::postgres()).await;
-}
+crate::on_both_backends_async!(a_whole_session_from_consent_to_completion_code);
 
 async fn a_whole_session_from_consent_to_completion_code(db: TestDb) {
     let state = state_with_model(&db);
@@ -460,15 +452,7 @@ async fn a_reply_interrupted_by_a_reconnect_completes_and_is_shown() {
     assert!(!s.messages[1].content.is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_resent_frame_is_applied_once_on_sqlite() {
-    a_resent_frame_is_applied_once(TestDb::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_resent_frame_is_applied_once_on_postgres() {
-    a_resent_frame_is_applied_once(TestDb::postgres()).await;
-}
+crate::on_both_backends_async!(a_resent_frame_is_applied_once);
 
 async fn a_resent_frame_is_applied_once(db: TestDb) {
     let state = state_with_model(&db);
@@ -897,15 +881,7 @@ async fn a_killed_server_loses_nothing_that_was_acknowledged() {
     server.kill();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn idle_sessions_end_with_the_timed_out_code_on_sqlite() {
-    idle_sessions_end_with_the_timed_out_code(TestDb::sqlite()).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn idle_sessions_end_with_the_timed_out_code_on_postgres() {
-    idle_sessions_end_with_the_timed_out_code(TestDb::postgres()).await;
-}
+crate::on_both_backends_async!(idle_sessions_end_with_the_timed_out_code);
 
 async fn idle_sessions_end_with_the_timed_out_code(db: TestDb) {
     let state = state_with_model(&db);

@@ -99,6 +99,23 @@ macro_rules! on_both_backends {
     };
 }
 
+/// Runs an async test body `async fn $name(db: TestDb)` on SQLite and on PostgreSQL.
+#[macro_export]
+macro_rules! on_both_backends_async {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread")]
+            async fn sqlite() {
+                super::$name($crate::common::TestDb::sqlite()).await;
+            }
+            #[tokio::test(flavor = "multi_thread")]
+            async fn postgres() {
+                super::$name($crate::common::TestDb::postgres()).await;
+            }
+        }
+    };
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
