@@ -408,6 +408,9 @@ function showRatings(ratings) {
   submit.onclick = () => {
     for (const r of ratings) send({ type: "rating", key: r.key, value: picked[r.key] });
     el("rating").hidden = true;
+    // The server applies frames in order, so a message sent now comes after the ratings.
+    state.phase = "chatting";
+    renderStatus();
   };
   el("rating").hidden = false;
 }
