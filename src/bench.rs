@@ -1,4 +1,4 @@
-//! `collabllm bench engine`: throughput and latency of the engine against a naive baseline
+//! `collabllm bench engine` and `bench mr`: throughput and latency of the engine against a naive baseline
 //! measured in the same run (one request at a time, the whole prompt recomputed every turn), so
 //! the printed ratios do not depend on the machine.
 
@@ -8,7 +8,14 @@ use futures_util::future::join_all;
 use indicatif::ProgressBar;
 use serde::Serialize;
 
-use crate::engine::{ChatMessage, ChatRequest, Completion, Engine, EngineError, Role, Sampling};
+use std::path::Path;
+
+use crate::collab::reward::{rollouts, Candidate, RolloutKey, Scene};
+use crate::collab::{start_policy, CollabError, Goal, Roles, Task};
+use crate::engine::{
+    ChatMessage, ChatRequest, Completion, Engine, EngineError, Engines, Role, Sampling,
+};
+use crate::protocol::LoadedProtocol;
 
 #[derive(Debug, Clone)]
 pub struct EngineBenchOptions {
@@ -303,4 +310,113 @@ pub fn peak_rss_of(mut command: std::process::Command) -> std::io::Result<(bool,
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+}
+
+/// `collabllm bench mr`: one turn's multiturn-aware rewards (K candidates × S rollouts × w turn
+/// pairs) with every rollout in flight at once, against the same rollouts (same seeds, so the
+/// same work) run one after another. Each mode runs on engines of its own, so neither starts with
+/// the other's cache.
+pub async fn mr_bench(
+    loaded: &LoadedProtocol,
+    models_dir: &Path,
+    candidates: u32,
+    samples: u32,
+    window: u32,
+) -> Result<String, CollabError> {
+    let p = &loaded.protocol;
+    let slots = candidates * samples;
+    let arm = p
+        .arms
+        .first()
+        .ok_or_else(|| CollabError::Invalid("the protocol has no arms".into()))?;
+    let (task_spec, topic) = p
+        .tasks
+        .first()
+        .and_then(|t| t.topics.first().map(|topic| (t, topic)))
+        .ok_or_else(|| CollabError::Invalid("the protocol has no task with a topic".into()))?;
+    let task = Task::of(task_spec, topic);
+    let goal = Goal {
+        intent: topic.hidden_intent.clone(),
+        document: String::new(),
+    };
+    let context = vec![ChatMessage::new(
+        Role::User,
+        format!("hi, can you help me with a {}? {}", task.kind, task.title),
+    )];
+    let keys: Vec<RolloutKey> = (0..candidates as usize)
+        .flat_map(|candidate| {
+            (0..samples as usize).map(move |sample| RolloutKey {
+                base_seed: 7,
+                context: "bench".into(),
+                candidate,
+                sample,
+            })
+        })
+        .collect();
+    let mut timings = Vec::new();
+    for batched in [true, false] {
+        let engines = Engines::new();
+        let roles = Roles::start(&engines, p, &loaded.source, models_dir, slots)?;
+        let policy = start_policy(&engines, p, arm, models_dir, slots)?;
+        let mut replies = Vec::new();
+        for k in 0..candidates {
+            let mut sampling = arm.sampling.clone();
+            sampling.seed = Some(1000 + k);
+            let c = policy
+                .engine
+                .start(crate::collab::request(policy.messages(&context), sampling))
+                .map_err(|e| CollabError::Engine("policy".into(), e))?
+                .finish()
+                .await
+                .map_err(|e| CollabError::Engine("policy".into(), e))?;
+            replies.push(Candidate {
+                text: c.text,
+                tokens: c.generated_tokens,
+            });
+        }
+        let scene = Scene {
+            roles: &roles,
+            policy: &policy,
+            task: &task,
+            goal: &goal,
+            context: &context,
+        };
+        let started = Instant::now();
+        let groups: Vec<&[RolloutKey]> = if batched {
+            vec![&keys]
+        } else {
+            keys.chunks(1).collect()
+        };
+        for group in groups {
+            for r in rollouts(&scene, &replies, group, window).await {
+                r?;
+            }
+        }
+        let statuses = engines.statuses();
+        let generated: u64 = statuses.iter().map(|s| s.generated_tokens).sum();
+        let prompt: u64 = statuses.iter().map(|s| s.prompt_tokens_processed).sum();
+        timings.push((started.elapsed().as_secs_f64(), generated, prompt));
+    }
+    let ((batched, gen_b, prompt_b), (sequential, gen_s, prompt_s)) = (timings[0], timings[1]);
+    let n = keys.len() as f64;
+    Ok(format!(
+        "one turn's MRs: {candidates} candidates x {samples} rollouts x {window} turn pairs = {} rollouts ({} threads)\n\
+         {:<12} {:>8.1} s {:>8.1} rollouts/min {:>8} tokens generated {:>8} prompt tokens\n\
+         {:<12} {:>8.1} s {:>8.1} rollouts/min {:>8} tokens generated {:>8} prompt tokens\n\
+         batched vs one after another: {:.2}x faster, {:.2}x the generated tokens per second (target >= 1.6x)",
+        keys.len(),
+        crate::engine::llama::thread_count(),
+        "batched",
+        batched,
+        n * 60.0 / batched,
+        gen_b,
+        prompt_b,
+        "sequential",
+        sequential,
+        n * 60.0 / sequential,
+        gen_s,
+        prompt_s,
+        sequential / batched,
+        (gen_b as f64 / batched) / (gen_s as f64 / sequential).max(f64::MIN_POSITIVE)
+    ))
 }

@@ -4,6 +4,7 @@
 //! Dependencies flow one way: `web` → `study` / `export` / `results` → `db` / `engine` / `protocol`.
 
 pub mod bench;
+pub mod collab;
 pub mod config;
 pub mod db;
 pub mod engine;

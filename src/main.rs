@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use collabllm::bench::{self, EngineBenchOptions};
+use collabllm::collab;
 use collabllm::config::{ServeSettings, Settings, EXAMPLE_PROTOCOL, EXAMPLE_PROTOCOL_PATH};
 use collabllm::db::{self, studies::ImportOutcome};
 use collabllm::engine::llama::{self, LlamaEngine, WorkerConfig};
@@ -60,9 +61,117 @@ enum Command {
     /// Export a study's data for analysis.
     #[command(subcommand)]
     Export(ExportCommand),
+    /// Run simulated participants through a study (assignment, websocket session, ratings),
+    /// stored flagged `simulated`: a pilot before paying anyone.
+    Simulate {
+        /// Protocol file of the study; imported first (a changed file becomes a new version).
+        #[arg(long, env = "COLLABLLM_PROTOCOL", default_value = EXAMPLE_PROTOCOL_PATH)]
+        protocol: PathBuf,
+        /// Put every simulated participant in this arm instead of drawing one.
+        #[arg(long)]
+        arm: Option<String>,
+        /// Simulated participants to run.
+        #[arg(long, default_value_t = 1)]
+        n: usize,
+        /// Participants in flight at once (their model calls are batched together).
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Base of every seed the simulator uses.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+    /// Preference pairs scored with the multiturn-aware reward: for each assistant turn of the
+    /// chosen sessions, the reply given and K-1 fresh candidates are rolled forward with the user
+    /// simulator and scored; highest vs lowest MR, as JSONL in TRL's conversational DPO format.
+    /// Rollouts are stored as they finish: run the same command again to resume.
+    Pairs {
+        /// Study slug.
+        #[arg(long)]
+        study: String,
+        /// Which sessions to score.
+        #[arg(long, value_enum, default_value_t = SessionsArg::All)]
+        sessions: SessionsArg,
+        /// Replies compared per turn, the one given included (K >= 2; default: the protocol's
+        /// [collab] candidates, 2).
+        #[arg(long)]
+        candidates: Option<u32>,
+        /// Rollouts per candidate (S; default: the protocol's, 3).
+        #[arg(long)]
+        samples: Option<u32>,
+        /// Turn pairs each rollout runs (w; default: the protocol's, 2).
+        #[arg(long)]
+        window: Option<u32>,
+        /// Smallest MR gap for a pair (default: the protocol's, 0.02).
+        #[arg(long)]
+        margin: Option<f64>,
+        /// Base of every seed of the run (same seed, same build: same pairs).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// JSONL file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Grow multi-turn conversations from single-turn tasks (JSONL lines with "prompt" and
+    /// "reference"), keeping the best-MR candidate each turn; one row per candidate.
+    Synth {
+        /// JSONL file of tasks: {"prompt": …, "reference": …, "id"?: …, "kind"?: …} per line.
+        #[arg(long)]
+        tasks: PathBuf,
+        /// Conversations to grow (tasks are reused in order when there are fewer).
+        #[arg(long)]
+        n: usize,
+        /// JSONL file of candidate rows to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Also write DPO pairs (highest vs lowest MR of each turn) to this JSONL file.
+        #[arg(long)]
+        pairs_out: Option<PathBuf>,
+        /// Protocol whose policy, simulator, judge and [collab] settings are used.
+        #[arg(long, env = "COLLABLLM_PROTOCOL", default_value = EXAMPLE_PROTOCOL_PATH)]
+        protocol: PathBuf,
+        /// Arm whose policy writes the candidates (default: the protocol's first arm).
+        #[arg(long)]
+        arm: Option<String>,
+        /// Assistant turns per conversation at most (default: the protocol's [collab] max_turns).
+        #[arg(long)]
+        turns: Option<u32>,
+        /// Candidates per turn (default: the protocol's).
+        #[arg(long)]
+        candidates: Option<u32>,
+        /// Rollouts per candidate (default: the protocol's).
+        #[arg(long)]
+        samples: Option<u32>,
+        /// Turn pairs per rollout (default: the protocol's).
+        #[arg(long)]
+        window: Option<u32>,
+        /// Base of every seed of the run.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Measure performance against a baseline run in the same process.
     #[command(subcommand)]
     Bench(BenchCommand),
+}
+
+/// Which sessions `pairs` scores.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SessionsArg {
+    /// Sessions of people only.
+    Human,
+    /// Simulated participants only.
+    Simulated,
+    /// Both.
+    All,
+}
+
+impl From<SessionsArg> for collab::pairs::SessionKind {
+    fn from(s: SessionsArg) -> Self {
+        match s {
+            SessionsArg::Human => Self::Human,
+            SessionsArg::Simulated => Self::Simulated,
+            SessionsArg::All => Self::All,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -98,6 +207,9 @@ enum ExportCommand {
         /// Only sessions that were completed.
         #[arg(long)]
         completed_only: bool,
+        /// Which participants' sessions: people, simulated ones, or all.
+        #[arg(long, value_enum, default_value_t = SessionsArg::All)]
+        sessions: SessionsArg,
     },
     /// Preference pairs from the participants' own signals, as JSONL for TRL's DPOTrainer
     /// (`train.jsonl`, `eval.jsonl`; ties as KTO rows in `kto_train.jsonl`, `kto_eval.jsonl`; split
@@ -140,6 +252,22 @@ enum BenchCommand {
         /// Messages per session.
         #[arg(long, default_value_t = 100)]
         messages: usize,
+    },
+    /// Time of one turn's multiturn-aware rewards (2 candidates, S=3, w=2) with every rollout in
+    /// one batch vs the same rollouts one after another, and rollouts per minute.
+    Mr {
+        /// Protocol whose first arm, simulator and judge are measured.
+        #[arg(long, default_value = EXAMPLE_PROTOCOL_PATH)]
+        protocol: PathBuf,
+        /// Candidates of the turn.
+        #[arg(long, default_value_t = 2)]
+        candidates: u32,
+        /// Rollouts per candidate.
+        #[arg(long, default_value_t = 3)]
+        samples: u32,
+        /// Turn pairs per rollout.
+        #[arg(long, default_value_t = 2)]
+        window: u32,
     },
     /// Engine throughput and time to first token vs one-at-a-time without prefix reuse.
     Engine {
@@ -273,12 +401,18 @@ fn run(cli: Cli) -> Result<()> {
             from,
             to,
             completed_only,
+            sessions,
         }) => {
             let filter = export::Filter {
                 arm,
                 from,
                 to,
                 completed_only,
+                simulated: match sessions {
+                    SessionsArg::Human => Some(false),
+                    SessionsArg::Simulated => Some(true),
+                    SessionsArg::All => None,
+                },
             };
             let mut conn = db::connect(&settings.database_url)?;
             db::migrate(&mut conn)?;
@@ -333,6 +467,154 @@ fn run(cli: Cli) -> Result<()> {
             println!("{} ({count} sessions)", out.display());
             Ok(())
         }
+        Command::Simulate {
+            protocol,
+            arm,
+            n,
+            concurrency,
+            seed,
+        } => run_simulate(&settings, &protocol, arm, n, concurrency, seed),
+        Command::Pairs {
+            study,
+            sessions,
+            candidates,
+            samples,
+            window,
+            margin,
+            seed,
+            out,
+        } => {
+            if candidates.is_some_and(|k| k < 2) {
+                bail!("--candidates must be at least 2: the reply given and a fresh one");
+            }
+            if samples == Some(0) || window == Some(0) {
+                bail!("--samples and --window must be at least 1");
+            }
+            if margin.is_some_and(|m| !(m.is_finite() && m >= 0.0)) {
+                bail!("--margin must be a number of 0 or more");
+            }
+            let options = collab::pairs::PairsOptions {
+                study,
+                sessions: sessions.into(),
+                candidates,
+                samples,
+                window,
+                margin,
+                seed,
+                models_dir: settings.models_dir.clone(),
+            };
+            let pool = db::open(&settings.database_url, settings.db_connections)?;
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let _guard = runtime.enter();
+            let bar = progress_bar("scoring turns");
+            let summary = runtime.block_on(collab::pairs::run(
+                &pool,
+                &Engines::new(),
+                &options,
+                &out,
+                &|done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                },
+            ))?;
+            bar.finish_and_clear();
+            println!(
+                "{}: {} pairs from {} turns ({} scored, {} skipped; {} rollouts run, {} reused from an earlier run)",
+                out.display(),
+                summary.pairs,
+                summary.turns,
+                summary.scored,
+                summary.skipped,
+                summary.rollouts_run,
+                summary.rollouts_reused
+            );
+            Ok(())
+        }
+        Command::Synth {
+            tasks,
+            n,
+            out,
+            pairs_out,
+            protocol,
+            arm,
+            turns,
+            candidates,
+            samples,
+            window,
+            seed,
+        } => {
+            let loaded = load_protocol(&protocol, &settings.models_dir)?;
+            let tasks = collab::synth::read_tasks(&tasks)?;
+            let p = &loaded.protocol;
+            let arm = match arm {
+                Some(id) => p
+                    .arm(&id)
+                    .with_context(|| format!("the protocol has no arm {id:?}"))?,
+                None => p.arms.first().context("the protocol has no arms")?,
+            };
+            let c = &p.collab;
+            let options = collab::synth::SynthOptions {
+                conversations: n,
+                turns: turns.unwrap_or(c.max_turns).max(1),
+                candidates: candidates.unwrap_or(c.candidates).max(2),
+                samples: samples.unwrap_or(c.samples).max(1),
+                window: window.unwrap_or(c.window).max(1),
+                margin: c.margin,
+                seed,
+            };
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let _guard = runtime.enter();
+            let engines = Engines::new();
+            let slots = options.candidates * options.samples;
+            let roles =
+                collab::Roles::start(&engines, p, &loaded.source, &settings.models_dir, slots)?;
+            let policy = collab::start_policy(&engines, p, arm, &settings.models_dir, slots)?;
+            let bar = progress_bar("growing conversations");
+            let summary = runtime.block_on(collab::synth::run(
+                &roles,
+                &policy,
+                &tasks,
+                &options,
+                &out,
+                pairs_out.as_deref(),
+                &|done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                },
+            ))?;
+            bar.finish_and_clear();
+            println!(
+                "{}: {} candidate rows from {} conversations ({} pairs, {} turns failed)",
+                out.display(),
+                summary.rows,
+                summary.conversations,
+                summary.pairs,
+                summary.failed_turns
+            );
+            Ok(())
+        }
+        Command::Bench(BenchCommand::Mr {
+            protocol,
+            candidates,
+            samples,
+            window,
+        }) => {
+            let loaded = load_protocol(&protocol, &settings.models_dir)?;
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let _guard = runtime.enter();
+            let report = runtime.block_on(bench::mr_bench(
+                &loaded,
+                &settings.models_dir,
+                candidates.max(1),
+                samples.max(1),
+                window.max(1),
+            ))?;
+            println!("{report}");
+            Ok(())
+        }
         Command::Bench(BenchCommand::Export { sessions, messages }) => {
             run_export_bench(sessions, messages)
         }
@@ -361,6 +643,82 @@ fn run(cli: Cli) -> Result<()> {
             )
         }
     }
+}
+
+/// A progress bar with a count and the time left.
+fn progress_bar(what: &str) -> ProgressBar {
+    ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:40}} {{pos}}/{{len}} ({{elapsed}} so far, {{eta}} left)"
+        ))
+        .expect("static template"),
+    )
+}
+
+fn run_simulate(
+    settings: &Settings,
+    protocol: &Path,
+    arm: Option<String>,
+    n: usize,
+    concurrency: usize,
+    seed: u64,
+) -> Result<()> {
+    let loaded = load_protocol(protocol, &settings.models_dir)?;
+    let pool = db::open(&settings.database_url, settings.db_connections)?;
+    report_import(&db::studies::import(
+        &mut *pool.get().context("cannot get a database connection")?,
+        &loaded,
+    )?);
+    let engines = Engines::new();
+    engines
+        .load_protocol(&loaded.protocol, &settings.models_dir)
+        .with_context(|| format!("cannot start the models of {}", protocol.display()))?;
+    let state = AppState::new(pool, engines, settings.models_dir.clone())?;
+    let options = collab::simulate::SimulateOptions {
+        study: loaded.protocol.study.slug.clone(),
+        arm,
+        participants: n,
+        concurrency,
+        seed,
+        models_dir: settings.models_dir.clone(),
+    };
+    let bar = progress_bar("simulated participants");
+    let summary = actix_web::rt::System::new().block_on(async {
+        // The participants use the same websocket path as people, on a server of their own.
+        let (addr, server) = web::bind_local(state.clone())?;
+        let handle = server.handle();
+        actix_web::rt::spawn(server);
+        let result = collab::simulate::run(
+            &state.studio,
+            &state.pool,
+            &state.engines,
+            &format!("ws://{addr}"),
+            &options,
+            &|done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            },
+        )
+        .await;
+        handle.stop(true).await;
+        anyhow::Ok(result?)
+    })?;
+    bar.finish_and_clear();
+    for session in &summary.completed {
+        println!("completed simulated session {session}");
+    }
+    for failure in &summary.failed {
+        eprintln!("failed: {failure}");
+    }
+    println!(
+        "{} of {n} simulated participants completed study {}",
+        summary.completed.len(),
+        options.study
+    );
+    if summary.completed.is_empty() && n > 0 {
+        bail!("no simulated participant completed the study");
+    }
+    Ok(())
 }
 
 fn run_export_bench(sessions: usize, messages: usize) -> Result<()> {

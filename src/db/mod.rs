@@ -16,6 +16,7 @@ pub mod ratings;
 pub mod researchers;
 pub mod revisions;
 pub mod rewards;
+pub mod rollouts;
 pub mod schema;
 pub mod secrets;
 pub mod sessions;

@@ -232,6 +232,7 @@ pub struct Reward {
     pub mr_std: f64,
     pub components_json: String,
     pub created_at: NaiveDateTime,
+    pub config_sha256: String,
 }
 
 #[derive(Debug, Clone, Insertable)]
@@ -243,6 +244,38 @@ pub struct NewReward<'a> {
     pub mr: f64,
     pub mr_std: f64,
     pub components_json: &'a str,
+    pub created_at: NaiveDateTime,
+    pub config_sha256: &'a str,
+}
+
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = rollouts)]
+pub struct Rollout {
+    pub id: i64,
+    pub session_id: i64,
+    pub turn: i32,
+    pub candidate_id: Option<i64>,
+    pub sample: i32,
+    pub config_sha256: String,
+    pub seed: i64,
+    pub conversation_json: String,
+    pub metrics_json: String,
+    pub score: f64,
+    pub created_at: NaiveDateTime,
+}
+
+#[derive(Debug, Clone, Insertable)]
+#[diesel(table_name = rollouts)]
+pub struct NewRollout<'a> {
+    pub session_id: i64,
+    pub turn: i32,
+    pub candidate_id: Option<i64>,
+    pub sample: i32,
+    pub config_sha256: &'a str,
+    pub seed: i64,
+    pub conversation_json: &'a str,
+    pub metrics_json: &'a str,
+    pub score: f64,
     pub created_at: NaiveDateTime,
 }
 

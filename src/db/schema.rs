@@ -185,6 +185,23 @@ diesel::table! {
         mr_std -> Double,
         components_json -> Text,
         created_at -> Timestamp,
+        config_sha256 -> Text,
+    }
+}
+
+diesel::table! {
+    rollouts (id) {
+        id -> BigInt,
+        session_id -> BigInt,
+        turn -> Integer,
+        candidate_id -> Nullable<BigInt>,
+        sample -> Integer,
+        config_sha256 -> Text,
+        seed -> BigInt,
+        conversation_json -> Text,
+        metrics_json -> Text,
+        score -> Double,
+        created_at -> Timestamp,
     }
 }
 
@@ -222,6 +239,8 @@ diesel::joinable!(assignments -> participants (participant_id));
 diesel::joinable!(assignments -> arms (arm_id));
 diesel::joinable!(rewards -> sessions (session_id));
 diesel::joinable!(rewards -> candidates (candidate_id));
+diesel::joinable!(rollouts -> sessions (session_id));
+diesel::joinable!(rollouts -> candidates (candidate_id));
 diesel::joinable!(preference_pairs -> studies (study_id));
 diesel::joinable!(preference_pairs -> sessions (session_id));
 
@@ -241,5 +260,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     events,
     assignments,
     rewards,
+    rollouts,
     preference_pairs,
 );

@@ -74,6 +74,11 @@ pub struct ChatRequest {
     /// Generate `max_tokens` even past end-of-generation tokens (benchmarks).
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Compute the whole prompt afresh, so the reply does not depend on what a slot cached
+    /// before: same seed, same text, whatever ran earlier. The CollabLLM core asks for this;
+    /// chats prefer prefix reuse.
+    #[serde(default)]
+    pub reproducible: bool,
 }
 
 impl ChatRequest {
@@ -92,6 +97,7 @@ impl ChatRequest {
             constraint: None,
             conversation: None,
             ignore_eos: false,
+            reproducible: false,
         }
     }
 }
@@ -250,6 +256,13 @@ pub struct EngineStatus {
 pub trait Engine: Send + Sync {
     /// Queues a request. Errors found before queueing come back here; later ones as events.
     fn start(&self, request: ChatRequest) -> Result<Generation, EngineError>;
+
+    /// Queues several requests at once. A local engine admits them in the same step and in this
+    /// order, so a group of reproducible requests meets the same batches on every run (llama.cpp's
+    /// logits depend, in the last bits, on what else is in the batch).
+    fn start_group(&self, requests: Vec<ChatRequest>) -> Vec<Result<Generation, EngineError>> {
+        requests.into_iter().map(|r| self.start(r)).collect()
+    }
 
     fn status(&self) -> EngineStatus;
 

@@ -16,8 +16,6 @@ use super::{
 use crate::protocol::ModelSpec;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// Longest silence between two streamed chunks before the request counts as failed.
-const CHUNK_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub struct RemoteEngine {
     endpoint: String,
@@ -26,6 +24,8 @@ pub struct RemoteEngine {
     client: reqwest::Client,
     runtime: tokio::runtime::Handle,
     counters: Arc<Counters>,
+    /// Longest wait for the response or between two streamed chunks.
+    timeout: Duration,
 }
 
 #[derive(Default)]
@@ -58,7 +58,16 @@ impl RemoteEngine {
             client,
             runtime,
             counters: Arc::default(),
+            timeout: Duration::from_secs(u64::from(
+                crate::protocol::DEFAULT_REMOTE_TIMEOUT_SECONDS,
+            )),
         })
+    }
+
+    /// Sets how long the server may stay silent (before its response or between two chunks).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
     }
 
     pub fn from_spec(spec: &ModelSpec) -> Result<Self, EngineError> {
@@ -71,7 +80,8 @@ impl RemoteEngine {
             None => None,
         };
         let model = spec.remote_model.as_deref().unwrap_or(&spec.id);
-        Self::new(endpoint, model, api_key)
+        Ok(Self::new(endpoint, model, api_key)?
+            .with_timeout(Duration::from_secs(u64::from(spec.timeout_seconds.max(1)))))
     }
 
     fn body(&self, request: &ChatRequest, seed: u32) -> Value {
@@ -125,11 +135,12 @@ impl Engine for RemoteEngine {
         }
         let endpoint = self.endpoint.clone();
         let counters = self.counters.clone();
+        let timeout = self.timeout;
         counters.queued.fetch_add(1, Ordering::Relaxed);
         self.runtime.spawn(async move {
             counters.queued.fetch_sub(1, Ordering::Relaxed);
             counters.active.fetch_add(1, Ordering::Relaxed);
-            let result = stream(http, &events, &flag, &counters, seed).await;
+            let result = stream(http, &events, &flag, &counters, seed, timeout).await;
             counters.active.fetch_sub(1, Ordering::Relaxed);
             let event = match result {
                 Ok(c) => EngineEvent::Done(c),
@@ -167,11 +178,12 @@ async fn stream(
     cancel: &AtomicBool,
     counters: &Counters,
     seed: u32,
+    timeout: Duration,
 ) -> Result<Completion, String> {
     let started = Instant::now();
-    let response = http
-        .send()
+    let response = tokio::time::timeout(timeout, http.send())
         .await
+        .map_err(|_| format!("no response within {} s", timeout.as_secs()))?
         .map_err(|e| format!("request failed: {e}"))?;
     let status = response.status();
     if !status.is_success() {
@@ -193,8 +205,8 @@ async fn stream(
             finish = Some(FinishReason::Cancelled);
             break;
         }
-        let chunk = match tokio::time::timeout(CHUNK_TIMEOUT, body.next()).await {
-            Err(_) => return Err(format!("no data for {} s", CHUNK_TIMEOUT.as_secs())),
+        let chunk = match tokio::time::timeout(timeout, body.next()).await {
+            Err(_) => return Err(format!("no data for {} s", timeout.as_secs())),
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(format!("stream broke: {e}")),
             Ok(Some(Ok(bytes))) => bytes,

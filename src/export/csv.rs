@@ -275,7 +275,8 @@ pub fn export(
     let mut answers: BTreeSet<String> = BTreeSet::new();
     let mut total = 0u64;
     for_each_session(conn, &version_ids, |conn, s| {
-        if !filter.admits(s, arm_of(s).as_deref()) {
+        let simulated = db::participants::get(conn, s.participant_id)?.simulated;
+        if !filter.admits(s, arm_of(s).as_deref(), simulated) {
             return Ok(());
         }
         total += 1;
@@ -418,11 +419,11 @@ pub fn export(
     let mut done = 0u64;
     for_each_session(conn, &version_ids, |conn, s| {
         let arm = arm_of(s);
-        if !filter.admits(s, arm.as_deref()) {
+        let participant = db::participants::get(conn, s.participant_id)?;
+        if !filter.admits(s, arm.as_deref(), participant.simulated) {
             return Ok(());
         }
         let version = &versions[&s.study_version_id];
-        let participant = db::participants::get(conn, s.participant_id)?;
         let who = [
             s.public_id.clone(),
             participant.pseudonym.clone(),

@@ -77,15 +77,18 @@ pub struct Filter {
     pub to: Option<NaiveDate>,
     /// Only sessions that ended with the `completed` outcome.
     pub completed_only: bool,
+    /// Only simulated participants (`Some(true)`) or only people (`Some(false)`).
+    pub simulated: Option<bool>,
 }
 
 impl Filter {
-    fn admits(&self, session: &Session, arm_name: Option<&str>) -> bool {
+    fn admits(&self, session: &Session, arm_name: Option<&str>, simulated: bool) -> bool {
         let day = session.started_at.date();
         self.arm.as_deref().is_none_or(|a| arm_name == Some(a))
             && self.from.is_none_or(|from| day >= from)
             && self.to.is_none_or(|to| day <= to)
             && (!self.completed_only || session.outcome.as_deref() == Some("completed"))
+            && self.simulated.is_none_or(|wanted| wanted == simulated)
     }
 }
 

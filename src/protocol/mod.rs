@@ -31,6 +31,9 @@ pub struct Protocol {
     #[serde(default)]
     pub questionnaire: Vec<QuestionSpec>,
     pub outcomes: Outcomes,
+    /// How the CollabLLM core simulates participants and scores replies.
+    #[serde(default)]
+    pub collab: CollabSpec,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -114,10 +117,21 @@ pub struct ModelSpec {
     pub remote_model: Option<String>,
     /// Environment variable holding the bearer token for `endpoint`.
     pub api_key_env: Option<String>,
+    /// How long `endpoint` may stay silent (before its response or between two streamed chunks)
+    /// before the request fails.
+    #[serde(default = "default_remote_timeout")]
+    pub timeout_seconds: u32,
     #[serde(default = "default_context_tokens")]
     pub context_tokens: u32,
     /// Sequence slots of the worker; default: sized to the protocol.
     pub slots: Option<u32>,
+}
+
+/// Default of [`ModelSpec::timeout_seconds`].
+pub const DEFAULT_REMOTE_TIMEOUT_SECONDS: u32 = 120;
+
+fn default_remote_timeout() -> u32 {
+    DEFAULT_REMOTE_TIMEOUT_SECONDS
 }
 
 fn default_context_tokens() -> u32 {
@@ -252,6 +266,105 @@ pub struct OutcomeSpec {
     pub redirect: Option<String>,
     #[serde(default)]
     pub message: String,
+}
+
+/// The CollabLLM core's settings: who plays the participant and who judges, the multiturn-aware
+/// reward's rollouts and weights, and where the prompts live.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollabSpec {
+    /// Model id (of `[[models]]`) of the user simulator; default: the first arm's model.
+    pub simulator_model: Option<String>,
+    /// Model id of the judge; default: the simulator's model.
+    pub judge_model: Option<String>,
+    /// Folder of prompt files, relative to the protocol file. A file it lacks falls back to the
+    /// built-in prompt of the same name (`study-protocols/prompts/`).
+    pub prompts: Option<PathBuf>,
+    /// Rollouts per candidate reply (S).
+    pub samples: u32,
+    /// Turn pairs (user, assistant) each rollout runs past the candidate (w).
+    pub window: u32,
+    /// Replies compared per turn: the one given and `candidates - 1` fresh ones (K).
+    pub candidates: u32,
+    /// Smallest reward gap between chosen and rejected for a pair to be kept.
+    pub margin: f64,
+    /// Turn cap of a simulated participant (the protocol's `max_turns` caps it too).
+    pub max_turns: u32,
+    /// Longest document (characters) the judge extracts from a conversation.
+    pub max_document_chars: u32,
+    pub weights: RewardWeights,
+    /// Sampling of the simulator (its `max_tokens` is set from the reply's length limits).
+    pub simulator_sampling: Sampling,
+    /// Sampling of the judge.
+    pub judge_sampling: Sampling,
+}
+
+impl Default for CollabSpec {
+    fn default() -> Self {
+        Self {
+            simulator_model: None,
+            judge_model: None,
+            prompts: None,
+            samples: 3,
+            window: 2,
+            candidates: 2,
+            margin: 0.02,
+            max_turns: 10,
+            max_document_chars: 2000,
+            weights: RewardWeights::default(),
+            simulator_sampling: Sampling {
+                temperature: 0.8,
+                ..Sampling::default()
+            },
+            judge_sampling: Sampling {
+                temperature: 0.0,
+                ..Sampling::default()
+            },
+        }
+    }
+}
+
+/// Weights of a rollout's metrics in its score (the paper's defaults for documents).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RewardWeights {
+    /// Sentence BLEU of the final document against the goal (0–1).
+    pub bleu: f64,
+    /// Assistant tokens of the conversation, in thousands.
+    pub tokens: f64,
+    /// The judge's interactivity score (0–1).
+    pub interactivity: f64,
+    /// The judge's document quality, 1–10 mapped to 0–1; 0 skips the judge call.
+    pub quality: f64,
+}
+
+impl Default for RewardWeights {
+    fn default() -> Self {
+        Self {
+            bleu: 1.0,
+            tokens: -0.1,
+            interactivity: 1.0,
+            quality: 0.0,
+        }
+    }
+}
+
+impl Protocol {
+    /// The model ids of the user simulator and the judge.
+    pub fn collab_models(&self) -> (String, String) {
+        let first_arm = self
+            .arms
+            .first()
+            .map(|a| a.model.clone())
+            .unwrap_or_default();
+        let simulator = self.collab.simulator_model.clone().unwrap_or(first_arm);
+        let judge = self
+            .collab
+            .judge_model
+            .clone()
+            .unwrap_or_else(|| simulator.clone());
+        (simulator, judge)
+    }
 }
 
 /// A protocol that passed every check, with the exact text it came from.

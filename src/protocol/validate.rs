@@ -82,6 +82,7 @@ impl Checker<'_> {
         self.arms(p, models_dir);
         self.tasks(p);
         self.ratings(p);
+        self.collab(p);
         if p.session.min_turns == 0 {
             self.report(
                 &[Key("session"), Key("min_turns")],
@@ -337,6 +338,83 @@ impl Checker<'_> {
                     "remove every_turns, or set when = \"periodic\"".into(),
                 ),
                 _ => {}
+            }
+        }
+    }
+
+    fn collab(&mut self, p: &Protocol) {
+        let c = &p.collab;
+        let known: Vec<&str> = p.models.iter().map(|m| m.id.as_str()).collect();
+        for (key, id) in [
+            ("simulator_model", &c.simulator_model),
+            ("judge_model", &c.judge_model),
+        ] {
+            if let Some(id) = id.as_deref().filter(|id| !known.contains(id)) {
+                self.report(
+                    &[Key("collab"), Key(key)],
+                    format!("[collab] {key} {id:?} is not a [[models]] id"),
+                    format!("use one of: {}", known.join(", ")),
+                );
+            }
+        }
+        for (key, value, least) in [
+            ("samples", c.samples, 1),
+            ("window", c.window, 1),
+            ("candidates", c.candidates, 2),
+            ("max_turns", c.max_turns, 1),
+            ("max_document_chars", c.max_document_chars, 1),
+        ] {
+            if value < least {
+                self.report(
+                    &[Key("collab"), Key(key)],
+                    format!("[collab] {key} is {value}"),
+                    format!("set {key} to at least {least}"),
+                );
+            }
+        }
+        if !(c.margin.is_finite() && c.margin >= 0.0) {
+            self.report(
+                &[Key("collab"), Key("margin")],
+                format!("[collab] margin {} is not a non-negative number", c.margin),
+                "use a margin such as 0.02".into(),
+            );
+        }
+        let w = &c.weights;
+        if ![w.bleu, w.tokens, w.interactivity, w.quality]
+            .iter()
+            .all(|x| x.is_finite())
+        {
+            self.report(
+                &[Key("collab"), Key("weights")],
+                "[collab.weights] has a weight that is not a finite number".into(),
+                "use plain numbers such as bleu = 1.0, tokens = -0.1".into(),
+            );
+        }
+        for (key, sampling) in [
+            ("simulator_sampling", &c.simulator_sampling),
+            ("judge_sampling", &c.judge_sampling),
+        ] {
+            if let Err(problem) = sampling.check() {
+                self.report(
+                    &[Key("collab"), Key(key)],
+                    format!("[collab.{key}]: {problem}"),
+                    "correct the sampling setting".into(),
+                );
+            }
+        }
+        if let Some(dir) = &c.prompts {
+            let resolved = self.path.parent().unwrap_or(Path::new(".")).join(dir);
+            if !resolved.is_dir() {
+                self.report(
+                    &[Key("collab"), Key("prompts")],
+                    format!(
+                        "[collab] prompts folder {} does not exist",
+                        resolved.display()
+                    ),
+                    "give a folder relative to the protocol file, or remove `prompts` to use the \
+                     built-in prompts"
+                        .into(),
+                );
             }
         }
     }

@@ -135,8 +135,57 @@ impl Studio {
                     session.id,
                     &sha256_hex(protocol.consent.text.as_bytes()),
                 )?;
-                draw(conn, &protocol, &session)?;
+                draw(conn, &protocol, &session, None)?;
                 Ok(db::sessions::set_state(conn, session.id, state::CHATTING)?)
+            })
+        })
+        .await
+    }
+
+    /// A simulated participant: a new participant flagged `simulated` and a session past consent,
+    /// assigned like anyone (or to `arm` when given, recorded as a forced draw). Returns the
+    /// session and its token for the websocket `hello`. Works whatever the study's status, so a
+    /// paused study can be piloted before it opens.
+    pub async fn enter_simulated(
+        self: &Arc<Self>,
+        slug: String,
+        arm: Option<String>,
+    ) -> Result<(Session, String), StudyError> {
+        let this = self.clone();
+        self.db(move |conn| {
+            write_transaction(conn, |conn| {
+                let study = db::studies::find_by_slug(conn, &slug)?
+                    .ok_or(StudyError::UnknownStudy(slug))?;
+                let version = db::studies::current_version(conn, study.id)?;
+                let protocol = this.protocol(conn, version.id)?;
+                let (participant, _) =
+                    db::participants::find_or_create(conn, study.id, None, true)?;
+                let (token, hash) = new_token();
+                let now = db::now();
+                let public_id = uuid::Uuid::new_v4().to_string();
+                let session = db::sessions::create(
+                    conn,
+                    &NewSession {
+                        public_id: &public_id,
+                        participant_id: participant.id,
+                        study_version_id: version.id,
+                        arm_id: None,
+                        task_id: None,
+                        topic_id: None,
+                        token_hash: &hash,
+                        state: state::CONSENT,
+                        started_at: now,
+                        last_activity_at: now,
+                    },
+                )?;
+                db::sessions::record_consent(
+                    conn,
+                    session.id,
+                    &sha256_hex(protocol.consent.text.as_bytes()),
+                )?;
+                draw(conn, &protocol, &session, arm.as_deref())?;
+                let session = db::sessions::set_state(conn, session.id, state::CHATTING)?;
+                Ok((session, token))
             })
         })
         .await
@@ -178,7 +227,12 @@ fn session_of_token(
 
 /// Draws the session's arm and topic and writes the draw to the ledger. A participant who was
 /// drawn before (under this version) keeps that draw.
-fn draw(conn: &mut DbConn, protocol: &Protocol, session: &Session) -> Result<(), StudyError> {
+fn draw(
+    conn: &mut DbConn,
+    protocol: &Protocol,
+    session: &Session,
+    forced_arm: Option<&str>,
+) -> Result<(), StudyError> {
     let version_id = session.study_version_id;
     if let Some(previous) =
         db::assignments::find_for_participant(conn, version_id, session.participant_id)?
@@ -209,8 +263,26 @@ fn draw(conn: &mut DbConn, protocol: &Protocol, session: &Session) -> Result<(),
         .collect();
     let draws = db::assignments::list_for_version(conn, version_id)?.len() as i64;
     let rules = &protocol.session;
-    let arm = assign::choose_arm(rules.assignment, rules.assignment_seed, draws, &arm_states)
-        .ok_or(StudyError::Full)?;
+    let arm = match forced_arm {
+        Some(name) => {
+            let arm = arms.iter().find(|a| a.name == name).ok_or_else(|| {
+                StudyError::Protocol(format!(
+                    "the study has no arm {name:?}; its arms are: {}",
+                    arms.iter()
+                        .map(|a| a.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            })?;
+            assign::ArmDraw {
+                arm_id: arm.id,
+                method: "forced",
+                inputs: json!({"forced": name}),
+            }
+        }
+        None => assign::choose_arm(rules.assignment, rules.assignment_seed, draws, &arm_states)
+            .ok_or(StudyError::Full)?,
+    };
     let bank: Vec<(String, Vec<String>)> = protocol
         .tasks
         .iter()

@@ -661,7 +661,7 @@ fn study_overview(
         let end = s.finished_at.unwrap_or(now);
         rows.push(SessionRow {
             id: s.public_id.clone(),
-            participant: db::participants::get(conn, s.participant_id)?.pseudonym,
+            participant: participant_label(&db::participants::get(conn, s.participant_id)?),
             arm: arm.map(|a| a.name.clone()).unwrap_or_else(|| "—".into()),
             state: s.state.clone(),
             turns: messages.iter().filter(|m| m.role == "assistant").count(),
@@ -772,6 +772,64 @@ struct SessionPage<'a> {
     ratings: Vec<db::models::Rating>,
     answers: Vec<db::models::Answer>,
     events: Vec<db::models::Event>,
+    rewards: Vec<RewardRow>,
+}
+
+/// A participant's pseudonym, marked when the participant was simulated.
+fn participant_label(p: &db::models::Participant) -> String {
+    if p.simulated {
+        format!("{} (simulated)", p.pseudonym)
+    } else {
+        p.pseudonym.clone()
+    }
+}
+
+/// A multiturn-aware reward of a reply, as `collabllm pairs` stored it.
+struct RewardRow {
+    /// The assistant message whose context was scored.
+    turn: i32,
+    /// "reply given" or the candidate's text.
+    reply: String,
+    mr: String,
+    std: String,
+    bleu: String,
+    interactivity: String,
+    tokens: String,
+    settings: String,
+}
+
+impl RewardRow {
+    fn of(reward: db::models::Reward, candidates: &[db::models::Candidate]) -> Self {
+        let components: serde_json::Value =
+            serde_json::from_str(&reward.components_json).unwrap_or_default();
+        let metric = |key: &str| {
+            components["means"][key]
+                .as_f64()
+                .map_or_else(|| "—".to_string(), |x| format!("{x:.3}"))
+        };
+        let reply = match reward.candidate_id {
+            None => "reply given".to_string(),
+            Some(id) => candidates
+                .iter()
+                .find(|c| c.id == id)
+                .map_or_else(|| format!("candidate {id}"), |c| c.content.clone()),
+        };
+        Self {
+            turn: reward.turn,
+            reply,
+            mr: format!("{:.3}", reward.mr),
+            std: format!("{:.3}", reward.mr_std),
+            bleu: metric("bleu"),
+            interactivity: metric("interactivity"),
+            tokens: metric("tokens_k"),
+            settings: format!(
+                "S={} w={} · {}",
+                components["samples"],
+                components["window"],
+                reward.config_sha256.chars().take(8).collect::<String>()
+            ),
+        }
+    }
 }
 
 #[get("/console/sessions/{id}")]
@@ -789,9 +847,15 @@ async fn show_session(req: HttpRequest, state: web::Data<AppState>, id: web::Pat
                 .into_iter()
                 .find(|a| Some(a.id) == session.arm_id)
                 .map_or_else(|| "—".to_string(), |a| a.name);
+            let participant = db::participants::get(conn, session.participant_id)?;
+            let candidates = db::candidates::list_for_session(conn, session.id)?;
+            let rewards: Vec<RewardRow> = db::rewards::list_for_session(conn, session.id)?
+                .into_iter()
+                .map(|r| RewardRow::of(r, &candidates))
+                .collect();
             Ok((
                 study.slug,
-                db::participants::get(conn, session.participant_id)?.pseudonym,
+                participant_label(&participant),
                 arm,
                 db::messages::list_for_session(conn, session.id)?,
                 db::revisions::list_for_session(conn, session.id)?,
@@ -799,10 +863,11 @@ async fn show_session(req: HttpRequest, state: web::Data<AppState>, id: web::Pat
                 db::answers::list_for_session(conn, session.id)?,
                 db::events::list_for_session(conn, session.id)?,
                 session,
+                rewards,
             ))
         })
         .await?;
-    let (slug, participant, arm, messages, revisions, ratings, answers, events, session) =
+    let (slug, participant, arm, messages, revisions, ratings, answers, events, session, rewards) =
         page_data;
     let history: Vec<(String, String)> = revisions
         .iter()
@@ -832,6 +897,7 @@ async fn show_session(req: HttpRequest, state: web::Data<AppState>, id: web::Pat
         ratings,
         answers,
         events,
+        rewards,
     })
 }
 

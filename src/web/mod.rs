@@ -142,6 +142,19 @@ fn security_headers() -> actix_web::middleware::DefaultHeaders {
         .add(("X-Frame-Options", "DENY"))
 }
 
+/// A server on a free port of 127.0.0.1 for this process's own clients (simulated
+/// participants); the caller runs the returned server.
+pub fn bind_local(
+    state: AppState,
+) -> std::io::Result<(std::net::SocketAddr, actix_web::dev::Server)> {
+    let data = web::Data::new(state);
+    let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
+        .workers(1)
+        .bind(("127.0.0.1", 0))?;
+    let addr = server.addrs()[0];
+    Ok((addr, server.run()))
+}
+
 /// How often idle sessions are looked for and ended as timed out.
 const IDLE_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 

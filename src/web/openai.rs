@@ -133,6 +133,7 @@ impl CompletionRequest {
             constraint: self.constraint()?,
             conversation: self.conversation.clone().or_else(|| self.user.clone()),
             ignore_eos: self.ignore_eos,
+            reproducible: false,
         })
     }
 

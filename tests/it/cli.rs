@@ -38,6 +38,10 @@ fn every_command_explains_itself() {
         vec!["export", "csv", "--help"],
         vec!["export", "json", "--help"],
         vec!["export", "pairs", "--help"],
+        vec!["simulate", "--help"],
+        vec!["pairs", "--help"],
+        vec!["synth", "--help"],
+        vec!["bench", "mr", "--help"],
     ] {
         let out = collabllm(&args);
         assert!(out.status.success(), "{args:?}: {}", text(&out));
@@ -324,4 +328,59 @@ fn user_add_stores_an_argon2_hash_and_refuses_short_passwords() {
         &stored.password_hash
     ));
     assert!(!stored.password_hash.contains("another"));
+}
+
+#[test]
+fn pairs_and_synth_refuse_bad_input_clearly() {
+    let db = TestDb::sqlite();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pairs.jsonl");
+    let unknown = collabllm(&[
+        "--database-url",
+        &db.url,
+        "pairs",
+        "--study",
+        "nope",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!unknown.status.success());
+    assert!(
+        text(&unknown).contains("there is no study \"nope\""),
+        "{}",
+        text(&unknown)
+    );
+    assert!(!out.exists());
+    let one = collabllm(&[
+        "pairs",
+        "--study",
+        "x",
+        "--candidates",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!one.status.success());
+    assert!(
+        text(&one).contains("--candidates must be at least 2"),
+        "{}",
+        text(&one)
+    );
+
+    let tasks = write_temp(dir.path(), "tasks.jsonl", "{\"prompt\": \"x\"}\n");
+    let synth = collabllm(&[
+        "synth",
+        "--tasks",
+        tasks.to_str().unwrap(),
+        "--n",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!synth.status.success());
+    let said = text(&synth);
+    assert!(
+        said.contains("tasks.jsonl:1:") && said.contains("reference"),
+        "{said}"
+    );
 }

@@ -3,7 +3,10 @@
 
 use std::collections::HashMap;
 
-use collabllm::db::{self, models::NewMessage};
+use collabllm::db::{
+    self,
+    models::{NewCandidate, NewMessage, NewReward},
+};
 use collabllm::engine::Engines;
 use collabllm::web::{auth, AppState};
 
@@ -134,6 +137,34 @@ async fn seeded(db: &TestDb) -> (TestServer, String) {
     )
     .unwrap();
     db::revisions::append(&mut conn, session.id, "user", None, "Hello brave world!").unwrap();
+    // A reward `collabllm pairs` stored for a fresh candidate.
+    let candidate = db::candidates::insert(
+        &mut conn,
+        &NewCandidate {
+            session_id: session.id,
+            after_seq: 1,
+            source: "mr",
+            content: "<b>bold</b> candidate",
+            chosen: None,
+            policy_json: "{}",
+            created_at: db::now(),
+        },
+    )
+    .unwrap();
+    db::rewards::record(
+        &mut conn,
+        &NewReward {
+            session_id: session.id,
+            turn: 2,
+            candidate_id: Some(candidate.id),
+            mr: 0.8126,
+            mr_std: 0.05,
+            components_json: r#"{"means":{"bleu":0.25,"interactivity":0.75,"tokens_k":0.1},"samples":3,"window":2}"#,
+            created_at: db::now(),
+            config_sha256: "0123456789abcdef",
+        },
+    )
+    .unwrap();
     (TestServer::start(state), session.public_id)
 }
 
@@ -231,6 +262,17 @@ async fn console_pages_show_the_study(db: TestDb) {
     assert!(
         detail.body.contains(">39%</strong> typed")
             && detail.body.contains(">61%</strong> inserted")
+    );
+    assert!(
+        detail
+            .body
+            .contains("<td>0.813</td><td>0.050</td><td>0.250</td><td>0.750</td>")
+            && detail.body.contains("S=3 w=2 · 01234567"),
+        "the multiturn-aware rewards are listed"
+    );
+    assert!(
+        detail.body.contains("&#60;b&#62;bold"),
+        "candidates are escaped"
     );
     let csv = client
         .get("/console/studies/quick-pilot/export/messages.csv")

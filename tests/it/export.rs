@@ -9,7 +9,7 @@ use collabllm::db::{self, DbPool};
 use collabllm::export::{self, Filter};
 use collabllm::study::Studio;
 
-use crate::common::{example_protocol, TestDb};
+use crate::common::{assert_trl_pair, example_protocol, TestDb};
 use crate::on_both_backends;
 
 /// A document that breaks naive CSV: commas, quotes, newlines, non-ASCII.
@@ -261,6 +261,18 @@ on_both_backends!(csv_export_filters_sessions, |db: &TestDb| {
     );
     assert_eq!(read(earlier.path(), "sessions.csv").len(), 2);
 
+    // The seeded participants are people: none is simulated.
+    for (simulated, expected) in [(Some(false), 2), (Some(true), 0)] {
+        let only = export_with(
+            &pool,
+            &Filter {
+                simulated,
+                ..Filter::default()
+            },
+        );
+        assert_eq!(read(only.path(), "sessions.csv").len(), expected);
+    }
+
     let mut conn = pool.get().unwrap();
     let err = export::csv::export(
         &mut conn,
@@ -366,20 +378,12 @@ on_both_backends!(
             .iter()
             .find(|r| r["rejected"][0]["content"] == "Sure.")
             .unwrap();
-        // TRL's conversational preference format.
-        let prompt = row["prompt"].as_array().unwrap();
-        assert_eq!(prompt[0]["role"], "system");
+        assert_trl_pair(row);
         assert_eq!(
-            prompt.last().unwrap()["role"],
-            "user",
-            "the prompt ends with a user message"
+            row["prompt"].as_array().unwrap().len(),
+            1 + 3,
+            "system, user, assistant, user"
         );
-        assert_eq!(prompt.len(), 1 + 3, "system, user, assistant, user");
-        for side in ["chosen", "rejected"] {
-            let messages = row[side].as_array().unwrap();
-            assert_eq!(messages.len(), 1);
-            assert_eq!(messages[0]["role"], "assistant");
-        }
         assert_eq!(
             row["chosen"][0]["content"],
             "Of course, gladly — here it is."

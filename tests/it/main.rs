@@ -2,6 +2,7 @@
 
 mod browser;
 mod cli;
+mod collab;
 mod common;
 mod console;
 mod engine;

@@ -284,3 +284,45 @@ fn a_protocol_file_on_disk_is_checked_with_its_path() {
         "{err}"
     );
 }
+
+#[test]
+fn collab_settings_are_checked_at_their_lines() {
+    let text = format!(
+        "{VALID}\n[collab]\njudge_model = \"nope\"\ncandidates = 1\nprompts = \"no-such-folder\"\n\n[collab.weights]\nbleu = nan\n"
+    );
+    let err = check(&text).expect_err("the protocol must be rejected");
+    let d = err.diagnostics();
+    assert_eq!(d.len(), 4, "{err}");
+    assert!(d[0].message.contains("judge_model \"nope\""), "{err}");
+    assert_eq!(d[0].line, line_of(&text, "judge_model", 0));
+    assert!(d[0].help.contains("use one of: m"), "{err}");
+    assert!(d[1].message.contains("candidates is 1"), "{err}");
+    assert_eq!(d[1].line, line_of(&text, "candidates = 1", 0));
+    assert!(d[2].message.contains("no-such-folder"), "{err}");
+    assert!(d[3].message.contains("not a finite number"), "{err}");
+}
+
+#[test]
+fn collab_settings_default_to_the_papers() {
+    let c = check(VALID).unwrap().protocol.collab;
+    assert_eq!((c.samples, c.window, c.candidates), (3, 2, 2));
+    assert_eq!(c.margin, 0.02);
+    assert_eq!(
+        (
+            c.weights.bleu,
+            c.weights.tokens,
+            c.weights.interactivity,
+            c.weights.quality
+        ),
+        (1.0, -0.1, 1.0, 0.0)
+    );
+    let paper = protocol("doc-cocreation.toml").protocol;
+    assert_eq!(
+        paper.collab, c,
+        "the example protocol spells out the defaults"
+    );
+    assert_eq!(
+        paper.collab_models(),
+        ("smollm2-135m".to_string(), "smollm2-135m".to_string())
+    );
+}

@@ -485,6 +485,7 @@ on_both_backends!(candidates_rewards_and_pairs_are_stored, |db: &TestDb| {
             mr_std: 0.05,
             components_json: "{\"bleu\":0.3}",
             created_at: db::now(),
+            config_sha256: "c0ffee",
         },
     )
     .unwrap();

@@ -152,7 +152,8 @@ pub struct WorkerConfig {
 
 /// Handle to a worker thread. Dropping it lets the worker finish its requests and stop.
 pub struct LlamaEngine {
-    jobs: std_mpsc::Sender<worker::Job>,
+    /// Jobs for the worker; a group arrives as one message, so the worker admits it together.
+    jobs: std_mpsc::Sender<Vec<worker::Job>>,
     status: Arc<Mutex<EngineStatus>>,
     fingerprint: String,
 }
@@ -241,21 +242,38 @@ fn new_context<'m>(
 
 impl Engine for LlamaEngine {
     fn start(&self, request: ChatRequest) -> Result<Generation, EngineError> {
-        request.check()?;
-        let (generation, events, cancel) = Generation::channel();
-        // Counted before sending: the worker takes the job off the count as soon as it sees it.
-        self.status.lock().expect("status lock").queued += 1;
-        let sent = self.jobs.send(worker::Job {
-            request,
-            events,
-            cancel,
-            arrived: Instant::now(),
-        });
-        if sent.is_err() {
-            self.status.lock().expect("status lock").queued -= 1;
-            return Err(EngineError::Stopped);
+        self.start_group(vec![request])
+            .pop()
+            .expect("one result per request")
+    }
+
+    fn start_group(&self, requests: Vec<ChatRequest>) -> Vec<Result<Generation, EngineError>> {
+        let mut jobs = Vec::new();
+        let results: Vec<Result<Generation, EngineError>> = requests
+            .into_iter()
+            .map(|request| {
+                request.check()?;
+                let (generation, events, cancel) = Generation::channel();
+                jobs.push(worker::Job {
+                    request,
+                    events,
+                    cancel,
+                    arrived: Instant::now(),
+                });
+                Ok(generation)
+            })
+            .collect();
+        let count = jobs.len();
+        // Counted before sending: the worker takes the jobs off the count as soon as it sees them.
+        self.status.lock().expect("status lock").queued += count;
+        if self.jobs.send(jobs).is_err() {
+            self.status.lock().expect("status lock").queued -= count;
+            return results
+                .into_iter()
+                .map(|r| r.and(Err(EngineError::Stopped)))
+                .collect();
         }
-        Ok(generation)
+        results
     }
 
     fn status(&self) -> EngineStatus {

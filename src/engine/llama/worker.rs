@@ -89,6 +89,9 @@ struct Active {
     max_tokens: usize,
     seed: u32,
     first_token_at: Option<Instant>,
+    /// Admission number: batches list sequences in this order, not by slot, so a batch's
+    /// layout does not depend on which slots happened to be free.
+    admission: u64,
 }
 
 pub(crate) struct Worker<'m> {
@@ -97,6 +100,8 @@ pub(crate) struct Worker<'m> {
     template: Option<ChatTemplate>,
     slots: Vec<Slot>,
     queue: VecDeque<Job>,
+    /// Jobs admitted so far; numbers the jobs so batches are built in admission order.
+    admitted: u64,
     context_tokens: usize,
     reuse_prefix: bool,
     status: Arc<Mutex<EngineStatus>>,
@@ -136,6 +141,7 @@ impl<'m> Worker<'m> {
             template,
             slots,
             queue: VecDeque::new(),
+            admitted: 0,
             context_tokens: config.context_tokens as usize,
             reuse_prefix: config.reuse_prefix,
             status,
@@ -144,17 +150,17 @@ impl<'m> Worker<'m> {
     }
 
     /// Serves jobs until every handle is dropped and nothing is left to do.
-    pub(crate) fn run(mut self, inbox: std_mpsc::Receiver<Job>) {
+    pub(crate) fn run(mut self, inbox: std_mpsc::Receiver<Vec<Job>>) {
         let mut batch = LlamaBatch::new(BATCH_TOKENS as usize, self.slots.len() as i32);
         loop {
             if self.idle() {
                 match inbox.recv() {
-                    Ok(job) => self.queue.push_back(job),
+                    Ok(jobs) => self.queue.extend(jobs),
                     Err(_) => return,
                 }
             }
-            while let Ok(job) = inbox.try_recv() {
-                self.queue.push_back(job);
+            while let Ok(jobs) = inbox.try_recv() {
+                self.queue.extend(jobs);
             }
             self.drop_cancelled_queued();
             self.admit();
@@ -236,6 +242,14 @@ impl<'m> Worker<'m> {
                 .enumerate()
                 .filter(|(_, s)| s.active.is_none())
         };
+        if job.request.reproducible {
+            // Computed from scratch anyway; the lowest free sequence id keeps a group's batch
+            // layout (llama.cpp orders a batch's rows by sequence) the same on every run.
+            return idle()
+                .next()
+                .map(|(i, _)| i)
+                .expect("admit checks that an idle slot exists");
+        }
         let wanted = job.request.conversation.as_deref();
         if wanted.is_some() {
             if let Some((i, _)) = idle().find(|(_, s)| s.conversation.as_deref() == wanted) {
@@ -270,7 +284,10 @@ impl<'m> Worker<'m> {
         let model = self.model;
         let slot = &mut self.slots[index];
         let cache = &mut slot.cache;
-        let (keep, tail) = if !self.reuse_prefix {
+        // A reproducible request is computed from scratch: logits of a prompt decoded in one
+        // piece differ in the last bits from those of a cached prefix plus a tail, enough to
+        // change what a seed samples.
+        let (keep, tail) = if !self.reuse_prefix || job.request.reproducible {
             (0, tokenize(model, prompt, true))
         } else if cache.exact {
             let shared = common_prefix(&cache.text, prompt.as_bytes());
@@ -327,8 +344,10 @@ impl<'m> Worker<'m> {
             max_tokens,
             seed,
             first_token_at: None,
+            admission: self.admitted,
             job,
         });
+        self.admitted += 1;
         Ok(())
     }
 
@@ -347,11 +366,18 @@ impl<'m> Worker<'m> {
     /// One decode over every active slot; returns the number of tokens generated.
     fn step(&mut self, batch: &mut LlamaBatch) -> usize {
         batch.clear();
+        let mut order: Vec<(u64, usize)> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.active.as_ref().map(|a| (a.admission, i)))
+            .collect();
+        order.sort_unstable();
         // Generating sequences first: one token each.
-        for Slot {
-            seq, cache, active, ..
-        } in &mut self.slots
-        {
+        for &(_, i) in &order {
+            let Slot {
+                seq, cache, active, ..
+            } = &mut self.slots[i];
             let Some(active) = active.as_mut() else {
                 continue;
             };
@@ -367,10 +393,10 @@ impl<'m> Worker<'m> {
             }
         }
         // Then prompt chunks of admitted sequences, as far as the batch has room.
-        for Slot {
-            seq, cache, active, ..
-        } in &mut self.slots
-        {
+        for &(_, i) in &order {
+            let Slot {
+                seq, cache, active, ..
+            } = &mut self.slots[i];
             let room = BATCH_TOKENS as usize - batch.n_tokens() as usize;
             if room == 0 {
                 break;

@@ -221,3 +221,32 @@ pub fn write_temp(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&path, text).expect("write temp file");
     path
 }
+
+/// A row in TRL's conversational preference format: `prompt` (system first, then alternating
+/// user and assistant messages, ending with the user's), `chosen` and `rejected` (one assistant
+/// message each).
+pub fn assert_trl_pair(row: &serde_json::Value) {
+    let prompt = row["prompt"]
+        .as_array()
+        .expect("prompt is a list of messages");
+    assert_eq!(prompt[0]["role"], "system", "{row}");
+    for (i, m) in prompt[1..].iter().enumerate() {
+        let expected = if i % 2 == 0 { "user" } else { "assistant" };
+        assert_eq!(
+            m["role"], expected,
+            "roles alternate from the user's: {row}"
+        );
+        assert!(m["content"].is_string(), "{row}");
+    }
+    assert_eq!(
+        prompt.last().unwrap()["role"],
+        "user",
+        "the prompt ends with a user message"
+    );
+    for side in ["chosen", "rejected"] {
+        let messages = row[side].as_array().expect("a list of messages");
+        assert_eq!(messages.len(), 1, "{row}");
+        assert_eq!(messages[0]["role"], "assistant");
+        assert!(messages[0]["content"].is_string());
+    }
+}

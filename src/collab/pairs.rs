@@ -1,0 +1,712 @@
+//! `collabllm pairs`: multiturn-aware preference pairs from the recorded sessions of a study. For
+//! every assistant turn, the reply actually given and K−1 fresh candidates of the same policy are
+//! rolled forward and scored; the candidate with the highest MR becomes `chosen`, the lowest
+//! `rejected`, when the gap reaches the margin. The output is TRL's conversational DPO format
+//! (`prompt` with the system prompt first, `chosen`, `rejected`) with the scores, the metric means
+//! and the provenance of every row.
+//!
+//! Candidates, rollouts and rewards are stored as they are made, under the sha256 of the settings
+//! that produced them, so a run that is interrupted resumes where it stopped and the console shows
+//! MR per turn.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::reward::{self, Candidate, Metrics, Reward, RolloutKey, Scene};
+use super::{derive_seed, start_policy, CollabError, Goal, JsonlWriter, Policy, Roles, Task};
+use crate::db::models::{Message, NewCandidate, NewReward, NewRollout, Session, StudyVersion};
+use crate::db::{self, DbConn, DbPool};
+use crate::engine::{ChatMessage, Engines, Role};
+use crate::protocol::{sha256_hex, Protocol};
+
+/// The `source` of candidates generated for scoring.
+pub const CANDIDATE_SOURCE: &str = "mr";
+
+/// Which sessions to score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionKind {
+    Human,
+    Simulated,
+    All,
+}
+
+impl SessionKind {
+    pub fn admits(self, simulated: bool) -> bool {
+        match self {
+            SessionKind::Human => !simulated,
+            SessionKind::Simulated => simulated,
+            SessionKind::All => true,
+        }
+    }
+}
+
+/// Settings of a run; the ones left empty come from the protocol's `[collab]` section.
+#[derive(Debug, Clone)]
+pub struct PairsOptions {
+    pub study: String,
+    pub sessions: SessionKind,
+    pub candidates: Option<u32>,
+    pub samples: Option<u32>,
+    pub window: Option<u32>,
+    pub margin: Option<f64>,
+    /// Base of every seed of the run.
+    pub seed: u64,
+    pub models_dir: PathBuf,
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PairsSummary {
+    /// Assistant turns of the chosen sessions.
+    pub turns: u64,
+    /// Turns with a reward for every candidate.
+    pub scored: u64,
+    /// Turns left out (no user message before the reply, or a rollout that failed).
+    pub skipped: u64,
+    pub pairs: u64,
+    pub rollouts_run: u64,
+    pub rollouts_reused: u64,
+}
+
+/// Runs blocking database work off the async threads.
+pub(super) async fn with_db<T, F>(pool: &DbPool, work: F) -> Result<T, CollabError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut DbConn) -> Result<T, CollabError> + Send + 'static,
+{
+    let pool = pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = pool
+            .get()
+            .map_err(|e| db::DbError::Invalid(format!("no database connection: {e}")))?;
+        work(&mut conn)
+    })
+    .await
+    .map_err(|e| CollabError::Invalid(format!("database task failed: {e}")))?
+}
+
+/// A session with what scoring it needs.
+struct SessionWork {
+    session: Session,
+    pseudonym: String,
+    simulated: bool,
+    arm: String,
+    messages: Vec<Message>,
+    task: Task,
+    goal: Goal,
+}
+
+/// Everything of one study version that a run shares between its sessions.
+struct VersionWork {
+    row: StudyVersion,
+    protocol: Protocol,
+    roles: Roles,
+    policies: HashMap<String, Policy>,
+}
+
+/// Scores every assistant turn of the chosen sessions of a study and writes the pairs to `out`.
+/// `progress` hears (turns done, turns in all).
+pub async fn run(
+    pool: &DbPool,
+    engines: &Engines,
+    options: &PairsOptions,
+    out: &Path,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<PairsSummary, CollabError> {
+    let slug = options.study.clone();
+    let kind = options.sessions;
+    let (versions, sessions) = with_db(pool, move |conn| load(conn, &slug, kind)).await?;
+    let mut summary = PairsSummary {
+        turns: sessions
+            .iter()
+            .map(|s| s.messages.iter().filter(|m| m.role == "assistant").count() as u64)
+            .sum(),
+        ..Default::default()
+    };
+    let mut work: HashMap<i64, VersionWork> = HashMap::new();
+    let mut file = JsonlWriter::create(out)?;
+    let mut done = 0;
+    progress(done, summary.turns);
+    for s in &sessions {
+        let version_id = s.session.study_version_id;
+        if let std::collections::hash_map::Entry::Vacant(entry) = work.entry(version_id) {
+            let (row, protocol) = versions[&version_id].clone();
+            let roles = Roles::start(
+                engines,
+                &protocol,
+                Path::new(&row.source_path),
+                &options.models_dir,
+                settings(&protocol, options).rollouts_per_turn(),
+            )?;
+            entry.insert(VersionWork {
+                row,
+                protocol,
+                roles,
+                policies: HashMap::new(),
+            });
+        }
+        let version = work.get_mut(&version_id).expect("inserted above");
+        let settings = settings(&version.protocol, options);
+        if !version.policies.contains_key(&s.arm) {
+            let arm = version.protocol.arm(&s.arm).ok_or_else(|| {
+                CollabError::Invalid(format!("the protocol has no arm {:?}", s.arm))
+            })?;
+            let policy = start_policy(
+                engines,
+                &version.protocol,
+                arm,
+                &options.models_dir,
+                settings.rollouts_per_turn(),
+            )?;
+            version.policies.insert(s.arm.clone(), policy);
+        }
+        let version = &work[&version_id];
+        let policy = &version.policies[&s.arm];
+        let config = config_sha256(&settings, &version.roles, policy);
+        let mut any_turn = false;
+        for (index, message) in s.messages.iter().enumerate() {
+            if message.role != "assistant" {
+                continue;
+            }
+            any_turn = true;
+            let turn = Turn {
+                study: &options.study,
+                session: s,
+                version,
+                policy,
+                settings: &settings,
+                config: &config,
+                message,
+                number: s.messages[..index]
+                    .iter()
+                    .filter(|m| m.role == "assistant")
+                    .count()
+                    + 1,
+            };
+            match score_turn(pool, &turn, &mut summary).await {
+                Ok(Some(row)) => {
+                    file.write(&row)?;
+                    summary.pairs += 1;
+                    summary.scored += 1;
+                }
+                Ok(None) => summary.scored += 1,
+                Err(TurnError::Skip(why)) => {
+                    tracing::warn!(session = %s.session.public_id, turn = turn.number, "turn skipped: {why}");
+                    summary.skipped += 1;
+                }
+                Err(TurnError::Fatal(e)) => return Err(e),
+            }
+            done += 1;
+            progress(done, summary.turns);
+        }
+        if !any_turn {
+            tracing::info!(session = %s.session.public_id, "session has no assistant turns; skipped");
+        }
+    }
+    file.finish()?;
+    Ok(summary)
+}
+
+/// The study's versions (with their protocols) and the chosen sessions, with what scoring needs.
+#[allow(clippy::type_complexity)]
+fn load(
+    conn: &mut DbConn,
+    slug: &str,
+    kind: SessionKind,
+) -> Result<(HashMap<i64, (StudyVersion, Protocol)>, Vec<SessionWork>), CollabError> {
+    let study = db::studies::find_by_slug(conn, slug)?
+        .ok_or_else(|| CollabError::Invalid(format!("there is no study {slug:?}")))?;
+    let mut versions = HashMap::new();
+    let mut sessions = Vec::new();
+    for row in db::studies::versions(conn, study.id)? {
+        let protocol = Protocol::from_stored(&row.protocol_text)
+            .map_err(|e| CollabError::Invalid(e.to_string()))?;
+        let arms: HashMap<i64, String> = db::studies::arms_of(conn, row.id)?
+            .into_iter()
+            .map(|a| (a.id, a.name))
+            .collect();
+        for session in db::sessions::list_for_version(conn, row.id)? {
+            let participant = db::participants::get(conn, session.participant_id)?;
+            if !kind.admits(participant.simulated) {
+                continue;
+            }
+            let Some(arm) = session.arm_id.and_then(|a| arms.get(&a)).cloned() else {
+                continue;
+            };
+            let Some((task, topic)) = protocol
+                .tasks
+                .iter()
+                .find(|t| Some(&t.id) == session.task_id.as_ref())
+                .and_then(|t| {
+                    t.topics
+                        .iter()
+                        .find(|p| Some(&p.id) == session.topic_id.as_ref())
+                        .map(|p| (t, p))
+                })
+            else {
+                continue;
+            };
+            let messages = db::messages::list_for_session(conn, session.id)?;
+            // People are scored against what they ended up writing; simulated participants
+            // against the intent they were given.
+            let document = if participant.simulated {
+                String::new()
+            } else {
+                db::revisions::latest(conn, session.id)?
+                    .map(|r| r.content)
+                    .unwrap_or_default()
+            };
+            sessions.push(SessionWork {
+                pseudonym: participant.pseudonym,
+                simulated: participant.simulated,
+                arm,
+                messages,
+                task: Task::of(task, topic),
+                goal: Goal {
+                    intent: topic.hidden_intent.clone(),
+                    document,
+                },
+                session,
+            });
+        }
+        versions.insert(row.id, (row, protocol));
+    }
+    Ok((versions, sessions))
+}
+
+/// The settings of a run for one protocol.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+struct Settings {
+    candidates: u32,
+    samples: u32,
+    window: u32,
+    margin: f64,
+    seed: u64,
+}
+
+impl Settings {
+    fn rollouts_per_turn(&self) -> u32 {
+        self.candidates * self.samples
+    }
+}
+
+fn settings(protocol: &Protocol, options: &PairsOptions) -> Settings {
+    let c = &protocol.collab;
+    Settings {
+        candidates: options.candidates.unwrap_or(c.candidates).max(2),
+        samples: options.samples.unwrap_or(c.samples).max(1),
+        window: options.window.unwrap_or(c.window).max(1),
+        margin: options.margin.unwrap_or(c.margin),
+        seed: options.seed,
+    }
+}
+
+/// sha256 of everything that shapes a rollout: settings, weights, prompts, models and policies.
+/// The margin only filters pairs and is left out.
+fn config_sha256(settings: &Settings, roles: &Roles, policy: &Policy) -> String {
+    let config = json!({
+        "candidates": settings.candidates,
+        "samples": settings.samples,
+        "window": settings.window,
+        "seed": settings.seed,
+        "weights": roles.spec.weights,
+        "max_document_chars": roles.spec.max_document_chars,
+        "simulator": [roles.simulator.fingerprint(), &roles.spec.simulator_sampling],
+        "judge": [roles.judge.fingerprint(), &roles.spec.judge_sampling],
+        "prompts": roles.prompts.sha256(),
+        "policy": [policy.engine.fingerprint(), &policy.arm.system_prompt, &policy.arm.sampling],
+    });
+    sha256_hex(config.to_string().as_bytes())
+}
+
+struct Turn<'a> {
+    study: &'a str,
+    session: &'a SessionWork,
+    version: &'a VersionWork,
+    policy: &'a Policy,
+    settings: &'a Settings,
+    config: &'a str,
+    /// The assistant message whose context is scored.
+    message: &'a Message,
+    /// 1 for the first assistant reply of the session.
+    number: usize,
+}
+
+enum TurnError {
+    /// This turn cannot be scored; the run goes on.
+    Skip(String),
+    Fatal(CollabError),
+}
+
+impl From<CollabError> for TurnError {
+    fn from(e: CollabError) -> Self {
+        if e.is_local() {
+            TurnError::Skip(e.to_string())
+        } else {
+            TurnError::Fatal(e)
+        }
+    }
+}
+
+/// A candidate of a turn: its text, its stored row (none for the reply given) and its seed.
+struct Scored {
+    candidate: Candidate,
+    id: Option<i64>,
+    seed: Option<u32>,
+}
+
+/// Candidates, rollouts and rewards of one turn; the pair row when there is one.
+async fn score_turn(
+    pool: &DbPool,
+    turn: &Turn<'_>,
+    summary: &mut PairsSummary,
+) -> Result<Option<Value>, TurnError> {
+    let s = turn.session;
+    let seq = turn.message.seq;
+    let context: Vec<ChatMessage> = s
+        .messages
+        .iter()
+        .filter(|m| m.seq < seq)
+        .filter_map(|m| match m.role.as_str() {
+            "user" => Some(ChatMessage::new(Role::User, m.content.clone())),
+            "assistant" => Some(ChatMessage::new(Role::Assistant, m.content.clone())),
+            _ => None,
+        })
+        .collect();
+    if context.last().is_none_or(|m| m.role != Role::User) {
+        return Err(TurnError::Skip(
+            "the reply does not follow a user message".into(),
+        ));
+    }
+    let candidates = candidates(pool, turn, &context).await?;
+    let label = format!("{}/{seq}", s.session.public_id);
+
+    // Rollouts stored by an earlier run are reused; the rest run now, all at once.
+    let (session_id, config) = (s.session.id, turn.config.to_string());
+    let stored = with_db(pool, move |conn| {
+        Ok(db::rollouts::list_for_turn(conn, session_id, seq, &config)?)
+    })
+    .await?;
+    let mut results: Vec<Vec<Option<(f64, Metrics)>>> =
+        vec![vec![None; turn.settings.samples as usize]; candidates.len()];
+    for r in &stored {
+        let Some(c) = candidates.iter().position(|c| c.id == r.candidate_id) else {
+            continue;
+        };
+        let (Ok(sample), Ok(metrics)) = (
+            usize::try_from(r.sample),
+            serde_json::from_str::<Metrics>(&r.metrics_json),
+        ) else {
+            continue;
+        };
+        if let Some(slot) = results[c].get_mut(sample) {
+            *slot = Some((r.score, metrics));
+            summary.rollouts_reused += 1;
+        }
+    }
+    let todo: Vec<RolloutKey> = results
+        .iter()
+        .enumerate()
+        .flat_map(|(c, samples)| {
+            samples
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.is_none())
+                .map(move |(sample, _)| (c, sample))
+        })
+        .map(|(candidate, sample)| RolloutKey {
+            base_seed: turn.settings.seed,
+            context: label.clone(),
+            candidate,
+            sample,
+        })
+        .collect();
+    let scene = Scene {
+        roles: &turn.version.roles,
+        policy: turn.policy,
+        task: &s.task,
+        goal: &s.goal,
+        context: &context,
+    };
+    let plain: Vec<Candidate> = candidates.iter().map(|c| c.candidate.clone()).collect();
+    let ran = reward::rollouts(&scene, &plain, &todo, turn.settings.window).await;
+    // Store what finished before looking at what failed: the next run only redoes the rest.
+    let finished: Vec<(Option<i64>, i32, u32, String, String, f64)> = todo
+        .iter()
+        .zip(&ran)
+        .filter_map(|(key, r)| {
+            let r = r.as_ref().ok()?;
+            let conversation = json!({"continuation": r.continuation, "document": r.document});
+            Some((
+                candidates[key.candidate].id,
+                key.sample as i32,
+                key.rollout_seed(),
+                conversation.to_string(),
+                serde_json::to_string(&r.metrics).expect("metrics serialise"),
+                r.score,
+            ))
+        })
+        .collect();
+    let config = turn.config.to_string();
+    with_db(pool, move |conn| {
+        db::write_transaction(conn, |conn| {
+            for (candidate_id, sample, seed, conversation, metrics, score) in &finished {
+                db::rollouts::insert(
+                    conn,
+                    &NewRollout {
+                        session_id,
+                        turn: seq,
+                        candidate_id: *candidate_id,
+                        sample: *sample,
+                        config_sha256: &config,
+                        seed: i64::from(*seed),
+                        conversation_json: conversation,
+                        metrics_json: metrics,
+                        score: *score,
+                        created_at: db::now(),
+                    },
+                )?;
+            }
+            Ok::<_, CollabError>(())
+        })
+    })
+    .await?;
+    let mut failure = None;
+    for (key, result) in todo.iter().zip(ran) {
+        match result {
+            Ok(r) => {
+                results[key.candidate][key.sample] = Some((r.score, r.metrics));
+                summary.rollouts_run += 1;
+            }
+            Err(e) if e.is_local() => failure = Some(e),
+            Err(e) => return Err(TurnError::Fatal(e)),
+        }
+    }
+    if let Some(e) = failure {
+        return Err(TurnError::Skip(format!(
+            "a rollout failed ({e}); the finished ones are stored and the next run retries the rest"
+        )));
+    }
+
+    let rewards: Vec<Reward> = results
+        .iter()
+        .map(|samples| Reward::of(&samples.iter().flatten().cloned().collect::<Vec<_>>()))
+        .collect();
+    let rows: Vec<(Option<i64>, Reward)> = candidates
+        .iter()
+        .zip(&rewards)
+        .map(|(c, r)| (c.id, r.clone()))
+        .collect();
+    let (settings, config) = (turn.settings.clone(), turn.config.to_string());
+    with_db(pool, move |conn| {
+        let components: Vec<String> = rows
+            .iter()
+            .map(|(_, r)| {
+                json!({
+                    "means": r.means,
+                    "rollouts": r.rollouts,
+                    "samples": settings.samples,
+                    "window": settings.window,
+                })
+                .to_string()
+            })
+            .collect();
+        let new: Vec<NewReward> = rows
+            .iter()
+            .zip(&components)
+            .map(|((candidate_id, r), components)| NewReward {
+                session_id,
+                turn: seq,
+                candidate_id: *candidate_id,
+                mr: r.mr,
+                mr_std: r.std,
+                components_json: components,
+                created_at: db::now(),
+                config_sha256: &config,
+            })
+            .collect();
+        db::rewards::replace_turn(conn, session_id, seq, &config, &new)?;
+        Ok(())
+    })
+    .await?;
+
+    let Some((chosen, rejected)) = reward::pick_pair(&rewards, turn.settings.margin) else {
+        return Ok(None);
+    };
+    Ok(Some(pair_row(
+        turn,
+        &context,
+        &candidates,
+        &rewards,
+        chosen,
+        rejected,
+    )))
+}
+
+/// The reply given plus K−1 fresh candidates of the same policy: those an earlier run stored
+/// under this configuration, and new ones for the rest, generated at once.
+async fn candidates(
+    pool: &DbPool,
+    turn: &Turn<'_>,
+    context: &[ChatMessage],
+) -> Result<Vec<Scored>, TurnError> {
+    let s = turn.session;
+    let (session_id, after_seq) = (s.session.id, turn.message.seq - 1);
+    let config = turn.config.to_string();
+    let stored = with_db(pool, move |conn| {
+        Ok(db::candidates::list_for_session(conn, session_id)?
+            .into_iter()
+            .filter(|c| c.source == CANDIDATE_SOURCE && c.after_seq == after_seq)
+            .filter_map(|c| {
+                let policy: Value = serde_json::from_str(&c.policy_json).ok()?;
+                (policy["config_sha256"] == config.as_str()).then_some((c, policy))
+            })
+            .collect::<Vec<_>>())
+    })
+    .await?;
+    let mut out = vec![Scored {
+        candidate: Candidate {
+            text: turn.message.content.clone(),
+            tokens: turn
+                .message
+                .gen_tokens
+                .and_then(|t| u32::try_from(t).ok())
+                .unwrap_or(0),
+        },
+        id: None,
+        seed: turn
+            .message
+            .policy_json
+            .as_deref()
+            .and_then(|p| serde_json::from_str::<Value>(p).ok())
+            .and_then(|p| p["sampling"]["seed"].as_u64())
+            .and_then(|s| u32::try_from(s).ok()),
+    }];
+    let wanted = turn.settings.candidates as usize - 1;
+    for (c, policy) in stored.into_iter().take(wanted) {
+        out.push(Scored {
+            candidate: Candidate {
+                text: c.content,
+                tokens: policy["generated_tokens"].as_u64().unwrap_or(0) as u32,
+            },
+            id: Some(c.id),
+            seed: policy["sampling"]["seed"].as_u64().map(|s| s as u32),
+        });
+    }
+    let missing: Vec<usize> = (out.len()..=wanted).collect();
+    let label = format!("{}/{}", s.session.public_id, turn.message.seq);
+    let samplings: Vec<_> = missing
+        .iter()
+        .map(|k| {
+            let mut sampling = turn.policy.arm.sampling.clone();
+            sampling.seed = Some(derive_seed(
+                turn.settings.seed,
+                &[&label, "candidate", &k.to_string()],
+            ));
+            sampling
+        })
+        .collect();
+    let requests = samplings
+        .iter()
+        .map(|s| super::request(turn.policy.messages(context), s.clone()))
+        .collect();
+    let generated = super::generate_all(&*turn.policy.engine, "policy", requests)
+        .await
+        .into_iter()
+        .zip(samplings)
+        .map(|(c, s)| c.map(|c| (s, c)));
+    for result in generated {
+        let (mut sampling, completion) = result?;
+        sampling.seed = Some(completion.seed);
+        let policy = json!({
+            "arm": turn.policy.arm.id,
+            "fingerprint": turn.policy.engine.fingerprint(),
+            "sampling": sampling,
+            "generated_tokens": completion.generated_tokens,
+            "finish_reason": completion.finish_reason.as_str(),
+            "config_sha256": turn.config,
+        });
+        let text = completion.text.clone();
+        let stored = with_db(pool, move |conn| {
+            Ok(db::candidates::insert(
+                conn,
+                &NewCandidate {
+                    session_id,
+                    after_seq,
+                    source: CANDIDATE_SOURCE,
+                    content: &text,
+                    chosen: None,
+                    policy_json: &policy.to_string(),
+                    created_at: db::now(),
+                },
+            )?)
+        })
+        .await?;
+        out.push(Scored {
+            candidate: Candidate {
+                text: completion.text,
+                tokens: completion.generated_tokens,
+            },
+            id: Some(stored.id),
+            seed: Some(completion.seed),
+        });
+    }
+    Ok(out)
+}
+
+fn pair_row(
+    turn: &Turn<'_>,
+    context: &[ChatMessage],
+    candidates: &[Scored],
+    rewards: &[Reward],
+    chosen: usize,
+    rejected: usize,
+) -> Value {
+    let s = turn.session;
+    let roles = &turn.version.roles;
+    let metrics = |i: usize| {
+        let mut m = serde_json::to_value(&rewards[i].means).expect("metrics serialise");
+        m["mr_std"] = json!(rewards[i].std);
+        m["rollouts"] = json!(rewards[i].rollouts);
+        m
+    };
+    let assistant =
+        |i: usize| json!([{"role": "assistant", "content": candidates[i].candidate.text}]);
+    json!({
+        "prompt": turn.policy.messages(context),
+        "chosen": assistant(chosen),
+        "rejected": assistant(rejected),
+        "score_chosen": rewards[chosen].mr,
+        "score_rejected": rewards[rejected].mr,
+        "metrics_chosen": metrics(chosen),
+        "metrics_rejected": metrics(rejected),
+        "metadata": {
+            "source": "mr",
+            "study": turn.study,
+            "study_version": turn.version.row.version,
+            "protocol_sha256": turn.version.row.protocol_sha256,
+            "arm": s.arm,
+            "session": s.session.public_id,
+            "participant": s.pseudonym,
+            "simulated": s.simulated,
+            "turn": turn.number,
+            "chosen_is_given": candidates[chosen].id.is_none(),
+            "rejected_is_given": candidates[rejected].id.is_none(),
+            "candidates": turn.settings.candidates,
+            "samples": turn.settings.samples,
+            "window": turn.settings.window,
+            "margin": turn.settings.margin,
+            "seed": turn.settings.seed,
+            "seed_chosen": candidates[chosen].seed,
+            "seed_rejected": candidates[rejected].seed,
+            "policy_model_sha256": turn.policy.engine.fingerprint(),
+            "simulator_model_sha256": roles.simulator.fingerprint(),
+            "judge_model_sha256": roles.judge.fingerprint(),
+            "prompts_sha256": roles.prompts.sha256(),
+            "weights": roles.spec.weights,
+            "config_sha256": turn.config,
+        },
+    })
+}

@@ -1,0 +1,89 @@
+//! The prompts of the simulator and the judge: minijinja templates a researcher can change. A
+//! protocol's `[collab] prompts` folder overrides the built-in ones file by file.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use super::CollabError;
+use crate::protocol::sha256_hex;
+
+/// The built-in prompts (`study-protocols/prompts/`).
+const BUILT_IN: [(&str, &str); 5] = [
+    (
+        "user_simulator.md",
+        include_str!("../../study-protocols/prompts/user_simulator.md"),
+    ),
+    (
+        "user_rating.md",
+        include_str!("../../study-protocols/prompts/user_rating.md"),
+    ),
+    (
+        "judge_interactivity.md",
+        include_str!("../../study-protocols/prompts/judge_interactivity.md"),
+    ),
+    (
+        "judge_document.md",
+        include_str!("../../study-protocols/prompts/judge_document.md"),
+    ),
+    (
+        "judge_quality.md",
+        include_str!("../../study-protocols/prompts/judge_quality.md"),
+    ),
+];
+
+#[derive(Debug, Clone)]
+pub struct Prompts {
+    templates: BTreeMap<&'static str, String>,
+}
+
+impl Prompts {
+    /// The built-in prompts, with the files of `dir` in their place where it has them.
+    pub fn load(dir: Option<&Path>) -> Result<Self, CollabError> {
+        let mut templates = BTreeMap::new();
+        for (name, text) in BUILT_IN {
+            let path = dir.map(|d| d.join(name)).filter(|p| p.is_file());
+            let text = match path {
+                Some(path) => std::fs::read_to_string(&path).map_err(|e| CollabError::Prompt {
+                    name: path.display().to_string(),
+                    reason: e.to_string(),
+                })?,
+                None => text.to_string(),
+            };
+            // Catch template syntax errors now rather than in the middle of a run.
+            minijinja::Environment::new()
+                .template_from_str(&text)
+                .map_err(|e| CollabError::Prompt {
+                    name: name.into(),
+                    reason: e.to_string(),
+                })?;
+            templates.insert(name, text);
+        }
+        Ok(Self { templates })
+    }
+
+    pub fn render(&self, name: &str, context: minijinja::Value) -> Result<String, CollabError> {
+        let text = self
+            .templates
+            .get(name)
+            .ok_or_else(|| CollabError::Prompt {
+                name: name.into(),
+                reason: "no such prompt".into(),
+            })?;
+        minijinja::Environment::new()
+            .render_str(text, context)
+            .map_err(|e| CollabError::Prompt {
+                name: name.into(),
+                reason: e.to_string(),
+            })
+    }
+
+    /// sha256 of all prompts, for the provenance of what they produced.
+    pub fn sha256(&self) -> String {
+        let joined: String = self
+            .templates
+            .iter()
+            .map(|(name, text)| format!("{name}\0{text}\0"))
+            .collect();
+        sha256_hex(joined.as_bytes())
+    }
+}

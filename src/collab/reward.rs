@@ -1,0 +1,393 @@
+//! The multiturn-aware reward. A candidate reply `c` in context `H` is worth how the conversation
+//! goes after it: `H + c` is copied S times, each copy rolled forward w turn pairs (the simulator
+//! as the user, the arm's policy as the assistant, stopping early at the simulator's marker), each
+//! rollout scored as Σ weight · metric, and MR is the mean over the copies (with the population
+//! standard deviation). The rollouts of all candidates of a turn run at once, so the engine decodes
+//! them in one batch: every simulator, policy and judge call of every rollout is in flight
+//! together, none waits for another rollout.
+
+use serde::{Deserialize, Serialize};
+
+use super::{derive_seed, judge, simulator, CollabError, Goal, Policy, Roles, Task};
+use crate::engine::{ChatMessage, Role};
+use crate::protocol::RewardWeights;
+
+/// A reply whose reward is estimated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub text: String,
+    /// Tokens the policy generated for it.
+    pub tokens: u32,
+}
+
+/// The metrics of one rollout.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Sentence BLEU of the final document against the goal (0–1).
+    pub bleu: f64,
+    /// Assistant tokens from the candidate on, in thousands.
+    pub tokens_k: f64,
+    /// The judge's interactivity (0–1).
+    pub interactivity: f64,
+    /// The judge's quality of the final document (1–10), when its weight is not 0.
+    pub quality: Option<f64>,
+    /// The simulated user ended the chat within the window.
+    pub terminated: bool,
+}
+
+impl Metrics {
+    pub fn score(&self, w: &RewardWeights) -> f64 {
+        w.bleu * self.bleu
+            + w.tokens * self.tokens_k
+            + w.interactivity * self.interactivity
+            + self.quality.map_or(0.0, |q| w.quality * (q - 1.0) / 9.0)
+    }
+}
+
+/// One rolled-forward conversation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rollout {
+    /// The candidate and what followed it (the context is not repeated).
+    pub continuation: Vec<ChatMessage>,
+    /// The document the judge extracted from the whole conversation.
+    pub document: String,
+    pub metrics: Metrics,
+    pub score: f64,
+}
+
+/// Where a rollout sits in a run; it names the rollout's seeds.
+#[derive(Debug, Clone)]
+pub struct RolloutKey {
+    pub base_seed: u64,
+    /// The context, e.g. `session/turn`.
+    pub context: String,
+    pub candidate: usize,
+    pub sample: usize,
+}
+
+impl RolloutKey {
+    fn seed(&self, what: &str, step: usize) -> u32 {
+        derive_seed(
+            self.base_seed,
+            &[
+                &self.context,
+                &self.candidate.to_string(),
+                &self.sample.to_string(),
+                what,
+                &step.to_string(),
+            ],
+        )
+    }
+
+    /// The seed recorded for the rollout as a whole.
+    pub fn rollout_seed(&self) -> u32 {
+        self.seed("rollout", 0)
+    }
+}
+
+/// What a rollout needs besides its candidate.
+pub struct Scene<'a> {
+    pub roles: &'a Roles,
+    pub policy: &'a Policy,
+    pub task: &'a Task,
+    pub goal: &'a Goal,
+    /// The conversation before the candidate (user and assistant messages).
+    pub context: &'a [ChatMessage],
+}
+
+/// A rollout under way.
+struct Running {
+    conversation: Vec<ChatMessage>,
+    tokens: u64,
+    terminated: bool,
+    /// The user ended the chat (or the window is used up): no more turns.
+    done: bool,
+    failed: Option<CollabError>,
+}
+
+impl Running {
+    fn going(&self) -> bool {
+        !self.done && self.failed.is_none()
+    }
+}
+
+/// Rolls every listed candidate forward `window` turn pairs and scores the results. The rollouts
+/// move in lockstep — all simulated users, then all assistants, then all judgements — each step
+/// one group of requests, so the engine batches the whole turn together and, given the seeds,
+/// batches it the same way on every run: same seeds, same build, same rewards.
+pub async fn rollouts(
+    scene: &Scene<'_>,
+    candidates: &[Candidate],
+    keys: &[RolloutKey],
+    window: u32,
+) -> Vec<Result<Rollout, CollabError>> {
+    let mut runs: Vec<Running> = keys
+        .iter()
+        .map(|key| {
+            let mut conversation = scene.context.to_vec();
+            conversation.push(ChatMessage::new(
+                Role::Assistant,
+                candidates[key.candidate].text.clone(),
+            ));
+            Running {
+                conversation,
+                tokens: u64::from(candidates[key.candidate].tokens),
+                terminated: false,
+                done: false,
+                failed: None,
+            }
+        })
+        .collect();
+    for step in 0..window as usize {
+        // The simulated users.
+        let going: Vec<usize> = (0..runs.len()).filter(|&i| runs[i].going()).collect();
+        let mut asks = Vec::new();
+        let mut asked = Vec::new();
+        for &i in &going {
+            let seed = keys[i].seed("user", step);
+            match simulator::message_ask(
+                scene.roles,
+                scene.task,
+                scene.goal,
+                &runs[i].conversation,
+                seed,
+            ) {
+                Ok(ask) => {
+                    asks.push(ask);
+                    asked.push(i);
+                }
+                Err(e) => runs[i].failed = Some(e),
+            }
+        }
+        for (&i, message) in asked
+            .iter()
+            .zip(simulator::next_messages(scene.roles, &asks).await)
+        {
+            let run = &mut runs[i];
+            match message {
+                Ok(m) => {
+                    if !m.response.is_empty() {
+                        run.conversation
+                            .push(ChatMessage::new(Role::User, m.response));
+                    }
+                    run.terminated = m.terminates;
+                    run.done = m.terminates;
+                }
+                Err(e) => run.failed = Some(e),
+            }
+        }
+        // The assistants.
+        let going: Vec<usize> = (0..runs.len()).filter(|&i| runs[i].going()).collect();
+        let requests = going
+            .iter()
+            .map(|&i| {
+                let mut sampling = scene.policy.arm.sampling.clone();
+                sampling.seed = Some(keys[i].seed("assistant", step));
+                super::request(scene.policy.messages(&runs[i].conversation), sampling)
+            })
+            .collect();
+        let replies = super::generate_all(&*scene.policy.engine, "policy", requests).await;
+        for (&i, reply) in going.iter().zip(replies) {
+            let run = &mut runs[i];
+            match reply {
+                Ok(c) => {
+                    run.tokens += u64::from(c.generated_tokens);
+                    run.conversation
+                        .push(ChatMessage::new(Role::Assistant, c.text));
+                }
+                Err(e) => run.failed = Some(e),
+            }
+        }
+    }
+    judge_all(scene, keys, runs).await
+}
+
+/// Scores finished rollouts: the documents and interactivity of all of them in one group, then
+/// (when weighted) the quality of the documents in another.
+async fn judge_all(
+    scene: &Scene<'_>,
+    keys: &[RolloutKey],
+    runs: Vec<Running>,
+) -> Vec<Result<Rollout, CollabError>> {
+    let roles = scene.roles;
+    let mut scored: Vec<Option<Result<(String, f64), CollabError>>> =
+        (0..runs.len()).map(|_| None).collect();
+    let mut asks = Vec::new();
+    let mut judged = Vec::new();
+    for (i, run) in runs.iter().enumerate().filter(|(_, r)| r.failed.is_none()) {
+        let key = &keys[i];
+        let built = judge::document_ask(
+            roles,
+            scene.task,
+            &run.conversation,
+            key.seed("document", 0),
+        )
+        .and_then(|d| {
+            let seed = key.seed("interactivity", 0);
+            Ok([
+                d,
+                judge::interactivity_ask(roles, scene.task, &run.conversation, seed)?,
+            ])
+        });
+        match built {
+            Ok(pair) => {
+                asks.extend(pair);
+                judged.push(i);
+            }
+            Err(e) => scored[i] = Some(Err(e)),
+        }
+    }
+    let mut answers = judge::ask_all(roles, &asks).await.into_iter();
+    for &i in &judged {
+        let (document, interactivity) = (answers.next(), answers.next());
+        let (Some(document), Some(interactivity)) = (document, interactivity) else {
+            break;
+        };
+        scored[i] = Some(document.and_then(|d| {
+            let x = judge::read_interactivity(&interactivity?).0;
+            Ok((judge::read_document(&d), x))
+        }));
+    }
+    let weights = &roles.spec.weights;
+    let mut qualities: Vec<Option<Result<f64, CollabError>>> =
+        (0..runs.len()).map(|_| None).collect();
+    if weights.quality != 0.0 {
+        let mut asks = Vec::new();
+        let mut asked = Vec::new();
+        for (i, s) in scored.iter().enumerate() {
+            if let Some(Ok((document, _))) = s {
+                match judge::quality_ask(roles, scene.task, document, keys[i].seed("quality", 0)) {
+                    Ok(ask) => {
+                        asks.push(ask);
+                        asked.push(i);
+                    }
+                    Err(e) => qualities[i] = Some(Err(e)),
+                }
+            }
+        }
+        for (&i, answer) in asked.iter().zip(judge::ask_all(roles, &asks).await) {
+            qualities[i] = Some(answer.map(|o| judge::read_quality(&o) as f64));
+        }
+    }
+    let start = scene.context.len();
+    runs.into_iter()
+        .zip(scored)
+        .zip(qualities)
+        .map(|((mut run, scored), quality)| {
+            if let Some(e) = run.failed.take() {
+                return Err(e);
+            }
+            let (document, interactivity) = scored.unwrap_or_else(|| {
+                Err(CollabError::Invalid("the rollout was not judged".into()))
+            })?;
+            let quality = quality.transpose()?;
+            let metrics = Metrics {
+                bleu: super::metrics::sentence_bleu(&document, scene.goal.reference()),
+                tokens_k: run.tokens as f64 / 1000.0,
+                interactivity,
+                quality,
+                terminated: run.terminated,
+            };
+            Ok(Rollout {
+                continuation: run.conversation.split_off(start),
+                document,
+                score: metrics.score(weights),
+                metrics,
+            })
+        })
+        .collect()
+}
+
+/// The reward of one candidate from its rollouts' scores and metrics.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Reward {
+    pub mr: f64,
+    pub std: f64,
+    /// Mean of each metric over the rollouts.
+    pub means: Metrics,
+    pub rollouts: usize,
+}
+
+impl Reward {
+    pub fn of(rollouts: &[(f64, Metrics)]) -> Self {
+        let n = rollouts.len().max(1) as f64;
+        let mean = |f: &dyn Fn(&(f64, Metrics)) -> f64| rollouts.iter().map(f).sum::<f64>() / n;
+        let mr = mean(&|r| r.0);
+        let std = mean(&|r| (r.0 - mr).powi(2)).sqrt();
+        let qualities: Vec<f64> = rollouts.iter().filter_map(|r| r.1.quality).collect();
+        Self {
+            mr,
+            std,
+            means: Metrics {
+                bleu: mean(&|r| r.1.bleu),
+                tokens_k: mean(&|r| r.1.tokens_k),
+                interactivity: mean(&|r| r.1.interactivity),
+                quality: (!qualities.is_empty())
+                    .then(|| qualities.iter().sum::<f64>() / qualities.len() as f64),
+                terminated: rollouts.iter().any(|r| r.1.terminated),
+            },
+            rollouts: rollouts.len(),
+        }
+    }
+}
+
+/// Chosen and rejected among candidates' rewards: the highest MR and the lowest, ties broken
+/// towards the lower standard deviation; `None` when the gap is below `margin`.
+pub fn pick_pair(rewards: &[Reward], margin: f64) -> Option<(usize, usize)> {
+    let mut order: Vec<usize> = (0..rewards.len()).collect();
+    order.sort_by(|&a, &b| {
+        let (x, y) = (&rewards[a], &rewards[b]);
+        y.mr.total_cmp(&x.mr).then(x.std.total_cmp(&y.std))
+    });
+    let (&chosen, &rejected) = (order.first()?, order.last()?);
+    (chosen != rejected && rewards[chosen].mr - rewards[rejected].mr >= margin)
+        .then_some((chosen, rejected))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reward(mr: f64, std: f64) -> Reward {
+        Reward {
+            mr,
+            std,
+            means: Metrics::default(),
+            rollouts: 3,
+        }
+    }
+
+    #[test]
+    fn pairs_take_the_extremes_and_respect_the_margin() {
+        let rewards = [reward(0.5, 0.1), reward(0.9, 0.2), reward(0.1, 0.0)];
+        assert_eq!(pick_pair(&rewards, 0.02), Some((1, 2)));
+        assert_eq!(pick_pair(&rewards, 0.9), None);
+        // Equal rewards: the steadier one is chosen, and a gap of 0 is below any margin.
+        let tied = [reward(0.5, 0.3), reward(0.5, 0.1)];
+        assert_eq!(pick_pair(&tied, 0.0), Some((1, 0)));
+        assert_eq!(pick_pair(&tied, 0.02), None);
+    }
+
+    #[test]
+    fn reward_is_mean_and_population_std() {
+        let m = Metrics::default();
+        let r = Reward::of(&[(1.0, m.clone()), (3.0, m)]);
+        assert_eq!((r.mr, r.std, r.rollouts), (2.0, 1.0, 2));
+    }
+
+    #[test]
+    fn score_weighs_the_metrics() {
+        let m = Metrics {
+            bleu: 0.5,
+            tokens_k: 0.2,
+            interactivity: 1.0,
+            quality: Some(10.0),
+            terminated: false,
+        };
+        let w = RewardWeights {
+            quality: 0.5,
+            ..RewardWeights::default()
+        };
+        assert!((m.score(&w) - (0.5 - 0.02 + 1.0 + 0.5)).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,532 @@
+//! `collabllm simulate`: simulated participants run a whole protocol through the same machinery
+//! as people — assignment, the websocket session (as a real websocket client), turns, document
+//! edits, comparison picks, periodic and final ratings — with the user simulator deciding what to
+//! write and how to rate. They are stored flagged `simulated`, so a researcher can pilot a study
+//! before paying anyone and filter them out of the analysis.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use super::simulator::{self, Question};
+use super::{derive_seed, CollabError, Goal, Roles, Task};
+use crate::db::{self, DbPool};
+use crate::engine::{ChatMessage, Engines, Role};
+use crate::protocol::Protocol;
+use crate::study::frames::{ClientFrame, ServerFrame, StateView};
+use crate::study::Studio;
+
+#[derive(Debug, Clone)]
+pub struct SimulateOptions {
+    pub study: String,
+    /// Put every simulated participant in this arm instead of drawing one.
+    pub arm: Option<String>,
+    pub participants: usize,
+    /// Participants in flight at once.
+    pub concurrency: usize,
+    pub seed: u64,
+    pub models_dir: std::path::PathBuf,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SimulateSummary {
+    /// Public ids of the sessions that were completed.
+    pub completed: Vec<String>,
+    /// Participants that failed, with why.
+    pub failed: Vec<String>,
+}
+
+/// How long one server frame may take (a reply of a slow model included).
+const FRAME_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Runs `options.participants` simulated participants against the server at `ws_base`
+/// (`ws://host:port`) that serves `studio`. `progress` hears (finished, all).
+pub async fn run(
+    studio: &Arc<Studio>,
+    pool: &DbPool,
+    engines: &Engines,
+    ws_base: &str,
+    options: &SimulateOptions,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<SimulateSummary, CollabError> {
+    let slug = options.study.clone();
+    let (protocol, source) = super::pairs::with_db(pool, move |conn| {
+        let study = db::studies::find_by_slug(conn, &slug)?
+            .ok_or_else(|| CollabError::Invalid(format!("there is no study {slug:?}")))?;
+        let version = db::studies::current_version(conn, study.id)?;
+        let protocol = Protocol::from_stored(&version.protocol_text)
+            .map_err(|e| CollabError::Invalid(e.to_string()))?;
+        Ok((protocol, version.source_path))
+    })
+    .await?;
+    if let Some(arm) = &options.arm {
+        if protocol.arm(arm).is_none() {
+            return Err(CollabError::Invalid(format!(
+                "study {:?} has no arm {arm:?}; its arms are: {}",
+                options.study,
+                protocol
+                    .arms
+                    .iter()
+                    .map(|a| a.id.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    }
+    let concurrency = options.concurrency.max(1);
+    let roles = Roles::start(
+        engines,
+        &protocol,
+        Path::new(&source),
+        &options.models_dir,
+        concurrency as u32,
+    )?;
+    let total = options.participants as u64;
+    progress(0, total);
+    let mut summary = SimulateSummary::default();
+    let mut runs = futures_util::stream::iter(0..options.participants)
+        .map(|i| {
+            let participant = Participant {
+                studio,
+                roles: &roles,
+                protocol: &protocol,
+                ws_base,
+                options,
+                index: i,
+            };
+            async move { participant.run().await }
+        })
+        .buffer_unordered(concurrency);
+    let mut finished = 0;
+    while let Some(result) = runs.next().await {
+        match result {
+            Ok(session) => summary.completed.push(session),
+            Err(e) if e.is_local() || matches!(e, CollabError::Invalid(_)) => {
+                tracing::warn!(error = %e, "a simulated participant failed");
+                summary.failed.push(e.to_string());
+            }
+            Err(e) => return Err(e),
+        }
+        finished += 1;
+        progress(finished, total);
+    }
+    Ok(summary)
+}
+
+struct Participant<'a> {
+    studio: &'a Arc<Studio>,
+    roles: &'a Roles,
+    protocol: &'a Protocol,
+    ws_base: &'a str,
+    options: &'a SimulateOptions,
+    index: usize,
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// One simulated participant's connection and what it knows.
+struct Client {
+    socket: Socket,
+    token: String,
+    next_seq: i64,
+    session: String,
+}
+
+impl Client {
+    async fn send(&mut self, frame: &ClientFrame) -> Result<(), CollabError> {
+        let text = serde_json::to_string(frame).expect("frames serialise");
+        self.socket
+            .send(WsMessage::Text(text.into()))
+            .await
+            .map_err(|e| self.failed(format!("cannot send: {e}")))
+    }
+
+    fn failed(&self, why: String) -> CollabError {
+        CollabError::Invalid(format!("simulated session {}: {why}", self.session))
+    }
+
+    async fn receive(&mut self) -> Result<ServerFrame, CollabError> {
+        loop {
+            let message = tokio::time::timeout(FRAME_TIMEOUT, self.socket.next())
+                .await
+                .map_err(|_| self.failed("the server sent nothing for 5 minutes".into()))?;
+            match message {
+                Some(Ok(WsMessage::Text(text))) => {
+                    return serde_json::from_str(&text)
+                        .map_err(|e| self.failed(format!("unreadable frame {text}: {e}")));
+                }
+                Some(Ok(WsMessage::Close(_))) | None => {
+                    return Err(self.failed("the server closed the connection".into()))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(self.failed(format!("websocket error: {e}"))),
+            }
+        }
+    }
+
+    /// The session's full state, as a reconnecting browser gets it.
+    async fn state(&mut self) -> Result<StateView, CollabError> {
+        self.send(&ClientFrame::Hello {
+            session_token: self.token.clone(),
+        })
+        .await?;
+        loop {
+            match self.receive().await? {
+                ServerFrame::State(state) => return Ok(*state),
+                ServerFrame::Error {
+                    code,
+                    message,
+                    client_seq: None,
+                } => return Err(self.failed(format!("hello refused: {code}: {message}"))),
+                _ => {}
+            }
+        }
+    }
+
+    fn seq(&mut self) -> i64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    /// Sends a frame and reads until `done` says so; a refusal of the frame is an error, except
+    /// `rate_limited`, which waits and sends again.
+    async fn request(
+        &mut self,
+        frame: ClientFrame,
+        done: impl Fn(&ServerFrame) -> bool,
+    ) -> Result<ServerFrame, CollabError> {
+        let seq = frame.client_seq();
+        self.send(&frame).await?;
+        loop {
+            let reply = self.receive().await?;
+            if let ServerFrame::Error {
+                code,
+                message,
+                client_seq,
+            } = &reply
+            {
+                if *client_seq == seq {
+                    if code == "rate_limited" {
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                        self.send(&frame).await?;
+                        continue;
+                    }
+                    return Err(
+                        self.failed(format!("the server refused a frame: {code}: {message}"))
+                    );
+                }
+            }
+            if done(&reply) {
+                return Ok(reply);
+            }
+        }
+    }
+
+    async fn acked(&mut self, frame: ClientFrame) -> Result<(), CollabError> {
+        let seq = frame.client_seq();
+        self.request(
+            frame,
+            |f| matches!(f, ServerFrame::Ack { client_seq, .. } if Some(*client_seq) == seq),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+impl Participant<'_> {
+    fn seed(&self, what: &str, step: usize) -> u32 {
+        derive_seed(
+            self.options.seed,
+            &[&self.index.to_string(), what, &step.to_string()],
+        )
+    }
+
+    /// Enters, chats until satisfied or the turn cap, rates and finishes; the session's public id.
+    async fn run(&self) -> Result<String, CollabError> {
+        let (session, token) = self
+            .studio
+            .enter_simulated(self.options.study.clone(), self.options.arm.clone())
+            .await
+            .map_err(|e| CollabError::Invalid(format!("cannot enter the study: {e}")))?;
+        let task_spec = self
+            .protocol
+            .tasks
+            .iter()
+            .find(|t| Some(&t.id) == session.task_id.as_ref());
+        let topic = task_spec.and_then(|t| {
+            t.topics
+                .iter()
+                .find(|p| Some(&p.id) == session.topic_id.as_ref())
+        });
+        let (Some(task_spec), Some(topic)) = (task_spec, topic) else {
+            return Err(CollabError::Invalid(format!(
+                "session {} has no task",
+                session.public_id
+            )));
+        };
+        let task = Task::of(task_spec, topic);
+        let goal = Goal {
+            intent: topic.hidden_intent.clone(),
+            document: String::new(),
+        };
+        let url = format!("{}/s/{}/ws", self.ws_base, self.options.study);
+        let (socket, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .map_err(|e| CollabError::Invalid(format!("cannot connect to {url}: {e}")))?;
+        let mut client = Client {
+            socket,
+            token,
+            next_seq: 0,
+            session: session.public_id.clone(),
+        };
+        let rules = &self.protocol.session;
+        let mut cap = self.roles.spec.max_turns.max(rules.min_turns);
+        if rules.max_turns > 0 {
+            cap = cap.min(rules.max_turns);
+        }
+        // Every step moves the session on; this bounds a session that would not.
+        let most_steps = cap as usize * 6 + 20;
+        let mut st = client.state().await?;
+        for step in 0..most_steps {
+            let conversation = conversation_of(&st);
+            match st.phase.as_str() {
+                "finished" => {
+                    let _ = client.socket.close(None).await;
+                    return Ok(session.public_id);
+                }
+                "chatting" if st.streaming.is_some() => {
+                    client.request_done_or_comparison().await?;
+                }
+                "chatting" => {
+                    let at_cap = st.turn as u32 >= cap;
+                    let message = if at_cap {
+                        None
+                    } else {
+                        Some(
+                            simulator::next_message(
+                                self.roles,
+                                &task,
+                                &goal,
+                                &conversation,
+                                self.seed("message", step),
+                            )
+                            .await?,
+                        )
+                    };
+                    match message {
+                        Some(m) if !(m.terminates && st.can_finish) => {
+                            let draft = truncate(&m.current_answer, st.max_document_bytes);
+                            if !draft.trim().is_empty() && draft != st.document.content {
+                                let seq = client.seq();
+                                client
+                                    .acked(ClientFrame::DocUpdate {
+                                        client_seq: seq,
+                                        base_rev: st.document.rev,
+                                        content: draft,
+                                        inserted_message: None,
+                                    })
+                                    .await?;
+                            }
+                            let seq = client.seq();
+                            client
+                                .request(
+                                    ClientFrame::UserMessage {
+                                        client_seq: seq,
+                                        text: truncate(&m.response, st.max_message_bytes),
+                                    },
+                                    |f| {
+                                        matches!(
+                                            f,
+                                            ServerFrame::AssistantDone { .. }
+                                                | ServerFrame::Comparison(_)
+                                        )
+                                    },
+                                )
+                                .await?;
+                        }
+                        _ if st.can_finish => {
+                            let seq = client.seq();
+                            client
+                                .acked(ClientFrame::Finish { client_seq: seq })
+                                .await?;
+                        }
+                        _ => {
+                            return Err(client.failed(format!(
+                                "the turn cap ({cap}) is reached but the session cannot finish"
+                            )))
+                        }
+                    }
+                }
+                "choosing" => {
+                    let Some(comparison) = &st.comparison else {
+                        return Err(client.failed("choosing without candidates".into()));
+                    };
+                    let question = Question::Choice {
+                        question: format!(
+                            "Which reply do you prefer?\n\nReply A:\n{}\n\nReply B:\n{}\n\n(tie: both are good; both_bad: neither is)",
+                            comparison.candidates.first().map_or("", |c| c.as_str()),
+                            comparison.candidates.get(1).map_or("", |c| c.as_str()),
+                        ),
+                        choices: ["a", "b", "tie", "both_bad"].map(String::from).to_vec(),
+                    };
+                    let choice = simulator::answer(
+                        self.roles,
+                        &task,
+                        &goal,
+                        &conversation,
+                        &st.document.content,
+                        &question,
+                        self.seed("choice", step),
+                    )
+                    .await?;
+                    let seq = client.seq();
+                    client
+                        .acked(ClientFrame::Choose {
+                            client_seq: seq,
+                            choice: choice.as_str().unwrap_or("tie").to_string(),
+                        })
+                        .await?;
+                }
+                "rating" => {
+                    for rating in st.pending_ratings.clone() {
+                        let value = self
+                            .rate(&task, &goal, &conversation, &st, &rating, step)
+                            .await?;
+                        let seq = client.seq();
+                        client
+                            .acked(ClientFrame::Rating {
+                                client_seq: seq,
+                                key: rating.key.clone(),
+                                value,
+                            })
+                            .await?;
+                    }
+                }
+                "final" => {
+                    let mut ratings = BTreeMap::new();
+                    for rating in &st.final_ratings {
+                        let value = self
+                            .rate(&task, &goal, &conversation, &st, rating, step)
+                            .await?;
+                        ratings.insert(rating.key.clone(), value);
+                    }
+                    let mut answers = BTreeMap::new();
+                    for (i, q) in st.questionnaire.iter().enumerate() {
+                        let question = Question::Text {
+                            question: q.prompt.clone(),
+                            max_chars: q.max_chars.min(600) as u32,
+                        };
+                        let answer = simulator::answer(
+                            self.roles,
+                            &task,
+                            &goal,
+                            &conversation,
+                            &st.document.content,
+                            &question,
+                            self.seed(&format!("question-{i}"), step),
+                        )
+                        .await?;
+                        let text = answer.as_str().unwrap_or_default().trim().to_string();
+                        let text = if text.is_empty() && q.required {
+                            "no comment".to_string()
+                        } else {
+                            text
+                        };
+                        answers.insert(q.key.clone(), text);
+                    }
+                    let seq = client.seq();
+                    client
+                        .request(
+                            ClientFrame::FinalAnswers {
+                                client_seq: seq,
+                                ratings,
+                                answers,
+                            },
+                            |f| matches!(f, ServerFrame::Completed(_)),
+                        )
+                        .await?;
+                }
+                other => {
+                    return Err(client.failed(format!("unexpected phase {other:?}")));
+                }
+            }
+            st = client.state().await?;
+        }
+        Err(client.failed(format!("not finished after {most_steps} steps")))
+    }
+
+    async fn rate(
+        &self,
+        task: &Task,
+        goal: &Goal,
+        conversation: &[ChatMessage],
+        st: &StateView,
+        rating: &crate::study::frames::RatingView,
+        step: usize,
+    ) -> Result<i32, CollabError> {
+        let question = Question::Scale {
+            question: rating.question.clone(),
+            min: rating.min,
+            max: rating.max,
+            min_label: rating.min_label.clone(),
+            max_label: rating.max_label.clone(),
+        };
+        let value = simulator::answer(
+            self.roles,
+            task,
+            goal,
+            conversation,
+            &st.document.content,
+            &question,
+            self.seed(&format!("rating-{}", rating.key), step),
+        )
+        .await?;
+        Ok(value
+            .as_i64()
+            .and_then(|v| i32::try_from(v).ok())
+            .unwrap_or(rating.min))
+    }
+}
+
+impl Client {
+    /// Waits for the reply that is streaming to end (or to turn into a comparison).
+    async fn request_done_or_comparison(&mut self) -> Result<(), CollabError> {
+        loop {
+            if matches!(
+                self.receive().await?,
+                ServerFrame::AssistantDone { .. } | ServerFrame::Comparison(_)
+            ) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The chat of a state, as the simulator sees it.
+fn conversation_of(st: &StateView) -> Vec<ChatMessage> {
+    st.messages
+        .iter()
+        .map(|m| {
+            let role = if m.role == "user" {
+                Role::User
+            } else {
+                Role::Assistant
+            };
+            ChatMessage::new(role, m.content.clone())
+        })
+        .collect()
+}
+
+/// `text` cut to at most `max_bytes` bytes on a character boundary.
+fn truncate(text: &str, max_bytes: usize) -> String {
+    let mut end = text.len().min(max_bytes);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_string()
+}

@@ -1,0 +1,267 @@
+//! `collabllm synth`: the paper's data generation. From single-turn tasks (a prompt and a
+//! reference document) it grows multi-turn conversations turn by turn: the simulator opens, the
+//! policy offers K candidate replies, each is scored with the multiturn-aware reward, the best one
+//! is kept and the conversation continues with the next user message of its rollouts. Every
+//! candidate becomes a row (prompt, completion, score, rewards), and pairs can be built from the
+//! rows of a turn like `collabllm pairs` builds them.
+
+use std::io::BufRead;
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::json;
+
+use super::reward::{self, Candidate, Reward, RolloutKey, Scene};
+use super::{derive_seed, simulator, CollabError, Goal, JsonlWriter, Policy, Roles, Task};
+use crate::engine::{ChatMessage, Role};
+
+/// One line of the tasks file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SynthTask {
+    #[serde(default)]
+    pub id: Option<String>,
+    /// What kind of document ("blog post", …); default "document".
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// The single-turn request.
+    pub prompt: String,
+    /// The document a good conversation ends with.
+    pub reference: String,
+}
+
+/// Reads a JSONL file of tasks; errors name the line.
+pub fn read_tasks(path: &Path) -> Result<Vec<SynthTask>, CollabError> {
+    let file = std::fs::File::open(path).map_err(|e| {
+        CollabError::Invalid(format!("cannot read tasks file {}: {e}", path.display()))
+    })?;
+    let mut tasks = Vec::new();
+    for (i, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line =
+            line.map_err(|e| CollabError::Invalid(format!("cannot read {}: {e}", path.display())))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let task: SynthTask = serde_json::from_str(&line).map_err(|e| {
+            CollabError::Invalid(format!(
+                "{}:{}: {e}; each line is a JSON object with \"prompt\" and \"reference\" (and optionally \"id\", \"kind\")",
+                path.display(),
+                i + 1
+            ))
+        })?;
+        tasks.push(task);
+    }
+    if tasks.is_empty() {
+        return Err(CollabError::Invalid(format!(
+            "{} holds no tasks",
+            path.display()
+        )));
+    }
+    Ok(tasks)
+}
+
+#[derive(Debug, Clone)]
+pub struct SynthOptions {
+    /// Conversations to grow (the tasks are taken in order, again from the first when there are
+    /// fewer).
+    pub conversations: usize,
+    /// Assistant turns per conversation at most.
+    pub turns: u32,
+    pub candidates: u32,
+    pub samples: u32,
+    pub window: u32,
+    pub margin: f64,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SynthSummary {
+    pub conversations: u64,
+    pub rows: u64,
+    pub pairs: u64,
+    /// Turns that could not be scored (the conversation stopped there).
+    pub failed_turns: u64,
+}
+
+/// Grows the conversations and writes one row per candidate to `out`, and DPO pairs to `pairs`
+/// when given. `progress` hears (conversations done, all).
+pub async fn run(
+    roles: &Roles,
+    policy: &Policy,
+    tasks: &[SynthTask],
+    options: &SynthOptions,
+    out: &Path,
+    pairs: Option<&Path>,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<SynthSummary, CollabError> {
+    let mut rows = JsonlWriter::create(out)?;
+    let mut pair_rows = pairs.map(JsonlWriter::create).transpose()?;
+    let mut summary = SynthSummary::default();
+    let total = options.conversations as u64;
+    progress(0, total);
+    for c in 0..options.conversations {
+        let spec = &tasks[c % tasks.len()];
+        let id = spec
+            .id
+            .clone()
+            .unwrap_or_else(|| format!("task-{}", c % tasks.len()));
+        let conversation_id = format!("{id}#{c}");
+        let task = Task {
+            kind: spec.kind.clone().unwrap_or_else(|| "document".into()),
+            title: spec
+                .prompt
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .take(120)
+                .collect(),
+            instructions: spec.prompt.clone(),
+        };
+        let goal = Goal {
+            intent: spec.prompt.clone(),
+            document: spec.reference.clone(),
+        };
+        let opening = simulator::next_message(
+            roles,
+            &task,
+            &goal,
+            &[],
+            derive_seed(options.seed, &[&conversation_id, "opening"]),
+        )
+        .await?;
+        let mut history = vec![ChatMessage::new(Role::User, opening.response)];
+        for turn in 1..=options.turns {
+            let label = format!("{conversation_id}/{turn}");
+            match grow_turn(roles, policy, &task, &goal, &history, options, &label).await {
+                Ok((candidates, rewards, next_user)) => {
+                    for (k, (candidate, reward)) in candidates.iter().zip(&rewards).enumerate() {
+                        rows.write(&json!({
+                            "conversation": conversation_id,
+                            "task": id,
+                            "turn": turn,
+                            "candidate": k,
+                            "prompt": policy.messages(&history),
+                            "completion": [{"role": "assistant", "content": candidate.text}],
+                            "score": reward.mr,
+                            "score_std": reward.std,
+                            "rewards": reward.means,
+                            "kept": k == best(&rewards),
+                            "seed": derive_seed(options.seed, &[&label, "candidate", &k.to_string()]),
+                        }))?;
+                        summary.rows += 1;
+                    }
+                    if let (Some(out), Some((chosen, rejected))) = (
+                        pair_rows.as_mut(),
+                        reward::pick_pair(&rewards, options.margin),
+                    ) {
+                        out.write(&json!({
+                            "prompt": policy.messages(&history),
+                            "chosen": [{"role": "assistant", "content": candidates[chosen].text}],
+                            "rejected": [{"role": "assistant", "content": candidates[rejected].text}],
+                            "score_chosen": rewards[chosen].mr,
+                            "score_rejected": rewards[rejected].mr,
+                            "metadata": {"source": "synth", "conversation": conversation_id, "task": id, "turn": turn, "seed": options.seed},
+                        }))?;
+                        summary.pairs += 1;
+                    }
+                    history.push(ChatMessage::new(
+                        Role::Assistant,
+                        candidates[best(&rewards)].text.clone(),
+                    ));
+                    match next_user {
+                        Some(next) => history.push(ChatMessage::new(Role::User, next)),
+                        None => break,
+                    }
+                }
+                Err(e) if e.is_local() => {
+                    tracing::warn!(conversation = %conversation_id, turn, error = %e, "turn failed; the conversation ends here");
+                    summary.failed_turns += 1;
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        summary.conversations += 1;
+        progress(summary.conversations, total);
+    }
+    rows.finish()?;
+    if let Some(p) = pair_rows {
+        p.finish()?;
+    }
+    Ok(summary)
+}
+
+fn best(rewards: &[Reward]) -> usize {
+    reward::pick_pair(rewards, f64::NEG_INFINITY).map_or(0, |(chosen, _)| chosen)
+}
+
+/// K fresh candidates after `history`, their rewards, and the user's next message from the best
+/// candidate's first rollout (none when the simulated user ended the chat there).
+async fn grow_turn(
+    roles: &Roles,
+    policy: &Policy,
+    task: &Task,
+    goal: &Goal,
+    history: &[ChatMessage],
+    options: &SynthOptions,
+    label: &str,
+) -> Result<(Vec<Candidate>, Vec<Reward>, Option<String>), CollabError> {
+    let requests = (0..options.candidates as usize)
+        .map(|k| {
+            let mut sampling = policy.arm.sampling.clone();
+            sampling.seed = Some(derive_seed(
+                options.seed,
+                &[label, "candidate", &k.to_string()],
+            ));
+            super::request(policy.messages(history), sampling)
+        })
+        .collect();
+    let generated = super::generate_all(&*policy.engine, "policy", requests).await;
+    let candidates = generated
+        .into_iter()
+        .map(|r| {
+            r.map(|c| Candidate {
+                text: c.text,
+                tokens: c.generated_tokens,
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let todo: Vec<RolloutKey> = (0..candidates.len())
+        .flat_map(|candidate| {
+            (0..options.samples as usize).map(move |sample| RolloutKey {
+                base_seed: options.seed,
+                context: label.to_string(),
+                candidate,
+                sample,
+            })
+        })
+        .collect();
+    let scene = Scene {
+        roles,
+        policy,
+        task,
+        goal,
+        context: history,
+    };
+    let ran = reward::rollouts(&scene, &candidates, &todo, options.window).await;
+    let mut per_candidate = vec![Vec::new(); candidates.len()];
+    let mut first_rollouts = vec![None; candidates.len()];
+    for (key, result) in todo.iter().zip(ran) {
+        let rollout = result?;
+        if key.sample == 0 {
+            first_rollouts[key.candidate] = Some(rollout.clone());
+        }
+        per_candidate[key.candidate].push((rollout.score, rollout.metrics));
+    }
+    let rewards: Vec<Reward> = per_candidate.iter().map(|r| Reward::of(r)).collect();
+    // The best candidate's first rollout goes on with the user's reply, unless the user ended
+    // the chat there. (A rollout is the candidate, then the user, then the assistant, …)
+    let next_user = first_rollouts[best(&rewards)]
+        .as_ref()
+        .filter(|r| !r.metrics.terminated)
+        .and_then(|r| r.continuation.get(1))
+        .filter(|m| m.role == Role::User)
+        .map(|m| m.content.clone());
+    Ok((candidates, rewards, next_user))
+}

@@ -1,0 +1,420 @@
+//! The CollabLLM core with the real model: the user simulator and the judge answer in shape,
+//! simulated participants complete a protocol over the websocket, MR pairs are scored, stored,
+//! resumed and reproduced, and bad input is refused or skipped without losing finished work.
+
+use std::path::Path;
+
+use collabllm::collab::pairs::{self, PairsOptions, PairsSummary, SessionKind};
+use collabllm::collab::simulate::{self, SimulateOptions};
+use collabllm::collab::simulator::{self, TERMINATE};
+use collabllm::collab::{judge, Goal, Roles, Task};
+use collabllm::db::models::NewMessage;
+use collabllm::db::{self, schema, DbPool};
+use collabllm::engine::{ChatMessage, Engines, Role};
+use collabllm::protocol::LoadedProtocol;
+use collabllm::study::Studio;
+use collabllm::web::AppState;
+use diesel::prelude::*;
+use serde_json::Value;
+
+use crate::common::{assert_trl_pair, models_dir, repo_root, TestDb, TestServer};
+use crate::on_both_backends_async;
+
+/// The quick pilot with small MR settings, so a test scores a turn in seconds.
+fn pilot(extra: &str) -> LoadedProtocol {
+    let path = repo_root().join("study-protocols/quick-pilot.toml");
+    let text = std::fs::read_to_string(&path).unwrap()
+        + "\n[collab]\nsamples = 2\nwindow = 1\nmax_turns = 2\nmax_document_chars = 300\n"
+        + extra;
+    LoadedProtocol::from_text(&path, text, &models_dir()).unwrap()
+}
+
+fn import(pool: &DbPool, loaded: &LoadedProtocol) {
+    db::studies::import(&mut pool.get().unwrap(), loaded).unwrap();
+}
+
+/// A person's session with two turns and a final document.
+async fn seed_session(pool: &DbPool) -> i64 {
+    let studio = Studio::new(pool.clone(), Engines::new()).unwrap();
+    let entry = studio
+        .enter("quick-pilot".into(), None, None)
+        .await
+        .unwrap();
+    let session = studio.agree(entry.session.id).await.unwrap();
+    let pool = pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let c = &mut pool.get().unwrap();
+        for (user, assistant) in [
+            ("i need a short note for someone", "Happy to help! Who is the note for, and what is it about?"),
+            ("my neighbour, she watered my plants", "Dear neighbour, thank you so much for watering my plants while I was away."),
+        ] {
+            db::messages::append(c, session.id, &NewMessage { role: "user", content: user, ..Default::default() }).unwrap();
+            db::messages::append(
+                c,
+                session.id,
+                &NewMessage { role: "assistant", content: assistant, gen_tokens: Some(20), ..Default::default() },
+            )
+            .unwrap();
+        }
+        db::revisions::append(
+            c,
+            session.id,
+            "user",
+            None,
+            "Dear Ann, thank you for watering my plants during my holiday. The tomatoes are thriving!",
+        )
+        .unwrap();
+        session.id
+    })
+    .await
+    .unwrap()
+}
+
+fn options(study: &str) -> PairsOptions {
+    PairsOptions {
+        study: study.into(),
+        sessions: SessionKind::All,
+        candidates: Some(2),
+        samples: Some(2),
+        window: Some(1),
+        margin: Some(0.0),
+        seed: 11,
+        models_dir: models_dir(),
+    }
+}
+
+async fn run_pairs(
+    pool: &DbPool,
+    engines: &Engines,
+    options: &PairsOptions,
+    out: &Path,
+) -> PairsSummary {
+    pairs::run(pool, engines, options, out, &|_, _| {})
+        .await
+        .unwrap()
+}
+
+fn rows(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn count_rollouts(pool: &DbPool) -> i64 {
+    schema::rollouts::table
+        .count()
+        .get_result(&mut pool.get().unwrap())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn simulator_and_judge_answer_in_shape() {
+    let loaded = pilot("");
+    let engines = Engines::new();
+    let roles = Roles::start(&engines, &loaded.protocol, &loaded.source, &models_dir(), 4).unwrap();
+    let task_spec = &loaded.protocol.tasks[0];
+    let task = Task::of(task_spec, &task_spec.topics[0]);
+    let goal = Goal {
+        intent: task_spec.topics[0].hidden_intent.clone(),
+        document: String::new(),
+    };
+    for seed in 0..3 {
+        let m = simulator::next_message(&roles, &task, &goal, &[], seed)
+            .await
+            .unwrap();
+        assert!(!m.response.trim().is_empty() || m.terminates);
+        assert!(
+            !m.response.contains(TERMINATE),
+            "the marker is never sent: {m:?}"
+        );
+        assert!(m.current_answer.chars().count() <= 300);
+    }
+    let conversation = [
+        ChatMessage::new(Role::User, "help me write a thank-you note"),
+        ChatMessage::new(
+            Role::Assistant,
+            "Sure! Who is it for, and what are you thanking them for?",
+        ),
+        ChatMessage::new(Role::User, "my neighbour Ann, for watering my plants"),
+        ChatMessage::new(
+            Role::Assistant,
+            "Dear Ann, thank you so much for watering my plants!",
+        ),
+    ];
+    let (score, thought) = judge::interactivity(&roles, &task, &conversation, 1)
+        .await
+        .unwrap();
+    assert!((0.0..=1.0).contains(&score), "{score}");
+    assert!(thought.chars().count() <= 300);
+    let document = judge::extract_document(&roles, &task, &conversation, 2)
+        .await
+        .unwrap();
+    assert!(document.chars().count() <= 300);
+    let quality = judge::quality(&roles, &task, &document, 3).await.unwrap();
+    assert!((1..=10).contains(&quality), "{quality}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn simulated_participants_complete_the_protocol_over_the_websocket() {
+    let db = TestDb::sqlite();
+    let loaded = pilot("");
+    let pool = db.pool();
+    import(&pool, &loaded);
+    let engines = Engines::new();
+    engines
+        .load_protocol(&loaded.protocol, &models_dir())
+        .unwrap();
+    let state = AppState::new(pool.clone(), engines, models_dir()).unwrap();
+    let server = TestServer::start(state.clone());
+    let options = SimulateOptions {
+        study: "quick-pilot".into(),
+        arm: Some("proactive".into()),
+        participants: 2,
+        concurrency: 2,
+        seed: 5,
+        models_dir: models_dir(),
+    };
+    let summary = simulate::run(
+        &state.studio,
+        &pool,
+        &state.engines,
+        &format!("ws://{}", server.addr),
+        &options,
+        &|_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.completed.len(), 2, "failures: {:?}", summary.failed);
+    let c = &mut pool.get().unwrap();
+    for public_id in &summary.completed {
+        let session = db::sessions::find_by_public_id(c, public_id)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (session.state.as_str(), session.outcome.as_deref()),
+            ("finished", Some("completed"))
+        );
+        assert!(
+            db::participants::get(c, session.participant_id)
+                .unwrap()
+                .simulated
+        );
+        let messages = db::messages::list_for_session(c, session.id).unwrap();
+        let turns = messages.iter().filter(|m| m.role == "assistant").count();
+        // min_turns = 2 and [collab] max_turns = 2: exactly two turns, whatever the simulator says.
+        assert_eq!(turns, 2, "{messages:?}");
+        assert!(messages.iter().all(|m| !m.content.contains(TERMINATE)));
+        let ratings = db::ratings::list_for_session(c, session.id).unwrap();
+        let keys: Vec<&str> = ratings.iter().map(|r| r.rating_key.as_str()).collect();
+        assert_eq!(
+            keys.iter().filter(|k| **k == "interaction").count(),
+            2,
+            "{keys:?}"
+        );
+        assert!(keys.contains(&"document_quality"));
+        assert!(ratings.iter().all(|r| (1..=10).contains(&r.value)));
+    }
+    // The forced arm is recorded in the assignment ledger.
+    let ledger = schema::assignments::table
+        .select(schema::assignments::method)
+        .load::<String>(c)
+        .unwrap();
+    assert_eq!(ledger, ["forced", "forced"]);
+}
+
+async fn pairs_are_scored_stored_resumed_and_reproduced(db: TestDb) {
+    let pool = db.pool();
+    import(&pool, &pilot(""));
+    let session_id = seed_session(&pool).await;
+    let engines = Engines::new();
+    let dir = tempfile::tempdir().unwrap();
+    let first = dir.path().join("first.jsonl");
+    let options = options("quick-pilot");
+    let summary = run_pairs(&pool, &engines, &options, &first).await;
+    assert_eq!(
+        (
+            summary.turns,
+            summary.scored,
+            summary.skipped,
+            summary.pairs
+        ),
+        (2, 2, 0, 2),
+        "{summary:?}"
+    );
+    assert_eq!((summary.rollouts_run, summary.rollouts_reused), (8, 0));
+    let pairs = rows(&first);
+    for row in &pairs {
+        assert_trl_pair(row);
+        assert!(row["score_chosen"].as_f64().unwrap() >= row["score_rejected"].as_f64().unwrap());
+        for side in ["metrics_chosen", "metrics_rejected"] {
+            for metric in ["bleu", "tokens_k", "interactivity", "mr_std"] {
+                assert!(row[side][metric].is_number(), "{side}.{metric} in {row}");
+            }
+            assert_eq!(row[side]["rollouts"], 2);
+        }
+        let meta = &row["metadata"];
+        assert_eq!(meta["study"], "quick-pilot");
+        assert!(meta["participant"].as_str().unwrap().starts_with("p-"));
+        assert_eq!(meta["policy_model_sha256"].as_str().unwrap().len(), 64);
+        assert_eq!(meta["judge_model_sha256"], meta["policy_model_sha256"]);
+        assert_eq!(
+            (meta["samples"].as_u64(), meta["window"].as_u64()),
+            (Some(2), Some(1))
+        );
+        assert!(
+            meta["chosen_is_given"] != meta["rejected_is_given"],
+            "the reply given vs a fresh one"
+        );
+    }
+    assert_eq!(
+        pairs[0]["prompt"].as_array().unwrap().len(),
+        2,
+        "system, user"
+    );
+    assert_eq!(pairs[1]["prompt"].as_array().unwrap().len(), 4);
+
+    // Everything is stored: 2 turns × 2 candidates × 2 rollouts, a reward per candidate.
+    assert_eq!(count_rollouts(&pool), 8);
+    let rewards = db::rewards::list_for_session(&mut pool.get().unwrap(), session_id).unwrap();
+    assert_eq!(rewards.len(), 4);
+    assert_eq!(
+        rewards.iter().filter(|r| r.candidate_id.is_none()).count(),
+        2
+    );
+
+    // An interrupted run: it stopped after the first turn (a turn's rollouts are stored
+    // together). The next run scores only the second turn.
+    diesel::delete(schema::rollouts::table.filter(schema::rollouts::turn.eq(4)))
+        .execute(&mut pool.get().unwrap())
+        .unwrap();
+    let second = dir.path().join("second.jsonl");
+    let summary = run_pairs(&pool, &engines, &options, &second).await;
+    assert_eq!(
+        (summary.rollouts_run, summary.rollouts_reused, summary.pairs),
+        (4, 4, 2)
+    );
+    assert_eq!(count_rollouts(&pool), 8);
+    assert_eq!(rows(&second), pairs, "a resumed run gives the same pairs");
+
+    // Nothing stored at all: the same seeds give the same pairs again.
+    diesel::delete(schema::rollouts::table)
+        .execute(&mut pool.get().unwrap())
+        .unwrap();
+    diesel::delete(schema::rewards::table)
+        .execute(&mut pool.get().unwrap())
+        .unwrap();
+    diesel::delete(schema::candidates::table)
+        .execute(&mut pool.get().unwrap())
+        .unwrap();
+    let third = dir.path().join("third.jsonl");
+    let summary = run_pairs(&pool, &engines, &options, &third).await;
+    assert_eq!(summary.rollouts_run, 8);
+    assert_eq!(rows(&third), pairs, "same seeds, same build: same pairs");
+
+    // Only people's sessions, or only simulated ones.
+    let simulated_only = PairsOptions {
+        sessions: SessionKind::Simulated,
+        ..options
+    };
+    let none = dir.path().join("none.jsonl");
+    let summary = run_pairs(&pool, &engines, &simulated_only, &none).await;
+    assert_eq!((summary.turns, summary.pairs), (0, 0));
+    assert!(rows(&none).is_empty());
+}
+on_both_backends_async!(pairs_are_scored_stored_resumed_and_reproduced);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_refused_or_skipped() {
+    let db = TestDb::sqlite();
+    let pool = db.pool();
+    import(&pool, &pilot(""));
+    let engines = Engines::new();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pairs.jsonl");
+
+    let e = pairs::run(&pool, &engines, &options("no-such-study"), &out, &|_, _| {})
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no study \"no-such-study\""), "{e}");
+    assert!(!out.exists());
+
+    // A session without assistant turns: nothing to score, no error.
+    let studio = Studio::new(pool.clone(), Engines::new()).unwrap();
+    let entry = studio
+        .enter("quick-pilot".into(), None, None)
+        .await
+        .unwrap();
+    studio.agree(entry.session.id).await.unwrap();
+    let summary = run_pairs(&pool, &engines, &options("quick-pilot"), &out).await;
+    assert_eq!((summary.turns, summary.pairs), (0, 0));
+    assert!(rows(&out).is_empty());
+}
+
+/// A remote judge that answers with garbage, or not at all: every turn is skipped with a logged
+/// reason, the run ends normally, and the candidates it generated stay stored.
+async fn with_remote_judge(behaviour: &'static str) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; 65536];
+                let _ = socket.read(&mut buffer).await;
+                if behaviour == "silent" {
+                    tokio::time::sleep(std::time::Duration::from_secs(30)).await;
+                    return;
+                }
+                let body = "data: {\"choices\":[{\"delta\":{\"content\":\"I think it is great!\"}}]}\n\ndata: [DONE]\n\n";
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    let extra = format!(
+        "judge_model = \"remote-judge\"\n\n[[models]]\nid = \"remote-judge\"\nendpoint = \"http://127.0.0.1:{port}/v1\"\ntimeout_seconds = 1\n"
+    );
+    let db = TestDb::sqlite();
+    let pool = db.pool();
+    import(&pool, &pilot(&extra));
+    seed_session(&pool).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pairs.jsonl");
+    let summary = run_pairs(&pool, &Engines::new(), &options("quick-pilot"), &out).await;
+    assert_eq!(
+        (
+            summary.turns,
+            summary.skipped,
+            summary.pairs,
+            summary.rollouts_run
+        ),
+        (2, 2, 0, 0),
+        "{behaviour}: {summary:?}"
+    );
+    let candidates: i64 = schema::candidates::table
+        .count()
+        .get_result(&mut pool.get().unwrap())
+        .unwrap();
+    assert_eq!(
+        candidates, 2,
+        "the fresh candidates are kept for the next run"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_judge_that_returns_garbage_skips_turns() {
+    with_remote_judge("garbage").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_judge_that_times_out_skips_turns() {
+    with_remote_judge("silent").await;
+}
