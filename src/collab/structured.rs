@@ -63,7 +63,8 @@ impl Shape {
         format!("{root}\n{}\n", rules.join("\n"))
     }
 
-    /// Tokens that always suffice for a complete object (a token holds at least one character).
+    /// Tokens enough for a complete object: a token holds at least one character. (Only a
+    /// model that spells characters as `\u` escapes can run out; its answer is asked for again.)
     pub fn max_tokens(&self) -> u32 {
         let chars: u32 = self
             .0

@@ -471,3 +471,55 @@ fn the_remote_backend_streams_from_another_serve_instance() {
         assert!(err.unwrap_err().to_string().contains("request failed"));
     });
 }
+
+/// A group of reproducible requests: prompts that begin alike share the prefix's computation
+/// (copied from the first request that has it), and the group gives the same texts every time,
+/// whatever ran on the engine in between.
+#[tokio::test]
+async fn a_reproducible_group_shares_its_prefix_and_repeats_itself() {
+    let engine = engine(4, 4096);
+    let story =
+        "The keeper climbed the stairs of the lighthouse and looked at the sea. ".repeat(20);
+    let group = || {
+        [
+            "Write about dogs.",
+            "Write about cats.",
+            "Write about cats.",
+        ]
+        .iter()
+        .enumerate()
+        .map(|(i, ask)| {
+            let sampling = Sampling {
+                temperature: 0.8,
+                seed: Some(7 + i as u32),
+                max_tokens: 24,
+                ..Sampling::default()
+            };
+            let mut r = chat(&format!("{story}{ask}"), sampling);
+            r.reproducible = true;
+            r
+        })
+        .collect::<Vec<_>>()
+    };
+    let finish = |generations: Vec<Result<Generation, EngineError>>| async {
+        let mut out = Vec::new();
+        for g in generations {
+            out.push(g.unwrap().finish().await.unwrap());
+        }
+        out
+    };
+    let first = finish(engine.start_group(group())).await;
+    assert_eq!(first[0].prompt_tokens_processed, first[0].prompt_tokens);
+    for follower in &first[1..] {
+        assert!(
+            follower.prompt_tokens_processed < 20,
+            "the shared prefix is copied, not computed: {follower:?}"
+        );
+        assert!(!follower.text.trim().is_empty());
+    }
+    // Other work in between, then the same group again.
+    run(&engine, chat("Say hello.", greedy(8))).await;
+    let again = finish(engine.start_group(group())).await;
+    let texts = |c: &[Completion]| c.iter().map(|c| c.text.clone()).collect::<Vec<_>>();
+    assert_eq!(texts(&first), texts(&again));
+}

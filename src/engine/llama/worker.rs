@@ -92,7 +92,23 @@ struct Active {
     /// Admission number: batches list sequences in this order, not by slot, so a batch's
     /// layout does not depend on which slots happened to be free.
     admission: u64,
+    /// The prompt prefix this request takes from another of its group, once that one has
+    /// computed it.
+    share: Option<Share>,
 }
+
+/// A prompt prefix shared with a request admitted in the same step (the leader). The follower
+/// waits until the leader's cache holds the prefix, then copies the leader's sequence and keeps
+/// the prefix: computed once, the same way every run, so sharing keeps replies reproducible.
+#[derive(Clone)]
+struct Share {
+    leader: u64,
+    prefix: Vec<LlamaToken>,
+}
+
+/// A prefix shorter than this is computed again rather than copied (a copy moves the whole
+/// sequence buffer).
+const MIN_SHARED_TOKENS: usize = 64;
 
 pub(crate) struct Worker<'m> {
     model: &'m LlamaModel,
@@ -204,6 +220,8 @@ impl<'m> Worker<'m> {
 
     /// Moves queued jobs into idle slots, first come first served.
     fn admit(&mut self) {
+        // Reproducible requests admitted in this step, whose prompts later ones may share.
+        let mut leaders: Vec<(u64, Vec<LlamaToken>)> = Vec::new();
         while !self.queue.is_empty() && self.slots.iter().any(|s| s.active.is_none()) {
             let job = self.take_from_queue().expect("queue is not empty");
             let prompt = match self.render(&job.request) {
@@ -214,8 +232,10 @@ impl<'m> Worker<'m> {
                 }
             };
             let index = self.choose_slot(&job, prompt.as_bytes());
-            if let Err(e) = self.start_in_slot(index, job, &prompt) {
-                tracing::debug!(error = %e, "request rejected");
+            match self.start_in_slot(index, job, &prompt, &leaders) {
+                Ok(Some(leader)) => leaders.push(leader),
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "request rejected"),
             }
         }
     }
@@ -273,7 +293,16 @@ impl<'m> Worker<'m> {
 
     /// Reuses what the slot's cache shares with the prompt, drops the rest, and queues the new
     /// prompt tokens for decoding.
-    fn start_in_slot(&mut self, index: usize, job: Job, prompt: &str) -> Result<(), EngineError> {
+    /// Starts a job in a slot. A reproducible job whose prompt starts like the prompt of one
+    /// admitted before it in this step follows that one; every reproducible job is returned as a
+    /// possible leader (admission number and prompt tokens).
+    fn start_in_slot(
+        &mut self,
+        index: usize,
+        job: Job,
+        prompt: &str,
+        leaders: &[(u64, Vec<LlamaToken>)],
+    ) -> Result<Option<(u64, Vec<LlamaToken>)>, EngineError> {
         let (sampler, seed) = match build_sampler(self.model, &job.request) {
             Ok(s) => s,
             Err(e) => {
@@ -331,6 +360,32 @@ impl<'m> Worker<'m> {
         let max_tokens =
             (job.request.sampling.max_tokens as usize).min(self.context_tokens - prompt_tokens - 1);
         let stop = job.request.sampling.stop.clone();
+        let reproducible = job.request.reproducible;
+        // The leader whose prompt shares the longest prefix with this one (at least one token
+        // of the prompt stays to be decoded, for the logits).
+        let share = if reproducible {
+            leaders
+                .iter()
+                .map(|(admission, tokens)| {
+                    let shared = common_prefix(tokens, &tail).min(tail.len().saturating_sub(1));
+                    (shared, *admission)
+                })
+                .max_by_key(|&(shared, admission)| (shared, std::cmp::Reverse(admission)))
+                .filter(|&(shared, _)| shared >= MIN_SHARED_TOKENS)
+                .map(|(shared, leader)| Share {
+                    leader,
+                    prefix: tail[..shared].to_vec(),
+                })
+        } else {
+            None
+        };
+        // A follower leads too: the next request may share more of its prompt. Copies are made
+        // in order, so one made from a follower sees what that follower copied.
+        let leader = reproducible.then(|| (self.admitted, tail.clone()));
+        let tail = match &share {
+            Some(s) => tail[s.prefix.len()..].to_vec(),
+            None => tail,
+        };
         slot.active = Some(Active {
             prefill: tail.into(),
             prompt_text_len: prompt.len(),
@@ -345,10 +400,67 @@ impl<'m> Worker<'m> {
             seed,
             first_token_at: None,
             admission: self.admitted,
+            share,
             job,
         });
         self.admitted += 1;
-        Ok(())
+        Ok(leader)
+    }
+
+    /// Followers whose leader has computed the shared prefix copy it; followers whose leader is
+    /// gone compute the prefix themselves.
+    fn resolve_shares(&mut self) {
+        for i in 0..self.slots.len() {
+            let Some(share) = self.slots[i].active.as_ref().and_then(|a| a.share.clone()) else {
+                continue;
+            };
+            let leader = self.slots.iter().position(|s| {
+                s.active
+                    .as_ref()
+                    .is_some_and(|a| a.admission == share.leader)
+            });
+            let ready = leader.filter(|&l| {
+                self.slots[l].cache.tokens.len() >= share.prefix.len()
+                    && self.slots[l].cache.tokens[..share.prefix.len()] == share.prefix[..]
+            });
+            let copied = ready.is_some_and(|l| {
+                let (from, to) = (self.slots[l].seq, self.slots[i].seq);
+                // The whole sequence buffer is copied at the next decode, then cut to the prefix.
+                self.context.copy_kv_cache_seq(from, to, None, None).is_ok()
+                    && self.context.clear_kv_cache_seq(
+                        Some(to as u32),
+                        Some(share.prefix.len() as u32),
+                        None,
+                    ) == Ok(true)
+            });
+            if copied {
+                let l = ready.expect("copied from a leader");
+                let mut cache = SeqCache {
+                    tokens: self.slots[l].cache.tokens.clone(),
+                    text: self.slots[l].cache.text.clone(),
+                    ends: self.slots[l].cache.ends.clone(),
+                    exact: self.slots[l].cache.exact,
+                };
+                let keep = share.prefix.len();
+                cache.tokens.truncate(keep);
+                cache.ends.truncate(keep);
+                cache.text.truncate(cache.ends.last().copied().unwrap_or(0));
+                let slot = &mut self.slots[i];
+                slot.cache = cache;
+                let active = slot.active.as_mut().expect("checked active");
+                active.prompt_processed -= keep;
+                active.share = None;
+            } else if leader.is_none() || ready.is_some() {
+                // No leader to copy from (it failed or was cancelled), or the copy failed.
+                let slot = &mut self.slots[i];
+                slot.cache.truncate(&mut self.context, slot.seq, 0);
+                let active = slot.active.as_mut().expect("checked active");
+                for token in share.prefix.iter().rev() {
+                    active.prefill.push_front(*token);
+                }
+                active.share = None;
+            }
+        }
     }
 
     fn cancel_active(&mut self) {
@@ -366,6 +478,7 @@ impl<'m> Worker<'m> {
     /// One decode over every active slot; returns the number of tokens generated.
     fn step(&mut self, batch: &mut LlamaBatch) -> usize {
         batch.clear();
+        self.resolve_shares();
         let mut order: Vec<(u64, usize)> = self
             .slots
             .iter()
@@ -401,7 +514,7 @@ impl<'m> Worker<'m> {
             if room == 0 {
                 break;
             }
-            let Some(active) = active.as_mut() else {
+            let Some(active) = active.as_mut().filter(|a| a.share.is_none()) else {
                 continue;
             };
             let chunk = active.prefill.len().min(room).min(PREFILL_CHUNK_TOKENS);
@@ -599,7 +712,7 @@ fn tokenize(model: &LlamaModel, text: &str, at_start: bool) -> Vec<LlamaToken> {
     model.vocab().tokenize(text.as_bytes(), at_start, true)
 }
 
-fn common_prefix(a: &[u8], b: &[u8]) -> usize {
+fn common_prefix<T: PartialEq>(a: &[T], b: &[T]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
