@@ -14,15 +14,17 @@ const MAX_THOUGHT_CHARS: u32 = 300;
 
 pub(super) const WHO: &str = "judge";
 
-/// The question whose answer is the final document of `conversation`.
-pub fn document_ask(
+/// A question about `conversation`, asked with the prompt `name`.
+fn conversation_ask(
     roles: &Roles,
+    name: &str,
     task: &Task,
     conversation: &[ChatMessage],
+    shape: Shape,
     seed: u32,
 ) -> Result<Ask, CollabError> {
     let prompt = roles.prompts.render(
-        "judge_document.md",
+        name,
         context! {
             task_kind => task.kind,
             task_title => task.title,
@@ -31,12 +33,23 @@ pub fn document_ask(
     )?;
     Ok(Ask {
         prompt,
-        shape: Shape(vec![
-            ("thought", Field::Text(MAX_THOUGHT_CHARS)),
-            ("final_document", Field::Text(roles.spec.max_document_chars)),
-        ]),
+        shape,
         seed,
     })
+}
+
+/// The question whose answer is the final document of `conversation`.
+pub fn document_ask(
+    roles: &Roles,
+    task: &Task,
+    conversation: &[ChatMessage],
+    seed: u32,
+) -> Result<Ask, CollabError> {
+    let shape = Shape(vec![
+        ("thought", Field::Text(MAX_THOUGHT_CHARS)),
+        ("final_document", Field::Text(roles.spec.max_document_chars)),
+    ]);
+    conversation_ask(roles, "judge_document.md", task, conversation, shape, seed)
 }
 
 pub fn read_document(object: &Map<String, Value>) -> String {
@@ -50,22 +63,18 @@ pub fn interactivity_ask(
     conversation: &[ChatMessage],
     seed: u32,
 ) -> Result<Ask, CollabError> {
-    let prompt = roles.prompts.render(
+    let shape = Shape(vec![
+        ("thought", Field::Text(MAX_THOUGHT_CHARS)),
+        ("interactivity", Field::Unit),
+    ]);
+    conversation_ask(
+        roles,
         "judge_interactivity.md",
-        context! {
-            task_kind => task.kind,
-            task_title => task.title,
-            conversation => transcript(conversation),
-        },
-    )?;
-    Ok(Ask {
-        prompt,
-        shape: Shape(vec![
-            ("thought", Field::Text(MAX_THOUGHT_CHARS)),
-            ("interactivity", Field::Unit),
-        ]),
+        task,
+        conversation,
+        shape,
         seed,
-    })
+    )
 }
 
 /// Interactivity (0–1) and the judge's reason.

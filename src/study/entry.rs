@@ -67,23 +67,7 @@ impl Studio {
                     return Err(StudyError::NotAccepting);
                 }
                 let version = db::studies::current_version(conn, study.id)?;
-                let now = db::now();
-                let public_id = uuid::Uuid::new_v4().to_string();
-                let session = db::sessions::create(
-                    conn,
-                    &NewSession {
-                        public_id: &public_id,
-                        participant_id: participant.id,
-                        study_version_id: version.id,
-                        arm_id: None,
-                        task_id: None,
-                        topic_id: None,
-                        token_hash: &hash,
-                        state: state::CONSENT,
-                        started_at: now,
-                        last_activity_at: now,
-                    },
-                )?;
+                let session = new_session(conn, participant.id, version.id, &hash)?;
                 Ok(Entry {
                     study: study.clone(),
                     session,
@@ -161,23 +145,7 @@ impl Studio {
                 let (participant, _) =
                     db::participants::find_or_create(conn, study.id, None, true)?;
                 let (token, hash) = new_token();
-                let now = db::now();
-                let public_id = uuid::Uuid::new_v4().to_string();
-                let session = db::sessions::create(
-                    conn,
-                    &NewSession {
-                        public_id: &public_id,
-                        participant_id: participant.id,
-                        study_version_id: version.id,
-                        arm_id: None,
-                        task_id: None,
-                        topic_id: None,
-                        token_hash: &hash,
-                        state: state::CONSENT,
-                        started_at: now,
-                        last_activity_at: now,
-                    },
-                )?;
+                let session = new_session(conn, participant.id, version.id, &hash)?;
                 db::sessions::record_consent(
                     conn,
                     session.id,
@@ -210,6 +178,32 @@ impl Studio {
         })
         .await
     }
+}
+
+/// A participant's new session under a study version, waiting for consent.
+fn new_session(
+    conn: &mut DbConn,
+    participant_id: i64,
+    study_version_id: i64,
+    token_hash: &str,
+) -> Result<Session, StudyError> {
+    let now = db::now();
+    let public_id = uuid::Uuid::new_v4().to_string();
+    Ok(db::sessions::create(
+        conn,
+        &NewSession {
+            public_id: &public_id,
+            participant_id,
+            study_version_id,
+            arm_id: None,
+            task_id: None,
+            topic_id: None,
+            token_hash,
+            state: state::CONSENT,
+            started_at: now,
+            last_activity_at: now,
+        },
+    )?)
 }
 
 fn session_of_token(
