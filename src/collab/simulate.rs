@@ -300,7 +300,7 @@ impl Participant<'_> {
                     return Ok(session.public_id);
                 }
                 "chatting" if st.streaming.is_some() => {
-                    client.request_done_or_comparison().await?;
+                    client.wait_for_reply().await?;
                 }
                 "chatting" => {
                     let at_cap = st.turn as u32 >= cap;
@@ -337,7 +337,10 @@ impl Participant<'_> {
                                 .request(
                                     ClientFrame::UserMessage {
                                         client_seq: seq,
-                                        text: truncate(&m.response, st.max_message_bytes),
+                                        text: truncate(
+                                            &sendable(&m.response),
+                                            st.max_message_bytes,
+                                        ),
                                     },
                                     |f| {
                                         matches!(
@@ -495,7 +498,7 @@ impl Participant<'_> {
 
 impl Client {
     /// Waits for the reply that is streaming to end (or to turn into a comparison).
-    async fn request_done_or_comparison(&mut self) -> Result<(), CollabError> {
+    async fn wait_for_reply(&mut self) -> Result<(), CollabError> {
         loop {
             if matches!(
                 self.receive().await?,
@@ -520,6 +523,16 @@ fn conversation_of(st: &StateView) -> Vec<ChatMessage> {
             ChatMessage::new(role, m.content.clone())
         })
         .collect()
+}
+
+/// What a simulated participant sends: its response, or a short nudge when it only wanted to end
+/// the chat before the protocol allows it.
+fn sendable(response: &str) -> String {
+    if response.trim().is_empty() {
+        "ok, anything else?".into()
+    } else {
+        response.to_string()
+    }
 }
 
 /// `text` cut to at most `max_bytes` bytes on a character boundary.
