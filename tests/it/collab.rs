@@ -418,3 +418,65 @@ async fn a_remote_judge_that_returns_garbage_skips_turns() {
 async fn a_remote_judge_that_times_out_skips_turns() {
     with_remote_judge("silent").await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn synth_grows_conversations_from_single_turn_tasks() {
+    use collabllm::collab::synth::{self, SynthOptions};
+    let loaded = pilot("");
+    let p = &loaded.protocol;
+    let engines = Engines::new();
+    let roles = Roles::start(&engines, p, &loaded.source, &models_dir(), 4).unwrap();
+    let policy =
+        collabllm::collab::start_policy(&engines, p, &p.arms[0], &models_dir(), 4).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = crate::common::write_temp(
+        dir.path(),
+        "tasks.jsonl",
+        "{\"id\": \"thanks\", \"kind\": \"short note\", \"prompt\": \"Write a thank-you note to my neighbour.\", \"reference\": \"Dear Sam, thank you for watering my plants. Best, Alex\"}\n",
+    );
+    let tasks = synth::read_tasks(&tasks).unwrap();
+    let options = SynthOptions {
+        conversations: 1,
+        turns: 2,
+        candidates: 2,
+        samples: 1,
+        window: 1,
+        margin: 0.0,
+        seed: 3,
+    };
+    let (out, pairs_out) = (
+        dir.path().join("rows.jsonl"),
+        dir.path().join("pairs.jsonl"),
+    );
+    let summary = synth::run(
+        &roles,
+        &policy,
+        &tasks,
+        &options,
+        &out,
+        Some(&pairs_out),
+        &|_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.conversations, 1);
+    let candidates = rows(&out);
+    assert_eq!(candidates.len() as u64, summary.rows);
+    assert!(
+        candidates.len() == 2 || candidates.len() == 4,
+        "two candidates per turn: {}",
+        candidates.len()
+    );
+    for turn in candidates.chunks(2) {
+        assert_eq!(turn.iter().filter(|r| r["kept"] == true).count(), 1);
+        for r in turn {
+            assert_eq!(r["task"], "thanks");
+            assert_eq!(r["prompt"][0]["role"], "system");
+            assert_eq!(r["completion"][0]["role"], "assistant");
+            assert!(r["score"].is_number() && r["rewards"]["bleu"].is_number());
+        }
+    }
+    let pairs = rows(&pairs_out);
+    assert_eq!(pairs.len() as u64, summary.pairs);
+    pairs.iter().for_each(assert_trl_pair);
+}
