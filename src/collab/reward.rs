@@ -99,15 +99,14 @@ pub struct Scene<'a> {
 struct Running {
     conversation: Vec<ChatMessage>,
     tokens: u64,
+    /// The simulated user ended the chat: no more turns.
     terminated: bool,
-    /// The user ended the chat (or the window is used up): no more turns.
-    done: bool,
     failed: Option<CollabError>,
 }
 
 impl Running {
     fn going(&self) -> bool {
-        !self.done && self.failed.is_none()
+        !self.terminated && self.failed.is_none()
     }
 }
 
@@ -133,7 +132,6 @@ pub async fn rollouts(
                 conversation,
                 tokens: u64::from(candidates[key.candidate].tokens),
                 terminated: false,
-                done: false,
                 failed: None,
             }
         })
@@ -171,7 +169,6 @@ pub async fn rollouts(
                             .push(ChatMessage::new(Role::User, m.response));
                     }
                     run.terminated = m.terminates;
-                    run.done = m.terminates;
                 }
                 Err(e) => run.failed = Some(e),
             }
