@@ -39,6 +39,14 @@ pub struct Prompts {
 impl Prompts {
     /// The built-in prompts, with the files of `dir` in their place where it has them.
     pub fn load(dir: Option<&Path>) -> Result<Self, CollabError> {
+        if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+            return Err(CollabError::Prompt {
+                name: dir.display().to_string(),
+                reason: "the [collab] prompts folder does not exist (it is found next to the \
+                         protocol file as imported); restore it or remove `prompts`"
+                    .into(),
+            });
+        }
         let mut templates = BTreeMap::new();
         for (name, text) in BUILT_IN {
             let path = dir.map(|d| d.join(name)).filter(|p| p.is_file());
@@ -85,5 +93,40 @@ impl Prompts {
             .map(|(name, text)| format!("{name}\0{text}\0"))
             .collect();
         sha256_hex(joined.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_folder_overrides_prompts_file_by_file() {
+        let built_in = Prompts::load(None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("judge_quality.md"), "Rate {{ document }}.").unwrap();
+        let custom = Prompts::load(Some(dir.path())).unwrap();
+        let rendered = custom
+            .render("judge_quality.md", minijinja::context! { document => "it" })
+            .unwrap();
+        assert_eq!(rendered, "Rate it.");
+        assert_eq!(
+            custom.templates["user_simulator.md"],
+            built_in.templates["user_simulator.md"]
+        );
+        assert_ne!(custom.sha256(), built_in.sha256());
+    }
+
+    #[test]
+    fn a_missing_folder_or_a_broken_template_is_an_error() {
+        let missing = Prompts::load(Some(Path::new("/no/such/prompts"))).unwrap_err();
+        assert!(
+            missing.to_string().contains("/no/such/prompts"),
+            "{missing}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("user_rating.md"), "{% if %}").unwrap();
+        let broken = Prompts::load(Some(dir.path())).unwrap_err();
+        assert!(broken.to_string().contains("user_rating.md"), "{broken}");
     }
 }
