@@ -480,3 +480,52 @@ async fn synth_grows_conversations_from_single_turn_tasks() {
     assert_eq!(pairs.len() as u64, summary.pairs);
     pairs.iter().for_each(assert_trl_pair);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_weighted_quality_is_judged_in_every_rollout() {
+    use collabllm::collab::reward::{self, Candidate, RolloutKey, Scene};
+    let loaded = pilot("\n[collab.weights]\nquality = 0.5\n");
+    let p = &loaded.protocol;
+    let engines = Engines::new();
+    let roles = Roles::start(&engines, p, &loaded.source, &models_dir(), 4).unwrap();
+    let policy =
+        collabllm::collab::start_policy(&engines, p, &p.arms[0], &models_dir(), 4).unwrap();
+    let task = Task::of(&p.tasks[0], &p.tasks[0].topics[0]);
+    let goal = Goal {
+        intent: p.tasks[0].topics[0].hidden_intent.clone(),
+        document: String::new(),
+    };
+    let context = [ChatMessage::new(Role::User, "i need a short note")];
+    let scene = Scene {
+        roles: &roles,
+        policy: &policy,
+        task: &task,
+        goal: &goal,
+        context: &context,
+    };
+    let candidates = [Candidate {
+        text: "Happy to help! Who is it for?".into(),
+        tokens: 9,
+    }];
+    let keys: Vec<RolloutKey> = (0..2)
+        .map(|sample| RolloutKey {
+            base_seed: 1,
+            context: "q".into(),
+            candidate: 0,
+            sample,
+        })
+        .collect();
+    for rollout in reward::rollouts(&scene, &candidates, &keys, 1).await {
+        let rollout = rollout.unwrap();
+        let quality = rollout
+            .metrics
+            .quality
+            .expect("quality is judged when weighted");
+        assert!((1.0..=10.0).contains(&quality), "{quality}");
+        let expected = rollout.metrics.bleu - 0.1 * rollout.metrics.tokens_k
+            + rollout.metrics.interactivity
+            + 0.5 * (quality - 1.0) / 9.0;
+        assert!((rollout.score - expected).abs() < 1e-12);
+        assert_eq!(rollout.continuation[0].content, candidates[0].text);
+    }
+}
