@@ -422,10 +422,8 @@ fn run(cli: Cli) -> Result<()> {
                 )
                 .expect("static template"),
             );
-            let written = export::csv::export(&mut conn, &study, &filter, &out, &|done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-            })?;
+            let written =
+                export::csv::export(&mut conn, &study, &filter, &out, &progress_of(&bar))?;
             bar.finish_and_clear();
             for (file, rows) in written.files {
                 println!("{} ({rows} rows)", out.join(file).display());
@@ -513,10 +511,7 @@ fn run(cli: Cli) -> Result<()> {
                 &Engines::new(),
                 &options,
                 &out,
-                &|done, total| {
-                    bar.set_length(total);
-                    bar.set_position(done);
-                },
+                &progress_of(&bar),
             ))?;
             bar.finish_and_clear();
             println!(
@@ -579,10 +574,7 @@ fn run(cli: Cli) -> Result<()> {
                 &options,
                 &out,
                 pairs_out.as_deref(),
-                &|done, total| {
-                    bar.set_length(total);
-                    bar.set_position(done);
-                },
+                &progress_of(&bar),
             ))?;
             bar.finish_and_clear();
             println!(
@@ -645,6 +637,14 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
+/// What a long task reports as (done, total), shown on `bar`.
+fn progress_of(bar: &ProgressBar) -> impl Fn(u64, u64) + Sync + '_ {
+    |done, total| {
+        bar.set_length(total);
+        bar.set_position(done);
+    }
+}
+
 /// A progress bar with a count and the time left.
 fn progress_bar(what: &str) -> ProgressBar {
     ProgressBar::new(0).with_style(
@@ -685,7 +685,8 @@ fn run_simulate(
     let bar = progress_bar("simulated participants");
     let summary = actix_web::rt::System::new().block_on(async {
         // The participants use the same websocket path as people, on a server of their own.
-        let (addr, server) = web::bind_local(state.clone())?;
+        let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        let (addr, server) = web::bind(state.clone(), loopback, Some(1))?;
         let handle = server.handle();
         actix_web::rt::spawn(server);
         let result = collab::simulate::run(
@@ -694,10 +695,7 @@ fn run_simulate(
             &state.engines,
             &format!("ws://{addr}"),
             &options,
-            &|done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-            },
+            &progress_of(&bar),
         )
         .await;
         handle.stop(true).await;

@@ -70,23 +70,6 @@ pub struct PairsSummary {
     pub rollouts_reused: u64,
 }
 
-/// Runs blocking database work off the async threads.
-pub(super) async fn with_db<T, F>(pool: &DbPool, work: F) -> Result<T, CollabError>
-where
-    T: Send + 'static,
-    F: FnOnce(&mut DbConn) -> Result<T, CollabError> + Send + 'static,
-{
-    let pool = pool.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut conn = pool
-            .get()
-            .map_err(|e| db::DbError::Invalid(format!("no database connection: {e}")))?;
-        work(&mut conn)
-    })
-    .await
-    .map_err(|e| CollabError::Invalid(format!("database task failed: {e}")))?
-}
-
 /// A session with what scoring it needs.
 struct SessionWork {
     session: Session,
@@ -117,7 +100,8 @@ pub async fn run(
 ) -> Result<PairsSummary, CollabError> {
     let slug = options.study.clone();
     let kind = options.sessions;
-    let (versions, sessions) = with_db(pool, move |conn| load(conn, &slug, kind)).await?;
+    let (versions, sessions) =
+        db::run_blocking::<_, CollabError, _>(pool, move |conn| load(conn, &slug, kind)).await?;
     let mut summary = PairsSummary {
         turns: sessions
             .iter()
@@ -235,16 +219,10 @@ fn load(
             let Some(arm) = session.arm_id.and_then(|a| arms.get(&a)).cloned() else {
                 continue;
             };
-            let Some((task, topic)) = protocol
-                .tasks
-                .iter()
-                .find(|t| Some(&t.id) == session.task_id.as_ref())
-                .and_then(|t| {
-                    t.topics
-                        .iter()
-                        .find(|p| Some(&p.id) == session.topic_id.as_ref())
-                        .map(|p| (t, p))
-                })
+            let task = session.task_id.as_deref().and_then(|id| protocol.task(id));
+            let Some((task, topic)) = task
+                .zip(session.topic_id.as_deref())
+                .and_then(|(t, id)| Some((t, t.topic(id)?)))
             else {
                 continue;
             };
@@ -334,6 +312,13 @@ struct Turn<'a> {
     number: usize,
 }
 
+impl Turn<'_> {
+    /// Names the turn in its seeds: the session and the reply's seq.
+    fn label(&self) -> String {
+        format!("{}/{}", self.session.session.public_id, self.message.seq)
+    }
+}
+
 enum TurnError {
     /// This turn cannot be scored; the run goes on.
     Skip(String),
@@ -381,11 +366,11 @@ async fn score_turn(
         ));
     }
     let candidates = candidates(pool, turn, &context).await?;
-    let label = format!("{}/{seq}", s.session.public_id);
+    let label = turn.label();
 
     // Rollouts stored by an earlier run are reused; the rest run now, all at once.
     let (session_id, config) = (s.session.id, turn.config.to_string());
-    let stored = with_db(pool, move |conn| {
+    let stored = db::run_blocking::<_, CollabError, _>(pool, move |conn| {
         Ok(db::rollouts::list_for_turn(conn, session_id, seq, &config)?)
     })
     .await?;
@@ -450,7 +435,7 @@ async fn score_turn(
         })
         .collect();
     let config = turn.config.to_string();
-    with_db(pool, move |conn| {
+    db::run_blocking::<_, CollabError, _>(pool, move |conn| {
         db::write_transaction(conn, |conn| {
             for (candidate_id, sample, seed, conversation, metrics, score) in &finished {
                 db::rollouts::insert(
@@ -500,7 +485,7 @@ async fn score_turn(
         .map(|(c, r)| (c.id, r.clone()))
         .collect();
     let (settings, config) = (turn.settings.clone(), turn.config.to_string());
-    with_db(pool, move |conn| {
+    db::run_blocking::<_, CollabError, _>(pool, move |conn| {
         let components: Vec<String> = rows
             .iter()
             .map(|(_, r)| {
@@ -555,7 +540,7 @@ async fn candidates(
     let s = turn.session;
     let (session_id, after_seq) = (s.session.id, turn.message.seq - 1);
     let config = turn.config.to_string();
-    let stored = with_db(pool, move |conn| {
+    let stored = db::run_blocking::<_, CollabError, _>(pool, move |conn| {
         Ok(db::candidates::list_for_session(conn, session_id)?
             .into_iter()
             .filter(|c| c.source == CANDIDATE_SOURCE && c.after_seq == after_seq)
@@ -596,7 +581,7 @@ async fn candidates(
         });
     }
     let missing: Vec<usize> = (out.len()..=wanted).collect();
-    let label = format!("{}/{}", s.session.public_id, turn.message.seq);
+    let label = turn.label();
     let samplings: Vec<_> = missing
         .iter()
         .map(|k| {
@@ -629,7 +614,7 @@ async fn candidates(
             "config_sha256": turn.config,
         });
         let text = completion.text.clone();
-        let stored = with_db(pool, move |conn| {
+        let stored = db::run_blocking::<_, CollabError, _>(pool, move |conn| {
             Ok(db::candidates::insert(
                 conn,
                 &NewCandidate {

@@ -54,7 +54,7 @@ pub async fn run(
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<SimulateSummary, CollabError> {
     let slug = options.study.clone();
-    let (protocol, source) = super::pairs::with_db(pool, move |conn| {
+    let (protocol, source) = db::run_blocking::<_, CollabError, _>(pool, move |conn| {
         let study = db::studies::find_by_slug(conn, &slug)?
             .ok_or_else(|| CollabError::Invalid(format!("there is no study {slug:?}")))?;
         let version = db::studies::current_version(conn, study.id)?;
@@ -253,16 +253,13 @@ impl Participant<'_> {
             .enter_simulated(self.options.study.clone(), self.options.arm.clone())
             .await
             .map_err(|e| CollabError::Invalid(format!("cannot enter the study: {e}")))?;
-        let task_spec = self
-            .protocol
-            .tasks
-            .iter()
-            .find(|t| Some(&t.id) == session.task_id.as_ref());
-        let topic = task_spec.and_then(|t| {
-            t.topics
-                .iter()
-                .find(|p| Some(&p.id) == session.topic_id.as_ref())
-        });
+        let task_spec = session
+            .task_id
+            .as_deref()
+            .and_then(|id| self.protocol.task(id));
+        let topic = task_spec
+            .zip(session.topic_id.as_deref())
+            .and_then(|(t, id)| t.topic(id));
         let (Some(task_spec), Some(topic)) = (task_spec, topic) else {
             return Err(CollabError::Invalid(format!(
                 "session {} has no task",

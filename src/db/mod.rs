@@ -128,6 +128,24 @@ impl CustomizeConnection<DbConn, diesel::r2d2::Error> for SqliteSettings {
     }
 }
 
+/// Runs blocking database work on a connection of `pool`, off the async threads.
+pub async fn run_blocking<T, E, F>(pool: &DbPool, work: F) -> Result<T, E>
+where
+    T: Send + 'static,
+    E: From<DbError> + Send + 'static,
+    F: FnOnce(&mut DbConn) -> Result<T, E> + Send + 'static,
+{
+    let pool = pool.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = pool
+            .get()
+            .map_err(|e| DbError::Invalid(format!("no database connection: {e}")))?;
+        work(&mut conn)
+    })
+    .await
+    .unwrap_or_else(|e| Err(DbError::Invalid(format!("database task failed: {e}")).into()))
+}
+
 /// Connects, applies pending migrations and returns a pool. Fails with a clear message when the
 /// database cannot be reached.
 pub fn open(url: &str, max_connections: u32) -> DbResult<DbPool> {

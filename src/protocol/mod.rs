@@ -421,6 +421,10 @@ impl Protocol {
         self.arms.iter().find(|a| a.id == id)
     }
 
+    pub fn task(&self, id: &str) -> Option<&TaskSpec> {
+        self.tasks.iter().find(|t| t.id == id)
+    }
+
     /// Sequence slots a model's worker needs so every arm using it can serve its share of
     /// concurrent participants: at least 4, or what the protocol sets.
     pub fn slots_for(&self, model_id: &str) -> u32 {
@@ -443,6 +447,12 @@ impl Protocol {
             .iter()
             .filter(|r| r.when == RatingWhen::Final)
             .collect()
+    }
+}
+
+impl TaskSpec {
+    pub fn topic(&self, id: &str) -> Option<&TopicSpec> {
+        self.topics.iter().find(|p| p.id == id)
     }
 }
 

@@ -1087,15 +1087,10 @@ fn view(
         .map(|r| r.rating_key)
         .collect();
     let document = db::revisions::latest(conn, session.id)?;
-    let task = protocol
-        .tasks
-        .iter()
-        .find(|t| Some(&t.id) == session.task_id.as_ref());
-    let topic = task.and_then(|t| {
-        t.topics
-            .iter()
-            .find(|p| Some(&p.id) == session.topic_id.as_ref())
-    });
+    let task = session.task_id.as_deref().and_then(|id| protocol.task(id));
+    let topic = task
+        .zip(session.topic_id.as_deref())
+        .and_then(|(t, id)| t.topic(id));
     let pending = if session.state == state::RATING {
         pending_ratings(protocol, turn, &recorded)
     } else {

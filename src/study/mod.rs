@@ -93,15 +93,7 @@ impl Studio {
         E: From<DbError> + Send + 'static,
         F: FnOnce(&mut DbConn) -> Result<T, E> + Send + 'static,
     {
-        let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = pool
-                .get()
-                .map_err(|e| DbError::Invalid(format!("no database connection: {e}")))?;
-            work(&mut conn)
-        })
-        .await
-        .unwrap_or_else(|e| Err(DbError::Invalid(format!("database task failed: {e}")).into()))
+        db::run_blocking(&self.pool, work).await
     }
 
     /// The protocol a study version runs under (parsed once).

@@ -142,17 +142,21 @@ fn security_headers() -> actix_web::middleware::DefaultHeaders {
         .add(("X-Frame-Options", "DENY"))
 }
 
-/// A server on a free port of 127.0.0.1 for this process's own clients (simulated
-/// participants); the caller runs the returned server.
-pub fn bind_local(
+/// The routes over `state`, bound to `addr` (port 0: a free one); the caller runs the returned
+/// server. Also the server of `simulate`'s own participants, on a loopback port.
+pub fn bind(
     state: AppState,
+    addr: std::net::SocketAddr,
+    workers: Option<usize>,
 ) -> std::io::Result<(std::net::SocketAddr, actix_web::dev::Server)> {
     let data = web::Data::new(state);
-    let server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
-        .workers(1)
-        .bind(("127.0.0.1", 0))?;
-    let addr = server.addrs()[0];
-    Ok((addr, server.run()))
+    let mut server =
+        HttpServer::new(move || App::new().app_data(data.clone()).configure(routes)).bind(addr)?;
+    if let Some(n) = workers {
+        server = server.workers(n);
+    }
+    let bound = server.addrs()[0];
+    Ok((bound, server.run()))
 }
 
 /// How often idle sessions are looked for and ended as timed out.
@@ -161,17 +165,12 @@ const IDLE_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(
 /// Serves until the process is stopped.
 pub async fn serve(
     state: AppState,
-    bind: std::net::SocketAddr,
+    addr: std::net::SocketAddr,
     workers: Option<usize>,
 ) -> std::io::Result<()> {
     let studio = state.studio.clone();
-    let data = web::Data::new(state);
-    let mut server =
-        HttpServer::new(move || App::new().app_data(data.clone()).configure(routes)).bind(bind)?;
-    if let Some(n) = workers {
-        server = server.workers(n);
-    }
-    tracing::info!(%bind, "listening");
+    let (bound, server) = bind(state, addr, workers)?;
+    tracing::info!(%bound, "listening");
     actix_web::rt::spawn(async move {
         let mut every = tokio::time::interval(IDLE_SWEEP_INTERVAL);
         loop {
@@ -181,5 +180,5 @@ pub async fn serve(
             }
         }
     });
-    server.run().await
+    server.await
 }

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use actix_web::{web, App, HttpServer};
 use collabllm::config::EXAMPLE_PROTOCOL_PATH;
 use collabllm::db::{self, DbConn, DbPool};
 use collabllm::engine::fetch::default_model_path;
@@ -159,17 +158,8 @@ impl TestServer {
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
-                let data = web::Data::new(state);
-                let server = HttpServer::new(move || {
-                    App::new()
-                        .app_data(data.clone())
-                        .configure(collabllm::web::routes)
-                })
-                .workers(2)
-                .bind(("127.0.0.1", 0))
-                .expect("bind");
-                let addr = server.addrs()[0];
-                let server = server.run();
+                let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+                let (addr, server) = collabllm::web::bind(state, loopback, Some(2)).expect("bind");
                 tx.send((addr, server.handle())).expect("send addr");
                 server.await.expect("server");
             });
