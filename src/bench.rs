@@ -228,6 +228,7 @@ pub fn seed_study(
     progress: &ProgressBar,
 ) -> Result<(), crate::db::DbError> {
     use crate::config::{EXAMPLE_PROTOCOL, EXAMPLE_PROTOCOL_PATH};
+    use crate::db::vocab::{MessageRole, Outcome, RevisionAuthor, SessionState};
     use crate::db::{self, models::NewMessage, models::NewSession};
     use crate::protocol::{sha256_hex, LoadedProtocol, Protocol};
 
@@ -262,13 +263,18 @@ pub fn seed_study(
                     task_id: Some("blog-post"),
                     topic_id: Some("remote-work"),
                     token_hash: &public_id,
-                    state: "finished",
+                    state: SessionState::Finished,
+                    resume_proof_hmac: None,
                     started_at: now,
                     last_activity_at: now,
                 },
             )?;
             for m in 0..messages {
-                let role = if m % 2 == 0 { "user" } else { "assistant" };
+                let role = if m % 2 == 0 {
+                    MessageRole::User
+                } else {
+                    MessageRole::Assistant
+                };
                 db::messages::append(
                     conn,
                     session.id,
@@ -279,9 +285,9 @@ pub fn seed_study(
                     },
                 )?;
             }
-            db::revisions::append(conn, session.id, "user", None, &text)?;
+            db::revisions::append(conn, session.id, RevisionAuthor::User, None, &text)?;
             db::ratings::record(conn, session.id, 3, "interaction", 7)?;
-            db::sessions::finish(conn, session.id, "finished", "completed", "CODE")?;
+            db::sessions::finish(conn, session.id, Outcome::Completed, "CODE")?;
             Ok::<_, db::DbError>(())
         })?;
         progress.inc(1);

@@ -55,4 +55,18 @@ pub struct ServeSettings {
     /// HTTP worker threads (default: one per core).
     #[arg(long, env = "COLLABLLM_HTTP_WORKERS")]
     pub http_workers: Option<usize>,
+
+    /// New participant sessions one client address may start per hour (0: no limit). A flood of
+    /// sessions would skew balanced assignment and quotas.
+    #[arg(
+        long,
+        env = "COLLABLLM_NEW_SESSIONS_PER_HOUR",
+        default_value_t = crate::web::limits::DEFAULT_NEW_SESSIONS_PER_HOUR
+    )]
+    pub new_sessions_per_hour: usize,
+
+    /// Take client addresses from `X-Forwarded-For`: set it behind a reverse proxy (else every
+    /// participant shares the proxy's address); never without one (clients could forge it).
+    #[arg(long, env = "COLLABLLM_TRUST_FORWARDED_FOR")]
+    pub trust_forwarded_for: bool,
 }

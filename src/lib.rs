@@ -12,4 +12,5 @@ pub mod export;
 pub mod protocol;
 pub mod results;
 pub mod study;
+pub mod throttle;
 pub mod web;

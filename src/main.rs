@@ -939,7 +939,11 @@ fn run_serve(settings: &Settings, serve: ServeSettings) -> Result<()> {
             .load_protocol(&p.protocol, &settings.models_dir)
             .with_context(|| format!("cannot start the models of {}", p.source.display()))?;
     }
-    let state = AppState::new(pool, engines, settings.models_dir.clone())?;
+    let mut state = AppState::new(pool, engines, settings.models_dir.clone())?;
+    state.limits = std::sync::Arc::new(web::limits::Limits::new(
+        serve.new_sessions_per_hour,
+        serve.trust_forwarded_for,
+    ));
     actix_web::rt::System::new()
         .block_on(web::serve(state, serve.bind, serve.http_workers))
         .with_context(|| format!("the web server on {} failed", serve.bind))

@@ -3,6 +3,7 @@
 //! turn, time to completion (median and quartiles), turns, document words, assistant tokens and
 //! time to first token. The bootstrap is seeded, so the same data give the same intervals.
 
+use crate::db::vocab::{MessageRole, Outcome, RevisionAuthor};
 use std::collections::BTreeMap;
 
 use crate::db::{self, DbConn, DbResult};
@@ -98,14 +99,22 @@ pub fn spread(values: &[f64]) -> Option<Spread> {
     })
 }
 
-/// Results per arm of one study version, from its completed sessions.
+/// Results per arm of one study version, from its completed sessions: of people only
+/// (`simulated` `Some(false)`), of simulated participants only (`Some(true)`), or of both.
 pub fn per_arm(
     conn: &mut DbConn,
     version_id: i64,
     protocol: &Protocol,
+    simulated: Option<bool>,
 ) -> DbResult<Vec<ArmResults>> {
     let arms = db::studies::arms_of(conn, version_id)?;
-    let sessions = db::sessions::list_for_version(conn, version_id)?;
+    let mut sessions = Vec::new();
+    for s in db::sessions::list_for_version(conn, version_id)? {
+        let participant = db::participants::get(conn, s.participant_id)?;
+        if simulated.is_none_or(|wanted| wanted == participant.simulated) {
+            sessions.push(s);
+        }
+    }
     let mut results = Vec::new();
     for arm in &arms {
         let mut finals: BTreeMap<String, Vec<f64>> = BTreeMap::new();
@@ -115,7 +124,7 @@ pub fn per_arm(
             (vec![], vec![], vec![], vec![], vec![]);
         let completed = sessions
             .iter()
-            .filter(|s| s.arm_id == Some(arm.id) && s.outcome.as_deref() == Some("completed"));
+            .filter(|s| s.arm_id == Some(arm.id) && s.outcome == Some(Outcome::Completed));
         let mut n = 0;
         for s in completed {
             n += 1;
@@ -143,7 +152,10 @@ pub fn per_arm(
                 periodic.entry(key).or_default().extend(mean(&values));
             }
             let messages = db::messages::list_for_session(conn, s.id)?;
-            let replies: Vec<_> = messages.iter().filter(|m| m.role == "assistant").collect();
+            let replies: Vec<_> = messages
+                .iter()
+                .filter(|m| m.role == MessageRole::Assistant)
+                .collect();
             turns.push(replies.len() as f64);
             tokens.push(
                 replies
@@ -209,12 +221,12 @@ pub enum Change {
 /// Who wrote the final document: characters typed by the participant and characters that came
 /// from inserted assistant replies, following every revision's change. Returns, per revision,
 /// the change against the previous one, and the (typed, inserted) character counts of the last.
-pub fn authorship(revisions: &[(String, String)]) -> (Vec<Vec<Change>>, usize, usize) {
+pub fn authorship(revisions: &[(RevisionAuthor, String)]) -> (Vec<Vec<Change>>, usize, usize) {
     let mut owners: Vec<bool> = Vec::new(); // true: inserted from the assistant
     let mut previous = String::new();
     let mut changes = Vec::new();
     for (author, content) in revisions {
-        let inserted = author == "assistant_insert";
+        let inserted = *author == RevisionAuthor::AssistantInsert;
         let diff = similar::TextDiff::from_chars(previous.as_str(), content.as_str());
         let mut next_owners = Vec::with_capacity(content.chars().count());
         let mut old_at = 0;
@@ -274,8 +286,8 @@ mod tests {
     #[test]
     fn authorship_follows_inserts_and_edits() {
         let revisions = [
-            ("assistant_insert".to_string(), "Hello world".to_string()),
-            ("user".to_string(), "Hello brave world!".to_string()),
+            (RevisionAuthor::AssistantInsert, "Hello world".to_string()),
+            (RevisionAuthor::User, "Hello brave world!".to_string()),
         ];
         let (changes, typed, inserted) = authorship(&revisions);
         assert_eq!(changes[0], vec![Change::Added("Hello world".into())]);

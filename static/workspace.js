@@ -5,12 +5,16 @@
 // the server applies each frame once. The server's `state` frame is the whole truth: it is
 // rendered as is after every (re)connect. Text from the model or the participant is only ever
 // set with textContent, never parsed as HTML.
+//
+// The session is the one of the HttpOnly cookie: this script never sees its token. One tab owns a
+// session at a time: opening it in another tab takes it over, and this one is told so and stops
+// (its unsent frames are renumbered when it takes the session back).
 
 const app = document.getElementById("app");
 const slug = app.dataset.slug;
-const token = app.dataset.token;
+const sessionId = app.dataset.session;
 const store = {
-  key: (name) => `collabllm:${slug}:${token.slice(0, 12)}:${name}`,
+  key: (name) => `collabllm:${slug}:${sessionId}:${name}`,
   get(name, fallback) {
     try {
       const v = localStorage.getItem(this.key(name));
@@ -47,7 +51,9 @@ let docDirty = false;
 let streaming = null; // {seq, el}
 let comparing = null; // {seq, texts, bodies, box}
 let retryMs = 500;
+let superseded = false;
 const DOC_SAVE_DELAY_MS = 800;
+const RATE_LIMITED_RETRY_MS = 5000;
 
 function notice(text) {
   el("notice").textContent = text || "";
@@ -60,10 +66,16 @@ function persist() {
 
 function send(frame) {
   frame.client_seq = nextSeq++;
+  // Written while another tab owns the session: never seen by the server, renumbered later.
+  if (superseded) frame.refused = true;
   outbox.push(frame);
   persist();
-  if (ws && ws.readyState === WebSocket.OPEN) ws.send(JSON.stringify(frame));
+  if (ws && ws.readyState === WebSocket.OPEN && !superseded) ws.send(JSON.stringify(frame));
   return frame.client_seq;
+}
+
+function hello() {
+  ws.send(JSON.stringify({ type: "hello" }));
 }
 
 function connect() {
@@ -72,7 +84,7 @@ function connect() {
   ws.onopen = () => {
     retryMs = 500;
     el("connection").textContent = "Connected";
-    ws.send(JSON.stringify({ type: "hello", session_token: token }));
+    hello();
   };
   ws.onmessage = (e) => {
     let frame;
@@ -84,6 +96,10 @@ function connect() {
     handle(frame);
   };
   ws.onclose = () => {
+    if (superseded) {
+      el("connection").textContent = "Open in another tab";
+      return;
+    }
     el("connection").textContent = "Reconnecting…";
     setTimeout(connect, retryMs);
     retryMs = Math.min(retryMs * 2, 5000);
@@ -108,17 +124,26 @@ function handle(frame) {
       onError(frame);
       break;
     case "assistant_start":
-      if (frame.comparison) startComparison(frame.msg_seq, ["", ""]);
-      else startStreaming(frame.msg_seq, "");
+      // A reply that the last `state` already showed keeps its bubble.
+      if (frame.comparison) {
+        if (!comparing || comparing.seq !== frame.msg_seq) startComparison(frame.msg_seq, ["", ""]);
+      } else if (!streaming || streaming.seq !== frame.msg_seq) {
+        startStreaming(frame.msg_seq, "");
+      }
       break;
     case "token":
       if (frame.candidate !== undefined && frame.candidate !== null) {
         if (!comparing || comparing.seq !== frame.msg_seq) startComparison(frame.msg_seq, ["", ""]);
+        if (frame.index < comparing.tokens[frame.candidate]) break;
+        comparing.tokens[frame.candidate] = frame.index + 1;
         comparing.texts[frame.candidate] += frame.delta;
         comparing.bodies[frame.candidate].textContent = comparing.texts[frame.candidate];
         break;
       }
       if (!streaming || streaming.seq !== frame.msg_seq) startStreaming(frame.msg_seq, "");
+      // Tokens that the `state` snapshot already held arrive again: skip them.
+      if (frame.index < streaming.tokens) break;
+      streaming.tokens = frame.index + 1;
       streaming.text += frame.delta;
       streaming.body.textContent = streaming.text;
       messagesEl.scrollTop = messagesEl.scrollHeight;
@@ -127,6 +152,7 @@ function handle(frame) {
       if (!streaming || streaming.seq !== frame.msg_seq) startStreaming(frame.msg_seq, "");
       finishStreaming(frame.text, frame.finish_reason);
       state.turn += 1;
+      state.phase = frame.phase;
       state.messages.push({ seq: frame.msg_seq, role: "assistant", content: frame.text });
       renderStatus();
       break;
@@ -134,7 +160,7 @@ function handle(frame) {
       state.phase = "choosing";
       if (!comparing || comparing.seq !== frame.msg_seq) {
         // A regenerated reply: the page shows the pair as the server has it.
-        ws.send(JSON.stringify({ type: "hello", session_token: token }));
+        hello();
         break;
       }
       offerChoice(frame.candidates);
@@ -152,6 +178,10 @@ function handle(frame) {
 }
 
 function onError(frame) {
+  if (frame.code === "taken_over") {
+    onTakenOver(frame);
+    return;
+  }
   if (frame.client_seq) {
     const rejected = outbox.find((f) => f.client_seq === frame.client_seq);
     outbox = outbox.filter((f) => f.client_seq !== frame.client_seq);
@@ -161,9 +191,14 @@ function onError(frame) {
       store.set("draft", input.value);
       removePendingUserMessage(rejected.client_seq);
     }
-    if (rejected && rejected.type === "doc_update") {
+    if (rejected && rejected.type === "doc_update" && frame.code === "rate_limited") {
+      // Saved again later, as a new frame with the document as it is then.
+      docDirty = true;
+      clearTimeout(docTimer);
+      docTimer = setTimeout(saveDocument, RATE_LIMITED_RETRY_MS);
+    } else if (rejected && rejected.type === "doc_update") {
       // The document moved on elsewhere: take the server's version.
-      ws.send(JSON.stringify({ type: "hello", session_token: token }));
+      hello();
     }
   }
   if (frame.code === "rating_due" && state) state.phase = "rating";
@@ -172,10 +207,31 @@ function onError(frame) {
   renderStatus();
 }
 
+// Another tab opened the session: stop here, keep what was not sent, offer to continue here.
+function onTakenOver(frame) {
+  if (frame.client_seq) {
+    const f = outbox.find((f) => f.client_seq === frame.client_seq);
+    if (f) f.refused = true;
+    persist();
+  }
+  if (superseded) return;
+  superseded = true;
+  el("taken-over").hidden = false;
+}
+
 function applyState(s) {
   state = s;
   nextSeq = Math.max(nextSeq, s.last_client_seq + 1);
+  // Frames the server refused because another tab owned the session were never applied: they
+  // get numbers after everything the server has.
+  for (const f of outbox) {
+    if (f.refused) {
+      delete f.refused;
+      f.client_seq = nextSeq++;
+    }
+  }
   outbox = outbox.filter((f) => f.client_seq > s.last_client_seq);
+  outbox.sort((a, b) => a.client_seq - b.client_seq);
   persist();
   el("task-title").textContent = s.task.title || document.title;
   el("task-kind").textContent = s.task.kind ? `Your task: ${s.task.kind}` : "Your task";
@@ -184,7 +240,10 @@ function applyState(s) {
   streaming = null;
   comparing = null;
   for (const m of s.messages) addMessage(m.role, m.content, m.seq);
-  if (s.streaming) startStreaming(s.streaming.seq, s.streaming.content);
+  if (s.streaming) {
+    startStreaming(s.streaming.seq, s.streaming.content);
+    streaming.tokens = s.streaming_tokens;
+  }
   if (s.comparison) {
     startComparison(s.comparison.msg_seq, s.comparison.candidates);
     offerChoice(s.comparison.candidates);
@@ -240,7 +299,7 @@ function addInsertButton(div, seq, textOf) {
 
 function startStreaming(seq, text) {
   const { div, body } = addMessage("assistant", text, null);
-  streaming = { seq, text, div, body };
+  streaming = { seq, text, div, body, tokens: 0 };
   renderStatus();
 }
 
@@ -263,7 +322,7 @@ function startComparison(seq, texts) {
   });
   messagesEl.append(box);
   messagesEl.scrollTop = messagesEl.scrollHeight;
-  comparing = { seq, texts: [...texts], bodies, box };
+  comparing = { seq, texts: [...texts], bodies, box, tokens: [0, 0] };
   renderStatus();
 }
 
@@ -496,6 +555,29 @@ finishBtn.addEventListener("click", () => send({ type: "finish" }));
 docEl.addEventListener("input", () => {
   countWords();
   scheduleDocSave(DOC_SAVE_DELAY_MS);
+});
+// Text typed just before the page is hidden or closed is saved at once: over the socket when the
+// page is hidden, and with a beacon (which outlives the page) when it goes away.
+function flushDocument() {
+  if (!state || !docDirty || outbox.some((f) => f.type === "doc_update")) return;
+  clearTimeout(docTimer);
+  saveDocument();
+}
+document.addEventListener("visibilitychange", () => {
+  if (document.visibilityState === "hidden") flushDocument();
+});
+window.addEventListener("pagehide", () => {
+  flushDocument();
+  const pending = outbox.filter((f) => !f.refused);
+  if (superseded || !pending.length) return;
+  const body = new Blob([JSON.stringify(pending)], { type: "application/json" });
+  navigator.sendBeacon(`/s/${encodeURIComponent(slug)}/frames`, body);
+});
+el("use-here").addEventListener("click", () => {
+  // This tab's own unsent frames are in memory; the next `state` renumbers them.
+  superseded = false;
+  el("taken-over").hidden = true;
+  connect();
 });
 for (const kind of ["focus", "blur"]) {
   window.addEventListener(kind, () => send({ type: "event", kind, data: { at: Date.now() } }));

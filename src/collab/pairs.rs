@@ -9,6 +9,7 @@
 //! that produced them, so a run that is interrupted resumes where it stopped and the console shows
 //! MR per turn.
 
+use crate::db::vocab::{CandidateSource, MessageRole};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -20,9 +21,6 @@ use crate::db::models::{Message, NewCandidate, NewReward, NewRollout, Session, S
 use crate::db::{self, DbConn, DbPool};
 use crate::engine::{ChatMessage, Engines, Role};
 use crate::protocol::{sha256_hex, Protocol};
-
-/// The `source` of candidates generated for scoring.
-pub const CANDIDATE_SOURCE: &str = "mr";
 
 /// Which sessions to score.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,7 +103,12 @@ pub async fn run(
     let mut summary = PairsSummary {
         turns: sessions
             .iter()
-            .map(|s| s.messages.iter().filter(|m| m.role == "assistant").count() as u64)
+            .map(|s| {
+                s.messages
+                    .iter()
+                    .filter(|m| m.role == MessageRole::Assistant)
+                    .count() as u64
+            })
             .sum(),
         ..Default::default()
     };
@@ -151,7 +154,7 @@ pub async fn run(
         let config = config_sha256(&settings, &version.roles, policy);
         let mut any_turn = false;
         for (index, message) in s.messages.iter().enumerate() {
-            if message.role != "assistant" {
+            if message.role != MessageRole::Assistant {
                 continue;
             }
             any_turn = true;
@@ -165,7 +168,7 @@ pub async fn run(
                 message,
                 number: s.messages[..index]
                     .iter()
-                    .filter(|m| m.role == "assistant")
+                    .filter(|m| m.role == MessageRole::Assistant)
                     .count()
                     + 1,
             };
@@ -354,11 +357,7 @@ async fn score_turn(
         .messages
         .iter()
         .filter(|m| m.seq < seq)
-        .filter_map(|m| match m.role.as_str() {
-            "user" => Some(ChatMessage::new(Role::User, m.content.clone())),
-            "assistant" => Some(ChatMessage::new(Role::Assistant, m.content.clone())),
-            _ => None,
-        })
+        .map(|m| crate::study::chat_message(m.role, &m.content))
         .collect();
     if context.last().is_none_or(|m| m.role != Role::User) {
         return Err(TurnError::Skip(
@@ -543,7 +542,7 @@ async fn candidates(
     let stored = db::run_blocking::<_, CollabError, _>(pool, move |conn| {
         Ok(db::candidates::list_for_session(conn, session_id)?
             .into_iter()
-            .filter(|c| c.source == CANDIDATE_SOURCE && c.after_seq == after_seq)
+            .filter(|c| c.source == CandidateSource::Mr && c.after_seq == after_seq)
             .filter_map(|c| {
                 let policy: Value = serde_json::from_str(&c.policy_json).ok()?;
                 (policy["config_sha256"] == config.as_str()).then_some((c, policy))
@@ -620,7 +619,7 @@ async fn candidates(
                 &NewCandidate {
                     session_id,
                     after_seq,
-                    source: CANDIDATE_SOURCE,
+                    source: CandidateSource::Mr,
                     content: &text,
                     chosen: None,
                     policy_json: &policy.to_string(),

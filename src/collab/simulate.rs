@@ -10,15 +10,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use super::simulator::{self, Question};
 use super::{derive_seed, CollabError, Goal, Roles, Task};
+use crate::db::vocab::SessionState;
 use crate::db::{self, DbPool};
-use crate::engine::{ChatMessage, Engines, Role};
+use crate::engine::{ChatMessage, Engines};
 use crate::protocol::Protocol;
 use crate::study::frames::{ClientFrame, ServerFrame, StateView};
-use crate::study::Studio;
+use crate::study::{Studio, SESSION_COOKIE};
 
 #[derive(Debug, Clone)]
 pub struct SimulateOptions {
@@ -132,7 +134,6 @@ type Socket =
 /// One simulated participant's connection and what it knows.
 struct Client {
     socket: Socket,
-    token: String,
     next_seq: i64,
     session: String,
 }
@@ -172,7 +173,7 @@ impl Client {
     /// The session's full state, as a reconnecting browser gets it.
     async fn state(&mut self) -> Result<StateView, CollabError> {
         self.send(&ClientFrame::Hello {
-            session_token: self.token.clone(),
+            session_token: None,
         })
         .await?;
         loop {
@@ -272,12 +273,20 @@ impl Participant<'_> {
             document: String::new(),
         };
         let url = format!("{}/s/{}/ws", self.ws_base, self.options.study);
-        let (socket, _) = tokio_tungstenite::connect_async(url.as_str())
+        let cannot = |e: &dyn std::fmt::Display| {
+            CollabError::Invalid(format!("cannot connect to {url}: {e}"))
+        };
+        // As a browser does: the session is the cookie's.
+        let mut request = url.as_str().into_client_request().map_err(|e| cannot(&e))?;
+        let cookie = format!("{SESSION_COOKIE}={token}");
+        request
+            .headers_mut()
+            .insert("cookie", cookie.parse().map_err(|e| cannot(&e))?);
+        let (socket, _) = tokio_tungstenite::connect_async(request)
             .await
-            .map_err(|e| CollabError::Invalid(format!("cannot connect to {url}: {e}")))?;
+            .map_err(|e| cannot(&e))?;
         let mut client = Client {
             socket,
-            token,
             next_seq: 0,
             session: session.public_id.clone(),
         };
@@ -291,15 +300,15 @@ impl Participant<'_> {
         let mut st = client.state().await?;
         for step in 0..most_steps {
             let conversation = conversation_of(&st);
-            match st.phase.as_str() {
-                "finished" => {
+            match st.phase {
+                SessionState::Finished => {
                     let _ = client.socket.close(None).await;
                     return Ok(session.public_id);
                 }
-                "chatting" if st.streaming.is_some() => {
+                SessionState::Chatting if st.streaming.is_some() => {
                     client.wait_for_reply().await?;
                 }
-                "chatting" => {
+                SessionState::Chatting => {
                     let at_cap = st.turn as u32 >= cap;
                     let message = if at_cap {
                         None
@@ -362,7 +371,7 @@ impl Participant<'_> {
                         }
                     }
                 }
-                "choosing" => {
+                SessionState::Choosing => {
                     let Some(comparison) = &st.comparison else {
                         return Err(client.failed("choosing without candidates".into()));
                     };
@@ -392,7 +401,7 @@ impl Participant<'_> {
                         })
                         .await?;
                 }
-                "rating" => {
+                SessionState::Rating => {
                     for rating in st.pending_ratings.clone() {
                         let value = self
                             .rate(&task, &goal, &conversation, &st, &rating, step)
@@ -407,7 +416,7 @@ impl Participant<'_> {
                             .await?;
                     }
                 }
-                "final" => {
+                SessionState::Final => {
                     let mut ratings = BTreeMap::new();
                     for rating in &st.final_ratings {
                         let value = self
@@ -451,8 +460,8 @@ impl Participant<'_> {
                         )
                         .await?;
                 }
-                other => {
-                    return Err(client.failed(format!("unexpected phase {other:?}")));
+                SessionState::Consent | SessionState::Declined | SessionState::TimedOut => {
+                    return Err(client.failed(format!("the session is {}", st.phase)));
                 }
             }
             st = client.state().await?;
@@ -511,14 +520,7 @@ impl Client {
 fn conversation_of(st: &StateView) -> Vec<ChatMessage> {
     st.messages
         .iter()
-        .map(|m| {
-            let role = if m.role == "user" {
-                Role::User
-            } else {
-                Role::Assistant
-            };
-            ChatMessage::new(role, m.content.clone())
-        })
+        .map(|m| crate::study::chat_message(m.role, &m.content))
         .collect()
 }
 

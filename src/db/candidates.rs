@@ -9,7 +9,7 @@ use super::{DbConn, DbResult};
 
 pub fn insert(conn: &mut DbConn, new: &NewCandidate) -> DbResult<Candidate> {
     Ok(diesel::insert_into(candidates::table)
-        .values(new)
+        .values(new.clone())
         .returning(candidates::all_columns)
         .get_result(conn)?)
 }

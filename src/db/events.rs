@@ -46,3 +46,10 @@ pub fn list_for_session(conn: &mut DbConn, session_id: i64) -> DbResult<Vec<Even
         .select(Event::as_select())
         .load(conn)?)
 }
+
+pub fn count_for_session(conn: &mut DbConn, session_id: i64) -> DbResult<i64> {
+    Ok(events::table
+        .filter(events::session_id.eq(session_id))
+        .count()
+        .get_result(conn)?)
+}

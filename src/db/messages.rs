@@ -23,7 +23,7 @@ pub fn append(conn: &mut DbConn, session_id: i64, new: &NewMessage) -> DbResult<
                 .values((
                     messages::session_id.eq(session_id),
                     messages::seq.eq(seq.unwrap_or(0) + 1),
-                    messages::role.eq(new.role),
+                    messages::role.eq(new.role.as_str()),
                     messages::content.eq(new.content),
                     messages::created_at.eq(now()),
                     messages::ttft_ms.eq(new.ttft_ms),

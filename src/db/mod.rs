@@ -6,6 +6,7 @@
 
 pub mod answers;
 pub mod assignments;
+pub mod audit;
 pub mod candidates;
 pub mod events;
 pub mod messages;
@@ -21,6 +22,7 @@ pub mod schema;
 pub mod secrets;
 pub mod sessions;
 pub mod studies;
+pub mod vocab;
 
 use std::time::Duration;
 

@@ -5,6 +5,9 @@ use diesel::prelude::*;
 use serde::Serialize;
 
 use super::schema::*;
+use super::vocab::{
+    CandidateSource, MessageRole, NullableText, Outcome, RevisionAuthor, SessionState,
+};
 
 #[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
 #[diesel(table_name = studies)]
@@ -66,8 +69,10 @@ pub struct Session {
     pub topic_id: Option<String>,
     /// sha256 of the participant's session token (the token itself is never stored).
     pub token_hash: String,
-    pub state: String,
-    pub outcome: Option<String>,
+    #[diesel(deserialize_as = String)]
+    pub state: SessionState,
+    #[diesel(deserialize_as = NullableText)]
+    pub outcome: Option<Outcome>,
     pub completion_code: Option<String>,
     pub consent_sha256: Option<String>,
     pub consented_at: Option<NaiveDateTime>,
@@ -77,6 +82,11 @@ pub struct Session {
     pub last_activity_at: NaiveDateTime,
     /// The highest client frame number applied: resent frames at or below it are duplicates.
     pub last_client_seq: i64,
+    /// HMAC of the Prolific `SESSION_ID` the session started with: the proof that lets the same
+    /// participant resume it in another browser.
+    pub resume_proof_hmac: Option<String>,
+    /// A researcher allowed the next entry with this participant's id to take the session over.
+    pub handover_allowed: bool,
 }
 
 #[derive(Debug, Clone, Insertable)]
@@ -89,7 +99,9 @@ pub struct NewSession<'a> {
     pub task_id: Option<&'a str>,
     pub topic_id: Option<&'a str>,
     pub token_hash: &'a str,
-    pub state: &'a str,
+    #[diesel(serialize_as = String)]
+    pub state: SessionState,
+    pub resume_proof_hmac: Option<&'a str>,
     pub started_at: NaiveDateTime,
     pub last_activity_at: NaiveDateTime,
 }
@@ -100,7 +112,8 @@ pub struct Message {
     pub id: i64,
     pub session_id: i64,
     pub seq: i32,
-    pub role: String,
+    #[diesel(deserialize_as = String)]
+    pub role: MessageRole,
     pub content: String,
     pub created_at: NaiveDateTime,
     pub ttft_ms: Option<i32>,
@@ -112,9 +125,9 @@ pub struct Message {
 }
 
 /// A message to append; `seq` is assigned by [`super::messages::append`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct NewMessage<'a> {
-    pub role: &'a str,
+    pub role: MessageRole,
     pub content: &'a str,
     pub ttft_ms: Option<i32>,
     pub gen_ms: Option<i32>,
@@ -124,13 +137,30 @@ pub struct NewMessage<'a> {
     pub policy_json: Option<&'a str>,
 }
 
+/// An empty participant message without generation details; set what you have.
+impl Default for NewMessage<'_> {
+    fn default() -> Self {
+        Self {
+            role: MessageRole::User,
+            content: "",
+            ttft_ms: None,
+            gen_ms: None,
+            prompt_tokens: None,
+            gen_tokens: None,
+            finish_reason: None,
+            policy_json: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
 #[diesel(table_name = candidates)]
 pub struct Candidate {
     pub id: i64,
     pub session_id: i64,
     pub after_seq: i32,
-    pub source: String,
+    #[diesel(deserialize_as = String)]
+    pub source: CandidateSource,
     pub content: String,
     pub chosen: Option<bool>,
     pub policy_json: String,
@@ -142,7 +172,8 @@ pub struct Candidate {
 pub struct NewCandidate<'a> {
     pub session_id: i64,
     pub after_seq: i32,
-    pub source: &'a str,
+    #[diesel(serialize_as = String)]
+    pub source: CandidateSource,
     pub content: &'a str,
     pub chosen: Option<bool>,
     pub policy_json: &'a str,
@@ -155,7 +186,8 @@ pub struct DocumentRevision {
     pub id: i64,
     pub session_id: i64,
     pub rev: i32,
-    pub author: String,
+    #[diesel(deserialize_as = String)]
+    pub author: RevisionAuthor,
     /// For an insert from the chat: the assistant message inserted.
     pub message_seq: Option<i32>,
     pub content: String,

@@ -15,6 +15,8 @@ pub struct Researcher {
     #[serde(skip)]
     pub password_hash: String,
     pub created_at: chrono::NaiveDateTime,
+    /// Console cookies issued before this moment are void (set by logging out).
+    pub sessions_valid_after: Option<chrono::NaiveDateTime>,
 }
 
 /// Creates the account, or sets a new password when the name exists. Returns whether it was new.
@@ -49,4 +51,12 @@ pub fn get(conn: &mut DbConn, id: i64) -> DbResult<Option<Researcher>> {
         .select(Researcher::as_select())
         .first(conn)
         .optional()?)
+}
+
+/// Voids every console cookie issued to the researcher until now (logout).
+pub fn revoke_sessions(conn: &mut DbConn, id: i64) -> DbResult<()> {
+    diesel::update(researchers::table.find(id))
+        .set(researchers::sessions_valid_after.eq(now()))
+        .execute(conn)?;
+    Ok(())
 }

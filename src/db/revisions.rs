@@ -4,6 +4,7 @@ use diesel::prelude::*;
 
 use super::models::DocumentRevision;
 use super::schema::document_revisions as revs;
+use super::vocab::RevisionAuthor;
 use super::{next_number, now, DbConn, DbResult, Parent};
 
 /// Stores `content` as the session's next revision (`rev` 1, 2, …); `message_seq` names the
@@ -11,7 +12,7 @@ use super::{next_number, now, DbConn, DbResult, Parent};
 pub fn append(
     conn: &mut DbConn,
     session_id: i64,
-    author: &str,
+    author: RevisionAuthor,
     message_seq: Option<i32>,
     content: &str,
 ) -> DbResult<DocumentRevision> {
@@ -30,7 +31,7 @@ pub fn append(
                 .values((
                     revs::session_id.eq(session_id),
                     revs::rev.eq(rev.unwrap_or(0) + 1),
-                    revs::author.eq(author),
+                    revs::author.eq(author.as_str()),
                     revs::message_seq.eq(message_seq),
                     revs::content.eq(content),
                     revs::created_at.eq(now()),

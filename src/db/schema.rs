@@ -6,6 +6,17 @@ diesel::table! {
         name -> Text,
         password_hash -> Text,
         created_at -> Timestamp,
+        sessions_valid_after -> Nullable<Timestamp>,
+    }
+}
+
+diesel::table! {
+    audit_events (id) {
+        id -> BigInt,
+        session_id -> BigInt,
+        kind -> Text,
+        detail_json -> Text,
+        created_at -> Timestamp,
     }
 }
 
@@ -83,6 +94,8 @@ diesel::table! {
         finished_at -> Nullable<Timestamp>,
         last_activity_at -> Timestamp,
         last_client_seq -> BigInt,
+        resume_proof_hmac -> Nullable<Text>,
+        handover_allowed -> Bool,
     }
 }
 
@@ -229,6 +242,7 @@ diesel::joinable!(sessions -> participants (participant_id));
 diesel::joinable!(sessions -> study_versions (study_version_id));
 diesel::joinable!(sessions -> arms (arm_id));
 diesel::joinable!(messages -> sessions (session_id));
+diesel::joinable!(audit_events -> sessions (session_id));
 diesel::joinable!(candidates -> sessions (session_id));
 diesel::joinable!(document_revisions -> sessions (session_id));
 diesel::joinable!(ratings -> sessions (session_id));
@@ -245,6 +259,7 @@ diesel::joinable!(preference_pairs -> studies (study_id));
 diesel::joinable!(preference_pairs -> sessions (session_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
+    audit_events,
     researchers,
     secrets,
     studies,

@@ -5,11 +5,12 @@ use diesel::prelude::*;
 
 use super::models::{NewSession, Session};
 use super::schema::sessions;
+use super::vocab::{Outcome, SessionState};
 use super::{now, write_transaction, DbConn, DbResult};
 
 pub fn create(conn: &mut DbConn, new: &NewSession) -> DbResult<Session> {
     Ok(diesel::insert_into(sessions::table)
-        .values(new)
+        .values(new.clone())
         .returning(sessions::all_columns)
         .get_result(conn)?)
 }
@@ -48,10 +49,13 @@ pub fn list_for_version(conn: &mut DbConn, study_version_id: i64) -> DbResult<Ve
 }
 
 /// Moves a session to `state` and marks it active now.
-pub fn set_state(conn: &mut DbConn, id: i64, state: &str) -> DbResult<Session> {
+pub fn set_state(conn: &mut DbConn, id: i64, state: SessionState) -> DbResult<Session> {
     let at = now();
     Ok(diesel::update(sessions::table.find(id))
-        .set((sessions::state.eq(state), sessions::last_activity_at.eq(at)))
+        .set((
+            sessions::state.eq(state.as_str()),
+            sessions::last_activity_at.eq(at),
+        ))
         .returning(sessions::all_columns)
         .get_result(conn)?)
 }
@@ -78,19 +82,18 @@ pub fn mark_first_message(conn: &mut DbConn, id: i64, at: NaiveDateTime) -> DbRe
     Ok(())
 }
 
-/// Ends a session with an outcome and its completion code.
+/// Ends a session with an outcome (in the state it implies) and its completion code.
 pub fn finish(
     conn: &mut DbConn,
     id: i64,
-    state: &str,
-    outcome: &str,
+    outcome: Outcome,
     completion_code: &str,
 ) -> DbResult<Session> {
     let at = now();
     Ok(diesel::update(sessions::table.find(id))
         .set((
-            sessions::state.eq(state),
-            sessions::outcome.eq(outcome),
+            sessions::state.eq(outcome.ended_state().as_str()),
+            sessions::outcome.eq(outcome.as_str()),
             sessions::completion_code.eq(completion_code),
             sessions::finished_at.eq(at),
             sessions::last_activity_at.eq(at),
@@ -103,11 +106,11 @@ pub fn finish(
 pub fn count_by_arm(
     conn: &mut DbConn,
     study_version_id: i64,
-    states: &[&str],
+    states: &[SessionState],
 ) -> DbResult<Vec<(i64, i64)>> {
     let rows: Vec<(Option<i64>, i64)> = sessions::table
         .filter(sessions::study_version_id.eq(study_version_id))
-        .filter(sessions::state.eq_any(states))
+        .filter(sessions::state.eq_any(SessionState::texts(states)))
         .group_by(sessions::arm_id)
         .select((sessions::arm_id, diesel::dsl::count_star()))
         .load(conn)?;
@@ -125,10 +128,22 @@ pub fn find_by_token_hash(conn: &mut DbConn, token_hash: &str) -> DbResult<Optio
         .optional()?)
 }
 
-/// Replaces the session's token (a returning participant on a new browser gets a new one).
-pub fn set_token_hash(conn: &mut DbConn, id: i64, token_hash: &str) -> DbResult<()> {
+/// Moves the session to a new browser: a new token replaces the old one, and a researcher's
+/// handover, if any, is used up.
+pub fn move_to_browser(conn: &mut DbConn, id: i64, token_hash: &str) -> DbResult<()> {
     diesel::update(sessions::table.find(id))
-        .set(sessions::token_hash.eq(token_hash))
+        .set((
+            sessions::token_hash.eq(token_hash),
+            sessions::handover_allowed.eq(false),
+        ))
+        .execute(conn)?;
+    Ok(())
+}
+
+/// Lets the next entry with the session's participant id take it over in a new browser.
+pub fn allow_handover(conn: &mut DbConn, id: i64) -> DbResult<()> {
+    diesel::update(sessions::table.find(id))
+        .set(sessions::handover_allowed.eq(true))
         .execute(conn)?;
     Ok(())
 }
@@ -154,11 +169,11 @@ pub fn assign(
 /// Sessions in one of `states` with no activity since `before`.
 pub fn idle_since(
     conn: &mut DbConn,
-    states: &[&str],
+    states: &[SessionState],
     before: NaiveDateTime,
 ) -> DbResult<Vec<Session>> {
     Ok(sessions::table
-        .filter(sessions::state.eq_any(states))
+        .filter(sessions::state.eq_any(SessionState::texts(states)))
         .filter(sessions::last_activity_at.lt(before))
         .select(Session::as_select())
         .load(conn)?)

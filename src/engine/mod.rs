@@ -81,11 +81,107 @@ pub struct ChatRequest {
     pub reproducible: bool,
 }
 
+/// Bounds on a constraint, checked with bounded work before llama.cpp parses it: its parser and
+/// grammar engine recurse along rules and nesting, so a grammar of 50,000 chained rules or a
+/// deeply nested schema would overflow the worker's stack and take the process down.
+const MAX_GRAMMAR_BYTES: usize = 32 * 1024;
+const MAX_GRAMMAR_RULES: usize = 256;
+const MAX_GRAMMAR_NESTING: usize = 32;
+const MAX_SCHEMA_BYTES: usize = 16 * 1024;
+const MAX_SCHEMA_NESTING: usize = 16;
+
+impl Constraint {
+    /// Refuses a constraint too large or too deep to hand to llama.cpp safely.
+    pub fn check(&self) -> Result<(), EngineError> {
+        match self {
+            Constraint::Grammar(g) => check_grammar(g),
+            Constraint::JsonSchema(schema) => {
+                let size = schema.to_string().len();
+                if size > MAX_SCHEMA_BYTES {
+                    return Err(EngineError::Grammar(format!(
+                        "the JSON schema has {size} bytes; at most {MAX_SCHEMA_BYTES} are accepted"
+                    )));
+                }
+                if json_depth(schema) > MAX_SCHEMA_NESTING {
+                    return Err(EngineError::Grammar(format!(
+                        "the JSON schema nests deeper than {MAX_SCHEMA_NESTING} levels"
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Size, rule count and nesting of a GBNF grammar, counted in one pass.
+fn check_grammar(grammar: &str) -> Result<(), EngineError> {
+    let refuse = |why: String| Err(EngineError::Grammar(why));
+    if grammar.len() > MAX_GRAMMAR_BYTES {
+        return refuse(format!(
+            "the grammar has {} bytes; at most {MAX_GRAMMAR_BYTES} are accepted",
+            grammar.len()
+        ));
+    }
+    let rules = grammar.matches("::=").count();
+    if rules > MAX_GRAMMAR_RULES {
+        return refuse(format!(
+            "the grammar has {rules} rules; at most {MAX_GRAMMAR_RULES} are accepted"
+        ));
+    }
+    // Nesting of groups, outside string literals, character classes and comments.
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let mut chars = grammar.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' | '[' => {
+                let close = if c == '"' { '"' } else { ']' };
+                while let Some(inner) = chars.next() {
+                    if inner == '\\' {
+                        chars.next();
+                    } else if inner == close {
+                        break;
+                    }
+                }
+            }
+            '#' => {
+                for inner in chars.by_ref() {
+                    if inner == '\n' {
+                        break;
+                    }
+                }
+            }
+            '(' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            ')' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    if deepest > MAX_GRAMMAR_NESTING {
+        return refuse(format!(
+            "the grammar nests groups {deepest} deep; at most {MAX_GRAMMAR_NESTING} are accepted"
+        ));
+    }
+    Ok(())
+}
+
+fn json_depth(value: &serde_json::Value) -> usize {
+    match value {
+        serde_json::Value::Array(items) => 1 + items.iter().map(json_depth).max().unwrap_or(0),
+        serde_json::Value::Object(map) => 1 + map.values().map(json_depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
 impl ChatRequest {
     /// What every backend refuses before queueing.
     pub fn check(&self) -> Result<(), EngineError> {
         if self.messages.is_empty() {
             return Err(EngineError::EmptyMessages);
+        }
+        if let Some(constraint) = &self.constraint {
+            constraint.check()?;
         }
         self.sampling.check().map_err(EngineError::InvalidRequest)
     }

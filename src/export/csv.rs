@@ -1,12 +1,14 @@
 //! CSV export: `sessions.csv` (one row per session, wide), `messages.csv`, `ratings.csv`,
-//! `revisions.csv`, `events.csv`, `assignments.csv` (long) and `codebook.csv`, which describes
-//! every column. RFC 4180, UTF-8, newlines inside fields kept, formula starts neutralised.
+//! `revisions.csv`, `candidates.csv`, `events.csv`, `assignments.csv` (long) and `codebook.csv`,
+//! which describes every column. RFC 4180, UTF-8, newlines inside fields kept, formula starts
+//! neutralised.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use super::{for_each_session, neutralise, study_versions, timestamp, ExportError, Filter};
-use crate::db::models::Session;
+use crate::db::models::{Candidate, Session};
+use crate::db::vocab::{CandidateSource, MessageRole, Outcome, SessionState};
 use crate::db::{self, DbConn};
 use crate::protocol::Protocol;
 
@@ -122,6 +124,69 @@ fn revision_columns() -> Vec<Column> {
         col("content", "text", "the whole document at this revision"),
     ]);
     c
+}
+
+fn candidate_columns() -> Vec<Column> {
+    let mut c = common_columns();
+    c.extend([
+        col(
+            "after_seq",
+            "integer",
+            "seq of the user message the reply answers",
+        ),
+        col(
+            "source",
+            "text",
+            &format!(
+                "{}: compare (one of two replies of a comparison turn), regenerate (a reply the \
+                 participant asked to replace, then its replacement), mr (a fresh candidate \
+                 scored by `collabllm pairs`)",
+                one_of(CandidateSource::ALL)
+            ),
+        ),
+        col(
+            "candidate",
+            "integer",
+            "position among the replies to the same message and source, from 0 (A, then B; for \
+             regenerate the replaced reply first)",
+        ),
+        col(
+            "chosen",
+            "boolean",
+            "true if the participant picked it (both true: a tie; both false: both bad); empty \
+             while undecided or for mr candidates",
+        ),
+        col(
+            "choice",
+            "text",
+            "the participant's pick for the pair: a, b, tie, both_bad (empty while undecided)",
+        ),
+        col("seed", "integer", "sampling seed of the reply"),
+        col("created_at", "timestamp", "when the reply was stored (UTC)"),
+        col("content", "text", "the reply text"),
+    ]);
+    c
+}
+
+/// "a, b or c" for a vocabulary's values.
+fn one_of<T: std::fmt::Display>(values: &[T]) -> String {
+    let texts: Vec<String> = values.iter().map(ToString::to_string).collect();
+    match texts.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => texts.join(""),
+    }
+}
+
+/// The participant's pick among a pair of candidates, as `a`, `b`, `tie` or `both_bad`.
+fn choice(pair: &[&Candidate]) -> String {
+    match pair.iter().map(|c| c.chosen).collect::<Vec<_>>()[..] {
+        [Some(true), Some(false)] => "a",
+        [Some(false), Some(true)] => "b",
+        [Some(true), Some(true)] => "tie",
+        [Some(false), Some(false)] => "both_bad",
+        _ => "",
+    }
+    .to_string()
 }
 
 fn event_columns() -> Vec<Column> {
@@ -304,15 +369,11 @@ pub fn export(
         col("protocol_sha256", "text", "sha256 of that protocol's text"),
         col("task", "text", "task (document type) id"),
         col("topic", "text", "topic id"),
-        col(
-            "state",
-            "text",
-            "consent, chatting, rating, final, finished, declined or timed_out",
-        ),
+        col("state", "text", &one_of(SessionState::ALL)),
         col(
             "outcome",
             "text",
-            "completed, no_consent or timed_out (empty while running)",
+            &format!("{} (empty while running)", one_of(Outcome::ALL)),
         ),
         col("started_at", "timestamp", "entry to the study (UTC)"),
         col("consented_at", "timestamp", "consent given (UTC)"),
@@ -377,11 +438,12 @@ pub fn export(
         ));
     }
 
-    let tables: [(&str, Vec<Column>); 6] = [
+    let tables: [(&str, Vec<Column>); 7] = [
         ("sessions.csv", session_cols),
         ("messages.csv", message_columns()),
         ("ratings.csv", rating_columns()),
         ("revisions.csv", revision_columns()),
+        ("candidates.csv", candidate_columns()),
         ("events.csv", event_columns()),
         ("assignments.csv", assignment_columns()),
     ];
@@ -409,10 +471,10 @@ pub fn export(
         .iter()
         .map(|(name, columns)| Csv::create(dir, name, columns))
         .collect::<Result<_, _>>()?;
-    let [sessions_csv, messages_csv, ratings_csv, revisions_csv, events_csv, assignments_csv] =
+    let [sessions_csv, messages_csv, ratings_csv, revisions_csv, candidates_csv, events_csv, assignments_csv] =
         &mut files[..]
     else {
-        unreachable!("six tables")
+        unreachable!("seven tables")
     };
 
     // Second pass: the rows.
@@ -433,7 +495,7 @@ pub fn export(
         for m in &messages {
             messages_csv.record(who.iter().cloned().chain([
                 m.seq.to_string(),
-                m.role.clone(),
+                m.role.to_string(),
                 timestamp(&m.created_at),
                 opt(m.ttft_ms),
                 opt(m.gen_ms),
@@ -462,12 +524,42 @@ pub fn export(
         for r in &revisions {
             revisions_csv.record(who.iter().cloned().chain([
                 r.rev.to_string(),
-                r.author.clone(),
+                r.author.to_string(),
                 opt(r.message_seq),
                 timestamp(&r.created_at),
                 words(&r.content).to_string(),
                 r.content.clone(),
             ]))?;
+        }
+        let candidates = db::candidates::list_for_session(conn, s.id)?;
+        let mut groups: Vec<((i32, CandidateSource), Vec<&Candidate>)> = Vec::new();
+        for c in &candidates {
+            let key = (c.after_seq, c.source);
+            match groups.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, group)) => group.push(c),
+                None => groups.push((key, vec![c])),
+            }
+        }
+        for (_, group) in &groups {
+            let pick = if group.len() == 2 {
+                choice(group)
+            } else {
+                String::new()
+            };
+            for (i, c) in group.iter().enumerate() {
+                let policy: serde_json::Value =
+                    serde_json::from_str(&c.policy_json).unwrap_or_default();
+                candidates_csv.record(who.iter().cloned().chain([
+                    c.after_seq.to_string(),
+                    c.source.to_string(),
+                    i.to_string(),
+                    opt(c.chosen),
+                    pick.clone(),
+                    opt(policy["sampling"]["seed"].as_i64()),
+                    timestamp(&c.created_at),
+                    c.content.clone(),
+                ]))?;
+            }
         }
         for e in db::events::list_for_session(conn, s.id)? {
             events_csv.record(who.iter().cloned().chain([
@@ -478,7 +570,10 @@ pub fn export(
             ]))?;
         }
         let answer_rows = db::answers::list_for_session(conn, s.id)?;
-        let replies: Vec<_> = messages.iter().filter(|m| m.role == "assistant").collect();
+        let replies: Vec<_> = messages
+            .iter()
+            .filter(|m| m.role == MessageRole::Assistant)
+            .collect();
         let ttfts: Vec<i32> = replies.iter().filter_map(|m| m.ttft_ms).collect();
         let end = s.finished_at.unwrap_or(s.last_activity_at);
         let last = revisions
@@ -493,8 +588,8 @@ pub fn export(
             version.row.protocol_sha256.clone(),
             opt(s.task_id.clone()),
             opt(s.topic_id.clone()),
-            s.state.clone(),
-            opt(s.outcome.clone()),
+            s.state.to_string(),
+            opt(s.outcome.map(|o| o.to_string())),
             timestamp(&s.started_at),
             opt(s.consented_at.as_ref().map(timestamp)),
             opt(s.first_message_at.as_ref().map(timestamp)),
@@ -506,7 +601,7 @@ pub fn export(
             replies.len().to_string(),
             messages
                 .iter()
-                .filter(|m| m.role == "user")
+                .filter(|m| m.role == MessageRole::User)
                 .map(|m| words(&m.content))
                 .sum::<usize>()
                 .to_string(),

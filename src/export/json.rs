@@ -107,6 +107,11 @@ pub fn export(
             "answers": db::answers::list_for_session(conn, s.id)?.into_iter().map(|a| json!({
                 "key": a.question_key, "answer": a.answer, "created_at": timestamp(&a.created_at),
             })).collect::<Vec<_>>(),
+            "candidates": db::candidates::list_for_session(conn, s.id)?.into_iter().map(|c| json!({
+                "after_seq": c.after_seq, "source": c.source, "chosen": c.chosen,
+                "created_at": timestamp(&c.created_at), "content": c.content,
+                "policy": serde_json::from_str::<Value>(&c.policy_json).unwrap_or(Value::Null),
+            })).collect::<Vec<_>>(),
             "events": db::events::list_for_session(conn, s.id)?.into_iter().map(|e| json!({
                 "client_seq": e.client_seq, "kind": e.kind, "created_at": timestamp(&e.created_at),
                 "data": serde_json::from_str::<Value>(&e.payload_json).unwrap_or(Value::Null),

@@ -6,6 +6,7 @@ pub mod csv;
 pub mod json;
 pub mod pairs;
 
+use crate::db::vocab::Outcome;
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{NaiveDate, NaiveDateTime};
@@ -87,7 +88,7 @@ impl Filter {
         self.arm.as_deref().is_none_or(|a| arm_name == Some(a))
             && self.from.is_none_or(|from| day >= from)
             && self.to.is_none_or(|to| day <= to)
-            && (!self.completed_only || session.outcome.as_deref() == Some("completed"))
+            && (!self.completed_only || session.outcome == Some(Outcome::Completed))
             && self.simulated.is_none_or(|wanted| wanted == simulated)
     }
 }
@@ -111,12 +112,19 @@ impl From<diesel::result::Error> for ExportError {
     }
 }
 
-/// A cell a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, tab or CR first) gets a
-/// leading apostrophe, as OWASP recommends; other text is kept as it is.
+/// A cell a spreadsheet could run as a formula gets a leading apostrophe, as OWASP recommends:
+/// one that starts with a tab, CR or line feed, or whose first character after any white space
+/// is `=`, `+`, `-` or `@` (or their full-width forms, which some spreadsheets read as the same).
+/// Other text is kept as it is.
 pub fn neutralise(text: &str) -> std::borrow::Cow<'_, str> {
-    match text.chars().next() {
-        Some('=' | '+' | '-' | '@' | '\t' | '\r') => format!("'{text}").into(),
-        _ => text.into(),
+    let control_first = text.starts_with(['\t', '\r', '\n']);
+    let formula_first = text.trim_start().starts_with([
+        '=', '+', '-', '@', '\u{ff1d}', '\u{ff0b}', '\u{ff0d}', '\u{ff20}',
+    ]);
+    if control_first || formula_first {
+        format!("'{text}").into()
+    } else {
+        text.into()
     }
 }
 
@@ -131,10 +139,27 @@ mod tests {
 
     #[test]
     fn formula_starts_are_neutralised() {
-        for risky in ["=SUM(A1)", "+1", "-2+3", "@cmd", "\tx", "\rx"] {
+        let risky = [
+            "=SUM(A1)",
+            "+1",
+            "-2+3",
+            "@cmd",
+            "\tx",
+            "\rx",
+            "\n=1+1",
+            " =x",
+            "\u{a0}=x",
+            "\u{3000}@x",
+            "\u{ff1d}SUM(A1)",
+            "\u{ff0b}1",
+            "\u{ff0d}1",
+            "\u{ff20}x",
+            "\nplain",
+        ];
+        for risky in risky {
             assert_eq!(neutralise(risky), format!("'{risky}"));
         }
-        for safe in ["hello", "", "a=b", " =x", "'quoted"] {
+        for safe in ["hello", "", "a=b", "x =y", "'quoted", "   ", "1-2"] {
             assert_eq!(neutralise(safe), safe);
         }
     }

@@ -13,6 +13,7 @@
 //! Pairs are split into train and eval by participant (never by row): a participant's pairs all
 //! land in the same file, chosen by a hash of the pseudonym.
 
+use crate::db::vocab::{MessageRole, RevisionAuthor};
 use std::io::Write;
 use std::path::Path;
 
@@ -157,7 +158,7 @@ fn prompt_before(
             .filter(|m| m.seq < seq)
             .map(|m| json!({"role": m.role, "content": m.content})),
     );
-    (prompt.last()?["role"] == "user").then_some(prompt)
+    (prompt.last()?["role"] == MessageRole::User.as_str()).then_some(prompt)
 }
 
 fn assistant(content: &str) -> Value {
@@ -200,7 +201,7 @@ pub fn export(
                 "arm": arm_name,
                 "session": s.public_id,
                 "participant": participant.pseudonym,
-                "turn": messages.iter().filter(|m| m.role == "assistant" && m.seq < seq).count() + 1,
+                "turn": messages.iter().filter(|m| m.role == MessageRole::Assistant && m.seq < seq).count() + 1,
                 "model_sha256": policy["fingerprint"],
                 "seed": policy["sampling"]["seed"],
             })
@@ -258,12 +259,15 @@ pub fn export(
         // Edits: an inserted reply rewritten by the participant.
         let revisions = db::revisions::list_for_session(conn, s.id)?;
         for (i, rev) in revisions.iter().enumerate() {
-            let Some(seq) = rev.message_seq.filter(|_| rev.author == "assistant_insert") else {
+            let Some(seq) = rev
+                .message_seq
+                .filter(|_| rev.author == RevisionAuthor::AssistantInsert)
+            else {
                 continue;
             };
             let Some(reply) = messages
                 .iter()
-                .find(|m| m.seq == seq && m.role == "assistant")
+                .find(|m| m.seq == seq && m.role == MessageRole::Assistant)
             else {
                 continue;
             };

@@ -6,8 +6,9 @@ use std::sync::Arc;
 use serde_json::json;
 
 use super::assign::{self, ArmState};
-use super::{new_token, state, token_hash, Studio, StudyError};
+use super::{new_token, token_hash, Studio, StudyError};
 use crate::db::models::{NewAssignment, NewSession, Session, Study};
+use crate::db::vocab::{Outcome, SessionState};
 use crate::db::{self, write_transaction, DbConn};
 use crate::protocol::{sha256_hex, OutcomeSpec, Protocol};
 
@@ -20,18 +21,35 @@ pub struct Entry {
     pub new_token: Option<String>,
 }
 
+/// What a participant's link carries besides the study: Prolific's ids, when it came from there.
+#[derive(Debug, Clone, Default)]
+pub struct Arrival {
+    /// `PROLIFIC_PID`: who they are. Not a secret: researchers and other studies see it.
+    pub external_id: Option<String>,
+    /// Prolific's `SESSION_ID`: issued for this participant's place in this study and known only
+    /// to them and Prolific, so it proves a second browser is theirs.
+    pub resume_proof: Option<String>,
+}
+
 impl Studio {
-    /// A participant arrives at `/s/{slug}`: the session of their browser token, else of their
-    /// external id, else a new one. Never a second session or arm for the same external id.
+    /// A participant arrives at `/s/{slug}`: the session of their browser token, else a new one.
+    /// An external id that already has a session opens it in this browser only with proof (the
+    /// same Prolific `SESSION_ID`, or a researcher's handover); otherwise the entry is refused and
+    /// recorded, and the browser that has the session keeps it. Never a second session or arm for
+    /// the same external id. `may_start` false refuses to start a new session (the client started
+    /// too many); returning to one is always possible.
     pub async fn enter(
         self: &Arc<Self>,
         slug: String,
-        external_id: Option<String>,
+        arrival: Arrival,
         browser_token: Option<String>,
+        may_start: bool,
     ) -> Result<Entry, StudyError> {
-        let external = external_id
-            .filter(|id| !id.trim().is_empty())
-            .map(|id| self.external_id_hmac(&slug, id.trim()));
+        let non_empty =
+            |v: Option<String>| v.map(|v| v.trim().to_string()).filter(|v| !v.is_empty());
+        let external = non_empty(arrival.external_id).map(|id| self.external_id_hmac(&slug, &id));
+        let proof = non_empty(arrival.resume_proof)
+            .map(|p| self.external_id_hmac(&slug, &format!("resume\0{p}")));
         self.db(move |conn| {
             let study =
                 db::studies::find_by_slug(conn, &slug)?.ok_or(StudyError::UnknownStudy(slug))?;
@@ -51,27 +69,54 @@ impl Studio {
                     new_token: None,
                 });
             }
-            write_transaction(conn, |conn| {
+            let entered = write_transaction(conn, |conn| {
                 let (participant, _) =
                     db::participants::find_or_create(conn, study.id, external.as_deref(), false)?;
                 let (token, hash) = new_token();
                 if let Some(session) = db::sessions::latest_of_participant(conn, participant.id)? {
-                    db::sessions::set_token_hash(conn, session.id, &hash)?;
-                    return Ok(Entry {
+                    let proven = proof.is_some() && session.resume_proof_hmac == proof;
+                    if !proven && !session.handover_allowed {
+                        return Ok(Err(session));
+                    }
+                    db::sessions::move_to_browser(conn, session.id, &hash)?;
+                    let how = if proven { "resume_proof" } else { "handover" };
+                    db::audit::record(
+                        conn,
+                        session.id,
+                        "moved_to_new_browser",
+                        &json!({"by": how}),
+                    )?;
+                    return Ok(Ok(Entry {
                         study: study.clone(),
                         session,
                         new_token: Some(token),
-                    });
+                    }));
                 }
                 if study.status != "active" {
                     return Err(StudyError::NotAccepting);
                 }
+                if !may_start {
+                    return Err(StudyError::TooManyStarted);
+                }
                 let version = db::studies::current_version(conn, study.id)?;
-                let session = new_session(conn, participant.id, version.id, &hash)?;
-                Ok(Entry {
+                let session =
+                    new_session(conn, participant.id, version.id, &hash, proof.as_deref())?;
+                Ok(Ok(Entry {
                     study: study.clone(),
                     session,
                     new_token: Some(token),
+                }))
+            })?;
+            // A refused entry is recorded after the transaction, which created nothing.
+            entered.or_else(|session| {
+                db::audit::record(
+                    conn,
+                    session.id,
+                    "entry_refused",
+                    &json!({"reason": "open in another browser", "state": session.state}),
+                )?;
+                Err(StudyError::OpenElsewhere {
+                    ended: session.state.has_ended(),
                 })
             })
         })
@@ -110,7 +155,7 @@ impl Studio {
         self.db(move |conn| {
             write_transaction(conn, |conn| {
                 let session = db::sessions::get(conn, session_id)?;
-                if session.state != state::CONSENT {
+                if session.state != SessionState::Consent {
                     return Ok(session);
                 }
                 let protocol = this.protocol(conn, session.study_version_id)?;
@@ -120,7 +165,11 @@ impl Studio {
                     &sha256_hex(protocol.consent.text.as_bytes()),
                 )?;
                 draw(conn, &protocol, &session, None)?;
-                Ok(db::sessions::set_state(conn, session.id, state::CHATTING)?)
+                Ok(db::sessions::set_state(
+                    conn,
+                    session.id,
+                    SessionState::Chatting,
+                )?)
             })
         })
         .await
@@ -145,14 +194,14 @@ impl Studio {
                 let (participant, _) =
                     db::participants::find_or_create(conn, study.id, None, true)?;
                 let (token, hash) = new_token();
-                let session = new_session(conn, participant.id, version.id, &hash)?;
+                let session = new_session(conn, participant.id, version.id, &hash, None)?;
                 db::sessions::record_consent(
                     conn,
                     session.id,
                     &sha256_hex(protocol.consent.text.as_bytes()),
                 )?;
                 draw(conn, &protocol, &session, arm.as_deref())?;
-                let session = db::sessions::set_state(conn, session.id, state::CHATTING)?;
+                let session = db::sessions::set_state(conn, session.id, SessionState::Chatting)?;
                 Ok((session, token))
             })
         })
@@ -164,15 +213,14 @@ impl Studio {
         let this = self.clone();
         self.db(move |conn| {
             let session = db::sessions::get(conn, session_id)?;
-            if session.state != state::CONSENT {
+            if session.state != SessionState::Consent {
                 return Ok(session);
             }
             let protocol = this.protocol(conn, session.study_version_id)?;
             Ok(db::sessions::finish(
                 conn,
                 session.id,
-                state::DECLINED,
-                "no_consent",
+                Outcome::NoConsent,
                 &protocol.outcomes.no_consent.code,
             )?)
         })
@@ -186,6 +234,7 @@ fn new_session(
     participant_id: i64,
     study_version_id: i64,
     token_hash: &str,
+    resume_proof_hmac: Option<&str>,
 ) -> Result<Session, StudyError> {
     let now = db::now();
     let public_id = uuid::Uuid::new_v4().to_string();
@@ -199,7 +248,8 @@ fn new_session(
             task_id: None,
             topic_id: None,
             token_hash,
-            state: state::CONSENT,
+            state: SessionState::Consent,
+            resume_proof_hmac,
             started_at: now,
             last_activity_at: now,
         },
@@ -241,7 +291,7 @@ fn draw(
         return Ok(());
     }
     let arms = db::studies::arms_of(conn, version_id)?;
-    let filled = db::sessions::count_by_arm(conn, version_id, &state::FILLING)?;
+    let filled = db::sessions::count_by_arm(conn, version_id, &SessionState::FILLING)?;
     let arm_states: Vec<ArmState> = arms
         .iter()
         .map(|a| ArmState {

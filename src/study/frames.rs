@@ -11,12 +11,16 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::db::vocab::{MessageRole, SessionState};
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ClientFrame {
-    /// First frame of a connection: whose session this is.
+    /// First frame of a connection. The session is the one of the browser's cookie, sent with
+    /// the websocket upgrade; a token given here must be that same one.
     Hello {
-        session_token: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        session_token: Option<String>,
     },
     UserMessage {
         client_seq: i64,
@@ -97,6 +101,9 @@ pub enum ServerFrame {
     },
     Token {
         msg_seq: i32,
+        /// The number of token frames of this reply (candidate) before this one: a client that
+        /// already has the text up to a later point (from a `state` frame) skips it.
+        index: usize,
         delta: String,
         /// In a comparison turn: which candidate (0 = A, 1 = B).
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -104,10 +111,13 @@ pub enum ServerFrame {
     },
     /// Both candidates of a comparison turn are ready; the participant picks with `choose`.
     Comparison(ComparisonView),
+    /// Sent after any `rating_request` the reply makes due, so a client that acts on it is in
+    /// step with the server; `phase` is what the session moved on to.
     AssistantDone {
         msg_seq: i32,
         text: String,
         finish_reason: String,
+        phase: SessionState,
     },
     Ack {
         client_seq: i64,
@@ -140,8 +150,7 @@ impl ServerFrame {
 /// Everything the participant's page shows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StateView {
-    /// `chatting`, `rating`, `final` or `finished`.
-    pub phase: String,
+    pub phase: SessionState,
     /// Completed turns (assistant replies).
     pub turn: i32,
     pub min_turns: u32,
@@ -151,6 +160,8 @@ pub struct StateView {
     pub messages: Vec<MessageView>,
     /// A reply still being generated, with its text so far.
     pub streaming: Option<MessageView>,
+    /// Token frames of the streaming reply that its text so far already contains.
+    pub streaming_tokens: usize,
     pub document: DocumentView,
     pub pending_ratings: Vec<RatingView>,
     pub final_ratings: Vec<RatingView>,
@@ -181,8 +192,7 @@ pub struct TaskView {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MessageView {
     pub seq: i32,
-    /// `user` or `assistant`.
-    pub role: String,
+    pub role: MessageRole,
     pub content: String,
 }
 

@@ -14,29 +14,13 @@ use std::sync::{Arc, Mutex};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 
-pub use entry::Entry;
+pub use entry::{Arrival, Entry};
 pub use live::Connection;
 
+use crate::db::vocab::{MessageRole, Outcome, SessionState};
 use crate::db::{self, DbConn, DbError, DbPool};
-use crate::engine::Engines;
+use crate::engine::{ChatMessage, Engines, Role};
 use crate::protocol::Protocol;
-
-/// Session states, as stored.
-pub mod state {
-    pub const CONSENT: &str = "consent";
-    pub const DECLINED: &str = "declined";
-    pub const CHATTING: &str = "chatting";
-    pub const RATING: &str = "rating";
-    pub const FINAL: &str = "final";
-    /// Two candidate replies wait for the participant's pick.
-    pub const CHOOSING: &str = "choosing";
-    pub const FINISHED: &str = "finished";
-    pub const TIMED_OUT: &str = "timed_out";
-    /// Sessions that count towards an arm's fill: active or completed.
-    pub const FILLING: [&str; 5] = [CHATTING, CHOOSING, RATING, FINAL, FINISHED];
-    /// Sessions a participant is still working in.
-    pub const OPEN: [&str; 5] = [CONSENT, CHATTING, CHOOSING, RATING, FINAL];
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StudyError {
@@ -46,6 +30,16 @@ pub enum StudyError {
     NotAccepting,
     #[error("every arm of the study has reached its quota")]
     Full,
+    /// The participant id of the link has a session that another browser holds.
+    #[error("{}", if *ended {
+        "This participant ID has already taken part in this study in another browser."
+    } else {
+        "This participant ID already has a session of this study open in another browser. Please continue there; if you cannot, contact the researchers, who can move your session to this browser."
+    })]
+    OpenElsewhere { ended: bool },
+    /// The client started the most new sessions it may for now.
+    #[error("too many sessions were started from your network")]
+    TooManyStarted,
     #[error("{0}")]
     Protocol(String),
     #[error(transparent)]
@@ -127,8 +121,11 @@ impl Studio {
         let this = self.clone();
         self.db(move |conn| {
             let mut ended = 0;
-            let candidates =
-                db::sessions::idle_since(conn, &state::OPEN, now - chrono::Duration::minutes(1))?;
+            let candidates = db::sessions::idle_since(
+                conn,
+                &SessionState::OPEN,
+                now - chrono::Duration::minutes(1),
+            )?;
             for session in candidates {
                 let protocol = this.protocol(conn, session.study_version_id)?;
                 let limit = i64::from(protocol.session.idle_timeout_minutes);
@@ -138,8 +135,7 @@ impl Studio {
                 db::sessions::finish(
                     conn,
                     session.id,
-                    state::TIMED_OUT,
-                    "timed_out",
+                    Outcome::TimedOut,
                     &protocol.outcomes.timed_out.code,
                 )?;
                 tracing::info!(session = %session.public_id, "session timed out");
@@ -160,6 +156,18 @@ impl Studio {
         mac.update(external_id.as_bytes());
         hex::encode(mac.finalize().into_bytes())
     }
+}
+
+/// The cookie that holds a participant's session token (HttpOnly, scoped to the study's path).
+pub const SESSION_COOKIE: &str = "collabllm_session";
+
+/// A stored chat message as the engine takes it.
+pub fn chat_message(role: MessageRole, content: &str) -> ChatMessage {
+    let role = match role {
+        MessageRole::User => Role::User,
+        MessageRole::Assistant => Role::Assistant,
+    };
+    ChatMessage::new(role, content.to_string())
 }
 
 /// A new random session token (given to the browser) and its hash (stored).

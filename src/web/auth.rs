@@ -20,6 +20,15 @@ pub fn hash_password(password: &str) -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// A valid argon2id hash of no one's password: verified against when a name is unknown, so a
+/// wrong name takes as long as a wrong password and the timing does not tell which names exist.
+pub fn decoy_hash() -> &'static str {
+    static DECOY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    DECOY.get_or_init(|| {
+        hash_password(&hex::encode(rand::random::<[u8; 16]>())).expect("argon2 hashes any password")
+    })
+}
+
 pub fn verify_password(password: &str, hash: &str) -> bool {
     PasswordHash::new(hash)
         .map(|parsed| {
@@ -47,21 +56,25 @@ impl ConsoleKey {
         hex::encode(mac.finalize().into_bytes())
     }
 
-    /// A session cookie value for researcher `id` valid until `expires` (unix seconds).
-    pub fn session(&self, id: i64, expires: i64) -> String {
-        let body = format!("{id}.{expires}");
+    /// A session cookie value for researcher `id`, issued at `issued_ms` (unix milliseconds) and
+    /// valid until `expires` (unix seconds).
+    pub fn session(&self, id: i64, issued_ms: i64, expires: i64) -> String {
+        let body = format!("{id}.{issued_ms}.{expires}");
         format!("{body}.{}", self.mac("session", &body))
     }
 
-    /// The researcher id of a session cookie value that is genuine and not expired at `now`.
-    pub fn verify_session(&self, value: &str, now: i64) -> Option<i64> {
+    /// The researcher id and issue time (unix milliseconds) of a session cookie value that is
+    /// genuine and not expired at `now` (unix seconds).
+    pub fn verify_session(&self, value: &str, now: i64) -> Option<(i64, i64)> {
         let (body, mac) = value.rsplit_once('.')?;
         if !constant_time_eq(mac, &self.mac("session", body)) {
             return None;
         }
-        let (id, expires) = body.split_once('.')?;
-        let expires: i64 = expires.parse().ok()?;
-        (expires > now).then(|| id.parse().ok()).flatten()
+        let mut parts = body.split('.');
+        let id = parts.next()?.parse().ok()?;
+        let issued_ms = parts.next()?.parse().ok()?;
+        let expires: i64 = parts.next()?.parse().ok()?;
+        (parts.next().is_none() && expires > now).then_some((id, issued_ms))
     }
 
     /// The CSRF token forms must carry for a browser with this CSRF cookie.
@@ -98,10 +111,11 @@ mod tests {
     #[test]
     fn session_cookies_cannot_be_forged_or_outlive_their_expiry() {
         let key = ConsoleKey::new("k");
-        let cookie = key.session(7, 1000);
-        assert_eq!(key.verify_session(&cookie, 999), Some(7));
+        let cookie = key.session(7, 5, 1000);
+        assert_eq!(key.verify_session(&cookie, 999), Some((7, 5)));
         assert_eq!(key.verify_session(&cookie, 1000), None);
         assert_eq!(key.verify_session(&cookie.replace("7.", "8."), 10), None);
+        assert_eq!(key.verify_session(&cookie.replace(".5.", ".6."), 10), None);
         assert_eq!(ConsoleKey::new("other").verify_session(&cookie, 10), None);
         assert!(key.verify_csrf("abc", &key.csrf("abc")));
         assert!(!key.verify_csrf("abc", &key.csrf("abd")));

@@ -3,8 +3,6 @@
 //! and CSV downloads. Every route but the login page needs a researcher's session cookie; every
 //! form carries a CSRF token.
 
-use std::collections::BTreeMap;
-
 use actix_web::cookie::{time::Duration as CookieDuration, Cookie, SameSite};
 use actix_web::http::{header, StatusCode};
 use actix_web::{get, post, web, HttpRequest, HttpResponse, ResponseError};
@@ -15,6 +13,7 @@ use serde::Deserialize;
 use super::auth::{self, ConsoleKey, CSRF_COOKIE, SESSION_COOKIE};
 use super::{render, see_other, ApiError, AppState};
 use crate::db::researchers::Researcher;
+use crate::db::vocab::{MessageRole, RevisionAuthor, SessionState};
 use crate::db::{self, DbConn};
 use crate::engine::EngineStatus;
 use crate::export;
@@ -77,14 +76,22 @@ fn page<T: Template>(t: &T) -> Page {
 /// The logged-in researcher, or `Login`.
 async fn researcher(req: &HttpRequest, state: &AppState) -> Result<Researcher, ConsoleError> {
     let cookie = req.cookie(SESSION_COOKIE).ok_or(ConsoleError::Login)?;
-    let id = state
+    let (id, issued_ms) = state
         .console_key
         .verify_session(cookie.value(), chrono::Utc::now().timestamp())
         .ok_or(ConsoleError::Login)?;
-    state
+    let researcher = state
         .db(move |conn| Ok(db::researchers::get(conn, id)?))
         .await?
-        .ok_or(ConsoleError::Login)
+        .ok_or(ConsoleError::Login)?;
+    // A logout voids every cookie issued before it.
+    let revoked = researcher
+        .sessions_valid_after
+        .is_some_and(|after| issued_ms <= after.and_utc().timestamp_millis());
+    if revoked {
+        return Err(ConsoleError::Login);
+    }
+    Ok(researcher)
 }
 
 /// The CSRF token for this browser's forms, and the cookie to set when it has none yet.
@@ -162,21 +169,41 @@ async fn submit_login(
         password,
         csrf: token,
     } = form.into_inner();
+    let limits = state.limits.clone();
+    let address = limits.address(&req);
+    let waits = [
+        limits.logins_by_name.wait(&name),
+        limits.logins_by_address.wait(&address),
+    ];
+    if let Some(wait) = waits.into_iter().flatten().max() {
+        let error = format!(
+            "Too many failed logins. Try again {}.",
+            super::limits::minutes(wait)
+        );
+        let mut response = render(&LoginPage {
+            csrf: &token,
+            error: &error,
+        })?;
+        *response.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+        return Ok(response);
+    }
+    let lookup = name.clone();
     let found = state
-        .db(move |conn| Ok(db::researchers::find_by_name(conn, &name)?))
+        .db(move |conn| Ok(db::researchers::find_by_name(conn, &lookup)?))
         .await?;
-    // Verification runs off the async threads: argon2 is slow on purpose.
-    let ok = match found {
-        Some(r) => {
-            let hash = r.password_hash.clone();
-            web::block(move || auth::verify_password(&password, &hash))
-                .await
-                .map_err(ApiError::from)?
-                .then_some(r)
-        }
-        None => None,
-    };
-    let Some(researcher) = ok else {
+    // Verification runs off the async threads: argon2 is slow on purpose. An unknown name is
+    // verified against a decoy so that it takes as long as a wrong password.
+    let hash = found.as_ref().map_or_else(
+        || auth::decoy_hash().to_string(),
+        |r| r.password_hash.clone(),
+    );
+    let verified = web::block(move || auth::verify_password(&password, &hash))
+        .await
+        .map_err(ApiError::from)?;
+    let Some(researcher) = found.filter(|_| verified) else {
+        limits.logins_by_name.hit(&name);
+        limits.logins_by_address.hit(&address);
+        tracing::warn!(name = %name, "failed console login");
         let mut response = render(&LoginPage {
             csrf: &token,
             error: "Unknown name or wrong password.",
@@ -184,10 +211,14 @@ async fn submit_login(
         *response.status_mut() = StatusCode::UNAUTHORIZED;
         return Ok(response);
     };
-    let expires = chrono::Utc::now().timestamp() + auth::SESSION_HOURS * 3600;
+    limits.logins_by_name.clear(&name);
+    let now = chrono::Utc::now();
+    let expires = now.timestamp() + auth::SESSION_HOURS * 3600;
     let cookie = Cookie::build(
         SESSION_COOKIE,
-        state.console_key.session(researcher.id, expires),
+        state
+            .console_key
+            .session(researcher.id, now.timestamp_millis(), expires),
     )
     .path("/console")
     .http_only(true)
@@ -213,8 +244,11 @@ async fn submit_logout(
     state: web::Data<AppState>,
     form: web::Form<CsrfForm>,
 ) -> Page {
-    researcher(&req, &state).await?;
+    let who = researcher(&req, &state).await?;
     check_csrf(&req, &state.console_key, &form.csrf)?;
+    state
+        .db(move |conn| Ok(db::researchers::revoke_sessions(conn, who.id)?))
+        .await?;
     let mut response = see_other("/console/login".into());
     let mut gone = Cookie::build(SESSION_COOKIE, "").path("/console").finish();
     gone.make_removal();
@@ -295,14 +329,15 @@ struct ArmRow {
     model: String,
     weight: f64,
     quota: String,
-    by_state: BTreeMap<String, i64>,
+    /// Sessions in each of [`SessionState::ALL`], in that order.
+    by_state: Vec<i64>,
 }
 
 struct SessionRow {
     id: String,
     participant: String,
     arm: String,
-    state: String,
+    state: SessionState,
     turns: usize,
     words: usize,
     minutes: String,
@@ -532,10 +567,12 @@ struct StudyPage<'a> {
     csrf: &'a str,
     study: db::models::Study,
     version: db::models::StudyVersion,
-    states: Vec<&'static str>,
+    states: &'static [SessionState],
+    /// Whose sessions the results cover: `human`, `simulated` or `all`.
+    shown: &'static str,
     arms: Vec<ArmRow>,
     sessions: Vec<SessionRow>,
-    files: [&'static str; 8],
+    files: [&'static str; 9],
     result_headers: Vec<String>,
     results: Vec<ResultRow>,
     lines: Vec<LinePlot>,
@@ -551,32 +588,57 @@ struct TaskRow {
 }
 
 /// The export files offered for download.
-const EXPORT_FILES: [&str; 8] = [
+const EXPORT_FILES: [&str; 9] = [
     "sessions.csv",
     "messages.csv",
     "ratings.csv",
     "revisions.csv",
+    "candidates.csv",
     "events.csv",
     "assignments.csv",
     "codebook.csv",
     "study.json",
 ];
 
-const STATES: [&str; 7] = [
-    "consent",
-    "chatting",
-    "rating",
-    "final",
-    "finished",
-    "declined",
-    "timed_out",
-];
+/// Whose sessions the results per arm cover.
+#[derive(Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum SessionsShown {
+    /// People only: what a study reports.
+    #[default]
+    Human,
+    Simulated,
+    All,
+}
+
+impl SessionsShown {
+    /// The `simulated` flag the sessions must have, if any.
+    fn simulated(self) -> Option<bool> {
+        match self {
+            SessionsShown::Human => Some(false),
+            SessionsShown::Simulated => Some(true),
+            SessionsShown::All => None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct StudyQuery {
+    #[serde(default)]
+    sessions: SessionsShown,
+}
 
 #[get("/console/studies/{slug}")]
-async fn show_study(req: HttpRequest, state: web::Data<AppState>, slug: web::Path<String>) -> Page {
+async fn show_study(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    slug: web::Path<String>,
+    query: web::Query<StudyQuery>,
+) -> Page {
     let who = researcher(&req, &state).await?;
     let (token, cookie) = csrf(&req, &state.console_key);
     let slug = slug.into_inner();
+    let shown = query.sessions;
     let (study, version, arms, sessions, views) = state
         .db(move |conn| {
             let study = db::studies::find_by_slug(conn, &slug)?
@@ -585,7 +647,7 @@ async fn show_study(req: HttpRequest, state: web::Data<AppState>, slug: web::Pat
             let (arms, sessions) = study_overview(conn, &version)?;
             let protocol = crate::protocol::Protocol::from_stored(&version.protocol_text)
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
-            let per_arm = results::per_arm(conn, version.id, &protocol)?;
+            let per_arm = results::per_arm(conn, version.id, &protocol, shown.simulated())?;
             let drawn = db::assignments::task_counts(conn, version.id)?;
             let tasks = protocol
                 .tasks
@@ -619,7 +681,12 @@ async fn show_study(req: HttpRequest, state: web::Data<AppState>, slug: web::Pat
         csrf: &token,
         study,
         version,
-        states: STATES.to_vec(),
+        states: SessionState::ALL,
+        shown: match shown {
+            SessionsShown::Human => "human",
+            SessionsShown::Simulated => "simulated",
+            SessionsShown::All => "all",
+        },
         arms,
         sessions,
         files: EXPORT_FILES,
@@ -646,7 +713,7 @@ fn study_overview(
             model: a.model_id.clone(),
             weight: a.weight,
             quota: a.quota.map(|q| q.to_string()).unwrap_or_else(|| "—".into()),
-            by_state: STATES.iter().map(|s| (s.to_string(), 0)).collect(),
+            by_state: vec![0; SessionState::ALL.len()],
         })
         .collect();
     let mut rows = Vec::new();
@@ -654,7 +721,11 @@ fn study_overview(
     for s in sessions.iter().rev() {
         let arm = arms.iter().find(|a| Some(a.id) == s.arm_id);
         if let Some(row) = arm.and_then(|a| arm_rows.iter_mut().find(|r| r.name == a.name)) {
-            *row.by_state.entry(s.state.clone()).or_default() += 1;
+            let column = SessionState::ALL
+                .iter()
+                .position(|state| *state == s.state)
+                .expect("ALL lists every state");
+            row.by_state[column] += 1;
         }
         let messages = db::messages::list_for_session(conn, s.id)?;
         let document = db::revisions::latest(conn, s.id)?;
@@ -663,8 +734,11 @@ fn study_overview(
             id: s.public_id.clone(),
             participant: participant_label(&db::participants::get(conn, s.participant_id)?),
             arm: arm.map(|a| a.name.clone()).unwrap_or_else(|| "—".into()),
-            state: s.state.clone(),
-            turns: messages.iter().filter(|m| m.role == "assistant").count(),
+            state: s.state,
+            turns: messages
+                .iter()
+                .filter(|m| m.role == MessageRole::Assistant)
+                .count(),
             words: document.map_or(0, |d| d.content.split_whitespace().count()),
             minutes: format!("{:.1}", (end - s.started_at).num_seconds() as f64 / 60.0),
             last_activity: export::timestamp(&s.last_activity_at),
@@ -772,6 +846,10 @@ struct SessionPage<'a> {
     ratings: Vec<db::models::Rating>,
     answers: Vec<db::models::Answer>,
     events: Vec<db::models::Event>,
+    /// Entries refused, moves to another browser, handovers.
+    audit: Vec<db::audit::AuditEvent>,
+    /// Replies of comparison turns and regenerations, with the participant's pick.
+    candidates: Vec<db::models::Candidate>,
     rewards: Vec<RewardRow>,
 }
 
@@ -862,16 +940,30 @@ async fn show_session(req: HttpRequest, state: web::Data<AppState>, id: web::Pat
                 db::ratings::list_for_session(conn, session.id)?,
                 db::answers::list_for_session(conn, session.id)?,
                 db::events::list_for_session(conn, session.id)?,
+                db::audit::list_for_session(conn, session.id)?,
+                candidates,
                 session,
                 rewards,
             ))
         })
         .await?;
-    let (slug, participant, arm, messages, revisions, ratings, answers, events, session, rewards) =
-        page_data;
-    let history: Vec<(String, String)> = revisions
+    let (
+        slug,
+        participant,
+        arm,
+        messages,
+        revisions,
+        ratings,
+        answers,
+        events,
+        audit,
+        candidates,
+        session,
+        rewards,
+    ) = page_data;
+    let history: Vec<(RevisionAuthor, String)> = revisions
         .iter()
-        .map(|r| (r.author.clone(), r.content.clone()))
+        .map(|r| (r.author, r.content.clone()))
         .collect();
     let (changes, typed, inserted) = results::authorship(&history);
     let percent = |part: usize| {
@@ -897,8 +989,48 @@ async fn show_session(req: HttpRequest, state: web::Data<AppState>, id: web::Pat
         ratings,
         answers,
         events,
+        audit,
+        candidates,
         rewards,
     })
+}
+
+#[derive(Deserialize)]
+struct HandoverForm {
+    csrf: String,
+}
+
+/// A participant who lost their browser (and cannot prove who they are with Prolific's session
+/// id) asked the researchers for help: the next entry with their participant id takes the session
+/// over in a new browser. Recorded in the session's audit trail.
+#[post("/console/sessions/{id}/handover")]
+async fn allow_handover(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    form: web::Form<HandoverForm>,
+) -> Page {
+    let who = researcher(&req, &state).await?;
+    check_csrf(&req, &state.console_key, &form.csrf)?;
+    let id = id.into_inner();
+    let public_id = id.clone();
+    state
+        .db(move |conn| {
+            let session = db::sessions::find_by_public_id(conn, &id)?
+                .ok_or_else(|| ApiError::NotFound(format!("there is no session {id:?}")))?;
+            db::write_transaction(conn, |conn| {
+                db::sessions::allow_handover(conn, session.id)?;
+                db::audit::record(
+                    conn,
+                    session.id,
+                    "handover_allowed",
+                    &serde_json::json!({"researcher": who.name}),
+                )
+            })?;
+            Ok(())
+        })
+        .await?;
+    Ok(see_other(format!("/console/sessions/{public_id}")))
 }
 
 #[get("/console/studies/{slug}/export/{file}")]

@@ -18,6 +18,12 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Unavailable(String),
+    /// The request clashes with what exists (a session open in another browser).
+    #[error("{0}")]
+    Conflict(String),
+    /// Too many attempts from this client; try again later.
+    #[error("{0}")]
+    TooManyRequests(String),
     #[error("the database is unavailable: {0}")]
     Database(#[from] DbError),
     #[error("{0}")]
@@ -39,6 +45,8 @@ impl ApiError {
             ApiError::BadRequest(_) => "bad_request",
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Unavailable(_) => "unavailable",
+            ApiError::Conflict(_) => "conflict",
+            ApiError::TooManyRequests(_) => "rate_limited",
             ApiError::Database(_) => "database_unavailable",
             ApiError::Engine(EngineError::UnknownModel { .. }) => "model_not_found",
             ApiError::Engine(e) if is_request_error(e) => "invalid_request",
@@ -55,6 +63,8 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Engine(EngineError::UnknownModel { .. }) => StatusCode::NOT_FOUND,
             ApiError::Engine(e) if is_request_error(e) => StatusCode::BAD_REQUEST,

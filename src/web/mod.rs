@@ -6,11 +6,13 @@ pub mod auth;
 mod console;
 mod error;
 mod health;
+pub mod limits;
 mod openai;
 mod participant;
 mod socket;
 
-use actix_web::{web, App, HttpResponse, HttpServer};
+use actix_web::http::header;
+use actix_web::{web, App, HttpRequest, HttpResponse, HttpServer};
 use askama::Template;
 
 pub use error::ApiError;
@@ -30,6 +32,8 @@ pub struct AppState {
     pub console_key: auth::ConsoleKey,
     /// Where protocols imported from the console find their model files.
     pub models_dir: std::path::PathBuf,
+    /// What one client may make the server do.
+    pub limits: Arc<limits::Limits>,
 }
 
 impl AppState {
@@ -52,6 +56,7 @@ impl AppState {
             studio,
             console_key: auth::ConsoleKey::new(&key),
             models_dir,
+            limits: Arc::default(),
         })
     }
 }
@@ -77,28 +82,32 @@ impl AppState {
 /// Registers every route, with the security headers; used by `serve` and by the tests'
 /// in-process server.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.app_data(json_config()).service(
-        web::scope("")
-            .wrap(security_headers())
-            .service(health::get_healthz)
-            .service(health::get_home)
-            .service(openai::list_models)
-            .service(openai::create_chat_completion)
-            .service(assets::get_asset)
-            .service(participant::enter_study)
-            .service(participant::show_session)
-            .service(participant::submit_consent)
-            .service(socket::connect_socket)
-            .service(console::show_login)
-            .service(console::submit_login)
-            .service(console::submit_logout)
-            .service(console::show_console)
-            .service(console::show_study)
-            .service(console::set_study_status)
-            .service(console::import_protocol)
-            .service(console::show_session)
-            .service(console::download_export),
-    );
+    cfg.app_data(json_config())
+        .app_data(web::PayloadConfig::new(MAX_JSON_BYTES))
+        .service(
+            web::scope("")
+                .wrap(security_headers())
+                .service(health::get_healthz)
+                .service(health::get_home)
+                .service(openai::list_models)
+                .service(openai::create_chat_completion)
+                .service(assets::get_asset)
+                .service(participant::enter_study)
+                .service(participant::show_session)
+                .service(participant::submit_consent)
+                .service(participant::submit_frames)
+                .service(socket::connect_socket)
+                .service(console::show_login)
+                .service(console::submit_login)
+                .service(console::submit_logout)
+                .service(console::show_console)
+                .service(console::show_study)
+                .service(console::set_study_status)
+                .service(console::import_protocol)
+                .service(console::show_session)
+                .service(console::allow_handover)
+                .service(console::download_export),
+        );
 }
 
 /// Largest JSON body accepted (a long conversation sent to `/v1`).
@@ -109,6 +118,21 @@ fn json_config() -> web::JsonConfig {
     web::JsonConfig::default()
         .limit(MAX_JSON_BYTES)
         .error_handler(|err, _req| ApiError::BadRequest(format!("invalid JSON body: {err}")).into())
+}
+
+/// Whether the request comes from a page of this server (or from a client that is no browser and
+/// sends no `Origin`).
+pub(crate) fn same_origin(req: &HttpRequest) -> bool {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    let host = origin
+        .strip_prefix("https://")
+        .or_else(|| origin.strip_prefix("http://"));
+    host == Some(req.connection_info().host())
 }
 
 /// A redirect that makes the browser GET `location`.
@@ -129,7 +153,8 @@ pub fn render<T: Template>(page: &T) -> Result<HttpResponse, ApiError> {
 }
 
 /// Headers every response carries: no inline scripts or styles, no framing, no sniffing, no
-/// referrer leaking a participant's URL.
+/// referrer leaking a participant's URL, and no copy of a page in a cache (pages carry a
+/// participant's session or the console; static files set their own caching).
 fn security_headers() -> actix_web::middleware::DefaultHeaders {
     actix_web::middleware::DefaultHeaders::new()
         .add((
@@ -140,6 +165,7 @@ fn security_headers() -> actix_web::middleware::DefaultHeaders {
         .add(("X-Content-Type-Options", "nosniff"))
         .add(("Referrer-Policy", "no-referrer"))
         .add(("X-Frame-Options", "DENY"))
+        .add(("Cache-Control", "no-store"))
 }
 
 /// The routes over `state`, bound to `addr` (port 0: a free one); the caller runs the returned

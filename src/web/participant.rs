@@ -1,18 +1,21 @@
 //! The participant's pages: entry at `/s/{slug}` (with Prolific's query parameters), consent,
-//! the workspace, and the end page. The session token travels in an HttpOnly cookie scoped to the
-//! study's path; the workspace page hands it to its own script for the websocket `hello`.
+//! the workspace, and the end page. The session token travels only in an HttpOnly cookie scoped to
+//! the study's path: the pages never carry it, and the websocket reads it from its upgrade request.
 
 use actix_web::cookie::{time::Duration as CookieDuration, Cookie, SameSite};
 use actix_web::{get, post, web, HttpRequest, HttpResponse};
 use askama::Template;
 use serde::Deserialize;
 
+use super::limits::minutes;
 use super::{render, see_other, ApiError, AppState};
 use crate::db::models::Session;
+use crate::db::vocab::{Outcome, SessionState};
 use crate::protocol::{OutcomeSpec, Protocol};
-use crate::study::{state, StudyError};
+use crate::study::frames::ClientFrame;
+use crate::study::{Arrival, StudyError};
 
-const COOKIE: &str = "collabllm_session";
+pub(super) use crate::study::SESSION_COOKIE as COOKIE;
 /// How long a browser keeps its session cookie.
 const COOKIE_DAYS: i64 = 14;
 
@@ -20,6 +23,8 @@ const COOKIE_DAYS: i64 = 14;
 struct EntryQuery {
     #[serde(rename = "PROLIFIC_PID")]
     prolific_pid: Option<String>,
+    #[serde(rename = "SESSION_ID")]
+    prolific_session_id: Option<String>,
 }
 
 fn study_path(slug: &str) -> String {
@@ -63,6 +68,8 @@ impl actix_web::ResponseError for PageError {
             ApiError::NotFound(_) => "Not found",
             ApiError::Unauthorized(_) => "Session expired",
             ApiError::Unavailable(_) => "Not available",
+            ApiError::Conflict(_) => "Already open elsewhere",
+            ApiError::TooManyRequests(_) => "Please wait",
             _ => "Something went wrong",
         };
         let message = match &self.0 {
@@ -96,6 +103,8 @@ impl From<StudyError> for ApiError {
         match e {
             StudyError::UnknownStudy(_) => ApiError::NotFound(e.to_string()),
             StudyError::NotAccepting | StudyError::Full => ApiError::Unavailable(e.to_string()),
+            StudyError::OpenElsewhere { .. } => ApiError::Conflict(e.to_string()),
+            StudyError::TooManyStarted => ApiError::TooManyRequests(e.to_string()),
             StudyError::Protocol(m) => ApiError::Internal(m),
             StudyError::Db(e) => ApiError::Database(e),
         }
@@ -111,10 +120,30 @@ async fn enter_study(
 ) -> Result<HttpResponse, PageError> {
     let slug = slug.into_inner();
     let token = req.cookie(COOKIE).map(|c| c.value().to_string());
-    let entry = state
+    let address = state.limits.address(&req);
+    let wait = state.limits.new_sessions.wait(&address);
+    let query = query.into_inner();
+    let arrival = Arrival {
+        external_id: query.prolific_pid,
+        resume_proof: query.prolific_session_id,
+    };
+    let entered = state
         .studio
-        .enter(slug.clone(), query.into_inner().prolific_pid, token)
-        .await?;
+        .enter(slug.clone(), arrival, token, wait.is_none())
+        .await;
+    let entry = match (entered, wait) {
+        (Err(StudyError::TooManyStarted), Some(wait)) => {
+            return Err(ApiError::TooManyRequests(format!(
+                "Too many sessions were started from your network. Please try again {}.",
+                minutes(wait)
+            ))
+            .into())
+        }
+        (entered, _) => entered?,
+    };
+    if entry.new_token.is_some() {
+        state.limits.new_sessions.hit(&address);
+    }
     // The marker tells the next page that a cookie was just set, so a browser that refuses
     // cookies gets an explanation instead of a redirect loop.
     let mut response = see_other(format!("{}/p?entered=1", study_path(&slug)));
@@ -139,7 +168,8 @@ struct ConsentPage<'a> {
 struct WorkspacePage<'a> {
     title: &'a str,
     slug: &'a str,
-    token: &'a str,
+    /// The session's public id: names the browser's local drafts, opens nothing.
+    session: &'a str,
 }
 
 #[derive(Template)]
@@ -181,27 +211,33 @@ async fn show_session(
         }
         return Ok(see_other(study_path(&slug)));
     };
-    let Some((study, session)) = state
-        .studio
-        .session_for_token(slug.clone(), token.clone())
-        .await?
-    else {
-        return Ok(see_other(study_path(&slug)));
+    let Some((study, session)) = state.studio.session_for_token(slug.clone(), token).await? else {
+        // The cookie names no session: the session moved to another browser (a new study link
+        // there took it over). Starting a new one here would fork the participant.
+        return page(&NoticePage {
+            heading: "This session continues elsewhere",
+            message:
+                "Your session of this study was opened in another browser, so it is no longer \
+                      available here. Please continue in that browser.",
+        });
     };
     let protocol = state.studio.protocol_of(&session).await?;
-    match session.state.as_str() {
-        state::CONSENT => page(&ConsentPage {
+    match session.state {
+        SessionState::Consent => page(&ConsentPage {
             title: &study.title,
             slug: &slug,
             consent: &protocol.consent.text,
         }),
-        state::CHATTING | state::RATING | state::FINAL => page(&WorkspacePage {
+        SessionState::Chatting
+        | SessionState::Choosing
+        | SessionState::Rating
+        | SessionState::Final => page(&WorkspacePage {
             title: &study.title,
             slug: &slug,
-            token: &token,
+            session: &session.public_id,
         }),
-        _ => {
-            let outcome = outcome_of(&protocol, &session);
+        SessionState::Declined | SessionState::Finished | SessionState::TimedOut => {
+            let outcome = outcome_of(&protocol, &session)?;
             page(&DonePage {
                 title: &study.title,
                 outcome,
@@ -214,12 +250,17 @@ async fn show_session(
     }
 }
 
-fn outcome_of<'p>(protocol: &'p Protocol, session: &Session) -> &'p OutcomeSpec {
-    match session.outcome.as_deref() {
-        Some("no_consent") => &protocol.outcomes.no_consent,
-        Some("timed_out") => &protocol.outcomes.timed_out,
-        Some("screened_out") => &protocol.outcomes.screened_out,
-        _ => &protocol.outcomes.completed,
+/// The protocol's text for how an ended session ended. A code is only ever shown for a session
+/// whose outcome is recorded.
+fn outcome_of<'p>(protocol: &'p Protocol, session: &Session) -> Result<&'p OutcomeSpec, ApiError> {
+    match session.outcome {
+        Some(Outcome::Completed) => Ok(&protocol.outcomes.completed),
+        Some(Outcome::NoConsent) => Ok(&protocol.outcomes.no_consent),
+        Some(Outcome::TimedOut) => Ok(&protocol.outcomes.timed_out),
+        None => Err(ApiError::Internal(format!(
+            "session {} is {} without an outcome",
+            session.public_id, session.state
+        ))),
     }
 }
 
@@ -255,4 +296,42 @@ async fn submit_consent(
         other => return Err(ApiError::BadRequest(format!("unknown decision {other:?}")).into()),
     };
     Ok(see_other(format!("{}/p", study_path(&slug))))
+}
+
+/// Largest beacon body: the page's unacknowledged frames as it closes.
+const MAX_BEACON_BYTES: usize = 4 * 1024 * 1024;
+
+/// Frames a page sends with `navigator.sendBeacon` as it is closed, so text typed just before is
+/// not lost. The session is the cookie's; only this server's pages may send (the `Origin` check,
+/// and the cookie is SameSite). Answers what a socket would: acks and errors.
+#[post("/s/{slug}/frames")]
+async fn submit_frames(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    slug: web::Path<String>,
+    body: web::Bytes,
+) -> Result<HttpResponse, ApiError> {
+    if !super::same_origin(&req) {
+        return Err(ApiError::Unauthorized(
+            "frames are accepted from this site's pages only".into(),
+        ));
+    }
+    if body.len() > MAX_BEACON_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "a beacon may be at most {MAX_BEACON_BYTES} bytes"
+        )));
+    }
+    let token = req
+        .cookie(COOKIE)
+        .map(|c| c.value().to_string())
+        .ok_or_else(|| {
+            ApiError::Unauthorized("this browser has no session of this study".into())
+        })?;
+    let frames: Vec<ClientFrame> = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("the body is not a list of frames: {e}")))?;
+    let answers = state
+        .studio
+        .apply_beacon(slug.into_inner(), token, frames)
+        .await?;
+    Ok(HttpResponse::Ok().json(answers))
 }

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use collabllm::db;
+use collabllm::db::vocab::RevisionAuthor;
 use collabllm::protocol::LoadedProtocol;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
@@ -282,7 +283,7 @@ async fn a_participant_completes_the_study_in_chromium() {
     let session = db::sessions::list_for_version(&mut conn, version.id)
         .unwrap()
         .remove(0);
-    assert_eq!(session.state, "finished");
+    assert_eq!(session.state, collabllm::db::vocab::SessionState::Finished);
     let messages = db::messages::list_for_session(&mut conn, session.id).unwrap();
     assert_eq!(messages.len(), 16);
     let ratings: Vec<(i32, String, i32)> = db::ratings::list_for_session(&mut conn, session.id)
@@ -300,10 +301,10 @@ async fn a_participant_completes_the_study_in_chromium() {
         ]
     );
     let revisions = db::revisions::list_for_session(&mut conn, session.id).unwrap();
-    assert_eq!(revisions[0].author, "assistant_insert");
+    assert_eq!(revisions[0].author, RevisionAuthor::AssistantInsert);
     assert_eq!(revisions[0].message_seq, Some(2));
     assert!(revisions.last().unwrap().content.ends_with("My own words."));
-    assert!(revisions.iter().any(|r| r.author == "user"));
+    assert!(revisions.iter().any(|r| r.author == RevisionAuthor::User));
     let answers = db::answers::list_for_session(&mut conn, session.id).unwrap();
     assert_eq!(answers.len(), 2);
     assert_eq!(answers[1].answer, "Replies were short, \"too\" short.");
@@ -416,4 +417,219 @@ async fn a_participant_picks_between_two_replies_in_chromium() {
         messages[1].content, candidates[1].content,
         "B was picked, then kept over its replacement"
     );
+}
+
+/// The one session of the quick pilot's current version.
+fn pilot_sessions(pool: &collabllm::db::DbPool) -> Vec<collabllm::db::models::Session> {
+    let mut conn = pool.get().unwrap();
+    let study = db::studies::find_by_slug(&mut conn, "quick-pilot")
+        .unwrap()
+        .unwrap();
+    let version = db::studies::current_version(&mut conn, study.id).unwrap();
+    db::sessions::list_for_version(&mut conn, version.id).unwrap()
+}
+
+/// Sends a message and waits for the `n`th reply and its rating, which the quick pilot asks for
+/// after every turn.
+async fn chat_and_rate(client: &Client, text: &str, n: usize) {
+    let input = client.find(Locator::Id("input")).await.unwrap();
+    input.send_keys(text).await.unwrap();
+    click(client, "#send").await;
+    let started = Instant::now();
+    while replies(client).await < n {
+        assert!(started.elapsed() < WAIT, "no reply to {text:?}");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    wait_for(client, "!document.getElementById('rating').hidden").await;
+    rate(client, "#rating", "interaction", 6).await;
+    click(client, "#rating-submit").await;
+    wait_for(client, "document.getElementById('rating').hidden").await;
+}
+
+async fn body_text(client: &Client) -> String {
+    client
+        .find(Locator::Css("body"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn refreshing_during_a_choice_shows_the_choice_and_never_a_code() {
+    let db = TestDb::sqlite();
+    let state = state_with_model(&db);
+    let pool = state.pool.clone();
+    let server = TestServer::start(state);
+    let driver = Driver::start();
+    let profile = tempfile::tempdir().unwrap();
+    let client = chromium(&driver, profile.path()).await;
+    let link = server.url("/s/quick-pilot?PROLIFIC_PID=browser-choice&SESSION_ID=ps-1");
+    consent(&client, &link).await;
+    chat_and_rate(&client, "Write a two-line note to my landlord.", 1).await;
+    wait_for(&client, "!document.getElementById('regenerate').disabled").await;
+    click(&client, "#regenerate").await;
+    wait_for(
+        &client,
+        "document.querySelector('.choices button[data-choice=\"a\"]')",
+    )
+    .await;
+    assert_eq!(
+        pilot_sessions(&pool)[0].state,
+        collabllm::db::vocab::SessionState::Choosing
+    );
+    // A refresh, then the study link again: the choice is offered, the turn still counts, and
+    // nothing shows the study's completion code.
+    for open in [None, Some(link.as_str())] {
+        match open {
+            None => client.refresh().await.unwrap(),
+            Some(url) => client.goto(url).await.unwrap(),
+        }
+        wait_for(
+            &client,
+            "document.querySelector('.choices button[data-choice=\"b\"]')",
+        )
+        .await;
+        wait_for(
+            &client,
+            "document.getElementById('turns').textContent.startsWith('Turn 1 ')",
+        )
+        .await;
+        let text = body_text(&client).await;
+        assert!(!text.contains("PILOT-DONE"), "a code was shown: {text}");
+        assert!(!text.contains("Thank you"), "{text}");
+        assert!(
+            client
+                .find(Locator::Id("completed"))
+                .await
+                .unwrap()
+                .attr("hidden")
+                .await
+                .unwrap()
+                .is_some(),
+            "the completion dialog stays hidden"
+        );
+    }
+    // The pick goes through after the refresh.
+    click(&client, ".choices button[data-choice=\"b\"]").await;
+    wait_for(
+        &client,
+        "document.querySelectorAll('.comparison').length === 0",
+    )
+    .await;
+    client.close().await.unwrap();
+    let session = &pilot_sessions(&pool)[0];
+    assert_eq!(session.state, collabllm::db::vocab::SessionState::Chatting);
+    assert_eq!(session.completion_code, None);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_browser_with_the_same_prolific_id_needs_proof_and_the_first_keeps_working() {
+    let db = TestDb::sqlite();
+    let state = state_with_model(&db);
+    let pool = state.pool.clone();
+    let server = TestServer::start(state);
+    let driver = Driver::start();
+    let (first_profile, second_profile) =
+        (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let first = chromium(&driver, first_profile.path()).await;
+    consent(
+        &first,
+        &server.url("/s/quick-pilot?PROLIFIC_PID=shared-pid&SESSION_ID=ps-first"),
+    )
+    .await;
+    chat_and_rate(&first, "Secret draft: my grandmother's recipe.", 1).await;
+
+    // Someone who knows the PID, in another browser, without Prolific's session id.
+    let second = chromium(&driver, second_profile.path()).await;
+    for link in [
+        "/s/quick-pilot?PROLIFIC_PID=shared-pid",
+        "/s/quick-pilot?PROLIFIC_PID=shared-pid&SESSION_ID=guessed",
+    ] {
+        second.goto(&server.url(link)).await.unwrap();
+        let text = body_text(&second).await;
+        assert!(
+            text.contains("already has a session of this study open in another browser"),
+            "{text}"
+        );
+        assert!(!text.contains("grandmother"), "{text}");
+        assert!(
+            !text.contains("I agree"),
+            "no consent, no second session: {text}"
+        );
+    }
+    assert_eq!(pilot_sessions(&pool).len(), 1, "no session was forked");
+
+    // The first browser is not cut off: it chats on.
+    chat_and_rate(&first, "Make it shorter.", 2).await;
+
+    // With the same Prolific session id, the participant's own second browser resumes.
+    second
+        .goto(&server.url("/s/quick-pilot?PROLIFIC_PID=shared-pid&SESSION_ID=ps-first"))
+        .await
+        .unwrap();
+    wait_for(
+        &second,
+        "document.querySelectorAll('.msg.assistant .insert').length === 2",
+    )
+    .await;
+    assert!(body_text(&second).await.contains("grandmother"));
+    // The first browser's session moved: reloading it explains instead of starting over.
+    first.refresh().await.unwrap();
+    let text = body_text(&first).await;
+    assert!(text.contains("continues elsewhere"), "{text}");
+    first.close().await.unwrap();
+    second.close().await.unwrap();
+
+    let sessions = pilot_sessions(&pool);
+    assert_eq!(sessions.len(), 1);
+    let mut conn = pool.get().unwrap();
+    let audit: Vec<String> = db::audit::list_for_session(&mut conn, sessions[0].id)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.kind)
+        .collect();
+    assert_eq!(
+        audit,
+        ["entry_refused", "entry_refused", "moved_to_new_browser"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn text_typed_just_before_the_page_closes_is_saved() {
+    let db = TestDb::sqlite();
+    let state = state_with_model(&db);
+    let pool = state.pool.clone();
+    let server = TestServer::start(state);
+    let driver = Driver::start();
+    let profile = tempfile::tempdir().unwrap();
+    let client = chromium(&driver, profile.path()).await;
+    consent(
+        &client,
+        &server.url("/s/quick-pilot?PROLIFIC_PID=browser-close&SESSION_ID=ps-2"),
+    )
+    .await;
+    let doc = client.find(Locator::Id("document")).await.unwrap();
+    doc.send_keys("Typed a moment before leaving.")
+        .await
+        .unwrap();
+    // Well inside the 0.8 s autosave delay: the page goes away.
+    client.goto("about:blank").await.unwrap();
+    let started = Instant::now();
+    let saved = loop {
+        let mut conn = pool.get().unwrap();
+        let session = pilot_sessions(&pool).remove(0);
+        let latest = db::revisions::latest(&mut conn, session.id).unwrap();
+        if let Some(r) = latest {
+            break r.content;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the document was not saved"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(saved, "Typed a moment before leaving.");
+    client.close().await.unwrap();
 }

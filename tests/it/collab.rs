@@ -9,6 +9,7 @@ use collabllm::collab::simulate::{self, SimulateOptions};
 use collabllm::collab::simulator::{self, TERMINATE};
 use collabllm::collab::{judge, Goal, Roles, Task};
 use collabllm::db::models::NewMessage;
+use collabllm::db::vocab::{MessageRole, Outcome, RevisionAuthor};
 use collabllm::db::{self, schema, DbPool};
 use collabllm::engine::{ChatMessage, Engines, Role};
 use collabllm::protocol::LoadedProtocol;
@@ -37,7 +38,7 @@ fn import(pool: &DbPool, loaded: &LoadedProtocol) {
 async fn seed_session(pool: &DbPool) -> i64 {
     let studio = Studio::new(pool.clone(), Engines::new()).unwrap();
     let entry = studio
-        .enter("quick-pilot".into(), None, None)
+        .enter("quick-pilot".into(), Default::default(), None, true)
         .await
         .unwrap();
     let session = studio.agree(entry.session.id).await.unwrap();
@@ -48,18 +49,18 @@ async fn seed_session(pool: &DbPool) -> i64 {
             ("i need a short note for someone", "Happy to help! Who is the note for, and what is it about?"),
             ("my neighbour, she watered my plants", "Dear neighbour, thank you so much for watering my plants while I was away."),
         ] {
-            db::messages::append(c, session.id, &NewMessage { role: "user", content: user, ..Default::default() }).unwrap();
+            db::messages::append(c, session.id, &NewMessage { role: MessageRole::User, content: user, ..Default::default() }).unwrap();
             db::messages::append(
                 c,
                 session.id,
-                &NewMessage { role: "assistant", content: assistant, gen_tokens: Some(20), ..Default::default() },
+                &NewMessage { role: MessageRole::Assistant, content: assistant, gen_tokens: Some(20), ..Default::default() },
             )
             .unwrap();
         }
         db::revisions::append(
             c,
             session.id,
-            "user",
+            RevisionAuthor::User,
             None,
             "Dear Ann, thank you for watering my plants during my holiday. The tomatoes are thriving!",
         )
@@ -193,8 +194,8 @@ async fn simulated_participants_complete_the_protocol_over_the_websocket() {
             .unwrap()
             .unwrap();
         assert_eq!(
-            (session.state.as_str(), session.outcome.as_deref()),
-            ("finished", Some("completed"))
+            (session.state.as_str(), session.outcome),
+            ("finished", Some(Outcome::Completed))
         );
         assert!(
             db::participants::get(c, session.participant_id)
@@ -202,7 +203,10 @@ async fn simulated_participants_complete_the_protocol_over_the_websocket() {
                 .simulated
         );
         let messages = db::messages::list_for_session(c, session.id).unwrap();
-        let turns = messages.iter().filter(|m| m.role == "assistant").count();
+        let turns = messages
+            .iter()
+            .filter(|m| m.role == MessageRole::Assistant)
+            .count();
         // min_turns = 2 and [collab] max_turns = 2: exactly two turns, whatever the simulator says.
         assert_eq!(turns, 2, "{messages:?}");
         assert!(messages.iter().all(|m| !m.content.contains(TERMINATE)));
@@ -343,7 +347,7 @@ async fn bad_input_is_refused_or_skipped() {
     // A session without assistant turns: nothing to score, no error.
     let studio = Studio::new(pool.clone(), Engines::new()).unwrap();
     let entry = studio
-        .enter("quick-pilot".into(), None, None)
+        .enter("quick-pilot".into(), Default::default(), None, true)
         .await
         .unwrap();
     studio.agree(entry.session.id).await.unwrap();

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use collabllm::db::vocab::{MessageRole, Outcome, RevisionAuthor};
 use collabllm::db::{
     self,
     models::{NewCandidate, NewMessage, NewReward},
@@ -113,7 +114,15 @@ async fn seeded(db: &TestDb) -> (TestServer, String) {
     let session = {
         let entry = state
             .studio
-            .enter("quick-pilot".into(), Some("pid-console".into()), None)
+            .enter(
+                "quick-pilot".into(),
+                collabllm::study::Arrival {
+                    external_id: Some("pid-console".into()),
+                    resume_proof: None,
+                },
+                None,
+                true,
+            )
             .await
             .unwrap();
         state.studio.agree(entry.session.id).await.unwrap()
@@ -122,7 +131,7 @@ async fn seeded(db: &TestDb) -> (TestServer, String) {
         &mut conn,
         session.id,
         &NewMessage {
-            role: "user",
+            role: MessageRole::User,
             content: "<script>alert('x')</script> & \"quotes\"",
             ..Default::default()
         },
@@ -131,19 +140,26 @@ async fn seeded(db: &TestDb) -> (TestServer, String) {
     db::revisions::append(
         &mut conn,
         session.id,
-        "assistant_insert",
+        RevisionAuthor::AssistantInsert,
         Some(2),
         "Hello world",
     )
     .unwrap();
-    db::revisions::append(&mut conn, session.id, "user", None, "Hello brave world!").unwrap();
+    db::revisions::append(
+        &mut conn,
+        session.id,
+        RevisionAuthor::User,
+        None,
+        "Hello brave world!",
+    )
+    .unwrap();
     // A reward `collabllm pairs` stored for a fresh candidate.
     let candidate = db::candidates::insert(
         &mut conn,
         &NewCandidate {
             session_id: session.id,
             after_seq: 1,
-            source: "mr",
+            source: collabllm::db::vocab::CandidateSource::Mr,
             content: "<b>bold</b> candidate",
             chosen: None,
             policy_json: "{}",
@@ -185,6 +201,11 @@ fn routes(session: &str) -> Vec<(&'static str, String, &'static str)> {
             "status=paused&csrf=x",
         ),
         ("POST", "/console/logout".into(), "csrf=x"),
+        (
+            "POST",
+            format!("/console/sessions/{session}/handover"),
+            "csrf=x",
+        ),
         (
             "POST",
             "/console/studies/import".into(),
@@ -405,19 +426,34 @@ async fn results_per_arm_are_computed_and_plotted() {
     )
     .unwrap();
     let state = AppState::new(pool.clone(), Engines::new(), crate::common::models_dir()).unwrap();
-    for i in 0..6 {
-        let entry = state
-            .studio
-            .enter("doc-cocreation".into(), Some(format!("p{i}")), None)
-            .await
-            .unwrap();
-        let s = state.studio.agree(entry.session.id).await.unwrap();
+    // Six people, and two simulated participants the results of people must leave out.
+    for i in 0..8 {
+        let s = if i < 6 {
+            let arrival = collabllm::study::Arrival {
+                external_id: Some(format!("p{i}")),
+                resume_proof: None,
+            };
+            let entry = state
+                .studio
+                .enter("doc-cocreation".into(), arrival, None, true)
+                .await
+                .unwrap();
+            state.studio.agree(entry.session.id).await.unwrap()
+        } else {
+            let arm = Some("base".to_string());
+            state
+                .studio
+                .enter_simulated("doc-cocreation".into(), arm)
+                .await
+                .unwrap()
+                .0
+        };
         let mut conn = pool.get().unwrap();
         db::messages::append(
             &mut conn,
             s.id,
             &NewMessage {
-                role: "user",
+                role: MessageRole::User,
                 content: "hi",
                 ..Default::default()
             },
@@ -427,7 +463,7 @@ async fn results_per_arm_are_computed_and_plotted() {
             &mut conn,
             s.id,
             &NewMessage {
-                role: "assistant",
+                role: MessageRole::Assistant,
                 content: "hello",
                 gen_tokens: Some(10),
                 ttft_ms: Some(50),
@@ -439,14 +475,29 @@ async fn results_per_arm_are_computed_and_plotted() {
         db::ratings::record(&mut conn, s.id, 6, "interaction", 6 + i % 3).unwrap();
         db::ratings::record(&mut conn, s.id, 8, "document_quality", 7).unwrap();
         db::ratings::record(&mut conn, s.id, 8, "overall_interaction", 8).unwrap();
-        db::sessions::finish(&mut conn, s.id, "finished", "completed", "CODE").unwrap();
+        db::sessions::finish(&mut conn, s.id, Outcome::Completed, "CODE").unwrap();
     }
     let mut conn = pool.get().unwrap();
     let study = db::studies::find_by_slug(&mut conn, "doc-cocreation")
         .unwrap()
         .unwrap();
     let version = db::studies::current_version(&mut conn, study.id).unwrap();
-    let per_arm = collabllm::results::per_arm(&mut conn, version.id, &loaded.protocol).unwrap();
+    let results = |simulated| {
+        collabllm::results::per_arm(
+            &mut pool.get().unwrap(),
+            version.id,
+            &loaded.protocol,
+            simulated,
+        )
+        .unwrap()
+    };
+    let everyone = results(None);
+    assert_eq!(everyone.iter().map(|a| a.n).sum::<usize>(), 8);
+    assert_eq!(
+        results(Some(true)).iter().map(|a| a.n).collect::<Vec<_>>(),
+        [2, 0, 0]
+    );
+    let per_arm = results(Some(false));
     assert_eq!(per_arm.len(), 3);
     assert_eq!(per_arm.iter().map(|a| a.n).sum::<usize>(), 6);
     for arm in &per_arm {
@@ -484,4 +535,119 @@ fn urlencode(text: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failed_logins_are_throttled_per_name() {
+    let db = TestDb::sqlite();
+    let (server, _) = seeded(&db).await;
+    let mut c = Client::new(&server);
+    for _ in 0..5 {
+        assert_eq!(c.login("ada", "guess").await.status, 401);
+    }
+    // Now even the right password waits: guessing cannot go on at full speed.
+    let limited = c.login("ada", "lovelace-1815").await;
+    assert_eq!(limited.status, 429);
+    assert!(
+        limited.body.contains("Too many failed logins"),
+        "{}",
+        limited.body
+    );
+    assert_eq!(c.get("/console").await.status, 303);
+    // Another name is not locked by ada's failures.
+    assert_eq!(c.login("grace", "x").await.status, 401);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_name_takes_as_long_as_a_wrong_password() {
+    let db = TestDb::sqlite();
+    let (server, _) = seeded(&db).await;
+    let mut c = Client::new(&server);
+    // Warm up (the decoy hash is made on first use), then time each kind, alternating.
+    c.login("nobody-0", "x").await;
+    let (mut unknown, mut wrong) = (Vec::new(), Vec::new());
+    for i in 0..4 {
+        let started = std::time::Instant::now();
+        assert_eq!(c.login(&format!("nobody-{}", i + 1), "x").await.status, 401);
+        unknown.push(started.elapsed());
+        let started = std::time::Instant::now();
+        assert_eq!(c.login("ada", &format!("wrong-{i}")).await.status, 401);
+        wrong.push(started.elapsed());
+    }
+    unknown.sort();
+    wrong.sort();
+    // Without the decoy an unknown name answers without running argon2 at all, many times
+    // faster; the medians must be of the same order.
+    let (u, w) = (unknown[2].as_secs_f64(), wrong[2].as_secs_f64());
+    assert!(
+        u > 0.4 * w,
+        "unknown name {u:.4}s vs wrong password {w:.4}s"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn logging_out_revokes_the_session_cookie() {
+    let db = TestDb::sqlite();
+    let (server, _) = seeded(&db).await;
+    let mut c = Client::new(&server);
+    assert_eq!(c.login("ada", "lovelace-1815").await.status, 303);
+    let console = c.get("/console").await;
+    assert_eq!(console.status, 200);
+    let stolen = c.cookies["collabllm_console"].clone();
+    let token = c.csrf("/console").await;
+    assert_eq!(
+        c.post("/console/logout", &format!("csrf={token}"))
+            .await
+            .status,
+        303
+    );
+    // The cookie copied before the logout no longer opens the console.
+    c.cookies.insert("collabllm_console".into(), stolen);
+    let after = c.get("/console").await;
+    assert_eq!(
+        (after.status, after.location.as_str()),
+        (303, "/console/login")
+    );
+    // A new login works at once.
+    assert_eq!(c.login("ada", "lovelace-1815").await.status, 303);
+    let page = c.get("/console").await;
+    assert_eq!(page.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_researcher_moves_a_session_to_a_new_browser() {
+    let db = TestDb::sqlite();
+    let (server, session) = seeded(&db).await;
+    let mut c = Client::new(&server);
+    c.login("ada", "lovelace-1815").await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let link = server.url("/s/quick-pilot?PROLIFIC_PID=pid-console");
+    // The participant lost their browser: a new one is refused…
+    assert_eq!(http.get(&link).send().await.unwrap().status(), 409);
+    let page = format!("/console/sessions/{session}");
+    let token = c.csrf(&page).await;
+    let moved = c
+        .post(&format!("{page}/handover"), &format!("csrf={token}"))
+        .await;
+    assert_eq!(
+        (moved.status, moved.location.as_str()),
+        (303, page.as_str())
+    );
+    assert!(c
+        .get(&page)
+        .await
+        .body
+        .contains("will take the session over"));
+    // …until the researcher's handover, which the next entry uses up.
+    let entered = http.get(&link).send().await.unwrap();
+    assert_eq!(entered.status(), 303);
+    assert!(entered.headers().get("set-cookie").is_some());
+    assert_eq!(http.get(&link).send().await.unwrap().status(), 409);
+    let audit = c.get(&page).await.body;
+    for kind in ["entry_refused", "handover_allowed", "moved_to_new_browser"] {
+        assert!(audit.contains(kind), "{kind} missing from the audit");
+    }
 }

@@ -523,3 +523,23 @@ async fn a_reproducible_group_shares_its_prefix_and_repeats_itself() {
     let texts = |c: &[Completion]| c.iter().map(|c| c.text.clone()).collect::<Vec<_>>();
     assert_eq!(texts(&first), texts(&again));
 }
+
+#[test]
+fn llama_cpp_uses_the_cpus_vector_units_but_never_amx() {
+    // Loading the model runs llama.cpp's kernels once (on a CPU that lists AMX this was where
+    // ggml's AMX path died with SIGILL).
+    model();
+    let kernels = llama::cpu_kernels().unwrap();
+    assert!(kernels.contains("CPU :"), "{kernels}");
+    assert!(
+        !kernels.contains("AMX"),
+        "AMX kernels are built in: {kernels}"
+    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        assert!(
+            kernels.contains("AVX2 = 1"),
+            "the build is not for the native CPU: {kernels}"
+        );
+    }
+}

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use collabllm::db::models::NewMessage;
+use collabllm::db::models::{NewCandidate, NewMessage};
+use collabllm::db::vocab::{CandidateSource, MessageRole, Outcome, RevisionAuthor};
 use collabllm::db::{self, DbPool};
 use collabllm::export::{self, Filter};
 use collabllm::study::Studio;
@@ -17,18 +18,29 @@ const DOCUMENT: &str = "Dear Sam,\n\"Thank you\" — for the plants, the cat; an
 /// A document a spreadsheet would run as a formula.
 const FORMULA: &str = "=HYPERLINK(\"http://x\",\"click\")";
 
-/// Two sessions: one completed with everything recorded, one still chatting.
+fn pid(id: &str) -> collabllm::study::Arrival {
+    collabllm::study::Arrival {
+        external_id: Some(id.into()),
+        resume_proof: None,
+    }
+}
+
+/// A reply a spreadsheet would run as a formula, behind a line feed.
+const SNEAKY_REPLY: &str = "\n=1+1";
+
+/// Two sessions: one completed with everything recorded (a comparison pick among it), one still
+/// chatting.
 fn seed(pool: &DbPool) -> (String, String) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let studio = Studio::new(pool.clone(), collabllm::engine::Engines::new()).unwrap();
     let (done, open) = runtime.block_on(async {
         let a = studio
-            .enter("doc-cocreation".into(), Some("PID-SECRET-1".into()), None)
+            .enter("doc-cocreation".into(), pid("PID-SECRET-1"), None, true)
             .await
             .unwrap();
         let a = studio.agree(a.session.id).await.unwrap();
         let b = studio
-            .enter("doc-cocreation".into(), Some("PID-SECRET-2".into()), None)
+            .enter("doc-cocreation".into(), pid("PID-SECRET-2"), None, true)
             .await
             .unwrap();
         let b = studio.agree(b.session.id).await.unwrap();
@@ -41,7 +53,7 @@ fn seed(pool: &DbPool) -> (String, String) {
             c,
             done.id,
             &NewMessage {
-                role: "user",
+                role: MessageRole::User,
                 content: "Make it warmer,\nplease",
                 ..Default::default()
             },
@@ -51,7 +63,7 @@ fn seed(pool: &DbPool) -> (String, String) {
             c,
             done.id,
             &NewMessage {
-                role: "assistant",
+                role: MessageRole::Assistant,
                 content: if turn == 1 {
                     "-1 is a \"number\", isn't it?"
                 } else {
@@ -67,20 +79,42 @@ fn seed(pool: &DbPool) -> (String, String) {
         )
         .unwrap();
     }
-    db::revisions::append(c, done.id, "assistant_insert", Some(2), FORMULA).unwrap();
-    db::revisions::append(c, done.id, "user", None, DOCUMENT).unwrap();
+    db::revisions::append(
+        c,
+        done.id,
+        RevisionAuthor::AssistantInsert,
+        Some(2),
+        FORMULA,
+    )
+    .unwrap();
+    for (content, chosen, seed) in [(SNEAKY_REPLY, false, 11), ("Sure.", true, 12)] {
+        db::candidates::insert(
+            c,
+            &NewCandidate {
+                session_id: done.id,
+                after_seq: 3,
+                source: CandidateSource::Compare,
+                content,
+                chosen: Some(chosen),
+                policy_json: &format!(r#"{{"sampling":{{"seed":{seed}}}}}"#),
+                created_at: db::now(),
+            },
+        )
+        .unwrap();
+    }
+    db::revisions::append(c, done.id, RevisionAuthor::User, None, DOCUMENT).unwrap();
     db::ratings::record(c, done.id, 3, "interaction", 7).unwrap();
     db::ratings::record(c, done.id, 3, "document_quality", 9).unwrap();
     db::ratings::record(c, done.id, 3, "overall_interaction", 8).unwrap();
     db::answers::record(c, done.id, "strengths", "@asked, questions").unwrap();
     db::answers::record(c, done.id, "weaknesses", "none").unwrap();
     db::events::record(c, done.id, 1, "blur", "{\"at\":1}").unwrap();
-    db::sessions::finish(c, done.id, "finished", "completed", "CLLM-DONE-7Q2X").unwrap();
+    db::sessions::finish(c, done.id, Outcome::Completed, "CLLM-DONE-7Q2X").unwrap();
     db::messages::append(
         c,
         open.id,
         &NewMessage {
-            role: "user",
+            role: MessageRole::User,
             content: "hi",
             ..Default::default()
         },
@@ -134,6 +168,31 @@ on_both_backends!(csv_exports_round_trip_field_by_field, |db: &TestDb| {
         "a document survives the round trip"
     );
     assert_eq!(s["rating_interaction_t3"], "7");
+    // The comparison pick, with both replies and their seeds; a formula behind a line feed is
+    // neutralised like any other.
+    let candidates = read(dir.path(), "candidates.csv");
+    let picks: Vec<(&str, &str, &str, &str, &str, &str)> = candidates
+        .iter()
+        .map(|r| {
+            (
+                r["session"].as_str(),
+                r["source"].as_str(),
+                r["candidate"].as_str(),
+                r["chosen"].as_str(),
+                r["choice"].as_str(),
+                r["seed"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        picks,
+        [
+            (done.as_str(), "compare", "0", "false", "b", "11"),
+            (done.as_str(), "compare", "1", "true", "b", "12"),
+        ]
+    );
+    assert_eq!(candidates[0]["content"], format!("'{SNEAKY_REPLY}"));
+    assert_eq!(candidates[0]["after_seq"], "3");
     assert_eq!(s["rating_document_quality"], "9");
     assert_eq!(s["rating_overall_interaction"], "8");
     assert_eq!(
@@ -190,6 +249,7 @@ on_both_backends!(csv_exports_round_trip_field_by_field, |db: &TestDb| {
         "messages.csv",
         "ratings.csv",
         "revisions.csv",
+        "candidates.csv",
         "events.csv",
         "assignments.csv",
     ] {
@@ -202,6 +262,26 @@ on_both_backends!(csv_exports_round_trip_field_by_field, |db: &TestDb| {
                 "{file}:{column} is not in the codebook"
             );
         }
+    }
+    // The state column lists every state a session can be in, `choosing` too.
+    let state = codebook
+        .iter()
+        .find(|c| c["file"] == "sessions.csv" && c["column"] == "state")
+        .unwrap();
+    for name in [
+        "consent",
+        "chatting",
+        "choosing",
+        "rating",
+        "final",
+        "finished",
+        "timed_out",
+    ] {
+        assert!(
+            state["description"].contains(name),
+            "{}",
+            state["description"]
+        );
     }
     // Nothing identifying leaves: no external ids, no token hashes.
     for entry in std::fs::read_dir(dir.path()).unwrap() {
@@ -318,6 +398,20 @@ on_both_backends!(the_json_dump_holds_the_whole_study, |db: &TestDb| {
     assert_eq!(s["ratings"].as_array().unwrap().len(), 3);
     assert_eq!(s["answers"][0]["answer"], "@asked, questions");
     assert_eq!(s["events"][0]["data"]["at"], 1);
+    let candidates = s["candidates"].as_array().unwrap();
+    assert_eq!(candidates.len(), 2);
+    assert_eq!(
+        (
+            &candidates[0]["content"],
+            &candidates[0]["chosen"],
+            &candidates[0]["policy"]["sampling"]["seed"]
+        ),
+        (
+            &serde_json::json!(SNEAKY_REPLY),
+            &serde_json::json!(false),
+            &serde_json::json!(11)
+        )
+    );
     assert!(sessions.iter().any(|s| s["session"] == open.as_str()));
     let err = export::json::export(&mut pool.get().unwrap(), "nope", &path, &|_| {}).unwrap_err();
     assert!(err.to_string().contains("no study"));
@@ -342,17 +436,24 @@ on_both_backends!(
         db::revisions::append(
             &mut conn,
             session.id,
-            "assistant_insert",
+            RevisionAuthor::AssistantInsert,
             Some(4),
             &with_reply,
         )
         .unwrap();
         let rewritten = format!("{base}\nOf course, gladly — here it is.");
-        db::revisions::append(&mut conn, session.id, "user", None, &rewritten).unwrap();
         db::revisions::append(
             &mut conn,
             session.id,
-            "assistant_insert",
+            RevisionAuthor::User,
+            None,
+            &rewritten,
+        )
+        .unwrap();
+        db::revisions::append(
+            &mut conn,
+            session.id,
+            RevisionAuthor::AssistantInsert,
             Some(6),
             &format!("{rewritten}\nSure."),
         )
@@ -366,8 +467,8 @@ on_both_backends!(
         let counts =
             export::pairs::export(&mut conn, "doc-cocreation", &options, dir.path()).unwrap();
         // The seed's own insert of message 2 was replaced by other text too: two pairs; message 6
-        // stayed as inserted: no pair.
-        assert_eq!((counts.train, counts.eval), (2, 0));
+        // stayed as inserted: no pair; and the seed's comparison pick is the third.
+        assert_eq!((counts.train, counts.eval), (3, 0));
         let text = std::fs::read_to_string(dir.path().join("train.jsonl")).unwrap();
         let rows: Vec<serde_json::Value> = text
             .lines()
@@ -405,6 +506,6 @@ on_both_backends!(
         };
         let counts =
             export::pairs::export(&mut conn, "doc-cocreation", &all_eval, dir.path()).unwrap();
-        assert_eq!((counts.train, counts.eval), (0, 2));
+        assert_eq!((counts.train, counts.eval), (0, 3));
     }
 );

@@ -130,3 +130,78 @@ async fn bad_requests_get_json_errors() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "bad_request");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn no_grammar_can_end_the_process() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(state_with_model(&db));
+    let chain = |n: usize| {
+        (0..n)
+            .map(|i| format!("r{i} ::= r{}\n", i + 1))
+            .collect::<String>()
+            + &format!("r{n} ::= \"x\"\n")
+    };
+    let nested = format!("root ::= {}\"x\"{}", "(".repeat(200), ")".repeat(200));
+    let mut deep_schema = json!({"type": "string"});
+    // Deep enough for the converter's recursion, shallow enough for the JSON parser's limit.
+    for _ in 0..20 {
+        deep_schema = json!({"type": "object", "properties": {"a": deep_schema}});
+    }
+    let hostile: Vec<(Value, &str)> = vec![
+        // Nothing is allowed: every token is ruled out.
+        (
+            json!({"grammar": "root ::= [^\\x00-\\U0010FFFF]"}),
+            "allows no continuation",
+        ),
+        // Only a NUL byte, which no token's text holds.
+        (
+            json!({"grammar": "root ::= \"\\x00\""}),
+            "allows no continuation",
+        ),
+        (
+            json!({"grammar": format!("root ::= r0\n{}", chain(50_000))}),
+            "bytes",
+        ),
+        (
+            json!({"grammar": format!("root ::= r0\n{}", chain(300))}),
+            "rules",
+        ),
+        (json!({"grammar": nested}), "nests"),
+        (json!({"grammar": "root ::= (("}), "invalid grammar"),
+        (
+            json!({"grammar": "root ::= \"a\"{1000000}"}),
+            "invalid grammar",
+        ),
+        (
+            json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": deep_schema}}}),
+            "nests",
+        ),
+    ];
+    for (extra, why) in hostile {
+        let mut body = json!({
+            "model": "smollm2-135m",
+            "messages": [{"role": "user", "content": "Say something."}],
+            "max_tokens": 8,
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let (status, reply) = post(&server, body).await;
+        assert_eq!(status, 400, "{reply}");
+        assert_eq!(reply["error"], "invalid_request", "{reply}");
+        assert!(
+            reply["message"].as_str().unwrap().contains(why),
+            "{why}: {reply}"
+        );
+    }
+    // The server is still there, and grammars that make sense still work.
+    let (status, reply) = post(
+        &server,
+        json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Yes or no?"}],
+               "grammar": "root ::= \"yes\" | \"no\"", "max_tokens": 4}),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let text = reply["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text == "yes" || text == "no", "{text}");
+}

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use collabllm::db;
+use collabllm::db::vocab::{MessageRole, SessionState};
 use collabllm::protocol::LoadedProtocol;
 use collabllm::study::frames::{ClientFrame, ServerFrame, StateView};
 use collabllm::web::AppState;
@@ -20,7 +21,7 @@ const WAIT: Duration = Duration::from_secs(120);
 /// An HTTP client that keeps the session cookie, as a browser would.
 pub struct Browser {
     base: String,
-    http: reqwest::Client,
+    pub http: reqwest::Client,
     pub token: Option<String>,
 }
 
@@ -37,7 +38,7 @@ impl Browser {
         }
     }
 
-    fn cookie(&self) -> String {
+    pub fn cookie(&self) -> String {
         format!(
             "collabllm_session={}",
             self.token.clone().unwrap_or_default()
@@ -96,16 +97,32 @@ impl Browser {
 pub struct Socket {
     ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
     pub seq: i64,
+    /// Frames `chat` read past that a test may still wait for (a rating request comes before
+    /// the reply's `assistant_done`).
+    backlog: std::collections::VecDeque<ServerFrame>,
 }
 
 impl Socket {
-    /// Connects to the server at `host` (`host:port`).
-    pub async fn connect(host: &str, slug: &str) -> Self {
-        let url = format!("ws://{host}/s/{slug}/ws");
-        let (ws, _) = tokio_tungstenite::connect_async(url)
+    /// Connects to the server at `host` (`host:port`) as a browser with this session cookie.
+    pub async fn connect(host: &str, slug: &str, token: Option<&str>) -> Self {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut request = format!("ws://{host}/s/{slug}/ws")
+            .into_client_request()
+            .unwrap();
+        if let Some(token) = token {
+            request.headers_mut().insert(
+                "cookie",
+                format!("collabllm_session={token}").parse().unwrap(),
+            );
+        }
+        let (ws, _) = tokio_tungstenite::connect_async(request)
             .await
             .expect("websocket connects");
-        Self { ws, seq: 0 }
+        Self {
+            ws,
+            seq: 0,
+            backlog: Default::default(),
+        }
     }
 
     pub async fn raw(&mut self, text: &str) {
@@ -116,9 +133,19 @@ impl Socket {
         self.raw(&serde_json::to_string(frame).unwrap()).await;
     }
 
-    pub async fn hello(&mut self, token: &str) -> ServerFrame {
+    /// `hello`: the session is the one of the connection's cookie.
+    pub async fn hello(&mut self) -> ServerFrame {
         self.send(&ClientFrame::Hello {
-            session_token: token.into(),
+            session_token: None,
+        })
+        .await;
+        self.next().await
+    }
+
+    /// `hello` naming a session token, which must be the cookie's.
+    pub async fn hello_with(&mut self, token: &str) -> ServerFrame {
+        self.send(&ClientFrame::Hello {
+            session_token: Some(token.into()),
         })
         .await;
         self.next().await
@@ -142,6 +169,9 @@ impl Socket {
     }
 
     pub async fn next(&mut self) -> ServerFrame {
+        if let Some(frame) = self.backlog.pop_front() {
+            return frame;
+        }
         loop {
             let message = tokio::time::timeout(WAIT, self.ws.next())
                 .await
@@ -189,6 +219,12 @@ impl Socket {
         let ServerFrame::AssistantDone { text, .. } = done else {
             unreachable!()
         };
+        self.backlog.extend(
+            before
+                .iter()
+                .filter(|f| matches!(f, ServerFrame::RatingRequest { .. } | ServerFrame::State(_)))
+                .cloned(),
+        );
         let streamed: String = before
             .iter()
             .filter_map(|f| match f {
@@ -250,8 +286,9 @@ async fn consented(server: &TestServer, slug: &str, pid: &str) -> (Browser, Sock
     assert_eq!(r.headers()["location"], format!("/s/{slug}/p?entered=1"));
     assert!(browser.page(slug).await.contains("I agree"));
     assert_eq!(browser.consent(slug, "agree").await.status(), 303);
-    let mut socket = Socket::connect(&server.addr.to_string(), slug).await;
-    let state = state_of(socket.hello(browser.token.as_ref().unwrap()).await);
+    let mut socket =
+        Socket::connect(&server.addr.to_string(), slug, browser.token.as_deref()).await;
+    let state = state_of(socket.hello().await);
     (browser, socket, state)
 }
 
@@ -298,7 +335,7 @@ async fn a_whole_session_from_consent_to_completion_code(db: TestDb) {
     ws.expect_error("rating_due").await;
     let seq = ws.rate("interaction", 7).await;
     ws.expect_ack(seq).await;
-    assert_eq!(state_of(ws.next().await).phase, "chatting");
+    assert_eq!(state_of(ws.next().await).phase, SessionState::Chatting);
 
     // The document: the reply inserted, then edited by hand.
     let seq = ws.next_seq();
@@ -336,7 +373,7 @@ async fn a_whole_session_from_consent_to_completion_code(db: TestDb) {
     ws.send(&ClientFrame::Finish { client_seq: seq }).await;
     ws.expect_ack(seq).await;
     let s = state_of(ws.next().await);
-    assert_eq!(s.phase, "final");
+    assert_eq!(s.phase, SessionState::Final);
     assert_eq!(s.final_ratings[0].key, "document_quality");
 
     // Incomplete final answers are refused; complete ones end the session with the code.
@@ -375,8 +412,8 @@ async fn a_whole_session_from_consent_to_completion_code(db: TestDb) {
     assert_eq!(sessions.len(), 1);
     let session = &sessions[0];
     assert_eq!(
-        (session.state.as_str(), session.outcome.as_deref()),
-        ("finished", Some("completed"))
+        (session.state.as_str(), session.outcome),
+        ("finished", Some(collabllm::db::vocab::Outcome::Completed))
     );
     assert!(
         session.consented_at.is_some()
@@ -434,9 +471,14 @@ async fn a_reply_interrupted_by_a_reconnect_completes_and_is_shown() {
     ws.until(|f| matches!(f, ServerFrame::Token { .. })).await;
     drop(ws); // the page is refreshed mid-stream
 
-    let mut ws = Socket::connect(&server.addr.to_string(), "quick-pilot").await;
-    let s = state_of(ws.hello(browser.token.as_ref().unwrap()).await);
-    let stored = s.messages.iter().any(|m| m.role == "assistant");
+    let mut ws = Socket::connect(
+        &server.addr.to_string(),
+        "quick-pilot",
+        browser.token.as_deref(),
+    )
+    .await;
+    let s = state_of(ws.hello().await);
+    let stored = s.messages.iter().any(|m| m.role == MessageRole::Assistant);
     assert!(
         stored || s.streaming.is_some(),
         "the reply is shown after reconnect: {s:?}"
@@ -445,8 +487,13 @@ async fn a_reply_interrupted_by_a_reconnect_completes_and_is_shown() {
         ws.until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
             .await;
     }
-    let mut again = Socket::connect(&server.addr.to_string(), "quick-pilot").await;
-    let s = state_of(again.hello(browser.token.as_ref().unwrap()).await);
+    let mut again = Socket::connect(
+        &server.addr.to_string(),
+        "quick-pilot",
+        browser.token.as_deref(),
+    )
+    .await;
+    let s = state_of(again.hello().await);
     assert_eq!(s.messages.len(), 2);
     assert_eq!(s.last_client_seq, seq);
     assert!(!s.messages[1].content.is_empty());
@@ -502,7 +549,7 @@ async fn a_resent_frame_is_applied_once(db: TestDb) {
     let users = db::messages::list_for_session(&mut conn, session.id)
         .unwrap()
         .into_iter()
-        .filter(|m| m.role == "user")
+        .filter(|m| m.role == MessageRole::User)
         .count();
     assert_eq!(users, 1);
     assert_eq!(
@@ -528,10 +575,32 @@ async fn two_participants_see_only_their_own_session() {
     assert_ne!(a.token, b.token);
     ws_a.chat("Secret of A: the tomatoes.").await;
     // B's socket got nothing of A's conversation, and B's state has none of it.
-    let s = state_of(ws_b.hello(b.token.as_ref().unwrap()).await);
+    let s = state_of(ws_b.hello().await);
     assert!(s.messages.is_empty(), "{s:?}");
-    // A's token on B's connection is refused; the connection stays B's.
-    let refused = ws_b.hello(a.token.as_ref().unwrap()).await;
+    // A's token named on B's connection is refused; the connection stays B's.
+    let refused = ws_b.hello_with(a.token.as_ref().unwrap()).await;
+    assert!(
+        matches!(refused, ServerFrame::Error { ref code, .. } if code == "wrong_session"),
+        "{refused:?}"
+    );
+    // A's token alone, on a connection without A's cookie, opens nothing.
+    let mut stranger = Socket::connect(&server.addr.to_string(), "quick-pilot", None).await;
+    let refused = stranger.hello_with(a.token.as_ref().unwrap()).await;
+    assert!(
+        matches!(refused, ServerFrame::Error { ref code, .. } if code == "unauthorized"),
+        "{refused:?}"
+    );
+    stranger
+        .send(&ClientFrame::UserMessage {
+            client_seq: 1,
+            text: "Let me in".into(),
+        })
+        .await;
+    stranger.expect_error("not_authenticated").await;
+    // With B's cookie, naming A's token gets B nothing of A's either.
+    let mut b_naming_a =
+        Socket::connect(&server.addr.to_string(), "quick-pilot", b.token.as_deref()).await;
+    let refused = b_naming_a.hello_with(a.token.as_ref().unwrap()).await;
     assert!(
         matches!(refused, ServerFrame::Error { ref code, .. } if code == "wrong_session"),
         "{refused:?}"
@@ -563,7 +632,7 @@ async fn the_client_never_learns_the_arm_model_or_prompt() {
         seen.push_str(&serde_json::to_string(&f).unwrap());
     }
     ws.send(&ClientFrame::Hello {
-        session_token: browser.token.clone().unwrap(),
+        session_token: None,
     })
     .await;
     let (again, frames) = ws.until(|f| matches!(f, ServerFrame::State(_))).await;
@@ -609,13 +678,18 @@ async fn bad_frames_get_error_frames_and_the_connection_survives() {
     });
     let pool = state.pool.clone();
     let server = TestServer::start(state);
-    let (browser, mut ws, _) = consented(&server, "quick-pilot", "pid-bad").await;
+    let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-bad").await;
 
-    let mut fresh = Socket::connect(&server.addr.to_string(), "quick-pilot").await;
+    let mut fresh = Socket::connect(&server.addr.to_string(), "quick-pilot", None).await;
     fresh.send(&ClientFrame::Stop { client_seq: 1 }).await;
     fresh.expect_error("not_authenticated").await;
     assert!(
-        matches!(fresh.hello("not-a-token").await, ServerFrame::Error { ref code, .. } if code == "unauthorized")
+        matches!(fresh.hello().await, ServerFrame::Error { ref code, .. } if code == "unauthorized")
+    );
+    let mut forged =
+        Socket::connect(&server.addr.to_string(), "quick-pilot", Some("not-a-token")).await;
+    assert!(
+        matches!(forged.hello().await, ServerFrame::Error { ref code, .. } if code == "unauthorized")
     );
 
     ws.raw("this is not json").await;
@@ -683,7 +757,7 @@ async fn bad_frames_get_error_frames_and_the_connection_survives() {
     ws.expect_error("rate_limited").await;
 
     // After all that the connection still works and nothing stored was lost.
-    let s = state_of(ws.hello(browser.token.as_ref().unwrap()).await);
+    let s = state_of(ws.hello().await);
     assert_eq!(s.messages.len(), 2);
     let mut conn = pool.get().unwrap();
     let session = only_session(&mut conn);
@@ -742,7 +816,15 @@ crate::on_both_backends!(balanced_assignment_of_300_entries, |db: &TestDb| {
         let mut first_arm = None;
         for i in 0..300 {
             let entry = studio
-                .enter("doc-cocreation".into(), Some(format!("pid-{i}")), None)
+                .enter(
+                    "doc-cocreation".into(),
+                    collabllm::study::Arrival {
+                        external_id: Some(format!("pid-{i}")),
+                        resume_proof: Some(format!("ps-{i}")),
+                    },
+                    None,
+                    true,
+                )
                 .await
                 .unwrap();
             let session = studio.agree(entry.session.id).await.unwrap();
@@ -777,9 +859,13 @@ crate::on_both_backends!(balanced_assignment_of_300_entries, |db: &TestDb| {
         assert!(topics.values().all(|n| *n == 100), "{topics:?}");
         let inputs: serde_json::Value = serde_json::from_str(&ledger[5].inputs_json).unwrap();
         assert_eq!(inputs["arm"]["seed"], 20250713);
-        // A returning participant keeps their session and arm.
+        // A returning participant (with Prolific's session id) keeps their session and arm.
+        let arrival = collabllm::study::Arrival {
+            external_id: Some("pid-0".into()),
+            resume_proof: Some("ps-0".into()),
+        };
         let back = studio
-            .enter("doc-cocreation".into(), Some("pid-0".into()), None)
+            .enter("doc-cocreation".into(), arrival, None, true)
             .await
             .unwrap();
         assert_eq!(back.session.arm_id, first_arm);
@@ -846,8 +932,8 @@ async fn a_killed_server_loses_nothing_that_was_acknowledged() {
     let mut browser = Browser::new(&base);
     browser.enter("quick-pilot", Some("pid-crash")).await;
     browser.consent("quick-pilot", "agree").await;
-    let mut ws = Socket::connect(&server.host, "quick-pilot").await;
-    state_of(ws.hello(browser.token.as_ref().unwrap()).await);
+    let mut ws = Socket::connect(&server.host, "quick-pilot", browser.token.as_deref()).await;
+    state_of(ws.hello().await);
     ws.send(&ClientFrame::DocUpdate {
         client_seq: 1,
         base_rev: 0,
@@ -865,8 +951,8 @@ async fn a_killed_server_loses_nothing_that_was_acknowledged() {
     server.kill(); // in the middle of the reply
 
     let server = ServeProcess::start(&database, port);
-    let mut ws = Socket::connect(&server.host, "quick-pilot").await;
-    let s = state_of(ws.hello(browser.token.as_ref().unwrap()).await);
+    let mut ws = Socket::connect(&server.host, "quick-pilot", browser.token.as_deref()).await;
+    let s = state_of(ws.hello().await);
     assert_eq!(s.document.content, "Saved draft");
     assert_eq!(s.messages[0].content, "Please write the note.");
     assert_eq!(s.last_client_seq, 2);
@@ -875,8 +961,8 @@ async fn a_killed_server_loses_nothing_that_was_acknowledged() {
         ws.until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
             .await;
     }
-    let mut check = Socket::connect(&server.host, "quick-pilot").await;
-    let s = state_of(check.hello(browser.token.as_ref().unwrap()).await);
+    let mut check = Socket::connect(&server.host, "quick-pilot", browser.token.as_deref()).await;
+    let s = state_of(check.hello().await);
     assert_eq!(s.messages.len(), 2);
     server.kill();
 }
@@ -1012,7 +1098,7 @@ async fn comparison_turns_offer_two_replies_and_record_the_pick() {
             &offer.candidates[0]
         };
         assert_eq!(&s.messages.last().unwrap().content, kept);
-        assert_eq!(s.phase, "rating");
+        assert_eq!(s.phase, SessionState::Rating);
         assert!(s.comparison.is_none());
         let seq = ws.rate("interaction", 6).await;
         ws.expect_ack(seq).await;
@@ -1069,7 +1155,7 @@ async fn asking_for_another_reply_lets_the_participant_keep_one() {
     let state = state_with_model(&db);
     let pool = state.pool.clone();
     let server = TestServer::start(state);
-    let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-regenerate").await;
+    let (browser, mut ws, _) = consented(&server, "quick-pilot", "pid-regenerate").await;
     let seq = ws.next_seq();
     ws.send(&ClientFrame::Regenerate { client_seq: seq }).await;
     ws.expect_error("not_allowed").await;
@@ -1094,6 +1180,27 @@ async fn asking_for_another_reply_lets_the_participant_keep_one() {
         offer.candidates[0], first,
         "the earlier reply is candidate A"
     );
+    // While choosing, the reply asked to be replaced still counts as a turn, and the page is the
+    // workspace: no completion code for a session that has not finished.
+    let mut other_tab = Socket::connect(
+        &server.addr.to_string(),
+        "quick-pilot",
+        browser.token.as_deref(),
+    )
+    .await;
+    let choosing = state_of(other_tab.hello().await);
+    assert_eq!(
+        (choosing.phase, choosing.turn, &choosing.completed),
+        (SessionState::Choosing, 1, &None)
+    );
+    let page = browser.page("quick-pilot").await;
+    assert!(
+        page.contains("id=\"app\"") && !page.contains("PILOT-DONE"),
+        "{page}"
+    );
+    // The tab that took over goes on with the page's frame numbers.
+    other_tab.seq = ws.seq;
+    ws = other_tab;
     let seq = ws.next_seq();
     ws.send(&ClientFrame::Choose {
         client_seq: seq,
@@ -1102,7 +1209,11 @@ async fn asking_for_another_reply_lets_the_participant_keep_one() {
     .await;
     ws.expect_ack(seq).await;
     let s = state_of(ws.next().await);
-    assert_eq!(s.phase, "chatting", "the turn was rated already");
+    assert_eq!(
+        s.phase,
+        SessionState::Chatting,
+        "the turn was rated already"
+    );
     assert_eq!(s.messages.len(), 2);
     assert_eq!(s.messages[1].content, first);
 
@@ -1138,4 +1249,343 @@ async fn asking_for_another_reply_lets_the_participant_keep_one() {
     .unwrap();
     assert_eq!(row["metadata"]["source"], "regenerate");
     assert_eq!(row["chosen"][0]["content"], first.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_tab_takes_the_session_over_and_no_frame_is_applied_twice() {
+    let db = TestDb::sqlite();
+    let state = state_with_model(&db);
+    let pool = state.pool.clone();
+    let server = TestServer::start(state);
+    let (browser, mut first, s) = consented(&server, "quick-pilot", "pid-tabs").await;
+    let mut second = Socket::connect(
+        &server.addr.to_string(),
+        "quick-pilot",
+        browser.token.as_deref(),
+    )
+    .await;
+    let s2 = state_of(second.hello().await);
+    assert_eq!(s2.last_client_seq, s.last_client_seq);
+    // The first tab is told, then closed: it cannot write with numbers the second one uses.
+    first.expect_error("taken_over").await;
+    let closed = tokio::time::timeout(WAIT, first.ws.next()).await.unwrap();
+    assert!(
+        matches!(closed, Some(Ok(Message::Close(_))) | None),
+        "{closed:?}"
+    );
+    // Both tabs numbered their next frame 1; only the owner's is applied, once.
+    second.seq = s2.last_client_seq;
+    second.chat("From the second tab.").await;
+    let mut stale = Socket::connect(
+        &server.addr.to_string(),
+        "quick-pilot",
+        browser.token.as_deref(),
+    )
+    .await;
+    state_of(stale.hello().await); // takes over from the second tab
+    second.expect_error("taken_over").await;
+    let mut conn = pool.get().unwrap();
+    let session = only_session(&mut conn);
+    let users: Vec<String> = db::messages::list_for_session(&mut conn, session.id)
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.role == MessageRole::User)
+        .map(|m| m.content)
+        .collect();
+    assert_eq!(users, ["From the second tab."]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_frame_too_large_to_read_is_answered_before_the_socket_closes() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(state_with_model(&db));
+    let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-huge").await;
+    let huge = format!(
+        r#"{{"type":"event","client_seq":1,"kind":"x","data":"{}"}}"#,
+        "a".repeat(5 * 1024 * 1024)
+    );
+    ws.raw(&huge).await;
+    let error = ws.expect_error("too_large").await;
+    assert!(format!("{error:?}").contains("closed"), "{error:?}");
+    let closed = tokio::time::timeout(WAIT, ws.ws.next()).await.unwrap();
+    match closed {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(u16::from(frame.code), 1009, "{frame:?}")
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_rating_request_comes_before_assistant_done() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(state_with_model(&db));
+    let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-order").await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::UserMessage {
+        client_seq: seq,
+        text: "A note for my neighbour.".into(),
+    })
+    .await;
+    let (done, before) = ws
+        .until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
+        .await;
+    assert!(
+        before
+            .iter()
+            .any(|f| matches!(f, ServerFrame::RatingRequest { after_turn: 1, .. })),
+        "{before:?}"
+    );
+    assert!(
+        matches!(
+            done,
+            ServerFrame::AssistantDone {
+                phase: SessionState::Rating,
+                ..
+            }
+        ),
+        "{done:?}"
+    );
+    // A client that rates as soon as the reply is done is in step with the server.
+    let seq = ws.rate("interaction", 5).await;
+    ws.expect_ack(seq).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reconnect_mid_reply_gets_each_token_exactly_once() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(state_with_model(&db));
+    let (browser, mut ws, _) = consented(&server, "quick-pilot", "pid-tokens").await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::UserMessage {
+        client_seq: seq,
+        text: "Write a long note about the garden, please.".into(),
+    })
+    .await;
+    ws.until(|f| matches!(f, ServerFrame::Token { index: 2.., .. }))
+        .await;
+    let mut again = Socket::connect(
+        &server.addr.to_string(),
+        "quick-pilot",
+        browser.token.as_deref(),
+    )
+    .await;
+    let s = state_of(again.hello().await);
+    let (done, frames) = again
+        .until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
+        .await;
+    let ServerFrame::AssistantDone { text, .. } = done else {
+        unreachable!()
+    };
+    // Text of the snapshot, plus the tokens it did not have yet, is the reply: as a client that
+    // skips indices below `streaming_tokens` builds it.
+    let (mut shown, mut next) = match &s.streaming {
+        Some(m) => (m.content.clone(), s.streaming_tokens),
+        None => (String::new(), 0),
+    };
+    let mut skipped = 0;
+    for f in &frames {
+        if let ServerFrame::Token { index, delta, .. } = f {
+            if *index < next {
+                skipped += 1;
+                continue;
+            }
+            assert_eq!(*index, next, "no token is missing");
+            shown.push_str(delta);
+            next += 1;
+        }
+    }
+    if s.streaming.is_some() {
+        assert_eq!(shown, text, "skipped {skipped} tokens the snapshot had");
+    } else {
+        assert!(
+            s.messages.iter().any(|m| m.content == text),
+            "the reply had finished: {s:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn document_saves_and_browser_events_are_limited_per_session() {
+    let db = TestDb::sqlite();
+    let state = state_with_model(&db);
+    let pool = state.pool.clone();
+    let server = TestServer::start(state);
+    let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-flood").await;
+    let mut rev = 0;
+    let mut limited = None;
+    for i in 0..100 {
+        let seq = ws.next_seq();
+        ws.send(&ClientFrame::DocUpdate {
+            client_seq: seq,
+            base_rev: rev,
+            content: format!("draft {i}"),
+            inserted_message: None,
+        })
+        .await;
+        match ws
+            .until(|f| matches!(f, ServerFrame::Ack { .. } | ServerFrame::Error { .. }))
+            .await
+            .0
+        {
+            ServerFrame::Ack { rev: Some(r), .. } => rev = r,
+            ServerFrame::Error { code, .. } => {
+                assert_eq!(code, "rate_limited");
+                limited = Some(i);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(limited, Some(90), "90 saves a minute, then a refusal");
+    let mut events_limited = None;
+    for i in 0..150 {
+        let seq = ws.next_seq();
+        ws.send(&ClientFrame::Event {
+            client_seq: seq,
+            kind: "focus".into(),
+            data: serde_json::json!({"i": i}),
+        })
+        .await;
+        if let ServerFrame::Error { code, .. } = ws
+            .until(|f| matches!(f, ServerFrame::Ack { .. } | ServerFrame::Error { .. }))
+            .await
+            .0
+        {
+            assert_eq!(code, "rate_limited");
+            events_limited = Some(i);
+            break;
+        }
+    }
+    assert_eq!(events_limited, Some(120));
+    // Refused frames were not stored; the session goes on.
+    let mut conn = pool.get().unwrap();
+    let session = only_session(&mut conn);
+    assert_eq!(
+        db::revisions::list_for_session(&mut conn, session.id)
+            .unwrap()
+            .len(),
+        90
+    );
+    assert_eq!(
+        db::events::count_for_session(&mut conn, session.id).unwrap(),
+        120
+    );
+    ws.chat("Still here.").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn new_sessions_per_address_are_limited_and_returning_browsers_are_not() {
+    let db = TestDb::sqlite();
+    let mut state = state_with_model(&db);
+    state.limits = std::sync::Arc::new(collabllm::web::limits::Limits::new(3, false));
+    let studio = state.studio.clone();
+    let server = TestServer::start(state);
+    let mut browsers = Vec::new();
+    for i in 0..3 {
+        let mut b = Browser::new(&server.url(""));
+        assert_eq!(
+            b.enter("quick-pilot", Some(&format!("pid-{i}")))
+                .await
+                .status(),
+            303
+        );
+        browsers.push(b);
+    }
+    let mut fourth = Browser::new(&server.url(""));
+    let refused = fourth.enter("quick-pilot", Some("pid-3")).await;
+    assert_eq!(refused.status(), 429);
+    let page = refused.text().await.unwrap();
+    assert!(page.contains("Too many sessions"), "{page}");
+    // A returning browser is not a new session and still gets in.
+    let back = browsers[0].enter("quick-pilot", Some("pid-0")).await;
+    assert_eq!(back.status(), 303);
+    assert!(browsers[0].page("quick-pilot").await.contains("I agree"));
+    // Sockets that close leave nothing behind in memory.
+    browsers[0].consent("quick-pilot", "agree").await;
+    let mut ws = Socket::connect(
+        &server.addr.to_string(),
+        "quick-pilot",
+        browsers[0].token.as_deref(),
+    )
+    .await;
+    state_of(ws.hello().await);
+    assert_eq!(studio.live_sessions(), 1);
+    drop(ws);
+    let started = std::time::Instant::now();
+    while studio.live_sessions() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the live session stays in memory"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prolific_id_alone_does_not_open_a_session_in_another_browser() {
+    let db = TestDb::sqlite();
+    let state = state_with_model(&db);
+    let pool = state.pool.clone();
+    let server = TestServer::start(state);
+    let (owner, mut ws, _) = consented(&server, "quick-pilot", "pid-owned").await;
+    ws.chat("My private draft.").await;
+    ws.until(|f| matches!(f, ServerFrame::RatingRequest { .. }))
+        .await;
+    let seq = ws.rate("interaction", 6).await;
+    ws.expect_ack(seq).await;
+    let intruder = Browser::new(&server.url(""));
+    let url = server.url("/s/quick-pilot?PROLIFIC_PID=pid-owned");
+    let refused = intruder.http.get(url).send().await.unwrap();
+    assert_eq!(refused.status(), 409);
+    assert!(refused.headers().get("set-cookie").is_none());
+    let page = refused.text().await.unwrap();
+    assert!(
+        page.contains("open in another browser") && !page.contains("private draft"),
+        "{page}"
+    );
+    assert!(intruder.token.is_none());
+    // A guessed Prolific session id is no proof either.
+    let refused = intruder
+        .http
+        .get(server.url("/s/quick-pilot?PROLIFIC_PID=pid-owned&SESSION_ID=x2"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 409);
+    // The owner's socket and page work as before, and pages carrying a session are not cached.
+    ws.chat("Still mine.").await;
+    let page = owner
+        .http
+        .get(server.url("/s/quick-pilot/p"))
+        .header("cookie", owner.cookie())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.headers()["cache-control"], "no-store");
+    assert!(!page
+        .text()
+        .await
+        .unwrap()
+        .contains(owner.token.as_ref().unwrap()));
+    // The same participant with Prolific's session id resumes in a second browser.
+    let mut own_second = Browser::new(&server.url(""));
+    assert_eq!(
+        own_second
+            .enter("quick-pilot", Some("pid-owned"))
+            .await
+            .status(),
+        303
+    );
+    let mut conn = pool.get().unwrap();
+    let session = only_session(&mut conn);
+    let kinds: Vec<String> = db::audit::list_for_session(&mut conn, session.id)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        ["entry_refused", "entry_refused", "moved_to_new_browser"]
+    );
 }

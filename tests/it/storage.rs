@@ -5,6 +5,7 @@ use collabllm::db::models::{
     NewAssignment, NewCandidate, NewMessage, NewPreferencePair, NewReward, NewSession,
 };
 use collabllm::db::studies::ImportOutcome;
+use collabllm::db::vocab::{MessageRole, Outcome, RevisionAuthor, SessionState};
 use collabllm::db::{self, DbConn, DbError};
 use collabllm::protocol::LoadedProtocol;
 use diesel::connection::SimpleConnection;
@@ -62,7 +63,8 @@ fn new_session(
             task_id: Some("blog-post"),
             topic_id: Some("remote-work"),
             token_hash: "hash",
-            state: "consent",
+            state: SessionState::Consent,
+            resume_proof_hmac: None,
             started_at: now,
             last_activity_at: now,
         },
@@ -219,8 +221,8 @@ on_both_backends!(sessions_move_through_their_states, |db: &TestDb| {
     let s = db::sessions::record_consent(&mut conn, s.id, "abc").unwrap();
     assert_eq!(s.consent_sha256.as_deref(), Some("abc"));
     assert!(s.consented_at.is_some());
-    let s = db::sessions::set_state(&mut conn, s.id, "chatting").unwrap();
-    assert_eq!(s.state, "chatting");
+    let s = db::sessions::set_state(&mut conn, s.id, SessionState::Chatting).unwrap();
+    assert_eq!(s.state, SessionState::Chatting);
     let first = db::now();
     db::sessions::mark_first_message(&mut conn, s.id, first).unwrap();
     db::sessions::mark_first_message(&mut conn, s.id, first + chrono::Duration::seconds(5))
@@ -231,10 +233,14 @@ on_both_backends!(sessions_move_through_their_states, |db: &TestDb| {
         Some(first.and_utc().timestamp()),
         "the first stamp is kept"
     );
-    let s = db::sessions::finish(&mut conn, s.id, "finished", "completed", "CODE").unwrap();
+    let s = db::sessions::finish(&mut conn, s.id, Outcome::Completed, "CODE").unwrap();
     assert_eq!(
-        (s.outcome.as_deref(), s.completion_code.as_deref()),
-        (Some("completed"), Some("CODE"))
+        (s.state, s.outcome, s.completion_code.as_deref()),
+        (
+            SessionState::Finished,
+            Some(Outcome::Completed),
+            Some("CODE")
+        )
     );
     assert!(s.finished_at.is_some());
     let latest = new_session(
@@ -276,10 +282,14 @@ on_both_backends!(sessions_are_counted_per_arm_and_state, |db: &TestDb| {
         Some(f.arm_ids[1]),
         "s-3",
     );
-    db::sessions::set_state(&mut conn, abandoned.id, "abandoned").unwrap();
+    db::sessions::set_state(&mut conn, abandoned.id, SessionState::TimedOut).unwrap();
     new_session(&mut conn, f.participant_id, f.version_id, None, "s-4");
-    let mut counts =
-        db::sessions::count_by_arm(&mut conn, f.version_id, &["consent", "chatting"]).unwrap();
+    let mut counts = db::sessions::count_by_arm(
+        &mut conn,
+        f.version_id,
+        &[SessionState::Consent, SessionState::Chatting],
+    )
+    .unwrap();
     counts.sort();
     assert_eq!(counts, vec![(f.arm_ids[0], 1), (f.arm_ids[1], 1)]);
 });
@@ -293,7 +303,7 @@ on_both_backends!(
             &mut conn,
             f.session_id,
             &NewMessage {
-                role: "user",
+                role: MessageRole::User,
                 content: AWKWARD,
                 ..Default::default()
             },
@@ -303,7 +313,7 @@ on_both_backends!(
             &mut conn,
             f.session_id,
             &NewMessage {
-                role: "assistant",
+                role: MessageRole::Assistant,
                 content: "Sure.",
                 ttft_ms: Some(40),
                 gen_ms: Some(300),
@@ -336,7 +346,7 @@ on_both_backends!(concurrent_appends_get_distinct_numbers, |db: &TestDb| {
                         &mut conn,
                         f.session_id,
                         &NewMessage {
-                            role: "user",
+                            role: MessageRole::User,
                             content: &text,
                             ..Default::default()
                         },
@@ -365,9 +375,17 @@ on_both_backends!(
         assert!(db::revisions::latest(&mut conn, f.session_id)
             .unwrap()
             .is_none());
-        let r1 =
-            db::revisions::append(&mut conn, f.session_id, "assistant", Some(2), "Draft").unwrap();
-        let r2 = db::revisions::append(&mut conn, f.session_id, "user", None, AWKWARD).unwrap();
+        let r1 = db::revisions::append(
+            &mut conn,
+            f.session_id,
+            RevisionAuthor::AssistantInsert,
+            Some(2),
+            "Draft",
+        )
+        .unwrap();
+        let r2 =
+            db::revisions::append(&mut conn, f.session_id, RevisionAuthor::User, None, AWKWARD)
+                .unwrap();
         assert_eq!((r1.rev, r2.rev), (1, 2));
         assert_eq!(
             db::revisions::latest(&mut conn, f.session_id)
@@ -460,7 +478,7 @@ on_both_backends!(candidates_rewards_and_pairs_are_stored, |db: &TestDb| {
         &NewCandidate {
             session_id: f.session_id,
             after_seq: 1,
-            source: "compare",
+            source: collabllm::db::vocab::CandidateSource::Compare,
             content: AWKWARD,
             chosen: None,
             policy_json: "{}",
@@ -523,7 +541,7 @@ on_both_backends!(foreign_keys_are_enforced, |db: &TestDb| {
         &mut conn,
         999_999,
         &NewMessage {
-            role: "user",
+            role: MessageRole::User,
             content: "x",
             ..Default::default()
         },

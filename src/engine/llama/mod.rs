@@ -36,6 +36,18 @@ fn backend() -> Result<&'static LlamaBackend, EngineError> {
         })
 }
 
+/// The CPU kernels llama.cpp runs with, as it reports them (`CPU : SSE3 = 1 | AVX2 = 1 | …`).
+/// Logged when the first model loads, so what a machine uses is on record; ggml's AMX kernels
+/// are built out (see `.cargo/config.toml`) and must never be listed.
+pub fn cpu_kernels() -> Result<String, EngineError> {
+    backend()?;
+    // SAFETY: llama_print_system_info takes no arguments and returns a pointer to a
+    // NUL-terminated static buffer owned by llama.cpp, valid until its next call; it is copied
+    // at once.
+    let info = unsafe { std::ffi::CStr::from_ptr(llama_cpp_sys_2::llama_print_system_info()) };
+    Ok(info.to_string_lossy().trim().to_string())
+}
+
 /// Threads for llama.cpp: every core. (The crate's default of 4 on a 2-core machine is ~200×
 /// slower than 2.)
 pub fn thread_count() -> i32 {
@@ -81,6 +93,11 @@ pub fn load_model(
             )));
         }
     }
+    static LOGGED: std::sync::Once = std::sync::Once::new();
+    LOGGED.call_once(|| match cpu_kernels() {
+        Ok(kernels) => tracing::info!(%kernels, "llama.cpp CPU kernels"),
+        Err(e) => tracing::warn!(error = %e, "cannot read llama.cpp's CPU kernels"),
+    });
     let started = Instant::now();
     let mut model = LlamaModel::load_from_file(backend()?, path, &LlamaModelParams::default())
         .map_err(|e| {

@@ -14,6 +14,7 @@ use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
@@ -560,25 +561,45 @@ impl<'m> Worker<'m> {
                 continue;
             };
             generated += 1;
-            if let Some(reason) = self.sample(i, at) {
-                self.finish(i, reason);
+            match self.sample(i, at) {
+                Ok(Some(reason)) => self.finish(i, reason),
+                Ok(None) => {}
+                Err(e) => self.fail(i, e),
             }
         }
         generated
     }
 
-    /// Samples the slot's next token; returns why generation ends, if it does.
-    fn sample(&mut self, index: usize, at: i32) -> Option<FinishReason> {
+    /// Samples the slot's next token; returns why generation ends, if it does, or why this
+    /// request cannot go on.
+    ///
+    /// Not llama.cpp's `llama_sampler_sample`: when a grammar allows no token it would pick one
+    /// anyway and its grammar would then throw a C++ exception (which aborts the process when it
+    /// reaches Rust) or abort outright. Here the chain is applied, a pick the grammar ruled out
+    /// ends the request, and the pick is accepted through a call that catches exceptions in C++.
+    fn sample(&mut self, index: usize, at: i32) -> Result<Option<FinishReason>, EngineError> {
         let model = self.model;
         let context_tokens = self.context_tokens;
         let slot = &mut self.slots[index];
         let active = slot.active.as_mut().expect("sampled slots are active");
-        let token = active.sampler.sample(&self.context, at);
+        let mut candidates = LlamaTokenDataArray::from_iter(self.context.candidates_ith(at), false);
+        candidates.apply_sampler(&mut active.sampler);
+        let token = candidates
+            .selected
+            .and_then(|i| candidates.data.get(i))
+            .filter(|picked| picked.logit().is_finite())
+            .map(|picked| picked.id())
+            .ok_or_else(|| {
+                EngineError::Grammar("the grammar allows no continuation of the output".into())
+            })?;
+        active.sampler.try_accept(token).map_err(|e| {
+            EngineError::Grammar(format!("the grammar cannot accept the next token ({e})"))
+        })?;
         active.first_token_at.get_or_insert_with(Instant::now);
         active.generated += 1;
         let eog = model.vocab().is_eog(token);
         if eog && !active.job.request.ignore_eos {
-            return Some(FinishReason::Stop);
+            return Ok(Some(FinishReason::Stop));
         }
         let piece = if eog {
             Vec::new()
@@ -595,14 +616,25 @@ impl<'m> Worker<'m> {
                 if !text.is_empty() {
                     let _ = active.job.events.send(EngineEvent::Token(text));
                 }
-                return Some(FinishReason::Stop);
+                return Ok(Some(FinishReason::Stop));
             }
         }
         if active.generated >= active.max_tokens || slot.cache.tokens.len() + 1 >= context_tokens {
-            return Some(FinishReason::Length);
+            return Ok(Some(FinishReason::Length));
         }
         active.next = Some(token);
-        None
+        Ok(None)
+    }
+
+    /// Ends the slot's request with an error; the slot is free for the next one.
+    fn fail(&mut self, index: usize, error: EngineError) {
+        let slot = &mut self.slots[index];
+        let Some(active) = slot.active.take() else {
+            return;
+        };
+        slot.last_used = Instant::now();
+        tracing::warn!(error = %error, "request failed");
+        active.job.fail(error);
     }
 
     /// Ends the slot's request: flushes the text, reports the completion, frees the slot.
