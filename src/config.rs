@@ -65,6 +65,16 @@ pub struct ServeSettings {
     )]
     pub new_sessions_per_hour: usize,
 
+    /// Keys of the OpenAI-compatible `/v1` API, comma-separated (keys made with `collabllm key
+    /// add` work too). Without any key `/v1` is off.
+    #[arg(
+        long = "api-keys",
+        env = "COLLABLLM_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
+
     /// Take client addresses from `X-Forwarded-For`: set it behind a reverse proxy (else every
     /// participant shares the proxy's address); never without one (clients could forge it).
     #[arg(long, env = "COLLABLLM_TRUST_FORWARDED_FOR")]

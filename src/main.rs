@@ -58,6 +58,9 @@ enum Command {
     /// Manage researcher accounts of the console.
     #[command(subcommand)]
     User(UserCommand),
+    /// Manage keys of the OpenAI-compatible `/v1` API.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Export a study's data for analysis.
     #[command(subcommand)]
     Export(ExportCommand),
@@ -180,6 +183,16 @@ enum UserCommand {
     /// asked for on the terminal, or read as one line from standard input.
     Add {
         /// Login name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// Make a new `/v1` API key under a name (replacing the key the name had) and print it once;
+    /// only its sha256 is stored.
+    Add {
+        /// Who or what uses the key (a node, a benchmark, a person).
         name: String,
     },
 }
@@ -392,6 +405,18 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("set a new password for researcher {name}");
             }
+            Ok(())
+        }
+        Command::Key(KeyCommand::Add { name }) => {
+            let key = format!("clm-{}", hex::encode(rand::random::<[u8; 24]>()));
+            let mut conn = db::connect(&settings.database_url)?;
+            db::migrate(&mut conn)?;
+            let new = db::api_keys::set(&mut conn, &name, &web::openai::key_sha256(&key))?;
+            eprintln!(
+                "{} API key {name}; it is shown only now:",
+                if new { "created" } else { "replaced the" }
+            );
+            println!("{key}");
             Ok(())
         }
         Command::Export(ExportCommand::Csv {
@@ -944,6 +969,15 @@ fn run_serve(settings: &Settings, serve: ServeSettings) -> Result<()> {
         serve.new_sessions_per_hour,
         serve.trust_forwarded_for,
     ));
+    state.api_keys = std::sync::Arc::new(
+        serve
+            .api_keys
+            .iter()
+            .map(|k| k.trim())
+            .filter(|k| !k.is_empty())
+            .map(web::openai::key_sha256)
+            .collect(),
+    );
     actix_web::rt::System::new()
         .block_on(web::serve(state, serve.bind, serve.http_workers))
         .with_context(|| format!("the web server on {} failed", serve.bind))

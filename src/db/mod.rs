@@ -5,6 +5,7 @@
 //! (`sqlite://file`, a plain path, `:memory:`) is an SQLite file.
 
 pub mod answers;
+pub mod api_keys;
 pub mod assignments;
 pub mod audit;
 pub mod candidates;

@@ -11,6 +11,15 @@ diesel::table! {
 }
 
 diesel::table! {
+    api_keys (id) {
+        id -> BigInt,
+        name -> Text,
+        key_sha256 -> Text,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
     audit_events (id) {
         id -> BigInt,
         session_id -> BigInt,
@@ -259,6 +268,7 @@ diesel::joinable!(preference_pairs -> studies (study_id));
 diesel::joinable!(preference_pairs -> sessions (session_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
+    api_keys,
     audit_events,
     researchers,
     secrets,

@@ -21,6 +21,9 @@ pub enum ApiError {
     /// The request clashes with what exists (a session open in another browser).
     #[error("{0}")]
     Conflict(String),
+    /// Switched off by the server's configuration.
+    #[error("{0}")]
+    Disabled(String),
     /// Too many attempts from this client; try again later.
     #[error("{0}")]
     TooManyRequests(String),
@@ -46,6 +49,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => "unauthorized",
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Conflict(_) => "conflict",
+            ApiError::Disabled(_) => "disabled",
             ApiError::TooManyRequests(_) => "rate_limited",
             ApiError::Database(_) => "database_unavailable",
             ApiError::Engine(EngineError::UnknownModel { .. }) => "model_not_found",
@@ -64,6 +68,7 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Disabled(_) => StatusCode::FORBIDDEN,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Engine(EngineError::UnknownModel { .. }) => StatusCode::NOT_FOUND,

@@ -7,7 +7,7 @@ mod console;
 mod error;
 mod health;
 pub mod limits;
-mod openai;
+pub mod openai;
 mod participant;
 mod socket;
 
@@ -34,6 +34,9 @@ pub struct AppState {
     pub models_dir: std::path::PathBuf,
     /// What one client may make the server do.
     pub limits: Arc<limits::Limits>,
+    /// sha256 of the `/v1` API keys given at start (`COLLABLLM_API_KEYS`); keys made with
+    /// `collabllm key add` are in the database.
+    pub api_keys: Arc<Vec<String>>,
 }
 
 impl AppState {
@@ -57,6 +60,7 @@ impl AppState {
             console_key: auth::ConsoleKey::new(&key),
             models_dir,
             limits: Arc::default(),
+            api_keys: Arc::default(),
         })
     }
 }

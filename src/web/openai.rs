@@ -1,13 +1,17 @@
 //! The OpenAI-compatible API over the local engines: `POST /v1/chat/completions` (streaming and
 //! not) and `GET /v1/models`, so other nodes, benchmarks and any OpenAI client can use them.
 //! Fields this server does not know are ignored; llama-server's `ignore_eos`, `grammar`,
-//! `repeat_penalty`, `top_k` and `min_p` extensions are honoured.
+//! `repeat_penalty`, `top_k` and `min_p` extensions are honoured. Every request needs an API key
+//! (`Authorization: Bearer KEY`): the engines are the participants', and a request may run for
+//! minutes. With no key configured the API is off.
 
+use actix_web::http::header;
 use actix_web::web::Bytes;
-use actix_web::{get, post, web, HttpResponse};
+use actix_web::{get, post, web, HttpRequest, HttpResponse};
 use futures_util::stream;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
 
 use super::{ApiError, AppState};
 use crate::engine::{
@@ -167,21 +171,71 @@ impl CompletionRequest {
 }
 
 #[get("/v1/models")]
-async fn list_models(state: web::Data<AppState>) -> HttpResponse {
+async fn list_models(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    authorise(&req, &state).await?;
     let data: Vec<Value> = state
         .engines
         .names()
         .into_iter()
         .map(|id| json!({"id": id, "object": "model", "owned_by": "collabllm"}))
         .collect();
-    HttpResponse::Ok().json(json!({"object": "list", "data": data}))
+    Ok(HttpResponse::Ok().json(json!({"object": "list", "data": data})))
+}
+
+/// The sha256 of an API key, as stored.
+pub fn key_sha256(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// Lets the request through when it carries a key given at start or stored in the database.
+async fn authorise(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+    let presented = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|key| key_sha256(key.trim()));
+    if presented
+        .as_ref()
+        .is_some_and(|hash| state.api_keys.contains(hash))
+    {
+        return Ok(());
+    }
+    let (known, any) = state
+        .db(move |conn| {
+            let known = match &presented {
+                Some(hash) => crate::db::api_keys::find(conn, hash)?.is_some(),
+                None => false,
+            };
+            Ok((known, crate::db::api_keys::count(conn)? > 0))
+        })
+        .await?;
+    if known {
+        return Ok(());
+    }
+    if !any && state.api_keys.is_empty() {
+        return Err(ApiError::Disabled(
+            "the OpenAI-compatible API is off because no API key is configured: set \
+             COLLABLLM_API_KEYS=KEY[,KEY...] for `serve`, or run `collabllm key add NAME`, then send \
+             `Authorization: Bearer KEY`"
+                .into(),
+        ));
+    }
+    Err(ApiError::Unauthorized(
+        "this API needs a valid key: send `Authorization: Bearer KEY`".into(),
+    ))
 }
 
 #[post("/v1/chat/completions")]
 async fn create_chat_completion(
+    req: HttpRequest,
     state: web::Data<AppState>,
     body: web::Json<CompletionRequest>,
 ) -> Result<HttpResponse, ApiError> {
+    authorise(&req, &state).await?;
     let body = body.into_inner();
     let request = body.to_chat_request()?;
     let engine = state.engines.get(&body.model)?;

@@ -69,6 +69,7 @@ impl actix_web::ResponseError for PageError {
             ApiError::Unauthorized(_) => "Session expired",
             ApiError::Unavailable(_) => "Not available",
             ApiError::Conflict(_) => "Already open elsewhere",
+            ApiError::Disabled(_) => "Not available",
             ApiError::TooManyRequests(_) => "Please wait",
             _ => "Something went wrong",
         };

@@ -123,6 +123,17 @@ async fn click(client: &Client, css: &str) {
         .unwrap();
 }
 
+async fn has_attribute(client: &Client, css: &str, attribute: &str) -> bool {
+    client
+        .find(Locator::Css(css))
+        .await
+        .unwrap()
+        .attr(attribute)
+        .await
+        .unwrap()
+        .is_some()
+}
+
 async fn replies(client: &Client) -> usize {
     client
         .find_all(Locator::Css(".msg.assistant .insert"))
@@ -348,14 +359,7 @@ async fn a_participant_picks_between_two_replies_in_chromium() {
     )
     .await;
     assert!(
-        client
-            .find(Locator::Id("send"))
-            .await
-            .unwrap()
-            .attr("disabled")
-            .await
-            .unwrap()
-            .is_some(),
+        has_attribute(&client, "#send", "disabled").await,
         "no new message while the pick is due"
     );
     click(&client, ".choices button[data-choice=\"b\"]").await;
@@ -500,14 +504,7 @@ async fn refreshing_during_a_choice_shows_the_choice_and_never_a_code() {
         assert!(!text.contains("PILOT-DONE"), "a code was shown: {text}");
         assert!(!text.contains("Thank you"), "{text}");
         assert!(
-            client
-                .find(Locator::Id("completed"))
-                .await
-                .unwrap()
-                .attr("hidden")
-                .await
-                .unwrap()
-                .is_some(),
+            has_attribute(&client, "#completed", "hidden").await,
             "the completion dialog stays hidden"
         );
     }

@@ -384,3 +384,36 @@ fn pairs_and_synth_refuse_bad_input_clearly() {
         "{said}"
     );
 }
+
+#[test]
+fn key_add_prints_a_key_once_and_stores_only_its_hash() {
+    let db = TestDb::sqlite();
+    let add = || {
+        Command::new(env!("CARGO_BIN_EXE_collabllm"))
+            .args(["--database-url", &db.url, "key", "add", "node-2"])
+            .env("COLLABLLM_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let first = add();
+    assert!(first.status.success(), "{}", text(&first));
+    let key = String::from_utf8(first.stdout).unwrap().trim().to_string();
+    assert!(key.starts_with("clm-") && key.len() > 40, "{key}");
+    let mut conn = db.conn();
+    let hash = collabllm::web::openai::key_sha256(&key);
+    assert_eq!(
+        collabllm::db::api_keys::find(&mut conn, &hash)
+            .unwrap()
+            .as_deref(),
+        Some("node-2")
+    );
+    // Adding the name again replaces its key: the old one stops working.
+    let second = add();
+    let new_key = String::from_utf8(second.stdout).unwrap().trim().to_string();
+    assert_ne!(new_key, key);
+    assert_eq!(
+        collabllm::db::api_keys::find(&mut conn, &hash).unwrap(),
+        None
+    );
+    assert_eq!(collabllm::db::api_keys::count(&mut conn).unwrap(), 1);
+}

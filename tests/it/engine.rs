@@ -11,7 +11,7 @@ use collabllm::engine::{
     FinishReason, Generation, Role, Sampling,
 };
 
-use crate::common::{model_path, state_with_model, TestDb, TestServer};
+use crate::common::{model_path, state_with_model, TestDb, TestServer, TEST_API_KEY};
 
 /// The model, loaded once for all tests of this binary.
 fn model() -> Arc<LoadedModel> {
@@ -444,7 +444,8 @@ fn the_remote_backend_streams_from_another_serve_instance() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let endpoint = server.url("/v1");
-        let remote = RemoteEngine::new(&endpoint, "smollm2-135m", None).unwrap();
+        let remote =
+            RemoteEngine::new(&endpoint, "smollm2-135m", Some(TEST_API_KEY.into())).unwrap();
         let c = run(&remote, chat("Say hello.", greedy(12))).await;
         assert!(c.generated_tokens > 0 && c.generated_tokens <= 12, "{c:?}");
         assert!(c.prompt_tokens > 5, "usage is read: {c:?}");
@@ -458,7 +459,8 @@ fn the_remote_backend_streams_from_another_serve_instance() {
         let c = run(&remote, constrained).await;
         assert!(c.text == "yes" || c.text == "no", "{:?}", c.text);
 
-        let unknown = RemoteEngine::new(&endpoint, "no-such-model", None).unwrap();
+        let unknown =
+            RemoteEngine::new(&endpoint, "no-such-model", Some(TEST_API_KEY.into())).unwrap();
         let (_, err) = collect(unknown.start(chat("hi", greedy(4))).unwrap()).await;
         let err = err.unwrap_err().to_string();
         assert!(

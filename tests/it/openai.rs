@@ -2,11 +2,12 @@
 
 use serde_json::{json, Value};
 
-use crate::common::{state_with_model, TestDb, TestServer};
+use crate::common::{state_with_model, TestDb, TestServer, TEST_API_KEY};
 
 async fn post(server: &TestServer, body: Value) -> (u16, Value) {
     let r = reqwest::Client::new()
         .post(server.url("/v1/chat/completions"))
+        .bearer_auth(TEST_API_KEY)
         .json(&body)
         .send()
         .await
@@ -18,7 +19,10 @@ async fn post(server: &TestServer, body: Value) -> (u16, Value) {
 async fn chat_completions_follow_the_openai_shape() {
     let db = TestDb::sqlite();
     let server = TestServer::start(state_with_model(&db));
-    let models: Value = reqwest::get(server.url("/v1/models"))
+    let models: Value = reqwest::Client::new()
+        .get(server.url("/v1/models"))
+        .bearer_auth(TEST_API_KEY)
+        .send()
         .await
         .unwrap()
         .json()
@@ -65,6 +69,7 @@ async fn streaming_ends_with_usage_and_done() {
     let server = TestServer::start(state_with_model(&db));
     let text = reqwest::Client::new()
         .post(server.url("/v1/chat/completions"))
+        .bearer_auth(TEST_API_KEY)
         .json(&json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Count to three."}],
                       "stream": true, "stream_options": {"include_usage": true}, "max_tokens": 12}))
         .send()
@@ -121,6 +126,7 @@ async fn bad_requests_get_json_errors() {
     assert_eq!(status, 400, "{body}");
     let r = reqwest::Client::new()
         .post(server.url("/v1/chat/completions"))
+        .bearer_auth(TEST_API_KEY)
         .header("content-type", "application/json")
         .body("{not json")
         .send()
@@ -204,4 +210,57 @@ async fn no_grammar_can_end_the_process() {
     assert_eq!(status, 200, "{reply}");
     let text = reply["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(text == "yes" || text == "no", "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_api_needs_a_key_and_is_off_without_one() {
+    let db = TestDb::sqlite();
+    let mut state = state_with_model(&db);
+    let pool = state.pool.clone();
+    let body = json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+    let ask = |server: &TestServer, key: Option<&str>| {
+        let mut r = reqwest::Client::new()
+            .post(server.url("/v1/chat/completions"))
+            .json(&body);
+        if let Some(key) = key {
+            r = r.bearer_auth(key);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    // No key anywhere: the API is off and says how to turn it on.
+    state.api_keys = Default::default();
+    let server = TestServer::start(state.clone());
+    let (status, reply) = ask(&server, Some("anything")).await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (403, Some("disabled")),
+        "{reply}"
+    );
+    assert!(reply["message"]
+        .as_str()
+        .unwrap()
+        .contains("COLLABLLM_API_KEYS"));
+    let models = reqwest::get(server.url("/v1/models")).await.unwrap();
+    assert_eq!(models.status(), 403);
+    // A key made with `collabllm key add` (stored as its sha256) opens it; others do not.
+    let key = "clm-made-by-key-add";
+    collabllm::db::api_keys::set(
+        &mut pool.get().unwrap(),
+        "node-2",
+        &collabllm::web::openai::key_sha256(key),
+    )
+    .unwrap();
+    for wrong in [None, Some("clm-guess"), Some(TEST_API_KEY)] {
+        let (status, reply) = ask(&server, wrong).await;
+        assert_eq!(
+            (status, reply["error"].as_str()),
+            (401, Some("unauthorized")),
+            "{reply}"
+        );
+    }
+    let (status, reply) = ask(&server, Some(key)).await;
+    assert_eq!(status, 200, "{reply}");
 }

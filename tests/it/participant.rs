@@ -151,6 +151,17 @@ impl Socket {
         self.next().await
     }
 
+    /// Sends a user message; returns its client sequence number.
+    pub async fn say(&mut self, text: &str) -> i64 {
+        let seq = self.next_seq();
+        self.send(&ClientFrame::UserMessage {
+            client_seq: seq,
+            text: text.into(),
+        })
+        .await;
+        seq
+    }
+
     /// Sends a rating; returns its client sequence number.
     pub async fn rate(&mut self, key: &str, value: i32) -> i64 {
         let seq = self.next_seq();
@@ -201,12 +212,7 @@ impl Socket {
 
     /// Sends a message and waits for the reply to finish; returns the reply text.
     pub async fn chat(&mut self, text: &str) -> String {
-        let seq = self.next_seq();
-        self.send(&ClientFrame::UserMessage {
-            client_seq: seq,
-            text: text.into(),
-        })
-        .await;
+        let seq = self.say(text).await;
         let (done, before) = self
             .until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
             .await;
@@ -326,12 +332,7 @@ async fn a_whole_session_from_consent_to_completion_code(db: TestDb) {
         unreachable!()
     };
     assert_eq!((after_turn, ratings[0].key.as_str()), (1, "interaction"));
-    let seq = ws.next_seq();
-    ws.send(&ClientFrame::UserMessage {
-        client_seq: seq,
-        text: "too soon".into(),
-    })
-    .await;
+    ws.say("too soon").await;
     ws.expect_error("rating_due").await;
     let seq = ws.rate("interaction", 7).await;
     ws.expect_ack(seq).await;
@@ -462,12 +463,7 @@ async fn a_reply_interrupted_by_a_reconnect_completes_and_is_shown() {
     let db = TestDb::sqlite();
     let server = TestServer::start(state_with_model(&db));
     let (browser, mut ws, _) = consented(&server, "quick-pilot", "pid-reconnect").await;
-    let seq = ws.next_seq();
-    ws.send(&ClientFrame::UserMessage {
-        client_seq: seq,
-        text: "Write a note about moving a meeting.".into(),
-    })
-    .await;
+    let seq = ws.say("Write a note about moving a meeting.").await;
     ws.until(|f| matches!(f, ServerFrame::Token { .. })).await;
     drop(ws); // the page is refreshed mid-stream
 
@@ -619,12 +615,7 @@ async fn the_client_never_learns_the_arm_model_or_prompt() {
     let (browser, mut ws, _) = consented(&server, "quick-pilot", "pid-blind").await;
     let page = browser.page("quick-pilot").await;
     let mut seen = page.clone();
-    let seq = ws.next_seq();
-    ws.send(&ClientFrame::UserMessage {
-        client_seq: seq,
-        text: "Hi".into(),
-    })
-    .await;
+    ws.say("Hi").await;
     let (_, frames) = ws
         .until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
         .await;
@@ -748,12 +739,7 @@ async fn bad_frames_get_error_frames_and_the_connection_survives() {
     ws.expect_error("invalid_rating").await;
     let seq = ws.rate("interaction", 5).await;
     ws.expect_ack(seq).await;
-    let seq = ws.next_seq();
-    ws.send(&ClientFrame::UserMessage {
-        client_seq: seq,
-        text: "Second, too soon.".into(),
-    })
-    .await;
+    ws.say("Second, too soon.").await;
     ws.expect_error("rate_limited").await;
 
     // After all that the connection still works and nothing stored was lost.
@@ -1070,12 +1056,7 @@ async fn comparison_turns_offer_two_replies_and_record_the_pick() {
             assert_eq!(&streamed, text, "candidate {i} streams its own text");
         }
         // Sending while the pick is due is refused; a bad pick too.
-        let seq = ws.next_seq();
-        ws.send(&ClientFrame::UserMessage {
-            client_seq: seq,
-            text: "wait".into(),
-        })
-        .await;
+        ws.say("wait").await;
         ws.expect_error("not_allowed").await;
         let seq = ws.next_seq();
         ws.send(&ClientFrame::Choose {
@@ -1321,12 +1302,7 @@ async fn the_rating_request_comes_before_assistant_done() {
     let db = TestDb::sqlite();
     let server = TestServer::start(state_with_model(&db));
     let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-order").await;
-    let seq = ws.next_seq();
-    ws.send(&ClientFrame::UserMessage {
-        client_seq: seq,
-        text: "A note for my neighbour.".into(),
-    })
-    .await;
+    ws.say("A note for my neighbour.").await;
     let (done, before) = ws
         .until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
         .await;
@@ -1356,12 +1332,7 @@ async fn a_reconnect_mid_reply_gets_each_token_exactly_once() {
     let db = TestDb::sqlite();
     let server = TestServer::start(state_with_model(&db));
     let (browser, mut ws, _) = consented(&server, "quick-pilot", "pid-tokens").await;
-    let seq = ws.next_seq();
-    ws.send(&ClientFrame::UserMessage {
-        client_seq: seq,
-        text: "Write a long note about the garden, please.".into(),
-    })
-    .await;
+    ws.say("Write a long note about the garden, please.").await;
     ws.until(|f| matches!(f, ServerFrame::Token { index: 2.., .. }))
         .await;
     let mut again = Socket::connect(

@@ -14,3 +14,10 @@ CREATE TABLE audit_events (
     created_at TIMESTAMP NOT NULL
 );
 CREATE INDEX audit_events_session ON audit_events (session_id);
+-- Keys of the OpenAI-compatible /v1 API (`collabllm key add NAME`), as sha256 of the key.
+CREATE TABLE api_keys (
+    id BIGSERIAL PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    key_sha256 TEXT NOT NULL UNIQUE,
+    created_at TIMESTAMP NOT NULL
+);

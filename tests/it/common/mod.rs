@@ -191,7 +191,11 @@ impl Drop for TestServer {
     }
 }
 
-/// App state over `db` with the engines of the quick-pilot protocol (the real model).
+/// The `/v1` API key of the test servers.
+pub const TEST_API_KEY: &str = "test-api-key";
+
+/// App state over `db` with the engines of the quick-pilot protocol (the real model), and
+/// [`TEST_API_KEY`] for `/v1`.
 pub fn state_with_model(db: &TestDb) -> AppState {
     let loaded = protocol("quick-pilot.toml");
     let pool = db.pool();
@@ -203,7 +207,9 @@ pub fn state_with_model(db: &TestDb) -> AppState {
     engines
         .load_protocol(&loaded.protocol, &models_dir())
         .expect("engines start");
-    AppState::new(pool, engines, models_dir()).expect("app state")
+    let mut state = AppState::new(pool, engines, models_dir()).expect("app state");
+    state.api_keys = std::sync::Arc::new(vec![collabllm::web::openai::key_sha256(TEST_API_KEY)]);
+    state
 }
 
 pub fn write_temp(dir: &Path, name: &str, text: &str) -> PathBuf {
