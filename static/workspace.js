@@ -570,7 +570,8 @@ window.addEventListener("pagehide", () => {
   flushDocument();
   const pending = outbox.filter((f) => !f.refused);
   if (superseded || !pending.length) return;
-  const body = new Blob([JSON.stringify(pending)], { type: "application/json" });
+  // text/plain: a type every browser lets a beacon carry; the server reads the bytes as JSON.
+  const body = new Blob([JSON.stringify(pending)], { type: "text/plain" });
   navigator.sendBeacon(`/s/${encodeURIComponent(slug)}/frames`, body);
 });
 el("use-here").addEventListener("click", () => {

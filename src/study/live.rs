@@ -210,7 +210,7 @@ impl Connection {
                     return ServerFrame::error(
                         "taken_over",
                         "this session was opened in another tab or window; continue there, or \
-                         reload this page to continue here",
+                         choose \"Use here\" to continue in this one",
                         None,
                     );
                 }
@@ -301,6 +301,11 @@ impl Connection {
     }
 }
 
+/// Drops the live sessions that only the registry still holds (no socket, no reply in flight).
+fn prune(live: &mut std::collections::HashMap<i64, Arc<LiveSession>>) {
+    live.retain(|_, session| Arc::strong_count(session) > 1);
+}
+
 /// Frames one beacon may carry (a page's unacknowledged frames as it closes).
 const MAX_BEACON_FRAMES: usize = 64;
 
@@ -352,8 +357,7 @@ impl Studio {
 
     pub(super) fn live(&self, session_id: i64) -> Arc<LiveSession> {
         let mut live = self.live.lock().expect("live lock");
-        // Sessions that only the registry still holds (no socket, no reply) are dropped.
-        live.retain(|_, session| Arc::strong_count(session) > 1);
+        prune(&mut live);
         live.entry(session_id)
             .or_insert_with(|| {
                 Arc::new(LiveSession {
@@ -371,7 +375,7 @@ impl Studio {
     /// Sessions held in memory (with a socket or a reply in flight), after dropping the others.
     pub fn live_sessions(&self) -> usize {
         let mut live = self.live.lock().expect("live lock");
-        live.retain(|_, session| Arc::strong_count(session) > 1);
+        prune(&mut live);
         live.len()
     }
 

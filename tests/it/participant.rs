@@ -1560,3 +1560,58 @@ async fn a_prolific_id_alone_does_not_open_a_session_in_another_browser() {
         ["entry_refused", "entry_refused", "moved_to_new_browser"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_closing_page_beacon_applies_its_frames_once() {
+    let db = TestDb::sqlite();
+    let state = state_with_model(&db);
+    let pool = state.pool.clone();
+    let server = TestServer::start(state);
+    let (browser, _ws, s) = consented(&server, "quick-pilot", "pid-beacon").await;
+    let frames = serde_json::json!([
+        {"type": "doc_update", "client_seq": s.last_client_seq + 1, "base_rev": 0, "content": "Last words."},
+        {"type": "event", "client_seq": s.last_client_seq + 2, "kind": "pagehide", "data": {}},
+    ]);
+    let send = |cookie: Option<String>, origin: &str| {
+        let mut r = browser
+            .http
+            .post(server.url("/s/quick-pilot/frames"))
+            .header("content-type", "text/plain")
+            .header("origin", origin)
+            .body(frames.to_string());
+        if let Some(c) = cookie {
+            r = r.header("cookie", c);
+        }
+        async move {
+            let r = r.send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let own = server.url("");
+    // Another site's page, or no cookie: nothing is applied.
+    assert_eq!(
+        send(Some(browser.cookie()), "http://evil.example").await.0,
+        401
+    );
+    assert_eq!(send(None, &own).await.0, 401);
+    // The page's own beacon, sent twice (the socket may have delivered it too): applied once.
+    for _ in 0..2 {
+        let (status, body) = send(Some(browser.cookie()), &own).await;
+        assert_eq!(status, 200, "{body}");
+        let answers: Vec<ServerFrame> = serde_json::from_str(&body).unwrap();
+        assert!(
+            answers.iter().all(|f| matches!(f, ServerFrame::Ack { .. })),
+            "{answers:?}"
+        );
+        assert_eq!(answers.len(), 2);
+    }
+    let mut conn = pool.get().unwrap();
+    let session = only_session(&mut conn);
+    let revisions = db::revisions::list_for_session(&mut conn, session.id).unwrap();
+    assert_eq!(revisions.len(), 1);
+    assert_eq!(revisions[0].content, "Last words.");
+    assert_eq!(
+        db::events::count_for_session(&mut conn, session.id).unwrap(),
+        1
+    );
+}
