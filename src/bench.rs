@@ -206,9 +206,286 @@ async fn ttft(
     Ok((median(first), median(last)))
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
+/// The study's own workload: participants chatting at once, several turns each, pausing between
+/// a reply and their next message as people do; and one conversation alone, turn after turn.
+#[derive(Debug, Clone)]
+pub struct StudyWorkload {
+    pub participants: usize,
+    pub turns: usize,
+    /// Tokens of every reply (end-of-generation ignored, so every engine does the same work).
+    pub tokens: u32,
+    /// Tokens of every reply of the conversation alone.
+    pub alone_tokens: u32,
+    /// Seconds between a reply and the participant's next message, drawn uniformly.
+    pub think_seconds: (f64, f64),
+}
+
+/// What the study workload measured on one engine.
+#[derive(Debug, Clone, Serialize)]
+pub struct StudyFigures {
+    /// The conversation alone: seconds per turn and time to first token per turn (ms).
+    pub alone_turn_s: Vec<f64>,
+    pub alone_ttft_ms: Vec<f64>,
+    /// The participants together: wall time, generated tokens per second over it, and time to
+    /// first token over every turn (median, 90th percentile) and per turn (median).
+    pub wall_s: f64,
+    pub tokens_per_s: f64,
+    pub ttft_p50_ms: f64,
+    pub ttft_p90_ms: f64,
+    pub ttft_by_turn_ms: Vec<f64>,
+}
+
+/// Runs the study workload on `engine`; `progress` ticks once per reply.
+pub async fn study_bench(
+    engine: &dyn Engine,
+    workload: &StudyWorkload,
+    progress: &ProgressBar,
+) -> Result<StudyFigures, EngineError> {
+    let mut alone_turn_s = Vec::new();
+    let mut alone_ttft_ms = Vec::new();
+    let mut history = Vec::new();
+    for turn in 1..=workload.turns {
+        history.push(participant_message(0, turn));
+        let mut r = request(9000, &history, workload.alone_tokens, true);
+        r.conversation = Some("study-alone".into());
+        let started = Instant::now();
+        let c = complete(engine, r).await?;
+        alone_turn_s.push(started.elapsed().as_secs_f64());
+        alone_ttft_ms.push(c.ttft_ms as f64);
+        history.push(ChatMessage::new(Role::Assistant, c.text));
+        progress.inc(1);
+    }
+
+    let started = Instant::now();
+    let runs =
+        join_all((1..=workload.participants).map(|p| participant(engine, workload, p, progress)))
+            .await;
+    let wall_s = started.elapsed().as_secs_f64();
+    let mut generated = 0u64;
+    let mut all = Vec::new();
+    let mut by_turn = vec![Vec::new(); workload.turns];
+    for run in runs {
+        for (turn, c) in run?.into_iter().enumerate() {
+            generated += u64::from(c.generated_tokens);
+            all.push(c.ttft_ms as f64);
+            by_turn[turn].push(c.ttft_ms as f64);
+        }
+    }
+    Ok(StudyFigures {
+        alone_turn_s,
+        alone_ttft_ms,
+        wall_s,
+        tokens_per_s: generated as f64 / wall_s,
+        ttft_p50_ms: percentile(all.clone(), 0.5),
+        ttft_p90_ms: percentile(all, 0.9),
+        ttft_by_turn_ms: by_turn.into_iter().map(median).collect(),
+    })
+}
+
+/// The study workload's figures of the engine against the reference's.
+pub fn study_figures(engine: &StudyFigures, reference: &StudyFigures) -> Vec<Figure> {
+    let turns = engine.alone_turn_s.len();
+    let first_last = |v: &[f64]| (v.first().copied(), v.last().copied());
+    let mut figures = Vec::new();
+    let mut push = |name: String, engine: f64, reference: f64, unit| {
+        figures.push(Figure {
+            name,
+            engine,
+            baseline: reference,
+            unit,
+        })
+    };
+    for (label, unit, ours, theirs) in [
+        ("time", "s", &engine.alone_turn_s, &reference.alone_turn_s),
+        (
+            "first token",
+            "ms",
+            &engine.alone_ttft_ms,
+            &reference.alone_ttft_ms,
+        ),
+    ] {
+        let (ours_first, ours_last) = first_last(ours);
+        let (theirs_first, theirs_last) = first_last(theirs);
+        push(
+            format!("alone, {label}, turn 1"),
+            ours_first.unwrap_or(0.0),
+            theirs_first.unwrap_or(0.0),
+            unit,
+        );
+        push(
+            format!("alone, {label}, turn {turns}"),
+            ours_last.unwrap_or(0.0),
+            theirs_last.unwrap_or(0.0),
+            unit,
+        );
+    }
+    push(
+        "together, wall time".into(),
+        engine.wall_s,
+        reference.wall_s,
+        "s",
+    );
+    push(
+        "together, throughput".into(),
+        engine.tokens_per_s,
+        reference.tokens_per_s,
+        "tok/s",
+    );
+    push(
+        "together, first token p50".into(),
+        engine.ttft_p50_ms,
+        reference.ttft_p50_ms,
+        "ms",
+    );
+    push(
+        "together, first token p90".into(),
+        engine.ttft_p90_ms,
+        reference.ttft_p90_ms,
+        "ms",
+    );
+    for (turn, (ours, theirs)) in engine
+        .ttft_by_turn_ms
+        .iter()
+        .zip(&reference.ttft_by_turn_ms)
+        .enumerate()
+    {
+        push(
+            format!("together, first token p50, turn {}", turn + 1),
+            *ours,
+            *theirs,
+            "ms",
+        );
+    }
+    figures
+}
+
+/// llama.cpp's `llama-server` started as the study workload's reference, with the engine's
+/// model, slots, context and threads; stopped when dropped.
+pub struct LlamaServer {
+    child: std::process::Child,
+    /// Its OpenAI-compatible base URL.
+    pub url: String,
+}
+
+impl LlamaServer {
+    /// Starts the server on a free local port and waits until it answers `/health`.
+    pub async fn start(
+        binary: &Path,
+        model: &Path,
+        slots: u32,
+        context_tokens: u32,
+        threads: i32,
+    ) -> std::io::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let log_path = std::env::temp_dir().join(format!("collabllm-llama-server-{port}.log"));
+        let log = std::fs::File::create(&log_path)?;
+        let child = std::process::Command::new(binary)
+            .args(["--model", &model.display().to_string()])
+            .args(["--ctx-size", &(context_tokens * slots).to_string()])
+            .args(["--parallel", &slots.to_string()])
+            .args(["--threads", &threads.to_string()])
+            .args(["--threads-batch", &threads.to_string()])
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let mut server = Self {
+            child,
+            url: format!("http://127.0.0.1:{port}/v1"),
+        };
+        let health = format!("http://127.0.0.1:{port}/health");
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + std::time::Duration::from_secs(120);
+        loop {
+            if let Some(status) = server.child.try_wait()? {
+                return Err(std::io::Error::other(format!(
+                    "llama-server exited ({status}) before it was ready; its log is {}",
+                    log_path.display()
+                )));
+            }
+            let ready = client
+                .get(&health)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ready {
+                return Ok(server);
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(format!(
+                    "llama-server did not answer {health} within 120 s; its log is {}",
+                    log_path.display()
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A participant's message at `turn`: about 27 tokens, as in the study's chats.
+fn participant_message(participant: usize, turn: usize) -> ChatMessage {
+    ChatMessage::new(
+        Role::User,
+        format!(
+            "Turn {turn} from writer {participant}: please revise the paragraph, keep it short, \
+             and add one concrete detail about the harbour."
+        ),
+    )
+}
+
+/// One participant's whole conversation; the completions in turn order.
+async fn participant(
+    engine: &dyn Engine,
+    workload: &StudyWorkload,
+    p: usize,
+    progress: &ProgressBar,
+) -> Result<Vec<Completion>, EngineError> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(p as u64);
+    let (low, high) = workload.think_seconds;
+    let mut history = Vec::new();
+    let mut completions = Vec::new();
+    for turn in 1..=workload.turns {
+        if turn > 1 {
+            let pause = if high > low {
+                rng.random_range(low..high)
+            } else {
+                low
+            };
+            tokio::time::sleep(std::time::Duration::from_secs_f64(pause)).await;
+        }
+        history.push(participant_message(p, turn));
+        let mut r = request(p, &history, workload.tokens, true);
+        r.conversation = Some(format!("study-{p}"));
+        let c = complete(engine, r).await?;
+        history.push(ChatMessage::new(Role::Assistant, c.text.clone()));
+        completions.push(c);
+        progress.inc(1);
+    }
+    Ok(completions)
+}
+
+fn percentile(mut values: Vec<f64>, q: f64) -> f64 {
     values.sort_by(f64::total_cmp);
-    values.get(values.len() / 2).copied().unwrap_or(0.0)
+    if values.is_empty() {
+        return 0.0;
+    }
+    let at = ((values.len() - 1) as f64 * q).round() as usize;
+    values[at]
+}
+
+fn median(values: Vec<f64>) -> f64 {
+    percentile(values, 0.5)
 }
 
 /// Peak resident memory of this process in MiB (Linux), if known.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use collabllm::bench::{self, EngineBenchOptions};
+use collabllm::bench::{self, EngineBenchOptions, StudyWorkload};
 use collabllm::collab;
 use collabllm::config::{ServeSettings, Settings, EXAMPLE_PROTOCOL, EXAMPLE_PROTOCOL_PATH};
 use collabllm::db::{self, studies::ImportOutcome};
@@ -156,6 +156,23 @@ enum Command {
     Bench(BenchCommand),
 }
 
+/// What `bench engine` measures.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Workload {
+    /// Concurrent first turns and conversations against one-at-a-time requests.
+    Chats,
+    /// The study's load against llama.cpp's llama-server.
+    Study,
+}
+
+/// The server the study workload is compared with.
+enum Reference {
+    /// One already running: its `/v1` URL and model name.
+    Endpoint(String, String),
+    /// A llama-server binary to start with the engine's settings.
+    LlamaServer(PathBuf),
+}
+
 /// Which sessions `pairs` scores.
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum SessionsArg {
@@ -282,33 +299,54 @@ enum BenchCommand {
         #[arg(long, default_value_t = 2)]
         window: u32,
     },
-    /// Engine throughput and time to first token vs one-at-a-time without prefix reuse.
+    /// The engine's throughput and time to first token. `--workload chats` compares it with
+    /// one-at-a-time requests without prefix reuse; `--workload study` runs the study's own load
+    /// (participants chatting at once, several turns each, pauses between turns) on the engine and
+    /// on llama.cpp's `llama-server` in the same run.
     Engine {
+        /// What to measure: `chats` (concurrency and prefix reuse) or `study` (the study's load
+        /// against llama-server).
+        #[arg(long, value_enum, default_value = "chats")]
+        workload: Workload,
         /// GGUF model (default: the default model in the models directory).
         #[arg(long)]
         model: Option<PathBuf>,
-        /// Sequence slots of the engine under test.
+        /// Sequence slots of the engine under test (and of the llama-server it starts).
         #[arg(long, default_value_t = 8)]
         slots: u32,
         /// Tokens one conversation may hold.
-        #[arg(long, default_value_t = 4096)]
+        #[arg(long, default_value_t = 8192)]
         context_tokens: u32,
-        /// Tokens generated per request.
+        /// Tokens generated per request (`chats`) or per turn of the conversation alone (`study`).
         #[arg(long, default_value_t = 64)]
         tokens: u32,
-        /// Turns of the conversation whose time to first token is measured.
+        /// Turns of each conversation.
         #[arg(long, default_value_t = 10)]
         turns: usize,
-        /// Numbers of concurrent chats to measure.
+        /// Numbers of concurrent chats to measure (`chats`).
         #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
         concurrency: Vec<usize>,
-        /// Measure this OpenAI-compatible server (e.g. llama-server at http://127.0.0.1:8081/v1)
-        /// instead of the in-process engine; the baseline stays in-process.
+        /// Participants chatting at once (`study`).
+        #[arg(long, default_value_t = 16)]
+        participants: usize,
+        /// Tokens of each participant's reply (`study`).
+        #[arg(long, default_value_t = 48)]
+        reply_tokens: u32,
+        /// Seconds a participant pauses between a reply and the next message, as MIN,MAX
+        /// (`study`).
+        #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.5, 2.0])]
+        think_seconds: Vec<f64>,
+        /// An OpenAI-compatible server to measure: with `chats` in place of the in-process
+        /// engine, with `study` as the reference (e.g. llama-server at http://127.0.0.1:8081/v1).
         #[arg(long)]
         endpoint: Option<String>,
         /// Model name sent to --endpoint.
         #[arg(long, default_value = "default")]
         remote_model: String,
+        /// A `llama-server` binary the `study` workload starts as its reference, with the same
+        /// model, slots, context and threads as the engine (used when --endpoint is not given).
+        #[arg(long, env = "COLLABLLM_LLAMA_SERVER")]
+        llama_server: Option<PathBuf>,
     },
 }
 
@@ -531,23 +569,21 @@ fn run(cli: Cli) -> Result<()> {
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             let _guard = runtime.enter();
             let bar = progress_bar("scoring turns");
-            let summary = runtime.block_on(collab::pairs::run(
-                &pool,
-                &Engines::new(),
-                &options,
-                &out,
-                &progress_of(&bar),
-            ))?;
+            let engines = Engines::new();
+            let progress = progress_of(&bar);
+            let job = collab::pairs::run(&pool, &engines, &options, &out, &progress);
+            let summary = run_writing(&runtime, job, &[&out])?;
             bar.finish_and_clear();
             println!(
-                "{}: {} pairs from {} turns ({} scored, {} skipped; {} rollouts run, {} reused from an earlier run)",
-                out.display(),
+                "{}: {} pairs from {} turns ({} scored, {} skipped; {} rollouts run, {} reused from an earlier run; {} fresh candidates left out as repeats)",
+                written(&out, summary.pairs, "pairs"),
                 summary.pairs,
                 summary.turns,
                 summary.scored,
                 summary.skipped,
                 summary.rollouts_run,
-                summary.rollouts_reused
+                summary.rollouts_reused,
+                summary.identical_candidates
             );
             Ok(())
         }
@@ -592,19 +628,27 @@ fn run(cli: Cli) -> Result<()> {
                 collab::Roles::start(&engines, p, &loaded.source, &settings.models_dir, slots)?;
             let policy = collab::start_policy(&engines, p, arm, &settings.models_dir, slots)?;
             let bar = progress_bar("growing conversations");
-            let summary = runtime.block_on(collab::synth::run(
+            let progress = progress_of(&bar);
+            let job = collab::synth::run(
                 &roles,
                 &policy,
                 &tasks,
                 &options,
                 &out,
                 pairs_out.as_deref(),
-                &progress_of(&bar),
-            ))?;
+                &progress,
+            );
+            let outputs: Vec<&Path> = std::iter::once(out.as_path())
+                .chain(pairs_out.as_deref())
+                .collect();
+            let summary = run_writing(&runtime, job, &outputs)?;
             bar.finish_and_clear();
+            if let Some(pairs_out) = &pairs_out {
+                println!("{}", written(pairs_out, summary.pairs, "pairs"));
+            }
             println!(
                 "{}: {} candidate rows from {} conversations ({} pairs, {} turns failed)",
-                out.display(),
+                written(&out, summary.rows, "rows"),
                 summary.rows,
                 summary.conversations,
                 summary.pairs,
@@ -636,28 +680,52 @@ fn run(cli: Cli) -> Result<()> {
             run_export_bench(sessions, messages)
         }
         Command::Bench(BenchCommand::Engine {
+            workload,
             model,
             slots,
             context_tokens,
             tokens,
             turns,
             concurrency,
+            participants,
+            reply_tokens,
+            think_seconds,
             endpoint,
             remote_model,
+            llama_server,
         }) => {
             let model = model.unwrap_or_else(|| fetch::default_model_path(&settings.models_dir));
-            let options = EngineBenchOptions {
-                tokens,
-                concurrency,
-                turns,
-            };
-            run_engine_bench(
-                &model,
-                slots,
-                context_tokens,
-                &options,
-                endpoint.map(|e| (e, remote_model)),
-            )
+            match workload {
+                Workload::Chats => {
+                    let options = EngineBenchOptions {
+                        tokens,
+                        concurrency,
+                        turns,
+                    };
+                    run_engine_bench(
+                        &model,
+                        slots,
+                        context_tokens,
+                        &options,
+                        endpoint.map(|e| (e, remote_model)),
+                    )
+                }
+                Workload::Study => {
+                    let workload = StudyWorkload {
+                        participants,
+                        turns,
+                        tokens: reply_tokens,
+                        alone_tokens: tokens,
+                        think_seconds: (think_seconds[0], think_seconds[1]),
+                    };
+                    let reference = match (endpoint, llama_server) {
+                        (Some(url), _) => Some(Reference::Endpoint(url, remote_model)),
+                        (None, Some(binary)) => Some(Reference::LlamaServer(binary)),
+                        (None, None) => None,
+                    };
+                    run_study_bench(&model, slots, context_tokens, &workload, reference)
+                }
+            }
         }
     }
 }
@@ -812,6 +880,7 @@ fn run_engine_bench(
                 slots,
                 lora: None,
                 reuse_prefix,
+                saved_cache_bytes: if reuse_prefix { 1 << 30 } else { 0 },
             },
         )
     };
@@ -830,21 +899,7 @@ fn run_engine_bench(
         options.tokens,
         llama::thread_count()
     );
-    println!(
-        "{:<36} {:>12} {:>12} {:>8}",
-        "", "engine", "baseline", "ratio"
-    );
-    for f in &figures {
-        println!(
-            "{:<36} {:>8.1} {:<3} {:>8.1} {:<3} {:>7.2}x",
-            f.name,
-            f.engine,
-            f.unit,
-            f.baseline,
-            f.unit,
-            f.ratio()
-        );
-    }
+    print_figures(&figures, "baseline");
     let get = |prefix: &str| {
         figures
             .iter()
@@ -873,6 +928,182 @@ fn run_engine_bench(
         println!("peak RSS: {rss:.0} MiB");
     }
     Ok(())
+}
+
+/// `bench engine --workload study`: the in-process engine, then the reference, on the same
+/// workload; the ratios are what compare across machines.
+fn run_study_bench(
+    model: &Path,
+    slots: u32,
+    context_tokens: u32,
+    workload: &StudyWorkload,
+    reference: Option<Reference>,
+) -> Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let _guard = runtime.enter();
+    let replies = workload.turns * (workload.participants + 1);
+    let runs = if reference.is_some() { 2 } else { 1 };
+    let progress = ProgressBar::new(runs * replies as u64);
+    let ours = {
+        let loaded = llama::load_model(model, None, &[])?;
+        let engine = LlamaEngine::spawn(
+            loaded,
+            WorkerConfig {
+                name: "engine".into(),
+                context_tokens,
+                slots,
+                lora: None,
+                reuse_prefix: true,
+                saved_cache_bytes: 1 << 30,
+            },
+        )?;
+        runtime.block_on(bench::study_bench(&engine, workload, &progress))?
+    };
+    println!(
+        "model {}, {slots} slots of {context_tokens} tokens, {} threads",
+        model.display(),
+        llama::thread_count()
+    );
+    println!(
+        "{} participants at once, {} turns each, {} tokens a reply, {:.1}-{:.1} s between turns; \
+         one conversation alone: {} turns of {} tokens",
+        workload.participants,
+        workload.turns,
+        workload.tokens,
+        workload.think_seconds.0,
+        workload.think_seconds.1,
+        workload.turns,
+        workload.alone_tokens
+    );
+    let alone = |f: &bench::StudyFigures| {
+        f.alone_turn_s.last().copied().unwrap_or(0.0) / f.alone_turn_s[0].max(1e-9)
+    };
+    let Some(reference) = reference else {
+        progress.finish_and_clear();
+        println!("{}", serde_json::to_string_pretty(&ours)?);
+        println!(
+            "alone, turn {} / turn 1: {:.2}x (target <= 1.2x); no reference was measured: \
+             pass --llama-server PATH or --endpoint URL to compare with llama-server",
+            workload.turns,
+            alone(&ours)
+        );
+        return Ok(());
+    };
+    // The engine is dropped before the reference starts: the two never share the cores.
+    let (_server, url, name) = match reference {
+        Reference::Endpoint(url, name) => (None, url, name),
+        Reference::LlamaServer(binary) => {
+            let server = runtime
+                .block_on(bench::LlamaServer::start(
+                    &binary,
+                    model,
+                    slots,
+                    context_tokens,
+                    llama::thread_count(),
+                ))
+                .with_context(|| format!("cannot start {}", binary.display()))?;
+            let url = server.url.clone();
+            (Some(server), url, "default".to_string())
+        }
+    };
+    let remote = RemoteEngine::new(&url, &name, None)?;
+    let theirs = runtime.block_on(bench::study_bench(&remote, workload, &progress))?;
+    progress.finish_and_clear();
+    println!("reference: {url}");
+    let figures = bench::study_figures(&ours, &theirs);
+    print_figures(&figures, "llama-server");
+    println!(
+        "alone, turn {} / turn 1: engine {:.2}x, llama-server {:.2}x (target <= 1.2x)",
+        workload.turns,
+        alone(&ours),
+        alone(&theirs)
+    );
+    println!(
+        "together: time to first token p50 {:.2}x llama-server's (target <= 0.8x), throughput \
+         {:.2}x (target >= 1.0x)",
+        ours.ttft_p50_ms / theirs.ttft_p50_ms.max(1e-9),
+        ours.tokens_per_s / theirs.tokens_per_s.max(1e-9)
+    );
+    Ok(())
+}
+
+/// The figures of a benchmark as a table: engine, reference, ratio.
+fn print_figures(figures: &[bench::Figure], reference: &str) {
+    println!(
+        "{:<40} {:>12} {:>16} {:>8}",
+        "", "engine", reference, "ratio"
+    );
+    for f in figures {
+        println!(
+            "{:<40} {:>8.1} {:<3} {:>12.1} {:<3} {:>7.2}x",
+            f.name,
+            f.engine,
+            f.unit,
+            f.baseline,
+            f.unit,
+            f.ratio()
+        );
+    }
+}
+
+/// Runs a job that writes JSONL files until it ends, fails, or is stopped (Ctrl-C, SIGTERM).
+/// Stopped or failed, it says where the rows finished so far are: complete lines in each
+/// output's `.jsonl.partial` file.
+fn run_writing<T>(
+    runtime: &tokio::runtime::Runtime,
+    job: impl std::future::Future<Output = Result<T, collab::CollabError>>,
+    outputs: &[&Path],
+) -> Result<T> {
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            result = job => Some(result),
+            () = stop_signal() => None,
+        }
+    });
+    let partial = || {
+        let files: Vec<String> = outputs
+            .iter()
+            .map(|p| collab::partial_path(p))
+            .filter(|p| p.exists())
+            .map(|p| p.display().to_string())
+            .collect();
+        if files.is_empty() {
+            "nothing was written yet".to_string()
+        } else {
+            format!("the rows finished so far are in {}", files.join(", "))
+        }
+    };
+    match outcome {
+        Some(Ok(value)) => Ok(value),
+        Some(Err(e)) => Err(anyhow::anyhow!("{e}; {}", partial())),
+        None => bail!("stopped; {}", partial()),
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let terminated = async {
+        match term.as_mut() {
+            Some(t) => {
+                t.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminated => {}
+    }
+}
+
+/// The output's name, or that it was not written because it would be empty.
+fn written(path: &Path, rows: u64, what: &str) -> String {
+    if rows == 0 {
+        format!("no {what}: {} was not written", path.display())
+    } else {
+        path.display().to_string()
+    }
 }
 
 /// Shortest password a researcher account accepts.

@@ -41,6 +41,8 @@ pub enum CollabError {
     Prompt { name: String, reason: String },
     #[error("{0}")]
     Invalid(String),
+    #[error("{0}: the policy wrote the same reply for every candidate, also after resampling")]
+    SameCandidates(String),
     #[error(transparent)]
     Db(#[from] crate::db::DbError),
     #[error("cannot write {path}: {source}")]
@@ -62,7 +64,9 @@ impl CollabError {
     pub fn is_local(&self) -> bool {
         match self {
             CollabError::Engine(_, EngineError::Stopped) => false,
-            CollabError::Engine(..) | CollabError::Unparseable { .. } => true,
+            CollabError::Engine(..)
+            | CollabError::Unparseable { .. }
+            | CollabError::SameCandidates(_) => true,
             _ => false,
         }
     }
@@ -215,9 +219,11 @@ pub fn start_policy(
 }
 
 /// A request whose reply depends only on its messages, sampling and seed, never on what the
-/// engine's slots cached before: same seeds, same build, same rollouts.
+/// engine's slots cached before: same seeds, same build, same rollouts. Queued as background work,
+/// behind participants' replies.
 pub fn request(messages: Vec<ChatMessage>, sampling: crate::engine::Sampling) -> ChatRequest {
     let mut request = ChatRequest::new(messages, sampling);
+    request.priority = crate::engine::Priority::Background;
     request.reproducible = true;
     request
 }
@@ -236,6 +242,97 @@ pub async fn generate_all(
             .map_err(|e| CollabError::Engine(who.to_string(), e))
     }))
     .await
+}
+
+/// Rounds in which a fresh candidate that repeats another reply is sampled again with a new seed.
+pub const CANDIDATE_RESAMPLE_ROUNDS: u32 = 3;
+
+/// Whether two replies are the same text but for white space: as a pair they would teach nothing,
+/// and the gap between their rewards is noise alone.
+pub fn same_reply(a: &str, b: &str) -> bool {
+    a.split_whitespace().eq(b.split_whitespace())
+}
+
+/// A fresh candidate: which one of the turn it is, the sampling that made it (seed included) and
+/// what the policy wrote.
+pub struct Fresh {
+    pub index: usize,
+    pub sampling: crate::engine::Sampling,
+    pub completion: crate::engine::Completion,
+}
+
+/// Fresh candidates of `policy` after `context`, one for each of `wanted`, each different from
+/// the replies in `taken` and from one another. A candidate that repeats a reply is sampled again
+/// with the seed `seed(index, round)` of the next round, at most [`CANDIDATE_RESAMPLE_ROUNDS`]
+/// times; one still repeating then is left out, so fewer than `wanted` may come back (in the order
+/// of `wanted`). Every round is one group on the engine.
+pub async fn fresh_candidates(
+    policy: &Policy,
+    context: &[ChatMessage],
+    wanted: &[usize],
+    taken: &[String],
+    seed: impl Fn(usize, u32) -> u32,
+) -> Result<Vec<Fresh>, CollabError> {
+    let mut texts: Vec<String> = taken.to_vec();
+    let mut kept: Vec<Fresh> = Vec::new();
+    let mut todo: Vec<usize> = wanted.to_vec();
+    for round in 0..=CANDIDATE_RESAMPLE_ROUNDS {
+        if todo.is_empty() {
+            break;
+        }
+        let samplings: Vec<_> = todo
+            .iter()
+            .map(|&index| {
+                let mut sampling = policy.arm.sampling.clone();
+                sampling.seed = Some(seed(index, round));
+                sampling
+            })
+            .collect();
+        let requests = samplings
+            .iter()
+            .map(|s| request(policy.messages(context), s.clone()))
+            .collect();
+        let generated = generate_all(&*policy.engine, "policy", requests).await;
+        let mut again = Vec::new();
+        for ((index, mut sampling), completion) in todo.into_iter().zip(samplings).zip(generated) {
+            let completion = completion?;
+            if texts.iter().any(|t| same_reply(t, &completion.text)) {
+                again.push(index);
+                continue;
+            }
+            sampling.seed = Some(completion.seed);
+            texts.push(completion.text.clone());
+            kept.push(Fresh {
+                index,
+                sampling,
+                completion,
+            });
+        }
+        if !again.is_empty() {
+            tracing::debug!(
+                round,
+                repeated = again.len(),
+                "fresh candidates repeated a reply"
+            );
+        }
+        todo = again;
+    }
+    kept.sort_by_key(|f| f.index);
+    Ok(kept)
+}
+
+/// The seed of fresh candidate `index` of the turn `label` in resampling `round` (round 0 is the
+/// first draw).
+pub fn candidate_seed(base: u64, label: &str, index: usize, round: u32) -> u32 {
+    let index = index.to_string();
+    if round == 0 {
+        derive_seed(base, &[label, "candidate", &index])
+    } else {
+        derive_seed(
+            base,
+            &[label, "candidate", &index, "resample", &round.to_string()],
+        )
+    }
 }
 
 /// Longest transcript (characters) put into a simulator or judge prompt; older messages go first.
@@ -279,40 +376,121 @@ pub fn derive_seed(base: u64, path: &[&str]) -> u32 {
     u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]])
 }
 
-/// A JSONL file written through a temporary name, so a file with the final name is complete.
+/// A JSONL file written through a temporary name (`NAME.jsonl.partial`), so a file with the final
+/// name is complete. Every row is flushed as a whole line: a run that stops early leaves a partial
+/// file of complete rows, which any JSONL reader loads. A file that would hold no rows is not
+/// written at all (an empty file is not a data set).
 pub struct JsonlWriter {
     path: std::path::PathBuf,
     tmp: std::path::PathBuf,
     file: std::io::BufWriter<std::fs::File>,
+    rows: u64,
 }
 
 impl JsonlWriter {
     pub fn create(path: &Path) -> Result<Self, CollabError> {
-        let tmp = path.with_extension("jsonl.partial");
+        let tmp = partial_path(path);
         let file = std::fs::File::create(&tmp).map_err(|e| write_error(&tmp, e))?;
         Ok(Self {
             path: path.to_path_buf(),
             tmp,
             file: std::io::BufWriter::new(file),
+            rows: 0,
         })
     }
 
     pub fn write(&mut self, row: &serde_json::Value) -> Result<(), CollabError> {
-        serde_json::to_writer(&mut self.file, row).map_err(|e| write_error(&self.tmp, e.into()))?;
+        let mut line = serde_json::to_vec(row).map_err(|e| write_error(&self.tmp, e.into()))?;
+        line.push(b'\n');
         self.file
-            .write_all(b"\n")
-            .map_err(|e| write_error(&self.tmp, e))
+            .write_all(&line)
+            .and_then(|()| self.file.flush())
+            .map_err(|e| write_error(&self.tmp, e))?;
+        self.rows += 1;
+        Ok(())
     }
 
-    pub fn finish(mut self) -> Result<(), CollabError> {
+    /// Gives the file its final name and returns its rows; with no rows, removes it (and any
+    /// older file of that name, which would otherwise pass for this run's output).
+    pub fn finish(mut self) -> Result<u64, CollabError> {
         self.file.flush().map_err(|e| write_error(&self.tmp, e))?;
-        std::fs::rename(&self.tmp, &self.path).map_err(|e| write_error(&self.path, e))
+        if self.rows == 0 {
+            std::fs::remove_file(&self.tmp).map_err(|e| write_error(&self.tmp, e))?;
+            return match std::fs::remove_file(&self.path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    Err(write_error(&self.path, e))
+                }
+                _ => Ok(0),
+            };
+        }
+        std::fs::rename(&self.tmp, &self.path).map_err(|e| write_error(&self.path, e))?;
+        Ok(self.rows)
     }
+}
+
+/// Where [`JsonlWriter`] keeps the rows of `path` until the run ends.
+pub fn partial_path(path: &Path) -> std::path::PathBuf {
+    path.with_extension("jsonl.partial")
 }
 
 fn write_error(path: &Path, source: std::io::Error) -> CollabError {
     CollabError::Write {
         path: path.display().to_string(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stopped_run_leaves_complete_rows_and_an_empty_one_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("pairs.jsonl");
+        let mut writer = JsonlWriter::create(&out).unwrap();
+        writer.write(&serde_json::json!({"turn": 1})).unwrap();
+        writer
+            .write(&serde_json::json!({"turn": 2, "text": "a\nb"}))
+            .unwrap();
+        drop(writer); // stopped before the end
+        let partial = std::fs::read_to_string(partial_path(&out)).unwrap();
+        let rows: Vec<serde_json::Value> = partial
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(
+            rows.len(),
+            2,
+            "every finished row is a whole line: {partial:?}"
+        );
+        assert!(!out.exists());
+
+        // A run without rows writes no file, and removes an older one of that name.
+        std::fs::write(&out, "{\"old\": true}\n").unwrap();
+        let empty = JsonlWriter::create(&out).unwrap();
+        assert_eq!(empty.finish().unwrap(), 0);
+        assert!(!out.exists() && !partial_path(&out).exists());
+
+        let mut writer = JsonlWriter::create(&out).unwrap();
+        writer.write(&serde_json::json!({"turn": 1})).unwrap();
+        assert_eq!(writer.finish().unwrap(), 1);
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "{\"turn\":1}\n");
+    }
+
+    #[test]
+    fn replies_that_differ_only_in_white_space_are_the_same() {
+        assert!(same_reply("Hello  there.\n", " Hello there."));
+        assert!(!same_reply("Hello there.", "Hello there!"));
+        assert_ne!(
+            candidate_seed(1, "s/1", 0, 0),
+            candidate_seed(1, "s/1", 0, 1),
+            "a resampled candidate has a seed of its own"
+        );
+        assert_eq!(
+            candidate_seed(7, "s/2", 1, 0),
+            derive_seed(7, &["s/2", "candidate", "1"]),
+            "the first draw keeps the seed runs before resampling used"
+        );
     }
 }

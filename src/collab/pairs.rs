@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::reward::{self, Candidate, Metrics, Reward, RolloutKey, Scene};
-use super::{derive_seed, start_policy, CollabError, Goal, JsonlWriter, Policy, Roles, Task};
+use super::{start_policy, CollabError, Goal, JsonlWriter, Policy, Roles, Task};
 use crate::db::models::{Message, NewCandidate, NewReward, NewRollout, Session, StudyVersion};
 use crate::db::{self, DbConn, DbPool};
 use crate::engine::{ChatMessage, Engines, Role};
@@ -66,6 +66,8 @@ pub struct PairsSummary {
     pub pairs: u64,
     pub rollouts_run: u64,
     pub rollouts_reused: u64,
+    /// Fresh candidates left out because they still repeated another reply after resampling.
+    pub identical_candidates: u64,
 }
 
 /// A session with what scoring it needs.
@@ -364,7 +366,13 @@ async fn score_turn(
             "the reply does not follow a user message".into(),
         ));
     }
-    let candidates = candidates(pool, turn, &context).await?;
+    let candidates = candidates(pool, turn, &context, &mut summary.identical_candidates).await?;
+    if candidates.len() < 2 {
+        return Err(TurnError::Skip(format!(
+            "every fresh candidate repeated the reply given, after {} resampling rounds",
+            super::CANDIDATE_RESAMPLE_ROUNDS
+        )));
+    }
     let label = turn.label();
 
     // Rollouts stored by an earlier run are reused; the rest run now, all at once.
@@ -535,6 +543,7 @@ async fn candidates(
     pool: &DbPool,
     turn: &Turn<'_>,
     context: &[ChatMessage],
+    identical: &mut u64,
 ) -> Result<Vec<Scored>, TurnError> {
     let s = turn.session;
     let (session_id, after_seq) = (s.session.id, turn.message.seq - 1);
@@ -569,7 +578,18 @@ async fn candidates(
             .and_then(|s| u32::try_from(s).ok()),
     }];
     let wanted = turn.settings.candidates as usize - 1;
-    for (c, policy) in stored.into_iter().take(wanted) {
+    // A stored candidate repeats no reply (they are checked before they are stored); one of an
+    // older run might, and is passed over.
+    for (c, policy) in stored {
+        if out.len() > wanted {
+            break;
+        }
+        if out
+            .iter()
+            .any(|o| super::same_reply(&o.candidate.text, &c.content))
+        {
+            continue;
+        }
         out.push(Scored {
             candidate: Candidate {
                 text: c.content,
@@ -581,29 +601,18 @@ async fn candidates(
     }
     let missing: Vec<usize> = (out.len()..=wanted).collect();
     let label = turn.label();
-    let samplings: Vec<_> = missing
-        .iter()
-        .map(|k| {
-            let mut sampling = turn.policy.arm.sampling.clone();
-            sampling.seed = Some(derive_seed(
-                turn.settings.seed,
-                &[&label, "candidate", &k.to_string()],
-            ));
-            sampling
-        })
-        .collect();
-    let requests = samplings
-        .iter()
-        .map(|s| super::request(turn.policy.messages(context), s.clone()))
-        .collect();
-    let generated = super::generate_all(&*turn.policy.engine, "policy", requests)
-        .await
-        .into_iter()
-        .zip(samplings)
-        .map(|(c, s)| c.map(|c| (s, c)));
-    for result in generated {
-        let (mut sampling, completion) = result?;
-        sampling.seed = Some(completion.seed);
+    let taken: Vec<String> = out.iter().map(|o| o.candidate.text.clone()).collect();
+    let fresh = super::fresh_candidates(turn.policy, context, &missing, &taken, |k, round| {
+        super::candidate_seed(turn.settings.seed, &label, k, round)
+    })
+    .await?;
+    *identical += (missing.len() - fresh.len()) as u64;
+    for super::Fresh {
+        sampling,
+        completion,
+        ..
+    } in fresh
+    {
         let policy = json!({
             "arm": turn.policy.arm.id,
             "fingerprint": turn.policy.engine.fingerprint(),
@@ -678,7 +687,7 @@ fn pair_row(
             "turn": turn.number,
             "chosen_is_given": candidates[chosen].id.is_none(),
             "rejected_is_given": candidates[rejected].id.is_none(),
-            "candidates": turn.settings.candidates,
+            "candidates": candidates.len(),
             "samples": turn.settings.samples,
             "window": turn.settings.window,
             "margin": turn.settings.margin,

@@ -134,7 +134,7 @@ pub async fn run(
         for turn in 1..=options.turns {
             let label = format!("{conversation_id}/{turn}");
             match grow_turn(roles, policy, &task, &goal, &history, options, &label).await {
-                Ok((candidates, rewards, next_user)) => {
+                Ok((candidates, seeds, rewards, next_user)) => {
                     for (k, (candidate, reward)) in candidates.iter().zip(&rewards).enumerate() {
                         rows.write(&json!({
                             "conversation": conversation_id,
@@ -147,7 +147,7 @@ pub async fn run(
                             "score_std": reward.std,
                             "rewards": reward.means,
                             "kept": k == best(&rewards),
-                            "seed": derive_seed(options.seed, &[&label, "candidate", &k.to_string()]),
+                            "seed": seeds[k],
                         }))?;
                         summary.rows += 1;
                     }
@@ -196,7 +196,8 @@ fn best(rewards: &[Reward]) -> usize {
     reward::pick_pair(rewards, f64::NEG_INFINITY).map_or(0, |(chosen, _)| chosen)
 }
 
-/// K fresh candidates after `history`, their rewards, and the user's next message from the best
+/// K fresh candidates after `history` (a repeated reply sampled again; at least two different
+/// ones), their seeds, their rewards, and the user's next message from the best
 /// candidate's first rollout (none when the simulated user ended the chat there).
 async fn grow_turn(
     roles: &Roles,
@@ -206,27 +207,23 @@ async fn grow_turn(
     history: &[ChatMessage],
     options: &SynthOptions,
     label: &str,
-) -> Result<(Vec<Candidate>, Vec<Reward>, Option<String>), CollabError> {
-    let requests = (0..options.candidates as usize)
-        .map(|k| {
-            let mut sampling = policy.arm.sampling.clone();
-            sampling.seed = Some(derive_seed(
-                options.seed,
-                &[label, "candidate", &k.to_string()],
-            ));
-            super::request(policy.messages(history), sampling)
+) -> Result<(Vec<Candidate>, Vec<u32>, Vec<Reward>, Option<String>), CollabError> {
+    let wanted: Vec<usize> = (0..options.candidates as usize).collect();
+    let fresh = super::fresh_candidates(policy, history, &wanted, &[], |k, round| {
+        super::candidate_seed(options.seed, label, k, round)
+    })
+    .await?;
+    if fresh.len() < 2 {
+        return Err(CollabError::SameCandidates(label.to_string()));
+    }
+    let seeds: Vec<u32> = fresh.iter().map(|f| f.completion.seed).collect();
+    let candidates: Vec<Candidate> = fresh
+        .into_iter()
+        .map(|f| Candidate {
+            text: f.completion.text,
+            tokens: f.completion.generated_tokens,
         })
         .collect();
-    let generated = super::generate_all(&*policy.engine, "policy", requests).await;
-    let candidates = generated
-        .into_iter()
-        .map(|r| {
-            r.map(|c| Candidate {
-                text: c.text,
-                tokens: c.generated_tokens,
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
     let todo: Vec<RolloutKey> = (0..candidates.len())
         .flat_map(|candidate| {
             (0..options.samples as usize).map(move |sample| RolloutKey {
@@ -263,5 +260,5 @@ async fn grow_turn(
         .and_then(|r| r.continuation.get(1))
         .filter(|m| m.role == Role::User)
         .map(|m| m.content.clone());
-    Ok((candidates, rewards, next_user))
+    Ok((candidates, seeds, rewards, next_user))
 }

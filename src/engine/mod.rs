@@ -79,6 +79,54 @@ pub struct ChatRequest {
     /// chats prefer prefix reuse.
     #[serde(default)]
     pub reproducible: bool,
+    /// Who waits for the reply; decides the order of the queue and its bounds.
+    #[serde(default)]
+    pub priority: Priority,
+}
+
+/// The classes of work an engine serves, most urgent first. A participant is watching the reply;
+/// an API client can retry; background work (multiturn-aware rewards, simulation, evaluation) can
+/// wait. Each class has its own bounded queue, and a full queue answers "busy" at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Priority {
+    #[default]
+    Participant,
+    Api,
+    Background,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::Participant, Priority::Api, Priority::Background];
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::Participant => "participant",
+            Priority::Api => "api",
+            Priority::Background => "background",
+        }
+    }
+
+    /// Requests of the class that may wait in one engine's queue.
+    pub fn queue_limit(self) -> usize {
+        match self {
+            Priority::Participant => 1024,
+            Priority::Api => 64,
+            Priority::Background => 4096,
+        }
+    }
+
+    /// How long a request of the class may wait for a slot before it fails as busy.
+    pub fn deadline(self) -> Option<std::time::Duration> {
+        match self {
+            Priority::Api => Some(std::time::Duration::from_secs(60)),
+            Priority::Participant | Priority::Background => None,
+        }
+    }
 }
 
 /// Bounds on a constraint, checked with bounded work before llama.cpp parses it: its parser and
@@ -194,6 +242,7 @@ impl ChatRequest {
             conversation: None,
             ignore_eos: false,
             reproducible: false,
+            priority: Priority::Participant,
         }
     }
 }
@@ -267,6 +316,8 @@ pub enum EngineError {
     Remote { endpoint: String, reason: String },
     #[error("the engine has stopped")]
     Stopped,
+    #[error("the engine is busy: {queued} {class} requests are waiting; try again shortly")]
+    Busy { class: &'static str, queued: usize },
 }
 
 /// A running generation. Dropping it cancels the generation.
@@ -339,11 +390,20 @@ pub struct EngineStatus {
     pub model: String,
     pub backend: &'static str,
     pub queued: usize,
+    /// Queued requests by class, in the order of [`Priority::ALL`].
+    pub queued_by_priority: [usize; 3],
     pub active: usize,
     pub slots: usize,
     pub generated_tokens: u64,
     pub prompt_tokens_processed: u64,
     pub prompt_tokens_reused: u64,
+    /// Conversations whose cache was put back from RAM after another had taken their slot.
+    pub caches_restored: u64,
+    /// Whether the engine can take requests (a local worker thread is alive).
+    pub running: bool,
+    /// Times the worker failed and was started again, and why it last failed.
+    pub restarts: u32,
+    pub last_failure: Option<String>,
     /// Generated tokens per second over the recent past.
     pub tokens_per_second: f64,
 }

@@ -77,25 +77,24 @@ impl Engines {
             "{:?}|{:?}|{:?}",
             spec.file, spec.endpoint, spec.remote_model
         );
-        let mut inner = self.inner.write().expect("engines lock");
-        if let Some(existing) = inner.origins.get(&name) {
-            if *existing != origin {
-                return Err(EngineError::InvalidRequest(format!(
-                    "model id {:?} is defined differently by two protocols; give one of them another id",
-                    spec.id
-                )));
+        let known_model = {
+            let inner = self.inner.read().expect("engines lock");
+            if let Some(existing) = inner.origins.get(&name) {
+                return check_origin(existing, &origin, &spec.id);
             }
-            return Ok(());
-        }
-        let engine: Arc<dyn Engine> = match spec.resolved_file(models_dir) {
+            spec.resolved_file(models_dir)
+                .and_then(|path| inner.models.get(&path).cloned())
+                .filter(|m| lora.as_ref().is_none_or(|(f, _)| m.has_adapter(f)))
+        };
+        // Loading a model and creating its context take seconds: done without the lock, so
+        // requests to the running engines go on meanwhile.
+        let (engine, model): (Arc<dyn Engine>, _) = match spec.resolved_file(models_dir) {
             Some(path) => {
-                let model = match inner.models.get(&path) {
-                    Some(m) if lora.as_ref().is_none_or(|(f, _)| m.has_adapter(f)) => m.clone(),
-                    _ => {
+                let model = match known_model {
+                    Some(m) => m,
+                    None => {
                         let adapters: Vec<PathBuf> = lora.iter().map(|(f, _)| f.clone()).collect();
-                        let m = llama::load_model(&path, spec.sha256.as_deref(), &adapters)?;
-                        inner.models.insert(path.clone(), m.clone());
-                        m
+                        llama::load_model(&path, spec.sha256.as_deref(), &adapters)?
                     }
                 };
                 let config = WorkerConfig {
@@ -104,22 +103,31 @@ impl Engines {
                     slots,
                     lora,
                     reuse_prefix: true,
+                    saved_cache_bytes: spec.saved_cache_mib as usize * 1024 * 1024,
                 };
-                Arc::new(LlamaEngine::spawn(model, config)?)
+                let engine = Arc::new(LlamaEngine::spawn(model.clone(), config)?);
+                (engine, Some((path, model)))
             }
-            None => Arc::new(RemoteEngine::from_spec(spec)?),
+            None => (Arc::new(RemoteEngine::from_spec(spec)?), None),
         };
+        let mut inner = self.inner.write().expect("engines lock");
+        if let Some(existing) = inner.origins.get(&name) {
+            // Started by another caller meanwhile; theirs serves, this one is dropped.
+            return check_origin(existing, &origin, &spec.id);
+        }
+        if let Some((path, model)) = model {
+            inner.models.insert(path, model);
+        }
         inner.engines.insert(name.clone(), engine);
         inner.origins.insert(name, origin);
         Ok(())
     }
 
-    /// Registers an engine under a name (a remote client, or a scripted engine in tests).
+    /// Registers an engine under a name (a remote client, or a scripted engine in tests). It
+    /// serves that name whatever a protocol says the model is: starting the name again keeps it.
     pub fn insert(&self, name: &str, engine: Arc<dyn Engine>) {
         let mut inner = self.inner.write().expect("engines lock");
-        inner
-            .origins
-            .insert(name.to_string(), format!("inserted:{name}"));
+        inner.origins.insert(name.to_string(), INSERTED.to_string());
         inner.engines.insert(name.to_string(), engine);
     }
 
@@ -143,6 +151,20 @@ impl Engines {
     pub fn statuses(&self) -> Vec<EngineStatus> {
         let inner = self.inner.read().expect("engines lock");
         inner.engines.values().map(|e| e.status()).collect()
+    }
+}
+
+/// The origin of an engine registered with [`Engines::insert`].
+const INSERTED: &str = "inserted";
+
+/// One name, one definition: a second protocol may not give a running model id another meaning.
+fn check_origin(existing: &str, origin: &str, id: &str) -> Result<(), EngineError> {
+    if existing == origin || existing == INSERTED {
+        Ok(())
+    } else {
+        Err(EngineError::InvalidRequest(format!(
+            "model id {id:?} is defined differently by two protocols; give one of them another id"
+        )))
     }
 }
 

@@ -47,8 +47,12 @@ impl RemoteEngine {
         };
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| fail("the remote backend needs a Tokio runtime".into()))?;
+        // A fresh connection per request: llama-server closes idle keep-alive connections on
+        // its own schedule, and a request sent on one it just closed fails ("connection closed
+        // before message completed") with no safe way to tell whether it was received.
         let client = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
+            .pool_max_idle_per_host(0)
             .build()
             .map_err(|e| fail(e.to_string()))?;
         Ok(Self {
@@ -162,7 +166,8 @@ impl Engine for RemoteEngine {
             generated_tokens: c.generated.load(Ordering::Relaxed),
             prompt_tokens_processed: c.prompt_processed.load(Ordering::Relaxed),
             prompt_tokens_reused: c.prompt_reused.load(Ordering::Relaxed),
-            tokens_per_second: 0.0,
+            running: true,
+            ..Default::default()
         }
     }
 
@@ -184,7 +189,7 @@ async fn stream(
     let response = tokio::time::timeout(timeout, http.send())
         .await
         .map_err(|_| format!("no response within {} s", timeout.as_secs()))?
-        .map_err(|e| format!("request failed: {e}"))?;
+        .map_err(|e| format!("request failed: {}", with_causes(&e)))?;
     let status = response.status();
     if !status.is_success() {
         let body = response.text().await.unwrap_or_default();
@@ -298,4 +303,16 @@ impl Usage {
             self.prompt_processed = Some(n);
         }
     }
+}
+
+/// An error with its causes ("error sending request: connection refused"), since reqwest's own
+/// message hides what went wrong.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(c) = cause {
+        text.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    text
 }

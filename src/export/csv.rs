@@ -334,28 +334,51 @@ pub fn export(
             .and_then(|a| versions[&s.study_version_id].arms.get(&a).cloned())
     };
 
-    // First pass: which rating and answer columns the wide table needs, and how many sessions.
+    // The wide table's rating and answer columns come from the protocols, whether or not anyone
+    // gave them, so every export of a study has the same columns. Periodic ratings of a protocol
+    // without a turn cap get a column for every turn they were due up to the last one rated.
     let mut periodic: BTreeSet<(String, i32)> = BTreeSet::new();
     let mut finals: BTreeSet<String> = BTreeSet::new();
     let mut answers: BTreeSet<String> = BTreeSet::new();
+    for version in versions.values() {
+        let protocol = &version.protocol;
+        finals.extend(protocol.final_ratings().iter().map(|r| r.id.clone()));
+        answers.extend(protocol.questionnaire.iter().map(|q| q.id.clone()));
+    }
     let mut total = 0u64;
+    let mut last_rated_turn = 0;
+    // The (version, participant) of every session the filter admits: their assignments are
+    // the ones exported.
+    let mut admitted: BTreeSet<(i64, i64)> = BTreeSet::new();
     for_each_session(conn, &version_ids, |conn, s| {
         let simulated = db::participants::get(conn, s.participant_id)?.simulated;
         if !filter.admits(s, arm_of(s).as_deref(), simulated) {
             return Ok(());
         }
         total += 1;
+        admitted.insert((s.study_version_id, s.participant_id));
         let protocol = &versions[&s.study_version_id].protocol;
         for r in db::ratings::list_for_session(conn, s.id)? {
             if is_final(protocol, &r.rating_key) {
                 finals.insert(r.rating_key);
             } else {
+                last_rated_turn = last_rated_turn.max(r.after_turn);
                 periodic.insert((r.rating_key, r.after_turn));
             }
         }
-        answers.extend(protocol.questionnaire.iter().map(|q| q.id.clone()));
         Ok(())
     })?;
+    for version in versions.values() {
+        let protocol = &version.protocol;
+        let last = match protocol.session.max_turns {
+            0 => last_rated_turn,
+            cap => i32::try_from(cap).unwrap_or(i32::MAX),
+        };
+        for turn in 1..=last {
+            let due = protocol.periodic_ratings_due(turn as u32);
+            periodic.extend(due.iter().map(|r| (r.id.clone(), turn)));
+        }
+    }
 
     let mut session_cols = common_columns();
     session_cols.extend([
@@ -455,6 +478,7 @@ pub fn export(
             col("column", "", ""),
             col("type", "", ""),
             col("description", "", ""),
+            col("pandas_dtype", "", ""),
         ],
     )?;
     for (file, columns) in &tables {
@@ -464,6 +488,7 @@ pub fn export(
                 name.clone(),
                 kind.to_string(),
                 meaning.clone(),
+                pandas_dtype(kind).to_string(),
             ])?;
         }
     }
@@ -648,17 +673,10 @@ pub fn export(
 
     for (version_id, version) in &versions {
         for a in db::assignments::list_for_version(conn, *version_id)? {
-            let arm = version.arms.get(&a.arm_id).cloned();
-            let day = a.created_at.date();
-            let admitted = filter
-                .arm
-                .as_deref()
-                .is_none_or(|f| arm.as_deref() == Some(f))
-                && filter.from.is_none_or(|from| day >= from)
-                && filter.to.is_none_or(|to| day <= to);
-            if !admitted {
+            if !admitted.contains(&(*version_id, a.participant_id)) {
                 continue;
             }
+            let arm = version.arms.get(&a.arm_id).cloned();
             let participant = db::participants::get(conn, a.participant_id)?;
             assignments_csv.record([
                 a.draw_index.to_string(),
@@ -679,6 +697,19 @@ pub fn export(
         written.push(file.finish()?);
     }
     Ok(Written { files: written })
+}
+
+/// The pandas dtype that reads a column of the kind without loss: nullable integers stay
+/// integers when cells are blank (`Int64`, not float64). Timestamps are `datetime`, which pandas
+/// takes through `parse_dates` rather than `dtype` (the README shows the call).
+fn pandas_dtype(kind: &str) -> &'static str {
+    match kind {
+        "integer" => "Int64",
+        "number" => "Float64",
+        "boolean" => "boolean",
+        "timestamp" => "datetime",
+        _ => "string",
+    }
 }
 
 fn is_final(protocol: &Protocol, key: &str) -> bool {

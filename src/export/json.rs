@@ -38,7 +38,8 @@ pub fn export(
                 "protocol_sha256": v.row.protocol_sha256,
                 "imported_at": timestamp(&v.row.imported_at),
                 "protocol_text": v.row.protocol_text,
-                "arms": v.arms.values().collect::<Vec<_>>(),
+                // In the protocol's order (the arms map is keyed by database id).
+                "arms": v.protocol.arms.iter().map(|a| &a.id).collect::<Vec<_>>(),
             })
         })
         .collect();

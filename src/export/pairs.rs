@@ -189,10 +189,20 @@ pub fn export(
         let participant = db::participants::get(conn, s.participant_id)?;
         let messages = db::messages::list_for_session(conn, s.id)?;
         let eval_side = in_eval(&participant.pseudonym, options.eval_share);
-        let metadata = |source: &str, seq: i32, policy_json: Option<&str>| {
-            let policy: Value = policy_json
-                .and_then(|p| serde_json::from_str(p).ok())
-                .unwrap_or(Value::Null);
+        // The same keys in every row (null where one does not apply), so a reader infers one
+        // schema: `seed` and `model_sha256` are those of the reply that is `chosen` (or the
+        // `completion` of a KTO row), `seed_rejected` that of the `rejected` reply.
+        let metadata = |source: &str,
+                        seq: i32,
+                        chosen: Option<&str>,
+                        rejected: Option<&str>,
+                        changed_share: Option<f64>| {
+            let policy = |json: Option<&str>| -> Value {
+                json.and_then(|p| serde_json::from_str(p).ok())
+                    .unwrap_or(Value::Null)
+            };
+            let (chosen, rejected) = (policy(chosen), policy(rejected));
+            let model = if chosen.is_null() { &rejected } else { &chosen };
             json!({
                 "source": source,
                 "study": slug,
@@ -202,8 +212,10 @@ pub fn export(
                 "session": s.public_id,
                 "participant": participant.pseudonym,
                 "turn": messages.iter().filter(|m| m.role == MessageRole::Assistant && m.seq < seq).count() + 1,
-                "model_sha256": policy["fingerprint"],
-                "seed": policy["sampling"]["seed"],
+                "model_sha256": model["fingerprint"],
+                "seed": chosen["sampling"]["seed"],
+                "seed_rejected": rejected["sampling"]["seed"],
+                "changed_share": changed_share,
             })
         };
 
@@ -227,7 +239,10 @@ pub fn export(
                 else {
                     continue;
                 };
-                let meta = metadata(source, after_seq + 1, Some(&a.policy_json));
+                // A pick between two replies of the same text states no preference.
+                if crate::collab::same_reply(&a.content, &b.content) {
+                    continue;
+                }
                 match (a.chosen, b.chosen) {
                     (Some(x), Some(y)) if x != y => {
                         let (chosen, rejected) = if x { (a, b) } else { (b, a) };
@@ -235,7 +250,13 @@ pub fn export(
                             "prompt": prompt,
                             "chosen": assistant(&chosen.content),
                             "rejected": assistant(&rejected.content),
-                            "metadata": meta,
+                            "metadata": metadata(
+                                source,
+                                after_seq + 1,
+                                Some(&chosen.policy_json),
+                                Some(&rejected.policy_json),
+                                None,
+                            ),
                         });
                         out.write(false, eval_side, &row)?;
                     }
@@ -246,7 +267,13 @@ pub fn export(
                                 "prompt": prompt,
                                 "completion": assistant(&c.content),
                                 "label": label,
-                                "metadata": meta,
+                                "metadata": metadata(
+                                    source,
+                                    after_seq + 1,
+                                    Some(&c.policy_json),
+                                    None,
+                                    None,
+                                ),
                             });
                             out.write(true, eval_side, &row)?;
                         }
@@ -299,13 +326,11 @@ pub fn export(
             let Some(prompt) = prompt_before(&arm.system_prompt, &messages, seq) else {
                 continue;
             };
-            let mut meta = metadata("edit", seq, reply.policy_json.as_deref());
-            meta["changed_share"] = json!(changed);
             let row = json!({
                 "prompt": prompt,
                 "chosen": assistant(edited),
                 "rejected": assistant(&reply.content),
-                "metadata": meta,
+                "metadata": metadata("edit", seq, None, reply.policy_json.as_deref(), Some(changed)),
             });
             out.write(false, eval_side, &row)?;
         }

@@ -125,6 +125,10 @@ pub struct ModelSpec {
     pub context_tokens: u32,
     /// Sequence slots of the worker; default: sized to the protocol.
     pub slots: Option<u32>,
+    /// MiB of RAM for the caches of conversations that lost their slot to another, so their next
+    /// turn is restored instead of computed again; 0 turns this off.
+    #[serde(default = "default_saved_cache_mib")]
+    pub saved_cache_mib: u32,
 }
 
 /// Default of [`ModelSpec::timeout_seconds`].
@@ -136,6 +140,10 @@ fn default_remote_timeout() -> u32 {
 
 fn default_context_tokens() -> u32 {
     8192
+}
+
+fn default_saved_cache_mib() -> u32 {
+    1024
 }
 
 /// One arm of the study: a policy the participant chats with.

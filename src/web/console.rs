@@ -995,11 +995,6 @@ async fn show_session(req: HttpRequest, state: web::Data<AppState>, id: web::Pat
     })
 }
 
-#[derive(Deserialize)]
-struct HandoverForm {
-    csrf: String,
-}
-
 /// A participant who lost their browser (and cannot prove who they are with Prolific's session
 /// id) asked the researchers for help: the next entry with their participant id takes the session
 /// over in a new browser. Recorded in the session's audit trail.
@@ -1008,7 +1003,7 @@ async fn allow_handover(
     req: HttpRequest,
     state: web::Data<AppState>,
     id: web::Path<String>,
-    form: web::Form<HandoverForm>,
+    form: web::Form<CsrfForm>,
 ) -> Page {
     let who = researcher(&req, &state).await?;
     check_csrf(&req, &state.console_key, &form.csrf)?;

@@ -7,15 +7,35 @@ use serde_json::json;
 use super::{render, ApiError, AppState};
 use crate::db::{self, models::Study};
 
+/// 200 with `"status": "ok"` when the database answers and every engine runs; 503 with
+/// `"degraded"` when an engine has stopped, so a load balancer takes the node out. Engines that
+/// failed and were restarted say so (`restarts`, `last_failure`).
 #[get("/healthz")]
 async fn get_healthz(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let studies = state.db(|conn| Ok(db::studies::list(conn)?.len())).await?;
-    Ok(HttpResponse::Ok().json(json!({
-        "status": "ok",
+    let engines = state.engines.statuses();
+    let healthy = engines.iter().all(|e| e.running);
+    let body = json!({
+        "status": if healthy { "ok" } else { "degraded" },
         "version": env!("CARGO_PKG_VERSION"),
         "database": "ok",
         "studies": studies,
-    })))
+        "engines": engines.iter().map(|e| json!({
+            "model": e.model,
+            "backend": e.backend,
+            "running": e.running,
+            "restarts": e.restarts,
+            "last_failure": e.last_failure,
+            "queued": e.queued,
+            "active": e.active,
+            "slots": e.slots,
+        })).collect::<Vec<_>>(),
+    });
+    Ok(if healthy {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable().json(body)
+    })
 }
 
 #[derive(Template)]

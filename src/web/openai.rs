@@ -15,7 +15,8 @@ use sha2::{Digest, Sha256};
 
 use super::{ApiError, AppState};
 use crate::engine::{
-    ChatMessage, ChatRequest, Completion, Constraint, EngineEvent, Generation, Role, Sampling,
+    ChatMessage, ChatRequest, Completion, Constraint, EngineEvent, Generation, Priority, Role,
+    Sampling,
 };
 
 #[derive(Deserialize)]
@@ -138,6 +139,7 @@ impl CompletionRequest {
             conversation: self.conversation.clone().or_else(|| self.user.clone()),
             ignore_eos: self.ignore_eos,
             reproducible: false,
+            priority: Priority::Api,
         })
     }
 

@@ -3,14 +3,17 @@
 //! resumed and reproduced, and bad input is refused or skipped without losing finished work.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use collabllm::collab::pairs::{self, PairsOptions, PairsSummary, SessionKind};
 use collabllm::collab::simulate::{self, SimulateOptions};
 use collabllm::collab::simulator::{self, TERMINATE};
-use collabllm::collab::{judge, Goal, Roles, Task};
+use collabllm::collab::{judge, Goal, Roles, Task, CANDIDATE_RESAMPLE_ROUNDS};
 use collabllm::db::models::NewMessage;
 use collabllm::db::vocab::{MessageRole, Outcome, RevisionAuthor};
 use collabllm::db::{self, schema, DbPool};
+use collabllm::engine::registry::engine_name;
 use collabllm::engine::{ChatMessage, Engines, Role};
 use collabllm::protocol::LoadedProtocol;
 use collabllm::study::Studio;
@@ -18,7 +21,7 @@ use collabllm::web::AppState;
 use diesel::prelude::*;
 use serde_json::Value;
 
-use crate::common::{assert_trl_pair, models_dir, repo_root, TestDb, TestServer};
+use crate::common::{assert_trl_pair, models_dir, repo_root, ScriptedEngine, TestDb, TestServer};
 use crate::on_both_backends_async;
 
 /// The quick pilot with small MR settings, so a test scores a turn in seconds.
@@ -325,7 +328,7 @@ async fn pairs_are_scored_stored_resumed_and_reproduced(db: TestDb) {
     let none = dir.path().join("none.jsonl");
     let summary = run_pairs(&pool, &engines, &simulated_only, &none).await;
     assert_eq!((summary.turns, summary.pairs), (0, 0));
-    assert!(rows(&none).is_empty());
+    assert!(!none.exists(), "no pairs: no file");
 }
 on_both_backends_async!(pairs_are_scored_stored_resumed_and_reproduced);
 
@@ -353,7 +356,7 @@ async fn bad_input_is_refused_or_skipped() {
     studio.agree(entry.session.id).await.unwrap();
     let summary = run_pairs(&pool, &engines, &options("quick-pilot"), &out).await;
     assert_eq!((summary.turns, summary.pairs), (0, 0));
-    assert!(rows(&out).is_empty());
+    assert!(!out.exists(), "no pairs: no file, not an empty one");
 }
 
 /// A remote judge that answers with garbage, or not at all: every turn is skipped with a logged
@@ -480,9 +483,13 @@ async fn synth_grows_conversations_from_single_turn_tasks() {
             assert!(r["score"].is_number() && r["rewards"]["bleu"].is_number());
         }
     }
-    let pairs = rows(&pairs_out);
-    assert_eq!(pairs.len() as u64, summary.pairs);
-    pairs.iter().for_each(assert_trl_pair);
+    // A file only when there are pairs: an empty JSONL file is not a data set.
+    assert_eq!(pairs_out.exists(), summary.pairs > 0);
+    if summary.pairs > 0 {
+        let pairs = rows(&pairs_out);
+        assert_eq!(pairs.len() as u64, summary.pairs);
+        pairs.iter().for_each(assert_trl_pair);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -532,4 +539,67 @@ async fn a_weighted_quality_is_judged_in_every_rollout() {
         assert!((rollout.score - expected).abs() < 1e-12);
         assert_eq!(rollout.continuation[0].content, candidates[0].text);
     }
+}
+
+/// A fresh candidate that repeats the reply given (the same words, spaced otherwise) is sampled
+/// again with new seeds; one that still repeats it after the resampling rounds is left out and
+/// never stored, and a turn left with the given reply alone is reported, runs no rollouts and
+/// makes no pair. With no pairs, no file is written.
+#[tokio::test(flavor = "multi_thread")]
+async fn candidates_that_repeat_the_reply_given_never_make_a_pair() {
+    let db = TestDb::sqlite();
+    let pool = db.pool();
+    import(&pool, &pilot(""));
+    seed_session(&pool).await;
+    let engines = Engines::new();
+    let seeds = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = seeds.clone();
+    let policy = Arc::new(ScriptedEngine::new(move |r| {
+        seen.lock().unwrap().push(r.sampling.seed.unwrap());
+        let last = r.messages.last().unwrap().content.as_str();
+        if last.starts_with("i need") {
+            "Happy to help!  Who is the note for,\nand what is it about?".to_string()
+        } else {
+            " Dear neighbour, thank you so much for watering my plants while I was away."
+                .to_string()
+        }
+    }));
+    engines.insert(&engine_name("smollm2-135m", None), policy.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pairs.jsonl");
+    let three = PairsOptions {
+        candidates: Some(3),
+        ..options("quick-pilot")
+    };
+    let summary = run_pairs(&pool, &engines, &three, &out).await;
+    assert_eq!(
+        (
+            summary.turns,
+            summary.scored,
+            summary.skipped,
+            summary.pairs
+        ),
+        (2, 0, 2, 0)
+    );
+    assert_eq!(
+        summary.identical_candidates, 4,
+        "both fresh candidates of both turns are left out"
+    );
+    let rounds = 1 + CANDIDATE_RESAMPLE_ROUNDS as usize;
+    assert_eq!(policy.requests.load(Ordering::SeqCst), 2 * 2 * rounds);
+    let mut distinct = seeds.lock().unwrap().clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        2 * 2 * rounds,
+        "every draw has a seed of its own"
+    );
+    assert_eq!(count_rollouts(&pool), 0);
+    let stored: i64 = schema::candidates::table
+        .count()
+        .get_result(&mut pool.get().unwrap())
+        .unwrap();
+    assert_eq!(stored, 0, "a repeated reply is not stored as a candidate");
+    assert!(!out.exists() && !collabllm::collab::partial_path(&out).exists());
 }

@@ -290,6 +290,65 @@ on_both_backends!(csv_exports_round_trip_field_by_field, |db: &TestDb| {
     }
 });
 
+on_both_backends!(
+    rating_columns_come_from_the_protocol_even_when_nobody_rated,
+    |db: &TestDb| {
+        let pool = db.pool();
+        let protocol = example_protocol();
+        db::studies::import(&mut pool.get().unwrap(), &protocol).unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let studio = Studio::new(pool.clone(), collabllm::engine::Engines::new()).unwrap();
+        runtime.block_on(async {
+            let s = studio
+                .enter("doc-cocreation".into(), pid("PID-NEW"), None, true)
+                .await
+                .unwrap();
+            studio.agree(s.session.id).await.unwrap();
+        });
+        let dir = export_with(&pool, &Filter::default());
+        let mut reader = csv::Reader::from_path(dir.path().join("sessions.csv")).unwrap();
+        let headers: Vec<String> = reader
+            .headers()
+            .unwrap()
+            .iter()
+            .map(str::to_string)
+            .collect();
+        let parsed = &protocol.protocol;
+        for r in parsed.final_ratings() {
+            let column = format!("rating_{}", r.id);
+            assert!(headers.contains(&column), "{column} missing: {headers:?}");
+        }
+        let cap = parsed.session.max_turns;
+        assert!(cap > 0, "the paper protocol caps its turns");
+        let due: Vec<String> = (1..=cap)
+            .flat_map(|t| {
+                parsed
+                    .periodic_ratings_due(t)
+                    .into_iter()
+                    .map(move |r| format!("rating_{}_t{t}", r.id))
+            })
+            .collect();
+        assert!(!due.is_empty());
+        for column in &due {
+            assert!(headers.contains(column), "{column} missing: {headers:?}");
+        }
+        // The codebook tells pandas how to read each column.
+        let codebook = read(dir.path(), "codebook.csv");
+        let dtype = |column: &str| {
+            codebook
+                .iter()
+                .find(|c| c["file"] == "sessions.csv" && c["column"] == column)
+                .map(|c| c["pandas_dtype"].clone())
+                .unwrap()
+        };
+        assert_eq!(dtype(&due[0]), "Int64");
+        assert_eq!(dtype("turns"), "Int64");
+        assert_eq!(dtype("simulated"), "boolean");
+        assert_eq!(dtype("started_at"), "datetime");
+        assert_eq!(dtype("arm"), "string");
+    }
+);
+
 on_both_backends!(csv_export_filters_sessions, |db: &TestDb| {
     let pool = db.pool();
     db::studies::import(&mut pool.get().unwrap(), &example_protocol()).unwrap();
@@ -307,6 +366,15 @@ on_both_backends!(csv_export_filters_sessions, |db: &TestDb| {
     assert!(read(completed.path(), "messages.csv")
         .iter()
         .all(|m| m["session"] == done));
+    let ledger = read(completed.path(), "assignments.csv");
+    assert_eq!(
+        ledger
+            .iter()
+            .map(|r| r["participant"].as_str())
+            .collect::<Vec<_>>(),
+        [rows[0]["participant"].as_str()],
+        "only the draws of the sessions exported"
+    );
 
     let arm = rows[0]["arm"].clone();
     let by_arm = export_with(
@@ -382,6 +450,11 @@ on_both_backends!(the_json_dump_holds_the_whole_study, |db: &TestDb| {
     assert_eq!(
         dump["versions"][0]["protocol_text"],
         example_protocol().text
+    );
+    assert_eq!(
+        dump["versions"][0]["arms"],
+        serde_json::json!(["base", "proactive", "collabllm"]),
+        "the protocol's arm order"
     );
     assert_eq!(dump["assignments"].as_array().unwrap().len(), 2);
     let sessions = dump["sessions"].as_array().unwrap();
@@ -498,6 +571,40 @@ on_both_backends!(
         assert_eq!(meta["turn"], 2);
         assert!(meta["participant"].as_str().unwrap().starts_with("p-"));
         assert!(!text.contains("PID-SECRET"));
+        assert_eq!(
+            meta["seed"],
+            serde_json::Value::Null,
+            "the chosen text is the participant's"
+        );
+        assert_eq!(
+            meta["seed_rejected"],
+            serde_json::Value::Null,
+            "message 4 records no sampling"
+        );
+        assert!(meta["changed_share"].as_f64().unwrap() > 0.2);
+        // The comparison pick names the seed of the reply chosen (the second candidate, 12) and
+        // the rejected one's beside it, whichever candidate came first.
+        let compare = rows
+            .iter()
+            .find(|r| r["metadata"]["source"] == "compare")
+            .unwrap();
+        assert_eq!(compare["chosen"][0]["content"], "Sure.");
+        assert_eq!(
+            (
+                &compare["metadata"]["seed"],
+                &compare["metadata"]["seed_rejected"]
+            ),
+            (&serde_json::json!(12), &serde_json::json!(11))
+        );
+        assert_eq!(
+            compare["metadata"]["changed_share"],
+            serde_json::Value::Null
+        );
+        // One schema: every row's metadata has the same keys.
+        let keys = |r: &serde_json::Value| -> Vec<String> {
+            r["metadata"].as_object().unwrap().keys().cloned().collect()
+        };
+        assert!(rows.iter().all(|r| keys(r) == keys(&rows[0])), "{rows:?}");
 
         // The split is by participant: everything to eval with a share of 1.
         let all_eval = export::pairs::PairOptions {

@@ -266,3 +266,38 @@ async fn the_api_needs_a_key_and_is_off_without_one() {
     let (status, reply) = ask(&server, Some(key)).await;
     assert_eq!(status, 200, "{reply}");
 }
+
+/// `/healthz` lists every engine with whether it runs and how often it was restarted.
+#[tokio::test(flavor = "multi_thread")]
+async fn healthz_reports_every_engine() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(state_with_model(&db));
+    let r = reqwest::get(server.url("/healthz")).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["status"], "ok");
+    let engine = &body["engines"][0];
+    assert_eq!(engine["model"], "smollm2-135m");
+    assert_eq!(engine["backend"], "llama.cpp");
+    assert_eq!(engine["running"], true);
+    assert_eq!(engine["restarts"], 0);
+}
+
+/// A prompt of megabytes is refused as too long before it is tokenised.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_prompt_of_megabytes_is_refused_as_too_long() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(state_with_model(&db));
+    let huge = "word ".repeat(700_000);
+    let (status, body) = post(
+        &server,
+        json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": huge}]}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"], "invalid_request");
+    assert!(
+        body["message"].as_str().unwrap().contains("tokens"),
+        "{body}"
+    );
+}

@@ -298,6 +298,16 @@ async fn consented(server: &TestServer, slug: &str, pid: &str) -> (Browser, Sock
     (browser, socket, state)
 }
 
+/// Another socket of the browser's quick-pilot session (a reconnect, a second tab).
+async fn socket_of(server: &TestServer, browser: &Browser) -> Socket {
+    Socket::connect(
+        &server.addr.to_string(),
+        "quick-pilot",
+        browser.token.as_deref(),
+    )
+    .await
+}
+
 /// The quick pilot with a protocol change applied, imported as the study's current version.
 fn pilot_with(state: &AppState, change: impl Fn(String) -> String) {
     let path = repo_root().join("study-protocols/quick-pilot.toml");
@@ -467,12 +477,7 @@ async fn a_reply_interrupted_by_a_reconnect_completes_and_is_shown() {
     ws.until(|f| matches!(f, ServerFrame::Token { .. })).await;
     drop(ws); // the page is refreshed mid-stream
 
-    let mut ws = Socket::connect(
-        &server.addr.to_string(),
-        "quick-pilot",
-        browser.token.as_deref(),
-    )
-    .await;
+    let mut ws = socket_of(&server, &browser).await;
     let s = state_of(ws.hello().await);
     let stored = s.messages.iter().any(|m| m.role == MessageRole::Assistant);
     assert!(
@@ -483,12 +488,7 @@ async fn a_reply_interrupted_by_a_reconnect_completes_and_is_shown() {
         ws.until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
             .await;
     }
-    let mut again = Socket::connect(
-        &server.addr.to_string(),
-        "quick-pilot",
-        browser.token.as_deref(),
-    )
-    .await;
+    let mut again = socket_of(&server, &browser).await;
     let s = state_of(again.hello().await);
     assert_eq!(s.messages.len(), 2);
     assert_eq!(s.last_client_seq, seq);
@@ -594,8 +594,7 @@ async fn two_participants_see_only_their_own_session() {
         .await;
     stranger.expect_error("not_authenticated").await;
     // With B's cookie, naming A's token gets B nothing of A's either.
-    let mut b_naming_a =
-        Socket::connect(&server.addr.to_string(), "quick-pilot", b.token.as_deref()).await;
+    let mut b_naming_a = socket_of(&server, &b).await;
     let refused = b_naming_a.hello_with(a.token.as_ref().unwrap()).await;
     assert!(
         matches!(refused, ServerFrame::Error { ref code, .. } if code == "wrong_session"),
@@ -1163,12 +1162,7 @@ async fn asking_for_another_reply_lets_the_participant_keep_one() {
     );
     // While choosing, the reply asked to be replaced still counts as a turn, and the page is the
     // workspace: no completion code for a session that has not finished.
-    let mut other_tab = Socket::connect(
-        &server.addr.to_string(),
-        "quick-pilot",
-        browser.token.as_deref(),
-    )
-    .await;
+    let mut other_tab = socket_of(&server, &browser).await;
     let choosing = state_of(other_tab.hello().await);
     assert_eq!(
         (choosing.phase, choosing.turn, &choosing.completed),
@@ -1239,12 +1233,7 @@ async fn a_second_tab_takes_the_session_over_and_no_frame_is_applied_twice() {
     let pool = state.pool.clone();
     let server = TestServer::start(state);
     let (browser, mut first, s) = consented(&server, "quick-pilot", "pid-tabs").await;
-    let mut second = Socket::connect(
-        &server.addr.to_string(),
-        "quick-pilot",
-        browser.token.as_deref(),
-    )
-    .await;
+    let mut second = socket_of(&server, &browser).await;
     let s2 = state_of(second.hello().await);
     assert_eq!(s2.last_client_seq, s.last_client_seq);
     // The first tab is told, then closed: it cannot write with numbers the second one uses.
@@ -1257,12 +1246,7 @@ async fn a_second_tab_takes_the_session_over_and_no_frame_is_applied_twice() {
     // Both tabs numbered their next frame 1; only the owner's is applied, once.
     second.seq = s2.last_client_seq;
     second.chat("From the second tab.").await;
-    let mut stale = Socket::connect(
-        &server.addr.to_string(),
-        "quick-pilot",
-        browser.token.as_deref(),
-    )
-    .await;
+    let mut stale = socket_of(&server, &browser).await;
     state_of(stale.hello().await); // takes over from the second tab
     second.expect_error("taken_over").await;
     let mut conn = pool.get().unwrap();
@@ -1335,12 +1319,7 @@ async fn a_reconnect_mid_reply_gets_each_token_exactly_once() {
     ws.say("Write a long note about the garden, please.").await;
     ws.until(|f| matches!(f, ServerFrame::Token { index: 2.., .. }))
         .await;
-    let mut again = Socket::connect(
-        &server.addr.to_string(),
-        "quick-pilot",
-        browser.token.as_deref(),
-    )
-    .await;
+    let mut again = socket_of(&server, &browser).await;
     let s = state_of(again.hello().await);
     let (done, frames) = again
         .until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
@@ -1474,12 +1453,7 @@ async fn new_sessions_per_address_are_limited_and_returning_browsers_are_not() {
     assert!(browsers[0].page("quick-pilot").await.contains("I agree"));
     // Sockets that close leave nothing behind in memory.
     browsers[0].consent("quick-pilot", "agree").await;
-    let mut ws = Socket::connect(
-        &server.addr.to_string(),
-        "quick-pilot",
-        browsers[0].token.as_deref(),
-    )
-    .await;
+    let mut ws = socket_of(&server, &browsers[0]).await;
     state_of(ws.hello().await);
     assert_eq!(studio.live_sessions(), 1);
     drop(ws);

@@ -3,13 +3,16 @@
 //! Each step decodes, in one batch, the next token of every generating sequence plus prompt
 //! chunks of newly admitted ones (continuous batching). A slot keeps its tokens between turns, so
 //! the next turn of a conversation only computes what is new (prefix reuse); idle slots are
-//! reused least-recently-used first. Cancellation is checked every step.
+//! reused least-recently-used first, and the cache a conversation loses to another is kept in RAM
+//! and put back when it returns (llama.cpp's per-sequence state). Cancellation is checked every
+//! step.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc as std_mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use llama_cpp_2::context::session::{LlamaStateSeqFlags, SeqState};
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::LlamaModel;
@@ -23,7 +26,7 @@ use crate::engine::chat_template::ChatTemplate;
 use crate::engine::text::{Pushed, TextStream};
 use crate::engine::{
     ChatRequest, Completion, Constraint, EngineError, EngineEvent, EngineStatus, FinishReason,
-    Sampling,
+    Priority, Sampling,
 };
 
 /// Largest prompt chunk one sequence may add to a step, so generating sequences keep streaming
@@ -31,6 +34,8 @@ use crate::engine::{
 const PREFILL_CHUNK_TOKENS: usize = 512;
 /// Share of a slot's cached text a prompt must continue for the slot to be picked by prefix.
 const SLOT_SIMILARITY: f64 = 0.5;
+/// How long after a participant's request other work keeps slots free for participants.
+const PARTICIPANT_RESERVATION: Duration = Duration::from_secs(600);
 /// Window over which tokens per second are reported.
 const RATE_WINDOW: Duration = Duration::from_secs(10);
 
@@ -61,7 +66,7 @@ struct Slot {
 }
 
 /// The tokens whose keys and values are in a sequence's cache, in position order.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct SeqCache {
     tokens: Vec<LlamaToken>,
     /// The text those tokens spell, and where each token ends in it.
@@ -116,13 +121,76 @@ pub(crate) struct Worker<'m> {
     context: LlamaContext<'m>,
     template: Option<ChatTemplate>,
     slots: Vec<Slot>,
-    queue: VecDeque<Job>,
+    /// Jobs waiting for a slot, one queue per [`Priority`].
+    queues: [VecDeque<Job>; 3],
+    /// When a participant's request was last admitted.
+    last_participant: Option<Instant>,
     /// Jobs admitted so far; numbers the jobs so batches are built in admission order.
     admitted: u64,
     context_tokens: usize,
     reuse_prefix: bool,
+    saved: SavedCaches,
     status: Arc<Mutex<EngineStatus>>,
     recent: VecDeque<(Instant, usize)>,
+}
+
+/// Caches of conversations evicted from their slot, oldest first, within a byte budget. With more
+/// conversations than slots (a study has more participants than slots), a conversation's next
+/// turn would otherwise compute its whole history again.
+struct SavedCaches {
+    entries: VecDeque<Saved>,
+    bytes: usize,
+    budget: usize,
+}
+
+struct Saved {
+    conversation: Option<String>,
+    cache: SeqCache,
+    state: SeqState,
+}
+
+/// A cache shorter than this is not worth keeping: computing it again is as fast.
+const MIN_SAVED_TOKENS: usize = 32;
+
+impl SavedCaches {
+    fn insert(&mut self, saved: Saved) {
+        if saved.conversation.is_some() {
+            self.entries
+                .retain(|e| e.conversation != saved.conversation);
+        }
+        self.bytes = self.entries.iter().map(|e| e.state.byte_len()).sum();
+        self.bytes += saved.state.byte_len();
+        self.entries.push_back(saved);
+        while self.bytes > self.budget {
+            let Some(oldest) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= oldest.state.byte_len();
+        }
+    }
+
+    /// The saved cache of the job's conversation; for a request without one, the saved cache
+    /// without a conversation that the prompt continues furthest.
+    fn take(&mut self, conversation: Option<&str>, prompt: &[u8]) -> Option<Saved> {
+        let at = match conversation {
+            Some(c) => self
+                .entries
+                .iter()
+                .position(|e| e.conversation.as_deref() == Some(c)),
+            None => self
+                .entries
+                .iter()
+                .enumerate()
+                .filter(|(_, e)| e.conversation.is_none())
+                .map(|(i, e)| (i, common_prefix(&e.cache.text, prompt), e.cache.text.len()))
+                .filter(|&(_, shared, cached)| shared as f64 >= SLOT_SIMILARITY * cached as f64)
+                .max_by_key(|&(_, shared, _)| shared)
+                .map(|(i, _, _)| i),
+        }?;
+        let saved = self.entries.remove(at)?;
+        self.bytes -= saved.state.byte_len();
+        Some(saved)
+    }
 }
 
 impl<'m> Worker<'m> {
@@ -157,27 +225,33 @@ impl<'m> Worker<'m> {
             context,
             template,
             slots,
-            queue: VecDeque::new(),
+            queues: Default::default(),
+            last_participant: None,
             admitted: 0,
             context_tokens: config.context_tokens as usize,
             reuse_prefix: config.reuse_prefix,
+            saved: SavedCaches {
+                entries: VecDeque::new(),
+                bytes: 0,
+                budget: config.saved_cache_bytes,
+            },
             status,
             recent: VecDeque::new(),
         }
     }
 
     /// Serves jobs until every handle is dropped and nothing is left to do.
-    pub(crate) fn run(mut self, inbox: std_mpsc::Receiver<Vec<Job>>) {
+    pub(crate) fn run(mut self, inbox: &std_mpsc::Receiver<Vec<Job>>) {
         let mut batch = LlamaBatch::new(BATCH_TOKENS as usize, self.slots.len() as i32);
         loop {
             if self.idle() {
                 match inbox.recv() {
-                    Ok(jobs) => self.queue.extend(jobs),
+                    Ok(jobs) => self.enqueue(jobs),
                     Err(_) => return,
                 }
             }
             while let Ok(jobs) = inbox.try_recv() {
-                self.queue.extend(jobs);
+                self.enqueue(jobs);
             }
             self.drop_cancelled_queued();
             self.admit();
@@ -187,44 +261,91 @@ impl<'m> Worker<'m> {
         }
     }
 
-    fn idle(&self) -> bool {
-        self.queue.is_empty() && self.slots.iter().all(|s| s.active.is_none())
-    }
-
-    fn take_from_queue(&mut self) -> Option<Job> {
-        let job = self.queue.pop_front()?;
-        let mut status = self.status.lock().expect("status lock");
-        status.queued = status.queued.saturating_sub(1);
-        Some(job)
-    }
-
-    fn drop_cancelled_queued(&mut self) {
-        let (cancelled, kept): (Vec<Job>, Vec<Job>) =
-            self.queue.drain(..).partition(Job::cancelled);
-        self.queue = kept.into();
-        for job in cancelled {
-            let mut status = self.status.lock().expect("status lock");
-            status.queued = status.queued.saturating_sub(1);
-            drop(status);
-            let _ = job.events.send(EngineEvent::Done(Completion {
-                text: String::new(),
-                finish_reason: FinishReason::Cancelled,
-                prompt_tokens: 0,
-                prompt_tokens_processed: 0,
-                generated_tokens: 0,
-                ttft_ms: 0,
-                total_ms: ms_since(job.arrived),
-                seed: job.request.sampling.seed.unwrap_or(0),
-            }));
+    fn enqueue(&mut self, jobs: Vec<Job>) {
+        for job in jobs {
+            self.queues[job.request.priority.index()].push_back(job);
         }
     }
 
-    /// Moves queued jobs into idle slots, first come first served.
+    fn idle(&self) -> bool {
+        self.queues.iter().all(VecDeque::is_empty) && self.slots.iter().all(|s| s.active.is_none())
+    }
+
+    /// The next job to admit: participants' first, then API requests, then background work. While
+    /// participants are being served, other work leaves a quarter of the slots (at least one)
+    /// free for them, so a participant never waits for a long background generation to end.
+    fn take_from_queue(&mut self) -> Option<Job> {
+        let idle = self.slots.iter().filter(|s| s.active.is_none()).count();
+        let serving_participants = self
+            .last_participant
+            .is_some_and(|t| t.elapsed() < PARTICIPANT_RESERVATION);
+        let reserved = if serving_participants && self.slots.len() > 1 {
+            (self.slots.len() / 4).max(1)
+        } else {
+            0
+        };
+        let class = Priority::ALL.into_iter().find(|class| {
+            !self.queues[class.index()].is_empty()
+                && (*class == Priority::Participant || idle > reserved)
+        })?;
+        let job = self.queues[class.index()].pop_front()?;
+        if class == Priority::Participant {
+            self.last_participant = Some(Instant::now());
+        }
+        self.unqueued(class);
+        Some(job)
+    }
+
+    fn unqueued(&self, class: Priority) {
+        let mut status = self.status.lock().expect("status lock");
+        status.queued = status.queued.saturating_sub(1);
+        let by_class = &mut status.queued_by_priority[class.index()];
+        *by_class = by_class.saturating_sub(1);
+    }
+
+    /// Ends queued jobs whose caller is gone (cancelled) or whose class's deadline has passed
+    /// (busy).
+    fn drop_cancelled_queued(&mut self) {
+        for class in Priority::ALL {
+            let queue = std::mem::take(&mut self.queues[class.index()]);
+            for job in queue {
+                let expired = class
+                    .deadline()
+                    .is_some_and(|deadline| job.arrived.elapsed() > deadline);
+                if job.cancelled() {
+                    self.unqueued(class);
+                    let _ = job.events.send(EngineEvent::Done(Completion {
+                        text: String::new(),
+                        finish_reason: FinishReason::Cancelled,
+                        prompt_tokens: 0,
+                        prompt_tokens_processed: 0,
+                        generated_tokens: 0,
+                        ttft_ms: 0,
+                        total_ms: ms_since(job.arrived),
+                        seed: job.request.sampling.seed.unwrap_or(0),
+                    }));
+                } else if expired {
+                    self.unqueued(class);
+                    job.fail(EngineError::Busy {
+                        class: class.name(),
+                        queued: self.queues[class.index()].len() + 1,
+                    });
+                } else {
+                    self.queues[class.index()].push_back(job);
+                }
+            }
+        }
+    }
+
+    /// Moves queued jobs into idle slots, most urgent class first, first come first served
+    /// within a class.
     fn admit(&mut self) {
         // Reproducible requests admitted in this step, whose prompts later ones may share.
         let mut leaders: Vec<(u64, Vec<LlamaToken>)> = Vec::new();
-        while !self.queue.is_empty() && self.slots.iter().any(|s| s.active.is_none()) {
-            let job = self.take_from_queue().expect("queue is not empty");
+        while self.slots.iter().any(|s| s.active.is_none()) {
+            let Some(job) = self.take_from_queue() else {
+                break;
+            };
             let prompt = match self.render(&job.request) {
                 Ok(p) => p,
                 Err(e) => {
@@ -233,6 +354,7 @@ impl<'m> Worker<'m> {
                 }
             };
             let index = self.choose_slot(&job, prompt.as_bytes());
+            self.swap_caches(index, &job, prompt.as_bytes());
             match self.start_in_slot(index, job, &prompt, &leaders) {
                 Ok(Some(leader)) => leaders.push(leader),
                 Ok(None) => {}
@@ -290,6 +412,64 @@ impl<'m> Worker<'m> {
             .min_by_key(|(_, s)| s.last_used)
             .map(|(i, _)| i)
             .expect("admit checks that an idle slot exists")
+    }
+
+    /// Before a job takes a slot that holds another conversation: keeps that conversation's cache
+    /// in RAM, and puts the job's own saved cache, if there is one, in its place.
+    fn swap_caches(&mut self, index: usize, job: &Job, prompt: &[u8]) {
+        if !self.reuse_prefix || self.saved.budget == 0 {
+            return;
+        }
+        let request = &job.request;
+        let slot = &self.slots[index];
+        let holds_own = match request.conversation.as_deref() {
+            Some(c) => slot.conversation.as_deref() == Some(c),
+            None => {
+                slot.conversation.is_none()
+                    && !slot.cache.text.is_empty()
+                    && common_prefix(&slot.cache.text, prompt) as f64
+                        >= SLOT_SIMILARITY * slot.cache.text.len() as f64
+            }
+        };
+        if holds_own && !request.reproducible {
+            return;
+        }
+        let seq = slot.seq;
+        if slot.cache.tokens.len() >= MIN_SAVED_TOKENS {
+            match self.context.state_seq_get(seq, LlamaStateSeqFlags::empty()) {
+                Ok(state) if state.byte_len() <= self.saved.budget => {
+                    self.saved.insert(Saved {
+                        conversation: slot.conversation.clone(),
+                        cache: slot.cache.clone(),
+                        state,
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot keep a conversation's cache"),
+            }
+        }
+        if request.reproducible {
+            return;
+        }
+        let Some(saved) = self.saved.take(request.conversation.as_deref(), prompt) else {
+            return;
+        };
+        // What the slot held is saved; its cells make way for the returning conversation's.
+        let slot = &mut self.slots[index];
+        slot.cache.truncate(&mut self.context, seq, 0);
+        match self.context.state_seq_set(&saved.state, seq) {
+            Ok(()) => {
+                slot.cache = saved.cache;
+                slot.conversation = saved.conversation;
+                self.status.lock().expect("status lock").caches_restored += 1;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot restore a conversation's cache");
+                let _ = self
+                    .context
+                    .clear_kv_cache_seq(Some(seq as u32), None, None);
+            }
+        }
     }
 
     /// Reuses what the slot's cache shares with the prompt, drops the rest, and queues the new
@@ -538,7 +718,11 @@ impl<'m> Worker<'m> {
         if batch.n_tokens() == 0 {
             return 0;
         }
-        if let Err(e) = self.context.decode(batch) {
+        let decoded = {
+            let _cores = super::cpu_lease();
+            self.context.decode(batch)
+        };
+        if let Err(e) = decoded {
             let error = EngineError::Inference(format!("decode failed: {e}"));
             tracing::error!(%error, "decode failed; failing the requests of this batch");
             for i in 0..self.slots.len() {

@@ -9,7 +9,10 @@ use std::sync::mpsc;
 use collabllm::config::EXAMPLE_PROTOCOL_PATH;
 use collabllm::db::{self, DbConn, DbPool};
 use collabllm::engine::fetch::default_model_path;
-use collabllm::engine::Engines;
+use collabllm::engine::{
+    ChatRequest, Completion, Engine, EngineError, EngineEvent, EngineStatus, Engines, FinishReason,
+    Generation,
+};
 use collabllm::protocol::LoadedProtocol;
 use collabllm::web::AppState;
 use diesel::connection::SimpleConnection;
@@ -244,5 +247,56 @@ pub fn assert_trl_pair(row: &serde_json::Value) {
         assert_eq!(messages.len(), 1, "{row}");
         assert_eq!(messages[0]["role"], "assistant");
         assert!(messages[0]["content"].is_string());
+    }
+}
+
+/// An engine whose replies a test writes: `reply` gets each request and returns the text.
+/// Replies are instant and counted, so tests about what the platform does with replies need no
+/// model.
+pub struct ScriptedEngine {
+    reply: Box<dyn Fn(&ChatRequest) -> String + Send + Sync>,
+    pub requests: std::sync::atomic::AtomicUsize,
+}
+
+impl ScriptedEngine {
+    pub fn new(reply: impl Fn(&ChatRequest) -> String + Send + Sync + 'static) -> Self {
+        Self {
+            reply: Box::new(reply),
+            requests: Default::default(),
+        }
+    }
+}
+
+impl Engine for ScriptedEngine {
+    fn start(&self, request: ChatRequest) -> Result<Generation, EngineError> {
+        self.requests
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let text = (self.reply)(&request);
+        let (generation, events, _cancel) = Generation::channel();
+        let _ = events.send(EngineEvent::Token(text.clone()));
+        let _ = events.send(EngineEvent::Done(Completion {
+            generated_tokens: text.split_whitespace().count() as u32,
+            text,
+            finish_reason: FinishReason::Stop,
+            prompt_tokens: 0,
+            prompt_tokens_processed: 0,
+            ttft_ms: 0,
+            total_ms: 0,
+            seed: request.sampling.seed.unwrap_or(0),
+        }));
+        Ok(generation)
+    }
+
+    fn status(&self) -> EngineStatus {
+        EngineStatus {
+            model: "scripted".into(),
+            backend: "scripted",
+            running: true,
+            ..Default::default()
+        }
+    }
+
+    fn fingerprint(&self) -> String {
+        "scripted".into()
     }
 }
