@@ -101,12 +101,18 @@ enum Command {
         /// Rollouts per candidate (S; default: the protocol's, 3).
         #[arg(long)]
         samples: Option<u32>,
-        /// Turn pairs each rollout runs (w; default: the protocol's, 2).
+        /// Turn pairs each rollout runs (w; default: the protocol's, 2). 0 scores the candidate in
+        /// its context alone: the paper's single-turn ablation.
         #[arg(long)]
         window: Option<u32>,
         /// Smallest MR gap for a pair (default: the protocol's, 0.02).
         #[arg(long)]
         margin: Option<f64>,
+        /// The noise-aware rule: keep a pair only when its gap is at least K standard errors of
+        /// the gap, estimated from the rollouts (default: the protocol's `min_gap_se`, 0 = the
+        /// margin alone). Every run reports how many pairs are 2 standard errors clear.
+        #[arg(long, value_name = "K")]
+        min_gap_se: Option<f64>,
         /// Base of every seed of the run (same seed, same build: same pairs).
         #[arg(long, default_value_t = 0)]
         seed: u64,
@@ -144,7 +150,8 @@ enum Command {
         /// Rollouts per candidate (default: the protocol's).
         #[arg(long)]
         samples: Option<u32>,
-        /// Turn pairs per rollout (default: the protocol's).
+        /// Turn pairs per rollout (default: the protocol's); 0 scores each candidate alone and asks
+        /// the simulator for the next user message.
         #[arg(long)]
         window: Option<u32>,
         /// Base of every seed of the run.
@@ -542,17 +549,26 @@ fn run(cli: Cli) -> Result<()> {
             samples,
             window,
             margin,
+            min_gap_se,
             seed,
             out,
         } => {
             if candidates.is_some_and(|k| k < 2) {
                 bail!("--candidates must be at least 2: the reply given and a fresh one");
             }
-            if samples == Some(0) || window == Some(0) {
-                bail!("--samples and --window must be at least 1");
+            if samples == Some(0) {
+                bail!("--samples must be at least 1");
             }
             if margin.is_some_and(|m| !(m.is_finite() && m >= 0.0)) {
                 bail!("--margin must be a number of 0 or more");
+            }
+            if min_gap_se.is_some_and(|k| !(k.is_finite() && k >= 0.0)) {
+                bail!("--min-gap-se must be a number of 0 or more");
+            }
+            if min_gap_se.is_some_and(|k| k > 0.0) && samples.is_some_and(|s| s < 2) {
+                bail!(
+                    "--min-gap-se needs the spread of at least 2 rollouts: set --samples 2 or more"
+                );
             }
             let options = collab::pairs::PairsOptions {
                 study,
@@ -561,6 +577,7 @@ fn run(cli: Cli) -> Result<()> {
                 samples,
                 window,
                 margin,
+                min_gap_se,
                 seed,
                 models_dir: settings.models_dir.clone(),
             };
@@ -585,6 +602,10 @@ fn run(cli: Cli) -> Result<()> {
                 summary.rollouts_reused,
                 summary.identical_candidates
             );
+            println!(
+                "gaps: {} turns over the margin, {} of them at least 2 standard errors clear of the reward's noise; {} left out by --min-gap-se",
+                summary.over_margin, summary.clear_of_noise, summary.below_noise
+            );
             Ok(())
         }
         Command::Synth {
@@ -600,6 +621,12 @@ fn run(cli: Cli) -> Result<()> {
             window,
             seed,
         } => {
+            if candidates.is_some_and(|k| k < 2) {
+                bail!("--candidates must be at least 2: a pair needs two replies");
+            }
+            if samples == Some(0) {
+                bail!("--samples must be at least 1");
+            }
             let loaded = load_protocol(&protocol, &settings.models_dir)?;
             let tasks = collab::synth::read_tasks(&tasks)?;
             let p = &loaded.protocol;
@@ -613,10 +640,11 @@ fn run(cli: Cli) -> Result<()> {
             let options = collab::synth::SynthOptions {
                 conversations: n,
                 turns: turns.unwrap_or(c.max_turns).max(1),
-                candidates: candidates.unwrap_or(c.candidates).max(2),
-                samples: samples.unwrap_or(c.samples).max(1),
-                window: window.unwrap_or(c.window).max(1),
+                candidates: candidates.unwrap_or(c.candidates),
+                samples: samples.unwrap_or(c.samples),
+                window: window.unwrap_or(c.window),
                 margin: c.margin,
+                min_gap_se: c.min_gap_se,
                 seed,
             };
             let runtime =

@@ -7,7 +7,7 @@ use minijinja::context;
 use serde_json::{Map, Value};
 
 use super::structured::{self, Ask, Field, Shape};
-use super::{transcript, CollabError, Roles, Task};
+use super::{judged_transcript, transcript, CollabError, Roles, Task};
 use crate::engine::ChatMessage;
 
 const MAX_THOUGHT_CHARS: u32 = 300;
@@ -56,25 +56,37 @@ pub fn read_document(object: &Map<String, Value>) -> String {
     structured::text(object, "final_document")
 }
 
-/// The question whose answer rates the assistant's interactivity in `conversation`.
+/// The question whose answer rates the assistant's interactivity in `conversation` from the
+/// message at `from` (the candidate) on; what came before is shown as context only, and no
+/// shortening of the transcript drops the candidate.
 pub fn interactivity_ask(
     roles: &Roles,
     task: &Task,
     conversation: &[ChatMessage],
+    from: usize,
     seed: u32,
 ) -> Result<Ask, CollabError> {
     let shape = Shape(vec![
         ("thought", Field::Text(MAX_THOUGHT_CHARS)),
         ("interactivity", Field::Unit),
     ]);
-    conversation_ask(
-        roles,
+    let (history, judged) = judged_transcript(conversation, from);
+    let prompt = roles.prompts.render(
         "judge_interactivity.md",
-        task,
-        conversation,
+        context! {
+            task_kind => task.kind,
+            task_title => task.title,
+            history => history,
+            judged => judged,
+            // For prompt files written before the split: the whole transcript.
+            conversation => transcript(conversation),
+        },
+    )?;
+    Ok(Ask {
+        prompt,
         shape,
         seed,
-    )
+    })
 }
 
 /// Interactivity (0–1) and the judge's reason.
@@ -134,14 +146,20 @@ pub async fn extract_document(
     Ok(read_document(&object))
 }
 
-/// Interactivity of the assistant in `conversation`, 0–1, with the judge's reason.
+/// Interactivity of the assistant in `conversation` from the message at `from` on, 0–1, with
+/// the judge's reason.
 pub async fn interactivity(
     roles: &Roles,
     task: &Task,
     conversation: &[ChatMessage],
+    from: usize,
     seed: u32,
 ) -> Result<(f64, String), CollabError> {
-    let object = ask_one(roles, interactivity_ask(roles, task, conversation, seed)?).await?;
+    let object = ask_one(
+        roles,
+        interactivity_ask(roles, task, conversation, from, seed)?,
+    )
+    .await?;
     Ok(read_interactivity(&object))
 }
 

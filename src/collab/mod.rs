@@ -111,13 +111,11 @@ impl Goal {
         }
     }
 
-    /// What BLEU compares the final document with: the goal document, else the intent.
-    pub fn reference(&self) -> &str {
-        if self.document.trim().is_empty() {
-            &self.intent
-        } else {
-            &self.document
-        }
+    /// What BLEU compares the final document with: the goal document. Without one there is
+    /// nothing to compare with: a one-line intent shares almost no n-grams with any document, so
+    /// BLEU against it measures length, not quality.
+    pub fn reference(&self) -> Option<&str> {
+        Some(self.document.as_str()).filter(|d| !d.trim().is_empty())
     }
 }
 
@@ -340,24 +338,75 @@ const MAX_TRANSCRIPT_CHARS: usize = 6000;
 
 /// The conversation as text for the simulator's and the judge's prompts.
 pub fn transcript(conversation: &[ChatMessage]) -> String {
+    let text = newest_first(conversation, MAX_TRANSCRIPT_CHARS);
+    if text.is_empty() {
+        "(nothing yet: you write first)".into()
+    } else {
+        text
+    }
+}
+
+/// A judged conversation as two texts: the history before the message at `from` (context only)
+/// and what is judged, from that message on. Shortening never drops the judged message itself
+/// (the candidate): it is kept whole up to half the budget; the history gets up to a quarter,
+/// newest first; the messages after the candidate get the rest, newest first.
+pub fn judged_transcript(conversation: &[ChatMessage], from: usize) -> (String, String) {
+    let from = from.min(conversation.len());
+    let (history, judged) = conversation.split_at(from);
+    let history_text = if history.is_empty() {
+        "(none: the judged part opens the conversation)".to_string()
+    } else {
+        newest_first(history, MAX_TRANSCRIPT_CHARS / 4)
+    };
+    let Some((first, later)) = judged.split_first() else {
+        return (history_text, String::new());
+    };
+    let first = labelled(first, MAX_TRANSCRIPT_CHARS / 2).unwrap_or_default();
+    let left = MAX_TRANSCRIPT_CHARS.saturating_sub(first.len() + history_text.len());
+    let later = newest_first(later, left.max(1));
+    let judged_text = [first, later]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    (history_text, judged_text)
+}
+
+/// "Who: text", cut to `limit` bytes (at a character boundary); none for a system message.
+fn labelled(m: &ChatMessage, limit: usize) -> Option<String> {
+    let who = match m.role {
+        Role::User => "User",
+        Role::Assistant => "Assistant",
+        Role::System => return None,
+    };
+    const CUT: &str = " […]";
+    let mut part = format!("{who}: {}", m.content.trim());
+    if part.len() > limit {
+        let mut cut = limit.saturating_sub(CUT.len());
+        while !part.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        part.truncate(cut);
+        part.push_str(CUT);
+    }
+    Some(part)
+}
+
+/// The messages as text within `budget` bytes, keeping the newest: older ones are left out
+/// (and said to be), never the newest one, which is cut instead.
+fn newest_first(messages: &[ChatMessage], budget: usize) -> String {
     let mut parts: Vec<String> = Vec::new();
     let mut used = 0;
-    for m in conversation.iter().rev() {
-        let who = match m.role {
-            Role::User => "User",
-            Role::Assistant => "Assistant",
-            Role::System => continue,
+    for m in messages.iter().rev() {
+        let Some(part) = labelled(m, budget) else {
+            continue;
         };
-        let part = format!("{who}: {}", m.content.trim());
         used += part.len();
-        if used > MAX_TRANSCRIPT_CHARS && !parts.is_empty() {
+        if used > budget && !parts.is_empty() {
             parts.push("[earlier messages left out]".into());
             break;
         }
         parts.push(part);
-    }
-    if parts.is_empty() {
-        return "(nothing yet: you write first)".into();
     }
     parts.reverse();
     parts.join("\n\n")
@@ -476,6 +525,62 @@ mod tests {
         writer.write(&serde_json::json!({"turn": 1})).unwrap();
         assert_eq!(writer.finish().unwrap(), 1);
         assert_eq!(std::fs::read_to_string(&out).unwrap(), "{\"turn\":1}\n");
+    }
+
+    #[test]
+    fn the_judged_part_keeps_the_candidate_whatever_the_length() {
+        let m = |role, text: String| ChatMessage::new(role, text);
+        let mut conversation = Vec::new();
+        for i in 0..10 {
+            conversation.push(m(
+                Role::User,
+                format!("old question {i} {}", "x".repeat(900)),
+            ));
+            conversation.push(m(
+                Role::Assistant,
+                format!("old answer {i} {}", "y".repeat(900)),
+            ));
+        }
+        let from = conversation.len();
+        conversation.push(m(
+            Role::Assistant,
+            "THE CANDIDATE asks: who is it for?".into(),
+        ));
+        for i in 0..6 {
+            conversation.push(m(
+                Role::User,
+                format!("rollout user {i} {}", "u".repeat(1500)),
+            ));
+            conversation.push(m(
+                Role::Assistant,
+                format!("rollout reply {i} {}", "r".repeat(1500)),
+            ));
+        }
+        // The whole transcript, newest first within its budget, loses the candidate...
+        assert!(!transcript(&conversation).contains("THE CANDIDATE"));
+        // ...the judged one never does, and shows the history only as context.
+        let (history, judged) = judged_transcript(&conversation, from);
+        assert!(
+            judged.starts_with("Assistant: THE CANDIDATE"),
+            "{judged:.80}"
+        );
+        assert!(judged.contains("[earlier messages left out]"));
+        assert!(!judged.contains("old answer"));
+        assert!(
+            history.contains("old answer 9"),
+            "the newest history is there"
+        );
+        assert!(!history.contains("old answer 0") && history.starts_with("[earlier"));
+        assert!(history.len() + judged.len() <= MAX_TRANSCRIPT_CHARS + 64);
+        // A candidate longer than half the budget is cut, not dropped.
+        let long = [
+            m(Role::User, "hi".into()),
+            m(Role::Assistant, "z".repeat(20_000)),
+        ];
+        let (history, judged) = judged_transcript(&long, 1);
+        assert_eq!(history, "User: hi");
+        assert!(judged.starts_with("Assistant: zzz") && judged.ends_with("[…]"));
+        assert!(judged.len() <= MAX_TRANSCRIPT_CHARS / 2);
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct PairsOptions {
     pub samples: Option<u32>,
     pub window: Option<u32>,
     pub margin: Option<f64>,
+    /// Standard errors the gap must reach (the noise-aware rule); none: the protocol's.
+    pub min_gap_se: Option<f64>,
     /// Base of every seed of the run.
     pub seed: u64,
     pub models_dir: PathBuf,
@@ -68,6 +70,12 @@ pub struct PairsSummary {
     pub rollouts_reused: u64,
     /// Fresh candidates left out because they still repeated another reply after resampling.
     pub identical_candidates: u64,
+    /// Turns whose gap reached the margin (the paper's rule), and of those the ones whose gap is
+    /// at least 2 standard errors of itself: how many pairs are clear of the reward's noise.
+    pub over_margin: u64,
+    pub clear_of_noise: u64,
+    /// Turns over the margin left out by the noise-aware rule (`min_gap_se`).
+    pub below_noise: u64,
 }
 
 /// A session with what scoring it needs.
@@ -266,6 +274,7 @@ struct Settings {
     samples: u32,
     window: u32,
     margin: f64,
+    min_gap_se: f64,
     seed: u64,
 }
 
@@ -280,14 +289,15 @@ fn settings(protocol: &Protocol, options: &PairsOptions) -> Settings {
     Settings {
         candidates: options.candidates.unwrap_or(c.candidates).max(2),
         samples: options.samples.unwrap_or(c.samples).max(1),
-        window: options.window.unwrap_or(c.window).max(1),
+        window: options.window.unwrap_or(c.window),
         margin: options.margin.unwrap_or(c.margin),
+        min_gap_se: options.min_gap_se.unwrap_or(c.min_gap_se),
         seed: options.seed,
     }
 }
 
 /// sha256 of everything that shapes a rollout: settings, weights, prompts, models and policies.
-/// The margin only filters pairs and is left out.
+/// The margin and the noise rule only filter pairs and are left out.
 fn config_sha256(settings: &Settings, roles: &Roles, policy: &Policy) -> String {
     let config = json!({
         "candidates": settings.candidates,
@@ -300,6 +310,8 @@ fn config_sha256(settings: &Settings, roles: &Roles, policy: &Policy) -> String 
         "judge": [roles.judge.fingerprint(), &roles.spec.judge_sampling],
         "prompts": roles.prompts.sha256(),
         "policy": [policy.engine.fingerprint(), &policy.arm.system_prompt, &policy.arm.sampling],
+        // Rollouts scored before BLEU needed a goal document are not reused.
+        "scoring": "bleu-needs-goal-document",
     });
     sha256_hex(config.to_string().as_bytes())
 }
@@ -341,6 +353,19 @@ impl From<CollabError> for TurnError {
 }
 
 /// A candidate of a turn: its text, its stored row (none for the reply given) and its seed.
+/// Standard errors a pair's gap is reported against in every run's summary, whatever rule
+/// keeps the pairs: a gap of two is clear of the reward's own noise.
+const NOISE_REPORT_SE: f64 = 2.0;
+
+/// A number as JSON, or null where it is not finite (JSON has no infinity).
+fn finite_or_null(x: f64) -> Value {
+    if x.is_finite() {
+        json!(x)
+    } else {
+        Value::Null
+    }
+}
+
 struct Scored {
     candidate: Candidate,
     id: Option<i64>,
@@ -524,9 +549,18 @@ async fn score_turn(
     })
     .await?;
 
-    let Some((chosen, rejected)) = reward::pick_pair(&rewards, turn.settings.margin) else {
+    let Some(picked) = reward::pick_with_noise(&rewards, turn.settings.margin) else {
         return Ok(None);
     };
+    summary.over_margin += 1;
+    if picked.clears(NOISE_REPORT_SE) {
+        summary.clear_of_noise += 1;
+    }
+    if !picked.clears(turn.settings.min_gap_se) {
+        summary.below_noise += 1;
+        return Ok(None);
+    }
+    let (chosen, rejected) = (picked.chosen, picked.rejected);
     Ok(Some(pair_row(
         turn,
         &context,
@@ -657,12 +691,14 @@ fn pair_row(
     chosen: usize,
     rejected: usize,
 ) -> Value {
+    let gap_se = reward::gap_standard_error(&rewards[chosen], &rewards[rejected]);
     let s = turn.session;
     let roles = &turn.version.roles;
     let metrics = |i: usize| {
         let mut m = serde_json::to_value(&rewards[i].means).expect("metrics serialise");
         m["mr_std"] = json!(rewards[i].std);
         m["rollouts"] = json!(rewards[i].rollouts);
+        m["scores"] = json!(rewards[i].scores);
         m
     };
     let assistant =
@@ -691,6 +727,8 @@ fn pair_row(
             "samples": turn.settings.samples,
             "window": turn.settings.window,
             "margin": turn.settings.margin,
+            "min_gap_se": turn.settings.min_gap_se,
+            "gap_se": finite_or_null(gap_se),
             "seed": turn.settings.seed,
             "seed_chosen": candidates[chosen].seed,
             "seed_rejected": candidates[rejected].seed,
@@ -699,6 +737,11 @@ fn pair_row(
             "judge_model_sha256": roles.judge.fingerprint(),
             "prompts_sha256": roles.prompts.sha256(),
             "weights": roles.spec.weights,
+            "bleu_reference": if s.goal.reference().is_some() {
+                "goal document"
+            } else {
+                "none: no goal document, BLEU left out of the score"
+            },
             "config_sha256": turn.config,
         },
     })

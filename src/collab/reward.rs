@@ -23,8 +23,9 @@ pub struct Candidate {
 /// The metrics of one rollout.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Metrics {
-    /// Sentence BLEU of the final document against the goal (0–1).
-    pub bleu: f64,
+    /// Sentence BLEU of the final document against the goal document (0–1); none when there is
+    /// no goal document (a one-line intent is no reference), and then it is not in the score.
+    pub bleu: Option<f64>,
     /// Assistant tokens from the candidate on, in thousands.
     pub tokens_k: f64,
     /// The judge's interactivity (0–1).
@@ -37,7 +38,7 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn score(&self, w: &RewardWeights) -> f64 {
-        w.bleu * self.bleu
+        self.bleu.map_or(0.0, |b| w.bleu * b)
             + w.tokens * self.tokens_k
             + w.interactivity * self.interactivity
             + self.quality.map_or(0.0, |q| w.quality * (q - 1.0) / 9.0)
@@ -223,7 +224,13 @@ async fn judge_all(
             let seed = key.seed("interactivity", 0);
             Ok([
                 d,
-                judge::interactivity_ask(roles, scene.task, &run.conversation, seed)?,
+                judge::interactivity_ask(
+                    roles,
+                    scene.task,
+                    &run.conversation,
+                    scene.context.len(),
+                    seed,
+                )?,
             ])
         });
         match built {
@@ -279,7 +286,10 @@ async fn judge_all(
             })?;
             let quality = quality.transpose()?;
             let metrics = Metrics {
-                bleu: super::metrics::sentence_bleu(&document, scene.goal.reference()),
+                bleu: scene
+                    .goal
+                    .reference()
+                    .map(|goal| super::metrics::sentence_bleu(&document, goal)),
                 tokens_k: run.tokens as f64 / 1000.0,
                 interactivity,
                 quality,
@@ -303,6 +313,8 @@ pub struct Reward {
     /// Mean of each metric over the rollouts.
     pub means: Metrics,
     pub rollouts: usize,
+    /// The score of each rollout, in sample order: the spread behind `mr` and `std`.
+    pub scores: Vec<f64>,
 }
 
 impl Reward {
@@ -311,25 +323,71 @@ impl Reward {
         let mean = |f: &dyn Fn(&(f64, Metrics)) -> f64| rollouts.iter().map(f).sum::<f64>() / n;
         let mr = mean(&|r| r.0);
         let std = mean(&|r| (r.0 - mr).powi(2)).sqrt();
-        let qualities: Vec<f64> = rollouts.iter().filter_map(|r| r.1.quality).collect();
+        let mean_of = |values: Vec<f64>| {
+            (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+        };
         Self {
             mr,
             std,
             means: Metrics {
-                bleu: mean(&|r| r.1.bleu),
+                bleu: mean_of(rollouts.iter().filter_map(|r| r.1.bleu).collect()),
                 tokens_k: mean(&|r| r.1.tokens_k),
                 interactivity: mean(&|r| r.1.interactivity),
-                quality: (!qualities.is_empty())
-                    .then(|| qualities.iter().sum::<f64>() / qualities.len() as f64),
+                quality: mean_of(rollouts.iter().filter_map(|r| r.1.quality).collect()),
                 terminated: rollouts.iter().any(|r| r.1.terminated),
             },
             rollouts: rollouts.len(),
+            scores: rollouts.iter().map(|r| r.0).collect(),
         }
     }
 }
 
 /// Chosen and rejected among candidates' rewards: the highest MR and the lowest, ties broken
 /// towards the lower standard deviation; `None` when the gap is below `margin`.
+/// The standard error of the gap between the rewards of two candidates, from their rollouts'
+/// sample variances: how far apart the two MR estimates could be by chance alone. Infinite when a
+/// side has fewer than two rollouts (no spread to estimate it from).
+pub fn gap_standard_error(a: &Reward, b: &Reward) -> f64 {
+    let variance_of_mean = |r: &Reward| {
+        let n = r.scores.len();
+        if n < 2 {
+            return f64::INFINITY;
+        }
+        let mean = r.scores.iter().sum::<f64>() / n as f64;
+        let sample_var = r.scores.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+        sample_var / n as f64
+    };
+    (variance_of_mean(a) + variance_of_mean(b)).sqrt()
+}
+
+/// A pair the margin keeps: chosen and rejected, their gap and its standard error.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Picked {
+    pub chosen: usize,
+    pub rejected: usize,
+    pub gap: f64,
+    pub gap_se: f64,
+}
+
+impl Picked {
+    /// Whether the gap is at least `k` standard errors; any gap when `k` is 0 (the rule is off),
+    /// none when the error is unknown (one rollout a side).
+    pub fn clears(&self, k: f64) -> bool {
+        k <= 0.0 || self.gap >= k * self.gap_se
+    }
+}
+
+/// [`pick_pair`] with the gap's standard error, for the noise-aware rule.
+pub fn pick_with_noise(rewards: &[Reward], margin: f64) -> Option<Picked> {
+    let (chosen, rejected) = pick_pair(rewards, margin)?;
+    Some(Picked {
+        chosen,
+        rejected,
+        gap: rewards[chosen].mr - rewards[rejected].mr,
+        gap_se: gap_standard_error(&rewards[chosen], &rewards[rejected]),
+    })
+}
+
 pub fn pick_pair(rewards: &[Reward], margin: f64) -> Option<(usize, usize)> {
     let mut order: Vec<usize> = (0..rewards.len()).collect();
     order.sort_by(|&a, &b| {
@@ -351,6 +409,7 @@ mod tests {
             std,
             means: Metrics::default(),
             rollouts: 3,
+            scores: vec![mr; 3],
         }
     }
 
@@ -366,16 +425,45 @@ mod tests {
     }
 
     #[test]
+    fn the_gap_is_measured_against_its_own_noise() {
+        let with = |scores: &[f64]| Reward {
+            scores: scores.to_vec(),
+            ..Reward::of(
+                &scores
+                    .iter()
+                    .map(|&s| (s, Metrics::default()))
+                    .collect::<Vec<_>>(),
+            )
+        };
+        // Chosen 0.6 ± sample std 0.1, rejected 0.3 ± 0.1, 3 rollouts each:
+        // se = sqrt(0.01/3 + 0.01/3) = 0.0816…, gap 0.3 = 3.67 se.
+        let rewards = [with(&[0.5, 0.6, 0.7]), with(&[0.2, 0.3, 0.4])];
+        let p = pick_with_noise(&rewards, 0.02).unwrap();
+        assert_eq!((p.chosen, p.rejected), (0, 1));
+        assert!((p.gap - 0.3).abs() < 1e-12);
+        assert!((p.gap_se - (0.02f64 / 3.0).sqrt()).abs() < 1e-12);
+        assert!(p.clears(3.0) && !p.clears(4.0));
+        // The same gap from noisy rollouts is inside the noise.
+        let noisy = [with(&[0.0, 0.6, 1.2]), with(&[-0.3, 0.3, 0.9])];
+        assert!(!pick_with_noise(&noisy, 0.02).unwrap().clears(1.0));
+        // One rollout each: no spread, no claim to be clear of it.
+        let single = [with(&[0.9]), with(&[0.1])];
+        let p = pick_with_noise(&single, 0.02).unwrap();
+        assert!(p.gap_se.is_infinite() && !p.clears(1.0) && p.clears(0.0));
+    }
+
+    #[test]
     fn reward_is_mean_and_population_std() {
         let m = Metrics::default();
         let r = Reward::of(&[(1.0, m.clone()), (3.0, m)]);
         assert_eq!((r.mr, r.std, r.rollouts), (2.0, 1.0, 2));
+        assert_eq!(r.scores, [1.0, 3.0]);
     }
 
     #[test]
     fn score_weighs_the_metrics() {
         let m = Metrics {
-            bleu: 0.5,
+            bleu: Some(0.5),
             tokens_k: 0.2,
             interactivity: 1.0,
             quality: Some(10.0),
@@ -386,5 +474,8 @@ mod tests {
             ..RewardWeights::default()
         };
         assert!((m.score(&w) - (0.5 - 0.02 + 1.0 + 0.5)).abs() < 1e-12);
+        // Without a goal document BLEU measures nothing and is left out.
+        let no_goal = Metrics { bleu: None, ..m };
+        assert!((no_goal.score(&w) - (-0.02 + 1.0 + 0.5)).abs() < 1e-12);
     }
 }

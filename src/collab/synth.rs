@@ -71,6 +71,8 @@ pub struct SynthOptions {
     pub samples: u32,
     pub window: u32,
     pub margin: f64,
+    /// The noise-aware rule of `pairs` (standard errors the gap must reach; 0: margin alone).
+    pub min_gap_se: f64,
     pub seed: u64,
 }
 
@@ -151,10 +153,15 @@ pub async fn run(
                         }))?;
                         summary.rows += 1;
                     }
-                    if let (Some(out), Some((chosen, rejected))) = (
-                        pair_rows.as_mut(),
-                        reward::pick_pair(&rewards, options.margin),
-                    ) {
+                    let picked = reward::pick_with_noise(&rewards, options.margin)
+                        .filter(|p| p.clears(options.min_gap_se));
+                    if let (
+                        Some(out),
+                        Some(reward::Picked {
+                            chosen, rejected, ..
+                        }),
+                    ) = (pair_rows.as_mut(), picked)
+                    {
                         out.write(&json!({
                             "prompt": policy.messages(&history),
                             "chosen": [{"role": "assistant", "content": candidates[chosen].text}],
@@ -243,22 +250,90 @@ async fn grow_turn(
     };
     let ran = reward::rollouts(&scene, &candidates, &todo, options.window).await;
     let mut per_candidate = vec![Vec::new(); candidates.len()];
-    let mut first_rollouts = vec![None; candidates.len()];
+    let mut rollouts_of: Vec<Vec<reward::Rollout>> = vec![Vec::new(); candidates.len()];
     for (key, result) in todo.iter().zip(ran) {
         let rollout = result?;
-        if key.sample == 0 {
-            first_rollouts[key.candidate] = Some(rollout.clone());
-        }
-        per_candidate[key.candidate].push((rollout.score, rollout.metrics));
+        per_candidate[key.candidate].push((rollout.score, rollout.metrics.clone()));
+        rollouts_of[key.candidate].push(rollout);
     }
     let rewards: Vec<Reward> = per_candidate.iter().map(|r| Reward::of(r)).collect();
-    // The best candidate's first rollout goes on with the user's reply, unless the user ended
-    // the chat there. (A rollout is the candidate, then the user, then the assistant, …)
-    let next_user = first_rollouts[best(&rewards)]
-        .as_ref()
-        .filter(|r| !r.metrics.terminated)
-        .and_then(|r| r.continuation.get(1))
-        .filter(|m| m.role == Role::User)
-        .map(|m| m.content.clone());
+    // The conversation goes on with a simulated user's reply to the kept candidate.
+    let kept = best(&rewards);
+    let next_user = if options.window == 0 {
+        // The rollouts stopped at the candidate: the simulator answers the kept one.
+        let mut conversation = history.to_vec();
+        conversation.push(ChatMessage::new(
+            Role::Assistant,
+            candidates[kept].text.clone(),
+        ));
+        let seed = derive_seed(options.seed, &[label, "next user"]);
+        let next = simulator::next_message(roles, task, goal, &conversation, seed).await?;
+        (!next.terminates && !next.response.is_empty()).then_some(next.response)
+    } else {
+        next_user_of(&rollouts_of[kept])
+    };
     Ok((candidates, seeds, rewards, next_user))
+}
+
+/// The user's next message after a candidate, from its rollouts (each the candidate, then the
+/// user, then the assistant, …): from one whose first simulated user went on with the chat, the
+/// longest such (the first of equals), so the conversation continues where a user did; none when
+/// every first user ended the chat.
+fn next_user_of(rollouts: &[reward::Rollout]) -> Option<String> {
+    let first_user_went_on = |r: &&reward::Rollout| {
+        let replied = r.continuation.get(1).is_some_and(|m| m.role == Role::User);
+        // A user who ended the chat at once is the last message of the rollout.
+        replied && (r.continuation.len() > 2 || !r.metrics.terminated)
+    };
+    rollouts
+        .iter()
+        .filter(first_user_went_on)
+        .min_by_key(|r| std::cmp::Reverse(r.continuation.len()))
+        .map(|r| r.continuation[1].content.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::collab::reward::{Metrics, Rollout};
+
+    fn rollout(messages: &[(Role, &str)], terminated: bool) -> Rollout {
+        Rollout {
+            continuation: messages
+                .iter()
+                .map(|(role, text)| ChatMessage::new(*role, *text))
+                .collect(),
+            document: String::new(),
+            metrics: Metrics {
+                terminated,
+                ..Metrics::default()
+            },
+            score: 0.0,
+        }
+    }
+
+    #[test]
+    fn the_next_user_comes_from_a_rollout_whose_first_user_went_on() {
+        use Role::{Assistant as A, User as U};
+        // Sample 0: the first user ended the chat. Sample 1: went on, ended later (terminated
+        // somewhere in the window, which does not matter). Sample 2: went on, shorter.
+        let ended_at_once = rollout(&[(A, "c"), (U, "bye")], true);
+        let went_on_longest = rollout(
+            &[(A, "c"), (U, "more"), (A, "r"), (U, "thanks, done")],
+            true,
+        );
+        let went_on_short = rollout(&[(A, "c"), (U, "short"), (A, "r")], false);
+        let rollouts = [ended_at_once.clone(), went_on_short, went_on_longest];
+        assert_eq!(next_user_of(&rollouts).as_deref(), Some("more"));
+        // Of equals, the first.
+        let a = rollout(&[(A, "c"), (U, "first"), (A, "r")], false);
+        let b = rollout(&[(A, "c"), (U, "second"), (A, "r")], false);
+        assert_eq!(next_user_of(&[a, b]).as_deref(), Some("first"));
+        // A window of one: the user's message ends the rollout without ending the chat.
+        let one = rollout(&[(A, "c"), (U, "go on")], false);
+        assert_eq!(next_user_of(&[one]).as_deref(), Some("go on"));
+        // Every first user ended the chat: the conversation ends.
+        assert_eq!(next_user_of(&[ended_at_once]), None);
+        assert_eq!(next_user_of(&[rollout(&[(A, "c")], true)]), None);
+    }
 }

@@ -290,12 +290,16 @@ pub struct CollabSpec {
     pub prompts: Option<PathBuf>,
     /// Rollouts per candidate reply (S).
     pub samples: u32,
-    /// Turn pairs (user, assistant) each rollout runs past the candidate (w).
+    /// Turn pairs (user, assistant) each rollout runs past the candidate (w); 0 judges the
+    /// candidate in its context alone (the paper's single-turn ablation).
     pub window: u32,
     /// Replies compared per turn: the one given and `candidates - 1` fresh ones (K).
     pub candidates: u32,
     /// Smallest reward gap between chosen and rejected for a pair to be kept.
     pub margin: f64,
+    /// The noise-aware rule: keep a pair only when its gap is at least this many standard errors
+    /// of the gap (from the rollouts' spread); 0 keeps the paper's margin alone.
+    pub min_gap_se: f64,
     /// Turn cap of a simulated participant (the protocol's `max_turns` caps it too).
     pub max_turns: u32,
     /// Longest document (characters) the judge extracts from a conversation.
@@ -317,6 +321,7 @@ impl Default for CollabSpec {
             window: 2,
             candidates: 2,
             margin: 0.02,
+            min_gap_se: 0.0,
             max_turns: 10,
             max_document_chars: 2000,
             weights: RewardWeights::default(),

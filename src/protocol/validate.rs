@@ -359,7 +359,6 @@ impl Checker<'_> {
         }
         for (key, value, least) in [
             ("samples", c.samples, 1),
-            ("window", c.window, 1),
             ("candidates", c.candidates, 2),
             ("max_turns", c.max_turns, 1),
             ("max_document_chars", c.max_document_chars, 1),
@@ -371,6 +370,25 @@ impl Checker<'_> {
                     format!("set {key} to at least {least}"),
                 );
             }
+        }
+        if !(c.min_gap_se.is_finite() && c.min_gap_se >= 0.0) {
+            self.report(
+                &[Key("collab"), Key("min_gap_se")],
+                format!(
+                    "[collab] min_gap_se {} is not a non-negative number",
+                    c.min_gap_se
+                ),
+                "use a number of standard errors such as 2, or 0 for the margin alone".into(),
+            );
+        } else if c.min_gap_se > 0.0 && c.samples < 2 {
+            self.report(
+                &[Key("collab"), Key("min_gap_se")],
+                format!(
+                    "[collab] min_gap_se needs the spread of at least 2 rollouts, and samples is {}",
+                    c.samples
+                ),
+                "set samples to 2 or more, or min_gap_se to 0".into(),
+            );
         }
         if !(c.margin.is_finite() && c.margin >= 0.0) {
             self.report(

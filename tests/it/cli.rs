@@ -367,6 +367,25 @@ fn pairs_and_synth_refuse_bad_input_clearly() {
         text(&one)
     );
 
+    // The noise-aware rule needs a spread to measure the noise by.
+    let no_spread = collabllm(&[
+        "pairs",
+        "--study",
+        "x",
+        "--samples",
+        "1",
+        "--min-gap-se",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!no_spread.status.success());
+    assert!(
+        text(&no_spread).contains("at least 2 rollouts"),
+        "{}",
+        text(&no_spread)
+    );
+
     let tasks = write_temp(dir.path(), "tasks.jsonl", "{\"prompt\": \"x\"}\n");
     let synth = collabllm(&[
         "synth",
@@ -382,6 +401,24 @@ fn pairs_and_synth_refuse_bad_input_clearly() {
     assert!(
         said.contains("tasks.jsonl:1:") && said.contains("reference"),
         "{said}"
+    );
+    // One candidate is refused, as `pairs` refuses it, rather than silently raised to two.
+    let one = collabllm(&[
+        "synth",
+        "--tasks",
+        tasks.to_str().unwrap(),
+        "--n",
+        "1",
+        "--candidates",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!one.status.success());
+    assert!(
+        text(&one).contains("--candidates must be at least 2"),
+        "{}",
+        text(&one)
     );
 }
 

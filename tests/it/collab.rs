@@ -82,6 +82,7 @@ fn options(study: &str) -> PairsOptions {
         samples: Some(2),
         window: Some(1),
         margin: Some(0.0),
+        min_gap_se: None,
         seed: 11,
         models_dir: models_dir(),
     }
@@ -147,7 +148,7 @@ async fn simulator_and_judge_answer_in_shape() {
             "Dear Ann, thank you so much for watering my plants!",
         ),
     ];
-    let (score, thought) = judge::interactivity(&roles, &task, &conversation, 1)
+    let (score, thought) = judge::interactivity(&roles, &task, &conversation, 1, 1)
         .await
         .unwrap();
     assert!((0.0..=1.0).contains(&score), "{score}");
@@ -251,6 +252,11 @@ async fn pairs_are_scored_stored_resumed_and_reproduced(db: TestDb) {
         "{summary:?}"
     );
     assert_eq!((summary.rollouts_run, summary.rollouts_reused), (8, 0));
+    // Without the noise-aware rule every turn over the margin is a pair, and none is left out.
+    assert_eq!(
+        (summary.over_margin, summary.below_noise),
+        (summary.pairs, 0)
+    );
     let pairs = rows(&first);
     for row in &pairs {
         assert_trl_pair(row);
@@ -260,9 +266,28 @@ async fn pairs_are_scored_stored_resumed_and_reproduced(db: TestDb) {
                 assert!(row[side][metric].is_number(), "{side}.{metric} in {row}");
             }
             assert_eq!(row[side]["rollouts"], 2);
+            // The per-sample scores behind the reward: their mean is the score of the side.
+            let scores: Vec<f64> = row[side]["scores"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            assert_eq!(scores.len(), 2);
+            let score = if side == "metrics_chosen" {
+                "score_chosen"
+            } else {
+                "score_rejected"
+            };
+            let mean = scores.iter().sum::<f64>() / 2.0;
+            assert!((mean - row[score].as_f64().unwrap()).abs() < 1e-9, "{row}");
         }
         let meta = &row["metadata"];
         assert_eq!(meta["study"], "quick-pilot");
+        assert_eq!(
+            meta["bleu_reference"], "goal document",
+            "a recorded session's final document is the goal"
+        );
         assert!(meta["participant"].as_str().unwrap().starts_with("p-"));
         assert_eq!(meta["policy_model_sha256"].as_str().unwrap().len(), 64);
         assert_eq!(meta["judge_model_sha256"], meta["policy_model_sha256"]);
@@ -304,6 +329,21 @@ async fn pairs_are_scored_stored_resumed_and_reproduced(db: TestDb) {
     );
     assert_eq!(count_rollouts(&pool), 8);
     assert_eq!(rows(&second), pairs, "a resumed run gives the same pairs");
+
+    // The noise-aware rule filters the same rollouts (reused, not run again): a gap never
+    // reaches a million standard errors.
+    let strict = PairsOptions {
+        min_gap_se: Some(1e6),
+        ..options.clone()
+    };
+    let none_clear = dir.path().join("strict.jsonl");
+    let summary = run_pairs(&pool, &engines, &strict, &none_clear).await;
+    assert_eq!((summary.rollouts_run, summary.rollouts_reused), (0, 8));
+    assert_eq!(
+        (summary.pairs, summary.over_margin, summary.below_noise),
+        (0, 2, 2)
+    );
+    assert!(!none_clear.exists());
 
     // Nothing stored at all: the same seeds give the same pairs again.
     diesel::delete(schema::rollouts::table)
@@ -449,6 +489,7 @@ async fn synth_grows_conversations_from_single_turn_tasks() {
         samples: 1,
         window: 1,
         margin: 0.0,
+        min_gap_se: 0.0,
         seed: 3,
     };
     let (out, pairs_out) = (
@@ -533,7 +574,11 @@ async fn a_weighted_quality_is_judged_in_every_rollout() {
             .quality
             .expect("quality is judged when weighted");
         assert!((1.0..=10.0).contains(&quality), "{quality}");
-        let expected = rollout.metrics.bleu - 0.1 * rollout.metrics.tokens_k
+        assert_eq!(
+            rollout.metrics.bleu, None,
+            "no goal document: BLEU is left out, not scored against the intent"
+        );
+        let expected = -0.1 * rollout.metrics.tokens_k
             + rollout.metrics.interactivity
             + 0.5 * (quality - 1.0) / 9.0;
         assert!((rollout.score - expected).abs() < 1e-12);

@@ -402,6 +402,7 @@ async fn background_work_leaves_a_slot_for_participants() {
 async fn an_oversized_prompt_is_refused_before_the_worker_sees_it() {
     let engine = engine(1, 2048);
     let _running = engine.start(long_request(Priority::Participant)).unwrap();
+    wait_for(&engine, "the first request runs", |s| s.active == 1).await;
     let huge = "word ".repeat(800_000); // 4 MB
     match engine.start(chat(&huge, greedy(4))) {
         Err(EngineError::PromptTooLong { tokens, limit }) => {

@@ -303,6 +303,16 @@ fn collab_settings_are_checked_at_their_lines() {
 }
 
 #[test]
+fn a_window_of_zero_is_the_single_turn_ablation_and_is_accepted() {
+    let text = format!("{VALID}\n[collab]\nwindow = 0\n");
+    let c = check(&text).unwrap().protocol.collab;
+    assert_eq!(c.window, 0);
+    // Zero rollouts per candidate, though, would score nothing.
+    let err = check(&format!("{VALID}\n[collab]\nsamples = 0\n")).unwrap_err();
+    assert!(err.to_string().contains("samples is 0"), "{err}");
+}
+
+#[test]
 fn collab_settings_default_to_the_papers() {
     let c = check(VALID).unwrap().protocol.collab;
     assert_eq!((c.samples, c.window, c.candidates), (3, 2, 2));
