@@ -530,32 +530,30 @@ mod tests {
     #[test]
     fn the_judged_part_keeps_the_candidate_whatever_the_length() {
         let m = |role, text: String| ChatMessage::new(role, text);
-        let mut conversation = Vec::new();
-        for i in 0..10 {
-            conversation.push(m(
-                Role::User,
-                format!("old question {i} {}", "x".repeat(900)),
-            ));
-            conversation.push(m(
-                Role::Assistant,
-                format!("old answer {i} {}", "y".repeat(900)),
-            ));
-        }
+        // `n` exchanges of a user and an assistant message of `len` characters each.
+        let exchanges = |label: &str, n: usize, len: usize| -> Vec<ChatMessage> {
+            (0..n)
+                .flat_map(|i| {
+                    [
+                        m(
+                            Role::User,
+                            format!("{label} question {i} {}", "u".repeat(len)),
+                        ),
+                        m(
+                            Role::Assistant,
+                            format!("{label} answer {i} {}", "a".repeat(len)),
+                        ),
+                    ]
+                })
+                .collect()
+        };
+        let mut conversation = exchanges("old", 10, 900);
         let from = conversation.len();
         conversation.push(m(
             Role::Assistant,
             "THE CANDIDATE asks: who is it for?".into(),
         ));
-        for i in 0..6 {
-            conversation.push(m(
-                Role::User,
-                format!("rollout user {i} {}", "u".repeat(1500)),
-            ));
-            conversation.push(m(
-                Role::Assistant,
-                format!("rollout reply {i} {}", "r".repeat(1500)),
-            ));
-        }
+        conversation.extend(exchanges("rollout", 6, 1500));
         // The whole transcript, newest first within its budget, loses the candidate...
         assert!(!transcript(&conversation).contains("THE CANDIDATE"));
         // ...the judged one never does, and shows the history only as context.

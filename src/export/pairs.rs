@@ -239,11 +239,11 @@ pub fn export(
                 else {
                     continue;
                 };
-                // A pick between two replies of the same text states no preference.
-                if crate::collab::same_reply(&a.content, &b.content) {
-                    continue;
-                }
+                // Two replies of the same text: a pick between them states no preference, and
+                // a label of both is one label.
+                let same = crate::collab::same_reply(&a.content, &b.content);
                 match (a.chosen, b.chosen) {
+                    (Some(x), Some(y)) if x != y && same => {}
                     (Some(x), Some(y)) if x != y => {
                         let (chosen, rejected) = if x { (a, b) } else { (b, a) };
                         let row = json!({
@@ -262,7 +262,7 @@ pub fn export(
                     }
                     (Some(label), _) => {
                         // A tie (both good) or both bad: no preference, but each reply is labelled.
-                        for c in [a, b] {
+                        for c in if same { vec![a] } else { vec![a, b] } {
                             let row = json!({
                                 "prompt": prompt,
                                 "completion": assistant(&c.content),

@@ -23,6 +23,13 @@ fn text(out: &Output) -> String {
     )
 }
 
+/// Runs the command, which must fail saying `why`.
+fn assert_refused(args: &[&str], why: &str) {
+    let out = collabllm(args);
+    assert!(!out.status.success(), "{args:?} succeeded");
+    assert!(text(&out).contains(why), "{args:?}: {}", text(&out));
+}
+
 #[test]
 fn every_command_explains_itself() {
     for args in [
@@ -351,51 +358,30 @@ fn pairs_and_synth_refuse_bad_input_clearly() {
         text(&unknown)
     );
     assert!(!out.exists());
-    let one = collabllm(&[
-        "pairs",
-        "--study",
-        "x",
-        "--candidates",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!one.status.success());
-    assert!(
-        text(&one).contains("--candidates must be at least 2"),
-        "{}",
-        text(&one)
+    let out = out.to_str().unwrap();
+    assert_refused(
+        &["pairs", "--study", "x", "--candidates", "1", "--out", out],
+        "--candidates must be at least 2",
     );
-
     // The noise-aware rule needs a spread to measure the noise by.
-    let no_spread = collabllm(&[
-        "pairs",
-        "--study",
-        "x",
-        "--samples",
-        "1",
-        "--min-gap-se",
-        "2",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!no_spread.status.success());
-    assert!(
-        text(&no_spread).contains("at least 2 rollouts"),
-        "{}",
-        text(&no_spread)
+    assert_refused(
+        &[
+            "pairs",
+            "--study",
+            "x",
+            "--samples",
+            "1",
+            "--min-gap-se",
+            "2",
+            "--out",
+            out,
+        ],
+        "at least 2 rollouts",
     );
 
     let tasks = write_temp(dir.path(), "tasks.jsonl", "{\"prompt\": \"x\"}\n");
-    let synth = collabllm(&[
-        "synth",
-        "--tasks",
-        tasks.to_str().unwrap(),
-        "--n",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let tasks = tasks.to_str().unwrap();
+    let synth = collabllm(&["synth", "--tasks", tasks, "--n", "1", "--out", out]);
     assert!(!synth.status.success());
     let said = text(&synth);
     assert!(
@@ -403,22 +389,19 @@ fn pairs_and_synth_refuse_bad_input_clearly() {
         "{said}"
     );
     // One candidate is refused, as `pairs` refuses it, rather than silently raised to two.
-    let one = collabllm(&[
-        "synth",
-        "--tasks",
-        tasks.to_str().unwrap(),
-        "--n",
-        "1",
-        "--candidates",
-        "1",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert!(!one.status.success());
-    assert!(
-        text(&one).contains("--candidates must be at least 2"),
-        "{}",
-        text(&one)
+    assert_refused(
+        &[
+            "synth",
+            "--tasks",
+            tasks,
+            "--n",
+            "1",
+            "--candidates",
+            "1",
+            "--out",
+            out,
+        ],
+        "--candidates must be at least 2",
     );
 }
 
