@@ -560,14 +560,12 @@ async fn score_turn(
         summary.below_noise += 1;
         return Ok(None);
     }
-    let (chosen, rejected) = (picked.chosen, picked.rejected);
     Ok(Some(pair_row(
         turn,
         &context,
         &candidates,
         &rewards,
-        chosen,
-        rejected,
+        &picked,
     )))
 }
 
@@ -688,10 +686,9 @@ fn pair_row(
     context: &[ChatMessage],
     candidates: &[Scored],
     rewards: &[Reward],
-    chosen: usize,
-    rejected: usize,
+    picked: &reward::Picked,
 ) -> Value {
-    let gap_se = reward::gap_standard_error(&rewards[chosen], &rewards[rejected]);
+    let (chosen, rejected) = (picked.chosen, picked.rejected);
     let s = turn.session;
     let roles = &turn.version.roles;
     let metrics = |i: usize| {
@@ -728,7 +725,7 @@ fn pair_row(
             "window": turn.settings.window,
             "margin": turn.settings.margin,
             "min_gap_se": turn.settings.min_gap_se,
-            "gap_se": finite_or_null(gap_se),
+            "gap_se": finite_or_null(picked.gap_se),
             "seed": turn.settings.seed,
             "seed_chosen": candidates[chosen].seed,
             "seed_rejected": candidates[rejected].seed,

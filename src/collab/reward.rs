@@ -347,7 +347,7 @@ impl Reward {
 /// The standard error of the gap between the rewards of two candidates, from their rollouts'
 /// sample variances: how far apart the two MR estimates could be by chance alone. Infinite when a
 /// side has fewer than two rollouts (no spread to estimate it from).
-pub fn gap_standard_error(a: &Reward, b: &Reward) -> f64 {
+fn gap_standard_error(a: &Reward, b: &Reward) -> f64 {
     let variance_of_mean = |r: &Reward| {
         let n = r.scores.len();
         if n < 2 {

@@ -182,10 +182,9 @@ impl SavedCaches {
                 .iter()
                 .enumerate()
                 .filter(|(_, e)| e.conversation.is_none())
-                .map(|(i, e)| (i, common_prefix(&e.cache.text, prompt), e.cache.text.len()))
-                .filter(|&(_, shared, cached)| shared as f64 >= SLOT_SIMILARITY * cached as f64)
-                .max_by_key(|&(_, shared, _)| shared)
-                .map(|(i, _, _)| i),
+                .filter_map(|(i, e)| Some((i, e.cache.continued_by(prompt)?)))
+                .max_by_key(|&(_, shared)| shared)
+                .map(|(i, _)| i),
         }?;
         let saved = self.entries.remove(at)?;
         self.bytes -= saved.state.byte_len();
@@ -400,11 +399,10 @@ impl<'m> Worker<'m> {
             }
         } else {
             let continued = idle()
-                .filter(|(_, s)| s.conversation.is_none() && !s.cache.text.is_empty())
-                .map(|(i, s)| (i, common_prefix(&s.cache.text, prompt), s.cache.text.len()))
-                .filter(|&(_, shared, cached)| shared as f64 >= SLOT_SIMILARITY * cached as f64)
-                .max_by_key(|&(_, shared, _)| shared);
-            if let Some((i, _, _)) = continued {
+                .filter(|(_, s)| s.conversation.is_none())
+                .filter_map(|(i, s)| Some((i, s.cache.continued_by(prompt)?)))
+                .max_by_key(|&(_, shared)| shared);
+            if let Some((i, _)) = continued {
                 return i;
             }
         }
@@ -424,12 +422,7 @@ impl<'m> Worker<'m> {
         let slot = &self.slots[index];
         let holds_own = match request.conversation.as_deref() {
             Some(c) => slot.conversation.as_deref() == Some(c),
-            None => {
-                slot.conversation.is_none()
-                    && !slot.cache.text.is_empty()
-                    && common_prefix(&slot.cache.text, prompt) as f64
-                        >= SLOT_SIMILARITY * slot.cache.text.len() as f64
-            }
+            None => slot.conversation.is_none() && slot.cache.continued_by(prompt).is_some(),
         };
         if holds_own && !request.reproducible {
             return;
@@ -887,6 +880,14 @@ impl<'m> Worker<'m> {
 }
 
 impl SeqCache {
+    /// How many bytes of the cached text `prompt` repeats, when it continues enough of it
+    /// ([`SLOT_SIMILARITY`]) for the cache to be the prompt's own; none for an empty cache.
+    fn continued_by(&self, prompt: &[u8]) -> Option<usize> {
+        let shared = common_prefix(&self.text, prompt);
+        (!self.text.is_empty() && shared as f64 >= SLOT_SIMILARITY * self.text.len() as f64)
+            .then_some(shared)
+    }
+
     /// Records that `token` is now in the cache at the next position.
     fn push(&mut self, model: &LlamaModel, token: LlamaToken) {
         // A BOS that tokenisation adds is not spelled in the prompt text.
