@@ -1,7 +1,8 @@
 //! CollabLLM Studio: run human–AI document co-creation studies and turn them into training data
 //! for collaborative LLMs.
 //!
-//! Dependencies flow one way: `web` → `study` / `export` / `results` → `db` / `engine` / `protocol`.
+//! Dependencies flow one way: `web` → `study` / `export` / `results` → `db` / `engine` / `protocol`;
+//! `train` (DPO on the CPU) uses `engine` for the served tokens and to check its adapters.
 
 pub mod bench;
 pub mod collab;
@@ -13,4 +14,5 @@ pub mod protocol;
 pub mod results;
 pub mod study;
 pub mod throttle;
+pub mod train;
 pub mod web;

@@ -16,6 +16,7 @@ use collabllm::engine::remote::RemoteEngine;
 use collabllm::engine::{fetch, ChatMessage, ChatRequest, Engine, EngineEvent, Engines, Role};
 use collabllm::export;
 use collabllm::protocol::{LoadedProtocol, ProtocolError};
+use collabllm::train;
 use collabllm::web::{self, AppState};
 use indicatif::ProgressBar;
 
@@ -161,6 +162,106 @@ enum Command {
     /// Measure performance against a baseline run in the same process.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Train a policy from preference pairs.
+    #[command(subcommand)]
+    Train(TrainCommand),
+    /// Check the CollabLLM core itself.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Whether the judge and MR prefer the reply the method should prefer, on a contrast set
+    /// (ambiguous requests: asking vs assuming; clear ones: writing vs stalling): agreement with
+    /// 95% intervals, by kind, and how often MR's gap exceeds its own noise. Tells whether the
+    /// protocol's judge model is good enough to train on its rewards.
+    Reward {
+        /// Protocol whose judge, simulator and first arm (the rollouts' assistant) are checked.
+        #[arg(long, default_value = EXAMPLE_PROTOCOL_PATH)]
+        protocol: PathBuf,
+        /// Contrast set: JSONL cases {id, kind, task, intent, conversation, a, b, expected}
+        /// (default: the built-in one, `study-protocols/contrast/documents.jsonl`).
+        #[arg(long)]
+        contrast: Option<PathBuf>,
+        /// Rollouts per reply for MR (default: the protocol's); 0 checks the judge alone.
+        #[arg(long)]
+        samples: Option<u32>,
+        /// Turn pairs per rollout (default: the protocol's).
+        #[arg(long)]
+        window: Option<u32>,
+        /// Base of every seed of the check.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also write the whole report, every case included, as JSON.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TrainCommand {
+    /// Train a LoRA adapter with DPO (sigmoid loss) on the CPU from TRL conversational pairs
+    /// (`export pairs`, `pairs`, `synth --pairs-out`), fitted to the exact weights llama.cpp serves,
+    /// and write it as a llama.cpp adapter GGUF with a JSON report beside it (`ADAPTER.json`).
+    /// Add it to a protocol as `[[arms.lora]]` to serve it as an arm. Ctrl-C or SIGTERM stops after
+    /// saving a checkpoint; `--resume` continues to the same adapter an uninterrupted run writes.
+    Dpo {
+        /// JSONL file of pairs; repeat for several. KTO rows (`completion`/`label`) are skipped.
+        #[arg(long = "pairs", required = true)]
+        pairs: Vec<PathBuf>,
+        /// Base model: a protocol's model id (with --protocol) or a GGUF file.
+        #[arg(long)]
+        model: String,
+        /// Protocol whose `[[models]]` resolve a model id.
+        #[arg(long)]
+        protocol: Option<PathBuf>,
+        /// Adapter GGUF to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Held-out pairs: reward accuracy and margins of the trained adapter on them.
+        #[arg(long)]
+        eval: Option<PathBuf>,
+        /// DPO temperature: how far the policy may move from the reference.
+        #[arg(long, default_value_t = 0.1)]
+        beta: f64,
+        /// LoRA rank.
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        /// LoRA alpha; the update is scaled by alpha/rank.
+        #[arg(long, default_value_t = 16.0)]
+        alpha: f64,
+        /// Layers adapted, from q,k,v,o,gate,up,down.
+        #[arg(long, value_delimiter = ',', default_value = "q,k,v,o,gate,up,down")]
+        targets: Vec<String>,
+        /// Peak learning rate (AdamW), decayed linearly to 0 over every epoch's steps.
+        #[arg(long, default_value_t = 5e-5)]
+        lr: f64,
+        /// Passes over the pairs.
+        #[arg(long, default_value_t = 1)]
+        epochs: usize,
+        /// Pairs per optimizer step.
+        #[arg(long, default_value_t = 8)]
+        grad_accum: usize,
+        /// Longest sequence (prompt + reply); longer prompts are cut from the left.
+        #[arg(long, default_value_t = 512)]
+        max_tokens: usize,
+        /// Seed of the adapter's initialisation and of the order of the pairs.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Stop after this many optimizer steps; the checkpoint stays, so --resume continues.
+        #[arg(long)]
+        max_steps: Option<usize>,
+        /// Continue the run whose checkpoint (--out with `.checkpoint` added) is beside --out.
+        #[arg(long)]
+        resume: bool,
+        /// Replace an existing --out (and discard an unfinished run's checkpoint).
+        #[arg(long)]
+        force: bool,
+        /// Save the checkpoint every N optimizer steps (always at the end and when stopped).
+        #[arg(long, default_value_t = 1)]
+        checkpoint_every: usize,
+    },
 }
 
 /// What `bench engine` measures.
@@ -354,6 +455,23 @@ enum BenchCommand {
         /// model, slots, context and threads as the engine (used when --endpoint is not given).
         #[arg(long, env = "COLLABLLM_LLAMA_SERVER")]
         llama_server: Option<PathBuf>,
+    },
+    /// DPO training speed: seconds per pair and training tokens/s at pairs of --tokens tokens,
+    /// against the forward-only pass and llama.cpp's forward pass over the same tokens in the same
+    /// run, peak memory, and one epoch's estimated time.
+    Train {
+        /// GGUF model (default: the default model in the models directory).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Tokens of each side of a pair (prompt + reply, half each).
+        #[arg(long, default_value_t = 512)]
+        tokens: usize,
+        /// Pairs measured.
+        #[arg(long, default_value_t = 3)]
+        pairs: usize,
+        /// Pairs of the epoch whose time is estimated.
+        #[arg(long, default_value_t = 200)]
+        epoch_pairs: usize,
     },
 }
 
@@ -684,6 +802,46 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
+        Command::Eval(EvalCommand::Reward {
+            protocol,
+            contrast,
+            samples,
+            window,
+            seed,
+            out,
+        }) => {
+            let loaded = load_protocol(&protocol, &settings.models_dir)?;
+            let cases = collab::contrast::read_cases(contrast.as_deref())?;
+            let p = &loaded.protocol;
+            let arm = p.arms.first().context("the protocol has no arms")?;
+            let options = collab::contrast::ContrastOptions {
+                samples: samples.unwrap_or(p.collab.samples),
+                window: window.unwrap_or(p.collab.window),
+                seed,
+            };
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let _guard = runtime.enter();
+            let engines = Engines::new();
+            let slots = (2 * options.samples).max(2);
+            let roles =
+                collab::Roles::start(&engines, p, &loaded.source, &settings.models_dir, slots)?;
+            let policy = collab::start_policy(&engines, p, arm, &settings.models_dir, slots)?;
+            let bar = progress_bar("contrast cases");
+            let progress = progress_of(&bar);
+            let report = runtime.block_on(collab::contrast::run(
+                &roles, &policy, &cases, &options, &progress,
+            ))?;
+            bar.finish_and_clear();
+            print_contrast(&report);
+            if let Some(out) = out {
+                let json = serde_json::to_vec_pretty(&report).expect("the report is JSON");
+                std::fs::write(&out, json)
+                    .with_context(|| format!("cannot write {}", out.display()))?;
+                println!("report: {}", out.display());
+            }
+            Ok(())
+        }
         Command::Bench(BenchCommand::Mr {
             protocol,
             candidates,
@@ -754,6 +912,222 @@ fn run(cli: Cli) -> Result<()> {
                     run_study_bench(&model, slots, context_tokens, &workload, reference)
                 }
             }
+        }
+        Command::Bench(BenchCommand::Train {
+            model,
+            tokens,
+            pairs,
+            epoch_pairs,
+        }) => {
+            let model = model.unwrap_or_else(|| fetch::default_model_path(&settings.models_dir));
+            let bar = ProgressBar::new_spinner().with_message("measuring training steps");
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            let report = train::bench(&model, tokens, pairs.max(1), epoch_pairs)?;
+            bar.finish_and_clear();
+            println!("{report}");
+            Ok(())
+        }
+        Command::Train(TrainCommand::Dpo {
+            pairs,
+            model,
+            protocol,
+            out,
+            eval,
+            beta,
+            rank,
+            alpha,
+            targets,
+            lr,
+            epochs,
+            grad_accum,
+            max_tokens,
+            seed,
+            max_steps,
+            resume,
+            force,
+            checkpoint_every,
+        }) => {
+            let options = train::DpoOptions {
+                pairs,
+                eval,
+                model: resolve_model(&model, protocol.as_deref(), &settings.models_dir)?,
+                out,
+                hyper: train::Hyper {
+                    beta,
+                    rank,
+                    alpha,
+                    targets,
+                    lr,
+                    epochs,
+                    grad_accum,
+                    max_tokens,
+                    seed,
+                    max_grad_norm: 1.0,
+                },
+                max_steps,
+                resume,
+                force,
+                checkpoint_every,
+            };
+            run_train_dpo(&options)
+        }
+    }
+}
+
+fn print_contrast(report: &collab::contrast::ContrastReport) {
+    let line = |what: &str, a: &collab::contrast::Agreement| {
+        println!(
+            "{what:<28} {:>3}/{:<3} {:>5.1}%  [{:>5.1}%, {:>5.1}%]  ties {}",
+            a.agree,
+            a.n,
+            a.rate * 100.0,
+            a.lo * 100.0,
+            a.hi * 100.0,
+            a.ties
+        );
+    };
+    println!("agreement with the expected preference (95% Wilson interval)");
+    line("judge interactivity", &report.judge);
+    for (kind, a) in &report.judge_by_kind {
+        line(&format!("  {kind}"), a);
+    }
+    if let Some(mr) = &report.mr {
+        line(
+            &format!("MR (S={}, w={})", report.samples, report.window),
+            mr,
+        );
+        for (kind, a) in &report.mr_by_kind {
+            line(&format!("  {kind}"), a);
+        }
+        let failed = report
+            .cases
+            .iter()
+            .filter(|c| c.mr_failure.is_some())
+            .count();
+        if failed > 0 {
+            println!("  ({failed} cases without MR: a rollout failed)");
+        }
+    }
+    if let Some(noise) = &report.mr_above_noise {
+        line("MR gap > its noise", noise);
+    }
+    println!("{}", report.verdict());
+}
+
+/// A GGUF path, or a protocol's model id resolved to its file.
+fn resolve_model(model: &str, protocol: Option<&Path>, models_dir: &Path) -> Result<PathBuf> {
+    if train::data::is_gguf_path(model) {
+        return Ok(PathBuf::from(model));
+    }
+    let Some(protocol) = protocol else {
+        bail!("--model `{model}` is not a .gguf file; give --protocol to resolve a model id");
+    };
+    let loaded = load_protocol(protocol, models_dir)?;
+    let spec = loaded
+        .protocol
+        .models
+        .iter()
+        .find(|m| m.id == model)
+        .with_context(|| format!("{} has no model `{model}`", protocol.display()))?;
+    spec.resolved_file(models_dir).with_context(|| {
+        format!(
+            "model `{model}` of {} is served from an endpoint; training needs its GGUF file",
+            protocol.display()
+        )
+    })
+}
+
+/// Runs DPO training with a progress bar; Ctrl-C or SIGTERM stops it at a checkpoint.
+fn run_train_dpo(options: &train::DpoOptions) -> Result<()> {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let flag = stop.clone();
+    let _signals = std::thread::spawn(move || {
+        runtime.block_on(stop_signal());
+        eprintln!("stopping: saving the checkpoint…");
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let bar = ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} {bar:30} {pos}/{len} {msg} ({elapsed} so far, {eta} left)",
+        )
+        .expect("static template"),
+    );
+    let progress = |p: train::Progress| match p {
+        train::Progress::Reference { done, total } => {
+            bar.set_prefix("reference log-probs");
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+        train::Progress::Step(r) => {
+            if bar.prefix() != "steps" {
+                bar.set_prefix("steps");
+                bar.reset_eta();
+            }
+            bar.set_length(r.total_steps as u64);
+            bar.set_position(r.step as u64);
+            bar.set_message(format!(
+                "loss {:.4} · reward acc {:.2} · margin {:+.3} · {:.0} tok/s",
+                r.loss, r.reward_accuracy, r.margin, r.tokens_per_s
+            ));
+            tracing::info!(
+                step = r.step,
+                loss = r.loss,
+                reward_accuracy = r.reward_accuracy,
+                margin = r.margin,
+                grad_norm = r.grad_norm,
+                lr = r.lr,
+                tokens_per_s = r.tokens_per_s,
+                "step"
+            );
+        }
+    };
+    let outcome = train::train_dpo(options, &progress, &stop);
+    bar.finish_and_clear();
+    match outcome? {
+        train::Outcome::Finished {
+            adapter,
+            report_path,
+            report,
+        } => {
+            let d = &report["data"];
+            println!(
+                "trained on {} pairs ({} sequences cut to --max-tokens, {} pairs longer left out, \
+                 {} KTO rows skipped, {} pairs made with another model)",
+                d["pairs"], d["truncated"], d["too_long"], d["kto_rows_skipped"], d["other_model"]
+            );
+            let figures = |s: &serde_json::Value| {
+                format!(
+                    "loss {:.4}, reward accuracy {:.2}, margin {:+.3}",
+                    s["loss"].as_f64().unwrap_or(f64::NAN),
+                    s["reward_accuracy"].as_f64().unwrap_or(f64::NAN),
+                    s["margin"].as_f64().unwrap_or(f64::NAN)
+                )
+            };
+            println!("last epoch: {}", figures(&report["train"]));
+            if !report["eval"].is_null() {
+                println!(
+                    "eval ({} pairs): {}",
+                    report["eval"]["n"],
+                    figures(&report["eval"])
+                );
+            }
+            println!(
+                "llama.cpp applies the adapter as trained: the same next token at {:.0}% of positions",
+                report["llama_cpp_check"]["same_next_token"].as_f64().unwrap_or(0.0) * 100.0
+            );
+            println!("adapter: {}", adapter.display());
+            println!("report: {}", report_path.display());
+            Ok(())
+        }
+        train::Outcome::Stopped { step, checkpoint } => {
+            eprintln!(
+                "stopped after {step} steps; the checkpoint is {}: run the same command with                  --resume to continue",
+                checkpoint.display()
+            );
+            std::process::exit(130);
         }
     }
 }

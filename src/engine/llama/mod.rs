@@ -12,6 +12,7 @@ use std::time::{Instant, SystemTime};
 
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::{LlamaLoraAdapter, LlamaModel};
 use llama_cpp_2::token::LlamaToken;
@@ -328,6 +329,50 @@ fn new_context<'m>(
             })?;
     }
     Ok(context)
+}
+
+/// llama.cpp's next-token logits at every position of `tokens` (one row each), with `adapter`
+/// (loaded with `model`) applied at scale 1: what training compares its own forward pass with.
+pub fn all_logits(
+    model: &LoadedModel,
+    adapter: Option<&Path>,
+    tokens: &[u32],
+) -> Result<Vec<Vec<f32>>, EngineError> {
+    let n = u32::try_from(tokens.len())
+        .ok()
+        .filter(|&n| n > 0)
+        .ok_or_else(|| EngineError::InvalidRequest("no tokens to score".into()))?;
+    let config = WorkerConfig {
+        name: "logits".into(),
+        slots: 1,
+        context_tokens: n,
+        lora: adapter.map(|a| (a.to_path_buf(), 1.0)),
+        reuse_prefix: false,
+        saved_cache_bytes: 0,
+    };
+    let mut context = new_context(model, &config)?;
+    let failed = |e: &dyn std::fmt::Display| EngineError::Load {
+        path: model.path.display().to_string(),
+        reason: format!("cannot score the tokens ({e})"),
+    };
+    let mut rows = Vec::with_capacity(tokens.len());
+    for (chunk_index, chunk) in tokens.chunks(BATCH_TOKENS as usize).enumerate() {
+        let mut batch = LlamaBatch::new(chunk.len(), 1);
+        for (i, &t) in chunk.iter().enumerate() {
+            let pos = (chunk_index * BATCH_TOKENS as usize + i) as i32;
+            batch
+                .add(LlamaToken(t as i32), pos, &[0], true)
+                .map_err(|e| failed(&e))?;
+        }
+        {
+            let _cores = cpu_lease();
+            context.decode(&mut batch).map_err(|e| failed(&e))?;
+        }
+        for i in 0..chunk.len() {
+            rows.push(context.get_logits_ith(i as i32).to_vec());
+        }
+    }
+    Ok(rows)
 }
 
 impl LlamaEngine {

@@ -1,0 +1,171 @@
+//! `eval reward`: the contrast set's check of the judge and MR, with scripted models whose
+//! agreement is known, so the report's numbers are exact.
+
+use std::sync::Arc;
+
+use collabllm::collab::contrast::{self, ContrastOptions, Side, BUILT_IN};
+use collabllm::collab::{start_policy, Roles};
+use collabllm::engine::registry::engine_name;
+use collabllm::engine::Engines;
+use collabllm::protocol::LoadedProtocol;
+use serde_json::json;
+
+use crate::common::{models_dir, repo_root, write_temp, ScriptedEngine};
+
+fn pilot() -> LoadedProtocol {
+    let path = repo_root().join("study-protocols/quick-pilot.toml");
+    let text = std::fs::read_to_string(&path).unwrap() + "\n[collab]\nsamples = 2\nwindow = 1\n";
+    LoadedProtocol::from_text(&path, text, &models_dir()).unwrap()
+}
+
+/// One scripted model plays every role: the judge rates 1 the conversations that contain one of
+/// `preferred` (0 the others), the simulated user ends the chat at once, the policy says little.
+fn scripted(preferred: Vec<String>) -> ScriptedEngine {
+    ScriptedEngine::new(move |r| {
+        let all: String = r
+            .messages
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
+        if all.contains("judge of how well an AI assistant collaborated") {
+            let judged = all.split("What you rate:").nth(1).unwrap_or_default();
+            let score = f64::from(u8::from(
+                preferred.iter().any(|p| judged.contains(p.as_str())),
+            ));
+            json!({"thought": "scripted", "interactivity": score}).to_string()
+        } else if all.contains("Extract the final version") {
+            json!({"thought": "scripted", "final_document": "A note."}).to_string()
+        } else if all.contains("role-playing a person") {
+            json!({"current_answer": "", "thought": "done", "response": "Thanks. [[TERMINATE CHAT]]"})
+                .to_string()
+        } else {
+            "Noted.".to_string()
+        }
+    })
+}
+
+async fn check(preferred: Vec<String>, samples: u32) -> contrast::ContrastReport {
+    let loaded = pilot();
+    let p = &loaded.protocol;
+    let engines = Engines::new();
+    engines.insert(
+        &engine_name("smollm2-135m", None),
+        Arc::new(scripted(preferred)),
+    );
+    let roles = Roles::start(&engines, p, &loaded.source, &models_dir(), 4).unwrap();
+    let policy = start_policy(&engines, p, &p.arms[0], &models_dir(), 4).unwrap();
+    let cases = contrast::read_cases(None).unwrap();
+    let options = ContrastOptions {
+        samples,
+        window: 1,
+        seed: 3,
+    };
+    contrast::run(&roles, &policy, &cases, &options, &|_, _| {})
+        .await
+        .unwrap()
+}
+
+fn replies(expected: bool) -> Vec<String> {
+    contrast::read_cases(None)
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let side = if expected {
+                c.expected
+            } else {
+                other(c.expected)
+            };
+            match side {
+                Side::A => c.a.clone(),
+                Side::B => c.b.clone(),
+            }
+        })
+        .collect()
+}
+
+fn other(side: Side) -> Side {
+    match side {
+        Side::A => Side::B,
+        Side::B => Side::A,
+    }
+}
+
+#[tokio::test]
+async fn a_judge_that_agrees_is_reported_as_agreeing() {
+    let report = check(replies(true), 2).await;
+    assert_eq!(
+        (report.judge.agree, report.judge.n, report.judge.ties),
+        (30, 30, 0)
+    );
+    assert_eq!(report.judge.rate, 1.0);
+    assert!(
+        report.judge.lo > 0.85 && report.judge.hi == 1.0,
+        "{:?}",
+        report.judge
+    );
+    let mr = report.mr.unwrap();
+    assert_eq!((mr.agree, mr.n), (30, 30));
+    // The scripted rollouts score the same every time: no noise, every gap clears it.
+    let above = report.mr_above_noise.unwrap();
+    assert_eq!((above.agree, above.n), (30, 30));
+    for case in &report.cases {
+        let r = case.rewards.as_ref().unwrap();
+        assert!(r.gap > 0.9 && r.noise == 0.0, "{}: {r:?}", case.id);
+    }
+    assert_eq!(report.judge_by_kind["ambiguous"].n, 16);
+    assert_eq!(report.judge_by_kind["clear"].n, 14);
+    assert!(
+        report.verdict().contains("carries signal"),
+        "{}",
+        report.verdict()
+    );
+}
+
+#[tokio::test]
+async fn a_judge_that_disagrees_is_reported_as_disagreeing() {
+    let report = check(replies(false), 2).await;
+    assert_eq!((report.judge.agree, report.judge.n), (0, 30));
+    assert_eq!(report.judge.lo, 0.0);
+    assert!(report.judge.hi < 0.15);
+    assert_eq!(report.mr.unwrap().agree, 0);
+    assert!(report.verdict().contains("cannot be told from chance"));
+}
+
+#[tokio::test]
+async fn a_judge_that_rates_everything_alike_ties_and_samples_zero_skips_mr() {
+    let report = check(Vec::new(), 0).await;
+    assert_eq!((report.judge.agree, report.judge.ties), (0, 30));
+    assert!(report.mr.is_none() && report.mr_above_noise.is_none());
+    assert!(report.cases.iter().all(|c| c.rewards.is_none()));
+}
+
+#[test]
+fn the_built_in_contrast_set_is_balanced() {
+    let cases = contrast::parse_cases("built-in", BUILT_IN).unwrap();
+    assert!(cases.len() >= 30);
+    let expected_a = cases.iter().filter(|c| c.expected == Side::A).count();
+    // A judge that always picks one position agrees with half the set, no more.
+    assert_eq!(expected_a * 2, cases.len());
+    for kind in ["ambiguous", "clear"] {
+        assert!(cases.iter().filter(|c| c.kind == kind).count() >= 10);
+    }
+}
+
+#[test]
+fn a_bad_contrast_case_is_refused_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = BUILT_IN.lines().next().unwrap();
+    let same = json!({
+        "id": "x", "kind": "clear", "task": "note", "intent": "",
+        "conversation": [{"role": "user", "content": "Write a note."}],
+        "a": "A note.", "b": " A   note. ", "expected": "a"
+    });
+    let path = write_temp(dir.path(), "cases.jsonl", &format!("{good}\n\n{same}\n"));
+    let e = contrast::read_cases(Some(&path)).unwrap_err().to_string();
+    assert!(e.contains(&format!("{}:3", path.display())), "{e}");
+    assert!(e.contains("two different"), "{e}");
+    let path = write_temp(dir.path(), "broken.jsonl", "{\"id\": 1}\n");
+    let e = contrast::read_cases(Some(&path)).unwrap_err().to_string();
+    assert!(e.contains(":1: not a contrast case"), "{e}");
+}
