@@ -165,9 +165,48 @@ enum Command {
     /// Train a policy from preference pairs.
     #[command(subcommand)]
     Train(TrainCommand),
-    /// Check the CollabLLM core itself.
+    /// Evaluate arms the way the paper does: N simulated users per arm, the same tasks and seeds
+    /// in every arm, each whole conversation scored with document BLEU, assistant tokens (k),
+    /// interactivity (ITR, judge ×100), document quality (judge, 1–10) and turns; each arm's
+    /// means with 95% bootstrap intervals and the paired difference to the baseline, written to
+    /// DIR/eval.json and DIR/eval.csv. Finished conversations are kept in DIR/eval.jsonl: run the
+    /// same command again after a stop to resume. `eval reward` checks the reward itself.
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct EvalArgs {
     #[command(subcommand)]
-    Eval(EvalCommand),
+    check: Option<EvalCommand>,
+    /// Protocol whose arms, simulator and judge are evaluated.
+    #[arg(long, default_value = EXAMPLE_PROTOCOL_PATH)]
+    protocol: PathBuf,
+    /// Arms to evaluate, in this order (default: every arm of the protocol).
+    #[arg(long, value_delimiter = ',')]
+    arms: Vec<String>,
+    /// The arm every other is compared with (default: the first).
+    #[arg(long)]
+    baseline: Option<String>,
+    /// Simulated users per arm.
+    #[arg(long, required = true)]
+    users: Option<usize>,
+    /// Held-out tasks in `synth`'s format (`prompt`, `reference`; BLEU against the reference);
+    /// default: the protocol's topics (no goal document, so no BLEU).
+    #[arg(long)]
+    tasks: Option<PathBuf>,
+    /// Turns a conversation may take (default: the protocol's [collab] max_turns).
+    #[arg(long)]
+    max_turns: Option<u32>,
+    /// Conversations in flight at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Base of every seed: the same seed gives every arm the same simulated users.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Folder for eval.json, eval.csv and eval.jsonl.
+    #[arg(long, required = true)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -802,13 +841,17 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Command::Eval(EvalCommand::Reward {
-            protocol,
-            contrast,
-            samples,
-            window,
-            seed,
-            out,
+        Command::Eval(EvalArgs {
+            check:
+                Some(EvalCommand::Reward {
+                    protocol,
+                    contrast,
+                    samples,
+                    window,
+                    seed,
+                    out,
+                }),
+            ..
         }) => {
             let loaded = load_protocol(&protocol, &settings.models_dir)?;
             let cases = collab::contrast::read_cases(contrast.as_deref())?;
@@ -842,6 +885,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Eval(args) => run_eval(&settings, args),
         Command::Bench(BenchCommand::Mr {
             protocol,
             candidates,
@@ -972,6 +1016,114 @@ fn run(cli: Cli) -> Result<()> {
             run_train_dpo(&options)
         }
     }
+}
+
+fn run_eval(settings: &Settings, args: EvalArgs) -> Result<()> {
+    let (Some(users), Some(out)) = (args.users, args.out) else {
+        bail!("eval needs --users and --out");
+    };
+    let loaded = load_protocol(&args.protocol, &settings.models_dir)?;
+    let p = &loaded.protocol;
+    let arm_ids: Vec<String> = if args.arms.is_empty() {
+        p.arms.iter().map(|a| a.id.clone()).collect()
+    } else {
+        args.arms.clone()
+    };
+    let baseline = args
+        .baseline
+        .clone()
+        .or_else(|| arm_ids.first().cloned())
+        .context("the protocol has no arms")?;
+    if !arm_ids.contains(&baseline) {
+        bail!(
+            "the baseline {baseline:?} is not one of the arms evaluated ({})",
+            arm_ids.join(", ")
+        );
+    }
+    let tasks = match &args.tasks {
+        Some(path) => collab::evaluate::file_tasks(path)?,
+        None => collab::evaluate::protocol_tasks(p),
+    };
+    let options = collab::evaluate::EvalOptions {
+        users,
+        max_turns: args.max_turns.unwrap_or(p.collab.max_turns).max(1),
+        seed: args.seed,
+        baseline,
+        concurrency: args.concurrency.max(1),
+    };
+    // The study is stored (or found) first, so the console can show the evaluation.
+    let pool = db::open(&settings.database_url, settings.db_connections)?;
+    let imported = db::studies::import(
+        &mut *pool.get().context("cannot get a database connection")?,
+        &loaded,
+    )?;
+    report_import(&imported);
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let _guard = runtime.enter();
+    let engines = Engines::new();
+    let slots = u32::try_from(options.concurrency).unwrap_or(u32::MAX);
+    let roles = collab::Roles::start(&engines, p, &loaded.source, &settings.models_dir, slots)?;
+    let policies = arm_ids
+        .iter()
+        .map(|id| {
+            let arm = p
+                .arm(id)
+                .with_context(|| format!("the protocol has no arm {id:?}"))?;
+            Ok(collab::start_policy(
+                &engines,
+                p,
+                arm,
+                &settings.models_dir,
+                slots,
+            )?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bar = progress_bar("simulated conversations");
+    let progress = progress_of(&bar);
+    let job = collab::evaluate::run(&roles, &policies, &tasks, &options, &out, &progress);
+    let outcome = runtime.block_on(async {
+        tokio::select! {
+            result = job => Some(result),
+            () = stop_signal() => None,
+        }
+    });
+    bar.finish_and_clear();
+    let log = out.join("eval.jsonl");
+    let Some(outcome) = outcome else {
+        bail!(
+            "stopped; the conversations finished so far are in {}: run the same command again to \
+             resume",
+            log.display()
+        );
+    };
+    let outcome =
+        outcome.with_context(|| format!("finished conversations are in {}", log.display()))?;
+    let provenance = serde_json::json!({
+        "protocol": args.protocol.display().to_string(),
+        "protocol_sha256": loaded.sha256,
+        "tasks": args.tasks.as_ref().map(|t| t.display().to_string()),
+        "users": users,
+        "max_turns": options.max_turns,
+        "seed": options.seed,
+        "simulator": roles.simulator.fingerprint(),
+        "judge": roles.judge.fingerprint(),
+        "prompts_sha256": roles.prompts.sha256(),
+        "policies": policies.iter().map(|p| (p.arm.id.clone(), p.engine.fingerprint())).collect::<std::collections::BTreeMap<_, _>>(),
+    });
+    let (json, csv) = collab::evaluate::write_outputs(&out, &outcome, provenance.clone())?;
+    db::evaluations::insert(
+        &mut *pool.get().context("cannot get a database connection")?,
+        imported.study.id,
+        i32::try_from(users).unwrap_or(i32::MAX),
+        &serde_json::to_string(&outcome.table).expect("the table is JSON"),
+        &provenance.to_string(),
+    )?;
+    print!("{}", outcome.table);
+    for failure in &outcome.failed {
+        eprintln!("left out: {failure}");
+    }
+    println!("{}\n{}", json.display(), csv.display());
+    Ok(())
 }
 
 fn print_contrast(report: &collab::contrast::ContrastReport) {

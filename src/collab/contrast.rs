@@ -240,13 +240,6 @@ pub struct ContrastOptions {
     pub seed: u64,
 }
 
-/// Tokens of a reply that was written, not generated: about four characters a token, the
-/// tokenizer-independent estimate (the token weight of MR is small; the estimate only keeps a long
-/// reply from counting as free).
-fn estimated_tokens(text: &str) -> u32 {
-    u32::try_from(text.chars().count().div_ceil(4)).unwrap_or(u32::MAX)
-}
-
 /// Judges every case and, with `samples > 0`, computes MR of both replies; `progress` hears
 /// (cases done, all).
 pub async fn run(
@@ -355,7 +348,7 @@ async fn run_case(
     };
     let candidates = [Side::A, Side::B].map(|side| Candidate {
         text: case.reply(side).to_string(),
-        tokens: estimated_tokens(case.reply(side)),
+        tokens: super::estimated_tokens(case.reply(side)),
     });
     let keys: Vec<RolloutKey> = (0..2)
         .flat_map(|candidate| {

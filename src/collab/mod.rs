@@ -9,6 +9,7 @@
 //! OpenAI-compatible backend named in the protocol.
 
 pub mod contrast;
+pub mod evaluate;
 pub mod judge;
 pub mod metrics;
 pub mod pairs;
@@ -245,6 +246,13 @@ pub async fn generate_all(
 
 /// Rounds in which a fresh candidate that repeats another reply is sampled again with a new seed.
 pub const CANDIDATE_RESAMPLE_ROUNDS: u32 = 3;
+
+/// Tokens of a reply whose count was not recorded (written or edited by a person, or written for
+/// a contrast set): about four characters a token, an estimate that does not depend on the
+/// tokenizer. Counting it as 0 would exempt exactly those replies from MR's token penalty.
+pub fn estimated_tokens(text: &str) -> u32 {
+    u32::try_from(text.chars().count().div_ceil(4)).unwrap_or(u32::MAX)
+}
 
 /// Whether two replies are the same text but for white space: as a pair they would teach nothing,
 /// and the gap between their rewards is noise alone.

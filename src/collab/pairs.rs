@@ -598,7 +598,7 @@ async fn candidates(
                 .message
                 .gen_tokens
                 .and_then(|t| u32::try_from(t).ok())
-                .unwrap_or(0),
+                .unwrap_or_else(|| super::estimated_tokens(&turn.message.content)),
         },
         id: None,
         seed: turn

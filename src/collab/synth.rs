@@ -30,6 +30,30 @@ pub struct SynthTask {
     pub reference: String,
 }
 
+impl SynthTask {
+    /// The task as the simulator and judge see it, and the goal: the request as the intent, the
+    /// reference as the document to end with.
+    pub fn task_and_goal(&self) -> (Task, Goal) {
+        let task = Task {
+            kind: self.kind.clone().unwrap_or_else(|| "document".into()),
+            title: self
+                .prompt
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .chars()
+                .take(120)
+                .collect(),
+            instructions: self.prompt.clone(),
+        };
+        let goal = Goal {
+            intent: self.prompt.clone(),
+            document: self.reference.clone(),
+        };
+        (task, goal)
+    }
+}
+
 /// Reads a JSONL file of tasks; errors name the line.
 pub fn read_tasks(path: &Path) -> Result<Vec<SynthTask>, CollabError> {
     let file = std::fs::File::open(path).map_err(|e| {
@@ -108,22 +132,7 @@ pub async fn run(
             .clone()
             .unwrap_or_else(|| format!("task-{}", c % tasks.len()));
         let conversation_id = format!("{id}#{c}");
-        let task = Task {
-            kind: spec.kind.clone().unwrap_or_else(|| "document".into()),
-            title: spec
-                .prompt
-                .lines()
-                .next()
-                .unwrap_or_default()
-                .chars()
-                .take(120)
-                .collect(),
-            instructions: spec.prompt.clone(),
-        };
-        let goal = Goal {
-            intent: spec.prompt.clone(),
-            document: spec.reference.clone(),
-        };
+        let (task, goal) = spec.task_and_goal();
         let opening = simulator::next_message(
             roles,
             &task,

@@ -9,6 +9,7 @@ pub mod api_keys;
 pub mod assignments;
 pub mod audit;
 pub mod candidates;
+pub mod evaluations;
 pub mod events;
 pub mod messages;
 pub mod models;

@@ -343,3 +343,15 @@ pub struct NewPreferencePair<'a> {
     pub metadata_json: &'a str,
     pub created_at: NaiveDateTime,
 }
+
+/// An evaluation of a study's arms with simulated users (`collabllm eval`).
+#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
+#[diesel(table_name = evaluations)]
+pub struct Evaluation {
+    pub id: i64,
+    pub study_id: i64,
+    pub users: i32,
+    pub table_json: String,
+    pub provenance_json: String,
+    pub created_at: NaiveDateTime,
+}

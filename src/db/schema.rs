@@ -11,6 +11,17 @@ diesel::table! {
 }
 
 diesel::table! {
+    evaluations (id) {
+        id -> BigInt,
+        study_id -> BigInt,
+        users -> Integer,
+        table_json -> Text,
+        provenance_json -> Text,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
     api_keys (id) {
         id -> BigInt,
         name -> Text,
@@ -265,6 +276,7 @@ diesel::joinable!(rewards -> candidates (candidate_id));
 diesel::joinable!(rollouts -> sessions (session_id));
 diesel::joinable!(rollouts -> candidates (candidate_id));
 diesel::joinable!(preference_pairs -> studies (study_id));
+diesel::joinable!(evaluations -> studies (study_id));
 diesel::joinable!(preference_pairs -> sessions (session_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
@@ -287,4 +299,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     rewards,
     rollouts,
     preference_pairs,
+    evaluations,
 );

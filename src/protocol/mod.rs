@@ -337,7 +337,10 @@ impl Default for CollabSpec {
     }
 }
 
-/// Weights of a rollout's metrics in its score (the paper's defaults for documents).
+/// Weights of a rollout's metrics in its score. The defaults are the metric weights of the
+/// CollabLLM training recipe (task metric 1 — BLEU for documents —, interactivity 1, −1e-4 per
+/// token, here −0.1 per thousand); the released document configuration weights no interactivity,
+/// which is `interactivity = 0`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RewardWeights {

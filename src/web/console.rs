@@ -353,6 +353,55 @@ const COLOURS: [&str; 6] = [
     "#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00",
 ];
 
+/// The latest evaluation with simulated users (`collabllm eval`), as the results page shows it.
+struct EvaluationView {
+    when: String,
+    users: i32,
+    baseline: String,
+    headers: Vec<&'static str>,
+    rows: Vec<ResultRow>,
+    /// (arm, cells) of each arm's paired difference to the baseline.
+    diffs: Vec<(String, Vec<String>)>,
+}
+
+impl EvaluationView {
+    fn of(stored: &db::models::Evaluation) -> Result<Self, ApiError> {
+        use crate::collab::evaluate::{metric_label, Interval, Table, METRICS};
+        let table: Table = serde_json::from_str(&stored.table_json)
+            .map_err(|e| ApiError::Internal(format!("a stored evaluation is unreadable: {e}")))?;
+        let cell = |i: Option<&Option<Interval>>| match i.copied().flatten() {
+            Some(i) => format!("{:.2} [{:.2}, {:.2}]", i.mean, i.lo, i.hi),
+            None => "—".to_string(),
+        };
+        let cells = |m: &std::collections::BTreeMap<String, Option<Interval>>| {
+            METRICS.iter().map(|k| cell(m.get(*k))).collect::<Vec<_>>()
+        };
+        Ok(EvaluationView {
+            when: stored.created_at.format("%Y-%m-%d %H:%M UTC").to_string(),
+            users: stored.users,
+            headers: METRICS.iter().map(|m| metric_label(m)).collect(),
+            rows: table
+                .order
+                .iter()
+                .filter_map(|arm| {
+                    let row = table.arms.get(arm)?;
+                    Some(ResultRow {
+                        arm: arm.clone(),
+                        n: row.n,
+                        cells: cells(&row.metrics),
+                    })
+                })
+                .collect(),
+            diffs: table
+                .order
+                .iter()
+                .filter_map(|arm| Some((arm.clone(), cells(table.diff.get(arm)?))))
+                .collect(),
+            baseline: table.baseline,
+        })
+    }
+}
+
 /// One row of the results table.
 struct ResultRow {
     arm: String,
@@ -579,6 +628,7 @@ struct StudyPage<'a> {
     boxes: Option<BoxPlot>,
     tasks: Vec<TaskRow>,
     engines: Vec<EngineStatus>,
+    evaluation: Option<EvaluationView>,
 }
 
 /// A task of the protocol, with how often each topic was drawn.
@@ -666,16 +716,19 @@ async fn show_study(
                         .collect(),
                 })
                 .collect();
+            let evaluation = db::evaluations::latest(conn, study.id)?
+                .map(|e| EvaluationView::of(&e))
+                .transpose()?;
             Ok((
                 study,
                 version,
                 arms,
                 sessions,
-                (result_views(&per_arm, &protocol), tasks),
+                (result_views(&per_arm, &protocol), tasks, evaluation),
             ))
         })
         .await?;
-    let ((result_headers, results, lines, boxes), tasks) = views;
+    let ((result_headers, results, lines, boxes), tasks, evaluation) = views;
     let response = render(&StudyPage {
         who: &who.name,
         csrf: &token,
@@ -696,6 +749,7 @@ async fn show_study(
         boxes,
         tasks,
         engines: state.engines.statuses(),
+        evaluation,
     })?;
     with_cookie(response, cookie)
 }

@@ -235,10 +235,12 @@ async fn authorise(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> 
 async fn create_chat_completion(
     req: HttpRequest,
     state: web::Data<AppState>,
-    body: web::Json<CompletionRequest>,
+    body: web::Bytes,
 ) -> Result<HttpResponse, ApiError> {
+    // The key first: a caller without one learns nothing about the body it sent.
     authorise(&req, &state).await?;
-    let body = body.into_inner();
+    let body: CompletionRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
     let request = body.to_chat_request()?;
     let engine = state.engines.get(&body.model)?;
     let generation = engine.start(request)?;

@@ -651,3 +651,52 @@ async fn a_researcher_moves_a_session_to_a_new_browser() {
         assert!(audit.contains(kind), "{kind} missing from the audit");
     }
 }
+
+/// The results page shows the study's latest evaluation with simulated users, escaped.
+async fn the_latest_evaluation_is_shown(db: TestDb) {
+    let (server, _) = seeded(&db).await;
+    let pool = db.pool();
+    let mut conn = pool.get().unwrap();
+    let study = db::studies::find_by_slug(&mut conn, "quick-pilot")
+        .unwrap()
+        .unwrap();
+    let table = |itr: f64| {
+        let i = |mean: f64| serde_json::json!({"n": 3, "mean": mean, "lo": mean - 1.0, "hi": mean + 1.0});
+        serde_json::json!({
+            "baseline": "proactive",
+            "order": ["proactive", "<b>writer</b>"],
+            "arms": {
+                "proactive": {"n": 3, "bleu": null, "tokens_k": i(0.5), "itr": i(itr), "quality": i(7.0), "turns": i(2.0)},
+                "<b>writer</b>": {"n": 3, "bleu": null, "tokens_k": i(0.25), "itr": i(10.0), "quality": i(6.0), "turns": i(1.0)}
+            },
+            "diff": {"<b>writer</b>": {"bleu": null, "tokens_k": i(-0.25), "itr": i(itr - 10.0), "quality": i(-1.0), "turns": i(-1.0)}}
+        })
+        .to_string()
+    };
+    db::evaluations::insert(&mut conn, study.id, 3, &table(11.0), "{}").unwrap();
+    db::evaluations::insert(&mut conn, study.id, 3, &table(87.5), "{}").unwrap();
+    let mut client = Client::new(&server);
+    client.login("ada", "lovelace-1815").await;
+    let page = client.get("/console/studies/quick-pilot").await.body;
+    let at = page
+        .find("Latest evaluation with simulated users")
+        .expect("the evaluation is shown");
+    let section = &page[at..];
+    assert!(section.contains("87.50 [86.50, 88.50]"), "{section}");
+    assert!(
+        !page.contains("11.00 [10.00, 12.00]"),
+        "an older evaluation is shown"
+    );
+    assert!(
+        section.contains("77.50 [76.50, 78.50]"),
+        "the paired difference"
+    );
+    assert!(
+        section.contains("&#60;b&#62;writer&#60;/b&#62; − proactive"),
+        "{section}"
+    );
+    assert!(!page.contains("<b>writer</b>"));
+    assert!(section.contains("ITR") && section.contains("—"));
+}
+
+crate::on_both_backends_async!(the_latest_evaluation_is_shown);

@@ -169,3 +169,26 @@ fn a_bad_contrast_case_is_refused_with_its_line() {
     let e = contrast::read_cases(Some(&path)).unwrap_err().to_string();
     assert!(e.contains(":1: not a contrast case"), "{e}");
 }
+
+/// A reply without a recorded token count is counted at about four characters a token: close to
+/// what the real tokenizer says for the replies of the contrast set.
+#[test]
+fn unrecorded_replies_are_counted_close_to_their_real_tokens() {
+    let model =
+        collabllm::engine::llama::load_model(&crate::common::model_path(), None, &[]).unwrap();
+    for case in contrast::read_cases(None).unwrap() {
+        for reply in [&case.a, &case.b] {
+            let real = model
+                .model
+                .vocab()
+                .tokenize(reply.as_bytes(), false, false)
+                .len() as f64;
+            let estimate = f64::from(collabllm::collab::estimated_tokens(reply));
+            assert!(
+                estimate >= 0.6 * real && estimate <= 1.6 * real,
+                "{}: estimated {estimate}, really {real}: {reply}",
+                case.id
+            );
+        }
+    }
+}

@@ -7,6 +7,7 @@ mod common;
 mod console;
 mod contrast;
 mod engine;
+mod evaluate;
 mod export;
 mod openai;
 mod participant;

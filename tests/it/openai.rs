@@ -263,6 +263,32 @@ async fn the_api_needs_a_key_and_is_off_without_one() {
             "{reply}"
         );
     }
+    // A body that does not parse is not looked at without a key.
+    let garbage = reqwest::Client::new()
+        .post(server.url("/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(garbage.status(), 401);
+    let garbage = reqwest::Client::new()
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(garbage.status(), 400);
+    let reply: Value = garbage.json().await.unwrap();
+    assert!(
+        reply["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("invalid JSON body"),
+        "{reply}"
+    );
     let (status, reply) = ask(&server, Some(key)).await;
     assert_eq!(status, 200, "{reply}");
 }

@@ -1,0 +1,547 @@
+//! `collabllm eval`: the paper's evaluation of arms with simulated users. Every arm meets the same
+//! users — user i gets task i (cycling through the tasks) and the same seeds in every arm — whose
+//! conversations run on the MR machinery: the simulator opens, the arm replies, and that reply is
+//! rolled forward to the end of the conversation (one rollout of up to `max_turns` turns). Each
+//! conversation gets the paper's metrics: document BLEU (with a goal document), assistant tokens,
+//! interactivity (ITR, the judge's 0–1 × 100), document quality (the judge's 1–10) and turns; each
+//! arm their means with 95% bootstrap intervals and the paired difference to the baseline.
+//! Finished conversations are appended to `eval.jsonl` as they end, so a stopped run resumes.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::reward::{rollouts, Candidate, RolloutKey, Scene};
+use super::{derive_seed, judge, simulator, CollabError, Goal, Policy, Roles, Task};
+use crate::engine::{ChatMessage, Role};
+use crate::export::neutralise;
+use crate::protocol::{sha256_hex, Protocol};
+use crate::results::estimate;
+
+/// One simulated user's task and what they want.
+#[derive(Debug, Clone)]
+pub struct EvalTask {
+    pub id: String,
+    pub task: Task,
+    pub goal: Goal,
+}
+
+/// The protocol's own topics: the task, and the topic's hidden intent as the goal (no goal
+/// document, so no BLEU).
+pub fn protocol_tasks(protocol: &Protocol) -> Vec<EvalTask> {
+    protocol
+        .tasks
+        .iter()
+        .flat_map(|t| {
+            t.topics.iter().map(move |topic| EvalTask {
+                id: format!("{}/{}", t.id, topic.id),
+                task: Task::of(t, topic),
+                goal: Goal {
+                    intent: topic.hidden_intent.clone(),
+                    document: String::new(),
+                },
+            })
+        })
+        .collect()
+}
+
+/// Held-out tasks from a file in `synth`'s format (`prompt`, `reference`): BLEU against the
+/// reference.
+pub fn file_tasks(path: &Path) -> Result<Vec<EvalTask>, CollabError> {
+    Ok(super::synth::read_tasks(path)?
+        .iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            let (task, goal) = spec.task_and_goal();
+            EvalTask {
+                id: spec.id.clone().unwrap_or_else(|| format!("task-{i}")),
+                task,
+                goal,
+            }
+        })
+        .collect())
+}
+
+pub struct EvalOptions {
+    pub users: usize,
+    pub max_turns: u32,
+    pub seed: u64,
+    pub baseline: String,
+    /// Conversations in flight at once.
+    pub concurrency: usize,
+}
+
+/// The metrics of one conversation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Row {
+    pub arm: String,
+    pub user: usize,
+    pub task: String,
+    pub bleu: Option<f64>,
+    pub tokens_k: f64,
+    pub itr: f64,
+    pub quality: f64,
+    pub turns: f64,
+}
+
+/// The metrics reported per arm, in the paper's order.
+pub const METRICS: [&str; 5] = ["bleu", "tokens_k", "itr", "quality", "turns"];
+
+/// How a metric is headed in tables.
+pub fn metric_label(name: &str) -> &'static str {
+    match name {
+        "bleu" => "BLEU",
+        "tokens_k" => "tokens (k)",
+        "itr" => "ITR",
+        "quality" => "quality (1–10)",
+        "turns" => "turns",
+        _ => "?",
+    }
+}
+
+impl Row {
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        match name {
+            "bleu" => self.bleu,
+            "tokens_k" => Some(self.tokens_k),
+            "itr" => Some(self.itr),
+            "quality" => Some(self.quality),
+            "turns" => Some(self.turns),
+            _ => None,
+        }
+    }
+}
+
+/// sha256 of what shapes a conversation; rows of another configuration are not resumed.
+fn config_sha256(roles: &Roles, policy: &Policy, task: &EvalTask, options: &EvalOptions) -> String {
+    let config = json!({
+        "seed": options.seed,
+        "max_turns": options.max_turns,
+        "task": [task.id, task.task.instructions, task.goal.intent, task.goal.document],
+        "simulator": [roles.simulator.fingerprint(), &roles.spec.simulator_sampling],
+        "judge": [roles.judge.fingerprint(), &roles.spec.judge_sampling],
+        "prompts": roles.prompts.sha256(),
+        "policy": [policy.engine.fingerprint(), &policy.arm.system_prompt, &policy.arm.sampling],
+    });
+    sha256_hex(config.to_string().as_bytes())
+}
+
+/// Runs one simulated user's whole conversation with `policy`.
+async fn converse(
+    roles: &Roles,
+    policy: &Policy,
+    t: &EvalTask,
+    user: usize,
+    options: &EvalOptions,
+) -> Result<Row, CollabError> {
+    let label = format!("user-{user}");
+    // Seeds depend on the user, not the arm: every arm meets the same simulated users.
+    let opening = simulator::next_message(
+        roles,
+        &t.task,
+        &t.goal,
+        &[],
+        derive_seed(options.seed, &[&label, "opening"]),
+    )
+    .await?;
+    let context = vec![ChatMessage::new(Role::User, opening.response)];
+    let mut sampling = policy.arm.sampling.clone();
+    sampling.seed = Some(derive_seed(options.seed, &[&label, "reply"]));
+    let first = super::generate_all(
+        &*policy.engine,
+        "policy",
+        vec![super::request(policy.messages(&context), sampling)],
+    )
+    .await
+    .pop()
+    .expect("one request, one completion")?;
+    let candidate = Candidate {
+        text: first.text,
+        tokens: first.generated_tokens,
+    };
+    let scene = Scene {
+        roles,
+        policy,
+        task: &t.task,
+        goal: &t.goal,
+        context: &context,
+    };
+    let key = RolloutKey {
+        base_seed: options.seed,
+        context: label.clone(),
+        candidate: 0,
+        sample: 0,
+    };
+    let window = options.max_turns.saturating_sub(1);
+    let rollout = rollouts(&scene, &[candidate], std::slice::from_ref(&key), window)
+        .await
+        .pop()
+        .expect("one key, one rollout")?;
+    let quality = match rollout.metrics.quality {
+        Some(q) => q,
+        None => {
+            let seed = derive_seed(options.seed, &[&label, "quality"]);
+            judge::quality(roles, &t.task, &rollout.document, seed).await? as f64
+        }
+    };
+    let turns = rollout
+        .continuation
+        .iter()
+        .filter(|m| m.role == Role::Assistant)
+        .count();
+    Ok(Row {
+        arm: policy.arm.id.clone(),
+        user,
+        task: t.id.clone(),
+        bleu: rollout.metrics.bleu,
+        tokens_k: rollout.metrics.tokens_k,
+        itr: rollout.metrics.interactivity * 100.0,
+        quality,
+        turns: turns as f64,
+    })
+}
+
+/// The conversations finished so far, one JSON line each, flushed as each ends.
+struct AppendLog {
+    path: PathBuf,
+    file: std::fs::File,
+}
+
+impl AppendLog {
+    fn open(path: &Path) -> Result<Self, CollabError> {
+        let failed = |source| CollabError::Write {
+            path: path.display().to_string(),
+            source,
+        };
+        // A line cut by a crash is ended, so the next row starts on a line of its own.
+        let cut = std::fs::read(path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n'));
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(failed)?;
+        if cut {
+            file.write_all(b"\n").map_err(failed)?;
+        }
+        Ok(AppendLog {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+
+    fn write(&mut self, row: &Value) -> Result<(), CollabError> {
+        let mut line = serde_json::to_vec(row).expect("a row is JSON");
+        line.push(b'\n');
+        self.file
+            .write_all(&line)
+            .and_then(|()| self.file.sync_data())
+            .map_err(|source| CollabError::Write {
+                path: self.path.display().to_string(),
+                source,
+            })
+    }
+}
+
+/// Rows of an earlier run in `path`, with the configuration each was made under.
+fn resumed(path: &Path) -> Result<Vec<(String, Row)>, CollabError> {
+    let Ok(file) = std::fs::File::open(path) else {
+        return Ok(Vec::new());
+    };
+    let mut rows = Vec::new();
+    for line in std::io::BufReader::new(file).lines() {
+        let line = line.map_err(|e| CollabError::Invalid(format!("{}: {e}", path.display())))?;
+        let Ok(v) = serde_json::from_str::<Value>(&line) else {
+            continue; // a line cut by a crash is computed again
+        };
+        let number = |k: &str| v[k].as_f64();
+        let (Some(arm), Some(user), Some(config)) = (
+            v["arm"].as_str(),
+            v["user"].as_u64(),
+            v["config_sha256"].as_str(),
+        ) else {
+            continue;
+        };
+        rows.push((
+            config.to_string(),
+            Row {
+                arm: arm.to_string(),
+                user: user as usize,
+                task: v["task"].as_str().unwrap_or_default().to_string(),
+                bleu: number("bleu"),
+                tokens_k: number("tokens_k").unwrap_or_default(),
+                itr: number("itr").unwrap_or_default(),
+                quality: number("quality").unwrap_or_default(),
+                turns: number("turns").unwrap_or_default(),
+            },
+        ));
+    }
+    Ok(rows)
+}
+
+/// Every arm's conversations, resumed from and appended to `dir/eval.jsonl`; `progress` hears
+/// (conversations done, all). Conversations that fail are logged and left out.
+pub async fn run(
+    roles: &Roles,
+    policies: &[Policy],
+    tasks: &[EvalTask],
+    options: &EvalOptions,
+    dir: &Path,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<EvalOutcome, CollabError> {
+    if tasks.is_empty() || policies.is_empty() || options.users == 0 {
+        return Err(CollabError::Invalid(
+            "an evaluation needs tasks, arms and at least one user".into(),
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|source| CollabError::Write {
+        path: dir.display().to_string(),
+        source,
+    })?;
+    let log = dir.join("eval.jsonl");
+    let earlier = resumed(&log)?;
+    let mut writer = AppendLog::open(&log)?;
+    let mut rows = Vec::new();
+    let mut failed = Vec::new();
+    let mut todo = Vec::new();
+    for policy in policies {
+        for user in 0..options.users {
+            let t = &tasks[user % tasks.len()];
+            let config = config_sha256(roles, policy, t, options);
+            match earlier
+                .iter()
+                .find(|(c, r)| *c == config && r.arm == policy.arm.id && r.user == user)
+            {
+                Some((_, row)) => rows.push(row.clone()),
+                None => todo.push((policy, user, t, config)),
+            }
+        }
+    }
+    let total = (policies.len() * options.users) as u64;
+    progress(rows.len() as u64, total);
+    for chunk in todo.chunks(options.concurrency.max(1)) {
+        let results = futures_util::future::join_all(
+            chunk
+                .iter()
+                .map(|(policy, user, t, _)| converse(roles, policy, t, *user, options)),
+        )
+        .await;
+        for ((policy, user, _, config), result) in chunk.iter().zip(results) {
+            match result {
+                Ok(row) => {
+                    let mut line = serde_json::to_value(&row).expect("a row is JSON");
+                    line["config_sha256"] = json!(config);
+                    writer.write(&line)?;
+                    rows.push(row);
+                }
+                Err(e) if e.is_local() => {
+                    tracing::warn!(arm = %policy.arm.id, user, error = %e, "a conversation failed; left out");
+                    failed.push(format!("{} user {user}: {e}", policy.arm.id));
+                }
+                Err(e) => return Err(e),
+            }
+            progress(rows.len() as u64 + failed.len() as u64, total);
+        }
+    }
+    rows.sort_by(|a, b| {
+        (arm_rank(policies, &a.arm), a.user).cmp(&(arm_rank(policies, &b.arm), b.user))
+    });
+    let table = Table::of(policies, &rows, &options.baseline);
+    Ok(EvalOutcome {
+        table,
+        rows,
+        failed,
+        log,
+    })
+}
+
+fn arm_rank(policies: &[Policy], arm: &str) -> usize {
+    policies
+        .iter()
+        .position(|p| p.arm.id == arm)
+        .unwrap_or(usize::MAX)
+}
+
+pub struct EvalOutcome {
+    pub table: Table,
+    pub rows: Vec<Row>,
+    pub failed: Vec<String>,
+    /// Where every finished conversation is kept.
+    pub log: PathBuf,
+}
+
+/// A mean with its 95% bootstrap interval.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Interval {
+    pub n: usize,
+    pub mean: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+fn interval(values: &[f64]) -> Option<Interval> {
+    estimate(values).map(|e| Interval {
+        n: e.n,
+        mean: e.mean,
+        lo: e.low,
+        hi: e.high,
+    })
+}
+
+/// The paper's table: each arm's metrics, and each arm's paired difference to the baseline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Table {
+    pub baseline: String,
+    pub arms: BTreeMap<String, ArmRow>,
+    /// Arm order as in the protocol.
+    pub order: Vec<String>,
+    /// Arm → metric → mean difference (arm − baseline) over the users both have, with its
+    /// interval.
+    pub diff: BTreeMap<String, BTreeMap<String, Option<Interval>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ArmRow {
+    pub n: usize,
+    #[serde(flatten)]
+    pub metrics: BTreeMap<String, Option<Interval>>,
+}
+
+impl Table {
+    fn of(policies: &[Policy], rows: &[Row], baseline: &str) -> Self {
+        fn of_arm<'a>(rows: &'a [Row], arm: &'a str) -> impl Iterator<Item = &'a Row> {
+            rows.iter().filter(move |r| r.arm == arm)
+        }
+        let mut arms = BTreeMap::new();
+        let mut diff = BTreeMap::new();
+        let base: BTreeMap<usize, &Row> = of_arm(rows, baseline).map(|r| (r.user, r)).collect();
+        for p in policies {
+            let arm = &p.arm.id;
+            let metrics = METRICS
+                .iter()
+                .map(|m| {
+                    let values: Vec<f64> = of_arm(rows, arm).filter_map(|r| r.metric(m)).collect();
+                    (m.to_string(), interval(&values))
+                })
+                .collect();
+            arms.insert(
+                arm.clone(),
+                ArmRow {
+                    n: of_arm(rows, arm).count(),
+                    metrics,
+                },
+            );
+            if arm != baseline {
+                let paired = METRICS
+                    .iter()
+                    .map(|m| {
+                        let values: Vec<f64> = of_arm(rows, arm)
+                            .filter_map(|r| Some(r.metric(m)? - base.get(&r.user)?.metric(m)?))
+                            .collect();
+                        (m.to_string(), interval(&values))
+                    })
+                    .collect();
+                diff.insert(arm.clone(), paired);
+            }
+        }
+        Table {
+            baseline: baseline.to_string(),
+            arms,
+            order: policies.iter().map(|p| p.arm.id.clone()).collect(),
+            diff,
+        }
+    }
+}
+
+impl std::fmt::Display for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let cell = |i: &Option<Interval>| match i {
+            Some(i) => format!("{:.2} [{:.2}, {:.2}]", i.mean, i.lo, i.hi),
+            None => "–".to_string(),
+        };
+        write!(f, "{:<14} {:>4}", "arm", "n")?;
+        for m in METRICS {
+            write!(f, " {m:>24}")?;
+        }
+        writeln!(f)?;
+        for arm in &self.order {
+            let row = &self.arms[arm];
+            write!(f, "{arm:<14} {:>4}", row.n)?;
+            for m in METRICS {
+                write!(f, " {:>24}", cell(&row.metrics[m]))?;
+            }
+            writeln!(f)?;
+        }
+        for (arm, metrics) in self
+            .order
+            .iter()
+            .filter_map(|a| Some((a, self.diff.get(a)?)))
+        {
+            write!(f, "{:<19}", format!("{arm} − {}", self.baseline))?;
+            for m in METRICS {
+                write!(f, " {:>24}", cell(&metrics[m]))?;
+            }
+            writeln!(f)?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `eval.json` (the table and provenance) and `eval.csv` (arm, user, metric, value).
+pub fn write_outputs(
+    dir: &Path,
+    outcome: &EvalOutcome,
+    provenance: Value,
+) -> Result<(PathBuf, PathBuf), CollabError> {
+    let write = |path: &Path, bytes: &[u8]| {
+        std::fs::write(path, bytes).map_err(|source| CollabError::Write {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    let json_path = dir.join("eval.json");
+    let table = &outcome.table;
+    let document = json!({
+        "arms": table.arms,
+        "baseline": table.baseline,
+        "diff": table.diff,
+        "failed": outcome.failed,
+        "provenance": provenance,
+    });
+    write(
+        &json_path,
+        &serde_json::to_vec_pretty(&document).expect("JSON"),
+    )?;
+    let csv_path = dir.join("eval.csv");
+    let csv_error = |e: csv::Error| CollabError::Write {
+        path: csv_path.display().to_string(),
+        source: e.into(),
+    };
+    let mut csv = csv::Writer::from_path(&csv_path).map_err(csv_error)?;
+    csv.write_record(["arm", "user", "task", "metric", "value"])
+        .map_err(csv_error)?;
+    let mut seen = HashSet::new();
+    for r in &outcome.rows {
+        if !seen.insert((r.arm.clone(), r.user)) {
+            continue;
+        }
+        for m in METRICS {
+            let value = r.metric(m).map(|v| v.to_string()).unwrap_or_default();
+            csv.write_record([
+                neutralise(&r.arm).as_ref(),
+                &r.user.to_string(),
+                neutralise(&r.task).as_ref(),
+                m,
+                &value,
+            ])
+            .map_err(csv_error)?;
+        }
+    }
+    csv.flush().map_err(|e| CollabError::Write {
+        path: csv_path.display().to_string(),
+        source: e,
+    })?;
+    Ok((json_path, csv_path))
+}

@@ -1,0 +1,238 @@
+//! `eval`: arms evaluated with simulated users, with a scripted model whose every answer is
+//! known, so the table's numbers are exact; and a stopped run that resumes.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use collabllm::collab::evaluate::{self, EvalOptions, EvalTask};
+use collabllm::collab::{start_policy, Policy, Roles};
+use collabllm::engine::registry::engine_name;
+use collabllm::engine::Engines;
+use collabllm::protocol::LoadedProtocol;
+use serde_json::json;
+
+use crate::common::{models_dir, repo_root, write_temp, ScriptedEngine};
+
+/// The quick pilot with a second arm that writes at once.
+fn two_arms() -> LoadedProtocol {
+    let path = repo_root().join("study-protocols/quick-pilot.toml");
+    let text = std::fs::read_to_string(&path).unwrap()
+        + r#"
+[[arms]]
+id = "writer"
+model = "smollm2-135m"
+system_prompt = "Write the note at once."
+"#;
+    LoadedProtocol::from_text(&path, text, &models_dir()).unwrap()
+}
+
+const ASKS: &str = "Who is it for?";
+const WRITES: &str = "Dear Jo, thank you for the plants.";
+
+/// The proactive arm asks, the writer writes; the judge rates asking 1 and writing 0, every
+/// document 7; the simulated user ends the chat after the first reply.
+fn scripted() -> Arc<ScriptedEngine> {
+    Arc::new(ScriptedEngine::new(|r| {
+        let all: String = r
+            .messages
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
+        if all.contains("judge of how well an AI assistant collaborated") {
+            let judged = all.split("What you rate:").nth(1).unwrap_or_default();
+            let score = f64::from(u8::from(judged.contains(ASKS)));
+            json!({"thought": "scripted", "interactivity": score}).to_string()
+        } else if all.contains("Extract the final version") {
+            json!({"thought": "scripted", "final_document": WRITES}).to_string()
+        } else if all.contains("impartial judge of writing") {
+            json!({"thought": "scripted", "quality": 7}).to_string()
+        } else if all.contains("role-playing a person") {
+            json!({"current_answer": "", "thought": "", "response": "A note for Jo. [[TERMINATE CHAT]]"})
+                .to_string()
+        } else if all.contains("Write the note at once.") {
+            WRITES.to_string()
+        } else {
+            ASKS.to_string()
+        }
+    }))
+}
+
+struct Setup {
+    roles: Roles,
+    policies: Vec<Policy>,
+    tasks: Vec<EvalTask>,
+    engine: Arc<ScriptedEngine>,
+}
+
+fn setup() -> Setup {
+    let loaded = two_arms();
+    let p = &loaded.protocol;
+    let engines = Engines::new();
+    let engine = scripted();
+    engines.insert(&engine_name("smollm2-135m", None), engine.clone());
+    let roles = Roles::start(&engines, p, &loaded.source, &models_dir(), 4).unwrap();
+    let policies = p
+        .arms
+        .iter()
+        .map(|a| start_policy(&engines, p, a, &models_dir(), 4).unwrap())
+        .collect();
+    Setup {
+        roles,
+        policies,
+        tasks: evaluate::protocol_tasks(p),
+        engine,
+    }
+}
+
+fn options() -> EvalOptions {
+    EvalOptions {
+        users: 3,
+        max_turns: 4,
+        seed: 5,
+        baseline: "proactive".into(),
+        concurrency: 2,
+    }
+}
+
+#[tokio::test]
+async fn the_table_has_every_arms_metrics_and_the_paired_difference() {
+    let s = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let outcome = evaluate::run(
+        &s.roles,
+        &s.policies,
+        &s.tasks,
+        &options(),
+        dir.path(),
+        &|_, _| {},
+    )
+    .await
+    .unwrap();
+    let t = &outcome.table;
+    let metric = |arm: &str, m: &str| t.arms[arm].metrics[m].unwrap();
+    assert_eq!((t.arms["proactive"].n, t.arms["writer"].n), (3, 3));
+    assert_eq!(metric("proactive", "itr").mean, 100.0);
+    assert_eq!(metric("writer", "itr").mean, 0.0);
+    assert_eq!(metric("writer", "quality").mean, 7.0);
+    assert_eq!(metric("proactive", "turns").mean, 1.0);
+    // Tokens: the scripted engine counts words; 4 words, and 7, in thousands.
+    assert!((metric("proactive", "tokens_k").mean - 0.004).abs() < 1e-12);
+    assert!((metric("writer", "tokens_k").mean - 0.007).abs() < 1e-12);
+    // No goal document in the protocol's topics: no BLEU.
+    assert!(t.arms["proactive"].metrics["bleu"].is_none());
+    let diff = t.diff["writer"]["itr"].unwrap();
+    assert_eq!(
+        (diff.mean, diff.lo, diff.hi, diff.n),
+        (-100.0, -100.0, -100.0, 3)
+    );
+    assert_eq!(t.diff["writer"]["quality"].unwrap().mean, 0.0);
+    assert!(!t.diff.contains_key("proactive"));
+
+    let (json_path, csv_path) =
+        evaluate::write_outputs(dir.path(), &outcome, json!({"seed": 5})).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(json_path).unwrap()).unwrap();
+    assert_eq!(written["arms"]["writer"]["itr"]["mean"], 0.0);
+    assert_eq!(written["arms"]["writer"]["n"], 3);
+    assert_eq!(written["baseline"], "proactive");
+    assert_eq!(written["diff"]["writer"]["itr"]["lo"], -100.0);
+    let csv = std::fs::read_to_string(csv_path).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "arm,user,task,metric,value");
+    assert_eq!(lines.len(), 1 + 2 * 3 * 5);
+    assert!(lines.contains(&"writer,2,note/thank-you,itr,0"), "{csv}");
+}
+
+#[tokio::test]
+async fn a_stopped_evaluation_resumes_without_redoing_finished_conversations() {
+    let s = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let first = evaluate::run(
+        &s.roles,
+        &s.policies,
+        &s.tasks,
+        &options(),
+        dir.path(),
+        &|_, _| {},
+    )
+    .await
+    .unwrap();
+    let requests = s.engine.requests.load(Ordering::SeqCst);
+    // All finished: nothing is asked again and the table is the same.
+    let again = evaluate::run(
+        &s.roles,
+        &s.policies,
+        &s.tasks,
+        &options(),
+        dir.path(),
+        &|_, _| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(s.engine.requests.load(Ordering::SeqCst), requests);
+    assert_eq!(again.table, first.table);
+    // A run stopped mid-write: the last conversation's line is cut; it alone is done again.
+    let log = dir.path().join("eval.jsonl");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    let last = lines.pop().unwrap();
+    let cut = format!("{}\n{}", lines.join("\n"), &last[..last.len() / 2]);
+    std::fs::write(&log, cut).unwrap();
+    let resumed = evaluate::run(
+        &s.roles,
+        &s.policies,
+        &s.tasks,
+        &options(),
+        dir.path(),
+        &|_, _| {},
+    )
+    .await
+    .unwrap();
+    assert!(s.engine.requests.load(Ordering::SeqCst) > requests);
+    assert_eq!(resumed.table, first.table);
+    assert_eq!(resumed.rows, first.rows);
+    // Another seed is another set of users: nothing is reused.
+    let before = s.engine.requests.load(Ordering::SeqCst);
+    let other = EvalOptions {
+        seed: 6,
+        ..options()
+    };
+    evaluate::run(
+        &s.roles,
+        &s.policies,
+        &s.tasks,
+        &other,
+        dir.path(),
+        &|_, _| {},
+    )
+    .await
+    .unwrap();
+    assert!(s.engine.requests.load(Ordering::SeqCst) >= before + 6 * 3);
+}
+
+#[tokio::test]
+async fn bleu_is_scored_against_the_tasks_reference() {
+    let s = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let reference = "Dear Jo, thank you for the plants and the tomatoes.";
+    let tasks_file = write_temp(
+        dir.path(),
+        "tasks.jsonl",
+        &json!({"id": "jo", "kind": "note", "prompt": "A thank-you note to Jo.", "reference": reference})
+            .to_string(),
+    );
+    let tasks = evaluate::file_tasks(&tasks_file).unwrap();
+    let out = dir.path().join("out");
+    let outcome = evaluate::run(&s.roles, &s.policies, &tasks, &options(), &out, &|_, _| {})
+        .await
+        .unwrap();
+    let expected = collabllm::collab::metrics::sentence_bleu(WRITES, reference);
+    assert!(expected > 0.0 && expected < 1.0);
+    let bleu = outcome.table.arms["writer"].metrics["bleu"].unwrap();
+    assert!(
+        (bleu.mean - expected).abs() < 1e-12,
+        "{bleu:?} vs {expected}"
+    );
+    assert_eq!(outcome.rows[0].task, "jo");
+}
