@@ -144,6 +144,7 @@ async fn converse(
         &t.task,
         &t.goal,
         &[],
+        simulator::Draft::Skip,
         derive_seed(options.seed, &[&label, "opening"]),
     )
     .await?;

@@ -260,24 +260,57 @@ pub fn same_reply(a: &str, b: &str) -> bool {
     a.split_whitespace().eq(b.split_whitespace())
 }
 
-/// A fresh candidate: which one of the turn it is, the sampling that made it (seed included) and
-/// what the policy wrote.
+/// A fresh candidate: which one of the turn it is, the sampling that made it (seed included),
+/// whether the proactive instruction was added, and what the policy wrote.
 pub struct Fresh {
     pub index: usize,
     pub sampling: crate::engine::Sampling,
+    pub proactive: bool,
     pub completion: crate::engine::Completion,
+}
+
+/// The paper's `proact_prompt_ratio`: the first `round(share × n)` of a turn's n fresh candidates
+/// are generated with the proactive instruction (`proactive.md`) after the arm's system prompt.
+pub struct Proactive {
+    instruction: String,
+    indices: Vec<usize>,
+}
+
+impl Proactive {
+    /// For a turn whose fresh candidates are `fresh` (all of them, also those already stored).
+    pub fn of(roles: &Roles, fresh: &[usize]) -> Result<Self, CollabError> {
+        let share = roles.spec.proactive_share.clamp(0.0, 1.0);
+        let n = ((share * fresh.len() as f64).round() as usize).min(fresh.len());
+        let instruction = if n > 0 {
+            roles
+                .prompts
+                .render("proactive.md", minijinja::context! {})?
+        } else {
+            String::new()
+        };
+        Ok(Proactive {
+            instruction: instruction.trim().to_string(),
+            indices: fresh[..n].to_vec(),
+        })
+    }
+
+    fn applies(&self, index: usize) -> bool {
+        self.indices.contains(&index)
+    }
 }
 
 /// Fresh candidates of `policy` after `context`, one for each of `wanted`, each different from
 /// the replies in `taken` and from one another. A candidate that repeats a reply is sampled again
 /// with the seed `seed(index, round)` of the next round, at most [`CANDIDATE_RESAMPLE_ROUNDS`]
 /// times; one still repeating then is left out, so fewer than `wanted` may come back (in the order
-/// of `wanted`). Every round is one group on the engine.
+/// of `wanted`). Every round is one group on the engine. The candidates `proactive` names get its
+/// instruction after the system prompt.
 pub async fn fresh_candidates(
     policy: &Policy,
     context: &[ChatMessage],
     wanted: &[usize],
     taken: &[String],
+    proactive: &Proactive,
     seed: impl Fn(usize, u32) -> u32,
 ) -> Result<Vec<Fresh>, CollabError> {
     let mut texts: Vec<String> = taken.to_vec();
@@ -295,9 +328,17 @@ pub async fn fresh_candidates(
                 sampling
             })
             .collect();
-        let requests = samplings
+        let requests = todo
             .iter()
-            .map(|s| request(policy.messages(context), s.clone()))
+            .zip(&samplings)
+            .map(|(&index, s)| {
+                let mut messages = policy.messages(context);
+                if proactive.applies(index) {
+                    messages[0].content =
+                        format!("{}\n\n{}", messages[0].content, proactive.instruction);
+                }
+                request(messages, s.clone())
+            })
             .collect();
         let generated = generate_all(&*policy.engine, "policy", requests).await;
         let mut again = Vec::new();
@@ -312,6 +353,7 @@ pub async fn fresh_candidates(
             kept.push(Fresh {
                 index,
                 sampling,
+                proactive: proactive.applies(index),
                 completion,
             });
         }

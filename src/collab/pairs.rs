@@ -313,6 +313,11 @@ fn config_sha256(settings: &Settings, roles: &Roles, policy: &Policy) -> String 
         // Rollouts scored before BLEU needed a goal document are not reused.
         "scoring": "bleu-needs-goal-document",
     });
+    let mut config = config;
+    // Only when set, so the runs stored before the option existed stay reusable.
+    if roles.spec.proactive_share > 0.0 {
+        config["proactive_share"] = json!(roles.spec.proactive_share);
+    }
     sha256_hex(config.to_string().as_bytes())
 }
 
@@ -634,14 +639,22 @@ async fn candidates(
     let missing: Vec<usize> = (out.len()..=wanted).collect();
     let label = turn.label();
     let taken: Vec<String> = out.iter().map(|o| o.candidate.text.clone()).collect();
-    let fresh = super::fresh_candidates(turn.policy, context, &missing, &taken, |k, round| {
-        super::candidate_seed(turn.settings.seed, &label, k, round)
-    })
+    let all_fresh: Vec<usize> = (1..=wanted).collect();
+    let proactive = super::Proactive::of(&turn.version.roles, &all_fresh)?;
+    let fresh = super::fresh_candidates(
+        turn.policy,
+        context,
+        &missing,
+        &taken,
+        &proactive,
+        |k, round| super::candidate_seed(turn.settings.seed, &label, k, round),
+    )
     .await?;
     *identical += (missing.len() - fresh.len()) as u64;
     for super::Fresh {
         sampling,
         completion,
+        proactive,
         ..
     } in fresh
     {
@@ -649,6 +662,7 @@ async fn candidates(
             "arm": turn.policy.arm.id,
             "fingerprint": turn.policy.engine.fingerprint(),
             "sampling": sampling,
+            "proactive": proactive,
             "generated_tokens": completion.generated_tokens,
             "finish_reason": completion.finish_reason.as_str(),
             "config_sha256": turn.config,

@@ -8,7 +8,7 @@ use super::CollabError;
 use crate::protocol::sha256_hex;
 
 /// The built-in prompts (`study-protocols/prompts/`).
-const BUILT_IN: [(&str, &str); 5] = [
+const BUILT_IN: [(&str, &str); 6] = [
     (
         "user_simulator.md",
         include_str!("../../study-protocols/prompts/user_simulator.md"),
@@ -28,6 +28,10 @@ const BUILT_IN: [(&str, &str); 5] = [
     (
         "judge_quality.md",
         include_str!("../../study-protocols/prompts/judge_quality.md"),
+    ),
+    (
+        "proactive.md",
+        include_str!("../../study-protocols/prompts/proactive.md"),
     ),
 ];
 

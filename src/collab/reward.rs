@@ -149,6 +149,7 @@ pub async fn rollouts(
                 scene.task,
                 scene.goal,
                 &runs[i].conversation,
+                simulator::Draft::Skip,
                 seed,
             ) {
                 Ok(ask) => {

@@ -319,6 +319,7 @@ impl Participant<'_> {
                                 &task,
                                 &goal,
                                 &conversation,
+                                simulator::Draft::Keep,
                                 self.seed("message", step),
                             )
                             .await?,

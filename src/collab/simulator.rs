@@ -1,6 +1,6 @@
 //! The user simulator: an LLM that plays the participant. It sees the task, the hidden goal and
-//! the conversation, and answers with JSON `{current_answer, thought, response}` of which only
-//! `response` reaches the assistant. It ends the chat by writing [`TERMINATE`].
+//! the conversation, and answers with JSON `{current_answer, thought, response}` (the draft only
+//! where it is used) of which only `response` reaches the assistant. It ends the chat by writing [`TERMINATE`].
 
 use minijinja::context;
 use serde_json::{Map, Value};
@@ -18,10 +18,19 @@ const MAX_RESPONSE_CHARS: u32 = 600;
 
 const WHO: &str = "user simulator";
 
+/// Whether the simulated user also writes down the document as they would keep it now. Only a
+/// simulated participant uses it (it saves it to the study's document); rollouts, synthetic
+/// conversations and evaluations do not, and skipping it saves up to a document's tokens a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Draft {
+    Keep,
+    Skip,
+}
+
 /// One message of the simulated user.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SimulatedMessage {
-    /// The document as the user would keep it now.
+    /// The document as the user would keep it now (empty when the draft was skipped).
     pub current_answer: String,
     pub thought: String,
     /// What is sent, without the marker.
@@ -36,6 +45,7 @@ pub fn message_ask(
     task: &Task,
     goal: &Goal,
     conversation: &[ChatMessage],
+    draft: Draft,
     seed: u32,
 ) -> Result<Ask, CollabError> {
     let prompt = roles.prompts.render(
@@ -46,15 +56,22 @@ pub fn message_ask(
             task_instructions => task.instructions,
             goal => goal.describe(),
             conversation => transcript(conversation),
+            with_draft => draft == Draft::Keep,
         },
     )?;
+    let mut fields = vec![
+        ("thought", Field::Text(MAX_THOUGHT_CHARS)),
+        ("response", Field::Text(MAX_RESPONSE_CHARS)),
+    ];
+    if draft == Draft::Keep {
+        fields.insert(
+            0,
+            ("current_answer", Field::Text(roles.spec.max_document_chars)),
+        );
+    }
     Ok(Ask {
         prompt,
-        shape: Shape(vec![
-            ("current_answer", Field::Text(roles.spec.max_document_chars)),
-            ("thought", Field::Text(MAX_THOUGHT_CHARS)),
-            ("response", Field::Text(MAX_RESPONSE_CHARS)),
-        ]),
+        shape: Shape(fields),
         seed,
     })
 }
@@ -93,9 +110,10 @@ pub async fn next_message(
     task: &Task,
     goal: &Goal,
     conversation: &[ChatMessage],
+    draft: Draft,
     seed: u32,
 ) -> Result<SimulatedMessage, CollabError> {
-    let ask = message_ask(roles, task, goal, conversation, seed)?;
+    let ask = message_ask(roles, task, goal, conversation, draft, seed)?;
     next_messages(roles, &[ask])
         .await
         .pop()

@@ -138,6 +138,7 @@ pub async fn run(
             &task,
             &goal,
             &[],
+            simulator::Draft::Skip,
             derive_seed(options.seed, &[&conversation_id, "opening"]),
         )
         .await?;
@@ -158,7 +159,8 @@ pub async fn run(
                             "score_std": reward.std,
                             "rewards": reward.means,
                             "kept": k == best(&rewards),
-                            "seed": seeds[k],
+                            "seed": seeds[k].0,
+                            "proactive": seeds[k].1,
                         }))?;
                         summary.rows += 1;
                     }
@@ -213,8 +215,9 @@ fn best(rewards: &[Reward]) -> usize {
 }
 
 /// K fresh candidates after `history` (a repeated reply sampled again; at least two different
-/// ones), their seeds, their rewards, and the user's next message from the best
-/// candidate's first rollout (none when the simulated user ended the chat there).
+/// ones), their seeds and whether each had the proactive instruction, their rewards, and the
+/// user's next message from the best candidate's first rollout (none when the simulated user
+/// ended the chat there).
 async fn grow_turn(
     roles: &Roles,
     policy: &Policy,
@@ -223,16 +226,28 @@ async fn grow_turn(
     history: &[ChatMessage],
     options: &SynthOptions,
     label: &str,
-) -> Result<(Vec<Candidate>, Vec<u32>, Vec<Reward>, Option<String>), CollabError> {
+) -> Result<
+    (
+        Vec<Candidate>,
+        Vec<(u32, bool)>,
+        Vec<Reward>,
+        Option<String>,
+    ),
+    CollabError,
+> {
     let wanted: Vec<usize> = (0..options.candidates as usize).collect();
-    let fresh = super::fresh_candidates(policy, history, &wanted, &[], |k, round| {
+    let proactive = super::Proactive::of(roles, &wanted)?;
+    let fresh = super::fresh_candidates(policy, history, &wanted, &[], &proactive, |k, round| {
         super::candidate_seed(options.seed, label, k, round)
     })
     .await?;
     if fresh.len() < 2 {
         return Err(CollabError::SameCandidates(label.to_string()));
     }
-    let seeds: Vec<u32> = fresh.iter().map(|f| f.completion.seed).collect();
+    let seeds: Vec<(u32, bool)> = fresh
+        .iter()
+        .map(|f| (f.completion.seed, f.proactive))
+        .collect();
     let candidates: Vec<Candidate> = fresh
         .into_iter()
         .map(|f| Candidate {
@@ -276,7 +291,15 @@ async fn grow_turn(
             candidates[kept].text.clone(),
         ));
         let seed = derive_seed(options.seed, &[label, "next user"]);
-        let next = simulator::next_message(roles, task, goal, &conversation, seed).await?;
+        let next = simulator::next_message(
+            roles,
+            task,
+            goal,
+            &conversation,
+            simulator::Draft::Skip,
+            seed,
+        )
+        .await?;
         (!next.terminates && !next.response.is_empty()).then_some(next.response)
     } else {
         next_user_of(&rollouts_of[kept])

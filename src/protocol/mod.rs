@@ -297,6 +297,10 @@ pub struct CollabSpec {
     pub candidates: u32,
     /// Smallest reward gap between chosen and rejected for a pair to be kept.
     pub margin: f64,
+    /// Share of a turn's fresh candidates generated with the proactive instruction
+    /// (`proactive.md`) added to the arm's system prompt: the paper's `proact_prompt_ratio`. The
+    /// pairs keep the arm's own prompt; the instruction only widens what is sampled.
+    pub proactive_share: f64,
     /// The noise-aware rule: keep a pair only when its gap is at least this many standard errors
     /// of the gap (from the rollouts' spread); 0 keeps the paper's margin alone.
     pub min_gap_se: f64,
@@ -321,6 +325,7 @@ impl Default for CollabSpec {
             window: 2,
             candidates: 2,
             margin: 0.02,
+            proactive_share: 0.0,
             min_gap_se: 0.0,
             max_turns: 10,
             max_document_chars: 2000,

@@ -371,6 +371,16 @@ impl Checker<'_> {
                 );
             }
         }
+        if !(0.0..=1.0).contains(&c.proactive_share) {
+            self.report(
+                &[Key("collab"), Key("proactive_share")],
+                format!(
+                    "[collab] proactive_share {} is not a share between 0 and 1",
+                    c.proactive_share
+                ),
+                "use e.g. 0.5 for half the fresh candidates, or 0 for none".into(),
+            );
+        }
         if !(c.min_gap_se.is_finite() && c.min_gap_se >= 0.0) {
             self.report(
                 &[Key("collab"), Key("min_gap_se")],

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use collabllm::collab::pairs::{self, PairsOptions, PairsSummary, SessionKind};
 use collabllm::collab::simulate::{self, SimulateOptions};
-use collabllm::collab::simulator::{self, TERMINATE};
+use collabllm::collab::simulator::{self, Draft, TERMINATE};
 use collabllm::collab::{judge, Goal, Roles, Task, CANDIDATE_RESAMPLE_ROUNDS};
 use collabllm::db::models::NewMessage;
 use collabllm::db::vocab::{MessageRole, Outcome, RevisionAuthor};
@@ -126,7 +126,7 @@ async fn simulator_and_judge_answer_in_shape() {
         document: String::new(),
     };
     for seed in 0..3 {
-        let m = simulator::next_message(&roles, &task, &goal, &[], seed)
+        let m = simulator::next_message(&roles, &task, &goal, &[], Draft::Keep, seed)
             .await
             .unwrap();
         assert!(!m.response.trim().is_empty() || m.terminates);
@@ -134,8 +134,12 @@ async fn simulator_and_judge_answer_in_shape() {
             !m.response.contains(TERMINATE),
             "the marker is never sent: {m:?}"
         );
-        assert!(m.current_answer.chars().count() <= 300);
     }
+    // Where the draft is not used, it is not asked for.
+    let m = simulator::next_message(&roles, &task, &goal, &[], Draft::Skip, 0)
+        .await
+        .unwrap();
+    assert!(m.current_answer.is_empty() && !m.response.trim().is_empty());
     let conversation = [
         ChatMessage::new(Role::User, "help me write a thank-you note"),
         ChatMessage::new(
@@ -647,4 +651,72 @@ async fn candidates_that_repeat_the_reply_given_never_make_a_pair() {
         .unwrap();
     assert_eq!(stored, 0, "a repeated reply is not stored as a candidate");
     assert!(!out.exists() && !collabllm::collab::partial_path(&out).exists());
+}
+
+/// `proactive_share`: that share of a turn's fresh candidates is generated with the proactive
+/// instruction after the arm's system prompt (the paper's `proact_prompt_ratio`); the pairs keep
+/// the arm's own prompt, and each stored candidate says whether it had the instruction.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_share_of_fresh_candidates_gets_the_proactive_instruction() {
+    let db = TestDb::sqlite();
+    let pool = db.pool();
+    import(&pool, &pilot("proactive_share = 0.5\n"));
+    seed_session(&pool).await;
+    let instructed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = instructed.clone();
+    let engine = Arc::new(ScriptedEngine::new(move |r| {
+        let all: String = r
+            .messages
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n");
+        if all.contains("judge of how well an AI assistant collaborated") {
+            serde_json::json!({"thought": "", "interactivity": 0.5}).to_string()
+        } else if all.contains("Extract the final version") {
+            serde_json::json!({"thought": "", "final_document": "A note."}).to_string()
+        } else if all.contains("role-playing a person") {
+            serde_json::json!({"thought": "", "response": "ok [[TERMINATE CHAT]]"}).to_string()
+        } else {
+            if r.messages[0]
+                .content
+                .contains("Before you write, make sure you know")
+            {
+                seen.fetch_add(1, Ordering::SeqCst);
+            }
+            format!("Reply number {}.", r.sampling.seed.unwrap())
+        }
+    }));
+    let engines = Engines::new();
+    engines.insert(&engine_name("smollm2-135m", None), engine);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("pairs.jsonl");
+    let three = PairsOptions {
+        candidates: Some(3),
+        ..options("quick-pilot")
+    };
+    let summary = run_pairs(&pool, &engines, &three, &out).await;
+    assert_eq!(summary.turns, 2);
+    // Two fresh candidates a turn, half of them instructed: one a turn, two in all.
+    assert_eq!(instructed.load(Ordering::SeqCst), 2);
+    let flags: Vec<bool> = schema::candidates::table
+        .select(schema::candidates::policy_json)
+        .load::<String>(&mut pool.get().unwrap())
+        .unwrap()
+        .iter()
+        .map(|p| {
+            serde_json::from_str::<Value>(p).unwrap()["proactive"]
+                .as_bool()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(flags.iter().filter(|&&p| p).count(), 2, "{flags:?}");
+    assert_eq!(flags.len(), 4);
+    for line in std::fs::read_to_string(&out).unwrap().lines() {
+        let row: Value = serde_json::from_str(line).unwrap();
+        assert!(!row["prompt"][0]["content"]
+            .as_str()
+            .unwrap()
+            .contains("Before you write"));
+    }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use collabllm::collab::evaluate::{self, EvalOptions, EvalTask};
 use collabllm::collab::{start_policy, Policy, Roles};
 use collabllm::engine::registry::engine_name;
-use collabllm::engine::Engines;
+use collabllm::engine::{Constraint, Engines};
 use collabllm::protocol::LoadedProtocol;
 use serde_json::json;
 
@@ -33,6 +33,10 @@ const WRITES: &str = "Dear Jo, thank you for the plants.";
 /// document 7; the simulated user ends the chat after the first reply.
 fn scripted() -> Arc<ScriptedEngine> {
     Arc::new(ScriptedEngine::new(|r| {
+        if let Some(Constraint::Grammar(g)) = &r.constraint {
+            // Nothing here uses the simulated user's draft: it is never asked for.
+            assert!(!g.contains("current_answer"), "{g}");
+        }
         let all: String = r
             .messages
             .iter()
@@ -48,8 +52,11 @@ fn scripted() -> Arc<ScriptedEngine> {
         } else if all.contains("impartial judge of writing") {
             json!({"thought": "scripted", "quality": 7}).to_string()
         } else if all.contains("role-playing a person") {
-            json!({"current_answer": "", "thought": "", "response": "A note for Jo. [[TERMINATE CHAT]]"})
-                .to_string()
+            assert!(
+                !all.contains("current_answer"),
+                "the prompt asks for a draft"
+            );
+            json!({"thought": "", "response": "A note for Jo. [[TERMINATE CHAT]]"}).to_string()
         } else if all.contains("Write the note at once.") {
             WRITES.to_string()
         } else {

@@ -313,6 +313,17 @@ fn a_window_of_zero_is_the_single_turn_ablation_and_is_accepted() {
 }
 
 #[test]
+fn the_proactive_share_is_a_share() {
+    let text = format!("{VALID}\n[collab]\nproactive_share = 1.5\n");
+    let err = check(&text).unwrap_err();
+    let d = err.diagnostics();
+    assert!(d[0].message.contains("proactive_share 1.5"), "{err}");
+    assert_eq!(d[0].line, line_of(&text, "proactive_share", 0));
+    let ok = check(&format!("{VALID}\n[collab]\nproactive_share = 0.5\n")).unwrap();
+    assert_eq!(ok.protocol.collab.proactive_share, 0.5);
+}
+
+#[test]
 fn collab_settings_default_to_the_papers() {
     let c = check(VALID).unwrap().protocol.collab;
     assert_eq!((c.samples, c.window, c.candidates), (3, 2, 2));
