@@ -21,7 +21,10 @@ use collabllm::web::AppState;
 use diesel::prelude::*;
 use serde_json::Value;
 
-use crate::common::{assert_trl_pair, models_dir, repo_root, ScriptedEngine, TestDb, TestServer};
+use crate::common::{
+    asker, assert_trl_pair, models_dir, repo_root, request_text, Asker, ScriptedEngine, TestDb,
+    TestServer,
+};
 use crate::on_both_backends_async;
 
 /// The quick pilot with small MR settings, so a test scores a turn in seconds.
@@ -665,26 +668,26 @@ async fn a_share_of_fresh_candidates_gets_the_proactive_instruction() {
     let instructed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let seen = instructed.clone();
     let engine = Arc::new(ScriptedEngine::new(move |r| {
-        let all: String = r
-            .messages
-            .iter()
-            .map(|m| m.content.as_str())
-            .collect::<Vec<_>>()
-            .join("\n");
-        if all.contains("judge of how well an AI assistant collaborated") {
-            serde_json::json!({"thought": "", "interactivity": 0.5}).to_string()
-        } else if all.contains("Extract the final version") {
-            serde_json::json!({"thought": "", "final_document": "A note."}).to_string()
-        } else if all.contains("role-playing a person") {
-            serde_json::json!({"thought": "", "response": "ok [[TERMINATE CHAT]]"}).to_string()
-        } else {
-            if r.messages[0]
-                .content
-                .contains("Before you write, make sure you know")
-            {
-                seen.fetch_add(1, Ordering::SeqCst);
+        match asker(&request_text(r)) {
+            Asker::Interactivity(_) => {
+                serde_json::json!({"thought": "", "interactivity": 0.5}).to_string()
             }
-            format!("Reply number {}.", r.sampling.seed.unwrap())
+            Asker::Document => {
+                serde_json::json!({"thought": "", "final_document": "A note."}).to_string()
+            }
+            Asker::Quality => serde_json::json!({"thought": "", "quality": 5}).to_string(),
+            Asker::Simulator => {
+                serde_json::json!({"thought": "", "response": "ok [[TERMINATE CHAT]]"}).to_string()
+            }
+            Asker::Policy => {
+                if r.messages[0]
+                    .content
+                    .contains("Before you write, make sure you know")
+                {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
+                format!("Reply number {}.", r.sampling.seed.unwrap())
+            }
         }
     }));
     let engines = Engines::new();

@@ -10,7 +10,9 @@ use collabllm::engine::Engines;
 use collabllm::protocol::LoadedProtocol;
 use serde_json::json;
 
-use crate::common::{models_dir, repo_root, write_temp, ScriptedEngine};
+use crate::common::{
+    asker, models_dir, repo_root, request_text, write_temp, Asker, ScriptedEngine,
+};
 
 fn pilot() -> LoadedProtocol {
     let path = repo_root().join("study-protocols/quick-pilot.toml");
@@ -21,27 +23,19 @@ fn pilot() -> LoadedProtocol {
 /// One scripted model plays every role: the judge rates 1 the conversations that contain one of
 /// `preferred` (0 the others), the simulated user ends the chat at once, the policy says little.
 fn scripted(preferred: Vec<String>) -> ScriptedEngine {
-    ScriptedEngine::new(move |r| {
-        let all: String = r
-            .messages
-            .iter()
-            .map(|m| m.content.as_str())
-            .collect::<Vec<_>>()
-            .join("\n");
-        if all.contains("judge of how well an AI assistant collaborated") {
-            let judged = all.split("What you rate:").nth(1).unwrap_or_default();
+    ScriptedEngine::new(move |r| match asker(&request_text(r)) {
+        Asker::Interactivity(judged) => {
             let score = f64::from(u8::from(
                 preferred.iter().any(|p| judged.contains(p.as_str())),
             ));
             json!({"thought": "scripted", "interactivity": score}).to_string()
-        } else if all.contains("Extract the final version") {
-            json!({"thought": "scripted", "final_document": "A note."}).to_string()
-        } else if all.contains("role-playing a person") {
-            json!({"current_answer": "", "thought": "done", "response": "Thanks. [[TERMINATE CHAT]]"})
-                .to_string()
-        } else {
-            "Noted.".to_string()
         }
+        Asker::Document => json!({"thought": "scripted", "final_document": "A note."}).to_string(),
+        Asker::Quality => json!({"thought": "scripted", "quality": 5}).to_string(),
+        Asker::Simulator => {
+            json!({"thought": "done", "response": "Thanks. [[TERMINATE CHAT]]"}).to_string()
+        }
+        Asker::Policy => "Noted.".to_string(),
     })
 }
 

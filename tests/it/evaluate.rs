@@ -11,7 +11,9 @@ use collabllm::engine::{Constraint, Engines};
 use collabllm::protocol::LoadedProtocol;
 use serde_json::json;
 
-use crate::common::{models_dir, repo_root, write_temp, ScriptedEngine};
+use crate::common::{
+    asker, models_dir, repo_root, request_text, write_temp, Asker, ScriptedEngine,
+};
 
 /// The quick pilot with a second arm that writes at once.
 fn two_arms() -> LoadedProtocol {
@@ -37,30 +39,23 @@ fn scripted() -> Arc<ScriptedEngine> {
             // Nothing here uses the simulated user's draft: it is never asked for.
             assert!(!g.contains("current_answer"), "{g}");
         }
-        let all: String = r
-            .messages
-            .iter()
-            .map(|m| m.content.as_str())
-            .collect::<Vec<_>>()
-            .join("\n");
-        if all.contains("judge of how well an AI assistant collaborated") {
-            let judged = all.split("What you rate:").nth(1).unwrap_or_default();
-            let score = f64::from(u8::from(judged.contains(ASKS)));
-            json!({"thought": "scripted", "interactivity": score}).to_string()
-        } else if all.contains("Extract the final version") {
-            json!({"thought": "scripted", "final_document": WRITES}).to_string()
-        } else if all.contains("impartial judge of writing") {
-            json!({"thought": "scripted", "quality": 7}).to_string()
-        } else if all.contains("role-playing a person") {
-            assert!(
-                !all.contains("current_answer"),
-                "the prompt asks for a draft"
-            );
-            json!({"thought": "", "response": "A note for Jo. [[TERMINATE CHAT]]"}).to_string()
-        } else if all.contains("Write the note at once.") {
-            WRITES.to_string()
-        } else {
-            ASKS.to_string()
+        let all = request_text(r);
+        match asker(&all) {
+            Asker::Interactivity(judged) => {
+                let score = f64::from(u8::from(judged.contains(ASKS)));
+                json!({"thought": "scripted", "interactivity": score}).to_string()
+            }
+            Asker::Document => json!({"thought": "scripted", "final_document": WRITES}).to_string(),
+            Asker::Quality => json!({"thought": "scripted", "quality": 7}).to_string(),
+            Asker::Simulator => {
+                assert!(
+                    !all.contains("current_answer"),
+                    "the prompt asks for a draft"
+                );
+                json!({"thought": "", "response": "A note for Jo. [[TERMINATE CHAT]]"}).to_string()
+            }
+            Asker::Policy if all.contains("Write the note at once.") => WRITES.to_string(),
+            Asker::Policy => ASKS.to_string(),
         }
     }))
 }

@@ -300,3 +300,37 @@ impl Engine for ScriptedEngine {
         "scripted".into()
     }
 }
+
+/// All the text of a request, for a scripted model that answers by what it is asked.
+pub fn request_text(r: &ChatRequest) -> String {
+    r.messages
+        .iter()
+        .map(|m| m.content.as_str())
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Who of the CollabLLM core a request comes from, told by its built-in prompt.
+pub enum Asker<'a> {
+    /// The interactivity judge, with the part it rates.
+    Interactivity(&'a str),
+    Document,
+    Quality,
+    Simulator,
+    /// Anything else: an arm's policy.
+    Policy,
+}
+
+pub fn asker(text: &str) -> Asker<'_> {
+    if text.contains("judge of how well an AI assistant collaborated") {
+        Asker::Interactivity(text.split("What you rate:").nth(1).unwrap_or_default())
+    } else if text.contains("Extract the final version") {
+        Asker::Document
+    } else if text.contains("impartial judge of writing") {
+        Asker::Quality
+    } else if text.contains("role-playing a person") {
+        Asker::Simulator
+    } else {
+        Asker::Policy
+    }
+}
