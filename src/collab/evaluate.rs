@@ -75,7 +75,7 @@ pub struct EvalOptions {
 }
 
 /// The metrics of one conversation.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     pub arm: String,
     pub user: usize,
@@ -246,6 +246,14 @@ impl AppendLog {
     }
 }
 
+/// A line of `eval.jsonl`: a conversation's row and the configuration it was made under.
+#[derive(Serialize, Deserialize)]
+struct Logged {
+    #[serde(flatten)]
+    row: Row,
+    config_sha256: String,
+}
+
 /// Rows of an earlier run in `path`, with the configuration each was made under.
 fn resumed(path: &Path) -> Result<Vec<(String, Row)>, CollabError> {
     let Ok(file) = std::fs::File::open(path) else {
@@ -254,30 +262,10 @@ fn resumed(path: &Path) -> Result<Vec<(String, Row)>, CollabError> {
     let mut rows = Vec::new();
     for line in std::io::BufReader::new(file).lines() {
         let line = line.map_err(|e| CollabError::Invalid(format!("{}: {e}", path.display())))?;
-        let Ok(v) = serde_json::from_str::<Value>(&line) else {
-            continue; // a line cut by a crash is computed again
-        };
-        let number = |k: &str| v[k].as_f64();
-        let (Some(arm), Some(user), Some(config)) = (
-            v["arm"].as_str(),
-            v["user"].as_u64(),
-            v["config_sha256"].as_str(),
-        ) else {
-            continue;
-        };
-        rows.push((
-            config.to_string(),
-            Row {
-                arm: arm.to_string(),
-                user: user as usize,
-                task: v["task"].as_str().unwrap_or_default().to_string(),
-                bleu: number("bleu"),
-                tokens_k: number("tokens_k").unwrap_or_default(),
-                itr: number("itr").unwrap_or_default(),
-                quality: number("quality").unwrap_or_default(),
-                turns: number("turns").unwrap_or_default(),
-            },
-        ));
+        // A line cut by a crash does not parse: that conversation is run again.
+        if let Ok(logged) = serde_json::from_str::<Logged>(&line) {
+            rows.push((logged.config_sha256, logged.row));
+        }
     }
     Ok(rows)
 }
@@ -332,10 +320,12 @@ pub async fn run(
         for ((policy, user, _, config), result) in chunk.iter().zip(results) {
             match result {
                 Ok(row) => {
-                    let mut line = serde_json::to_value(&row).expect("a row is JSON");
-                    line["config_sha256"] = json!(config);
-                    writer.write(&line)?;
-                    rows.push(row);
+                    let logged = Logged {
+                        row,
+                        config_sha256: config.clone(),
+                    };
+                    writer.write(&serde_json::to_value(&logged).expect("a row is JSON"))?;
+                    rows.push(logged.row);
                 }
                 Err(e) if e.is_local() => {
                     tracing::warn!(arm = %policy.arm.id, user, error = %e, "a conversation failed; left out");

@@ -2,7 +2,6 @@
 //! from. Both are written beside their final name and renamed, so neither is ever half-written.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 
 use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
@@ -14,18 +13,30 @@ use super::{Adam, CheckpointState, TrainError};
 /// Writes `bytes` to `path` through a temporary file beside it (created as any file is, so the
 /// adapter gets the usual permissions), renamed once complete.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    replace_with(path, |tmp| {
+        std::fs::write(tmp, bytes).map_err(|e| TrainError::io(tmp, e))
+    })
+}
+
+/// Has `write` fill a temporary file beside `path`, syncs it, and renames it to `path`; on
+/// failure the temporary file is removed and `path` is as it was.
+fn replace_with(
+    path: &Path,
+    write: impl FnOnce(&Path) -> Result<(), TrainError>,
+) -> Result<(), TrainError> {
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".partial");
     let tmp = std::path::PathBuf::from(tmp);
-    let written = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(bytes)?;
-        f.sync_all()
+    let done = write(&tmp).and_then(|()| {
+        std::fs::File::open(&tmp)
+            .and_then(|f| f.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path))
+            .map_err(|e| TrainError::io(path, e))
     });
-    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
+    if done.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(TrainError::io(path, e));
     }
-    Ok(())
+    done
 }
 
 /// Writes the adapter as llama.cpp loads it: `general.type = adapter`, `adapter.type = lora`,
@@ -106,15 +117,9 @@ pub(super) fn save_checkpoint(
     let json = serde_json::to_vec(state).expect("checkpoint state is JSON");
     let n = json.len();
     tensors.insert(STATE_KEY.into(), Tensor::from_vec(json, n, &Device::Cpu)?);
-    let bytes = safetensors_bytes(&tensors)?;
-    write_atomic(path, &bytes)
-}
-
-fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>, TrainError> {
-    let dir = tempfile::tempdir().map_err(|e| TrainError::io(Path::new("."), e))?;
-    let file = dir.path().join("checkpoint.safetensors");
-    candle_core::safetensors::save(tensors, &file)?;
-    std::fs::read(&file).map_err(|e| TrainError::io(&file, e))
+    replace_with(path, |tmp| {
+        Ok(candle_core::safetensors::save(&tensors, tmp)?)
+    })
 }
 
 /// Loads a checkpoint into `lora` and `adam` and returns the run's state.

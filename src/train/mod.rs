@@ -297,10 +297,8 @@ fn logprobs(
         if stop.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let side = |s: &Sequence| -> Result<f64, TrainError> {
-            let lp = weights.sequence_logprob(&s.tokens, s.response_start, lora)?;
-            Ok(lp.detach().to_dtype(DType::F64)?.to_scalar::<f64>()?)
-        };
+        let side =
+            |s: &Sequence| scalar(&weights.sequence_logprob(&s.tokens, s.response_start, lora)?);
         out.push((side(c)?, side(r)?));
         on_done(i + 1);
     }

@@ -68,7 +68,7 @@ fn replies(expected: bool) -> Vec<String> {
             let side = if expected {
                 c.expected
             } else {
-                other(c.expected)
+                c.expected.other()
             };
             match side {
                 Side::A => c.a.clone(),
@@ -76,13 +76,6 @@ fn replies(expected: bool) -> Vec<String> {
             }
         })
         .collect()
-}
-
-fn other(side: Side) -> Side {
-    match side {
-        Side::A => Side::B,
-        Side::B => Side::A,
-    }
 }
 
 #[tokio::test]
