@@ -65,8 +65,10 @@ enum Command {
     /// Export a study's data for analysis.
     #[command(subcommand)]
     Export(ExportCommand),
-    /// Run simulated participants through a study (assignment, websocket session, ratings),
-    /// stored flagged `simulated`: a pilot before paying anyone.
+    /// Run simulated participants through a study (assignment, websocket session, document
+    /// edits, inserted and regenerated replies, comparisons, ratings), stored flagged
+    /// `simulated`: a pilot before paying anyone. Progress counts turns as they happen. Ctrl-C or
+    /// SIGTERM stops at once and ends the sessions in flight as `abandoned`.
     Simulate {
         /// Protocol file of the study; imported first (a changed file becomes a new version).
         #[arg(long, env = "COLLABLLM_PROTOCOL", default_value = EXAMPLE_PROTOCOL_PATH)]
@@ -122,7 +124,8 @@ enum Command {
         out: PathBuf,
     },
     /// Grow multi-turn conversations from single-turn tasks (JSONL lines with "prompt" and
-    /// "reference"), keeping the best-MR candidate each turn; one row per candidate.
+    /// "reference"), keeping the best-MR candidate each turn; one row per candidate. Finished
+    /// turns are kept in the database: run the same command again to resume a stopped run.
     Synth {
         /// JSONL file of tasks: {"prompt": …, "reference": …, "id"?: …, "kind"?: …} per line.
         #[arg(long)]
@@ -643,15 +646,10 @@ fn run(cli: Cli) -> Result<()> {
             };
             let mut conn = db::connect(&settings.database_url)?;
             db::migrate(&mut conn)?;
-            let bar = ProgressBar::new(0).with_style(
-                indicatif::ProgressStyle::with_template(
-                    "exporting {bar:40} {pos}/{len} sessions ({eta})",
-                )
-                .expect("static template"),
-            );
-            let written =
-                export::csv::export(&mut conn, &study, &filter, &out, &progress_of(&bar))?;
-            bar.finish_and_clear();
+            let bar = Progress::new("exporting sessions");
+            let written = export::csv::export(&mut conn, &study, &filter, &out, &bar.counter());
+            bar.finish();
+            let written = written?;
             for (file, rows) in written.files {
                 println!("{} ({rows} rows)", out.join(file).display());
             }
@@ -742,12 +740,13 @@ fn run(cli: Cli) -> Result<()> {
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             let _guard = runtime.enter();
-            let bar = progress_bar("scoring turns");
+            let bar = Progress::new("scoring turns");
             let engines = Engines::new();
-            let progress = progress_of(&bar);
+            let progress = bar.counter();
             let job = collab::pairs::run(&pool, &engines, &options, &out, &progress);
-            let summary = run_writing(&runtime, job, &[&out])?;
-            bar.finish_and_clear();
+            let summary = run_writing(&runtime, job, &[&out]);
+            bar.finish();
+            let summary = summary?;
             println!(
                 "{}: {} pairs from {} turns ({} scored, {} skipped; {} rollouts run, {} reused from an earlier run; {} fresh candidates left out as repeats)",
                 written(&out, summary.pairs, "pairs"),
@@ -759,6 +758,9 @@ fn run(cli: Cli) -> Result<()> {
                 summary.rollouts_reused,
                 summary.identical_candidates
             );
+            for why in &summary.skip_reasons {
+                eprintln!("skipped {why}");
+            }
             println!(
                 "gaps: {} turns over the margin, {} of them at least 2 standard errors clear of the reward's noise; {} left out by --min-gap-se",
                 summary.over_margin, summary.clear_of_noise, summary.below_noise
@@ -812,9 +814,11 @@ fn run(cli: Cli) -> Result<()> {
             let roles =
                 collab::Roles::start(&engines, p, &loaded.source, &settings.models_dir, slots)?;
             let policy = collab::start_policy(&engines, p, arm, &settings.models_dir, slots)?;
-            let bar = progress_bar("growing conversations");
-            let progress = progress_of(&bar);
+            let pool = db::open(&settings.database_url, settings.db_connections)?;
+            let bar = Progress::new("growing conversations");
+            let progress = bar.counter();
             let job = collab::synth::run(
+                &pool,
                 &roles,
                 &policy,
                 &tasks,
@@ -826,17 +830,21 @@ fn run(cli: Cli) -> Result<()> {
             let outputs: Vec<&Path> = std::iter::once(out.as_path())
                 .chain(pairs_out.as_deref())
                 .collect();
-            let summary = run_writing(&runtime, job, &outputs)?;
-            bar.finish_and_clear();
+            let summary = run_writing(&runtime, job, &outputs);
+            bar.finish();
+            let summary = summary?;
             if let Some(pairs_out) = &pairs_out {
                 println!("{}", written(pairs_out, summary.pairs, "pairs"));
             }
             println!(
-                "{}: {} candidate rows from {} conversations ({} pairs, {} turns failed)",
+                "{}: {} candidate rows from {} conversations ({} pairs; {} turns grown, {} reused \
+                 from an earlier run, {} failed)",
                 written(&out, summary.rows, "rows"),
                 summary.rows,
                 summary.conversations,
                 summary.pairs,
+                summary.turns_run,
+                summary.turns_reused,
                 summary.failed_turns
             );
             Ok(())
@@ -870,12 +878,13 @@ fn run(cli: Cli) -> Result<()> {
             let roles =
                 collab::Roles::start(&engines, p, &loaded.source, &settings.models_dir, slots)?;
             let policy = collab::start_policy(&engines, p, arm, &settings.models_dir, slots)?;
-            let bar = progress_bar("contrast cases");
-            let progress = progress_of(&bar);
+            let bar = Progress::new("contrast cases");
+            let progress = bar.counter();
             let report = runtime.block_on(collab::contrast::run(
                 &roles, &policy, &cases, &options, &progress,
-            ))?;
-            bar.finish_and_clear();
+            ));
+            bar.finish();
+            let report = report?;
             print_contrast(&report);
             if let Some(out) = out {
                 let json = serde_json::to_vec_pretty(&report).expect("the report is JSON");
@@ -1078,16 +1087,30 @@ fn run_eval(settings: &Settings, args: EvalArgs) -> Result<()> {
             )?)
         })
         .collect::<Result<Vec<_>>>()?;
-    let bar = progress_bar("simulated conversations");
-    let progress = progress_of(&bar);
-    let job = collab::evaluate::run(&roles, &policies, &tasks, &options, &out, &progress);
+    let bar = Progress::new("simulated conversations");
+    let progress = bar.counter();
+    // Each conversation is also recorded as a simulated session of the study, for the console.
+    let studio = collabllm::study::Studio::new(pool.clone(), Engines::new())?;
+    let record = collab::evaluate::Record {
+        studio: &studio,
+        study: &p.study.slug,
+    };
+    let job = collab::evaluate::run(
+        &roles,
+        &policies,
+        &tasks,
+        &options,
+        &out,
+        Some(record),
+        &progress,
+    );
     let outcome = runtime.block_on(async {
         tokio::select! {
             result = job => Some(result),
             () = stop_signal() => None,
         }
     });
-    bar.finish_and_clear();
+    bar.finish();
     let log = out.join("eval.jsonl");
     let Some(outcome) = outcome else {
         bail!(
@@ -1284,22 +1307,63 @@ fn run_train_dpo(options: &train::DpoOptions) -> Result<()> {
     }
 }
 
-/// What a long task reports as (done, total), shown on `bar`.
-fn progress_of(bar: &ProgressBar) -> impl Fn(u64, u64) + Sync + '_ {
-    |done, total| {
-        bar.set_length(total);
-        bar.set_position(done);
-    }
+/// A long task's progress: an indicatif bar on a terminal; without one (a log, CI) a plain line
+/// on stderr at most every [`PLAIN_PROGRESS_EVERY`] and at the end, so a long run never looks
+/// stuck.
+struct Progress {
+    what: &'static str,
+    bar: ProgressBar,
+    /// When the last plain line was written; `None` on a terminal.
+    plain: Option<std::sync::Mutex<Option<std::time::Instant>>>,
 }
 
-/// A progress bar with a count and the time left.
-fn progress_bar(what: &str) -> ProgressBar {
-    ProgressBar::new(0).with_style(
-        indicatif::ProgressStyle::with_template(&format!(
-            "{what} {{bar:40}} {{pos}}/{{len}} ({{elapsed}} so far, {{eta}} left)"
-        ))
-        .expect("static template"),
-    )
+const PLAIN_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Progress {
+    fn new(what: &'static str) -> Self {
+        use std::io::IsTerminal;
+        let bar = ProgressBar::new(0).with_style(
+            indicatif::ProgressStyle::with_template(&format!(
+                "{what} {{bar:40}} {{pos}}/{{len}} {{msg}} ({{elapsed}} so far, {{eta}} left)"
+            ))
+            .expect("static template"),
+        );
+        let plain = (!std::io::stderr().is_terminal()).then(Default::default);
+        Self { what, bar, plain }
+    }
+
+    /// `done` of `total`, with a note (may be empty).
+    fn set(&self, done: u64, total: u64, note: String) {
+        self.bar.set_length(total);
+        self.bar.set_position(done);
+        let Some(last) = &self.plain else {
+            self.bar.set_message(note);
+            return;
+        };
+        let mut last = last.lock().expect("progress lock");
+        if done == total || last.is_none_or(|at| at.elapsed() >= PLAIN_PROGRESS_EVERY) {
+            *last = Some(std::time::Instant::now());
+            let note = if note.is_empty() {
+                String::new()
+            } else {
+                format!(", {note}")
+            };
+            eprintln!(
+                "{}: {done}/{total}{note} ({} so far)",
+                self.what,
+                indicatif::HumanDuration(self.bar.elapsed())
+            );
+        }
+    }
+
+    /// The (done, total) callback the library's long tasks take.
+    fn counter(&self) -> impl Fn(u64, u64) + Sync + '_ {
+        |done, total| self.set(done, total, String::new())
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
 }
 
 fn run_simulate(
@@ -1329,7 +1393,8 @@ fn run_simulate(
         seed,
         models_dir: settings.models_dir.clone(),
     };
-    let bar = progress_bar("simulated participants");
+    let bar = Progress::new("simulated participants");
+    let progress = |t: &collab::simulate::Tally| bar.set(t.done(), t.participants, t.describe());
     let summary = actix_web::rt::System::new().block_on(async {
         // The participants use the same websocket path as people, on a server of their own.
         let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
@@ -1342,24 +1407,36 @@ fn run_simulate(
             &state.engines,
             &format!("ws://{addr}"),
             &options,
-            &progress_of(&bar),
+            &progress,
+            stop_signal(),
         )
         .await;
-        handle.stop(true).await;
+        // Replies still being generated for stopped participants are not waited for.
+        handle.stop(false).await;
         anyhow::Ok(result?)
-    })?;
-    bar.finish_and_clear();
+    });
+    bar.finish();
+    let summary = summary?;
     for session in &summary.completed {
         println!("completed simulated session {session}");
     }
     for failure in &summary.failed {
         eprintln!("failed: {failure}");
     }
+    for session in &summary.abandoned {
+        println!("abandoned simulated session {session}");
+    }
     println!(
         "{} of {n} simulated participants completed study {}",
         summary.completed.len(),
         options.study
     );
+    if summary.stopped {
+        bail!(
+            "stopped; the {} sessions in flight were ended as abandoned",
+            summary.abandoned.len()
+        );
+    }
     if summary.completed.is_empty() && n > 0 {
         bail!("no simulated participant completed the study");
     }

@@ -10,6 +10,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -20,6 +21,7 @@ use crate::engine::{ChatMessage, Role};
 use crate::export::neutralise;
 use crate::protocol::{sha256_hex, Protocol};
 use crate::results::estimate;
+use crate::study::Studio;
 
 /// One simulated user's task and what they want.
 #[derive(Debug, Clone)]
@@ -27,6 +29,8 @@ pub struct EvalTask {
     pub id: String,
     pub task: Task,
     pub goal: Goal,
+    /// The protocol's (task, topic) ids, when the task is one of the protocol's.
+    pub protocol_task: Option<(String, String)>,
 }
 
 /// The protocol's own topics: the task, and the topic's hidden intent as the goal (no goal
@@ -43,6 +47,7 @@ pub fn protocol_tasks(protocol: &Protocol) -> Vec<EvalTask> {
                     intent: topic.hidden_intent.clone(),
                     document: String::new(),
                 },
+                protocol_task: Some((t.id.clone(), topic.id.clone())),
             })
         })
         .collect()
@@ -60,6 +65,7 @@ pub fn file_tasks(path: &Path) -> Result<Vec<EvalTask>, CollabError> {
                 id: spec.id.clone().unwrap_or_else(|| format!("task-{i}")),
                 task,
                 goal,
+                protocol_task: None,
             }
         })
         .collect())
@@ -85,6 +91,16 @@ pub struct Row {
     pub itr: f64,
     pub quality: f64,
     pub turns: f64,
+    /// The public id of the simulated session the conversation is recorded as.
+    #[serde(default)]
+    pub session: Option<String>,
+}
+
+/// Where conversations are recorded as simulated sessions: the study they evaluate.
+#[derive(Clone, Copy)]
+pub struct Record<'a> {
+    pub studio: &'a Arc<Studio>,
+    pub study: &'a str,
 }
 
 /// The metrics reported per arm, in the paper's order.
@@ -136,7 +152,7 @@ async fn converse(
     t: &EvalTask,
     user: usize,
     options: &EvalOptions,
-) -> Result<Row, CollabError> {
+) -> Result<(Row, Vec<ChatMessage>, String), CollabError> {
     let label = format!("user-{user}");
     // Seeds depend on the user, not the arm: every arm meets the same simulated users.
     let opening = simulator::next_message(
@@ -193,7 +209,7 @@ async fn converse(
         .iter()
         .filter(|m| m.role == Role::Assistant)
         .count();
-    Ok(Row {
+    let row = Row {
         arm: policy.arm.id.clone(),
         user,
         task: t.id.clone(),
@@ -202,7 +218,11 @@ async fn converse(
         itr: rollout.metrics.interactivity * 100.0,
         quality,
         turns: turns as f64,
-    })
+        session: None,
+    };
+    let mut transcript = context;
+    transcript.extend(rollout.continuation);
+    Ok((row, transcript, rollout.document))
 }
 
 /// The conversations finished so far, one JSON line each, flushed as each ends.
@@ -270,14 +290,16 @@ fn resumed(path: &Path) -> Result<Vec<(String, Row)>, CollabError> {
     Ok(rows)
 }
 
-/// Every arm's conversations, resumed from and appended to `dir/eval.jsonl`; `progress` hears
-/// (conversations done, all). Conversations that fail are logged and left out.
+/// Every arm's conversations, resumed from and appended to `dir/eval.jsonl`, each recorded as a
+/// simulated session of the study when `record` says where; `progress` hears (conversations
+/// done, all). Conversations that fail are logged and left out.
 pub async fn run(
     roles: &Roles,
     policies: &[Policy],
     tasks: &[EvalTask],
     options: &EvalOptions,
     dir: &Path,
+    record: Option<Record<'_>>,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<EvalOutcome, CollabError> {
     if tasks.is_empty() || policies.is_empty() || options.users == 0 {
@@ -317,9 +339,28 @@ pub async fn run(
                 .map(|(policy, user, t, _)| converse(roles, policy, t, *user, options)),
         )
         .await;
-        for ((policy, user, _, config), result) in chunk.iter().zip(results) {
+        for ((policy, user, t, config), result) in chunk.iter().zip(results) {
             match result {
-                Ok(row) => {
+                Ok((mut row, transcript, document)) => {
+                    if let Some(r) = record {
+                        let session = r
+                            .studio
+                            .record_simulated(
+                                r.study.to_string(),
+                                policy.arm.id.clone(),
+                                t.protocol_task.clone(),
+                                transcript,
+                                document,
+                            )
+                            .await
+                            .map_err(|e| {
+                                CollabError::Invalid(format!(
+                                    "cannot record the conversation of {} user {user}: {e}",
+                                    policy.arm.id
+                                ))
+                            })?;
+                        row.session = Some(session.public_id);
+                    }
                     let logged = Logged {
                         row,
                         config_sha256: config.clone(),

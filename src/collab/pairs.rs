@@ -65,6 +65,8 @@ pub struct PairsSummary {
     pub scored: u64,
     /// Turns left out (no user message before the reply, or a rollout that failed).
     pub skipped: u64,
+    /// Why each skipped turn was left out ("session/turn: why").
+    pub skip_reasons: Vec<String>,
     pub pairs: u64,
     pub rollouts_run: u64,
     pub rollouts_reused: u64,
@@ -192,6 +194,9 @@ pub async fn run(
                 Err(TurnError::Skip(why)) => {
                     tracing::warn!(session = %s.session.public_id, turn = turn.number, "turn skipped: {why}");
                     summary.skipped += 1;
+                    summary
+                        .skip_reasons
+                        .push(format!("{}/{}: {why}", s.session.public_id, turn.number));
                 }
                 Err(TurnError::Fatal(e)) => return Err(e),
             }

@@ -13,7 +13,7 @@ use crate::engine::{ChatMessage, Role};
 use crate::protocol::RewardWeights;
 
 /// A reply whose reward is estimated.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Candidate {
     pub text: String,
     /// Tokens the policy generated for it.
@@ -307,7 +307,7 @@ async fn judge_all(
 }
 
 /// The reward of one candidate from its rollouts' scores and metrics.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Reward {
     pub mr: f64,
     pub std: f64,

@@ -1,13 +1,14 @@
 //! `collabllm simulate`: simulated participants run a whole protocol through the same machinery
 //! as people — assignment, the websocket session (as a real websocket client), turns, document
-//! edits, comparison picks, periodic and final ratings — with the user simulator deciding what to
-//! write and how to rate. They are stored flagged `simulated`, so a researcher can pilot a study
+//! edits, inserted replies, regenerations, comparison picks, periodic and final ratings — with
+//! the user simulator deciding what to write, what to do with each reply and how to rate. They
+//! are stored flagged `simulated`, so a researcher can pilot a study (and its pairs export)
 //! before paying anyone and filter them out of the analysis.
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -15,7 +16,7 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use super::simulator::{self, Question};
 use super::{derive_seed, CollabError, Goal, Roles, Task};
-use crate::db::vocab::SessionState;
+use crate::db::vocab::{MessageRole, SessionState};
 use crate::db::{self, DbPool};
 use crate::engine::{ChatMessage, Engines};
 use crate::protocol::Protocol;
@@ -40,20 +41,67 @@ pub struct SimulateSummary {
     pub completed: Vec<String>,
     /// Participants that failed, with why.
     pub failed: Vec<String>,
+    /// Public ids of the sessions ended as abandoned: those of failed participants, and those in
+    /// flight when the run was stopped.
+    pub abandoned: Vec<String>,
+    /// The run was stopped before every participant finished.
+    pub stopped: bool,
 }
+
+/// What a run has done so far; reported after every turn and every participant.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Tally {
+    pub participants: u64,
+    pub completed: u64,
+    pub failed: u64,
+    /// Turns (a simulated message and its reply) of every participant so far.
+    pub turns: u64,
+    /// Wall time of those turns, summed (the simulator's writing and the reply).
+    pub turn_seconds: f64,
+    pub regenerated: u64,
+    pub inserted: u64,
+}
+
+impl Tally {
+    /// Participants that completed or failed.
+    pub fn done(&self) -> u64 {
+        self.completed + self.failed
+    }
+
+    /// One line for a progress display: turns, time per turn, failures and actions.
+    pub fn describe(&self) -> String {
+        let mut line = format!("{} turns", self.turns);
+        if self.turns > 0 {
+            line += &format!(" ({:.1} s a turn)", self.turn_seconds / self.turns as f64);
+        }
+        if self.failed > 0 {
+            line += &format!(", {} failed", self.failed);
+        }
+        line + &format!(
+            ", {} regenerated, {} inserted",
+            self.regenerated, self.inserted
+        )
+    }
+}
+
+/// What a simulated participant can do with a reply; the first is doing nothing.
+const ACTIONS: [&str; 3] = ["keep", "insert", "regenerate"];
 
 /// How long one server frame may take (a reply of a slow model included).
 const FRAME_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Runs `options.participants` simulated participants against the server at `ws_base`
-/// (`ws://host:port`) that serves `studio`. `progress` hears (finished, all).
+/// (`ws://host:port`) that serves `studio`, until they are done or `stop` resolves. `progress`
+/// hears the tally after every turn and every participant. Sessions left open — a failed
+/// participant's, or one in flight when stopped — are ended as abandoned.
 pub async fn run(
     studio: &Arc<Studio>,
     pool: &DbPool,
     engines: &Engines,
     ws_base: &str,
     options: &SimulateOptions,
-    progress: &(dyn Fn(u64, u64) + Sync),
+    progress: &(dyn Fn(&Tally) + Sync),
+    stop: impl std::future::Future<Output = ()>,
 ) -> Result<SimulateSummary, CollabError> {
     let slug = options.study.clone();
     let (protocol, source) = db::run_blocking::<_, CollabError, _>(pool, move |conn| {
@@ -87,8 +135,12 @@ pub async fn run(
         &options.models_dir,
         concurrency as u32,
     )?;
-    let total = options.participants as u64;
-    progress(0, total);
+    let tally = Mutex::new(Tally {
+        participants: options.participants as u64,
+        ..Tally::default()
+    });
+    let entered = Mutex::new(Vec::new());
+    progress(&tally.lock().expect("tally lock"));
     let mut summary = SimulateSummary::default();
     let mut runs = futures_util::stream::iter(0..options.participants)
         .map(|i| {
@@ -99,24 +151,50 @@ pub async fn run(
                 ws_base,
                 options,
                 index: i,
+                tally: &tally,
+                progress,
+                entered: &entered,
             };
             async move { participant.run().await }
         })
         .buffer_unordered(concurrency);
-    let mut finished = 0;
-    while let Some(result) = runs.next().await {
-        match result {
-            Ok(session) => summary.completed.push(session),
-            Err(e) if e.is_local() || matches!(e, CollabError::Invalid(_)) => {
-                tracing::warn!(error = %e, "a simulated participant failed");
-                summary.failed.push(e.to_string());
+    let work = async {
+        while let Some(result) = runs.next().await {
+            match result {
+                Ok(session) => {
+                    summary.completed.push(session);
+                    tally.lock().expect("tally lock").completed += 1;
+                }
+                Err(e) if e.is_local() || matches!(e, CollabError::Invalid(_)) => {
+                    tracing::warn!(error = %e, "a simulated participant failed");
+                    summary.failed.push(e.to_string());
+                    tally.lock().expect("tally lock").failed += 1;
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
+            progress(&tally.lock().expect("tally lock"));
         }
-        finished += 1;
-        progress(finished, total);
-    }
-    Ok(summary)
+        Ok(())
+    };
+    let outcome = tokio::select! {
+        result = work => Some(result),
+        () = stop => None,
+    };
+    // Participants still in flight are dropped here, their sockets closed.
+    drop(runs);
+    summary.stopped = outcome.is_none();
+    let sessions = std::mem::take(&mut *entered.lock().expect("entered lock"));
+    summary.abandoned = db::run_blocking::<_, CollabError, _>(pool, move |conn| {
+        let mut abandoned = Vec::new();
+        for (id, public_id) in sessions {
+            if db::sessions::abandon(conn, id)? {
+                abandoned.push(public_id);
+            }
+        }
+        Ok(abandoned)
+    })
+    .await?;
+    outcome.unwrap_or(Ok(())).map(|()| summary)
 }
 
 struct Participant<'a> {
@@ -126,6 +204,10 @@ struct Participant<'a> {
     ws_base: &'a str,
     options: &'a SimulateOptions,
     index: usize,
+    tally: &'a Mutex<Tally>,
+    progress: &'a (dyn Fn(&Tally) + Sync),
+    /// Every session this run entered (id, public id), to end those left open.
+    entered: &'a Mutex<Vec<(i64, String)>>,
 }
 
 type Socket =
@@ -254,6 +336,10 @@ impl Participant<'_> {
             .enter_simulated(self.options.study.clone(), self.options.arm.clone())
             .await
             .map_err(|e| CollabError::Invalid(format!("cannot enter the study: {e}")))?;
+        self.entered
+            .lock()
+            .expect("entered lock")
+            .push((session.id, session.public_id.clone()));
         let task_spec = session
             .task_id
             .as_deref()
@@ -298,6 +384,8 @@ impl Participant<'_> {
         // Every step moves the session on; this bounds a session that would not.
         let most_steps = cap as usize * 6 + 20;
         let mut st = client.state().await?;
+        // The last turn whose reply the participant has decided what to do with.
+        let mut decided_turn = 0;
         for step in 0..most_steps {
             let conversation = conversation_of(&st);
             match st.phase {
@@ -308,7 +396,13 @@ impl Participant<'_> {
                 SessionState::Chatting if st.streaming.is_some() => {
                     client.wait_for_reply().await?;
                 }
+                SessionState::Chatting if st.turn > decided_turn => {
+                    decided_turn = st.turn;
+                    self.act_on_reply(&mut client, &task, &goal, &conversation, &st, step)
+                        .await?;
+                }
                 SessionState::Chatting => {
+                    let started = Instant::now();
                     let at_cap = st.turn as u32 >= cap;
                     let message = if at_cap {
                         None
@@ -358,6 +452,10 @@ impl Participant<'_> {
                                     },
                                 )
                                 .await?;
+                            self.count(|t| {
+                                t.turns += 1;
+                                t.turn_seconds += started.elapsed().as_secs_f64();
+                            });
                         }
                         _ if st.can_finish => {
                             let seq = client.seq();
@@ -461,13 +559,99 @@ impl Participant<'_> {
                         )
                         .await?;
                 }
-                SessionState::Consent | SessionState::Declined | SessionState::TimedOut => {
+                SessionState::Consent
+                | SessionState::Declined
+                | SessionState::TimedOut
+                | SessionState::Abandoned => {
                     return Err(client.failed(format!("the session is {}", st.phase)));
                 }
             }
             st = client.state().await?;
         }
         Err(client.failed(format!("not finished after {most_steps} steps")))
+    }
+
+    /// Adds to the run's tally and reports it.
+    fn count(&self, add: impl FnOnce(&mut Tally)) {
+        let mut tally = self.tally.lock().expect("tally lock");
+        add(&mut tally);
+        (self.progress)(&tally);
+    }
+
+    /// What a participant does with a new reply, as the simulator decides: goes on, inserts it
+    /// into the document (to edit it later), or asks for another reply and then picks one of the
+    /// two — so a pilot exercises every signal the pairs export reads.
+    async fn act_on_reply(
+        &self,
+        client: &mut Client,
+        task: &Task,
+        goal: &Goal,
+        conversation: &[ChatMessage],
+        st: &StateView,
+        step: usize,
+    ) -> Result<(), CollabError> {
+        let Some(reply) = st
+            .messages
+            .last()
+            .filter(|m| m.role == MessageRole::Assistant)
+        else {
+            return Ok(());
+        };
+        let question = Question::Choice {
+            question: "What do you do with the assistant's latest reply? keep: go on with the \
+                       conversation; insert: put the reply into your document as it is, to edit \
+                       it later; regenerate: ask for a different reply instead of this one."
+                .into(),
+            choices: ACTIONS.map(String::from).to_vec(),
+        };
+        let action = simulator::answer(
+            self.roles,
+            task,
+            goal,
+            conversation,
+            &st.document.content,
+            &question,
+            self.seed("action", step),
+        )
+        .await?;
+        match action.as_str() {
+            Some("insert") => {
+                let document = &st.document.content;
+                let separator = if document.is_empty() || document.ends_with('\n') {
+                    ""
+                } else {
+                    "\n\n"
+                };
+                let content = truncate(
+                    &format!("{document}{separator}{}", reply.content),
+                    st.max_document_bytes,
+                );
+                let seq = client.seq();
+                client
+                    .acked(ClientFrame::DocUpdate {
+                        client_seq: seq,
+                        base_rev: st.document.rev,
+                        content,
+                        inserted_message: Some(reply.seq),
+                    })
+                    .await?;
+                self.count(|t| t.inserted += 1);
+            }
+            Some("regenerate") => {
+                let seq = client.seq();
+                client
+                    .request(ClientFrame::Regenerate { client_seq: seq }, |f| {
+                        matches!(
+                            f,
+                            ServerFrame::AssistantDone { .. } | ServerFrame::Comparison(_)
+                        )
+                    })
+                    .await?;
+                self.count(|t| t.regenerated += 1);
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     async fn rate(

@@ -8,11 +8,12 @@
 use std::io::BufRead;
 use std::path::Path;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::reward::{self, Candidate, Reward, RolloutKey, Scene};
 use super::{derive_seed, simulator, CollabError, Goal, JsonlWriter, Policy, Roles, Task};
+use crate::db::{self, DbPool};
 use crate::engine::{ChatMessage, Role};
 
 /// One line of the tasks file.
@@ -107,11 +108,68 @@ pub struct SynthSummary {
     pub pairs: u64,
     /// Turns that could not be scored (the conversation stopped there).
     pub failed_turns: u64,
+    /// Turns grown in this run, and turns an earlier run had stored.
+    pub turns_run: u64,
+    pub turns_reused: u64,
+}
+
+/// A grown turn as stored: all that resumes it without the models.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct GrownTurn {
+    candidates: Vec<Candidate>,
+    /// Each candidate's seed, and whether it had the proactive instruction.
+    seeds: Vec<(u32, bool)>,
+    rewards: Vec<Reward>,
+    /// The user's next message; none when the simulated user ended the chat.
+    next_user: Option<String>,
+}
+
+/// What a run keys its stored turns by: everything that shapes a turn besides its conversation.
+struct RunKey(serde_json::Value);
+
+impl RunKey {
+    fn new(roles: &Roles, policy: &Policy, options: &SynthOptions) -> Self {
+        Self(json!({
+            "candidates": options.candidates,
+            "samples": options.samples,
+            "window": options.window,
+            "seed": options.seed,
+            "weights": roles.spec.weights,
+            "max_document_chars": roles.spec.max_document_chars,
+            "proactive_share": roles.spec.proactive_share,
+            "simulator": [roles.simulator.fingerprint(), &roles.spec.simulator_sampling],
+            "judge": [roles.judge.fingerprint(), &roles.spec.judge_sampling],
+            "prompts": roles.prompts.sha256(),
+            "policy": [policy.engine.fingerprint(), &policy.arm.system_prompt, &policy.arm.sampling],
+        }))
+    }
+
+    /// The key of one turn: the run's settings, the task and the conversation so far.
+    fn of(
+        &self,
+        task: &SynthTask,
+        conversation: &str,
+        turn: u32,
+        history: &[ChatMessage],
+    ) -> String {
+        let key = json!({
+            "run": self.0,
+            "task": [&task.kind, &task.prompt, &task.reference],
+            "conversation": conversation,
+            "turn": turn,
+            "history": history.iter().map(|m| (m.role.as_str(), &m.content)).collect::<Vec<_>>(),
+        });
+        crate::protocol::sha256_hex(key.to_string().as_bytes())
+    }
 }
 
 /// Grows the conversations and writes one row per candidate to `out`, and DPO pairs to `pairs`
-/// when given. `progress` hears (conversations done, all).
+/// when given. Every finished turn is stored in the database first, so a run stopped anywhere
+/// and started again with the same settings reuses them and writes the same files. `progress`
+/// hears (conversations done, all).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
+    pool: &DbPool,
     roles: &Roles,
     policy: &Policy,
     tasks: &[SynthTask],
@@ -123,6 +181,7 @@ pub async fn run(
     let mut rows = JsonlWriter::create(out)?;
     let mut pair_rows = pairs.map(JsonlWriter::create).transpose()?;
     let mut summary = SynthSummary::default();
+    let run_key = RunKey::new(roles, policy, options);
     let total = options.conversations as u64;
     progress(0, total);
     for c in 0..options.conversations {
@@ -133,71 +192,98 @@ pub async fn run(
             .unwrap_or_else(|| format!("task-{}", c % tasks.len()));
         let conversation_id = format!("{id}#{c}");
         let (task, goal) = spec.task_and_goal();
-        let opening = simulator::next_message(
-            roles,
-            &task,
-            &goal,
-            &[],
-            simulator::Draft::Skip,
-            derive_seed(options.seed, &[&conversation_id, "opening"]),
-        )
-        .await?;
-        let mut history = vec![ChatMessage::new(Role::User, opening.response)];
+        let opening_key = run_key.of(spec, &conversation_id, 0, &[]);
+        let opening = match stored::<String>(pool, &opening_key).await? {
+            Some(text) => text,
+            None => {
+                let text = simulator::next_message(
+                    roles,
+                    &task,
+                    &goal,
+                    &[],
+                    simulator::Draft::Skip,
+                    derive_seed(options.seed, &[&conversation_id, "opening"]),
+                )
+                .await?
+                .response;
+                store(pool, &opening_key, &conversation_id, 0, &text).await?;
+                text
+            }
+        };
+        let mut history = vec![ChatMessage::new(Role::User, opening)];
         for turn in 1..=options.turns {
             let label = format!("{conversation_id}/{turn}");
-            match grow_turn(roles, policy, &task, &goal, &history, options, &label).await {
-                Ok((candidates, seeds, rewards, next_user)) => {
-                    for (k, (candidate, reward)) in candidates.iter().zip(&rewards).enumerate() {
-                        rows.write(&json!({
-                            "conversation": conversation_id,
-                            "task": id,
-                            "turn": turn,
-                            "candidate": k,
-                            "prompt": policy.messages(&history),
-                            "completion": [{"role": "assistant", "content": candidate.text}],
-                            "score": reward.mr,
-                            "score_std": reward.std,
-                            "rewards": reward.means,
-                            "kept": k == best(&rewards),
-                            "seed": seeds[k].0,
-                            "proactive": seeds[k].1,
-                        }))?;
-                        summary.rows += 1;
-                    }
-                    let picked = reward::pick_with_noise(&rewards, options.margin)
-                        .filter(|p| p.clears(options.min_gap_se));
-                    if let (
-                        Some(out),
-                        Some(reward::Picked {
-                            chosen, rejected, ..
-                        }),
-                    ) = (pair_rows.as_mut(), picked)
-                    {
-                        out.write(&json!({
-                            "prompt": policy.messages(&history),
-                            "chosen": [{"role": "assistant", "content": candidates[chosen].text}],
-                            "rejected": [{"role": "assistant", "content": candidates[rejected].text}],
-                            "score_chosen": rewards[chosen].mr,
-                            "score_rejected": rewards[rejected].mr,
-                            "metadata": {"source": "synth", "conversation": conversation_id, "task": id, "turn": turn, "seed": options.seed},
-                        }))?;
-                        summary.pairs += 1;
-                    }
-                    history.push(ChatMessage::new(
-                        Role::Assistant,
-                        candidates[best(&rewards)].text.clone(),
-                    ));
-                    match next_user {
-                        Some(next) => history.push(ChatMessage::new(Role::User, next)),
-                        None => break,
+            let key = run_key.of(spec, &conversation_id, turn, &history);
+            let grown = match stored::<GrownTurn>(pool, &key).await? {
+                Some(grown) => {
+                    summary.turns_reused += 1;
+                    grown
+                }
+                None => {
+                    match grow_turn(roles, policy, &task, &goal, &history, options, &label).await {
+                        Ok(grown) => {
+                            store(pool, &key, &conversation_id, turn, &grown).await?;
+                            summary.turns_run += 1;
+                            grown
+                        }
+                        Err(e) if e.is_local() => {
+                            tracing::warn!(conversation = %conversation_id, turn, error = %e, "turn failed; the conversation ends here");
+                            summary.failed_turns += 1;
+                            break;
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
-                Err(e) if e.is_local() => {
-                    tracing::warn!(conversation = %conversation_id, turn, error = %e, "turn failed; the conversation ends here");
-                    summary.failed_turns += 1;
-                    break;
-                }
-                Err(e) => return Err(e),
+            };
+            let GrownTurn {
+                candidates,
+                seeds,
+                rewards,
+                next_user,
+            } = grown;
+            for (k, (candidate, reward)) in candidates.iter().zip(&rewards).enumerate() {
+                rows.write(&json!({
+                    "conversation": conversation_id,
+                    "task": id,
+                    "turn": turn,
+                    "candidate": k,
+                    "prompt": policy.messages(&history),
+                    "completion": [{"role": "assistant", "content": candidate.text}],
+                    "score": reward.mr,
+                    "score_std": reward.std,
+                    "rewards": reward.means,
+                    "kept": k == best(&rewards),
+                    "seed": seeds[k].0,
+                    "proactive": seeds[k].1,
+                }))?;
+                summary.rows += 1;
+            }
+            let picked = reward::pick_with_noise(&rewards, options.margin)
+                .filter(|p| p.clears(options.min_gap_se));
+            if let (
+                Some(out),
+                Some(reward::Picked {
+                    chosen, rejected, ..
+                }),
+            ) = (pair_rows.as_mut(), picked)
+            {
+                out.write(&json!({
+                    "prompt": policy.messages(&history),
+                    "chosen": [{"role": "assistant", "content": candidates[chosen].text}],
+                    "rejected": [{"role": "assistant", "content": candidates[rejected].text}],
+                    "score_chosen": rewards[chosen].mr,
+                    "score_rejected": rewards[rejected].mr,
+                    "metadata": {"source": "synth", "conversation": conversation_id, "task": id, "turn": turn, "seed": options.seed},
+                }))?;
+                summary.pairs += 1;
+            }
+            history.push(ChatMessage::new(
+                Role::Assistant,
+                candidates[best(&rewards)].text.clone(),
+            ));
+            match next_user {
+                Some(next) => history.push(ChatMessage::new(Role::User, next)),
+                None => break,
             }
         }
         summary.conversations += 1;
@@ -208,6 +294,45 @@ pub async fn run(
         p.finish()?;
     }
     Ok(summary)
+}
+
+/// A stored turn's result, if an earlier run finished it.
+async fn stored<T: serde::de::DeserializeOwned>(
+    pool: &DbPool,
+    key: &str,
+) -> Result<Option<T>, CollabError> {
+    let key = key.to_string();
+    let json = db::run_blocking::<_, CollabError, _>(pool, move |conn| {
+        Ok(db::synth_turns::find(conn, &key)?)
+    })
+    .await?;
+    json.map(|j| {
+        serde_json::from_str(&j)
+            .map_err(|e| CollabError::Invalid(format!("a stored synth turn is unreadable: {e}")))
+    })
+    .transpose()
+}
+
+async fn store(
+    pool: &DbPool,
+    key: &str,
+    conversation: &str,
+    turn: u32,
+    result: &impl Serialize,
+) -> Result<(), CollabError> {
+    let (key, conversation) = (key.to_string(), conversation.to_string());
+    let json = serde_json::to_string(result).expect("a turn is JSON");
+    let turn = i32::try_from(turn).unwrap_or(i32::MAX);
+    db::run_blocking::<_, CollabError, _>(pool, move |conn| {
+        Ok(db::synth_turns::insert(
+            conn,
+            &key,
+            &conversation,
+            turn,
+            &json,
+        )?)
+    })
+    .await
 }
 
 fn best(rewards: &[Reward]) -> usize {
@@ -226,15 +351,7 @@ async fn grow_turn(
     history: &[ChatMessage],
     options: &SynthOptions,
     label: &str,
-) -> Result<
-    (
-        Vec<Candidate>,
-        Vec<(u32, bool)>,
-        Vec<Reward>,
-        Option<String>,
-    ),
-    CollabError,
-> {
+) -> Result<GrownTurn, CollabError> {
     let wanted: Vec<usize> = (0..options.candidates as usize).collect();
     let proactive = super::Proactive::of(roles, &wanted)?;
     let fresh = super::fresh_candidates(policy, history, &wanted, &[], &proactive, |k, round| {
@@ -304,7 +421,12 @@ async fn grow_turn(
     } else {
         next_user_of(&rollouts_of[kept])
     };
-    Ok((candidates, seeds, rewards, next_user))
+    Ok(GrownTurn {
+        candidates,
+        seeds,
+        rewards,
+        next_user,
+    })
 }
 
 /// The user's next message after a candidate, from its rollouts (each the candidate, then the

@@ -3,7 +3,7 @@
 use diesel::prelude::*;
 
 use super::models::{Assignment, NewAssignment};
-use super::schema::assignments;
+use super::schema::{assignments, participants};
 use super::{next_number, now, DbConn, DbResult, Parent};
 
 /// Appends a draw with the next `draw_index` (0, 1, …) of its study version.
@@ -45,13 +45,32 @@ pub fn list_for_version(conn: &mut DbConn, study_version_id: i64) -> DbResult<Ve
         .load(conn)?)
 }
 
-/// Draws so far per (task, topic) in a version's ledger: the input of balanced task assignment.
+/// Draws so far in a version's ledger, of people or of simulated participants: the position of
+/// the next draw in its seeded sequence.
+pub fn count_for_version(
+    conn: &mut DbConn,
+    study_version_id: i64,
+    simulated: bool,
+) -> DbResult<i64> {
+    Ok(assignments::table
+        .inner_join(participants::table)
+        .filter(assignments::study_version_id.eq(study_version_id))
+        .filter(participants::simulated.eq(simulated))
+        .count()
+        .get_result(conn)?)
+}
+
+/// Draws so far per (task, topic) in a version's ledger, of people or of simulated participants:
+/// the input of balanced task assignment.
 pub fn task_counts(
     conn: &mut DbConn,
     study_version_id: i64,
+    simulated: bool,
 ) -> DbResult<Vec<(String, String, i64)>> {
     Ok(assignments::table
+        .inner_join(participants::table)
         .filter(assignments::study_version_id.eq(study_version_id))
+        .filter(participants::simulated.eq(simulated))
         .group_by((assignments::task_id, assignments::topic_id))
         .select((
             assignments::task_id,

@@ -24,6 +24,7 @@ pub mod schema;
 pub mod secrets;
 pub mod sessions;
 pub mod studies;
+pub mod synth_turns;
 pub mod vocab;
 
 use std::time::Duration;

@@ -22,6 +22,17 @@ diesel::table! {
 }
 
 diesel::table! {
+    synth_turns (id) {
+        id -> BigInt,
+        key_sha256 -> Text,
+        conversation -> Text,
+        turn -> Integer,
+        result_json -> Text,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
     api_keys (id) {
         id -> BigInt,
         name -> Text,
@@ -300,4 +311,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     rollouts,
     preference_pairs,
     evaluations,
+    synth_turns,
 );

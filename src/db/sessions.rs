@@ -4,7 +4,7 @@ use chrono::NaiveDateTime;
 use diesel::prelude::*;
 
 use super::models::{NewSession, Session};
-use super::schema::sessions;
+use super::schema::{participants, sessions};
 use super::vocab::{Outcome, SessionState};
 use super::{now, write_transaction, DbConn, DbResult};
 
@@ -48,16 +48,23 @@ pub fn list_for_version(conn: &mut DbConn, study_version_id: i64) -> DbResult<Ve
         .load(conn)?)
 }
 
-/// Moves a session to `state` and marks it active now.
+/// Moves a session to `state` and marks it active now. A session that has ended stays ended (a
+/// reply that finishes after a time-out does not reopen it): it is returned as it is.
 pub fn set_state(conn: &mut DbConn, id: i64, state: SessionState) -> DbResult<Session> {
     let at = now();
-    Ok(diesel::update(sessions::table.find(id))
+    let moved = diesel::update(sessions::table.find(id))
+        .filter(sessions::state.eq_any(SessionState::texts(&SessionState::OPEN)))
         .set((
             sessions::state.eq(state.as_str()),
             sessions::last_activity_at.eq(at),
         ))
         .returning(sessions::all_columns)
-        .get_result(conn)?)
+        .get_result(conn)
+        .optional()?;
+    match moved {
+        Some(session) => Ok(session),
+        None => get(conn, id),
+    }
 }
 
 /// Records agreement to the consent text with this sha256.
@@ -102,15 +109,34 @@ pub fn finish(
         .get_result(conn)?)
 }
 
-/// Sessions per arm of a version whose state is one of `states`: the input of balanced assignment.
+/// Ends a session that is still open as abandoned (no completion code); whether it was open.
+pub fn abandon(conn: &mut DbConn, id: i64) -> DbResult<bool> {
+    let at = now();
+    let ended = diesel::update(sessions::table.find(id))
+        .filter(sessions::state.eq_any(SessionState::texts(&SessionState::OPEN)))
+        .set((
+            sessions::state.eq(SessionState::Abandoned.as_str()),
+            sessions::outcome.eq(Outcome::Abandoned.as_str()),
+            sessions::finished_at.eq(at),
+            sessions::last_activity_at.eq(at),
+        ))
+        .execute(conn)?;
+    Ok(ended == 1)
+}
+
+/// Sessions per arm of a version whose state is one of `states`, of people or of simulated
+/// participants only: the input of balanced assignment (a pilot never fills an arm for people).
 pub fn count_by_arm(
     conn: &mut DbConn,
     study_version_id: i64,
     states: &[SessionState],
+    simulated: bool,
 ) -> DbResult<Vec<(i64, i64)>> {
     let rows: Vec<(Option<i64>, i64)> = sessions::table
+        .inner_join(participants::table)
         .filter(sessions::study_version_id.eq(study_version_id))
         .filter(sessions::state.eq_any(SessionState::texts(states)))
+        .filter(participants::simulated.eq(simulated))
         .group_by(sessions::arm_id)
         .select((sessions::arm_id, diesel::dsl::count_star()))
         .load(conn)?;
@@ -153,8 +179,8 @@ pub fn assign(
     conn: &mut DbConn,
     id: i64,
     arm_id: i64,
-    task_id: &str,
-    topic_id: &str,
+    task_id: Option<&str>,
+    topic_id: Option<&str>,
 ) -> DbResult<Session> {
     Ok(diesel::update(sessions::table.find(id))
         .set((

@@ -110,6 +110,8 @@ stored_enum! {
         Finished => "finished",
         /// Idle past the protocol's limit; ended.
         TimedOut => "timed_out",
+        /// Ended unfinished by whoever ran it (a stopped simulation); ended, with no code.
+        Abandoned => "abandoned",
     }
 }
 
@@ -134,7 +136,10 @@ impl SessionState {
     /// Whether the session has ended (an outcome and its code are set).
     pub fn has_ended(self) -> bool {
         match self {
-            SessionState::Declined | SessionState::Finished | SessionState::TimedOut => true,
+            SessionState::Declined
+            | SessionState::Finished
+            | SessionState::TimedOut
+            | SessionState::Abandoned => true,
             SessionState::Consent
             | SessionState::Chatting
             | SessionState::Choosing
@@ -150,11 +155,13 @@ impl SessionState {
 }
 
 stored_enum! {
-    /// How an ended session ended; each has a completion code in the protocol.
+    /// How an ended session ended; each but `abandoned` has a completion code in the protocol.
     Outcome as "outcome" {
         Completed => "completed",
         NoConsent => "no_consent",
         TimedOut => "timed_out",
+        /// A simulated participant stopped before it finished.
+        Abandoned => "abandoned",
     }
 }
 
@@ -165,6 +172,7 @@ impl Outcome {
             Outcome::Completed => SessionState::Finished,
             Outcome::NoConsent => SessionState::Declined,
             Outcome::TimedOut => SessionState::TimedOut,
+            Outcome::Abandoned => SessionState::Abandoned,
         }
     }
 }

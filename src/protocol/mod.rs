@@ -342,12 +342,10 @@ impl Default for CollabSpec {
     }
 }
 
-/// Weights of a rollout's metrics in its score. The defaults are the metric weights of the
-/// CollabLLM training recipe (task metric 1 — BLEU for documents —, interactivity 1, −1e-4 per
-/// token, here −0.1 per thousand); the released document configuration weights no interactivity,
-/// which is `interactivity = 0`.
+/// Weights of a rollout's metrics in its score. Without a table they are the
+/// `collabllm-recipe` preset; a table may name a preset and override any weight of it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
+#[serde(from = "WeightsTable")]
 pub struct RewardWeights {
     /// Sentence BLEU of the final document against the goal (0–1).
     pub bleu: f64,
@@ -357,15 +355,78 @@ pub struct RewardWeights {
     pub interactivity: f64,
     /// The judge's document quality, 1–10 mapped to 0–1; 0 skips the judge call.
     pub quality: f64,
+    /// The preset the weights start from, when one is named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub preset: Option<WeightsPreset>,
 }
 
+/// Named weights, so a protocol says which setting it follows.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum WeightsPreset {
+    /// The metric weights of the CollabLLM training recipe: task metric (BLEU for documents) 1,
+    /// interactivity 1, −1e-4 per token (−0.1 per thousand).
+    CollabllmRecipe,
+    /// The paper's released document configuration: BLEU and tokens as the recipe, no
+    /// interactivity.
+    CollabllmDocument,
+    /// Ours, for studies whose sessions rarely end with a goal document (BLEU then drops out of
+    /// the score): the recipe plus the judge's document quality at 0.5, so a rollout's score
+    /// still says something about the document and not only about the conversation.
+    Studio,
+}
+
+impl WeightsPreset {
+    pub fn weights(self) -> RewardWeights {
+        let (interactivity, quality) = match self {
+            WeightsPreset::CollabllmRecipe => (1.0, 0.0),
+            WeightsPreset::CollabllmDocument => (0.0, 0.0),
+            WeightsPreset::Studio => (1.0, 0.5),
+        };
+        RewardWeights {
+            interactivity,
+            quality,
+            preset: Some(self),
+            ..RewardWeights::default()
+        }
+    }
+}
+
+/// The `collabllm-recipe` weights, without naming the preset.
 impl Default for RewardWeights {
     fn default() -> Self {
-        Self {
+        RewardWeights {
             bleu: 1.0,
             tokens: -0.1,
             interactivity: 1.0,
             quality: 0.0,
+            preset: None,
+        }
+    }
+}
+
+/// `[collab.weights]` as written: an optional preset and the weights that override it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WeightsTable {
+    preset: Option<WeightsPreset>,
+    bleu: Option<f64>,
+    tokens: Option<f64>,
+    interactivity: Option<f64>,
+    quality: Option<f64>,
+}
+
+impl From<WeightsTable> for RewardWeights {
+    fn from(t: WeightsTable) -> Self {
+        let base = t
+            .preset
+            .map_or_else(RewardWeights::default, WeightsPreset::weights);
+        RewardWeights {
+            bleu: t.bleu.unwrap_or(base.bleu),
+            tokens: t.tokens.unwrap_or(base.tokens),
+            interactivity: t.interactivity.unwrap_or(base.interactivity),
+            quality: t.quality.unwrap_or(base.quality),
+            preset: t.preset,
         }
     }
 }

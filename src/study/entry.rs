@@ -7,9 +7,10 @@ use serde_json::json;
 
 use super::assign::{self, ArmState};
 use super::{new_token, token_hash, Studio, StudyError};
-use crate::db::models::{NewAssignment, NewSession, Session, Study};
-use crate::db::vocab::{Outcome, SessionState};
+use crate::db::models::{NewAssignment, NewMessage, NewSession, Session, Study};
+use crate::db::vocab::{MessageRole, Outcome, RevisionAuthor, SessionState};
 use crate::db::{self, write_transaction, DbConn};
+use crate::engine::{ChatMessage, Role};
 use crate::protocol::{sha256_hex, OutcomeSpec, Protocol};
 
 /// Where a participant stands after entering.
@@ -187,25 +188,95 @@ impl Studio {
         let this = self.clone();
         self.db(move |conn| {
             write_transaction(conn, |conn| {
-                let study = db::studies::find_by_slug(conn, &slug)?
-                    .ok_or(StudyError::UnknownStudy(slug))?;
-                let version = db::studies::current_version(conn, study.id)?;
-                let protocol = this.protocol(conn, version.id)?;
-                let (participant, _) =
-                    db::participants::find_or_create(conn, study.id, None, true)?;
-                let (token, hash) = new_token();
-                let session = new_session(conn, participant.id, version.id, &hash, None)?;
-                db::sessions::record_consent(
-                    conn,
-                    session.id,
-                    &sha256_hex(protocol.consent.text.as_bytes()),
-                )?;
+                let (session, protocol, token) = this.simulated_session(conn, slug)?;
                 draw(conn, &protocol, &session, arm.as_deref())?;
                 let session = db::sessions::set_state(conn, session.id, SessionState::Chatting)?;
                 Ok((session, token))
             })
         })
         .await
+    }
+
+    /// A simulated user's whole conversation that ran outside the websocket (`eval`), stored as
+    /// a completed simulated session of `arm`: consent, the messages, the final document. It is
+    /// not drawn, so it has no ledger row, and like every simulated session it never counts for
+    /// people's assignment. `task` is the protocol's (task, topic) when the user had one.
+    pub async fn record_simulated(
+        self: &Arc<Self>,
+        slug: String,
+        arm: String,
+        task: Option<(String, String)>,
+        messages: Vec<ChatMessage>,
+        document: String,
+    ) -> Result<Session, StudyError> {
+        let this = self.clone();
+        self.db(move |conn| {
+            write_transaction(conn, |conn| {
+                let (session, protocol, _) = this.simulated_session(conn, slug)?;
+                let arm_id = db::studies::arms_of(conn, session.study_version_id)?
+                    .into_iter()
+                    .find(|a| a.name == arm)
+                    .ok_or_else(|| StudyError::Protocol(format!("the study has no arm {arm:?}")))?
+                    .id;
+                let (task_id, topic_id) = task.unzip();
+                db::sessions::assign(
+                    conn,
+                    session.id,
+                    arm_id,
+                    task_id.as_deref(),
+                    topic_id.as_deref(),
+                )?;
+                db::sessions::set_state(conn, session.id, SessionState::Chatting)?;
+                for m in &messages {
+                    let role = match m.role {
+                        Role::User => MessageRole::User,
+                        Role::Assistant => MessageRole::Assistant,
+                        Role::System => continue,
+                    };
+                    db::messages::append(
+                        conn,
+                        session.id,
+                        &NewMessage {
+                            role,
+                            content: &m.content,
+                            ..Default::default()
+                        },
+                    )?;
+                }
+                if !document.is_empty() {
+                    db::revisions::append(conn, session.id, RevisionAuthor::User, None, &document)?;
+                }
+                Ok(db::sessions::finish(
+                    conn,
+                    session.id,
+                    Outcome::Completed,
+                    &protocol.outcomes.completed.code,
+                )?)
+            })
+        })
+        .await
+    }
+
+    /// A new simulated participant's consented session of the study's current version, with its
+    /// protocol and token: how a pilot's session and an evaluation's recorded one begin.
+    fn simulated_session(
+        &self,
+        conn: &mut DbConn,
+        slug: String,
+    ) -> Result<(Session, Arc<Protocol>, String), StudyError> {
+        let study =
+            db::studies::find_by_slug(conn, &slug)?.ok_or(StudyError::UnknownStudy(slug))?;
+        let version = db::studies::current_version(conn, study.id)?;
+        let protocol = self.protocol(conn, version.id)?;
+        let (participant, _) = db::participants::find_or_create(conn, study.id, None, true)?;
+        let (token, hash) = new_token();
+        let session = new_session(conn, participant.id, version.id, &hash, None)?;
+        db::sessions::record_consent(
+            conn,
+            session.id,
+            &sha256_hex(protocol.consent.text.as_bytes()),
+        )?;
+        Ok((session, protocol, token))
     }
 
     /// Consent refused: the session ends with the protocol's "no consent" outcome.
@@ -285,13 +356,16 @@ fn draw(
             conn,
             session.id,
             previous.arm_id,
-            &previous.task_id,
-            &previous.topic_id,
+            Some(&previous.task_id),
+            Some(&previous.topic_id),
         )?;
         return Ok(());
     }
     let arms = db::studies::arms_of(conn, version_id)?;
-    let filled = db::sessions::count_by_arm(conn, version_id, &SessionState::FILLING)?;
+    // People and simulated participants are balanced, filled and sequenced apart: a pilot never
+    // takes a person's place in an arm, its quota or the seeded order of draws.
+    let simulated = db::participants::get(conn, session.participant_id)?.simulated;
+    let filled = db::sessions::count_by_arm(conn, version_id, &SessionState::FILLING, simulated)?;
     let arm_states: Vec<ArmState> = arms
         .iter()
         .map(|a| ArmState {
@@ -305,7 +379,7 @@ fn draw(
                 .map_or(0, |(_, n)| *n),
         })
         .collect();
-    let draws = db::assignments::list_for_version(conn, version_id)?.len() as i64;
+    let draws = db::assignments::count_for_version(conn, version_id, simulated)?;
     let rules = &protocol.session;
     let arm = match forced_arm {
         Some(name) => {
@@ -337,7 +411,7 @@ fn draw(
             )
         })
         .collect();
-    let counts = db::assignments::task_counts(conn, version_id)?;
+    let counts = db::assignments::task_counts(conn, version_id, simulated)?;
     let (task, topic) = assign::choose_topic(rules.assignment_seed, draws, &bank, &counts);
     let inputs = json!({"arm": arm.inputs, "topic_counts": counts});
     db::assignments::record(
@@ -352,7 +426,7 @@ fn draw(
             inputs_json: &inputs.to_string(),
         },
     )?;
-    db::sessions::assign(conn, session.id, arm.arm_id, &task, &topic)?;
+    db::sessions::assign(conn, session.id, arm.arm_id, Some(&task), Some(&topic))?;
     Ok(())
 }
 

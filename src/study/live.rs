@@ -1121,7 +1121,8 @@ fn store_reply(
     } else {
         SessionState::Chatting
     };
-    db::sessions::set_state(conn, session_id, next)?;
+    // A session that ended meanwhile (timed out, abandoned) keeps its end.
+    let next = db::sessions::set_state(conn, session_id, next)?.state;
     Ok((turn, next, due))
 }
 

@@ -698,7 +698,13 @@ async fn show_study(
             let protocol = crate::protocol::Protocol::from_stored(&version.protocol_text)
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
             let per_arm = results::per_arm(conn, version.id, &protocol, shown.simulated())?;
-            let drawn = db::assignments::task_counts(conn, version.id)?;
+            // Draws of the participants shown (people's and simulated ones are kept apart).
+            let mut drawn = Vec::new();
+            for simulated in [false, true] {
+                if shown.simulated().is_none_or(|s| s == simulated) {
+                    drawn.extend(db::assignments::task_counts(conn, version.id, simulated)?);
+                }
+            }
             let tasks = protocol
                 .tasks
                 .iter()
@@ -710,8 +716,10 @@ async fn show_study(
                         .map(|p| {
                             let n = drawn
                                 .iter()
-                                .find(|(task, topic, _)| *task == t.id && *topic == p.id);
-                            (p.title.clone(), n.map_or(0, |(_, _, n)| *n))
+                                .filter(|(task, topic, _)| *task == t.id && *topic == p.id)
+                                .map(|(_, _, n)| n)
+                                .sum();
+                            (p.title.clone(), n)
                         })
                         .collect(),
                 })

@@ -173,17 +173,31 @@ fn security_headers() -> actix_web::middleware::DefaultHeaders {
 }
 
 /// The routes over `state`, bound to `addr` (port 0: a free one); the caller runs the returned
-/// server. Also the server of `simulate`'s own participants, on a loopback port.
+/// server. Also the server of `simulate`'s own participants, on a loopback port: it leaves
+/// Ctrl-C and SIGTERM to its caller.
 pub fn bind(
     state: AppState,
     addr: std::net::SocketAddr,
     workers: Option<usize>,
+) -> std::io::Result<(std::net::SocketAddr, actix_web::dev::Server)> {
+    build(state, addr, workers, false)
+}
+
+/// The server; with `signals`, Ctrl-C and SIGTERM stop it gracefully.
+fn build(
+    state: AppState,
+    addr: std::net::SocketAddr,
+    workers: Option<usize>,
+    signals: bool,
 ) -> std::io::Result<(std::net::SocketAddr, actix_web::dev::Server)> {
     let data = web::Data::new(state);
     let mut server =
         HttpServer::new(move || App::new().app_data(data.clone()).configure(routes)).bind(addr)?;
     if let Some(n) = workers {
         server = server.workers(n);
+    }
+    if !signals {
+        server = server.disable_signals();
     }
     let bound = server.addrs()[0];
     Ok((bound, server.run()))
@@ -199,7 +213,7 @@ pub async fn serve(
     workers: Option<usize>,
 ) -> std::io::Result<()> {
     let studio = state.studio.clone();
-    let (bound, server) = bind(state, addr, workers)?;
+    let (bound, server) = build(state, addr, workers, true)?;
     tracing::info!(%bound, "listening");
     actix_web::rt::spawn(async move {
         let mut every = tokio::time::interval(IDLE_SWEEP_INTERVAL);

@@ -237,6 +237,10 @@ async fn show_session(
             slug: &slug,
             session: &session.public_id,
         }),
+        SessionState::Abandoned => page(&NoticePage {
+            heading: "This session has ended",
+            message: "It was ended before it was completed, so there is no completion code.",
+        }),
         SessionState::Declined | SessionState::Finished | SessionState::TimedOut => {
             let outcome = outcome_of(&protocol, &session)?;
             page(&DonePage {
@@ -258,8 +262,8 @@ fn outcome_of<'p>(protocol: &'p Protocol, session: &Session) -> Result<&'p Outco
         Some(Outcome::Completed) => Ok(&protocol.outcomes.completed),
         Some(Outcome::NoConsent) => Ok(&protocol.outcomes.no_consent),
         Some(Outcome::TimedOut) => Ok(&protocol.outcomes.timed_out),
-        None => Err(ApiError::Internal(format!(
-            "session {} is {} without an outcome",
+        Some(Outcome::Abandoned) | None => Err(ApiError::Internal(format!(
+            "session {} is {} without an outcome that has a code",
             session.public_id, session.state
         ))),
     }

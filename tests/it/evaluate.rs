@@ -4,15 +4,18 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use collabllm::collab::evaluate::{self, EvalOptions, EvalTask};
+use collabllm::collab::evaluate::{self, EvalOptions, EvalTask, Record};
 use collabllm::collab::{start_policy, Policy, Roles};
+use collabllm::db;
+use collabllm::db::vocab::{MessageRole, Outcome};
 use collabllm::engine::registry::engine_name;
 use collabllm::engine::{Constraint, Engines};
 use collabllm::protocol::LoadedProtocol;
+use collabllm::study::Studio;
 use serde_json::json;
 
 use crate::common::{
-    asker, models_dir, repo_root, request_text, write_temp, Asker, ScriptedEngine,
+    asker, models_dir, repo_root, request_text, write_temp, Asker, ScriptedEngine, TestDb,
 };
 
 /// The quick pilot with a second arm that writes at once.
@@ -101,16 +104,63 @@ fn options() -> EvalOptions {
 async fn the_table_has_every_arms_metrics_and_the_paired_difference() {
     let s = setup();
     let dir = tempfile::tempdir().unwrap();
+    let db = TestDb::sqlite();
+    let pool = db.pool();
+    db::studies::import(&mut pool.get().unwrap(), &two_arms()).unwrap();
+    let studio = Studio::new(pool.clone(), Engines::new()).unwrap();
+    let record = Record {
+        studio: &studio,
+        study: "quick-pilot",
+    };
     let outcome = evaluate::run(
         &s.roles,
         &s.policies,
         &s.tasks,
         &options(),
         dir.path(),
+        Some(record),
         &|_, _| {},
     )
     .await
     .unwrap();
+    // Every conversation is a completed simulated session of its arm, with its messages and
+    // the judge's document.
+    let c = &mut pool.get().unwrap();
+    for row in &outcome.rows {
+        let public_id = row.session.as_deref().expect("recorded");
+        let session = db::sessions::find_by_public_id(c, public_id)
+            .unwrap()
+            .unwrap();
+        assert_eq!(session.outcome, Some(Outcome::Completed));
+        assert!(
+            db::participants::get(c, session.participant_id)
+                .unwrap()
+                .simulated
+        );
+        let arm = db::studies::arms_of(c, session.study_version_id)
+            .unwrap()
+            .into_iter()
+            .find(|a| Some(a.id) == session.arm_id)
+            .unwrap();
+        assert_eq!(arm.name, row.arm);
+        assert_eq!(session.task_id.as_deref(), Some("note"));
+        let messages = db::messages::list_for_session(c, session.id).unwrap();
+        assert_eq!(messages[0].role, MessageRole::User);
+        assert_eq!(messages[0].content, "A note for Jo.");
+        assert_eq!(messages[1].role, MessageRole::Assistant);
+        let reply = if row.arm == "writer" { WRITES } else { ASKS };
+        assert_eq!(messages[1].content, reply);
+        let document = db::revisions::latest(c, session.id).unwrap().unwrap();
+        assert_eq!(document.content, WRITES);
+    }
+    // Recorded sessions are not drawn: the ledger holds no row for them.
+    let study = db::studies::find_by_slug(c, "quick-pilot")
+        .unwrap()
+        .unwrap();
+    let version = db::studies::current_version(c, study.id).unwrap();
+    assert!(db::assignments::list_for_version(c, version.id)
+        .unwrap()
+        .is_empty());
     let t = &outcome.table;
     let metric = |arm: &str, m: &str| t.arms[arm].metrics[m].unwrap();
     assert_eq!((t.arms["proactive"].n, t.arms["writer"].n), (3, 3));
@@ -156,6 +206,7 @@ async fn a_stopped_evaluation_resumes_without_redoing_finished_conversations() {
         &s.tasks,
         &options(),
         dir.path(),
+        None,
         &|_, _| {},
     )
     .await
@@ -168,6 +219,7 @@ async fn a_stopped_evaluation_resumes_without_redoing_finished_conversations() {
         &s.tasks,
         &options(),
         dir.path(),
+        None,
         &|_, _| {},
     )
     .await
@@ -187,6 +239,7 @@ async fn a_stopped_evaluation_resumes_without_redoing_finished_conversations() {
         &s.tasks,
         &options(),
         dir.path(),
+        None,
         &|_, _| {},
     )
     .await
@@ -206,6 +259,7 @@ async fn a_stopped_evaluation_resumes_without_redoing_finished_conversations() {
         &s.tasks,
         &other,
         dir.path(),
+        None,
         &|_, _| {},
     )
     .await
@@ -226,9 +280,17 @@ async fn bleu_is_scored_against_the_tasks_reference() {
     );
     let tasks = evaluate::file_tasks(&tasks_file).unwrap();
     let out = dir.path().join("out");
-    let outcome = evaluate::run(&s.roles, &s.policies, &tasks, &options(), &out, &|_, _| {})
-        .await
-        .unwrap();
+    let outcome = evaluate::run(
+        &s.roles,
+        &s.policies,
+        &tasks,
+        &options(),
+        &out,
+        None,
+        &|_, _| {},
+    )
+    .await
+    .unwrap();
     let expected = collabllm::collab::metrics::sentence_bleu(WRITES, reference);
     assert!(expected > 0.0 && expected < 1.0);
     let bleu = outcome.table.arms["writer"].metrics["bleu"].unwrap();

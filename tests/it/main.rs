@@ -12,5 +12,7 @@ mod export;
 mod openai;
 mod participant;
 mod protocol;
+mod reward;
+mod simulate;
 mod storage;
 mod train;

@@ -347,3 +347,36 @@ fn collab_settings_default_to_the_papers() {
         ("smollm2-135m".to_string(), "smollm2-135m".to_string())
     );
 }
+
+#[test]
+fn reward_weights_follow_a_named_preset_with_overrides() {
+    let weights = |table: &str| {
+        let w = check(&format!("{VALID}\n[collab.weights]\n{table}\n"))
+            .unwrap()
+            .protocol
+            .collab
+            .weights;
+        (w.bleu, w.tokens, w.interactivity, w.quality)
+    };
+    // The paper's released document configuration weights no interactivity.
+    assert_eq!(
+        weights("preset = \"collabllm-document\""),
+        (1.0, -0.1, 0.0, 0.0)
+    );
+    assert_eq!(weights("preset = \"studio\""), (1.0, -0.1, 1.0, 0.5));
+    // A weight written beside the preset overrides it; the others stay the preset's.
+    assert_eq!(
+        weights("preset = \"collabllm-document\"\ntokens = -0.5"),
+        (1.0, -0.5, 0.0, 0.0)
+    );
+    // Without a preset a table overrides the recipe's defaults.
+    assert_eq!(weights("quality = 0.25"), (1.0, -0.1, 1.0, 0.25));
+    // An unknown preset is reported at its line with the names there are.
+    let text = format!("{VALID}\n[collab.weights]\npreset = \"paper\"\n");
+    let d = only_problem(&text);
+    assert_eq!(d.line, line_of(&text, "preset", 0));
+    assert!(
+        d.message.contains("collabllm-recipe") && d.message.contains("studio"),
+        "{d}"
+    );
+}

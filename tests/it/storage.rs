@@ -288,6 +288,7 @@ on_both_backends!(sessions_are_counted_per_arm_and_state, |db: &TestDb| {
         &mut conn,
         f.version_id,
         &[SessionState::Consent, SessionState::Chatting],
+        false,
     )
     .unwrap();
     counts.sort();

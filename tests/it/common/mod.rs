@@ -255,13 +255,27 @@ pub fn assert_trl_pair(row: &serde_json::Value) {
 /// model.
 pub struct ScriptedEngine {
     reply: Box<dyn Fn(&ChatRequest) -> String + Send + Sync>,
+    /// Requests for which `hold` says so never finish (their event channel is kept open here).
+    hold: Box<dyn Fn(&ChatRequest) -> bool + Send + Sync>,
+    held: std::sync::Mutex<Vec<tokio::sync::mpsc::UnboundedSender<EngineEvent>>>,
     pub requests: std::sync::atomic::AtomicUsize,
 }
 
 impl ScriptedEngine {
     pub fn new(reply: impl Fn(&ChatRequest) -> String + Send + Sync + 'static) -> Self {
+        Self::holding(reply, |_| false)
+    }
+
+    /// An engine that answers like `new`, except that the requests `hold` picks never finish,
+    /// as a reply of a slow model that is still being generated.
+    pub fn holding(
+        reply: impl Fn(&ChatRequest) -> String + Send + Sync + 'static,
+        hold: impl Fn(&ChatRequest) -> bool + Send + Sync + 'static,
+    ) -> Self {
         Self {
             reply: Box::new(reply),
+            hold: Box::new(hold),
+            held: Default::default(),
             requests: Default::default(),
         }
     }
@@ -271,8 +285,12 @@ impl Engine for ScriptedEngine {
     fn start(&self, request: ChatRequest) -> Result<Generation, EngineError> {
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let text = (self.reply)(&request);
         let (generation, events, _cancel) = Generation::channel();
+        if (self.hold)(&request) {
+            self.held.lock().unwrap().push(events);
+            return Ok(generation);
+        }
+        let text = (self.reply)(&request);
         let _ = events.send(EngineEvent::Token(text.clone()));
         let _ = events.send(EngineEvent::Done(Completion {
             generated_tokens: text.split_whitespace().count() as u32,

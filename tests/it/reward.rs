@@ -1,0 +1,176 @@
+//! The multiturn-aware reward with a scripted simulator, policy and judge, so every number is
+//! known: where a rollout stops (the window, the simulated user ending the chat), what it costs
+//! in tokens and what it scores.
+
+use std::sync::Arc;
+
+use collabllm::collab::metrics::sentence_bleu;
+use collabllm::collab::reward::{self, Candidate, Reward, RolloutKey, Scene};
+use collabllm::collab::{start_policy, Goal, Roles, Task};
+use collabllm::engine::registry::engine_name;
+use collabllm::engine::{ChatMessage, Engines, Role};
+use collabllm::protocol::LoadedProtocol;
+use serde_json::json;
+
+use crate::common::{asker, models_dir, repo_root, request_text, Asker, ScriptedEngine};
+
+const ASKS: &str = "Who is it for?";
+const MORE: &str = "Here is more.";
+const DOCUMENT: &str = "Dear Jo, thank you.";
+const GOAL: &str = "Dear Jo, thank you for the plants.";
+
+/// The simulated user answers once and ends the chat after the assistant's next reply; the policy
+/// always says [`MORE`] (3 tokens: the scripted engine counts words); the judge rates a part
+/// that asks 1 and anything else 0, and extracts [`DOCUMENT`].
+fn scripted() -> Arc<ScriptedEngine> {
+    Arc::new(ScriptedEngine::new(|r| {
+        let all = request_text(r);
+        match asker(&all) {
+            Asker::Interactivity(judged) => {
+                let score = u8::from(judged.contains(ASKS));
+                json!({"thought": "", "interactivity": score}).to_string()
+            }
+            Asker::Document => json!({"thought": "", "final_document": DOCUMENT}).to_string(),
+            Asker::Quality => json!({"thought": "", "quality": 7}).to_string(),
+            Asker::Simulator if all.contains(MORE) => {
+                json!({"thought": "", "response": "Thanks, done. [[TERMINATE CHAT]]"}).to_string()
+            }
+            Asker::Simulator => json!({"thought": "", "response": "It is for Jo."}).to_string(),
+            Asker::Policy => MORE.to_string(),
+        }
+    }))
+}
+
+struct Setup {
+    roles: Roles,
+    policy: collabllm::collab::Policy,
+    task: Task,
+}
+
+fn setup() -> Setup {
+    let path = repo_root().join("study-protocols/quick-pilot.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let loaded = LoadedProtocol::from_text(&path, text, &models_dir()).unwrap();
+    let p = &loaded.protocol;
+    let engines = Engines::new();
+    engines.insert(&engine_name("smollm2-135m", None), scripted());
+    Setup {
+        roles: Roles::start(&engines, p, &loaded.source, &models_dir(), 4).unwrap(),
+        policy: start_policy(&engines, p, &p.arms[0], &models_dir(), 4).unwrap(),
+        task: Task::of(&p.tasks[0], &p.tasks[0].topics[0]),
+    }
+}
+
+/// Two rollouts of each candidate over `window` turn pairs.
+async fn roll(s: &Setup, candidates: &[Candidate], window: u32) -> Vec<reward::Rollout> {
+    let goal = Goal {
+        intent: "a note for Jo".into(),
+        document: GOAL.into(),
+    };
+    let context = [ChatMessage::new(Role::User, "A note please.")];
+    let scene = Scene {
+        roles: &s.roles,
+        policy: &s.policy,
+        task: &s.task,
+        goal: &goal,
+        context: &context,
+    };
+    let keys: Vec<RolloutKey> = (0..candidates.len())
+        .flat_map(|candidate| {
+            (0..2).map(move |sample| RolloutKey {
+                base_seed: 1,
+                context: "t".into(),
+                candidate,
+                sample,
+            })
+        })
+        .collect();
+    reward::rollouts(&scene, candidates, &keys, window)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
+}
+
+fn asks() -> Candidate {
+    Candidate {
+        text: ASKS.into(),
+        tokens: 4,
+    }
+}
+
+fn texts(r: &reward::Rollout) -> Vec<(Role, &str)> {
+    r.continuation
+        .iter()
+        .map(|m| (m.role, m.content.as_str()))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_rollout_stops_where_the_simulated_user_ends_the_chat() {
+    let s = setup();
+    let bleu = sentence_bleu(DOCUMENT, GOAL);
+    assert!(bleu > 0.0 && bleu < 1.0);
+    // A window of 3 is cut short after the second user message, which ends the chat.
+    for r in roll(&s, &[asks()], 3).await {
+        assert_eq!(
+            texts(&r),
+            [
+                (Role::Assistant, ASKS),
+                (Role::User, "It is for Jo."),
+                (Role::Assistant, MORE),
+                (Role::User, "Thanks, done."),
+            ]
+        );
+        assert!(r.metrics.terminated);
+        assert_eq!(
+            r.metrics.tokens_k, 0.007,
+            "the candidate's 4 and the reply's 3"
+        );
+        assert_eq!(r.metrics.interactivity, 1.0);
+        assert_eq!(r.metrics.bleu, Some(bleu));
+        assert!((r.score - (bleu - 0.1 * 0.007 + 1.0)).abs() < 1e-12);
+    }
+    // A window of 1: one user message and one reply, the chat not ended.
+    for r in roll(&s, &[asks()], 1).await {
+        assert_eq!(texts(&r).len(), 3);
+        assert!(!r.metrics.terminated);
+        assert_eq!(r.metrics.tokens_k, 0.007);
+    }
+    // A window of 0 (the single-turn ablation) judges the candidate alone.
+    for r in roll(&s, &[asks()], 0).await {
+        assert_eq!(texts(&r), [(Role::Assistant, ASKS)]);
+        assert_eq!(r.metrics.tokens_k, 0.004);
+        assert!((r.score - (bleu - 0.1 * 0.004 + 1.0)).abs() < 1e-12);
+    }
+}
+
+#[tokio::test]
+async fn the_reward_of_a_candidate_that_asks_beats_one_that_does_not_by_its_score() {
+    let s = setup();
+    let assumes = Candidate {
+        text: "Dear friend, thanks.".into(),
+        tokens: 3,
+    };
+    let rollouts = roll(&s, &[asks(), assumes], 2).await;
+    let rewards: Vec<Reward> = rollouts
+        .chunks(2)
+        .map(|r| {
+            Reward::of(
+                &r.iter()
+                    .map(|x| (x.score, x.metrics.clone()))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .collect();
+    let bleu = sentence_bleu(DOCUMENT, GOAL);
+    // Both are rolled forward the same way; only interactivity and the candidate's tokens differ.
+    assert!((rewards[0].mr - (bleu - 0.1 * 0.007 + 1.0)).abs() < 1e-12);
+    assert!((rewards[1].mr - (bleu - 0.1 * 0.006)).abs() < 1e-12);
+    assert_eq!((rewards[0].std, rewards[1].std), (0.0, 0.0));
+    // The pair clears a margin below its gap (~1) and not one above it.
+    let picked = reward::pick_with_noise(&rewards, 0.5).unwrap();
+    assert_eq!((picked.chosen, picked.rejected), (0, 1));
+    assert!((picked.gap - (1.0 - 0.0001)).abs() < 1e-12);
+    assert!(reward::pick_with_noise(&rewards, 1.5).is_none());
+}
