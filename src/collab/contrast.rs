@@ -99,7 +99,7 @@ pub fn parse_cases(origin: &str, text: &str) -> Result<Vec<Case>, CollabError> {
         }
         if case.a.trim().is_empty()
             || case.b.trim().is_empty()
-            || super::same_reply(&case.a, &case.b)
+            || crate::engine::same_reply(&case.a, &case.b)
         {
             return Err(CollabError::Invalid(format!(
                 "{at}: a case needs two different, non-empty replies"

@@ -29,7 +29,8 @@ use sha2::{Digest, Sha256};
 pub use prompts::Prompts;
 
 use crate::engine::{
-    registry::engine_name, ChatMessage, ChatRequest, Engine, EngineError, Engines, Role,
+    registry::engine_name, same_reply, ChatMessage, ChatRequest, Engine, EngineError, Engines,
+    Role, CANDIDATE_RESAMPLE_ROUNDS,
 };
 use crate::protocol::{ArmSpec, CollabSpec, Protocol, TaskSpec, TopicSpec};
 
@@ -244,20 +245,11 @@ pub async fn generate_all(
     .await
 }
 
-/// Rounds in which a fresh candidate that repeats another reply is sampled again with a new seed.
-pub const CANDIDATE_RESAMPLE_ROUNDS: u32 = 3;
-
 /// Tokens of a reply whose count was not recorded (written or edited by a person, or written for
 /// a contrast set): about four characters a token, an estimate that does not depend on the
 /// tokenizer. Counting it as 0 would exempt exactly those replies from MR's token penalty.
 pub fn estimated_tokens(text: &str) -> u32 {
     u32::try_from(text.chars().count().div_ceil(4)).unwrap_or(u32::MAX)
-}
-
-/// Whether two replies are the same text but for white space: as a pair they would teach nothing,
-/// and the gap between their rewards is noise alone.
-pub fn same_reply(a: &str, b: &str) -> bool {
-    a.split_whitespace().eq(b.split_whitespace())
 }
 
 /// A fresh candidate: which one of the turn it is, the sampling that made it (seed included),

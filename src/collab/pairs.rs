@@ -405,7 +405,7 @@ async fn score_turn(
     if candidates.len() < 2 {
         return Err(TurnError::Skip(format!(
             "every fresh candidate repeated the reply given, after {} resampling rounds",
-            super::CANDIDATE_RESAMPLE_ROUNDS
+            crate::engine::CANDIDATE_RESAMPLE_ROUNDS
         )));
     }
     let label = turn.label();
@@ -628,7 +628,7 @@ async fn candidates(
         }
         if out
             .iter()
-            .any(|o| super::same_reply(&o.candidate.text, &c.content))
+            .any(|o| crate::engine::same_reply(&o.candidate.text, &c.content))
         {
             continue;
         }

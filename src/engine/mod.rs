@@ -425,3 +425,12 @@ pub trait Engine: Send + Sync {
     /// sha256 of the weights (local) or the endpoint and model name (remote): what produced a reply.
     fn fingerprint(&self) -> String;
 }
+
+/// Rounds in which a candidate reply that repeats another is sampled again with a new seed.
+pub const CANDIDATE_RESAMPLE_ROUNDS: u32 = 3;
+
+/// Whether two replies are the same text but for white space: as a pair they would teach nothing,
+/// and the gap between their rewards is noise alone.
+pub fn same_reply(a: &str, b: &str) -> bool {
+    a.split_whitespace().eq(b.split_whitespace())
+}

@@ -241,7 +241,7 @@ pub fn export(
                 };
                 // Two replies of the same text: a pick between them states no preference, and
                 // a label of both is one label.
-                let same = crate::collab::same_reply(&a.content, &b.content);
+                let same = crate::engine::same_reply(&a.content, &b.content);
                 match (a.chosen, b.chosen) {
                     (Some(x), Some(y)) if x != y && same => {}
                     (Some(x), Some(y)) if x != y => {

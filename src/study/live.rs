@@ -882,14 +882,16 @@ impl Studio {
                 request
             })
             .collect();
+        // The second candidate's request, to sample again should it repeat the first.
+        let second = requests.get(1).cloned();
         let started = self.engines.get(&engine_id).and_then(|engine| {
             let generations = requests
                 .into_iter()
                 .map(|r| engine.start(r))
                 .collect::<Result<Vec<_>, _>>()?;
-            Ok((engine.fingerprint(), generations))
+            Ok((engine.fingerprint(), generations, engine))
         });
-        let (fingerprint, generations) = match started {
+        let (fingerprint, generations, engine) = match started {
             Ok(g) => g,
             Err(e) => {
                 tracing::error!(session_id = session.id, error = %e, "cannot start the reply");
@@ -955,10 +957,17 @@ impl Studio {
                     EngineEvent::Error(e) => outcomes[i] = Some(Err(e.to_string())),
                 }
             }
-            let completions: Result<Vec<Completion>, String> = outcomes
+            let mut completions: Result<Vec<Completion>, String> = outcomes
                 .into_iter()
                 .map(|o| o.unwrap_or_else(|| Err("the engine stopped".into())))
                 .collect();
+            if let (Ok([first, other]), Some(request)) = (completions.as_deref_mut(), second) {
+                if let Some(distinct) =
+                    resample_distinct(&*engine, request, &first.text, other).await
+                {
+                    *other = distinct;
+                }
+            }
             let result = match completions {
                 Ok(mut c) if c.len() == 1 && !regenerate => {
                     studio
@@ -1124,6 +1133,40 @@ fn store_reply(
     // A session that ended meanwhile (timed out, abandoned) keeps its end.
     let next = db::sessions::set_state(conn, session_id, next)?.state;
     Ok((turn, next, due))
+}
+
+/// A second comparison candidate that repeats the first states no preference: it is sampled
+/// again with the next seeds (at most [`crate::engine::CANDIDATE_RESAMPLE_ROUNDS`] times, not
+/// streamed; the pick shows the final text). `None` when it differs already or every round
+/// repeated it (the pairs export then leaves the pick out).
+async fn resample_distinct(
+    engine: &dyn crate::engine::Engine,
+    mut request: ChatRequest,
+    first: &str,
+    second: &Completion,
+) -> Option<Completion> {
+    if !crate::engine::same_reply(first, &second.text) {
+        return None;
+    }
+    let seed = request.sampling.seed;
+    for round in 1..=crate::engine::CANDIDATE_RESAMPLE_ROUNDS {
+        // Seeds past those of the turn's two candidates and of a regeneration.
+        request.sampling.seed = seed.map(|s| s.wrapping_add(round + 1));
+        let again = match engine.start(request.clone()) {
+            Ok(generation) => generation.finish().await,
+            Err(e) => Err(e),
+        };
+        match again {
+            Ok(c) if !crate::engine::same_reply(first, &c.text) => return Some(c),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sample another comparison candidate");
+                return None;
+            }
+        }
+    }
+    tracing::warn!("both comparison candidates are the same text after resampling");
+    None
 }
 
 /// The candidates of the comparison waiting for the participant's pick, if any.

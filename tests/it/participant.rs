@@ -1104,7 +1104,7 @@ async fn comparison_turns_offer_two_replies_and_record_the_pick() {
     // A pick between replies of the same text (a short answer sampled twice) is no preference,
     // and a tie of two equal texts labels one reply.
     let same = |offer: &collabllm::study::frames::ComparisonView| {
-        collabllm::collab::same_reply(&offer.candidates[0], &offer.candidates[1])
+        collabllm::engine::same_reply(&offer.candidates[0], &offer.candidates[1])
     };
     let expected_pairs = u64::from(!same(&picked[0]));
     let expected_kto = if same(&picked[1]) { 1 } else { 2 };

@@ -285,3 +285,72 @@ async fn a_pilot_never_takes_the_place_of_a_person() {
         (arm_name(&fresh.pool(), &first), &first.topic_id)
     );
 }
+
+/// A comparison whose second candidate repeats the first is sampled again: the participant
+/// chooses between two different replies.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_comparison_never_offers_the_same_reply_twice() {
+    let policy_requests = AtomicUsize::new(0);
+    let engine = Arc::new(ScriptedEngine::new(move |r| {
+        let all = request_text(r);
+        let answer = |a: serde_json::Value| json!({"thought": "", "answer": a}).to_string();
+        match asker(&all) {
+            Asker::Simulator
+                if all.contains("What do you do with the assistant's latest reply") =>
+            {
+                answer(json!("keep"))
+            }
+            Asker::Simulator if all.contains("Which reply do you prefer") => answer(json!("b")),
+            Asker::Simulator if all.contains("Answer with a whole number") => answer(json!(7)),
+            Asker::Simulator if all.contains("Answer in a sentence or two") => {
+                answer(json!("fine"))
+            }
+            Asker::Simulator => {
+                json!({"current_answer": "", "thought": "", "response": "a note please"})
+                    .to_string()
+            }
+            // The first comparison's two candidates are the same text, spaced otherwise.
+            _ => match policy_requests.fetch_add(1, Ordering::SeqCst) {
+                0 => "Who is  it for?".to_string(),
+                1 => "Who is it for?\n".to_string(),
+                n => format!("Reply {n}: here is the note."),
+            },
+        }
+    }));
+    let db = TestDb::sqlite();
+    let pool = db.pool();
+    let path = repo_root().join("study-protocols/quick-pilot.toml");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("[session]\n", "[session]\ncompare_every_turns = 1\n")
+        + "\n[collab]\nmax_turns = 2\n";
+    let loaded = LoadedProtocol::from_text(&path, text, &models_dir()).unwrap();
+    db::studies::import(&mut pool.get().unwrap(), &loaded).unwrap();
+    let engines = Engines::new();
+    engines.insert(&engine_name("smollm2-135m", None), engine);
+    let state = AppState::new(pool.clone(), engines, models_dir()).unwrap();
+    let server = TestServer::start(state.clone());
+    let pilot = Pilot {
+        _db: db,
+        pool,
+        state,
+        server,
+    };
+    let summary = simulate(&pilot, &options(1), &|_: &Tally| {}, std::future::pending()).await;
+    assert_eq!(summary.completed.len(), 1, "{:?}", summary.failed);
+    let c = &mut pilot.pool.get().unwrap();
+    let session = db::sessions::find_by_public_id(c, &summary.completed[0])
+        .unwrap()
+        .unwrap();
+    let first_turn: Vec<String> = db::candidates::list_for_session(c, session.id)
+        .unwrap()
+        .into_iter()
+        .filter(|c| c.source == CandidateSource::Compare && c.after_seq == 1)
+        .map(|c| c.content)
+        .collect();
+    assert_eq!(
+        first_turn,
+        ["Who is  it for?", "Reply 2: here is the note."],
+        "the repeat was sampled again"
+    );
+}
