@@ -4,7 +4,8 @@
 // localStorage) until the server acknowledges it; after a reconnect the outbox is sent again and
 // the server applies each frame once. The server's `state` frame is the whole truth: it is
 // rendered as is after every (re)connect. Text from the model or the participant is only ever
-// set with textContent, never parsed as HTML.
+// set with textContent, never parsed as HTML: the assistant's Markdown is rendered by building
+// elements (paragraphs, headings, lists, emphasis, code) whose text is set as text.
 //
 // The session is the one of the HttpOnly cookie: this script never sees its token. One tab owns a
 // session at a time: opening it in another tab takes it over, and this one is told so and stops
@@ -137,7 +138,7 @@ function handle(frame) {
         if (frame.index < comparing.tokens[frame.candidate]) break;
         comparing.tokens[frame.candidate] = frame.index + 1;
         comparing.texts[frame.candidate] += frame.delta;
-        comparing.bodies[frame.candidate].textContent = comparing.texts[frame.candidate];
+        renderMarkdown(comparing.bodies[frame.candidate], comparing.texts[frame.candidate]);
         break;
       }
       if (!streaming || streaming.seq !== frame.msg_seq) startStreaming(frame.msg_seq, "");
@@ -145,7 +146,7 @@ function handle(frame) {
       if (frame.index < streaming.tokens) break;
       streaming.tokens = frame.index + 1;
       streaming.text += frame.delta;
-      streaming.body.textContent = streaming.text;
+      renderMarkdown(streaming.body, streaming.text);
       messagesEl.scrollTop = messagesEl.scrollHeight;
       break;
     case "assistant_done":
@@ -239,7 +240,7 @@ function applyState(s) {
   messagesEl.replaceChildren();
   streaming = null;
   comparing = null;
-  for (const m of s.messages) addMessage(m.role, m.content, m.seq);
+  for (const m of s.messages) addMessage(m.role, m.content, m.seq, null, m.finish_reason);
   if (s.streaming) {
     startStreaming(s.streaming.seq, s.streaming.content);
     streaming.tokens = s.streaming_tokens;
@@ -266,18 +267,101 @@ function applyState(s) {
   renderStatus();
 }
 
-function addMessage(role, text, seq, pendingSeq) {
+// Markdown, as far as replies use it, rendered into `container` without ever parsing HTML:
+// blank-line paragraphs, # headings, - / * / 1. lists, ``` code blocks, **bold**, *italic*, `code`;
+// a link shows its text. Anything else stays the text it is.
+function renderMarkdown(container, text) {
+  const blocks = [];
+  const lines = text.split("\n");
+  for (let i = 0; i < lines.length; i++) {
+    const line = lines[i];
+    if (line.trimStart().startsWith("```")) {
+      const code = [];
+      for (i++; i < lines.length && !lines[i].trimStart().startsWith("```"); i++) code.push(lines[i]);
+      const pre = document.createElement("pre");
+      pre.textContent = code.join("\n");
+      blocks.push(pre);
+      continue;
+    }
+    const heading = /^(#{1,6})\s+(.*)$/.exec(line);
+    const item = /^\s*(?:([-*+])|(\d+)[.)])\s+(.*)$/.exec(line);
+    if (heading) {
+      const h = document.createElement(`h${Math.min(heading[1].length + 2, 6)}`);
+      inline(h, heading[2]);
+      blocks.push(h);
+    } else if (item) {
+      const kind = item[1] ? "ul" : "ol";
+      let list = blocks[blocks.length - 1];
+      if (!list || list.tagName.toLowerCase() !== kind || list.dataset.closed) {
+        list = document.createElement(kind);
+        if (kind === "ol" && item[2] !== "1") list.start = Number(item[2]);
+        blocks.push(list);
+      }
+      const li = document.createElement("li");
+      inline(li, item[3]);
+      list.append(li);
+    } else if (!line.trim()) {
+      const last = blocks[blocks.length - 1];
+      if (last) last.dataset.closed = "1";
+    } else {
+      let p = blocks[blocks.length - 1];
+      if (p && p.tagName === "P" && !p.dataset.closed) {
+        p.append(document.createElement("br"));
+      } else {
+        p = document.createElement("p");
+        blocks.push(p);
+      }
+      inline(p, line);
+    }
+  }
+  for (const b of blocks) delete b.dataset.closed;
+  container.replaceChildren(...blocks);
+}
+
+// **bold**, *italic* / _italic_, `code` and [text](link) → text, appended to `parent` as elements.
+function inline(parent, text) {
+  const pattern = /(\*\*([^*]+)\*\*|__([^_]+)__|\*([^*\s][^*]*)\*|_([^_\s][^_]*)_|`([^`]+)`|\[([^\]]+)\]\([^)\s]*\))/g;
+  let at = 0;
+  for (const m of text.matchAll(pattern)) {
+    if (m.index > at) parent.append(text.slice(at, m.index));
+    let node;
+    if (m[2] || m[3]) {
+      node = document.createElement("strong");
+      node.textContent = m[2] || m[3];
+    } else if (m[4] || m[5]) {
+      node = document.createElement("em");
+      node.textContent = m[4] || m[5];
+    } else if (m[6]) {
+      node = document.createElement("code");
+      node.textContent = m[6];
+    } else {
+      node = document.createTextNode(m[7]);
+    }
+    parent.append(node);
+    at = m.index + m[0].length;
+  }
+  if (at < text.length) parent.append(text.slice(at));
+}
+
+// A message body: the assistant's Markdown rendered, anything else as typed.
+function setBody(body, role, text) {
+  if (role === "assistant") renderMarkdown(body, text);
+  else body.textContent = text;
+}
+
+function addMessage(role, text, seq, pendingSeq, finishReason) {
   const div = document.createElement("div");
   div.className = `msg ${role}`;
   if (pendingSeq) div.dataset.pending = pendingSeq;
   const who = document.createElement("span");
   who.className = "who";
   who.textContent = role === "user" ? "You" : "Assistant";
-  const body = document.createElement("span");
+  const body = document.createElement("div");
   body.className = "body";
-  body.textContent = text;
+  setBody(body, role, text);
   div.append(who, body);
-  if (role === "assistant" && seq) addInsertButton(div, seq, () => body.textContent);
+  if (finishReason) addFinishNote(div, finishReason);
+  if (role === "assistant" && seq) addInsertButton(div, seq, () => text);
   messagesEl.append(div);
   messagesEl.scrollTop = messagesEl.scrollHeight;
   return { div, body };
@@ -313,9 +397,9 @@ function startComparison(seq, texts) {
     const who = document.createElement("span");
     who.className = "who";
     who.textContent = `Reply ${i === 0 ? "A" : "B"}`;
-    const body = document.createElement("span");
+    const body = document.createElement("div");
     body.className = "body";
-    body.textContent = text;
+    renderMarkdown(body, text);
     div.append(who, body);
     box.append(div);
     return body;
@@ -328,7 +412,7 @@ function startComparison(seq, texts) {
 
 function offerChoice(texts) {
   comparing.texts = [...texts];
-  comparing.bodies.forEach((b, i) => (b.textContent = texts[i]));
+  comparing.bodies.forEach((b, i) => renderMarkdown(b, texts[i]));
   const choices = document.createElement("div");
   choices.className = "choices";
   const ask = document.createElement("p");
@@ -349,15 +433,22 @@ function offerChoice(texts) {
   messagesEl.scrollTop = messagesEl.scrollHeight;
 }
 
+// Why a reply ended early, said under it: stopped by the participant, or cut at the length limit.
+function addFinishNote(div, reason) {
+  const says = { cancelled: "(stopped)", length: "(cut off: the reply reached its length limit)" };
+  if (!says[reason]) return;
+  const note = document.createElement("span");
+  note.className = "who";
+  note.textContent = says[reason];
+  div.append(note);
+}
+
 function finishStreaming(text, reason) {
-  streaming.body.textContent = text;
-  if (reason === "cancelled") {
-    const note = document.createElement("span");
-    note.className = "who";
-    note.textContent = "(stopped)";
-    streaming.div.append(note);
-  }
+  renderMarkdown(streaming.body, text);
+  addFinishNote(streaming.div, reason);
   addInsertButton(streaming.div, streaming.seq, () => text);
+  // The note and the button are below what was in view.
+  messagesEl.scrollTop = messagesEl.scrollHeight;
   streaming = null;
   renderStatus();
 }
@@ -368,9 +459,13 @@ function renderStatus() {
   const chatting = state.phase === "chatting";
   el("turns").textContent = `Turn ${state.turn} of at least ${state.min_turns}`;
   sendBtn.disabled = busy || !chatting;
-  stopBtn.hidden = !busy;
+  // Stop is for a reply being written, not for a choice between written ones.
+  stopBtn.hidden = !(streaming !== null || (comparing !== null && state.phase !== "choosing"));
   input.disabled = !(chatting || state.phase === "rating");
   finishBtn.disabled = busy || !chatting || state.turn < state.min_turns;
+  const left = state.min_turns - state.turn;
+  el("finish-hint").textContent =
+    left > 0 ? `You can finish after ${left} more turn${left === 1 ? "" : "s"}.` : "";
   const last = state.messages[state.messages.length - 1];
   regenerateBtn.disabled = busy || !chatting || !last || last.role !== "assistant";
 }
@@ -482,7 +577,13 @@ function showFinal() {
   }
   box.dataset.ready = "1";
   const ratings = {};
-  for (const r of state.final_ratings) scaleQuestion(box, r, (v) => (ratings[r.key] = v));
+  for (const r of state.final_ratings) {
+    scaleQuestion(box, r, (v) => {
+      ratings[r.key] = v;
+      // The note asked for this answer: it is given now.
+      if (!state.final_ratings.some((q) => ratings[q.key] === undefined)) el("final-notice").textContent = "";
+    });
+  }
   const answers = {};
   for (const q of state.questionnaire) {
     const wrap = document.createElement("div");

@@ -194,6 +194,9 @@ pub struct MessageView {
     pub seq: i32,
     pub role: MessageRole,
     pub content: String,
+    /// How a reply ended (`stop`, `length`, `cancelled`), so the page can say that it was cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finish_reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -389,6 +389,7 @@ impl Studio {
                 seq: r.msg_seq,
                 role: MessageRole::Assistant,
                 content: r.texts[0].clone(),
+                finish_reason: None,
             };
             (view, r.tokens[0])
         });
@@ -1347,6 +1348,7 @@ fn view(
                 seq: m.seq,
                 role: m.role,
                 content: m.content,
+                finish_reason: m.finish_reason,
             })
             .collect(),
         streaming_tokens: streaming.as_ref().map_or(0, |(_, n)| *n),

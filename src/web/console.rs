@@ -370,7 +370,7 @@ impl EvaluationView {
         let table: Table = serde_json::from_str(&stored.table_json)
             .map_err(|e| ApiError::Internal(format!("a stored evaluation is unreadable: {e}")))?;
         let cell = |i: Option<&Option<Interval>>| match i.copied().flatten() {
-            Some(i) => format!("{:.2} [{:.2}, {:.2}]", i.mean, i.lo, i.hi),
+            Some(i) => fmt_interval(i.mean, i.lo, i.hi),
             None => "—".to_string(),
         };
         let cells = |m: &std::collections::BTreeMap<String, Option<Interval>>| {
@@ -458,9 +458,22 @@ fn minutes_label(value: f64, longest: f64) -> String {
 
 fn fmt_estimate(e: &Option<results::Estimate>) -> String {
     match e {
-        Some(e) => format!("{:.2} [{:.2}, {:.2}]", e.mean, e.low, e.high),
+        Some(e) => fmt_interval(e.mean, e.low, e.high),
         None => "—".into(),
     }
+}
+
+/// "mean [low, high]", each number with two decimals unless it is whole (turns, counts, ratings
+/// that all agree read "8 [8, 8]", not "8.00 [8.00, 8.00]").
+fn fmt_interval(mean: f64, low: f64, high: f64) -> String {
+    let number = |v: f64| {
+        if v.fract() == 0.0 && v.abs() < 1e15 {
+            format!("{v:.0}")
+        } else {
+            format!("{v:.2}")
+        }
+    };
+    format!("{} [{}, {}]", number(mean), number(low), number(high))
 }
 
 /// The results table, the rating-by-turn plots and the completion-time box plot.

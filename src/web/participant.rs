@@ -161,7 +161,8 @@ async fn enter_study(
 struct ConsentPage<'a> {
     title: &'a str,
     slug: &'a str,
-    consent: &'a str,
+    /// The consent text's paragraphs, reflowed (see [`paragraphs`]).
+    consent: Vec<String>,
 }
 
 #[derive(Template)]
@@ -227,7 +228,7 @@ async fn show_session(
         SessionState::Consent => page(&ConsentPage {
             title: &study.title,
             slug: &slug,
-            consent: &protocol.consent.text,
+            consent: paragraphs(&protocol.consent.text),
         }),
         SessionState::Chatting
         | SessionState::Choosing
@@ -339,4 +340,54 @@ async fn submit_frames(
         .apply_beacon(slug.into_inner(), token, frames)
         .await?;
     Ok(HttpResponse::Ok().json(answers))
+}
+
+/// A protocol text's paragraphs (blank lines between them) with the file's hard line breaks
+/// joined, so the page, not the protocol file, decides where lines wrap. A line that starts a
+/// list item keeps its break.
+fn paragraphs(text: &str) -> Vec<String> {
+    let starts_item = |line: &str| {
+        let line = line.trim_start();
+        line.starts_with("- ")
+            || line.starts_with("* ")
+            || line.starts_with("• ")
+            || line
+                .split_once(". ")
+                .is_some_and(|(n, _)| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+    };
+    let mut out: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            if !current.is_empty() {
+                out.push(std::mem::take(&mut current));
+            }
+            continue;
+        }
+        if !current.is_empty() {
+            current.push(if starts_item(line) { '\n' } else { ' ' });
+        }
+        current.push_str(line.trim());
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::paragraphs;
+
+    #[test]
+    fn hard_line_breaks_are_joined_and_paragraphs_and_list_items_kept() {
+        let text = "You are invited to take part\nin a study.\n\nWe record:\n- your messages\n- your ratings\n1. first\n\n\n";
+        assert_eq!(
+            paragraphs(text),
+            [
+                "You are invited to take part in a study.",
+                "We record:\n- your messages\n- your ratings\n1. first",
+            ]
+        );
+    }
 }

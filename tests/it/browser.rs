@@ -630,3 +630,58 @@ async fn text_typed_just_before_the_page_closes_is_saved() {
     assert_eq!(saved, "Typed a moment before leaving.");
     client.close().await.unwrap();
 }
+
+/// A reply's Markdown is rendered as elements and any HTML in it stays text: a scripted model
+/// answers with both.
+#[tokio::test(flavor = "multi_thread")]
+async fn replies_render_markdown_and_never_html() {
+    use collabllm::engine::registry::engine_name;
+    let reply = "**Dear Jo**,\n\n- thanks for the plants\n- and the <img src=x onerror=\"window.pwned=1\">\n\nSee `code`.";
+    let engine = std::sync::Arc::new(crate::common::ScriptedEngine::new(move |_| {
+        reply.to_string()
+    }));
+    let db = TestDb::sqlite();
+    let pool = db.pool();
+    let loaded = crate::common::protocol("quick-pilot.toml");
+    db::studies::import(&mut pool.get().unwrap(), &loaded).unwrap();
+    let engines = collabllm::engine::Engines::new();
+    engines.insert(&engine_name("smollm2-135m", None), engine);
+    let state = collabllm::web::AppState::new(pool, engines, models_dir()).unwrap();
+    let server = TestServer::start(state);
+    let driver = Driver::start();
+    let profile = tempfile::tempdir().unwrap();
+    let client = chromium(&driver, profile.path()).await;
+    consent(&client, &server.url("/s/quick-pilot")).await;
+    chat_and_rate(&client, "a note for Jo", 1).await;
+    let rendered = client
+        .execute(
+            "const b = document.querySelector('.msg.assistant .body');
+             return [b.querySelector('strong')?.textContent, b.querySelectorAll('li').length,
+                     b.querySelector('img') === null, window.pwned === undefined,
+                     b.querySelectorAll('li')[1]?.textContent, b.querySelector('code')?.textContent,
+                     document.getElementById('finish-hint').textContent];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        rendered,
+        json!([
+            "Dear Jo",
+            2,
+            true,
+            true,
+            "and the <img src=x onerror=\"window.pwned=1\">",
+            "code",
+            "You can finish after 1 more turn."
+        ])
+    );
+    // Inserting takes the reply as written, Markdown and all.
+    click(&client, ".msg.assistant .insert").await;
+    let document = client
+        .execute("return document.getElementById('document').value;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(document, json!(reply));
+    client.close().await.unwrap();
+}

@@ -295,6 +295,25 @@ async fn console_pages_show_the_study(db: TestDb) {
         detail.body.contains("&#60;b&#62;bold"),
         "candidates are escaped"
     );
+    // Times to the second ("2026-12-02 05:09:03"), without fractions of it.
+    let times: Vec<&str> = detail
+        .body
+        .match_indices("<td>20")
+        .map(|(at, _)| &detail.body[at + 4..at + 4 + 20])
+        .filter(|t| t.as_bytes()[4] == b'-')
+        .collect();
+    assert!(!times.is_empty());
+    for t in &times {
+        assert!(t.ends_with('<') && t.as_bytes()[13] == b':', "{t}");
+    }
+    // The page's title is the title alone.
+    let title = detail.body.split("<title>").nth(1).unwrap();
+    assert!(title
+        .split("</title>")
+        .next()
+        .unwrap()
+        .starts_with("Session "));
+    assert!(!title.split("</title>").next().unwrap().contains('<'));
     let csv = client
         .get("/console/studies/quick-pilot/export/messages.csv")
         .await;
@@ -520,7 +539,10 @@ async fn results_per_arm_are_computed_and_plotted() {
     )
     .unwrap();
     assert!(page.contains("Results per arm"));
-    assert!(page.contains("7.00 [7.00, 7.00]"), "the estimate is shown");
+    assert!(
+        page.contains("7 [7, 7]"),
+        "the estimate is shown, a whole number as one"
+    );
     assert_eq!(page.matches("<polyline").count(), 3, "one line per arm");
     assert_eq!(page.matches("<rect").count(), 3, "one box per arm");
 }
@@ -684,7 +706,7 @@ async fn the_latest_evaluation_is_shown(db: TestDb) {
     let section = &page[at..];
     assert!(section.contains("87.50 [86.50, 88.50]"), "{section}");
     assert!(
-        !page.contains("11.00 [10.00, 12.00]"),
+        !page.contains("11 [10, 12]"),
         "an older evaluation is shown"
     );
     assert!(
