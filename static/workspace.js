@@ -152,9 +152,10 @@ function handle(frame) {
     case "assistant_done":
       if (!streaming || streaming.seq !== frame.msg_seq) startStreaming(frame.msg_seq, "");
       finishStreaming(frame.text, frame.finish_reason);
-      state.turn += 1;
+      // A reply the participant stopped is not a turn.
+      if (frame.finish_reason !== "cancelled") state.turn += 1;
       state.phase = frame.phase;
-      state.messages.push({ seq: frame.msg_seq, role: "assistant", content: frame.text });
+      state.messages.push({ seq: frame.msg_seq, role: "assistant", content: frame.text, finish_reason: frame.finish_reason });
       renderStatus();
       break;
     case "comparison":

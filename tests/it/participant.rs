@@ -1597,3 +1597,54 @@ async fn a_closing_page_beacon_applies_its_frames_once() {
         1
     );
 }
+
+/// A reply the participant stops is kept, marked as stopped, and is not a turn: stopping is no
+/// way to reach the protocol's minimum. A scripted model writes until it is stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_reply_is_kept_but_is_not_a_turn() {
+    use collabllm::engine::registry::engine_name;
+    let db = TestDb::sqlite();
+    let pool = db.pool();
+    let engines = collabllm::engine::Engines::new();
+    let engine = crate::common::ScriptedEngine::holding(|_| "unused".into(), |_| true);
+    engines.insert(
+        &engine_name("smollm2-135m", None),
+        std::sync::Arc::new(engine),
+    );
+    let state = AppState::new(pool.clone(), engines, models_dir()).unwrap();
+    pilot_with(&state, |t| t);
+    let server = TestServer::start(state);
+    let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-stop").await;
+    ws.say("write me a note").await;
+    ws.until(|f| matches!(f, ServerFrame::Token { .. })).await;
+    let stop = ws.next_seq();
+    ws.send(&ClientFrame::Stop { client_seq: stop }).await;
+    let (done, _) = ws
+        .until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
+        .await;
+    let ServerFrame::AssistantDone {
+        finish_reason,
+        phase,
+        ..
+    } = done
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (finish_reason.as_str(), phase),
+        ("cancelled", SessionState::Chatting),
+        "no rating is due after a stopped reply"
+    );
+    let s = state_of(ws.hello().await);
+    assert_eq!(s.turn, 0);
+    let reply = s.messages.last().unwrap();
+    assert_eq!(
+        (
+            reply.role,
+            reply.content.as_str(),
+            reply.finish_reason.as_deref()
+        ),
+        (MessageRole::Assistant, "Partial", Some("cancelled"))
+    );
+    assert!(!s.can_finish);
+}

@@ -255,9 +255,8 @@ pub fn assert_trl_pair(row: &serde_json::Value) {
 /// model.
 pub struct ScriptedEngine {
     reply: Box<dyn Fn(&ChatRequest) -> String + Send + Sync>,
-    /// Requests for which `hold` says so never finish (their event channel is kept open here).
+    /// Requests for which `hold` says so never finish unless stopped.
     hold: Box<dyn Fn(&ChatRequest) -> bool + Send + Sync>,
-    held: std::sync::Mutex<Vec<tokio::sync::mpsc::UnboundedSender<EngineEvent>>>,
     pub requests: std::sync::atomic::AtomicUsize,
 }
 
@@ -266,8 +265,9 @@ impl ScriptedEngine {
         Self::holding(reply, |_| false)
     }
 
-    /// An engine that answers like `new`, except that the requests `hold` picks never finish,
-    /// as a reply of a slow model that is still being generated.
+    /// An engine that answers like `new`, except that the requests `hold` picks write one token
+    /// ("Partial") and never finish, as a reply of a slow model still being generated, until
+    /// they are stopped: then they end as cancelled.
     pub fn holding(
         reply: impl Fn(&ChatRequest) -> String + Send + Sync + 'static,
         hold: impl Fn(&ChatRequest) -> bool + Send + Sync + 'static,
@@ -275,7 +275,6 @@ impl ScriptedEngine {
         Self {
             reply: Box::new(reply),
             hold: Box::new(hold),
-            held: Default::default(),
             requests: Default::default(),
         }
     }
@@ -285,9 +284,27 @@ impl Engine for ScriptedEngine {
     fn start(&self, request: ChatRequest) -> Result<Generation, EngineError> {
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let (generation, events, _cancel) = Generation::channel();
+        let (generation, events, cancel) = Generation::channel();
         if (self.hold)(&request) {
-            self.held.lock().unwrap().push(events);
+            let _ = events.send(EngineEvent::Token("Partial".into()));
+            std::thread::spawn(move || {
+                while !events.is_closed() {
+                    if cancel.load(std::sync::atomic::Ordering::Relaxed) {
+                        let _ = events.send(EngineEvent::Done(Completion {
+                            text: "Partial".into(),
+                            generated_tokens: 1,
+                            finish_reason: FinishReason::Cancelled,
+                            prompt_tokens: 0,
+                            prompt_tokens_processed: 0,
+                            ttft_ms: 0,
+                            total_ms: 0,
+                            seed: 0,
+                        }));
+                        return;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            });
             return Ok(generation);
         }
         let text = (self.reply)(&request);
