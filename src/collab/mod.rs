@@ -245,6 +245,21 @@ pub async fn generate_all(
     .await
 }
 
+/// What shapes a rollout besides a run's own counts and seed: the reward's weights and document
+/// limit, and the simulator's, judge's and policy's models, sampling and prompts. Part of the key
+/// of every stored result (`pairs`' rollouts, `synth`'s turns), so results of another model or
+/// prompt are never reused as if they were these.
+pub fn rollout_identity(roles: &Roles, policy: &Policy) -> serde_json::Value {
+    serde_json::json!({
+        "weights": roles.spec.weights,
+        "max_document_chars": roles.spec.max_document_chars,
+        "simulator": [roles.simulator.fingerprint(), &roles.spec.simulator_sampling],
+        "judge": [roles.judge.fingerprint(), &roles.spec.judge_sampling],
+        "prompts": roles.prompts.sha256(),
+        "policy": [policy.engine.fingerprint(), &policy.arm.system_prompt, &policy.arm.sampling],
+    })
+}
+
 /// Tokens of a reply whose count was not recorded (written or edited by a person, or written for
 /// a contrast set): about four characters a token, an estimate that does not depend on the
 /// tokenizer. Counting it as 0 would exempt exactly those replies from MR's token penalty.

@@ -304,21 +304,13 @@ fn settings(protocol: &Protocol, options: &PairsOptions) -> Settings {
 /// sha256 of everything that shapes a rollout: settings, weights, prompts, models and policies.
 /// The margin and the noise rule only filter pairs and are left out.
 fn config_sha256(settings: &Settings, roles: &Roles, policy: &Policy) -> String {
-    let config = json!({
-        "candidates": settings.candidates,
-        "samples": settings.samples,
-        "window": settings.window,
-        "seed": settings.seed,
-        "weights": roles.spec.weights,
-        "max_document_chars": roles.spec.max_document_chars,
-        "simulator": [roles.simulator.fingerprint(), &roles.spec.simulator_sampling],
-        "judge": [roles.judge.fingerprint(), &roles.spec.judge_sampling],
-        "prompts": roles.prompts.sha256(),
-        "policy": [policy.engine.fingerprint(), &policy.arm.system_prompt, &policy.arm.sampling],
-        // Rollouts scored before BLEU needed a goal document are not reused.
-        "scoring": "bleu-needs-goal-document",
-    });
-    let mut config = config;
+    let mut config = super::rollout_identity(roles, policy);
+    config["candidates"] = json!(settings.candidates);
+    config["samples"] = json!(settings.samples);
+    config["window"] = json!(settings.window);
+    config["seed"] = json!(settings.seed);
+    // Rollouts scored before BLEU needed a goal document are not reused.
+    config["scoring"] = json!("bleu-needs-goal-document");
     // Only when set, so the runs stored before the option existed stay reusable.
     if roles.spec.proactive_share > 0.0 {
         config["proactive_share"] = json!(roles.spec.proactive_share);

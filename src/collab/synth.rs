@@ -129,19 +129,13 @@ struct RunKey(serde_json::Value);
 
 impl RunKey {
     fn new(roles: &Roles, policy: &Policy, options: &SynthOptions) -> Self {
-        Self(json!({
-            "candidates": options.candidates,
-            "samples": options.samples,
-            "window": options.window,
-            "seed": options.seed,
-            "weights": roles.spec.weights,
-            "max_document_chars": roles.spec.max_document_chars,
-            "proactive_share": roles.spec.proactive_share,
-            "simulator": [roles.simulator.fingerprint(), &roles.spec.simulator_sampling],
-            "judge": [roles.judge.fingerprint(), &roles.spec.judge_sampling],
-            "prompts": roles.prompts.sha256(),
-            "policy": [policy.engine.fingerprint(), &policy.arm.system_prompt, &policy.arm.sampling],
-        }))
+        let mut key = super::rollout_identity(roles, policy);
+        key["candidates"] = json!(options.candidates);
+        key["samples"] = json!(options.samples);
+        key["window"] = json!(options.window);
+        key["seed"] = json!(options.seed);
+        key["proactive_share"] = json!(roles.spec.proactive_share);
+        Self(key)
     }
 
     /// The key of one turn: the run's settings, the task and the conversation so far.

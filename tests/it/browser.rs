@@ -652,7 +652,22 @@ async fn replies_render_markdown_and_never_html() {
     let profile = tempfile::tempdir().unwrap();
     let client = chromium(&driver, profile.path()).await;
     consent(&client, &server.url("/s/quick-pilot")).await;
-    chat_and_rate(&client, "a note for Jo", 1).await;
+    // Driven from the page's script: the instant replies re-render the chat while WebDriver would
+    // still hold an element of the old one.
+    client
+        .execute(
+            "document.getElementById('input').value = 'a note for Jo';
+             document.getElementById('composer').requestSubmit();",
+            vec![],
+        )
+        .await
+        .unwrap();
+    wait_for(&client, "document.querySelector('.msg.assistant .insert')").await;
+    wait_for(
+        &client,
+        "document.getElementById('finish-hint').textContent.includes('1 more')",
+    )
+    .await;
     let rendered = client
         .execute(
             "const b = document.querySelector('.msg.assistant .body');
@@ -677,9 +692,12 @@ async fn replies_render_markdown_and_never_html() {
         ])
     );
     // Inserting takes the reply as written, Markdown and all.
-    click(&client, ".msg.assistant .insert").await;
     let document = client
-        .execute("return document.getElementById('document').value;", vec![])
+        .execute(
+            "document.querySelector('.msg.assistant .insert').click();
+             return document.getElementById('document').value;",
+            vec![],
+        )
         .await
         .unwrap();
     assert_eq!(document, json!(reply));
