@@ -182,6 +182,9 @@ async fn simulated_participants_insert_and_regenerate_so_a_pilot_has_pairs() {
     let counts = export::pairs::export(c, "quick-pilot", &options, dir.path()).unwrap();
     assert_eq!(counts.train, 2);
     let text = std::fs::read_to_string(dir.path().join("train.jsonl")).unwrap();
+    for line in text.lines() {
+        crate::common::assert_trl_pair(&serde_json::from_str(line).unwrap());
+    }
     let sources: Vec<String> = text
         .lines()
         .map(|l| {
