@@ -443,13 +443,7 @@ impl Participant<'_> {
                                             st.max_message_bytes,
                                         ),
                                     },
-                                    |f| {
-                                        matches!(
-                                            f,
-                                            ServerFrame::AssistantDone { .. }
-                                                | ServerFrame::Comparison(_)
-                                        )
-                                    },
+                                    reply_ended,
                                 )
                                 .await?;
                             self.count(|t| {
@@ -640,12 +634,7 @@ impl Participant<'_> {
             Some("regenerate") => {
                 let seq = client.seq();
                 client
-                    .request(ClientFrame::Regenerate { client_seq: seq }, |f| {
-                        matches!(
-                            f,
-                            ServerFrame::AssistantDone { .. } | ServerFrame::Comparison(_)
-                        )
-                    })
+                    .request(ClientFrame::Regenerate { client_seq: seq }, reply_ended)
                     .await?;
                 self.count(|t| t.regenerated += 1);
             }
@@ -691,14 +680,20 @@ impl Client {
     /// Waits for the reply that is streaming to end (or to turn into a comparison).
     async fn wait_for_reply(&mut self) -> Result<(), CollabError> {
         loop {
-            if matches!(
-                self.receive().await?,
-                ServerFrame::AssistantDone { .. } | ServerFrame::Comparison(_)
-            ) {
+            if reply_ended(&self.receive().await?) {
                 return Ok(());
             }
         }
     }
+}
+
+/// Whether a frame ends the reply the participant waits for: it is done, or it is a pick between
+/// candidates.
+fn reply_ended(frame: &ServerFrame) -> bool {
+    matches!(
+        frame,
+        ServerFrame::AssistantDone { .. } | ServerFrame::Comparison(_)
+    )
 }
 
 /// The chat of a state, as the simulator sees it.

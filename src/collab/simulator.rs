@@ -1,6 +1,7 @@
 //! The user simulator: an LLM that plays the participant. It sees the task, the hidden goal and
 //! the conversation, and answers with JSON `{current_answer, thought, response}` (the draft only
-//! where it is used) of which only `response` reaches the assistant. It ends the chat by writing [`TERMINATE`].
+//! where it is used) of which only `response` reaches the assistant. It ends the chat by writing
+//! [`TERMINATE`].
 
 use minijinja::context;
 use serde_json::{Map, Value};

@@ -226,7 +226,6 @@ impl Studio {
                     task_id.as_deref(),
                     topic_id.as_deref(),
                 )?;
-                db::sessions::set_state(conn, session.id, SessionState::Chatting)?;
                 for m in &messages {
                     let role = match m.role {
                         Role::User => MessageRole::User,

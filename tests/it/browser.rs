@@ -635,19 +635,13 @@ async fn text_typed_just_before_the_page_closes_is_saved() {
 /// answers with both.
 #[tokio::test(flavor = "multi_thread")]
 async fn replies_render_markdown_and_never_html() {
-    use collabllm::engine::registry::engine_name;
     let reply = "**Dear Jo**,\n\n- thanks for the plants\n- and the <img src=x onerror=\"window.pwned=1\">\n\nSee `code`.";
     let engine = std::sync::Arc::new(crate::common::ScriptedEngine::new(move |_| {
         reply.to_string()
     }));
     let db = TestDb::sqlite();
-    let pool = db.pool();
     let loaded = crate::common::protocol("quick-pilot.toml");
-    db::studies::import(&mut pool.get().unwrap(), &loaded).unwrap();
-    let engines = collabllm::engine::Engines::new();
-    engines.insert(&engine_name("smollm2-135m", None), engine);
-    let state = collabllm::web::AppState::new(pool, engines, models_dir()).unwrap();
-    let server = TestServer::start(state);
+    let server = TestServer::start(crate::common::scripted_state(&db, &loaded, engine));
     let driver = Driver::start();
     let profile = tempfile::tempdir().unwrap();
     let client = chromium(&driver, profile.path()).await;

@@ -23,8 +23,8 @@ use diesel::prelude::*;
 use serde_json::Value;
 
 use crate::common::{
-    asker, assert_trl_pair, models_dir, repo_root, request_text, Asker, ScriptedEngine, TestDb,
-    TestServer,
+    asker, assert_trl_pair, models_dir, repo_root, request_text, scripted_engines, Asker,
+    ScriptedEngine, TestDb, TestServer,
 };
 use crate::on_both_backends_async;
 
@@ -716,8 +716,7 @@ async fn a_share_of_fresh_candidates_gets_the_proactive_instruction() {
             }
         }
     }));
-    let engines = Engines::new();
-    engines.insert(&engine_name("smollm2-135m", None), engine);
+    let engines = scripted_engines(engine);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pairs.jsonl");
     let three = PairsOptions {

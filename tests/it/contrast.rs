@@ -5,13 +5,11 @@ use std::sync::Arc;
 
 use collabllm::collab::contrast::{self, ContrastOptions, Side, BUILT_IN};
 use collabllm::collab::{start_policy, Roles};
-use collabllm::engine::registry::engine_name;
-use collabllm::engine::Engines;
 use collabllm::protocol::LoadedProtocol;
 use serde_json::json;
 
 use crate::common::{
-    asker, models_dir, repo_root, request_text, write_temp, Asker, ScriptedEngine,
+    asker, models_dir, repo_root, request_text, scripted_engines, write_temp, Asker, ScriptedEngine,
 };
 
 fn pilot() -> LoadedProtocol {
@@ -42,11 +40,7 @@ fn scripted(preferred: Vec<String>) -> ScriptedEngine {
 async fn check(preferred: Vec<String>, samples: u32) -> contrast::ContrastReport {
     let loaded = pilot();
     let p = &loaded.protocol;
-    let engines = Engines::new();
-    engines.insert(
-        &engine_name("smollm2-135m", None),
-        Arc::new(scripted(preferred)),
-    );
+    let engines = scripted_engines(Arc::new(scripted(preferred)));
     let roles = Roles::start(&engines, p, &loaded.source, &models_dir(), 4).unwrap();
     let policy = start_policy(&engines, p, &p.arms[0], &models_dir(), 4).unwrap();
     let cases = contrast::read_cases(None).unwrap();

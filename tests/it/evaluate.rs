@@ -8,14 +8,14 @@ use collabllm::collab::evaluate::{self, EvalOptions, EvalTask, Record};
 use collabllm::collab::{start_policy, Policy, Roles};
 use collabllm::db;
 use collabllm::db::vocab::{MessageRole, Outcome};
-use collabllm::engine::registry::engine_name;
 use collabllm::engine::{Constraint, Engines};
 use collabllm::protocol::LoadedProtocol;
 use collabllm::study::Studio;
 use serde_json::json;
 
 use crate::common::{
-    asker, models_dir, repo_root, request_text, write_temp, Asker, ScriptedEngine, TestDb,
+    asker, models_dir, repo_root, request_text, scripted_engines, write_temp, Asker,
+    ScriptedEngine, TestDb,
 };
 
 /// The quick pilot with a second arm that writes at once.
@@ -73,9 +73,8 @@ struct Setup {
 fn setup() -> Setup {
     let loaded = two_arms();
     let p = &loaded.protocol;
-    let engines = Engines::new();
     let engine = scripted();
-    engines.insert(&engine_name("smollm2-135m", None), engine.clone());
+    let engines = scripted_engines(engine.clone());
     let roles = Roles::start(&engines, p, &loaded.source, &models_dir(), 4).unwrap();
     let policies = p
         .arms

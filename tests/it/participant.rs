@@ -1620,18 +1620,14 @@ async fn a_closing_page_beacon_applies_its_frames_once() {
 /// way to reach the protocol's minimum. A scripted model writes until it is stopped.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_stopped_reply_is_kept_but_is_not_a_turn() {
-    use collabllm::engine::registry::engine_name;
     let db = TestDb::sqlite();
-    let pool = db.pool();
-    let engines = collabllm::engine::Engines::new();
     let engine = crate::common::ScriptedEngine::holding(|_| "unused".into(), |_| true);
-    engines.insert(
-        &engine_name("smollm2-135m", None),
+    let loaded = crate::common::protocol("quick-pilot.toml");
+    let server = TestServer::start(crate::common::scripted_state(
+        &db,
+        &loaded,
         std::sync::Arc::new(engine),
-    );
-    let state = AppState::new(pool.clone(), engines, models_dir()).unwrap();
-    pilot_with(&state, |t| t);
-    let server = TestServer::start(state);
+    ));
     let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-stop").await;
     ws.say("write me a note").await;
     ws.until(|f| matches!(f, ServerFrame::Token { .. })).await;

@@ -7,12 +7,13 @@ use std::sync::Arc;
 use collabllm::collab::metrics::sentence_bleu;
 use collabllm::collab::reward::{self, Candidate, Reward, RolloutKey, Scene};
 use collabllm::collab::{start_policy, Goal, Roles, Task};
-use collabllm::engine::registry::engine_name;
-use collabllm::engine::{ChatMessage, Engines, Role};
+use collabllm::engine::{ChatMessage, Role};
 use collabllm::protocol::LoadedProtocol;
 use serde_json::json;
 
-use crate::common::{asker, models_dir, repo_root, request_text, Asker, ScriptedEngine};
+use crate::common::{
+    asker, models_dir, repo_root, request_text, scripted_engines, Asker, ScriptedEngine,
+};
 
 const ASKS: &str = "Who is it for?";
 const MORE: &str = "Here is more.";
@@ -52,8 +53,7 @@ fn setup() -> Setup {
     let text = std::fs::read_to_string(&path).unwrap();
     let loaded = LoadedProtocol::from_text(&path, text, &models_dir()).unwrap();
     let p = &loaded.protocol;
-    let engines = Engines::new();
-    engines.insert(&engine_name("smollm2-135m", None), scripted());
+    let engines = scripted_engines(scripted());
     Setup {
         roles: Roles::start(&engines, p, &loaded.source, &models_dir(), 4).unwrap(),
         policy: start_policy(&engines, p, &p.arms[0], &models_dir(), 4).unwrap(),

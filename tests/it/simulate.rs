@@ -9,7 +9,6 @@ use collabllm::collab::simulate::{self, SimulateOptions, SimulateSummary, Tally}
 use collabllm::db::models::Session;
 use collabllm::db::vocab::{CandidateSource, MessageRole, Outcome, RevisionAuthor, SessionState};
 use collabllm::db::{self, DbPool};
-use collabllm::engine::registry::engine_name;
 use collabllm::engine::{ChatRequest, Engines, Role};
 use collabllm::export;
 use collabllm::protocol::LoadedProtocol;
@@ -18,7 +17,8 @@ use collabllm::web::AppState;
 use serde_json::json;
 
 use crate::common::{
-    asker, models_dir, repo_root, request_text, Asker, ScriptedEngine, TestDb, TestServer,
+    asker, models_dir, repo_root, request_text, scripted_state, Asker, ScriptedEngine, TestDb,
+    TestServer,
 };
 
 /// The quick pilot, ending after two turns.
@@ -77,14 +77,10 @@ struct Pilot {
     server: TestServer,
 }
 
-fn start(engine: Arc<ScriptedEngine>) -> Pilot {
+fn start(loaded: &LoadedProtocol, engine: Arc<ScriptedEngine>) -> Pilot {
     let db = TestDb::sqlite();
-    let pool = db.pool();
-    let loaded = pilot();
-    db::studies::import(&mut pool.get().unwrap(), &loaded).unwrap();
-    let engines = Engines::new();
-    engines.insert(&engine_name("smollm2-135m", None), engine);
-    let state = AppState::new(pool.clone(), engines, models_dir()).unwrap();
+    let state = scripted_state(&db, loaded, engine);
+    let pool = state.pool.clone();
     let server = TestServer::start(state.clone());
     Pilot {
         _db: db,
@@ -126,7 +122,7 @@ async fn simulate(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn simulated_participants_insert_and_regenerate_so_a_pilot_has_pairs() {
-    let pilot = start(scripted(|_| false));
+    let pilot = start(&pilot(), scripted(|_| false));
     let last = Mutex::new(Tally::default());
     let summary = simulate(
         &pilot,
@@ -202,10 +198,13 @@ async fn simulated_participants_insert_and_regenerate_so_a_pilot_has_pairs() {
 async fn a_stopped_simulation_ends_its_sessions_as_abandoned_at_once() {
     // Every second reply never finishes, as a slow model's; the run is stopped once both
     // participants had their first turn.
-    let pilot = start(scripted(|r| {
-        let policy = matches!(asker(&request_text(r)), Asker::Policy);
-        policy && r.messages.iter().any(|m| m.role == Role::Assistant)
-    }));
+    let pilot = start(
+        &pilot(),
+        scripted(|r| {
+            let policy = matches!(asker(&request_text(r)), Asker::Policy);
+            policy && r.messages.iter().any(|m| m.role == Role::Assistant)
+        }),
+    );
     let first_turn = tokio::sync::Notify::new();
     let started = std::time::Instant::now();
     let summary = simulate(
@@ -320,25 +319,13 @@ async fn a_comparison_never_offers_the_same_reply_twice() {
             },
         }
     }));
-    let db = TestDb::sqlite();
-    let pool = db.pool();
     let path = repo_root().join("study-protocols/quick-pilot.toml");
     let text = std::fs::read_to_string(&path)
         .unwrap()
         .replace("[session]\n", "[session]\ncompare_every_turns = 1\n")
         + "\n[collab]\nmax_turns = 2\n";
     let loaded = LoadedProtocol::from_text(&path, text, &models_dir()).unwrap();
-    db::studies::import(&mut pool.get().unwrap(), &loaded).unwrap();
-    let engines = Engines::new();
-    engines.insert(&engine_name("smollm2-135m", None), engine);
-    let state = AppState::new(pool.clone(), engines, models_dir()).unwrap();
-    let server = TestServer::start(state.clone());
-    let pilot = Pilot {
-        _db: db,
-        pool,
-        state,
-        server,
-    };
+    let pilot = start(&loaded, engine);
     let summary = simulate(&pilot, &options(1), &|_: &Tally| {}, std::future::pending()).await;
     assert_eq!(summary.completed.len(), 1, "{:?}", summary.failed);
     let c = &mut pilot.pool.get().unwrap();

@@ -215,6 +215,28 @@ pub fn state_with_model(db: &TestDb) -> AppState {
     state
 }
 
+/// Engines whose default model (every arm, the simulator and the judge of the shipped protocols)
+/// is `engine`: nothing loads llama.cpp.
+pub fn scripted_engines(engine: std::sync::Arc<ScriptedEngine>) -> Engines {
+    let engines = Engines::new();
+    engines.insert(
+        &collabllm::engine::registry::engine_name("smollm2-135m", None),
+        engine,
+    );
+    engines
+}
+
+/// App state over `db` with `loaded` imported and [`scripted_engines`] of `engine`.
+pub fn scripted_state(
+    db: &TestDb,
+    loaded: &LoadedProtocol,
+    engine: std::sync::Arc<ScriptedEngine>,
+) -> AppState {
+    let pool = db.pool();
+    db::studies::import(&mut pool.get().expect("conn"), loaded).expect("import");
+    AppState::new(pool, scripted_engines(engine), models_dir()).expect("app state")
+}
+
 pub fn write_temp(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).expect("write temp file");
