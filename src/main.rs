@@ -1884,6 +1884,7 @@ fn run_chat(protocol: &Path, arm_id: &str, models_dir: &Path) -> Result<()> {
                         print!("{t}");
                         std::io::stdout().flush().ok();
                     }
+                    EngineEvent::Queued { .. } | EngineEvent::Started => {}
                     EngineEvent::Done(c) => return Ok(c),
                     EngineEvent::Error(e) => return Err(e),
                 }

@@ -13,6 +13,8 @@
 
 const app = document.getElementById("app");
 const slug = app.dataset.slug;
+// The study's pages: `/s/{slug}`, or under the console for a researcher's preview.
+const studyPath = app.dataset.path;
 const sessionId = app.dataset.session;
 const store = {
   key: (name) => `collabllm:${slug}:${sessionId}:${name}`,
@@ -81,7 +83,7 @@ function hello() {
 
 function connect() {
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  ws = new WebSocket(`${scheme}://${location.host}/s/${encodeURIComponent(slug)}/ws`);
+  ws = new WebSocket(`${scheme}://${location.host}${studyPath}/ws`);
   ws.onopen = () => {
     retryMs = 500;
     el("connection").textContent = "Connected";
@@ -132,7 +134,11 @@ function handle(frame) {
         startStreaming(frame.msg_seq, "");
       }
       break;
+    case "queued":
+      showQueued(frame.ahead);
+      break;
     case "token":
+      showQueued(null);
       if (frame.candidate !== undefined && frame.candidate !== null) {
         if (!comparing || comparing.seq !== frame.msg_seq) startComparison(frame.msg_seq, ["", ""]);
         if (frame.index < comparing.tokens[frame.candidate]) break;
@@ -150,6 +156,7 @@ function handle(frame) {
       messagesEl.scrollTop = messagesEl.scrollHeight;
       break;
     case "assistant_done":
+      showQueued(null);
       if (!streaming || streaming.seq !== frame.msg_seq) startStreaming(frame.msg_seq, "");
       finishStreaming(frame.text, frame.finish_reason);
       // A reply the participant stopped is not a turn.
@@ -246,6 +253,7 @@ function applyState(s) {
     startStreaming(s.streaming.seq, s.streaming.content);
     streaming.tokens = s.streaming_tokens;
   }
+  showQueued(s.queued_ahead);
   if (s.comparison) {
     startComparison(s.comparison.msg_seq, s.comparison.candidates);
     offerChoice(s.comparison.candidates);
@@ -380,6 +388,14 @@ function addInsertButton(div, seq, textOf) {
   btn.textContent = "Insert into document";
   btn.addEventListener("click", () => insertIntoDocument(textOf(), seq));
   div.append(btn);
+}
+
+// A reply waiting for the assistant says where it is in line; nothing once it is being written.
+function showQueued(ahead) {
+  let says = "";
+  if (ahead === 0) says = "Your reply is next in line and starts in a moment.";
+  else if (typeof ahead === "number") says = `Your reply is in line: ${ahead} ${ahead === 1 ? "reply is" : "replies are"} ahead of it.`;
+  el("queue").textContent = says;
 }
 
 function startStreaming(seq, text) {
@@ -674,7 +690,7 @@ window.addEventListener("pagehide", () => {
   if (superseded || !pending.length) return;
   // text/plain: a type every browser lets a beacon carry; the server reads the bytes as JSON.
   const body = new Blob([JSON.stringify(pending)], { type: "text/plain" });
-  navigator.sendBeacon(`/s/${encodeURIComponent(slug)}/frames`, body);
+  navigator.sendBeacon(`${studyPath}/frames`, body);
 });
 el("use-here").addEventListener("click", () => {
   // This tab's own unsent frames are in memory; the next `state` renumbers them.

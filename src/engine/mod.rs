@@ -290,6 +290,13 @@ pub struct Completion {
 pub enum EngineEvent {
     /// The next piece of text: valid UTF-8, never part of a stop string.
     Token(String),
+    /// A participant's request waits for a slot with `ahead` requests before it; sent when it
+    /// starts waiting and whenever that number changes, so the page can show the place.
+    Queued {
+        ahead: usize,
+    },
+    /// A request that was reported as queued has its slot: its prompt is being read.
+    Started,
     Done(Completion),
     Error(EngineError),
 }
@@ -357,7 +364,7 @@ impl Generation {
     pub async fn finish(mut self) -> Result<Completion, EngineError> {
         while let Some(event) = self.events.recv().await {
             match event {
-                EngineEvent::Token(_) => {}
+                EngineEvent::Token(_) | EngineEvent::Queued { .. } | EngineEvent::Started => {}
                 EngineEvent::Done(c) => return Ok(c),
                 EngineEvent::Error(e) => return Err(e),
             }
@@ -369,7 +376,7 @@ impl Generation {
     pub fn finish_blocking(mut self) -> Result<Completion, EngineError> {
         while let Some(event) = self.events.blocking_recv() {
             match event {
-                EngineEvent::Token(_) => {}
+                EngineEvent::Token(_) | EngineEvent::Queued { .. } | EngineEvent::Started => {}
                 EngineEvent::Done(c) => return Ok(c),
                 EngineEvent::Error(e) => return Err(e),
             }
@@ -406,6 +413,14 @@ pub struct EngineStatus {
     pub last_failure: Option<String>,
     /// Generated tokens per second over the recent past.
     pub tokens_per_second: f64,
+}
+
+impl EngineStatus {
+    /// The share of prompt tokens taken from a cache rather than computed, once there were any.
+    pub fn prompt_reuse(&self) -> Option<f64> {
+        let all = self.prompt_tokens_processed + self.prompt_tokens_reused;
+        (all > 0).then(|| self.prompt_tokens_reused as f64 / all as f64)
+    }
 }
 
 /// Something that turns chat requests into streams of events.

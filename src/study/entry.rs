@@ -152,6 +152,16 @@ impl Studio {
     /// Consent given: stores it with the consent text's sha256, draws arm, task and topic, and
     /// opens the workspace. Repeated calls change nothing.
     pub async fn agree(self: &Arc<Self>, session_id: i64) -> Result<Session, StudyError> {
+        self.agree_as(session_id, None).await
+    }
+
+    /// [`Studio::agree`], assigning `arm` when given (a researcher's preview of one arm; recorded
+    /// as a forced draw).
+    pub async fn agree_as(
+        self: &Arc<Self>,
+        session_id: i64,
+        arm: Option<String>,
+    ) -> Result<Session, StudyError> {
         let this = self.clone();
         self.db(move |conn| {
             write_transaction(conn, |conn| {
@@ -165,7 +175,7 @@ impl Studio {
                     session.id,
                     &sha256_hex(protocol.consent.text.as_bytes()),
                 )?;
-                draw(conn, &protocol, &session, None)?;
+                draw(conn, &protocol, &session, arm.as_deref())?;
                 Ok(db::sessions::set_state(
                     conn,
                     session.id,

@@ -109,6 +109,12 @@ pub enum ServerFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         candidate: Option<usize>,
     },
+    /// The reply waits for the engine with `ahead` replies before it (0: next), sent when that
+    /// changes; `null` once it has its turn and is being written.
+    Queued {
+        msg_seq: i32,
+        ahead: Option<usize>,
+    },
     /// Both candidates of a comparison turn are ready; the participant picks with `choose`.
     Comparison(ComparisonView),
     /// Sent after any `rating_request` the reply makes due, so a client that acts on it is in
@@ -162,6 +168,9 @@ pub struct StateView {
     pub streaming: Option<MessageView>,
     /// Token frames of the streaming reply that its text so far already contains.
     pub streaming_tokens: usize,
+    /// The streaming reply's place in the engine's queue while it waits to be written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queued_ahead: Option<usize>,
     pub document: DocumentView,
     pub pending_ratings: Vec<RatingView>,
     pub final_ratings: Vec<RatingView>,

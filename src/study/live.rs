@@ -62,7 +62,18 @@ struct Reply {
     texts: Vec<String>,
     /// Token frames sent so far for each candidate: the `index` of the next one.
     tokens: Vec<usize>,
+    /// Each candidate's place in the engine's queue while it waits for a slot.
+    ahead: Vec<Option<usize>>,
     cancels: Vec<Arc<AtomicBool>>,
+}
+
+impl Reply {
+    /// The reply's place in the queue while every candidate still waits (the later one decides).
+    fn waiting(&self) -> Option<usize> {
+        self.ahead
+            .iter()
+            .try_fold(0, |most, place| place.map(|p| most.max(p)))
+    }
 }
 
 /// What produced a reply: the arm's policy with the seed used and the reply's timings.
@@ -391,7 +402,11 @@ impl Studio {
                 content: r.texts[0].clone(),
                 finish_reason: None,
             };
-            (view, r.tokens[0])
+            Streaming {
+                view,
+                tokens: r.tokens[0],
+                waiting: r.waiting(),
+            }
         });
         let this = self.clone();
         self.db(move |conn| {
@@ -908,6 +923,7 @@ impl Studio {
             msg_seq,
             texts: vec![String::new(); generations.len()],
             tokens: vec![0; generations.len()],
+            ahead: vec![None; generations.len()],
             cancels: generations.iter().map(|g| g.canceller()).collect(),
         });
         let _ = live.events.send(ServerFrame::AssistantStart {
@@ -953,6 +969,27 @@ impl Studio {
                             delta,
                             candidate,
                         });
+                    }
+                    EngineEvent::Queued { ahead } => {
+                        let mut reply = live.reply.lock().expect("reply lock");
+                        let Some(r) = reply.as_mut() else { continue };
+                        r.ahead[i] = Some(ahead);
+                        let _ = live.events.send(ServerFrame::Queued {
+                            msg_seq,
+                            ahead: r.waiting(),
+                        });
+                    }
+                    EngineEvent::Started => {
+                        let mut reply = live.reply.lock().expect("reply lock");
+                        let Some(r) = reply.as_mut() else { continue };
+                        let was = r.waiting();
+                        r.ahead[i] = None;
+                        if was.is_some() {
+                            let _ = live.events.send(ServerFrame::Queued {
+                                msg_seq,
+                                ahead: None,
+                            });
+                        }
                     }
                     EngineEvent::Done(c) => outcomes[i] = Some(Ok(c)),
                     EngineEvent::Error(e) => outcomes[i] = Some(Err(e.to_string())),
@@ -1299,12 +1336,21 @@ fn rating_view(r: &RatingSpec) -> RatingView {
     }
 }
 
+/// A reply in flight as a `state` frame shows it.
+struct Streaming {
+    view: MessageView,
+    /// Token frames its text already holds.
+    tokens: usize,
+    /// Its place in the engine's queue while it waits for a slot.
+    waiting: Option<usize>,
+}
+
 /// What the participant's page shows, from what is stored.
 fn view(
     conn: &mut DbConn,
     protocol: &Protocol,
     session: &Session,
-    streaming: Option<(MessageView, usize)>,
+    streaming: Option<Streaming>,
 ) -> Result<StateView, StudyError> {
     let messages = db::messages::list_for_session(conn, session.id)?;
     let candidates = if session.state == SessionState::Choosing {
@@ -1356,8 +1402,9 @@ fn view(
                 finish_reason: m.finish_reason,
             })
             .collect(),
-        streaming_tokens: streaming.as_ref().map_or(0, |(_, n)| *n),
-        streaming: streaming.map(|(view, _)| view),
+        streaming_tokens: streaming.as_ref().map_or(0, |s| s.tokens),
+        queued_ahead: streaming.as_ref().and_then(|s| s.waiting),
+        streaming: streaming.map(|s| s.view),
         document: DocumentView {
             rev: document.as_ref().map_or(0, |d| d.rev),
             content: document.map(|d| d.content).unwrap_or_default(),

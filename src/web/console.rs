@@ -21,7 +21,7 @@ use crate::results;
 
 /// Why a console request was refused.
 #[derive(Debug)]
-enum ConsoleError {
+pub(super) enum ConsoleError {
     /// Not logged in: go to the login page.
     Login,
     /// A form without a valid CSRF token.
@@ -74,7 +74,10 @@ fn page<T: Template>(t: &T) -> Page {
 }
 
 /// The logged-in researcher, or `Login`.
-async fn researcher(req: &HttpRequest, state: &AppState) -> Result<Researcher, ConsoleError> {
+pub(super) async fn researcher(
+    req: &HttpRequest,
+    state: &AppState,
+) -> Result<Researcher, ConsoleError> {
     let cookie = req.cookie(SESSION_COOKIE).ok_or(ConsoleError::Login)?;
     let (id, issued_ms) = state
         .console_key
@@ -448,12 +451,22 @@ struct BoxPlot {
 }
 
 /// A tick label in minutes, with a decimal when the whole axis is short.
+/// A tick of the minutes axis, with the decimals the axis needs: a pilot that took seconds gets
+/// ticks that differ (0.005, 0.011 …), a study that took an hour whole minutes.
 fn minutes_label(value: f64, longest: f64) -> String {
-    if longest < 10.0 {
-        format!("{value:.1}")
-    } else {
-        format!("{value:.0}")
-    }
+    let decimals = match longest {
+        l if l < 0.1 => 3,
+        l if l < 1.0 => 2,
+        l if l < 10.0 => 1,
+        _ => 0,
+    };
+    format!("{value:.decimals$}")
+}
+
+/// Minutes as a median with quartiles, to the hundredth below one minute.
+fn fmt_minutes(median: f64, q1: f64, q3: f64) -> String {
+    let d = if q3 < 1.0 { 2 } else { 1 };
+    format!("{median:.d$} [{q1:.d$}, {q3:.d$}]")
 }
 
 fn fmt_estimate(e: &Option<results::Estimate>) -> String {
@@ -516,9 +529,11 @@ fn result_views(
                     .iter()
                     .map(|k| fmt_estimate(a.periodic.get(k).unwrap_or(&None))),
             );
-            cells.push(a.minutes.as_ref().map_or("—".into(), |s| {
-                format!("{:.1} [{:.1}, {:.1}]", s.median, s.q1, s.q3)
-            }));
+            cells.push(
+                a.minutes
+                    .as_ref()
+                    .map_or("—".into(), |s| fmt_minutes(s.median, s.q1, s.q3)),
+            );
             cells.extend([&a.turns, &a.words, &a.assistant_tokens, &a.ttft_ms].map(fmt_estimate));
             ResultRow {
                 arm: a.arm.clone(),

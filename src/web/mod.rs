@@ -9,6 +9,7 @@ mod health;
 pub mod limits;
 pub mod openai;
 mod participant;
+mod preview;
 mod socket;
 
 use actix_web::http::header;
@@ -37,6 +38,10 @@ pub struct AppState {
     /// sha256 of the `/v1` API keys given at start (`COLLABLLM_API_KEYS`); keys made with
     /// `collabllm key add` are in the database.
     pub api_keys: Arc<Vec<String>>,
+    /// Where the participant pages of this state are: `""` (`/s/{slug}`), or the preview's root.
+    participant_root: &'static str,
+    /// Researchers' previews of studies, over a scratch database of their own.
+    preview: Arc<preview::Preview>,
 }
 
 impl AppState {
@@ -61,6 +66,8 @@ impl AppState {
             models_dir,
             limits: Arc::default(),
             api_keys: Arc::default(),
+            participant_root: "",
+            preview: Arc::default(),
         })
     }
 }
@@ -91,6 +98,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .service(
             web::scope("")
                 .wrap(security_headers())
+                .service(
+                    web::scope(preview::ROOT)
+                        .wrap(actix_web::middleware::from_fn(preview::guard))
+                        .service(participant::enter_study)
+                        .service(participant::show_session)
+                        .service(participant::submit_consent)
+                        .service(participant::submit_frames)
+                        .service(socket::connect_socket),
+                )
                 .service(health::get_healthz)
                 .service(health::get_home)
                 .service(openai::list_models)
@@ -110,6 +126,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .service(console::import_protocol)
                 .service(console::show_session)
                 .service(console::allow_handover)
+                .service(preview::start_preview)
                 .service(console::download_export),
         );
 }

@@ -329,6 +329,10 @@ fn sse(
         let mut generation = generation?;
         let out = match generation.next().await? {
             EngineEvent::Token(t) => meta.chunk(json!({"content": t}), None),
+            // An SSE comment: clients ignore it, and it keeps a waiting connection open.
+            EngineEvent::Queued { .. } | EngineEvent::Started => {
+                Bytes::from_static(b": waiting\n\n")
+            }
             EngineEvent::Done(c) => {
                 let mut out = meta
                     .chunk(json!({}), Some(c.finish_reason.as_str()))

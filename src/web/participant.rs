@@ -27,13 +27,29 @@ struct EntryQuery {
     prolific_session_id: Option<String>,
 }
 
-fn study_path(slug: &str) -> String {
-    format!("/s/{slug}")
+/// Names the arm a researcher's preview shows (set by the console's preview link).
+pub(super) const PREVIEW_ARM_COOKIE: &str = "collabllm_preview_arm";
+
+/// Where a study's participant pages are under `root` (`""`, or the preview's root).
+pub(super) fn participant_path(root: &str, slug: &str) -> String {
+    format!("{root}/s/{slug}")
 }
 
-fn session_cookie(req: &HttpRequest, slug: &str, token: String) -> Cookie<'static> {
+impl AppState {
+    fn study_path(&self, slug: &str) -> String {
+        participant_path(self.participant_root, slug)
+    }
+
+    /// Whether these are the pages of a researcher's preview.
+    fn is_preview(&self) -> bool {
+        self.participant_root == super::preview::ROOT
+    }
+}
+
+/// The cookie that holds a participant's session token, for the study's pages at `path` only.
+pub(super) fn session_cookie(req: &HttpRequest, path: &str, token: String) -> Cookie<'static> {
     Cookie::build(COOKIE, token)
-        .path(study_path(slug))
+        .path(path.to_string())
         .http_only(true)
         .same_site(SameSite::Lax)
         .secure(req.connection_info().scheme() == "https")
@@ -147,10 +163,11 @@ async fn enter_study(
     }
     // The marker tells the next page that a cookie was just set, so a browser that refuses
     // cookies gets an explanation instead of a redirect loop.
-    let mut response = see_other(format!("{}/p?entered=1", study_path(&slug)));
+    let path = state.study_path(&slug);
+    let mut response = see_other(format!("{path}/p?entered=1"));
     if let Some(token) = entry.new_token {
         response
-            .add_cookie(&session_cookie(&req, &slug, token))
+            .add_cookie(&session_cookie(&req, &path, token))
             .map_err(|e| ApiError::Internal(e.to_string()))?;
     }
     Ok(response)
@@ -160,7 +177,9 @@ async fn enter_study(
 #[template(path = "consent.html")]
 struct ConsentPage<'a> {
     title: &'a str,
-    slug: &'a str,
+    /// The study's participant path (the form posts under it).
+    path: &'a str,
+    preview: bool,
     /// The consent text's paragraphs, reflowed (see [`paragraphs`]).
     consent: Vec<String>,
 }
@@ -170,6 +189,9 @@ struct ConsentPage<'a> {
 struct WorkspacePage<'a> {
     title: &'a str,
     slug: &'a str,
+    /// The study's participant path (the socket and the closing beacon are under it).
+    path: &'a str,
+    preview: bool,
     /// The session's public id: names the browser's local drafts, opens nothing.
     session: &'a str,
 }
@@ -178,6 +200,7 @@ struct WorkspacePage<'a> {
 #[template(path = "done.html")]
 struct DonePage<'a> {
     title: &'a str,
+    preview: bool,
     outcome: &'a OutcomeSpec,
     redirect: Option<String>,
 }
@@ -211,7 +234,7 @@ async fn show_session(
                           and open the study link again.",
             });
         }
-        return Ok(see_other(study_path(&slug)));
+        return Ok(see_other(state.study_path(&slug)));
     };
     let Some((study, session)) = state.studio.session_for_token(slug.clone(), token).await? else {
         // The cookie names no session: the session moved to another browser (a new study link
@@ -224,10 +247,13 @@ async fn show_session(
         });
     };
     let protocol = state.studio.protocol_of(&session).await?;
+    let path = state.study_path(&slug);
+    let preview = state.is_preview();
     match session.state {
         SessionState::Consent => page(&ConsentPage {
             title: &study.title,
-            slug: &slug,
+            path: &path,
+            preview,
             consent: paragraphs(&protocol.consent.text),
         }),
         SessionState::Chatting
@@ -236,6 +262,8 @@ async fn show_session(
         | SessionState::Final => page(&WorkspacePage {
             title: &study.title,
             slug: &slug,
+            path: &path,
+            preview,
             session: &session.public_id,
         }),
         SessionState::Abandoned => page(&NoticePage {
@@ -246,6 +274,7 @@ async fn show_session(
             let outcome = outcome_of(&protocol, &session)?;
             page(&DonePage {
                 title: &study.title,
+                preview,
                 outcome,
                 redirect: outcome
                     .redirect
@@ -296,12 +325,17 @@ async fn submit_consent(
         .ok_or_else(|| {
             ApiError::Unauthorized("your session has expired; open the study link again".into())
         })?;
+    // Only a researcher's preview picks its arm.
+    let arm = req
+        .cookie(PREVIEW_ARM_COOKIE)
+        .map(|c| c.value().to_string())
+        .filter(|arm| state.is_preview() && !arm.is_empty());
     match form.decision.as_str() {
-        "agree" => state.studio.agree(session.id).await?,
+        "agree" => state.studio.agree_as(session.id, arm).await?,
         "decline" => state.studio.decline(session.id).await?,
         other => return Err(ApiError::BadRequest(format!("unknown decision {other:?}")).into()),
     };
-    Ok(see_other(format!("{}/p", study_path(&slug))))
+    Ok(see_other(format!("{}/p", state.study_path(&slug))))
 }
 
 /// Largest beacon body: the page's unacknowledged frames as it closes.

@@ -134,6 +134,19 @@ async fn has_attribute(client: &Client, css: &str, attribute: &str) -> bool {
         .is_some()
 }
 
+/// Sends a message from the page's own script: with a scripted engine's instant replies the chat
+/// re-renders while WebDriver would still hold an element of the old one.
+async fn send_by_script(client: &Client, text: &str) {
+    client
+        .execute(
+            "document.getElementById('input').value = arguments[0];
+             document.getElementById('composer').requestSubmit();",
+            vec![json!(text)],
+        )
+        .await
+        .unwrap();
+}
+
 async fn replies(client: &Client) -> usize {
     client
         .find_all(Locator::Css(".msg.assistant .insert"))
@@ -646,16 +659,7 @@ async fn replies_render_markdown_and_never_html() {
     let profile = tempfile::tempdir().unwrap();
     let client = chromium(&driver, profile.path()).await;
     consent(&client, &server.url("/s/quick-pilot")).await;
-    // Driven from the page's script: the instant replies re-render the chat while WebDriver would
-    // still hold an element of the old one.
-    client
-        .execute(
-            "document.getElementById('input').value = 'a note for Jo';
-             document.getElementById('composer').requestSubmit();",
-            vec![],
-        )
-        .await
-        .unwrap();
+    send_by_script(&client, "a note for Jo").await;
     wait_for(&client, "document.querySelector('.msg.assistant .insert')").await;
     wait_for(
         &client,
@@ -695,5 +699,160 @@ async fn replies_render_markdown_and_never_html() {
         .await
         .unwrap();
     assert_eq!(document, json!(reply));
+    client.close().await.unwrap();
+}
+
+/// Runs axe-core's WCAG 2.1 A and AA rules on the page as it is now and fails with each
+/// violation: the rule, its impact and the elements. axe-core is installed by `scripts/setup
+/// --tests` (npm, pinned in `tests/browser/package.json`).
+async fn assert_accessible(client: &Client, what: &str) {
+    let path = repo_root().join("tests/browser/node_modules/axe-core/axe.min.js");
+    let axe = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; run scripts/setup --tests, which installs axe-core",
+            path.display()
+        )
+    });
+    client
+        .execute(&format!("{axe}\nreturn typeof axe;"), vec![])
+        .await
+        .unwrap();
+    let violations = client
+        .execute_async(
+            r#"const done = arguments[arguments.length - 1];
+               axe.run(document, { runOnly: { type: "tag", values: ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa"] } })
+                 .then((r) => done(r.violations.map((v) => ({
+                   rule: v.id, impact: v.impact, help: v.help,
+                   elements: v.nodes.map((n) => n.target.join(" ")),
+                 }))))
+                 .catch((e) => done([{ rule: "axe failed", help: String(e) }]));"#,
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        violations,
+        json!([]),
+        "{what} fails the accessibility check:\n{violations:#}"
+    );
+}
+
+/// Every page a participant or a researcher sees passes an automated accessibility check (axe-core,
+/// WCAG 2.1 AA): consent, the workspace with a reply, the rating and final dialogs, the completion
+/// code, and the console's login, home and study pages (whose screenshot the README shows).
+#[tokio::test(flavor = "multi_thread")]
+async fn participant_and_console_pages_pass_an_accessibility_check() {
+    let engine = std::sync::Arc::new(crate::common::ScriptedEngine::new(|_| {
+        "Here is a draft:\n\n**Dear Jo,** thank you for the *tomatoes*.\n\n- one\n- two".into()
+    }));
+    let db = TestDb::sqlite();
+    let loaded = crate::common::protocol("quick-pilot.toml");
+    let state = crate::common::scripted_state(&db, &loaded, engine);
+    crate::common::add_researcher(&state.pool);
+    let server = TestServer::start(state);
+    let driver = Driver::start();
+    let profile = tempfile::tempdir().unwrap();
+    let client = chromium(&driver, profile.path()).await;
+
+    // Four participants with different ratings, so the console has results to show; the
+    // first one's pages are checked.
+    for participant in 0..4 {
+        let first = participant == 0;
+        client
+            .goto(&server.url(&format!("/s/quick-pilot?PROLIFIC_PID=a11y-{participant}")))
+            .await
+            .unwrap();
+        wait_for(&client, "document.getElementById('agree')").await;
+        if first {
+            assert_accessible(&client, "the consent page").await;
+        }
+        click(&client, "#agree").await;
+        wait_for(
+            &client,
+            "document.getElementById('connection')?.textContent === 'Connected'",
+        )
+        .await;
+        for turn in 1..=2 {
+            send_by_script(&client, "a note for Jo").await;
+            wait_for(&client, "!document.getElementById('rating').hidden").await;
+            if first && turn == 1 {
+                assert_accessible(&client, "the workspace with a rating due").await;
+            }
+            let value = 4 + (participant + 2 * turn) % 6;
+            client
+                .execute(
+                    &format!(
+                        "document.querySelector('#rating [data-value=\"{value}\"]').click();
+                         document.getElementById('rating-submit').click();"
+                    ),
+                    vec![],
+                )
+                .await
+                .unwrap();
+            wait_for(&client, "document.getElementById('rating').hidden").await;
+        }
+        wait_for(&client, "!document.getElementById('finish').disabled").await;
+        if first {
+            assert_accessible(&client, "the workspace after two turns").await;
+        }
+        click(&client, "#finish").await;
+        wait_for(&client, "!document.getElementById('final').hidden").await;
+        if first {
+            assert_accessible(&client, "the final questions").await;
+        }
+        let value = 6 + participant;
+        client
+            .execute(
+                &format!(
+                    "for (const q of document.querySelectorAll('#final .scale')) q.querySelector('[data-value=\"{value}\"]').click();
+                     document.getElementById('final-submit').click();"
+                ),
+                vec![],
+            )
+            .await
+            .unwrap();
+        wait_for(&client, "!document.getElementById('completed').hidden").await;
+        if first {
+            assert_accessible(&client, "the completion code").await;
+        }
+    }
+
+    client.goto(&server.url("/console/login")).await.unwrap();
+    assert_accessible(&client, "the console login").await;
+    client
+        .execute(
+            "document.querySelector('[name=name]').value = 'ada';
+             document.querySelector('[name=password]').value = 'lovelace-1815';
+             document.querySelector('form').submit();",
+            vec![],
+        )
+        .await
+        .unwrap();
+    wait_for(
+        &client,
+        "document.querySelector('form[action=\"/console/studies/import\"]')",
+    )
+    .await;
+    assert_accessible(&client, "the console home").await;
+    client
+        .goto(&server.url("/console/studies/quick-pilot"))
+        .await
+        .unwrap();
+    wait_for(&client, "document.getElementById('results-sessions')").await;
+    assert_accessible(&client, "the console's study page").await;
+    client
+        .execute(
+            "document.getElementById('live-results').scrollIntoView();",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let png = client.screenshot().await.unwrap();
+    let shot = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("console-study.png");
+    std::fs::write(&shot, png).unwrap();
+    // The page updates its tables in place, which the researcher can pause.
+    wait_for(&client, "!document.getElementById('live-toggle').hidden").await;
+    click(&client, "#live-toggle").await;
+    assert!(has_attribute(&client, "#live-toggle[aria-pressed=true]", "id").await);
     client.close().await.unwrap();
 }

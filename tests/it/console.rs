@@ -104,12 +104,7 @@ async fn seeded(db: &TestDb) -> (TestServer, String) {
     let pool = db.pool();
     let mut conn = pool.get().unwrap();
     db::studies::import(&mut conn, &protocol("quick-pilot.toml")).unwrap();
-    db::researchers::set(
-        &mut conn,
-        "ada",
-        &auth::hash_password("lovelace-1815").unwrap(),
-    )
-    .unwrap();
+    crate::common::add_researcher(&pool);
     let state = AppState::new(pool.clone(), Engines::new(), crate::common::models_dir()).unwrap();
     let session = {
         let entry = state
@@ -211,6 +206,10 @@ fn routes(session: &str) -> Vec<(&'static str, String, &'static str)> {
             "/console/studies/import".into(),
             "protocol=x&csrf=x",
         ),
+        ("GET", "/console/studies/quick-pilot/preview".into(), ""),
+        ("GET", "/console/preview/s/quick-pilot".into(), ""),
+        ("GET", "/console/preview/s/quick-pilot/p".into(), ""),
+        ("GET", "/console/preview/s/quick-pilot/ws".into(), ""),
     ]
 }
 
@@ -438,12 +437,7 @@ async fn results_per_arm_are_computed_and_plotted() {
     let pool = db.pool();
     let loaded = protocol("doc-cocreation.toml");
     db::studies::import(&mut pool.get().unwrap(), &loaded).unwrap();
-    db::researchers::set(
-        &mut pool.get().unwrap(),
-        "ada",
-        &auth::hash_password("lovelace-1815").unwrap(),
-    )
-    .unwrap();
+    crate::common::add_researcher(&pool);
     let state = AppState::new(pool.clone(), Engines::new(), crate::common::models_dir()).unwrap();
     // Six people, and two simulated participants the results of people must leave out.
     for i in 0..8 {
@@ -722,3 +716,147 @@ async fn the_latest_evaluation_is_shown(db: TestDb) {
 }
 
 crate::on_both_backends_async!(the_latest_evaluation_is_shown);
+
+/// A researcher tries the study as a participant sees it, with the arm they pick: consent, the
+/// workspace and a reply over the real websocket, all under the console's login, and nothing of
+/// it reaches the study's database.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_preview_shows_the_study_and_records_nothing() {
+    let db = TestDb::sqlite();
+    let loaded = protocol("doc-cocreation.toml");
+    // The reply names the arm's system prompt, so the test sees which arm answered.
+    let engine = std::sync::Arc::new(crate::common::ScriptedEngine::new(|r| {
+        format!("prompt: {}", r.messages[0].content)
+    }));
+    let state = crate::common::scripted_state(&db, &loaded, engine);
+    let pool = state.pool.clone();
+    crate::common::add_researcher(&pool);
+    let server = TestServer::start(state);
+    let mut client = Client::new(&server);
+    client.login("ada", "lovelace-1815").await;
+    let study = client.get("/console/studies/doc-cocreation").await.body;
+    assert!(
+        study.contains("href=\"/console/studies/doc-cocreation/preview?arm=collabllm\""),
+        "{study}"
+    );
+
+    let unknown = client
+        .get("/console/studies/doc-cocreation/preview?arm=nobody")
+        .await;
+    assert_eq!(unknown.status, 404);
+    let start = client
+        .get("/console/studies/doc-cocreation/preview?arm=collabllm")
+        .await;
+    assert_eq!(
+        (start.status, start.location.as_str()),
+        (303, "/console/preview/s/doc-cocreation/p")
+    );
+    let consent = client.get("/console/preview/s/doc-cocreation/p").await.body;
+    assert!(consent.contains("nothing here is recorded"), "{consent}");
+    assert!(consent.contains("action=\"/console/preview/s/doc-cocreation/consent\""));
+    let agreed = client
+        .post(
+            "/console/preview/s/doc-cocreation/consent",
+            "decision=agree",
+        )
+        .await;
+    assert_eq!(agreed.location, "/console/preview/s/doc-cocreation/p");
+    let workspace = client.get("/console/preview/s/doc-cocreation/p").await.body;
+    assert!(workspace.contains("data-path=\"/console/preview/s/doc-cocreation\""));
+
+    let cookies: Vec<String> = client
+        .cookies
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let mut ws = crate::participant::Socket::connect_to(
+        &format!("ws://{}/console/preview/s/doc-cocreation/ws", server.addr),
+        Some(&cookies.join("; ")),
+    )
+    .await;
+    let collabllm_prompt = &loaded
+        .protocol
+        .arms
+        .iter()
+        .find(|a| a.id == "collabllm")
+        .unwrap()
+        .system_prompt;
+    assert!(matches!(
+        ws.hello().await,
+        collabllm::study::frames::ServerFrame::State(_)
+    ));
+    let reply = ws.chat("Help me write a toast.").await;
+    let head: String = collabllm_prompt.chars().take(80).collect();
+    assert!(
+        reply.contains(&head),
+        "the preview answers with the arm picked: {reply}"
+    );
+
+    // The study's own database has no participant, session or draw of the preview.
+    let mut conn = pool.get().unwrap();
+    let study = db::studies::find_by_slug(&mut conn, "doc-cocreation")
+        .unwrap()
+        .unwrap();
+    let version = db::studies::current_version(&mut conn, study.id).unwrap();
+    assert!(db::sessions::list_for_version(&mut conn, version.id)
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        db::assignments::count_for_version(&mut conn, version.id, false).unwrap(),
+        0
+    );
+    // The preview's session cookie opens nothing in the study.
+    let token = client.cookies["collabllm_session"].clone();
+    let mut participant = Client::new(&server);
+    participant
+        .cookies
+        .insert("collabllm_session".into(), token);
+    let page = participant.get("/s/doc-cocreation/p").await.body;
+    assert!(!page.contains("data-session"), "{page}");
+}
+
+/// The engine table says what each engine is doing now: slots in use, requests waiting by class,
+/// the share of prompt tokens reused, and whether it had to be restarted.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_engine_table_shows_slots_queues_and_prompt_reuse() {
+    let db = TestDb::sqlite();
+    let engine = crate::common::ScriptedEngine::new(|_| "unused".into()).reporting(
+        collabllm::engine::EngineStatus {
+            running: true,
+            restarts: 1,
+            slots: 8,
+            active: 3,
+            queued: 7,
+            queued_by_priority: [2, 1, 4],
+            prompt_tokens_processed: 250,
+            prompt_tokens_reused: 750,
+            caches_restored: 5,
+            ..Default::default()
+        },
+    );
+    let state = crate::common::scripted_state(
+        &db,
+        &protocol("quick-pilot.toml"),
+        std::sync::Arc::new(engine),
+    );
+    crate::common::add_researcher(&state.pool);
+    let server = TestServer::start(state);
+    let mut client = Client::new(&server);
+    client.login("ada", "lovelace-1815").await;
+    for page in ["/console", "/console/studies/quick-pilot"] {
+        let body = client.get(page).await.body;
+        let row = body
+            .split("<tr>")
+            .find(|r| r.contains("<td>scripted</td>"))
+            .unwrap_or_else(|| panic!("{page} has no engine row: {body}"));
+        for shown in [
+            "restarted 1×",
+            "3 of 8",
+            "2 / 1 / 4",
+            "250 / 750 (75% reused)",
+            "<td>5</td>",
+        ] {
+            assert!(row.contains(shown), "{page}: {shown:?} missing from {row}");
+        }
+    }
+}

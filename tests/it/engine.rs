@@ -67,6 +67,7 @@ async fn collect(mut generation: Generation) -> (Vec<String>, Result<Completion,
     while let Some(event) = generation.next().await {
         match event {
             EngineEvent::Token(t) => pieces.push(t),
+            EngineEvent::Queued { .. } | EngineEvent::Started => {}
             EngineEvent::Done(c) => return (pieces, Ok(c)),
             EngineEvent::Error(e) => return (pieces, Err(e)),
         }
@@ -350,6 +351,44 @@ async fn a_participant_goes_before_work_queued_earlier() {
     .await;
     api.finish().await.unwrap();
     background.finish().await.unwrap();
+}
+
+/// What a generation told its caller before its first token: its places in line, then whether
+/// it said it started.
+async fn places_before_first_token(generation: &mut Generation) -> (Vec<usize>, bool) {
+    let mut places = Vec::new();
+    loop {
+        match generation.next().await {
+            Some(EngineEvent::Queued { ahead }) => places.push(ahead),
+            Some(EngineEvent::Started) => return (places, true),
+            Some(EngineEvent::Token(_)) => return (places, false),
+            other => panic!("expected a place or a token, got {other:?}"),
+        }
+    }
+}
+
+/// Participants waiting for the only slot are told their place as it moves up and when their
+/// reply starts; one that never waited is told nothing.
+#[tokio::test]
+async fn waiting_participants_are_told_their_place_in_line() {
+    let engine = engine(1, 4096);
+    let mut running = engine.start(long_request(Priority::Participant)).unwrap();
+    wait_for(&engine, "the first request runs", |s| s.active == 1).await;
+    let mut first = engine.start(chat("Say one word.", greedy(4))).unwrap();
+    let mut second = engine.start(chat("Say one word.", greedy(4))).unwrap();
+    wait_for(&engine, "two participants wait", |s| s.queued == 2).await;
+    assert_eq!(
+        places_before_first_token(&mut running).await,
+        (vec![], false)
+    );
+    running.cancel();
+    assert_eq!(places_before_first_token(&mut first).await, (vec![0], true));
+    assert_eq!(
+        places_before_first_token(&mut second).await,
+        (vec![1, 0], true)
+    );
+    first.finish().await.unwrap();
+    second.finish().await.unwrap();
 }
 
 /// A full queue answers "busy" at once instead of making the caller wait without end.

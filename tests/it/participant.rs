@@ -105,15 +105,18 @@ pub struct Socket {
 impl Socket {
     /// Connects to the server at `host` (`host:port`) as a browser with this session cookie.
     pub async fn connect(host: &str, slug: &str, token: Option<&str>) -> Self {
+        let cookie = token.map(|token| format!("collabllm_session={token}"));
+        Self::connect_to(&format!("ws://{host}/s/{slug}/ws"), cookie.as_deref()).await
+    }
+
+    /// Connects to the websocket at `url` with this `cookie` header.
+    pub async fn connect_to(url: &str, cookie: Option<&str>) -> Self {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let mut request = format!("ws://{host}/s/{slug}/ws")
-            .into_client_request()
-            .unwrap();
-        if let Some(token) = token {
-            request.headers_mut().insert(
-                "cookie",
-                format!("collabllm_session={token}").parse().unwrap(),
-            );
+        let mut request = url.into_client_request().unwrap();
+        if let Some(cookie) = cookie {
+            request
+                .headers_mut()
+                .insert("cookie", cookie.parse().unwrap());
         }
         let (ws, _) = tokio_tungstenite::connect_async(request)
             .await
@@ -1661,4 +1664,64 @@ async fn a_stopped_reply_is_kept_but_is_not_a_turn() {
         (MessageRole::Assistant, "Partial", Some("cancelled"))
     );
     assert!(!s.can_finish);
+}
+
+/// A reply that waits for the engine tells the participant its place in line as it moves up,
+/// again after a reconnect, and says when it is being written.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_queued_reply_shows_its_place_in_line() {
+    let db = TestDb::sqlite();
+    let engine = crate::common::ScriptedEngine::holding(
+        |_| "Here is a draft.".into(),
+        |r| {
+            r.messages
+                .last()
+                .is_some_and(|m| m.content == "wait in line")
+        },
+    )
+    .waiting_in_line(vec![2, 1, 0]);
+    let loaded = crate::common::protocol("quick-pilot.toml");
+    let server = TestServer::start(crate::common::scripted_state(
+        &db,
+        &loaded,
+        std::sync::Arc::new(engine),
+    ));
+    let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-queue").await;
+    let places = |frames: &[ServerFrame]| -> Vec<Option<usize>> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                ServerFrame::Queued { ahead, .. } => Some(*ahead),
+                _ => None,
+            })
+            .collect()
+    };
+
+    ws.say("wait in line").await;
+    let (last, before) = ws
+        .until(|f| matches!(f, ServerFrame::Queued { ahead: Some(0), .. }))
+        .await;
+    let mut seen = places(&before);
+    seen.extend(places(&[last]));
+    assert_eq!(seen, [Some(2), Some(1), Some(0)]);
+    let s = state_of(ws.hello().await);
+    assert_eq!(s.queued_ahead, Some(0), "a reconnect shows the place");
+    assert_eq!(s.streaming.map(|m| m.content), Some(String::new()));
+    let stop = ws.next_seq();
+    ws.send(&ClientFrame::Stop { client_seq: stop }).await;
+    ws.until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
+        .await;
+
+    ws.say("write it").await;
+    let (_, before) = ws.until(|f| matches!(f, ServerFrame::Token { .. })).await;
+    assert_eq!(
+        places(&before),
+        [Some(2), Some(1), Some(0), None],
+        "the place counts down, then the reply is being written"
+    );
+    let (_, rest) = ws
+        .until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
+        .await;
+    assert!(places(&rest).is_empty());
+    assert_eq!(state_of(ws.hello().await).queued_ahead, None);
 }

@@ -391,7 +391,7 @@ fn serve_as_an_arm(dir: &Path, adapter: &Path) {
             match event {
                 EngineEvent::Done(c) => return c,
                 EngineEvent::Error(e) => panic!("{e}"),
-                EngineEvent::Token(_) => {}
+                EngineEvent::Token(_) | EngineEvent::Queued { .. } | EngineEvent::Started => {}
             }
         }
         panic!("the generation ended without a result")

@@ -423,6 +423,7 @@ impl Engine for LlamaEngine {
                     events,
                     cancel,
                     arrived: Instant::now(),
+                    reported_ahead: None,
                 });
                 Ok(generation)
             })

@@ -44,6 +44,8 @@ pub(crate) struct Job {
     pub events: mpsc::UnboundedSender<EngineEvent>,
     pub cancel: Arc<AtomicBool>,
     pub arrived: Instant,
+    /// The place last reported to the caller ([`EngineEvent::Queued`]).
+    pub reported_ahead: Option<usize>,
 }
 
 impl Job {
@@ -254,6 +256,7 @@ impl<'m> Worker<'m> {
             }
             self.drop_cancelled_queued();
             self.admit();
+            self.report_places();
             self.cancel_active();
             let generated = self.step(&mut batch);
             self.publish(generated);
@@ -345,6 +348,9 @@ impl<'m> Worker<'m> {
             let Some(job) = self.take_from_queue() else {
                 break;
             };
+            if job.reported_ahead.is_some() {
+                let _ = job.events.send(EngineEvent::Started);
+            }
             let prompt = match self.render(&job.request) {
                 Ok(p) => p,
                 Err(e) => {
@@ -358,6 +364,20 @@ impl<'m> Worker<'m> {
                 Ok(Some(leader)) => leaders.push(leader),
                 Ok(None) => {}
                 Err(e) => tracing::debug!(error = %e, "request rejected"),
+            }
+        }
+    }
+
+    /// Tells each participant's waiting request its place when it changed. Participants are
+    /// admitted first, first come first served, so the place is the index in their queue.
+    fn report_places(&mut self) {
+        for (ahead, job) in self.queues[Priority::Participant.index()]
+            .iter_mut()
+            .enumerate()
+        {
+            if job.reported_ahead != Some(ahead) {
+                job.reported_ahead = Some(ahead);
+                let _ = job.events.send(EngineEvent::Queued { ahead });
             }
         }
     }

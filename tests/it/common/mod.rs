@@ -217,6 +217,20 @@ pub fn state_with_model(db: &TestDb) -> AppState {
 
 /// Engines whose default model (every arm, the simulator and the judge of the shipped protocols)
 /// is `engine`: nothing loads llama.cpp.
+/// The researcher the console tests log in as.
+pub const RESEARCHER: (&str, &str) = ("ada", "lovelace-1815");
+
+/// Adds [`RESEARCHER`] to the database.
+pub fn add_researcher(pool: &DbPool) {
+    let (name, password) = RESEARCHER;
+    db::researchers::set(
+        &mut pool.get().expect("conn"),
+        name,
+        &collabllm::web::auth::hash_password(password).expect("hash"),
+    )
+    .expect("researcher");
+}
+
 pub fn scripted_engines(engine: std::sync::Arc<ScriptedEngine>) -> Engines {
     let engines = Engines::new();
     engines.insert(
@@ -279,6 +293,10 @@ pub struct ScriptedEngine {
     reply: Box<dyn Fn(&ChatRequest) -> String + Send + Sync>,
     /// Requests for which `hold` says so never finish unless stopped.
     hold: Box<dyn Fn(&ChatRequest) -> bool + Send + Sync>,
+    /// Places in the queue every request reports before it is written.
+    places: Vec<usize>,
+    /// What `status` reports besides the name.
+    status: EngineStatus,
     pub requests: std::sync::atomic::AtomicUsize,
 }
 
@@ -297,8 +315,26 @@ impl ScriptedEngine {
         Self {
             reply: Box::new(reply),
             hold: Box::new(hold),
+            places: Vec::new(),
+            status: EngineStatus {
+                running: true,
+                ..Default::default()
+            },
             requests: Default::default(),
         }
+    }
+
+    /// Every request first waits in line at these places, as on a busy engine; a held one stays
+    /// in line (at the last place) until it is stopped.
+    pub fn waiting_in_line(mut self, places: Vec<usize>) -> Self {
+        self.places = places;
+        self
+    }
+
+    /// Reports this load (slots, queues, counters) as its status.
+    pub fn reporting(mut self, status: EngineStatus) -> Self {
+        self.status = status;
+        self
     }
 }
 
@@ -307,14 +343,28 @@ impl Engine for ScriptedEngine {
         self.requests
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let (generation, events, cancel) = Generation::channel();
-        if (self.hold)(&request) {
-            let _ = events.send(EngineEvent::Token("Partial".into()));
+        for &ahead in &self.places {
+            let _ = events.send(EngineEvent::Queued { ahead });
+        }
+        let held = (self.hold)(&request);
+        if !self.places.is_empty() && !held {
+            let _ = events.send(EngineEvent::Started);
+        }
+        if held {
+            let partial = if self.places.is_empty() {
+                "Partial"
+            } else {
+                ""
+            };
+            if !partial.is_empty() {
+                let _ = events.send(EngineEvent::Token(partial.into()));
+            }
             std::thread::spawn(move || {
                 while !events.is_closed() {
                     if cancel.load(std::sync::atomic::Ordering::Relaxed) {
                         let _ = events.send(EngineEvent::Done(Completion {
-                            text: "Partial".into(),
-                            generated_tokens: 1,
+                            text: partial.into(),
+                            generated_tokens: u32::from(!partial.is_empty()),
                             finish_reason: FinishReason::Cancelled,
                             prompt_tokens: 0,
                             prompt_tokens_processed: 0,
@@ -348,8 +398,7 @@ impl Engine for ScriptedEngine {
         EngineStatus {
             model: "scripted".into(),
             backend: "scripted",
-            running: true,
-            ..Default::default()
+            ..self.status.clone()
         }
     }
 
