@@ -156,7 +156,7 @@ pub fn per_arm(
                 .iter()
                 .filter(|m| m.role == MessageRole::Assistant)
                 .collect();
-            turns.push(replies.len() as f64);
+            turns.push(messages.iter().filter(|m| m.is_turn()).count() as f64);
             tokens.push(
                 replies
                     .iter()

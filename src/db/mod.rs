@@ -31,7 +31,7 @@ use std::time::Duration;
 
 use diesel::connection::SimpleConnection;
 use diesel::pg::PgConnection;
-use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool, PooledConnection};
+use diesel::r2d2::{ConnectionManager, CustomizeConnection, Pool};
 use diesel::sqlite::SqliteConnection;
 use diesel::Connection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
@@ -44,7 +44,6 @@ pub enum DbConn {
 }
 
 pub type DbPool = Pool<ConnectionManager<DbConn>>;
-pub type PooledConn = PooledConnection<ConnectionManager<DbConn>>;
 
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
@@ -190,7 +189,7 @@ pub fn migrate(conn: &mut DbConn) -> DbResult<Vec<String>> {
     Ok(applied.iter().map(|v| v.to_string()).collect())
 }
 
-/// Reverts every applied migration (used by the migration round-trip test and `migrate --down`).
+/// Reverts every applied migration (used by the migration round-trip test).
 pub fn revert_all(conn: &mut DbConn) -> DbResult<()> {
     match conn {
         DbConn::Sqlite(c) => c.revert_all_migrations(SQLITE_MIGRATIONS).map(drop),

@@ -124,6 +124,15 @@ pub struct Message {
     pub policy_json: Option<String>,
 }
 
+impl Message {
+    /// Whether this message completes a turn: an assistant reply the participant did not stop
+    /// (finish reason `cancelled`). Stopping is no way to reach the protocol's minimum of turns,
+    /// and pages, console, results and exports all count turns this way.
+    pub fn is_turn(&self) -> bool {
+        self.role == MessageRole::Assistant && self.finish_reason.as_deref() != Some("cancelled")
+    }
+}
+
 /// A message to append; `seq` is assigned by [`super::messages::append`].
 #[derive(Debug, Clone)]
 pub struct NewMessage<'a> {

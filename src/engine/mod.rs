@@ -371,18 +371,6 @@ impl Generation {
         }
         Err(EngineError::Stopped)
     }
-
-    /// [`Generation::finish`] for threads outside the async runtime.
-    pub fn finish_blocking(mut self) -> Result<Completion, EngineError> {
-        while let Some(event) = self.events.blocking_recv() {
-            match event {
-                EngineEvent::Token(_) | EngineEvent::Queued { .. } | EngineEvent::Started => {}
-                EngineEvent::Done(c) => return Ok(c),
-                EngineEvent::Error(e) => return Err(e),
-            }
-        }
-        Err(EngineError::Stopped)
-    }
 }
 
 impl Drop for Generation {

@@ -407,7 +407,11 @@ pub fn export(
             "number",
             "seconds from entry to the end (or to the last activity)",
         ),
-        col("turns", "integer", "assistant replies"),
+        col(
+            "turns",
+            "integer",
+            "completed turns: assistant replies, not counting those the participant stopped",
+        ),
         col(
             "user_words",
             "integer",
@@ -623,7 +627,7 @@ pub fn export(
                 "{:.3}",
                 (end - s.started_at).num_milliseconds() as f64 / 1000.0
             ),
-            replies.len().to_string(),
+            messages.iter().filter(|m| m.is_turn()).count().to_string(),
             messages
                 .iter()
                 .filter(|m| m.role == MessageRole::User)

@@ -25,7 +25,7 @@ use crate::db::sessions::Applied;
 use crate::db::vocab::{CandidateSource, MessageRole, Outcome, RevisionAuthor, SessionState};
 use crate::db::{self, DbConn, DbError};
 use crate::engine::registry::engine_name;
-use crate::engine::{ChatMessage, ChatRequest, Completion, EngineEvent, FinishReason, Role};
+use crate::engine::{ChatMessage, ChatRequest, Completion, EngineEvent, Role};
 use crate::protocol::{Protocol, RatingSpec};
 use crate::throttle::Throttle;
 
@@ -1229,16 +1229,9 @@ fn clamp_i32(v: u64) -> i32 {
     i32::try_from(v).unwrap_or(i32::MAX)
 }
 
-/// Completed turns: assistant replies, but not those the participant stopped (stopping is no
-/// way to reach the protocol's minimum of turns).
+/// Completed turns ([`Message::is_turn`]).
 fn assistant_turns(messages: &[Message]) -> i32 {
-    messages
-        .iter()
-        .filter(|m| {
-            m.role == MessageRole::Assistant
-                && m.finish_reason.as_deref() != Some(FinishReason::Cancelled.as_str())
-        })
-        .count() as i32
+    messages.iter().filter(|m| m.is_turn()).count() as i32
 }
 
 /// Periodic ratings due after `turn` that are not recorded yet.

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::auth::{self, ConsoleKey, CSRF_COOKIE, SESSION_COOKIE};
 use super::{render, see_other, ApiError, AppState};
 use crate::db::researchers::Researcher;
-use crate::db::vocab::{MessageRole, RevisionAuthor, SessionState};
+use crate::db::vocab::{RevisionAuthor, SessionState};
 use crate::db::{self, DbConn};
 use crate::engine::EngineStatus;
 use crate::export;
@@ -825,10 +825,7 @@ fn study_overview(
             participant: participant_label(&db::participants::get(conn, s.participant_id)?),
             arm: arm.map(|a| a.name.clone()).unwrap_or_else(|| "—".into()),
             state: s.state,
-            turns: messages
-                .iter()
-                .filter(|m| m.role == MessageRole::Assistant)
-                .count(),
+            turns: messages.iter().filter(|m| m.is_turn()).count(),
             words: document.map_or(0, |d| d.content.split_whitespace().count()),
             minutes: format!("{:.1}", (end - s.started_at).num_seconds() as f64 / 60.0),
             last_activity: export::timestamp(&s.last_activity_at),

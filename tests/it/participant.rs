@@ -1664,6 +1664,25 @@ async fn a_stopped_reply_is_kept_but_is_not_a_turn() {
         (MessageRole::Assistant, "Partial", Some("cancelled"))
     );
     assert!(!s.can_finish);
+    // The export counts turns the same way.
+    let dir = tempfile::tempdir().unwrap();
+    collabllm::export::csv::export(
+        &mut db.pool().get().unwrap(),
+        "quick-pilot",
+        &Default::default(),
+        dir.path(),
+        &|_, _| {},
+    )
+    .unwrap();
+    let mut sessions = csv::Reader::from_path(dir.path().join("sessions.csv")).unwrap();
+    let turns = sessions
+        .headers()
+        .unwrap()
+        .iter()
+        .position(|h| h == "turns")
+        .unwrap();
+    let row = sessions.records().next().unwrap().unwrap();
+    assert_eq!(&row[turns], "0");
 }
 
 /// A reply that waits for the engine tells the participant its place in line as it moves up,
