@@ -131,16 +131,14 @@ impl Row {
     }
 }
 
-/// sha256 of what shapes a conversation; rows of another configuration are not resumed.
+/// sha256 of what shapes a conversation (the rollout identity the pairs use too, which includes
+/// the document limit the simulator and judge read); rows of another configuration are not resumed.
 fn config_sha256(roles: &Roles, policy: &Policy, task: &EvalTask, options: &EvalOptions) -> String {
     let config = json!({
         "seed": options.seed,
         "max_turns": options.max_turns,
         "task": [task.id, task.task.instructions, task.goal.intent, task.goal.document],
-        "simulator": [roles.simulator.fingerprint(), &roles.spec.simulator_sampling],
-        "judge": [roles.judge.fingerprint(), &roles.spec.judge_sampling],
-        "prompts": roles.prompts.sha256(),
-        "policy": [policy.engine.fingerprint(), &policy.arm.system_prompt, &policy.arm.sampling],
+        "rollout": super::rollout_identity(roles, policy),
     });
     sha256_hex(config.to_string().as_bytes())
 }

@@ -264,6 +264,22 @@ async fn a_stopped_evaluation_resumes_without_redoing_finished_conversations() {
     .await
     .unwrap();
     assert!(s.engine.requests.load(Ordering::SeqCst) >= before + 6 * 3);
+    // Another document limit changes what the simulator and the judge read: done again too.
+    let before = s.engine.requests.load(Ordering::SeqCst);
+    let mut roles = s.roles.clone();
+    roles.spec.max_document_chars += 1;
+    evaluate::run(
+        &roles,
+        &s.policies,
+        &s.tasks,
+        &options(),
+        dir.path(),
+        None,
+        &|_, _| {},
+    )
+    .await
+    .unwrap();
+    assert!(s.engine.requests.load(Ordering::SeqCst) >= before + 6 * 3);
 }
 
 #[tokio::test]
