@@ -635,7 +635,8 @@ function showCompleted(c) {
   el("completed-message").textContent = c.message;
   el("completion-code").textContent = c.code;
   const link = el("completion-link");
-  if (c.redirect) {
+  // A researcher's preview goes back to no study platform.
+  if (c.redirect && !app.dataset.preview) {
     link.href = c.redirect;
     link.hidden = false;
   }

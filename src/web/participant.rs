@@ -276,9 +276,11 @@ async fn show_session(
                 title: &study.title,
                 preview,
                 outcome,
+                // A researcher's preview goes back to no study platform.
                 redirect: outcome
                     .redirect
                     .as_ref()
+                    .filter(|_| !preview)
                     .map(|r| r.replace("{code}", &outcome.code)),
             })
         }

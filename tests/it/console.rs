@@ -813,6 +813,17 @@ async fn a_preview_shows_the_study_and_records_nothing() {
         .insert("collabllm_session".into(), token);
     let page = participant.get("/s/doc-cocreation/p").await.body;
     assert!(!page.contains("data-session"), "{page}");
+    // A preview that declines ends on the end page, without the link back to Prolific.
+    client.get("/console/studies/doc-cocreation/preview").await;
+    client
+        .post(
+            "/console/preview/s/doc-cocreation/consent",
+            "decision=decline",
+        )
+        .await;
+    let done = client.get("/console/preview/s/doc-cocreation/p").await.body;
+    assert!(done.contains("CLLM-NOCONSENT-4K8P"), "{done}");
+    assert!(!done.contains("prolific.com"), "{done}");
 }
 
 /// The engine table says what each engine is doing now: slots in use, requests waiting by class,
