@@ -970,25 +970,18 @@ impl Studio {
                             candidate,
                         });
                     }
-                    EngineEvent::Queued { ahead } => {
-                        let mut reply = live.reply.lock().expect("reply lock");
-                        let Some(r) = reply.as_mut() else { continue };
-                        r.ahead[i] = Some(ahead);
-                        let _ = live.events.send(ServerFrame::Queued {
-                            msg_seq,
-                            ahead: r.waiting(),
-                        });
-                    }
-                    EngineEvent::Started => {
+                    EngineEvent::Queued { .. } | EngineEvent::Started => {
+                        let place = match event {
+                            EngineEvent::Queued { ahead } => Some(ahead),
+                            _ => None,
+                        };
                         let mut reply = live.reply.lock().expect("reply lock");
                         let Some(r) = reply.as_mut() else { continue };
                         let was = r.waiting();
-                        r.ahead[i] = None;
-                        if was.is_some() {
-                            let _ = live.events.send(ServerFrame::Queued {
-                                msg_seq,
-                                ahead: None,
-                            });
+                        r.ahead[i] = place;
+                        let ahead = r.waiting();
+                        if ahead != was {
+                            let _ = live.events.send(ServerFrame::Queued { msg_seq, ahead });
                         }
                     }
                     EngineEvent::Done(c) => outcomes[i] = Some(Ok(c)),

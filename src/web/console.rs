@@ -450,7 +450,6 @@ struct BoxPlot {
     height: f64,
 }
 
-/// A tick label in minutes, with a decimal when the whole axis is short.
 /// A tick of the minutes axis, with the decimals the axis needs: a pilot that took seconds gets
 /// ticks that differ (0.005, 0.011 …), a study that took an hour whole minutes.
 fn minutes_label(value: f64, longest: f64) -> String {

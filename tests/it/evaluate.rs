@@ -89,6 +89,18 @@ fn setup() -> Setup {
     }
 }
 
+/// The evaluation of `s`'s arms and tasks with these roles and options, logged in `dir`.
+async fn evaluate_in(
+    roles: &Roles,
+    s: &Setup,
+    options: &EvalOptions,
+    dir: &std::path::Path,
+) -> evaluate::EvalOutcome {
+    evaluate::run(roles, &s.policies, &s.tasks, options, dir, None, &|_, _| {})
+        .await
+        .unwrap()
+}
+
 fn options() -> EvalOptions {
     EvalOptions {
         users: 3,
@@ -199,30 +211,10 @@ async fn the_table_has_every_arms_metrics_and_the_paired_difference() {
 async fn a_stopped_evaluation_resumes_without_redoing_finished_conversations() {
     let s = setup();
     let dir = tempfile::tempdir().unwrap();
-    let first = evaluate::run(
-        &s.roles,
-        &s.policies,
-        &s.tasks,
-        &options(),
-        dir.path(),
-        None,
-        &|_, _| {},
-    )
-    .await
-    .unwrap();
+    let first = evaluate_in(&s.roles, &s, &options(), dir.path()).await;
     let requests = s.engine.requests.load(Ordering::SeqCst);
     // All finished: nothing is asked again and the table is the same.
-    let again = evaluate::run(
-        &s.roles,
-        &s.policies,
-        &s.tasks,
-        &options(),
-        dir.path(),
-        None,
-        &|_, _| {},
-    )
-    .await
-    .unwrap();
+    let again = evaluate_in(&s.roles, &s, &options(), dir.path()).await;
     assert_eq!(s.engine.requests.load(Ordering::SeqCst), requests);
     assert_eq!(again.table, first.table);
     // A run stopped mid-write: the last conversation's line is cut; it alone is done again.
@@ -232,17 +224,7 @@ async fn a_stopped_evaluation_resumes_without_redoing_finished_conversations() {
     let last = lines.pop().unwrap();
     let cut = format!("{}\n{}", lines.join("\n"), &last[..last.len() / 2]);
     std::fs::write(&log, cut).unwrap();
-    let resumed = evaluate::run(
-        &s.roles,
-        &s.policies,
-        &s.tasks,
-        &options(),
-        dir.path(),
-        None,
-        &|_, _| {},
-    )
-    .await
-    .unwrap();
+    let resumed = evaluate_in(&s.roles, &s, &options(), dir.path()).await;
     assert!(s.engine.requests.load(Ordering::SeqCst) > requests);
     assert_eq!(resumed.table, first.table);
     assert_eq!(resumed.rows, first.rows);
@@ -252,33 +234,13 @@ async fn a_stopped_evaluation_resumes_without_redoing_finished_conversations() {
         seed: 6,
         ..options()
     };
-    evaluate::run(
-        &s.roles,
-        &s.policies,
-        &s.tasks,
-        &other,
-        dir.path(),
-        None,
-        &|_, _| {},
-    )
-    .await
-    .unwrap();
+    evaluate_in(&s.roles, &s, &other, dir.path()).await;
     assert!(s.engine.requests.load(Ordering::SeqCst) >= before + 6 * 3);
     // Another document limit changes what the simulator and the judge read: done again too.
     let before = s.engine.requests.load(Ordering::SeqCst);
     let mut roles = s.roles.clone();
     roles.spec.max_document_chars += 1;
-    evaluate::run(
-        &roles,
-        &s.policies,
-        &s.tasks,
-        &options(),
-        dir.path(),
-        None,
-        &|_, _| {},
-    )
-    .await
-    .unwrap();
+    evaluate_in(&roles, &s, &options(), dir.path()).await;
     assert!(s.engine.requests.load(Ordering::SeqCst) >= before + 6 * 3);
 }
 
