@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use super::reward::{self, Candidate, Metrics, Reward, RolloutKey, Scene};
+use super::reward::{self, Candidate, Metrics, MrOverrides, MrSettings, Reward, RolloutKey, Scene};
 use super::{start_policy, CollabError, Goal, JsonlWriter, Policy, Roles, Task};
 use crate::db::models::{Message, NewCandidate, NewReward, NewRollout, Session, StudyVersion};
+use crate::db::provenance::{Provenance, Usage};
 use crate::db::{self, DbConn, DbPool};
 use crate::engine::{ChatMessage, Engines, Role};
 use crate::protocol::{sha256_hex, Protocol};
@@ -45,12 +46,8 @@ impl SessionKind {
 pub struct PairsOptions {
     pub study: String,
     pub sessions: SessionKind,
-    pub candidates: Option<u32>,
-    pub samples: Option<u32>,
-    pub window: Option<u32>,
-    pub margin: Option<f64>,
-    /// Standard errors the gap must reach (the noise-aware rule); none: the protocol's.
-    pub min_gap_se: Option<f64>,
+    /// Reward settings that replace each protocol version's own.
+    pub mr: MrOverrides,
     /// Base of every seed of the run.
     pub seed: u64,
     pub models_dir: PathBuf,
@@ -137,7 +134,7 @@ pub async fn run(
                 &protocol,
                 Path::new(&row.source_path),
                 &options.models_dir,
-                settings(&protocol, options).rollouts_per_turn(),
+                settings(&protocol, options)?.rollouts_per_turn(),
             )?;
             entry.insert(VersionWork {
                 row,
@@ -147,7 +144,7 @@ pub async fn run(
             });
         }
         let version = work.get_mut(&version_id).expect("inserted above");
-        let settings = settings(&version.protocol, options);
+        let settings = settings(&version.protocol, options)?;
         if !version.policies.contains_key(&s.arm) {
             let arm = version.protocol.arm(&s.arm).ok_or_else(|| {
                 CollabError::Invalid(format!("the protocol has no arm {:?}", s.arm))
@@ -275,39 +272,35 @@ fn load(
 /// The settings of a run for one protocol.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 struct Settings {
-    candidates: u32,
-    samples: u32,
-    window: u32,
-    margin: f64,
-    min_gap_se: f64,
+    #[serde(flatten)]
+    mr: MrSettings,
     seed: u64,
 }
 
 impl Settings {
     fn rollouts_per_turn(&self) -> u32 {
-        self.candidates * self.samples
+        self.mr.candidates * self.mr.samples
     }
 }
 
-fn settings(protocol: &Protocol, options: &PairsOptions) -> Settings {
-    let c = &protocol.collab;
-    Settings {
-        candidates: options.candidates.unwrap_or(c.candidates).max(2),
-        samples: options.samples.unwrap_or(c.samples).max(1),
-        window: options.window.unwrap_or(c.window),
-        margin: options.margin.unwrap_or(c.margin),
-        min_gap_se: options.min_gap_se.unwrap_or(c.min_gap_se),
+fn settings(protocol: &Protocol, options: &PairsOptions) -> Result<Settings, CollabError> {
+    let mr = options
+        .mr
+        .resolve(&protocol.collab)
+        .map_err(|e| CollabError::Invalid(format!("study {}: {e}", protocol.study.slug)))?;
+    Ok(Settings {
+        mr,
         seed: options.seed,
-    }
+    })
 }
 
 /// sha256 of everything that shapes a rollout: settings, weights, prompts, models and policies.
 /// The margin and the noise rule only filter pairs and are left out.
 fn config_sha256(settings: &Settings, roles: &Roles, policy: &Policy) -> String {
     let mut config = super::rollout_identity(roles, policy);
-    config["candidates"] = json!(settings.candidates);
-    config["samples"] = json!(settings.samples);
-    config["window"] = json!(settings.window);
+    config["candidates"] = json!(settings.mr.candidates);
+    config["samples"] = json!(settings.mr.samples);
+    config["window"] = json!(settings.mr.window);
     config["seed"] = json!(settings.seed);
     // Rollouts scored before BLEU needed a goal document are not reused.
     config["scoring"] = json!("bleu-needs-goal-document");
@@ -409,7 +402,7 @@ async fn score_turn(
     })
     .await?;
     let mut results: Vec<Vec<Option<(f64, Metrics)>>> =
-        vec![vec![None; turn.settings.samples as usize]; candidates.len()];
+        vec![vec![None; turn.settings.mr.samples as usize]; candidates.len()];
     for r in &stored {
         let Some(c) = candidates.iter().position(|c| c.id == r.candidate_id) else {
             continue;
@@ -450,7 +443,7 @@ async fn score_turn(
         context: &context,
     };
     let plain: Vec<Candidate> = candidates.iter().map(|c| c.candidate.clone()).collect();
-    let ran = reward::rollouts(&scene, &plain, &todo, turn.settings.window).await;
+    let ran = reward::rollouts(&scene, &plain, &todo, turn.settings.mr.window).await;
     // Store what finished before looking at what failed: the next run only redoes the rest.
     let finished: Vec<(Option<i64>, i32, u32, String, String, f64)> = todo
         .iter()
@@ -526,8 +519,8 @@ async fn score_turn(
                 json!({
                     "means": r.means,
                     "rollouts": r.rollouts,
-                    "samples": settings.samples,
-                    "window": settings.window,
+                    "samples": settings.mr.samples,
+                    "window": settings.mr.window,
                 })
                 .to_string()
             })
@@ -551,14 +544,14 @@ async fn score_turn(
     })
     .await?;
 
-    let Some(picked) = reward::pick_with_noise(&rewards, turn.settings.margin) else {
+    let Some(picked) = reward::pick_with_noise(&rewards, turn.settings.mr.margin) else {
         return Ok(None);
     };
     summary.over_margin += 1;
     if picked.clears(NOISE_REPORT_SE) {
         summary.clear_of_noise += 1;
     }
-    if !picked.clears(turn.settings.min_gap_se) {
+    if !picked.clears(turn.settings.mr.min_gap_se) {
         summary.below_noise += 1;
         return Ok(None);
     }
@@ -587,8 +580,8 @@ async fn candidates(
             .into_iter()
             .filter(|c| c.source == CandidateSource::Mr && c.after_seq == after_seq)
             .filter_map(|c| {
-                let policy: Value = serde_json::from_str(&c.policy_json).ok()?;
-                (policy["config_sha256"] == config.as_str()).then_some((c, policy))
+                let policy = Provenance::parse(&c.policy_json)?;
+                (policy.config_sha256.as_deref() == Some(config.as_str())).then_some((c, policy))
             })
             .collect::<Vec<_>>())
     })
@@ -607,11 +600,10 @@ async fn candidates(
             .message
             .policy_json
             .as_deref()
-            .and_then(|p| serde_json::from_str::<Value>(p).ok())
-            .and_then(|p| p["sampling"]["seed"].as_u64())
-            .and_then(|s| u32::try_from(s).ok()),
+            .and_then(Provenance::parse)
+            .and_then(|p| p.sampling.seed),
     }];
-    let wanted = turn.settings.candidates as usize - 1;
+    let wanted = turn.settings.mr.candidates as usize - 1;
     // A stored candidate repeats no reply (they are checked before they are stored); one of an
     // older run might, and is passed over.
     for (c, policy) in stored {
@@ -627,10 +619,12 @@ async fn candidates(
         out.push(Scored {
             candidate: Candidate {
                 text: c.content,
-                tokens: policy["generated_tokens"].as_u64().unwrap_or(0) as u32,
+                tokens: policy
+                    .gen_tokens()
+                    .map_or(0, |t| u32::try_from(t).unwrap_or(u32::MAX)),
             },
             id: Some(c.id),
-            seed: policy["sampling"]["seed"].as_u64().map(|s| s as u32),
+            seed: policy.sampling.seed,
         });
     }
     let missing: Vec<usize> = (out.len()..=wanted).collect();
@@ -655,15 +649,19 @@ async fn candidates(
         ..
     } in fresh
     {
-        let policy = json!({
-            "arm": turn.policy.arm.id,
-            "fingerprint": turn.policy.engine.fingerprint(),
-            "sampling": sampling,
-            "proactive": proactive,
-            "generated_tokens": completion.generated_tokens,
-            "finish_reason": completion.finish_reason.as_str(),
-            "config_sha256": turn.config,
-        });
+        let policy = Provenance {
+            arm: turn.policy.arm.id.clone(),
+            fingerprint: turn.policy.engine.fingerprint(),
+            sampling,
+            usage: Some(Usage {
+                gen_tokens: Some(u64::from(completion.generated_tokens)),
+                finish_reason: Some(completion.finish_reason.as_str().to_string()),
+                ..Usage::default()
+            }),
+            proactive: Some(proactive),
+            config_sha256: Some(turn.config.to_string()),
+            ..Provenance::default()
+        };
         let text = completion.text.clone();
         let stored = db::run_blocking::<_, CollabError, _>(pool, move |conn| {
             Ok(db::candidates::insert(
@@ -674,7 +672,7 @@ async fn candidates(
                     source: CandidateSource::Mr,
                     content: &text,
                     chosen: None,
-                    policy_json: &policy.to_string(),
+                    policy_json: &policy.to_json(),
                     created_at: db::now(),
                 },
             )?)
@@ -732,10 +730,10 @@ fn pair_row(
             "chosen_is_given": candidates[chosen].id.is_none(),
             "rejected_is_given": candidates[rejected].id.is_none(),
             "candidates": candidates.len(),
-            "samples": turn.settings.samples,
-            "window": turn.settings.window,
-            "margin": turn.settings.margin,
-            "min_gap_se": turn.settings.min_gap_se,
+            "samples": turn.settings.mr.samples,
+            "window": turn.settings.mr.window,
+            "margin": turn.settings.mr.margin,
+            "min_gap_se": turn.settings.mr.min_gap_se,
             "gap_se": finite_or_null(picked.gap_se),
             "seed": turn.settings.seed,
             "seed_chosen": candidates[chosen].seed,

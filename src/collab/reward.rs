@@ -10,7 +10,84 @@ use serde::{Deserialize, Serialize};
 
 use super::{derive_seed, judge, simulator, CollabError, Goal, Policy, Roles, Task};
 use crate::engine::{ChatMessage, Role};
-use crate::protocol::RewardWeights;
+use crate::protocol::{CollabSpec, RewardWeights};
+
+/// The reward settings of one run: the protocol's `[collab]` values, each replaceable by an option
+/// of the command. The protocol's checks hold for its own values; an option can break them in
+/// combination (`--samples 1` under a protocol's `min_gap_se`), so the result is checked again.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct MrSettings {
+    /// Replies compared per turn (K, at least 2).
+    pub candidates: u32,
+    /// Rollouts per candidate (S, at least 1).
+    pub samples: u32,
+    /// Turn pairs per rollout (w); 0 is the single-turn ablation.
+    pub window: u32,
+    /// Smallest MR gap for a pair.
+    pub margin: f64,
+    /// Standard errors of itself the gap must reach; 0 is the margin alone.
+    pub min_gap_se: f64,
+}
+
+/// A command's options that replace `[collab]` values for one run.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MrOverrides {
+    pub candidates: Option<u32>,
+    pub samples: Option<u32>,
+    pub window: Option<u32>,
+    pub margin: Option<f64>,
+    pub min_gap_se: Option<f64>,
+}
+
+impl MrOverrides {
+    /// The settings of a run under `collab`, or what makes them unusable.
+    pub fn resolve(&self, collab: &CollabSpec) -> Result<MrSettings, CollabError> {
+        let s = MrSettings {
+            candidates: self.candidates.unwrap_or(collab.candidates),
+            samples: self.samples.unwrap_or(collab.samples),
+            window: self.window.unwrap_or(collab.window),
+            margin: self.margin.unwrap_or(collab.margin),
+            min_gap_se: self.min_gap_se.unwrap_or(collab.min_gap_se),
+        };
+        let problem = if s.candidates < 2 {
+            format!(
+                "candidates must be at least 2 (a pair needs two replies of a turn), not {}",
+                s.candidates
+            )
+        } else if s.samples == 0 {
+            "samples must be at least 1 (each candidate needs a rollout), not 0".to_string()
+        } else if !(s.margin.is_finite() && s.margin >= 0.0) {
+            format!("margin must be a number of 0 or more, not {}", s.margin)
+        } else if !(s.min_gap_se.is_finite() && s.min_gap_se >= 0.0) {
+            format!(
+                "min_gap_se must be a number of 0 or more, not {}",
+                s.min_gap_se
+            )
+        } else if s.min_gap_se > 0.0 && s.samples < 2 {
+            format!(
+                "min_gap_se {} needs the spread of at least 2 rollouts, and samples is {}: set \
+                 samples to 2 or more, or min_gap_se to 0",
+                s.min_gap_se, s.samples
+            )
+        } else {
+            return Ok(s);
+        };
+        Err(CollabError::Invalid(problem))
+    }
+
+    /// The options' own problems, before any protocol is read: each given value is checked
+    /// against the most lenient protocol, so only what no protocol could make right is refused.
+    pub fn check(&self) -> Result<(), CollabError> {
+        let lenient = CollabSpec {
+            candidates: 2,
+            samples: 2,
+            margin: 0.0,
+            min_gap_se: 0.0,
+            ..CollabSpec::default()
+        };
+        self.resolve(&lenient).map(drop)
+    }
+}
 
 /// A reply whose reward is estimated.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -478,5 +555,61 @@ mod tests {
         // Without a goal document BLEU measures nothing and is left out.
         let no_goal = Metrics { bleu: None, ..m };
         assert!((no_goal.score(&w) - (-0.02 + 1.0 + 0.5)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn options_replace_the_protocols_values_and_are_checked_with_them() {
+        let collab = CollabSpec {
+            min_gap_se: 2.0,
+            ..CollabSpec::default()
+        };
+        let none = MrOverrides::default().resolve(&collab).unwrap();
+        assert_eq!(
+            (none.candidates, none.samples, none.window, none.min_gap_se),
+            (2, 3, 2, 2.0)
+        );
+        let window = MrOverrides {
+            window: Some(0),
+            ..MrOverrides::default()
+        };
+        assert_eq!(window.resolve(&collab).unwrap().window, 0);
+        // One rollout has no spread: the protocol's noise rule cannot hold.
+        let one = MrOverrides {
+            samples: Some(1),
+            ..MrOverrides::default()
+        };
+        let e = one.resolve(&collab).unwrap_err().to_string();
+        assert!(e.contains("min_gap_se 2 needs the spread"), "{e}");
+        let off = MrOverrides {
+            min_gap_se: Some(0.0),
+            ..one
+        };
+        assert_eq!(off.resolve(&collab).unwrap().samples, 1);
+        for bad in [
+            MrOverrides {
+                candidates: Some(1),
+                ..MrOverrides::default()
+            },
+            MrOverrides {
+                samples: Some(0),
+                min_gap_se: Some(0.0),
+                ..MrOverrides::default()
+            },
+            MrOverrides {
+                margin: Some(f64::NAN),
+                ..MrOverrides::default()
+            },
+        ] {
+            assert!(bad.resolve(&collab).is_err(), "{bad:?}");
+            assert!(bad.check().is_err(), "{bad:?}");
+        }
+        // Alone, one rollout is fine (a protocol without the noise rule takes it); with the
+        // noise rule asked for too it never is.
+        assert!(one.check().is_ok());
+        let both = MrOverrides {
+            min_gap_se: Some(2.0),
+            ..one
+        };
+        assert!(both.check().is_err());
     }
 }

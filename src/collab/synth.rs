@@ -11,7 +11,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::reward::{self, Candidate, Reward, RolloutKey, Scene};
+use super::reward::{self, Candidate, MrSettings, Reward, RolloutKey, Scene};
 use super::{derive_seed, simulator, CollabError, Goal, JsonlWriter, Policy, Roles, Task};
 use crate::db::{self, DbPool};
 use crate::engine::{ChatMessage, Role};
@@ -92,12 +92,7 @@ pub struct SynthOptions {
     pub conversations: usize,
     /// Assistant turns per conversation at most.
     pub turns: u32,
-    pub candidates: u32,
-    pub samples: u32,
-    pub window: u32,
-    pub margin: f64,
-    /// The noise-aware rule of `pairs` (standard errors the gap must reach; 0: margin alone).
-    pub min_gap_se: f64,
+    pub mr: MrSettings,
     pub seed: u64,
 }
 
@@ -130,9 +125,9 @@ struct RunKey(serde_json::Value);
 impl RunKey {
     fn new(roles: &Roles, policy: &Policy, options: &SynthOptions) -> Self {
         let mut key = super::rollout_identity(roles, policy);
-        key["candidates"] = json!(options.candidates);
-        key["samples"] = json!(options.samples);
-        key["window"] = json!(options.window);
+        key["candidates"] = json!(options.mr.candidates);
+        key["samples"] = json!(options.mr.samples);
+        key["window"] = json!(options.mr.window);
         key["seed"] = json!(options.seed);
         key["proactive_share"] = json!(roles.spec.proactive_share);
         Self(key)
@@ -252,8 +247,8 @@ pub async fn run(
                 }))?;
                 summary.rows += 1;
             }
-            let picked = reward::pick_with_noise(&rewards, options.margin)
-                .filter(|p| p.clears(options.min_gap_se));
+            let picked = reward::pick_with_noise(&rewards, options.mr.margin)
+                .filter(|p| p.clears(options.mr.min_gap_se));
             if let (
                 Some(out),
                 Some(reward::Picked {
@@ -346,7 +341,7 @@ async fn grow_turn(
     options: &SynthOptions,
     label: &str,
 ) -> Result<GrownTurn, CollabError> {
-    let wanted: Vec<usize> = (0..options.candidates as usize).collect();
+    let wanted: Vec<usize> = (0..options.mr.candidates as usize).collect();
     let proactive = super::Proactive::of(roles, &wanted)?;
     let fresh = super::fresh_candidates(policy, history, &wanted, &[], &proactive, |k, round| {
         super::candidate_seed(options.seed, label, k, round)
@@ -368,7 +363,7 @@ async fn grow_turn(
         .collect();
     let todo: Vec<RolloutKey> = (0..candidates.len())
         .flat_map(|candidate| {
-            (0..options.samples as usize).map(move |sample| RolloutKey {
+            (0..options.mr.samples as usize).map(move |sample| RolloutKey {
                 base_seed: options.seed,
                 context: label.to_string(),
                 candidate,
@@ -383,7 +378,7 @@ async fn grow_turn(
         goal,
         context: history,
     };
-    let ran = reward::rollouts(&scene, &candidates, &todo, options.window).await;
+    let ran = reward::rollouts(&scene, &candidates, &todo, options.mr.window).await;
     let mut per_candidate = vec![Vec::new(); candidates.len()];
     let mut rollouts_of: Vec<Vec<reward::Rollout>> = vec![Vec::new(); candidates.len()];
     for (key, result) in todo.iter().zip(ran) {
@@ -394,7 +389,7 @@ async fn grow_turn(
     let rewards: Vec<Reward> = per_candidate.iter().map(|r| Reward::of(r)).collect();
     // The conversation goes on with a simulated user's reply to the kept candidate.
     let kept = best(&rewards);
-    let next_user = if options.window == 0 {
+    let next_user = if options.mr.window == 0 {
         // The rollouts stopped at the candidate: the simulator answers the kept one.
         let mut conversation = history.to_vec();
         conversation.push(ChatMessage::new(

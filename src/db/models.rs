@@ -129,7 +129,12 @@ impl Message {
     /// (finish reason `cancelled`). Stopping is no way to reach the protocol's minimum of turns,
     /// and pages, console, results and exports all count turns this way.
     pub fn is_turn(&self) -> bool {
-        self.role == MessageRole::Assistant && self.finish_reason.as_deref() != Some("cancelled")
+        self.role == MessageRole::Assistant && !Self::was_stopped(self.finish_reason.as_deref())
+    }
+
+    /// Whether a reply with this finish reason was stopped by the participant.
+    pub fn was_stopped(finish_reason: Option<&str>) -> bool {
+        finish_reason == Some("cancelled")
     }
 }
 
@@ -317,39 +322,6 @@ pub struct NewRollout<'a> {
     pub conversation_json: &'a str,
     pub metrics_json: &'a str,
     pub score: f64,
-    pub created_at: NaiveDateTime,
-}
-
-#[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]
-#[diesel(table_name = preference_pairs)]
-pub struct PreferencePair {
-    pub id: i64,
-    pub study_id: i64,
-    pub session_id: Option<i64>,
-    pub turn: i32,
-    pub source: String,
-    pub prompt_json: String,
-    pub chosen: String,
-    pub rejected: String,
-    pub score_chosen: Option<f64>,
-    pub score_rejected: Option<f64>,
-    pub metadata_json: String,
-    pub created_at: NaiveDateTime,
-}
-
-#[derive(Debug, Clone, Insertable)]
-#[diesel(table_name = preference_pairs)]
-pub struct NewPreferencePair<'a> {
-    pub study_id: i64,
-    pub session_id: Option<i64>,
-    pub turn: i32,
-    pub source: &'a str,
-    pub prompt_json: &'a str,
-    pub chosen: &'a str,
-    pub rejected: &'a str,
-    pub score_chosen: Option<f64>,
-    pub score_rejected: Option<f64>,
-    pub metadata_json: &'a str,
     pub created_at: NaiveDateTime,
 }
 

@@ -45,6 +45,24 @@ pub fn get(conn: &mut DbConn, id: i64) -> DbResult<Participant> {
         .first(conn)?)
 }
 
+/// The participants of a study version's sessions, by id, in one query.
+pub fn of_version(
+    conn: &mut DbConn,
+    study_version_id: i64,
+) -> DbResult<std::collections::HashMap<i64, Participant>> {
+    use super::schema::sessions;
+    let ids = sessions::table
+        .filter(sessions::study_version_id.eq(study_version_id))
+        .select(sessions::participant_id);
+    Ok(participants::table
+        .filter(participants::id.eq_any(ids))
+        .select(Participant::as_select())
+        .load(conn)?
+        .into_iter()
+        .map(|p: Participant| (p.id, p))
+        .collect())
+}
+
 /// `p-` and 16 random hex digits: what exports and the console show instead of any external id.
 fn new_pseudonym() -> String {
     format!("p-{}", &uuid::Uuid::new_v4().simple().to_string()[..16])

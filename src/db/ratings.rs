@@ -46,3 +46,17 @@ pub fn list_for_session(conn: &mut DbConn, session_id: i64) -> DbResult<Vec<Rati
         .select(Rating::as_select())
         .load(conn)?)
 }
+
+/// Keys of the ratings recorded after `after_turn`.
+pub fn keys_after_turn(
+    conn: &mut DbConn,
+    session_id: i64,
+    after_turn: i32,
+) -> DbResult<Vec<String>> {
+    Ok(ratings::table
+        .filter(ratings::session_id.eq(session_id))
+        .filter(ratings::after_turn.eq(after_turn))
+        .order(ratings::rating_key)
+        .select(ratings::rating_key)
+        .load(conn)?)
+}

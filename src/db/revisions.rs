@@ -1,5 +1,7 @@
 //! Document revisions: every saved state of a session's document, with who wrote it.
 
+use std::collections::HashMap;
+
 use diesel::prelude::*;
 
 use super::models::DocumentRevision;
@@ -49,6 +51,35 @@ pub fn latest(conn: &mut DbConn, session_id: i64) -> DbResult<Option<DocumentRev
         .select(DocumentRevision::as_select())
         .first(conn)
         .optional()?)
+}
+
+/// The text of the latest revision of every session of a study version that has one, by session
+/// id: one query for the latest revisions' ids, one per thousand of them for their texts.
+/// Revisions are numbered in the order they are stored, so the newest row is the latest revision.
+pub fn latest_texts_for_version(
+    conn: &mut DbConn,
+    study_version_id: i64,
+) -> DbResult<HashMap<i64, String>> {
+    use super::schema::sessions;
+    let sessions_of_version = sessions::table
+        .filter(sessions::study_version_id.eq(study_version_id))
+        .select(sessions::id);
+    let newest: Vec<Option<i64>> = revs::table
+        .filter(revs::session_id.eq_any(sessions_of_version))
+        .group_by(revs::session_id)
+        .select(diesel::dsl::max(revs::id))
+        .load(conn)?;
+    let newest: Vec<i64> = newest.into_iter().flatten().collect();
+    let mut texts = HashMap::new();
+    for ids in newest.chunks(1000) {
+        texts.extend(
+            revs::table
+                .filter(revs::id.eq_any(ids))
+                .select((revs::session_id, revs::content))
+                .load::<(i64, String)>(conn)?,
+        );
+    }
+    Ok(texts)
 }
 
 pub fn list_for_session(conn: &mut DbConn, session_id: i64) -> DbResult<Vec<DocumentRevision>> {

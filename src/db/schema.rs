@@ -249,23 +249,6 @@ diesel::table! {
     }
 }
 
-diesel::table! {
-    preference_pairs (id) {
-        id -> BigInt,
-        study_id -> BigInt,
-        session_id -> Nullable<BigInt>,
-        turn -> Integer,
-        source -> Text,
-        prompt_json -> Text,
-        chosen -> Text,
-        rejected -> Text,
-        score_chosen -> Nullable<Double>,
-        score_rejected -> Nullable<Double>,
-        metadata_json -> Text,
-        created_at -> Timestamp,
-    }
-}
-
 diesel::joinable!(study_versions -> studies (study_id));
 diesel::joinable!(arms -> study_versions (study_version_id));
 diesel::joinable!(participants -> studies (study_id));
@@ -286,9 +269,7 @@ diesel::joinable!(rewards -> sessions (session_id));
 diesel::joinable!(rewards -> candidates (candidate_id));
 diesel::joinable!(rollouts -> sessions (session_id));
 diesel::joinable!(rollouts -> candidates (candidate_id));
-diesel::joinable!(preference_pairs -> studies (study_id));
 diesel::joinable!(evaluations -> studies (study_id));
-diesel::joinable!(preference_pairs -> sessions (session_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
     api_keys,
@@ -309,7 +290,6 @@ diesel::allow_tables_to_appear_in_same_query!(
     assignments,
     rewards,
     rollouts,
-    preference_pairs,
     evaluations,
     synth_turns,
 );

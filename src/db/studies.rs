@@ -1,6 +1,8 @@
 //! Studies, their protocol versions and arms. A changed protocol never rewrites an imported version:
 //! it becomes the next version, and sessions keep pointing at the version they ran under.
 
+use std::collections::HashMap;
+
 use diesel::prelude::*;
 use serde_json::json;
 
@@ -143,12 +145,40 @@ pub fn arms_of(conn: &mut DbConn, study_version_id: i64) -> DbResult<Vec<Arm>> {
         .load(conn)?)
 }
 
-/// How many sessions ran under a version.
-pub fn session_count(conn: &mut DbConn, study_version_id: i64) -> DbResult<i64> {
-    Ok(sessions::table
-        .filter(sessions::study_version_id.eq(study_version_id))
-        .count()
-        .get_result(conn)?)
+/// A study as the console lists it.
+pub struct StudySummary {
+    pub study: Study,
+    /// Its newest version's number.
+    pub version: i32,
+    /// Sessions under any of its versions.
+    pub sessions: i64,
+}
+
+/// Every study, by slug, with its newest version and session count: three queries however many
+/// studies and versions there are.
+pub fn summaries(conn: &mut DbConn) -> DbResult<Vec<StudySummary>> {
+    use diesel::dsl::{count_star, max};
+    let newest: HashMap<i64, Option<i32>> = study_versions::table
+        .group_by(study_versions::study_id)
+        .select((study_versions::study_id, max(study_versions::version)))
+        .load::<(i64, Option<i32>)>(conn)?
+        .into_iter()
+        .collect();
+    let counts: HashMap<i64, i64> = sessions::table
+        .inner_join(study_versions::table)
+        .group_by(study_versions::study_id)
+        .select((study_versions::study_id, count_star()))
+        .load::<(i64, i64)>(conn)?
+        .into_iter()
+        .collect();
+    Ok(list(conn)?
+        .into_iter()
+        .map(|study| StudySummary {
+            version: newest.get(&study.id).copied().flatten().unwrap_or(0),
+            sessions: counts.get(&study.id).copied().unwrap_or(0),
+            study,
+        })
+        .collect())
 }
 
 /// Activates, pauses or archives a study.

@@ -8,7 +8,6 @@ pub mod fetch;
 pub mod llama;
 pub mod registry;
 pub mod remote;
-mod sampling;
 mod text;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,8 +16,9 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+/// The sampling settings a protocol's arm sets are the ones a request carries.
+pub use crate::protocol::Sampling;
 pub use registry::Engines;
-pub use sampling::Sampling;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

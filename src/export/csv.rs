@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 
 use super::{for_each_session, neutralise, study_versions, timestamp, ExportError, Filter};
 use crate::db::models::{Candidate, Session};
+use crate::db::provenance::Provenance;
 use crate::db::vocab::{CandidateSource, MessageRole, Outcome, SessionState};
 use crate::db::{self, DbConn};
 use crate::protocol::Protocol;
@@ -576,15 +577,14 @@ pub fn export(
                 String::new()
             };
             for (i, c) in group.iter().enumerate() {
-                let policy: serde_json::Value =
-                    serde_json::from_str(&c.policy_json).unwrap_or_default();
+                let seed = Provenance::parse(&c.policy_json).and_then(|p| p.sampling.seed);
                 candidates_csv.record(who.iter().cloned().chain([
                     c.after_seq.to_string(),
                     c.source.to_string(),
                     i.to_string(),
                     opt(c.chosen),
                     pick.clone(),
-                    opt(policy["sampling"]["seed"].as_i64()),
+                    opt(seed),
                     timestamp(&c.created_at),
                     c.content.clone(),
                 ]))?;

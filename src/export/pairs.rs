@@ -21,6 +21,7 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
 use super::{for_each_session, study_versions, ExportError};
+use crate::db::provenance::Provenance;
 use crate::db::{self, DbConn};
 
 /// Default: a passage counts as rewritten when at least this share of it changed.
@@ -197,12 +198,15 @@ pub fn export(
                         chosen: Option<&str>,
                         rejected: Option<&str>,
                         changed_share: Option<f64>| {
-            let policy = |json: Option<&str>| -> Value {
-                json.and_then(|p| serde_json::from_str(p).ok())
-                    .unwrap_or(Value::Null)
-            };
-            let (chosen, rejected) = (policy(chosen), policy(rejected));
-            let model = if chosen.is_null() { &rejected } else { &chosen };
+            let (chosen, rejected) = (
+                chosen.and_then(Provenance::parse),
+                rejected.and_then(Provenance::parse),
+            );
+            let model = chosen
+                .as_ref()
+                .or(rejected.as_ref())
+                .map(|p| &p.fingerprint);
+            let seed = |p: &Option<Provenance>| p.as_ref().and_then(|p| p.sampling.seed);
             json!({
                 "source": source,
                 "study": slug,
@@ -212,9 +216,9 @@ pub fn export(
                 "session": s.public_id,
                 "participant": participant.pseudonym,
                 "turn": messages.iter().filter(|m| m.role == MessageRole::Assistant && m.seq < seq).count() + 1,
-                "model_sha256": model["fingerprint"],
-                "seed": chosen["sampling"]["seed"],
-                "seed_rejected": rejected["sampling"]["seed"],
+                "model_sha256": model,
+                "seed": seed(&chosen),
+                "seed_rejected": seed(&rejected),
                 "changed_share": changed_share,
             })
         };

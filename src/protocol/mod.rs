@@ -4,6 +4,7 @@
 //! This module reads files and nothing else: it knows no database, no engine and no HTTP.
 
 mod diagnostic;
+mod sampling;
 mod validate;
 
 use std::path::{Path, PathBuf};
@@ -12,8 +13,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub use diagnostic::{Diagnostic, ProtocolError};
-
-use crate::engine::Sampling;
+pub use sampling::Sampling;
 
 /// A study protocol as written in a TOML file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -263,7 +263,10 @@ pub struct Outcomes {
     pub completed: OutcomeSpec,
     pub no_consent: OutcomeSpec,
     pub timed_out: OutcomeSpec,
-    pub screened_out: OutcomeSpec,
+    /// A screening outcome earlier protocols had to declare: still accepted, so those files and
+    /// the versions stored from them load, and ignored, since no session ends this way.
+    #[serde(default, rename = "screened_out", skip_serializing)]
+    retired_screened_out: Option<toml::Value>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -58,7 +58,7 @@ pub struct Studio {
     engines: Engines,
     /// Parsed protocols by study version.
     protocols: Mutex<HashMap<i64, Arc<Protocol>>>,
-    live: Mutex<HashMap<i64, Arc<live::LiveSession>>>,
+    live: live::Registry,
     /// Key of the external-id HMACs (an installation secret kept in the database).
     hmac_key: Vec<u8>,
 }
@@ -75,7 +75,7 @@ impl Studio {
             pool,
             engines,
             protocols: Mutex::default(),
-            live: Mutex::default(),
+            live: live::Registry::default(),
             hmac_key: key.into_bytes(),
         }))
     }
@@ -90,8 +90,12 @@ impl Studio {
         db::run_blocking(&self.pool, work).await
     }
 
-    /// The protocol a study version runs under (parsed once).
-    fn protocol(&self, conn: &mut DbConn, version_id: i64) -> Result<Arc<Protocol>, StudyError> {
+    /// The protocol a study version runs under (parsed once, for pages and console alike).
+    pub fn protocol(
+        &self,
+        conn: &mut DbConn,
+        version_id: i64,
+    ) -> Result<Arc<Protocol>, StudyError> {
         if let Some(p) = self
             .protocols
             .lock()

@@ -79,14 +79,7 @@ impl AppState {
         T: Send + 'static,
         F: FnOnce(&mut DbConn) -> Result<T, ApiError> + Send + 'static,
     {
-        let pool = self.pool.clone();
-        web::block(move || {
-            let mut conn = pool
-                .get()
-                .map_err(|e| ApiError::Database(crate::db::DbError::Invalid(e.to_string())))?;
-            work(&mut conn)
-        })
-        .await?
+        crate::db::run_blocking(&self.pool, work).await
     }
 }
 

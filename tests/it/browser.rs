@@ -12,7 +12,7 @@ use collabllm::protocol::LoadedProtocol;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
-use crate::common::{models_dir, repo_root, state_with_model, TestDb, TestServer};
+use crate::common::{models_dir, repo_root, state_with_model, TestApp, TestDb, TestServer};
 
 const WAIT: Duration = Duration::from_secs(180);
 
@@ -609,7 +609,7 @@ async fn a_second_browser_with_the_same_prolific_id_needs_proof_and_the_first_ke
 #[tokio::test(flavor = "multi_thread")]
 async fn text_typed_just_before_the_page_closes_is_saved() {
     let db = TestDb::sqlite();
-    let state = state_with_model(&db);
+    let state = TestApp::new(&db).state();
     let pool = state.pool.clone();
     let server = TestServer::start(state);
     let driver = Driver::start();
@@ -653,8 +653,7 @@ async fn replies_render_markdown_and_never_html() {
         reply.to_string()
     }));
     let db = TestDb::sqlite();
-    let loaded = crate::common::protocol("quick-pilot.toml");
-    let server = TestServer::start(crate::common::scripted_state(&db, &loaded, engine));
+    let server = TestApp::new(&db).scripted(engine).start();
     let driver = Driver::start();
     let profile = tempfile::tempdir().unwrap();
     let client = chromium(&driver, profile.path()).await;
@@ -746,10 +745,7 @@ async fn participant_and_console_pages_pass_an_accessibility_check() {
         "Here is a draft:\n\n**Dear Jo,** thank you for the *tomatoes*.\n\n- one\n- two".into()
     }));
     let db = TestDb::sqlite();
-    let loaded = crate::common::protocol("quick-pilot.toml");
-    let state = crate::common::scripted_state(&db, &loaded, engine);
-    crate::common::add_researcher(&state.pool);
-    let server = TestServer::start(state);
+    let server = TestApp::new(&db).scripted(engine).researcher().start();
     let driver = Driver::start();
     let profile = tempfile::tempdir().unwrap();
     let client = chromium(&driver, profile.path()).await;

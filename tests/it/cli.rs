@@ -361,7 +361,7 @@ fn pairs_and_synth_refuse_bad_input_clearly() {
     let out = out.to_str().unwrap();
     assert_refused(
         &["pairs", "--study", "x", "--candidates", "1", "--out", out],
-        "--candidates must be at least 2",
+        "candidates must be at least 2",
     );
     // The noise-aware rule needs a spread to measure the noise by.
     assert_refused(
@@ -401,7 +401,7 @@ fn pairs_and_synth_refuse_bad_input_clearly() {
             "--out",
             out,
         ],
-        "--candidates must be at least 2",
+        "candidates must be at least 2",
     );
 }
 

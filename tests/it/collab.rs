@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use collabllm::collab::pairs::{self, PairsOptions, PairsSummary, SessionKind};
+use collabllm::collab::reward::{MrOverrides, MrSettings};
 use collabllm::collab::simulate::{self, SimulateOptions, Tally};
 use collabllm::collab::simulator::{self, Draft, TERMINATE};
 use collabllm::collab::{judge, Goal, Roles, Task};
@@ -82,11 +83,13 @@ fn options(study: &str) -> PairsOptions {
     PairsOptions {
         study: study.into(),
         sessions: SessionKind::All,
-        candidates: Some(2),
-        samples: Some(2),
-        window: Some(1),
-        margin: Some(0.0),
-        min_gap_se: None,
+        mr: MrOverrides {
+            candidates: Some(2),
+            samples: Some(2),
+            window: Some(1),
+            margin: Some(0.0),
+            min_gap_se: None,
+        },
         seed: 11,
         models_dir: models_dir(),
     }
@@ -350,7 +353,10 @@ async fn pairs_are_scored_stored_resumed_and_reproduced(db: TestDb) {
     // The noise-aware rule filters the same rollouts (reused, not run again): a gap never
     // reaches a million standard errors.
     let strict = PairsOptions {
-        min_gap_se: Some(1e6),
+        mr: MrOverrides {
+            min_gap_se: Some(1e6),
+            ..options.mr
+        },
         ..options.clone()
     };
     let none_clear = dir.path().join("strict.jsonl");
@@ -502,11 +508,13 @@ async fn synth_grows_conversations_from_single_turn_tasks() {
     let options = SynthOptions {
         conversations: 1,
         turns: 2,
-        candidates: 2,
-        samples: 1,
-        window: 1,
-        margin: 0.0,
-        min_gap_se: 0.0,
+        mr: MrSettings {
+            candidates: 2,
+            samples: 1,
+            window: 1,
+            margin: 0.0,
+            min_gap_se: 0.0,
+        },
         seed: 3,
     };
     let (out, pairs_out) = (
@@ -645,9 +653,13 @@ async fn candidates_that_repeat_the_reply_given_never_make_a_pair() {
     engines.insert(&engine_name("smollm2-135m", None), policy.clone());
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pairs.jsonl");
+    let base = options("quick-pilot");
     let three = PairsOptions {
-        candidates: Some(3),
-        ..options("quick-pilot")
+        mr: MrOverrides {
+            candidates: Some(3),
+            ..base.mr
+        },
+        ..base
     };
     let summary = run_pairs(&pool, &engines, &three, &out).await;
     assert_eq!(
@@ -719,9 +731,13 @@ async fn a_share_of_fresh_candidates_gets_the_proactive_instruction() {
     let engines = scripted_engines(engine);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pairs.jsonl");
+    let base = options("quick-pilot");
     let three = PairsOptions {
-        candidates: Some(3),
-        ..options("quick-pilot")
+        mr: MrOverrides {
+            candidates: Some(3),
+            ..base.mr
+        },
+        ..base
     };
     let summary = run_pairs(&pool, &engines, &three, &out).await;
     assert_eq!(summary.turns, 2);

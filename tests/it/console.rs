@@ -728,9 +728,12 @@ async fn a_preview_shows_the_study_and_records_nothing() {
     let engine = std::sync::Arc::new(crate::common::ScriptedEngine::new(|r| {
         format!("prompt: {}", r.messages[0].content)
     }));
-    let state = crate::common::scripted_state(&db, &loaded, engine);
+    let state = crate::common::TestApp::new(&db)
+        .loaded(loaded.clone())
+        .scripted(engine)
+        .researcher()
+        .state();
     let pool = state.pool.clone();
-    crate::common::add_researcher(&pool);
     let server = TestServer::start(state);
     let mut client = Client::new(&server);
     client.login("ada", "lovelace-1815").await;
@@ -845,13 +848,10 @@ async fn the_engine_table_shows_slots_queues_and_prompt_reuse() {
             ..Default::default()
         },
     );
-    let state = crate::common::scripted_state(
-        &db,
-        &protocol("quick-pilot.toml"),
-        std::sync::Arc::new(engine),
-    );
-    crate::common::add_researcher(&state.pool);
-    let server = TestServer::start(state);
+    let server = crate::common::TestApp::new(&db)
+        .scripted(std::sync::Arc::new(engine))
+        .researcher()
+        .start();
     let mut client = Client::new(&server);
     client.login("ada", "lovelace-1815").await;
     for page in ["/console", "/console/studies/quick-pilot"] {

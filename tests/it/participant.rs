@@ -14,7 +14,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::common::{models_dir, repo_root, state_with_model, TestDb, TestServer};
+use crate::common::{models_dir, repo_root, state_with_model, TestApp, TestDb, TestServer};
 
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -501,7 +501,7 @@ async fn a_reply_interrupted_by_a_reconnect_completes_and_is_shown() {
 crate::on_both_backends_async!(a_resent_frame_is_applied_once);
 
 async fn a_resent_frame_is_applied_once(db: TestDb) {
-    let state = state_with_model(&db);
+    let state = TestApp::new(&db).state();
     let pool = state.pool.clone();
     let server = TestServer::start(state);
     let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-resend").await;
@@ -568,7 +568,7 @@ async fn a_resent_frame_is_applied_once(db: TestDb) {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_participants_see_only_their_own_session() {
     let db = TestDb::sqlite();
-    let server = TestServer::start(state_with_model(&db));
+    let server = TestApp::new(&db).start();
     let (a, mut ws_a, _) = consented(&server, "quick-pilot", "pid-a").await;
     let (b, mut ws_b, _) = consented(&server, "quick-pilot", "pid-b").await;
     assert_ne!(a.token, b.token);
@@ -613,7 +613,7 @@ async fn two_participants_see_only_their_own_session() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_client_never_learns_the_arm_model_or_prompt() {
     let db = TestDb::sqlite();
-    let server = TestServer::start(state_with_model(&db));
+    let server = TestApp::new(&db).start();
     let (browser, mut ws, _) = consented(&server, "quick-pilot", "pid-blind").await;
     let page = browser.page("quick-pilot").await;
     let mut seen = page.clone();
@@ -665,7 +665,7 @@ async fn the_client_never_learns_the_arm_model_or_prompt() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_frames_get_error_frames_and_the_connection_survives() {
     let db = TestDb::sqlite();
-    let state = state_with_model(&db);
+    let state = TestApp::new(&db).state();
     pilot_with(&state, |t| {
         t.replace("messages_per_minute = 30", "messages_per_minute = 1")
     });
@@ -763,7 +763,7 @@ async fn bad_frames_get_error_frames_and_the_connection_survives() {
 #[tokio::test(flavor = "multi_thread")]
 async fn declining_consent_ends_with_the_no_consent_code() {
     let db = TestDb::sqlite();
-    let server = TestServer::start(state_with_model(&db));
+    let server = TestApp::new(&db).start();
     let mut browser = Browser::new(&server.url(""));
     browser.enter("quick-pilot", Some("pid-no")).await;
     browser.consent("quick-pilot", "decline").await;
@@ -958,7 +958,7 @@ async fn a_killed_server_loses_nothing_that_was_acknowledged() {
 crate::on_both_backends_async!(idle_sessions_end_with_the_timed_out_code);
 
 async fn idle_sessions_end_with_the_timed_out_code(db: TestDb) {
-    let state = state_with_model(&db);
+    let state = TestApp::new(&db).state();
     let studio = state.studio.clone();
     let pool = state.pool.clone();
     let server = TestServer::start(state);
@@ -983,7 +983,7 @@ async fn idle_sessions_end_with_the_timed_out_code(db: TestDb) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_shared_browser_follows_the_participant_id_in_the_link() {
     let db = TestDb::sqlite();
-    let server = TestServer::start(state_with_model(&db));
+    let server = TestApp::new(&db).start();
     let mut browser = Browser::new(&server.url(""));
     browser.enter("quick-pilot", Some("first-person")).await;
     let first = browser.token.clone();
@@ -1258,7 +1258,7 @@ async fn asking_for_another_reply_lets_the_participant_keep_one() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_tab_takes_the_session_over_and_no_frame_is_applied_twice() {
     let db = TestDb::sqlite();
-    let state = state_with_model(&db);
+    let state = TestApp::new(&db).state();
     let pool = state.pool.clone();
     let server = TestServer::start(state);
     let (browser, mut first, s) = consented(&server, "quick-pilot", "pid-tabs").await;
@@ -1292,7 +1292,7 @@ async fn a_second_tab_takes_the_session_over_and_no_frame_is_applied_twice() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_frame_too_large_to_read_is_answered_before_the_socket_closes() {
     let db = TestDb::sqlite();
-    let server = TestServer::start(state_with_model(&db));
+    let server = TestApp::new(&db).start();
     let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-huge").await;
     let huge = format!(
         r#"{{"type":"event","client_seq":1,"kind":"x","data":"{}"}}"#,
@@ -1313,7 +1313,7 @@ async fn a_frame_too_large_to_read_is_answered_before_the_socket_closes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_rating_request_comes_before_assistant_done() {
     let db = TestDb::sqlite();
-    let server = TestServer::start(state_with_model(&db));
+    let server = TestApp::new(&db).start();
     let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-order").await;
     ws.say("A note for my neighbour.").await;
     let (done, before) = ws
@@ -1387,7 +1387,7 @@ async fn a_reconnect_mid_reply_gets_each_token_exactly_once() {
 #[tokio::test(flavor = "multi_thread")]
 async fn document_saves_and_browser_events_are_limited_per_session() {
     let db = TestDb::sqlite();
-    let state = state_with_model(&db);
+    let state = TestApp::new(&db).state();
     let pool = state.pool.clone();
     let server = TestServer::start(state);
     let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-flood").await;
@@ -1456,7 +1456,7 @@ async fn document_saves_and_browser_events_are_limited_per_session() {
 #[tokio::test(flavor = "multi_thread")]
 async fn new_sessions_per_address_are_limited_and_returning_browsers_are_not() {
     let db = TestDb::sqlite();
-    let mut state = state_with_model(&db);
+    let mut state = TestApp::new(&db).state();
     state.limits = std::sync::Arc::new(collabllm::web::limits::Limits::new(3, false));
     let studio = state.studio.clone();
     let server = TestServer::start(state);
@@ -1499,7 +1499,7 @@ async fn new_sessions_per_address_are_limited_and_returning_browsers_are_not() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_prolific_id_alone_does_not_open_a_session_in_another_browser() {
     let db = TestDb::sqlite();
-    let state = state_with_model(&db);
+    let state = TestApp::new(&db).state();
     let pool = state.pool.clone();
     let server = TestServer::start(state);
     let (owner, mut ws, _) = consented(&server, "quick-pilot", "pid-owned").await;
@@ -1567,7 +1567,7 @@ async fn a_prolific_id_alone_does_not_open_a_session_in_another_browser() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_closing_page_beacon_applies_its_frames_once() {
     let db = TestDb::sqlite();
-    let state = state_with_model(&db);
+    let state = TestApp::new(&db).state();
     let pool = state.pool.clone();
     let server = TestServer::start(state);
     let (browser, _ws, s) = consented(&server, "quick-pilot", "pid-beacon").await;
@@ -1625,12 +1625,9 @@ async fn a_closing_page_beacon_applies_its_frames_once() {
 async fn a_stopped_reply_is_kept_but_is_not_a_turn() {
     let db = TestDb::sqlite();
     let engine = crate::common::ScriptedEngine::holding(|_| "unused".into(), |_| true);
-    let loaded = crate::common::protocol("quick-pilot.toml");
-    let server = TestServer::start(crate::common::scripted_state(
-        &db,
-        &loaded,
-        std::sync::Arc::new(engine),
-    ));
+    let server = TestApp::new(&db)
+        .scripted(std::sync::Arc::new(engine))
+        .start();
     let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-stop").await;
     ws.say("write me a note").await;
     ws.until(|f| matches!(f, ServerFrame::Token { .. })).await;
@@ -1699,12 +1696,9 @@ async fn a_queued_reply_shows_its_place_in_line() {
         },
     )
     .waiting_in_line(vec![2, 1, 0]);
-    let loaded = crate::common::protocol("quick-pilot.toml");
-    let server = TestServer::start(crate::common::scripted_state(
-        &db,
-        &loaded,
-        std::sync::Arc::new(engine),
-    ));
+    let server = TestApp::new(&db)
+        .scripted(std::sync::Arc::new(engine))
+        .start();
     let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-queue").await;
     let places = |frames: &[ServerFrame]| -> Vec<Option<usize>> {
         frames

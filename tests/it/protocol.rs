@@ -56,8 +56,6 @@ code = "C"
 code = "N"
 [outcomes.timed_out]
 code = "T"
-[outcomes.screened_out]
-code = "S"
 "#;
 
 /// A models directory holding a file that looks like a GGUF model.
@@ -96,6 +94,21 @@ fn the_valid_base_protocol_passes() {
     let loaded = check(VALID).unwrap();
     assert_eq!(loaded.protocol.arms.len(), 2);
     assert_eq!(loaded.sha256.len(), 64);
+}
+
+/// Files and stored versions from before the screening outcome was retired still load, checked
+/// and stored alike, and a misspelt outcome is still refused.
+#[test]
+fn a_protocol_with_the_retired_screening_outcome_still_loads() {
+    let old = format!("{VALID}[outcomes.screened_out]\ncode = \"S\"\n");
+    let loaded = check(&old).unwrap();
+    assert_eq!(
+        collabllm::protocol::Protocol::from_stored(&old).unwrap(),
+        loaded.protocol
+    );
+    let misspelt = format!("{VALID}[outcomes.screened]\ncode = \"S\"\n");
+    let d = only_problem(&misspelt);
+    assert_eq!(d.line, line_of(&misspelt, "[outcomes.screened]", 0));
 }
 
 #[test]

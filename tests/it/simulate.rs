@@ -17,8 +17,7 @@ use collabllm::web::AppState;
 use serde_json::json;
 
 use crate::common::{
-    asker, models_dir, repo_root, request_text, scripted_state, Asker, ScriptedEngine, TestDb,
-    TestServer,
+    asker, models_dir, repo_root, request_text, Asker, ScriptedEngine, TestApp, TestDb, TestServer,
 };
 
 /// The quick pilot, ending after two turns.
@@ -79,7 +78,10 @@ struct Pilot {
 
 fn start(loaded: &LoadedProtocol, engine: Arc<ScriptedEngine>) -> Pilot {
     let db = TestDb::sqlite();
-    let state = scripted_state(&db, loaded, engine);
+    let state = TestApp::new(&db)
+        .loaded(loaded.clone())
+        .scripted(engine)
+        .state();
     let pool = state.pool.clone();
     let server = TestServer::start(state.clone());
     Pilot {

@@ -1,9 +1,7 @@
 //! Storage: every query function on SQLite and on PostgreSQL, each test with a fresh database;
 //! migrations are reversible; an unreachable database gives a clear error.
 
-use collabllm::db::models::{
-    NewAssignment, NewCandidate, NewMessage, NewPreferencePair, NewReward, NewSession,
-};
+use collabllm::db::models::{NewAssignment, NewCandidate, NewMessage, NewReward, NewSession};
 use collabllm::db::studies::ImportOutcome;
 use collabllm::db::vocab::{MessageRole, Outcome, RevisionAuthor, SessionState};
 use collabllm::db::{self, DbConn, DbError};
@@ -157,13 +155,21 @@ on_both_backends!(
             3
         );
         assert_eq!(
-            db::studies::session_count(&mut conn, original.id).unwrap(),
+            db::sessions::list_for_version(&mut conn, original.id)
+                .unwrap()
+                .len(),
             1
         );
-        assert_eq!(
-            db::studies::session_count(&mut conn, imported.version.id).unwrap(),
-            0
+        assert!(
+            db::sessions::list_for_version(&mut conn, imported.version.id)
+                .unwrap()
+                .is_empty()
         );
+        // The console's list: the newest version, and the sessions of every version.
+        let [summary] = &db::studies::summaries(&mut conn).unwrap()[..] else {
+            panic!("one study");
+        };
+        assert_eq!((summary.version, summary.sessions), (2, 1));
         let session = db::sessions::get(&mut conn, f.session_id).unwrap();
         assert_eq!(session.study_version_id, original.id);
     }
@@ -512,28 +518,6 @@ on_both_backends!(candidates_rewards_and_pairs_are_stored, |db: &TestDb| {
         db::rewards::list_for_session(&mut conn, f.session_id).unwrap(),
         vec![r]
     );
-
-    let p = db::pairs::insert(
-        &mut conn,
-        &NewPreferencePair {
-            study_id: f.study_id,
-            session_id: Some(f.session_id),
-            turn: 1,
-            source: "compare",
-            prompt_json: "[]",
-            chosen: AWKWARD,
-            rejected: "no",
-            score_chosen: Some(1.0),
-            score_rejected: None,
-            metadata_json: "{}",
-            created_at: db::now(),
-        },
-    )
-    .unwrap();
-    assert_eq!(
-        db::pairs::list_for_study(&mut conn, f.study_id).unwrap(),
-        vec![p]
-    );
 });
 
 on_both_backends!(foreign_keys_are_enforced, |db: &TestDb| {
@@ -590,7 +574,7 @@ on_both_backends!(
     |db: &TestDb| {
         let mut conn = db.conn();
         let up = schema_dump(&mut conn);
-        assert!(up.iter().any(|l| l.contains("preference_pairs")), "{up:?}");
+        assert!(up.iter().any(|l| l.contains("synth_turns")), "{up:?}");
         db::revert_all(&mut conn).unwrap();
         let down = schema_dump(&mut conn);
         assert!(

@@ -197,26 +197,89 @@ impl Drop for TestServer {
 /// The `/v1` API key of the test servers.
 pub const TEST_API_KEY: &str = "test-api-key";
 
-/// App state over `db` with the engines of the quick-pilot protocol (the real model), and
-/// [`TEST_API_KEY`] for `/v1`.
-pub fn state_with_model(db: &TestDb) -> AppState {
-    let loaded = protocol("quick-pilot.toml");
-    let pool = db.pool();
-    {
-        let mut conn = pool.get().expect("conn");
-        db::studies::import(&mut conn, &loaded).expect("import");
-    }
-    let engines = Engines::new();
-    engines
-        .load_protocol(&loaded.protocol, &models_dir())
-        .expect("engines start");
-    let mut state = AppState::new(pool, engines, models_dir()).expect("app state");
-    state.api_keys = std::sync::Arc::new(vec![collabllm::web::openai::key_sha256(TEST_API_KEY)]);
-    state
+/// The app under test, over a database of its own: the quick-pilot protocol imported and a
+/// scripted model that answers at once (nothing loads llama.cpp), unless the test asks for
+/// another protocol, another script, the real default model, or a researcher account. `/v1` takes
+/// [`TEST_API_KEY`].
+pub struct TestApp<'a> {
+    db: &'a TestDb,
+    protocol: LoadedProtocol,
+    engine: Option<std::sync::Arc<ScriptedEngine>>,
+    researcher: bool,
 }
 
-/// Engines whose default model (every arm, the simulator and the judge of the shipped protocols)
-/// is `engine`: nothing loads llama.cpp.
+/// What the default scripted model answers.
+const SCRIPTED_REPLY: &str = "Here is a first draft: Dear Jo, thank you for the tomatoes.";
+
+impl<'a> TestApp<'a> {
+    pub fn new(db: &'a TestDb) -> Self {
+        Self {
+            db,
+            protocol: protocol("quick-pilot.toml"),
+            engine: Some(std::sync::Arc::new(ScriptedEngine::new(|_| {
+                SCRIPTED_REPLY.to_string()
+            }))),
+            researcher: false,
+        }
+    }
+
+    /// Another protocol than the quick pilot (a shipped one, or one with a change).
+    pub fn loaded(mut self, loaded: LoadedProtocol) -> Self {
+        self.protocol = loaded;
+        self
+    }
+
+    /// This scripted model instead of the default one.
+    pub fn scripted(mut self, engine: std::sync::Arc<ScriptedEngine>) -> Self {
+        self.engine = Some(engine);
+        self
+    }
+
+    /// The protocol's own models: the real default model, through llama.cpp.
+    pub fn real_model(mut self) -> Self {
+        self.engine = None;
+        self
+    }
+
+    /// With [`RESEARCHER`]'s console account.
+    pub fn researcher(mut self) -> Self {
+        self.researcher = true;
+        self
+    }
+
+    pub fn state(self) -> AppState {
+        let pool = self.db.pool();
+        db::studies::import(&mut pool.get().expect("conn"), &self.protocol).expect("import");
+        if self.researcher {
+            add_researcher(&pool);
+        }
+        let engines = match self.engine {
+            Some(engine) => scripted_engines(engine),
+            None => {
+                let engines = Engines::new();
+                engines
+                    .load_protocol(&self.protocol.protocol, &models_dir())
+                    .expect("engines start");
+                engines
+            }
+        };
+        let mut state = AppState::new(pool, engines, models_dir()).expect("app state");
+        state.api_keys =
+            std::sync::Arc::new(vec![collabllm::web::openai::key_sha256(TEST_API_KEY)]);
+        state
+    }
+
+    /// The app served on a loopback port.
+    pub fn start(self) -> TestServer {
+        TestServer::start(self.state())
+    }
+}
+
+/// App state over `db` with the engines of the quick-pilot protocol (the real model).
+pub fn state_with_model(db: &TestDb) -> AppState {
+    TestApp::new(db).real_model().state()
+}
+
 /// The researcher the console tests log in as.
 pub const RESEARCHER: (&str, &str) = ("ada", "lovelace-1815");
 
@@ -231,6 +294,8 @@ pub fn add_researcher(pool: &DbPool) {
     .expect("researcher");
 }
 
+/// Engines whose default model (every arm, the simulator and the judge of the shipped protocols)
+/// is `engine`: nothing loads llama.cpp.
 pub fn scripted_engines(engine: std::sync::Arc<ScriptedEngine>) -> Engines {
     let engines = Engines::new();
     engines.insert(
@@ -238,17 +303,6 @@ pub fn scripted_engines(engine: std::sync::Arc<ScriptedEngine>) -> Engines {
         engine,
     );
     engines
-}
-
-/// App state over `db` with `loaded` imported and [`scripted_engines`] of `engine`.
-pub fn scripted_state(
-    db: &TestDb,
-    loaded: &LoadedProtocol,
-    engine: std::sync::Arc<ScriptedEngine>,
-) -> AppState {
-    let pool = db.pool();
-    db::studies::import(&mut pool.get().expect("conn"), loaded).expect("import");
-    AppState::new(pool, scripted_engines(engine), models_dir()).expect("app state")
 }
 
 pub fn write_temp(dir: &Path, name: &str, text: &str) -> PathBuf {

@@ -1,4 +1,5 @@
-//! Sampling settings of a request: what a protocol's arm sets and what `/v1` clients send.
+//! Sampling settings: what a protocol's arm sets and what a request to an engine carries (the
+//! engine re-exports them; `/v1` clients send the same fields).
 
 use serde::{Deserialize, Serialize};
 

@@ -2,9 +2,13 @@
 //! bootstrap interval of the final ratings and of the periodic ratings, the periodic rating by
 //! turn, time to completion (median and quartiles), turns, document words, assistant tokens and
 //! time to first token. The bootstrap is seeded, so the same data give the same intervals.
+//! [`charts`] lays them out for the console.
+
+pub mod charts;
+
+use std::collections::BTreeMap;
 
 use crate::db::vocab::{MessageRole, Outcome, RevisionAuthor};
-use std::collections::BTreeMap;
 
 use crate::db::{self, DbConn, DbResult};
 use crate::protocol::{Protocol, RatingWhen};

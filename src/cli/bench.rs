@@ -1,0 +1,456 @@
+//! `bench`: performance measured against a reference run in the same process, so the ratios
+//! compare across machines.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _, Result};
+use clap::Subcommand;
+use indicatif::ProgressBar;
+
+use collabllm::bench::{self, EngineBenchOptions, StudyWorkload};
+use collabllm::config::EXAMPLE_PROTOCOL_PATH;
+use collabllm::engine::fetch;
+use collabllm::engine::llama::{self, LlamaEngine, WorkerConfig};
+use collabllm::engine::remote::RemoteEngine;
+use collabllm::engine::Engine;
+use collabllm::train;
+
+use super::Context;
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Peak memory and time of the CSV export of a large study against a study a tenth its size,
+    /// each exported by a child process.
+    Export {
+        /// Sessions in the large study.
+        #[arg(long, default_value_t = 1000)]
+        sessions: usize,
+        /// Messages per session.
+        #[arg(long, default_value_t = 100)]
+        messages: usize,
+    },
+    /// Time of one turn's multiturn-aware rewards (2 candidates, S=3, w=2) with every rollout in
+    /// one batch vs the same rollouts one after another, and rollouts per minute.
+    Mr {
+        /// Protocol whose first arm, simulator and judge are measured.
+        #[arg(long, default_value = EXAMPLE_PROTOCOL_PATH)]
+        protocol: PathBuf,
+        /// Candidates of the turn.
+        #[arg(long, default_value_t = 2)]
+        candidates: u32,
+        /// Rollouts per candidate.
+        #[arg(long, default_value_t = 3)]
+        samples: u32,
+        /// Turn pairs per rollout.
+        #[arg(long, default_value_t = 2)]
+        window: u32,
+    },
+    /// The engine's throughput and time to first token. `--workload chats` compares it with
+    /// one-at-a-time requests without prefix reuse; `--workload study` runs the study's own load
+    /// (participants chatting at once, several turns each, pauses between turns) on the engine and
+    /// on llama.cpp's `llama-server` in the same run.
+    Engine {
+        /// What to measure: `chats` (concurrency and prefix reuse) or `study` (the study's load
+        /// against llama-server).
+        #[arg(long, value_enum, default_value = "chats")]
+        workload: Workload,
+        /// GGUF model (default: the default model in the models directory).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Sequence slots of the engine under test (and of the llama-server it starts).
+        #[arg(long, default_value_t = 8)]
+        slots: u32,
+        /// Tokens one conversation may hold.
+        #[arg(long, default_value_t = 8192)]
+        context_tokens: u32,
+        /// Tokens generated per request (`chats`) or per turn of the conversation alone (`study`).
+        #[arg(long, default_value_t = 64)]
+        tokens: u32,
+        /// Turns of each conversation.
+        #[arg(long, default_value_t = 10)]
+        turns: usize,
+        /// Numbers of concurrent chats to measure (`chats`).
+        #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
+        concurrency: Vec<usize>,
+        /// Participants chatting at once (`study`).
+        #[arg(long, default_value_t = 16)]
+        participants: usize,
+        /// Tokens of each participant's reply (`study`).
+        #[arg(long, default_value_t = 48)]
+        reply_tokens: u32,
+        /// Seconds a participant pauses between a reply and the next message, as MIN,MAX
+        /// (`study`).
+        #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.5, 2.0])]
+        think_seconds: Vec<f64>,
+        /// An OpenAI-compatible server to measure: with `chats` in place of the in-process
+        /// engine, with `study` as the reference (e.g. llama-server at http://127.0.0.1:8081/v1).
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Model name sent to --endpoint.
+        #[arg(long, default_value = "default")]
+        remote_model: String,
+        /// A `llama-server` binary the `study` workload starts as its reference, with the same
+        /// model, slots, context and threads as the engine (used when --endpoint is not given).
+        #[arg(long, env = "COLLABLLM_LLAMA_SERVER")]
+        llama_server: Option<PathBuf>,
+    },
+    /// DPO training speed: seconds per pair and training tokens/s at pairs of --tokens tokens,
+    /// against the forward-only pass and llama.cpp's forward pass over the same tokens in the same
+    /// run, peak memory, and one epoch's estimated time.
+    Train {
+        /// GGUF model (default: the default model in the models directory).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Tokens of each side of a pair (prompt + reply, half each).
+        #[arg(long, default_value_t = 512)]
+        tokens: usize,
+        /// Pairs measured.
+        #[arg(long, default_value_t = 3)]
+        pairs: usize,
+        /// Pairs of the epoch whose time is estimated.
+        #[arg(long, default_value_t = 200)]
+        epoch_pairs: usize,
+    },
+}
+
+/// What `bench engine` measures.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Workload {
+    /// Concurrent first turns and conversations against one-at-a-time requests.
+    Chats,
+    /// The study's load against llama.cpp's llama-server.
+    Study,
+}
+
+/// The server the study workload is compared with.
+enum Reference {
+    /// One already running: its `/v1` URL and model name.
+    Endpoint(String, String),
+    /// A llama-server binary to start with the engine's settings.
+    LlamaServer(PathBuf),
+}
+
+pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
+    let models_dir = &ctx.settings.models_dir;
+    match command {
+        BenchCommand::Mr {
+            protocol,
+            candidates,
+            samples,
+            window,
+        } => {
+            let loaded = ctx.load_protocol(&protocol)?;
+            let runtime = ctx.runtime()?;
+            let _guard = runtime.enter();
+            let report = runtime.block_on(bench::mr_bench(
+                &loaded,
+                models_dir,
+                candidates.max(1),
+                samples.max(1),
+                window.max(1),
+            ))?;
+            println!("{report}");
+            Ok(())
+        }
+        BenchCommand::Export { sessions, messages } => export_bench(sessions, messages),
+        BenchCommand::Engine {
+            workload,
+            model,
+            slots,
+            context_tokens,
+            tokens,
+            turns,
+            concurrency,
+            participants,
+            reply_tokens,
+            think_seconds,
+            endpoint,
+            remote_model,
+            llama_server,
+        } => {
+            let model = model.unwrap_or_else(|| fetch::default_model_path(models_dir));
+            match workload {
+                Workload::Chats => {
+                    let options = EngineBenchOptions {
+                        tokens,
+                        concurrency,
+                        turns,
+                    };
+                    engine_bench(
+                        ctx,
+                        &model,
+                        slots,
+                        context_tokens,
+                        &options,
+                        endpoint.map(|e| (e, remote_model)),
+                    )
+                }
+                Workload::Study => {
+                    let workload = StudyWorkload {
+                        participants,
+                        turns,
+                        tokens: reply_tokens,
+                        alone_tokens: tokens,
+                        think_seconds: (think_seconds[0], think_seconds[1]),
+                    };
+                    let reference = match (endpoint, llama_server) {
+                        (Some(url), _) => Some(Reference::Endpoint(url, remote_model)),
+                        (None, Some(binary)) => Some(Reference::LlamaServer(binary)),
+                        (None, None) => None,
+                    };
+                    study_bench(ctx, &model, slots, context_tokens, &workload, reference)
+                }
+            }
+        }
+        BenchCommand::Train {
+            model,
+            tokens,
+            pairs,
+            epoch_pairs,
+        } => {
+            let model = model.unwrap_or_else(|| fetch::default_model_path(models_dir));
+            let bar = ProgressBar::new_spinner().with_message("measuring training steps");
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            let report = train::bench(&model, tokens, pairs.max(1), epoch_pairs)?;
+            bar.finish_and_clear();
+            println!("{report}");
+            Ok(())
+        }
+    }
+}
+
+fn export_bench(sessions: usize, messages: usize) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut results = Vec::new();
+    for (name, n) in [("reference", (sessions / 10).max(1)), ("large", sessions)] {
+        let url = format!(
+            "sqlite://{}",
+            dir.path().join(format!("{name}.sqlite3")).display()
+        );
+        let bar = ProgressBar::new(n as u64).with_message(format!("seeding the {name} study"));
+        bench::seed_study(&url, n, messages, &bar)?;
+        bar.finish_and_clear();
+        let mut command = std::process::Command::new(std::env::current_exe()?);
+        command
+            .args([
+                "--log",
+                "warn",
+                "--database-url",
+                &url,
+                "export",
+                "csv",
+                "--study",
+                "doc-cocreation",
+                "--out",
+            ])
+            .arg(dir.path().join(name))
+            .stdout(std::process::Stdio::null());
+        let started = std::time::Instant::now();
+        let (ok, peak) = bench::peak_rss_of(command)?;
+        if !ok {
+            bail!("the export of the {name} study failed");
+        }
+        results.push((name, n * messages, peak, started.elapsed().as_secs_f64()));
+    }
+    println!(
+        "{:<10} {:>10} {:>14} {:>10}",
+        "study", "messages", "peak RSS MiB", "seconds"
+    );
+    for (name, n, peak, secs) in &results {
+        println!("{name:<10} {n:>10} {peak:>14.1} {secs:>10.2}");
+    }
+    let (reference, large) = (&results[0], &results[1]);
+    println!(
+        "peak RSS, large / reference: {:.2}x for {:.0}x the messages (constant memory: about 1x)",
+        large.2 / reference.2,
+        large.1 as f64 / reference.1 as f64
+    );
+    Ok(())
+}
+
+fn engine_bench(
+    ctx: &Context,
+    model: &Path,
+    slots: u32,
+    context_tokens: u32,
+    options: &EngineBenchOptions,
+    endpoint: Option<(String, String)>,
+) -> Result<()> {
+    let runtime = ctx.runtime()?;
+    let _guard = runtime.enter();
+    let loaded = llama::load_model(model, None, &[])?;
+    let worker = |name: &str, slots, reuse_prefix| {
+        LlamaEngine::spawn(
+            loaded.clone(),
+            WorkerConfig {
+                name: name.into(),
+                context_tokens,
+                slots,
+                lora: None,
+                reuse_prefix,
+                saved_cache_bytes: if reuse_prefix { 1 << 30 } else { 0 },
+            },
+        )
+    };
+    let engine: Box<dyn Engine> = match endpoint {
+        Some((url, name)) => Box::new(RemoteEngine::new(&url, &name, None)?),
+        None => Box::new(worker("engine", slots, true)?),
+    };
+    let baseline = worker("baseline", 1, false)?;
+    let progress = ProgressBar::new(bench::steps(options));
+    let figures = runtime.block_on(bench::engine_bench(&*engine, &baseline, options, &progress))?;
+    progress.finish_and_clear();
+    println!(
+        "model {} ({}), {slots} slots, {} generated tokens per request, {} threads",
+        model.display(),
+        loaded.sha256,
+        options.tokens,
+        llama::thread_count()
+    );
+    print_figures(&figures, "baseline");
+    let get = |prefix: &str| {
+        figures
+            .iter()
+            .find(|f| f.name.starts_with(prefix))
+            .map(|f| f.engine)
+    };
+    if let (Some(one), Some(eight)) = (get("aggregate, 1 "), get("aggregate, 8 ")) {
+        println!(
+            "aggregate at 8 chats / 1 chat: {:.2}x (target >= 1.75x)",
+            eight / one
+        );
+    }
+    let ttft: Vec<f64> = figures
+        .iter()
+        .filter(|f| f.name.starts_with("time to first token"))
+        .map(|f| f.engine)
+        .collect();
+    if let [first, last] = ttft[..] {
+        println!(
+            "time to first token, turn {} / turn 1: {:.2}x (target <= 1.4x)",
+            options.turns,
+            last / first.max(1.0)
+        );
+    }
+    if let Some(rss) = bench::peak_rss_mib() {
+        println!("peak RSS: {rss:.0} MiB");
+    }
+    Ok(())
+}
+
+/// `bench engine --workload study`: the in-process engine, then the reference, on the same
+/// workload; the ratios are what compare across machines.
+fn study_bench(
+    ctx: &Context,
+    model: &Path,
+    slots: u32,
+    context_tokens: u32,
+    workload: &StudyWorkload,
+    reference: Option<Reference>,
+) -> Result<()> {
+    let runtime = ctx.runtime()?;
+    let _guard = runtime.enter();
+    let replies = workload.turns * (workload.participants + 1);
+    let runs = if reference.is_some() { 2 } else { 1 };
+    let progress = ProgressBar::new(runs * replies as u64);
+    let ours = {
+        let loaded = llama::load_model(model, None, &[])?;
+        let engine = LlamaEngine::spawn(
+            loaded,
+            WorkerConfig {
+                name: "engine".into(),
+                context_tokens,
+                slots,
+                lora: None,
+                reuse_prefix: true,
+                saved_cache_bytes: 1 << 30,
+            },
+        )?;
+        runtime.block_on(bench::study_bench(&engine, workload, &progress))?
+    };
+    println!(
+        "model {}, {slots} slots of {context_tokens} tokens, {} threads",
+        model.display(),
+        llama::thread_count()
+    );
+    println!(
+        "{} participants at once, {} turns each, {} tokens a reply, {:.1}-{:.1} s between turns; \
+         one conversation alone: {} turns of {} tokens",
+        workload.participants,
+        workload.turns,
+        workload.tokens,
+        workload.think_seconds.0,
+        workload.think_seconds.1,
+        workload.turns,
+        workload.alone_tokens
+    );
+    let alone = |f: &bench::StudyFigures| {
+        f.alone_turn_s.last().copied().unwrap_or(0.0) / f.alone_turn_s[0].max(1e-9)
+    };
+    let Some(reference) = reference else {
+        progress.finish_and_clear();
+        println!("{}", serde_json::to_string_pretty(&ours)?);
+        println!(
+            "alone, turn {} / turn 1: {:.2}x (target <= 1.2x); no reference was measured: \
+             pass --llama-server PATH or --endpoint URL to compare with llama-server",
+            workload.turns,
+            alone(&ours)
+        );
+        return Ok(());
+    };
+    // The engine is dropped before the reference starts: the two never share the cores.
+    let (_server, url, name) = match reference {
+        Reference::Endpoint(url, name) => (None, url, name),
+        Reference::LlamaServer(binary) => {
+            let server = runtime
+                .block_on(bench::LlamaServer::start(
+                    &binary,
+                    model,
+                    slots,
+                    context_tokens,
+                    llama::thread_count(),
+                ))
+                .with_context(|| format!("cannot start {}", binary.display()))?;
+            let url = server.url.clone();
+            (Some(server), url, "default".to_string())
+        }
+    };
+    let remote = RemoteEngine::new(&url, &name, None)?;
+    let theirs = runtime.block_on(bench::study_bench(&remote, workload, &progress))?;
+    progress.finish_and_clear();
+    println!("reference: {url}");
+    let figures = bench::study_figures(&ours, &theirs);
+    print_figures(&figures, "llama-server");
+    println!(
+        "alone, turn {} / turn 1: engine {:.2}x, llama-server {:.2}x (target <= 1.2x)",
+        workload.turns,
+        alone(&ours),
+        alone(&theirs)
+    );
+    println!(
+        "together: time to first token p50 {:.2}x llama-server's (target <= 0.8x), throughput \
+         {:.2}x (target >= 1.0x)",
+        ours.ttft_p50_ms / theirs.ttft_p50_ms.max(1e-9),
+        ours.tokens_per_s / theirs.tokens_per_s.max(1e-9)
+    );
+    Ok(())
+}
+
+/// The figures of a benchmark as a table: engine, reference, ratio.
+fn print_figures(figures: &[bench::Figure], reference: &str) {
+    println!(
+        "{:<40} {:>12} {:>16} {:>8}",
+        "", "engine", reference, "ratio"
+    );
+    for f in figures {
+        println!(
+            "{:<40} {:>8.1} {:<3} {:>12.1} {:<3} {:>7.2}x",
+            f.name,
+            f.engine,
+            f.unit,
+            f.baseline,
+            f.unit,
+            f.ratio()
+        );
+    }
+}
