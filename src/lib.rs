@@ -10,6 +10,7 @@ pub mod config;
 pub mod db;
 pub mod engine;
 pub mod export;
+pub mod metrics;
 pub mod protocol;
 pub mod results;
 pub mod study;

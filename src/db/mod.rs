@@ -141,10 +141,13 @@ where
 {
     let pool = pool.clone();
     tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
         let mut conn = pool
             .get()
             .map_err(|e| DbError::Invalid(format!("no database connection: {e}")))?;
-        work(&mut conn)
+        let done = work(&mut conn);
+        crate::metrics::metrics().db_work(started.elapsed());
+        done
     })
     .await
     .unwrap_or_else(|e| Err(DbError::Invalid(format!("database task failed: {e}")).into()))

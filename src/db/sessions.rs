@@ -6,7 +6,7 @@ use diesel::prelude::*;
 use super::models::{NewSession, Session};
 use super::schema::{participants, sessions};
 use super::vocab::{Outcome, SessionState};
-use super::{now, write_transaction, DbConn, DbResult};
+use super::{now, write_transaction, DbConn, DbError, DbResult};
 
 pub fn create(conn: &mut DbConn, new: &NewSession) -> DbResult<Session> {
     Ok(diesel::insert_into(sessions::table)
@@ -144,6 +144,22 @@ pub fn count_by_arm(
         .into_iter()
         .filter_map(|(arm, n)| arm.map(|a| (a, n)))
         .collect())
+}
+
+/// Sessions of every study by state, people's and simulated ones alike (what `/metrics` shows).
+pub fn count_by_state(conn: &mut DbConn) -> DbResult<Vec<(SessionState, i64)>> {
+    let rows: Vec<(String, i64)> = sessions::table
+        .group_by(sessions::state)
+        .select((sessions::state, diesel::dsl::count_star()))
+        .load(conn)?;
+    rows.into_iter()
+        .map(|(state, n)| {
+            let state = state
+                .parse::<SessionState>()
+                .map_err(|e| DbError::Invalid(e.to_string()))?;
+            Ok((state, n))
+        })
+        .collect()
 }
 
 pub fn find_by_token_hash(conn: &mut DbConn, token_hash: &str) -> DbResult<Option<Session>> {

@@ -73,6 +73,22 @@ pub enum ClientFrame {
 }
 
 impl ClientFrame {
+    /// The frame's `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientFrame::Hello { .. } => "hello",
+            ClientFrame::UserMessage { .. } => "user_message",
+            ClientFrame::Stop { .. } => "stop",
+            ClientFrame::DocUpdate { .. } => "doc_update",
+            ClientFrame::Rating { .. } => "rating",
+            ClientFrame::Finish { .. } => "finish",
+            ClientFrame::FinalAnswers { .. } => "final_answers",
+            ClientFrame::Regenerate { .. } => "regenerate",
+            ClientFrame::Choose { .. } => "choose",
+            ClientFrame::Event { .. } => "event",
+        }
+    }
+
     pub fn client_seq(&self) -> Option<i64> {
         match self {
             ClientFrame::Hello { .. } => None,

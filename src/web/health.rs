@@ -1,6 +1,7 @@
-//! Liveness: `/healthz` for load balancers and the start page for people.
+//! Liveness and monitoring: `/healthz` for load balancers, `/metrics` for Prometheus (with a
+//! `/v1` key: it names arms and engines), and the start page for people.
 
-use actix_web::{get, web, HttpResponse};
+use actix_web::{get, web, HttpRequest, HttpResponse};
 use askama::Template;
 use serde_json::json;
 
@@ -36,6 +37,23 @@ async fn get_healthz(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
     } else {
         HttpResponse::ServiceUnavailable().json(body)
     })
+}
+
+/// Prometheus's text format (`text/plain; version=0.0.4`) of [`crate::metrics`], with the
+/// sessions by state and the engines read now.
+#[get("/metrics")]
+async fn get_metrics(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    super::openai::authorise(&req, &state).await?;
+    let sessions = state
+        .db(|conn| Ok(db::sessions::count_by_state(conn)?))
+        .await?;
+    let text = crate::metrics::metrics().render(&sessions, &state.engines.statuses());
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(text))
 }
 
 #[derive(Template)]

@@ -101,6 +101,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                         .service(socket::connect_socket),
                 )
                 .service(health::get_healthz)
+                .service(health::get_metrics)
                 .service(health::get_home)
                 .service(openai::list_models)
                 .service(openai::create_chat_completion)

@@ -192,8 +192,9 @@ pub fn key_sha256(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
 }
 
-/// Lets the request through when it carries a key given at start or stored in the database.
-async fn authorise(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
+/// Lets the request through when it carries a key given at start or stored in the database
+/// (`/v1` and `/metrics`).
+pub(super) async fn authorise(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> {
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -220,7 +221,7 @@ async fn authorise(req: &HttpRequest, state: &AppState) -> Result<(), ApiError> 
     }
     if !any && state.api_keys.is_empty() {
         return Err(ApiError::Disabled(
-            "the OpenAI-compatible API is off because no API key is configured: set \
+            "the OpenAI-compatible API and /metrics are off because no API key is configured: set \
              COLLABLLM_API_KEYS=KEY[,KEY...] for `serve`, or run `collabllm key add NAME`, then send \
              `Authorization: Bearer KEY`"
                 .into(),

@@ -9,6 +9,7 @@ use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
 
 use super::participant::COOKIE;
 use super::AppState;
+use crate::metrics::metrics;
 use crate::study::frames::ServerFrame;
 use crate::study::Connection;
 
@@ -48,11 +49,15 @@ async fn run(
         let outgoing = tokio::select! {
             message = stream.recv() => match message {
                 Some(Ok(AggregatedMessage::Text(text))) => connection.handle_text(&text).await,
-                Some(Ok(AggregatedMessage::Binary(_))) => vec![ServerFrame::error(
-                    "bad_frame",
-                    "frames are JSON text, not binary",
-                    None,
-                )],
+                Some(Ok(AggregatedMessage::Binary(_))) => {
+                    metrics().frame("binary");
+                    metrics().refusal("binary", "bad_frame");
+                    vec![ServerFrame::error(
+                        "bad_frame",
+                        "frames are JSON text, not binary",
+                        None,
+                    )]
+                }
                 Some(Ok(AggregatedMessage::Ping(bytes))) => {
                     if session.pong(&bytes).await.is_err() {
                         return;
@@ -62,6 +67,8 @@ async fn run(
                 Some(Ok(AggregatedMessage::Pong(_))) => Vec::new(),
                 Some(Ok(AggregatedMessage::Close(_))) | None => break,
                 Some(Err(ProtocolError::Overflow)) => {
+                    metrics().frame("oversized");
+                    metrics().refusal("oversized", "too_large");
                     // The rest of the frame cannot be skipped: say why, then close.
                     close = Some(CloseReason {
                         code: CloseCode::Size,

@@ -628,6 +628,34 @@ fn a_corrupt_model_file_is_refused_with_the_fix() {
     assert!(err.to_string().contains("models fetch"), "{err}");
 }
 
+/// llama.cpp computes with one thread per core, not the crate's default of 4 (two orders of
+/// magnitude slower on a 2-core machine): after a reply, the worker's compute team — the worker
+/// thread and the OpenMP threads its decodes started, which carry the worker's name — has one
+/// thread per core.
+#[tokio::test]
+async fn an_engine_computes_with_one_thread_per_core() {
+    let engine = LlamaEngine::spawn(
+        model(),
+        WorkerConfig {
+            name: "cores".into(),
+            context_tokens: 1024,
+            slots: 1,
+            lora: None,
+            reuse_prefix: false,
+            saved_cache_bytes: 0,
+        },
+    )
+    .expect("start worker");
+    run(&engine, chat("Say hello.", greedy(8))).await;
+    let team = std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim_end() == "llama-cores")
+        .count();
+    let cores = std::thread::available_parallelism().unwrap().get();
+    assert_eq!(team, cores, "threads computing for the engine");
+}
+
 #[test]
 fn the_remote_backend_streams_from_another_serve_instance() {
     let db = TestDb::sqlite();

@@ -1738,3 +1738,133 @@ async fn a_queued_reply_shows_its_place_in_line() {
     assert!(places(&rest).is_empty());
     assert_eq!(state_of(ws.hello().await).queued_ahead, None);
 }
+
+/// A metric of the text format, by name and labels (in any order), e.g.
+/// `collabllm_sessions{state="rating"}`.
+fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let wanted: BTreeMap<&str, &str> = labels.iter().copied().collect();
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            let (metric, labels) = match key.split_once('{') {
+                Some((m, rest)) => (m, rest.strip_suffix('}')?),
+                None => (key, ""),
+            };
+            let found: BTreeMap<&str, &str> = labels
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .filter_map(|l| {
+                    let (k, v) = l.split_once('=')?;
+                    Some((k, v.trim_matches('"')))
+                })
+                .collect();
+            (metric == name && found == wanted).then(|| value.parse().ok())?
+        })
+}
+
+/// Prometheus scrapes `/metrics` with a `/v1` key (it names arms and engines): the frames a
+/// participant sent and the errors they got, by type; their reply's latencies under its arm;
+/// sessions by state; the engine's queues, slots and tokens; and the database's work.
+#[tokio::test(flavor = "multi_thread")]
+async fn metrics_show_frames_replies_sessions_and_engines() {
+    let db = TestDb::sqlite();
+    let engine = crate::common::ScriptedEngine::new(|_| "A short draft for Jo.".into()).reporting(
+        collabllm::engine::EngineStatus {
+            slots: 4,
+            active: 1,
+            queued_by_priority: [2, 0, 1],
+            generated_tokens: 120,
+            prompt_tokens_processed: 40,
+            prompt_tokens_reused: 360,
+            running: true,
+            ..Default::default()
+        },
+    );
+    let server = TestApp::new(&db)
+        .scripted(std::sync::Arc::new(engine))
+        .start();
+    let scrape = |key: Option<&'static str>| {
+        let mut request = reqwest::Client::new().get(server.url("/metrics"));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request.send()
+    };
+    assert_eq!(scrape(None).await.unwrap().status(), 401);
+    assert_eq!(scrape(Some("wrong")).await.unwrap().status(), 401);
+
+    let (_, mut ws, _) = consented(&server, "quick-pilot", "pid-metrics").await;
+    ws.chat("A note for Jo, please.").await;
+    ws.raw("not a frame").await;
+    ws.expect_error("bad_frame").await;
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::Finish { client_seq: seq }).await;
+    ws.expect_error("not_allowed").await;
+
+    let response = scrape(Some(crate::common::TEST_API_KEY)).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain; version=0.0.4"));
+    let text = response.text().await.unwrap();
+    let at_least = |name: &str, labels: &[(&str, &str)], n: f64| {
+        let v = metric(&text, name, labels).unwrap_or_else(|| panic!("no {name} {labels:?}"));
+        assert!(v >= n, "{name} {labels:?} = {v}, expected at least {n}");
+    };
+    at_least("collabllm_frames_total", &[("type", "user_message")], 1.0);
+    at_least("collabllm_frames_total", &[("type", "invalid")], 1.0);
+    at_least(
+        "collabllm_frame_errors_total",
+        &[("type", "finish"), ("code", "not_allowed")],
+        1.0,
+    );
+    // The quick pilot asks for a rating after every turn: the only session waits for one.
+    assert_eq!(
+        metric(&text, "collabllm_sessions", &[("state", "rating")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&text, "collabllm_sessions", &[("state", "finished")]),
+        Some(0.0)
+    );
+    let session = only_session(&mut db.conn());
+    let arm = db::studies::arms_of(&mut db.conn(), session.study_version_id)
+        .unwrap()
+        .into_iter()
+        .find(|a| Some(a.id) == session.arm_id)
+        .unwrap()
+        .name;
+    for histogram in [
+        "collabllm_reply_queue_seconds_count",
+        "collabllm_reply_first_token_seconds_count",
+        "collabllm_reply_seconds_count",
+    ] {
+        at_least(histogram, &[("arm", &arm)], 1.0);
+    }
+    at_least("collabllm_db_work_seconds_count", &[], 1.0);
+    let engine = |name: &str, extra: &[(&str, &str)]| {
+        let mut labels = vec![("engine", "scripted")];
+        labels.extend_from_slice(extra);
+        metric(&text, name, &labels)
+    };
+    assert_eq!(engine("collabllm_engine_slots", &[]), Some(4.0));
+    assert_eq!(engine("collabllm_engine_slots_active", &[]), Some(1.0));
+    assert_eq!(engine("collabllm_engine_running", &[]), Some(1.0));
+    assert_eq!(
+        engine("collabllm_engine_queued", &[("class", "participant")]),
+        Some(2.0)
+    );
+    assert_eq!(
+        engine("collabllm_engine_queued", &[("class", "background")]),
+        Some(1.0)
+    );
+    assert!(
+        engine(
+            "collabllm_engine_tokens_total",
+            &[("kind", "prompt_reused")]
+        ) >= Some(360.0)
+    );
+    assert!(engine("collabllm_engine_tokens_total", &[("kind", "generated")]) >= Some(120.0));
+}

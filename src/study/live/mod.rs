@@ -148,18 +148,30 @@ impl Connection {
         self.superseded
     }
 
-    /// Handles one text frame; returns what to send back to this socket.
+    /// Handles one text frame; returns what to send back to this socket. Every frame and every
+    /// error frame in answer is counted for `/metrics`.
     pub async fn handle_text(&mut self, text: &str) -> Vec<ServerFrame> {
-        let frame: ClientFrame = match serde_json::from_str(text) {
-            Ok(f) => f,
-            Err(e) => {
-                return vec![ServerFrame::error(
-                    "bad_frame",
-                    format!("the frame is not a valid message: {e}"),
-                    None,
-                )]
-            }
+        let frame = serde_json::from_str::<ClientFrame>(text);
+        let kind = frame.as_ref().map_or("invalid", ClientFrame::kind);
+        let answer = match frame {
+            Ok(frame) => self.handle_frame(frame).await,
+            Err(e) => vec![ServerFrame::error(
+                "bad_frame",
+                format!("the frame is not a valid message: {e}"),
+                None,
+            )],
         };
+        let metrics = crate::metrics::metrics();
+        metrics.frame(kind);
+        for frame in &answer {
+            if let ServerFrame::Error { code, .. } = frame {
+                metrics.refusal(kind, code);
+            }
+        }
+        answer
+    }
+
+    async fn handle_frame(&mut self, frame: ClientFrame) -> Vec<ServerFrame> {
         let client_seq = frame.client_seq();
         if let ClientFrame::Hello { session_token } = frame {
             return self.hello(session_token).await;

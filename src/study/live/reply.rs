@@ -182,6 +182,9 @@ impl Studio {
             let mut events = futures_util::stream::select_all(streams);
             let mut outcomes: Vec<Option<Result<Completion, String>>> =
                 vec![None; if comparison { 2 } else { 1 }];
+            // How long each candidate waited for a slot (none: it had one at once).
+            let asked = std::time::Instant::now();
+            let mut waited = vec![std::time::Duration::ZERO; outcomes.len()];
             while let Some((i, event)) = events.next().await {
                 match event {
                     EngineEvent::Token(delta) => {
@@ -203,7 +206,10 @@ impl Studio {
                     EngineEvent::Queued { .. } | EngineEvent::Started => {
                         let place = match event {
                             EngineEvent::Queued { ahead } => Some(ahead),
-                            _ => None,
+                            _ => {
+                                waited[i] = asked.elapsed();
+                                None
+                            }
                         };
                         let mut reply = live.reply.lock().expect("reply lock");
                         let Some(r) = reply.as_mut() else { continue };
@@ -222,6 +228,11 @@ impl Studio {
                 .into_iter()
                 .map(|o| o.unwrap_or_else(|| Err("the engine stopped".into())))
                 .collect();
+            if let Ok(done) = &completions {
+                for (c, waited) in done.iter().zip(&waited) {
+                    crate::metrics::metrics().reply(&policy.arm, *waited, c);
+                }
+            }
             if let (Ok([first, other]), Some(request)) = (completions.as_deref_mut(), second) {
                 if let Some(distinct) =
                     resample_distinct(&*engine, request, &first.text, other).await
