@@ -197,6 +197,11 @@ impl Metrics {
         self.db_work.observe(elapsed.as_secs_f64());
     }
 
+    /// Units of database work so far.
+    pub fn db_work_count(&self) -> u64 {
+        self.db_work.get_sample_count()
+    }
+
     /// Everything, in Prometheus's text format, with the sessions and engines as they are now.
     pub fn render(&self, sessions: &[(SessionState, i64)], engines: &[EngineStatus]) -> String {
         for state in SessionState::ALL {

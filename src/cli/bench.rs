@@ -7,13 +7,15 @@ use anyhow::{bail, Context as _, Result};
 use clap::Subcommand;
 use indicatif::ProgressBar;
 
-use collabllm::bench::{self, EngineBenchOptions, StudyWorkload};
-use collabllm::config::EXAMPLE_PROTOCOL_PATH;
+use collabllm::bench::{self, load, EngineBenchOptions, StudyWorkload};
+use collabllm::config::{EXAMPLE_PROTOCOL, EXAMPLE_PROTOCOL_PATH};
 use collabllm::engine::fetch;
 use collabllm::engine::llama::{self, LlamaEngine, WorkerConfig};
 use collabllm::engine::remote::RemoteEngine;
 use collabllm::engine::Engine;
+use collabllm::protocol::{LoadedProtocol, Protocol};
 use collabllm::train;
+use collabllm::web::{self, limits::Limits, AppState};
 
 use super::Context;
 
@@ -93,6 +95,34 @@ pub enum BenchCommand {
         /// model, slots, context and threads as the engine (used when --endpoint is not given).
         #[arg(long, env = "COLLABLLM_LLAMA_SERVER")]
         llama_server: Option<PathBuf>,
+    },
+    /// The platform under many participants: each goes through the study as a person would over
+    /// HTTP and the websocket (link, consent, document saves, messages, ratings, finish, final
+    /// answers), all at once. Without --url, against a server in this process whose model
+    /// answers at once, over a new database (SQLite in a temporary folder, or --db), checked
+    /// afterwards for every frame stored exactly once. Prints errors, server overhead (frame to
+    /// acknowledgement) and reply time percentiles, database work per second and peak memory.
+    Load {
+        /// Participants at once.
+        #[arg(long, default_value_t = 50)]
+        participants: usize,
+        /// Messages each participant sends (at least the study's minimum of turns).
+        #[arg(long, default_value_t = 8)]
+        turns: usize,
+        /// Milliseconds a participant pauses before each frame (0: as fast as the server
+        /// answers, a stress test rather than a study).
+        #[arg(long, default_value_t = 500)]
+        pause_ms: u64,
+        /// A running server to load instead (e.g. http://127.0.0.1:8080; raise its
+        /// --new-sessions-per-hour first). Its database is not checked.
+        #[arg(long)]
+        url: Option<String>,
+        /// Study slug at --url.
+        #[arg(long, default_value = "doc-cocreation")]
+        study: String,
+        /// Database of the in-process server, e.g. a PostgreSQL URL (default: a new SQLite file).
+        #[arg(long)]
+        db: Option<String>,
     },
     /// DPO training speed: seconds per pair and training tokens/s at pairs of --tokens tokens,
     /// against the forward-only pass and llama.cpp's forward pass over the same tokens in the same
@@ -201,6 +231,23 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
                     study_bench(ctx, &model, slots, context_tokens, &workload, reference)
                 }
             }
+        }
+        BenchCommand::Load {
+            participants,
+            turns,
+            pause_ms,
+            url,
+            study,
+            db,
+        } => {
+            let options = load::LoadOptions {
+                participants,
+                turns,
+                study,
+                base: url.unwrap_or_default(),
+                pause: std::time::Duration::from_millis(pause_ms),
+            };
+            load_bench(ctx, options, db)
         }
         BenchCommand::Train {
             model,
@@ -452,5 +499,178 @@ fn print_figures(figures: &[bench::Figure], reference: &str) {
             f.unit,
             f.ratio()
         );
+    }
+}
+
+/// `bench load`: against the server at `options.base`, or, without one, a server of its own over
+/// `db`.
+fn load_bench(ctx: &Context, mut options: load::LoadOptions, db: Option<String>) -> Result<()> {
+    let runtime = ctx.runtime()?;
+    let _guard = runtime.enter();
+    let dir = tempfile::tempdir()?;
+    let own = if options.base.is_empty() {
+        let url =
+            db.unwrap_or_else(|| format!("sqlite://{}", dir.path().join("load.sqlite3").display()));
+        let server = LoadServer::start(&url, options.participants)?;
+        options.base = server.base.clone();
+        options.study = server.study.clone();
+        Some((server, url))
+    } else {
+        options.base = options.base.trim_end_matches('/').to_string();
+        None
+    };
+    let (participants, turns, study) = (options.participants, options.turns, options.study.clone());
+    let units_before = collabllm::metrics::metrics().db_work_count();
+    let bar = super::Progress::new("participants");
+    let report = runtime.block_on(load::run(&options, &bar.counter()));
+    bar.finish();
+    let units = collabllm::metrics::metrics().db_work_count() - units_before;
+    let ms = |values: &[f64], q: f64| bench::percentile(values.to_vec(), q);
+    let seconds = report.elapsed.as_secs_f64();
+    println!(
+        "{participants} participants, {} messages each, at {}: {} completed, {} errors, {:.1} s",
+        report
+            .sent
+            .iter()
+            .map(|s| s.messages)
+            .max()
+            .unwrap_or(turns),
+        options.base,
+        report.sent.iter().filter(|s| s.completed).count(),
+        report.errors.len(),
+        seconds
+    );
+    println!(
+        "server overhead, frame to acknowledgement: p50 {:.1} ms, p99 {:.1} ms ({} frames)",
+        ms(&report.ack_ms, 0.5),
+        ms(&report.ack_ms, 0.99),
+        report.ack_ms.len()
+    );
+    println!(
+        "message to reply done{}: p50 {:.1} ms, p99 {:.1} ms ({} replies)",
+        if own.is_some() {
+            " (a model that answers at once)"
+        } else {
+            ""
+        },
+        ms(&report.reply_ms, 0.5),
+        ms(&report.reply_ms, 0.99),
+        report.reply_ms.len()
+    );
+    if let Some(rss) = bench::peak_rss_mib() {
+        println!("peak RSS of this process (server and participants): {rss:.0} MiB");
+    }
+    for error in report.errors.iter().take(10) {
+        eprintln!("error: {error}");
+    }
+    let mut problems = Vec::new();
+    match own {
+        Some((server, url)) => {
+            println!(
+                "database ({}): {units} units of work, {:.0} a second",
+                if url.starts_with("postgres") {
+                    "PostgreSQL"
+                } else {
+                    "SQLite"
+                },
+                units as f64 / seconds.max(1e-9)
+            );
+            problems = load::check_stored(&mut *server.pool.get()?, &study, &report.sent)?;
+            if problems.is_empty() {
+                println!("stored: every frame exactly once");
+            }
+            for p in &problems {
+                eprintln!("stored wrongly: {p}");
+            }
+            drop(server);
+        }
+        None => println!("stored: not checked (the server's database is its own)"),
+    }
+    if !report.errors.is_empty() || !problems.is_empty() {
+        bail!(
+            "{} participants failed, {} problems in what was stored",
+            report.errors.len(),
+            problems.len()
+        );
+    }
+    Ok(())
+}
+
+/// The server `bench load` runs in this process, on a thread of its own: the example study under
+/// a fresh slug, with no limit on new sessions or messages a minute, every model answering at
+/// once.
+struct LoadServer {
+    base: String,
+    study: String,
+    pool: collabllm::db::DbPool,
+    handle: actix_web::dev::ServerHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LoadServer {
+    fn start(url: &str, participants: usize) -> Result<Self> {
+        let study = format!("load-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let text = EXAMPLE_PROTOCOL
+            .replacen(
+                "slug = \"doc-cocreation\"",
+                &format!("slug = \"{study}\""),
+                1,
+            )
+            .replacen("messages_per_minute = 10", "messages_per_minute = 0", 1);
+        let protocol = Protocol::from_stored(&text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let loaded = LoadedProtocol {
+            sha256: collabllm::protocol::sha256_hex(text.as_bytes()),
+            protocol,
+            text,
+            source: PathBuf::from(EXAMPLE_PROTOCOL_PATH),
+        };
+        // Every participant may hold a connection while the others wait for theirs.
+        let connections = u32::try_from(participants.clamp(8, 64)).unwrap_or(64);
+        let pool = collabllm::db::open(url, connections)?;
+        collabllm::db::studies::import(&mut *pool.get()?, &loaded)?;
+        let engines = load::instant_engines(&loaded.protocol);
+        let mut state = AppState::new(pool.clone(), engines, PathBuf::new())?;
+        state.limits = std::sync::Arc::new(Limits::new(0, false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            actix_web::rt::System::new().block_on(async move {
+                let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+                match web::bind(state, loopback, None) {
+                    Ok((addr, server)) => {
+                        let _ = tx.send(Ok((addr, server.handle())));
+                        if let Err(e) = server.await {
+                            tracing::error!(error = %e, "the load server failed");
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                    }
+                }
+            });
+        });
+        let (addr, handle) = rx
+            .recv()
+            .context("the load server did not start")?
+            .context("cannot start the load server")?;
+        Ok(Self {
+            base: format!("http://{addr}"),
+            study,
+            pool,
+            handle,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for LoadServer {
+    fn drop(&mut self) {
+        let handle = self.handle.clone();
+        // Stopping needs a runtime of its own: the server's is on its thread.
+        std::thread::spawn(move || actix_web::rt::System::new().block_on(handle.stop(false)))
+            .join()
+            .ok();
+        if let Some(thread) = self.thread.take() {
+            thread.join().ok();
+        }
     }
 }

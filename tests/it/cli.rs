@@ -49,6 +49,7 @@ fn every_command_explains_itself() {
         vec!["pairs", "--help"],
         vec!["synth", "--help"],
         vec!["bench", "mr", "--help"],
+        vec!["bench", "load", "--help"],
     ] {
         let out = collabllm(&args);
         assert!(out.status.success(), "{args:?}: {}", text(&out));
@@ -437,3 +438,33 @@ fn key_add_prints_a_key_once_and_stores_only_its_hash() {
     );
     assert_eq!(collabllm::db::api_keys::count(&mut conn).unwrap(), 1);
 }
+
+// `bench load` takes participants through the whole study at once over HTTP and the websocket
+// and finds every frame stored exactly once, on either database.
+crate::on_both_backends!(
+    bench_load_completes_and_checks_what_was_stored,
+    |db: &TestDb| {
+        let out = collabllm(&[
+            "bench",
+            "load",
+            "--participants",
+            "4",
+            "--turns",
+            "1",
+            "--pause-ms",
+            "0",
+            "--db",
+            &db.url,
+        ]);
+        let said = text(&out);
+        assert!(out.status.success(), "{said}");
+        // The example study asks for 8 turns at least: the participants send that many.
+        assert!(
+            said.contains("4 participants, 8 messages each")
+                && said.contains("4 completed, 0 errors"),
+            "{said}"
+        );
+        assert!(said.contains("stored: every frame exactly once"), "{said}");
+        assert!(said.contains("frame to acknowledgement: p50"), "{said}");
+    }
+);

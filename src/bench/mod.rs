@@ -1,6 +1,9 @@
 //! `collabllm bench engine` and `bench mr`: throughput and latency of the engine against a naive baseline
 //! measured in the same run (one request at a time, the whole prompt recomputed every turn), so
-//! the printed ratios do not depend on the machine.
+//! the printed ratios do not depend on the machine. `bench load` ([`load`]) measures the platform
+//! under many participants.
+
+pub mod load;
 
 use std::time::Instant;
 
@@ -475,7 +478,7 @@ async fn participant(
     Ok(completions)
 }
 
-fn percentile(mut values: Vec<f64>, q: f64) -> f64 {
+pub fn percentile(mut values: Vec<f64>, q: f64) -> f64 {
     values.sort_by(f64::total_cmp);
     if values.is_empty() {
         return 0.0;

@@ -1,0 +1,465 @@
+//! `bench load`: simulated participants over the participant's own protocol — the study link,
+//! consent, then on the websocket document saves, messages, ratings, finish and the final
+//! answers — all at once, against a server whose model answers at once (so the platform, not
+//! inference, is measured) or a server given by URL. A frame's server overhead is the time until
+//! its acknowledgement (no frame waits for the model before it is acknowledged); a reply's time
+//! is from the message to `assistant_done`. Afterwards every session is checked in the database:
+//! each frame stored exactly once.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+
+use crate::db::vocab::{MessageRole, SessionState};
+use crate::db::{self, DbConn, DbResult};
+use crate::engine::{
+    ChatRequest, Completion, Engine, EngineError, EngineStatus, FinishReason, Generation,
+};
+use crate::study::frames::{ClientFrame, ServerFrame, StateView};
+use crate::study::SESSION_COOKIE;
+
+/// Longest wait for any one answer of the server.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A model that answers every request at once with the same few sentences, streamed a word at
+/// a time.
+pub struct InstantEngine;
+
+/// What [`InstantEngine`] answers.
+const REPLY: &str = "Here is a first draft. Tell me who it is for and what tone you want, and I \
+                     will make it fit.";
+
+impl Engine for InstantEngine {
+    fn start(&self, request: ChatRequest) -> Result<Generation, EngineError> {
+        let (generation, events, _) = Generation::channel();
+        for word in REPLY.split_inclusive(' ') {
+            let _ = events.send(crate::engine::EngineEvent::Token(word.to_string()));
+        }
+        let _ = events.send(crate::engine::EngineEvent::Done(Completion {
+            text: REPLY.to_string(),
+            finish_reason: FinishReason::Stop,
+            prompt_tokens: 0,
+            prompt_tokens_processed: 0,
+            generated_tokens: REPLY.split(' ').count() as u32,
+            ttft_ms: 0,
+            total_ms: 0,
+            seed: request.sampling.seed.unwrap_or(0),
+        }));
+        Ok(generation)
+    }
+
+    fn status(&self) -> EngineStatus {
+        EngineStatus {
+            model: "instant".into(),
+            backend: "instant",
+            running: true,
+            ..EngineStatus::default()
+        }
+    }
+
+    fn fingerprint(&self) -> String {
+        "instant".into()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub participants: usize,
+    /// Messages each participant sends (at least the study's minimum, so it can finish).
+    pub turns: usize,
+    pub study: String,
+    /// The server, e.g. `http://127.0.0.1:8080`.
+    pub base: String,
+    /// A participant's pause before each frame (reading, typing).
+    pub pause: Duration,
+}
+
+/// What one simulated participant did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Sent {
+    pub messages: usize,
+    pub doc_updates: usize,
+    /// Periodic and final ratings.
+    pub ratings: usize,
+    pub answers: usize,
+    pub completed: bool,
+}
+
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub participants: usize,
+    pub errors: Vec<String>,
+    /// Milliseconds from a frame to its acknowledgement.
+    pub ack_ms: Vec<f64>,
+    /// Milliseconds from a message to the reply's end.
+    pub reply_ms: Vec<f64>,
+    pub sent: Vec<Sent>,
+    pub elapsed: Duration,
+}
+
+/// Runs every participant at once; `progress` hears (finished, all).
+pub async fn run(options: &LoadOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> LoadReport {
+    let started = Instant::now();
+    let total = options.participants as u64;
+    let done = std::sync::atomic::AtomicU64::new(0);
+    progress(0, total);
+    let runs = (0..options.participants).map(|i| {
+        let done = &done;
+        async move {
+            let mut timings = Timings::default();
+            let outcome = participant(options, i, &mut timings).await;
+            progress(
+                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
+                total,
+            );
+            (outcome, timings)
+        }
+    });
+    let mut report = LoadReport {
+        participants: options.participants,
+        ..LoadReport::default()
+    };
+    for (outcome, timings) in futures_util::future::join_all(runs).await {
+        report.ack_ms.extend(timings.ack_ms);
+        report.reply_ms.extend(timings.reply_ms);
+        match outcome {
+            Ok(sent) => report.sent.push(sent),
+            Err(e) => report.errors.push(e),
+        }
+    }
+    report.elapsed = started.elapsed();
+    report
+}
+
+#[derive(Default)]
+struct Timings {
+    ack_ms: Vec<f64>,
+    reply_ms: Vec<f64>,
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+struct Client {
+    socket: Socket,
+    seq: i64,
+    who: String,
+    pause: Duration,
+}
+
+impl Client {
+    async fn send(&mut self, frame: &ClientFrame) -> Result<(), String> {
+        let text = serde_json::to_string(frame).expect("frames serialise");
+        self.socket
+            .send(WsMessage::text(text))
+            .await
+            .map_err(|e| format!("{}: cannot send: {e}", self.who))
+    }
+
+    /// Frames until one `matches`, which is returned with those before it. An error frame is
+    /// this participant's failure.
+    async fn until(
+        &mut self,
+        matches: impl Fn(&ServerFrame) -> bool,
+    ) -> Result<(ServerFrame, Vec<ServerFrame>), String> {
+        let mut before = Vec::new();
+        loop {
+            let message = tokio::time::timeout(ANSWER_TIMEOUT, self.socket.next())
+                .await
+                .map_err(|_| format!("{}: no answer within {ANSWER_TIMEOUT:?}", self.who))?;
+            let text = match message {
+                Some(Ok(WsMessage::Text(text))) => text,
+                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
+                other => return Err(format!("{}: the socket closed: {other:?}", self.who)),
+            };
+            let frame: ServerFrame = serde_json::from_str(&text)
+                .map_err(|e| format!("{}: an unreadable frame ({e}): {text}", self.who))?;
+            // A load without mistakes gets no error frame at all.
+            if let ServerFrame::Error { code, message, .. } = &frame {
+                return Err(format!("{}: error {code}: {message}", self.who));
+            }
+            if matches(&frame) {
+                return Ok((frame, before));
+            }
+            before.push(frame);
+        }
+    }
+
+    /// After the participant's pause, sends a frame numbered next and waits for its
+    /// acknowledgement; returns the revision a document save made, the frames that came before
+    /// the acknowledgement, and when the frame was sent.
+    async fn acked(
+        &mut self,
+        frame: impl FnOnce(i64) -> ClientFrame,
+        timings: &mut Timings,
+    ) -> Result<(Option<i32>, Vec<ServerFrame>, Instant), String> {
+        tokio::time::sleep(self.pause).await;
+        self.seq += 1;
+        let seq = self.seq;
+        let sent = Instant::now();
+        self.send(&frame(seq)).await?;
+        let (ack, before) = self
+            .until(|f| matches!(f, ServerFrame::Ack { client_seq, .. } if *client_seq == seq))
+            .await?;
+        timings.ack_ms.push(sent.elapsed().as_secs_f64() * 1000.0);
+        let ServerFrame::Ack { rev, .. } = ack else {
+            unreachable!("matched an ack")
+        };
+        Ok((rev, before, sent))
+    }
+
+    async fn state(&mut self) -> Result<StateView, String> {
+        self.send(&ClientFrame::Hello {
+            session_token: None,
+        })
+        .await?;
+        match self.until(|f| matches!(f, ServerFrame::State(_))).await? {
+            (ServerFrame::State(state), _) => Ok(*state),
+            _ => unreachable!("matched a state"),
+        }
+    }
+}
+
+/// One participant from the study link to the completion code.
+async fn participant(
+    options: &LoadOptions,
+    i: usize,
+    timings: &mut Timings,
+) -> Result<Sent, String> {
+    let who = format!("participant {i}");
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| format!("{who}: {e}"))?;
+    let study = &options.study;
+    let entry = http
+        .get(format!(
+            "{}/s/{study}?PROLIFIC_PID=load-{i}&SESSION_ID=load-{i}",
+            options.base
+        ))
+        .send()
+        .await
+        .map_err(|e| format!("{who}: cannot open the study link: {e}"))?;
+    let token = entry
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find_map(|v| {
+            v.split(';')
+                .next()?
+                .strip_prefix(&format!("{SESSION_COOKIE}="))
+                .map(str::to_string)
+        })
+        .ok_or_else(|| format!("{who}: the study link set no session ({})", entry.status()))?;
+    let cookie = format!("{SESSION_COOKIE}={token}");
+    let consent = http
+        .post(format!("{}/s/{study}/consent", options.base))
+        .header("cookie", &cookie)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("decision=agree")
+        .send()
+        .await
+        .map_err(|e| format!("{who}: cannot consent: {e}"))?;
+    if !consent.status().is_redirection() {
+        return Err(format!("{who}: consent answered {}", consent.status()));
+    }
+    let ws_url = format!("{}/s/{study}/ws", options.base.replacen("http", "ws", 1));
+    let mut request = ws_url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| format!("{who}: {e}"))?;
+    request
+        .headers_mut()
+        .insert("cookie", cookie.parse().map_err(|e| format!("{who}: {e}"))?);
+    let (socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .map_err(|e| format!("{who}: cannot open the websocket: {e}"))?;
+    let mut client = Client {
+        socket,
+        seq: 0,
+        who,
+        pause: options.pause,
+    };
+    let state = client.state().await?;
+    client.seq = state.last_client_seq;
+    let turns = options.turns.max(state.min_turns as usize);
+    let mut sent = Sent::default();
+    let mut rev = state.document.rev;
+    let mut phase = state.phase;
+    for turn in 1..=turns {
+        if phase != SessionState::Chatting {
+            break;
+        }
+        let (saved, _, _) = client
+            .acked(
+                |seq| ClientFrame::DocUpdate {
+                    client_seq: seq,
+                    base_rev: rev,
+                    content: format!("Draft {turn}: a note of thanks."),
+                    inserted_message: None,
+                },
+                timings,
+            )
+            .await?;
+        rev = saved.unwrap_or(rev);
+        sent.doc_updates += 1;
+        let (_, mut before, asked) = client
+            .acked(
+                |seq| ClientFrame::UserMessage {
+                    client_seq: seq,
+                    text: format!("Message {turn}: make it warmer."),
+                },
+                timings,
+            )
+            .await?;
+        sent.messages += 1;
+        let done = if let Some(i) = before
+            .iter()
+            .position(|f| matches!(f, ServerFrame::AssistantDone { .. }))
+        {
+            before.remove(i)
+        } else {
+            let (done, more) = client
+                .until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
+                .await?;
+            before.extend(more);
+            done
+        };
+        timings
+            .reply_ms
+            .push(asked.elapsed().as_secs_f64() * 1000.0);
+        let ServerFrame::AssistantDone { phase: next, .. } = done else {
+            unreachable!("matched assistant_done")
+        };
+        phase = next;
+        if phase == SessionState::Rating {
+            let due: Vec<String> = before
+                .iter()
+                .filter_map(|f| match f {
+                    ServerFrame::RatingRequest { ratings, .. } => Some(ratings),
+                    _ => None,
+                })
+                .flatten()
+                .map(|r| r.key.clone())
+                .collect();
+            for key in due {
+                client
+                    .acked(
+                        |seq| ClientFrame::Rating {
+                            client_seq: seq,
+                            key,
+                            value: 7,
+                        },
+                        timings,
+                    )
+                    .await?;
+                sent.ratings += 1;
+            }
+            phase = SessionState::Chatting;
+        }
+    }
+    if phase == SessionState::Chatting {
+        client
+            .acked(|seq| ClientFrame::Finish { client_seq: seq }, timings)
+            .await?;
+    }
+    let ratings: std::collections::BTreeMap<String, i32> = state
+        .final_ratings
+        .iter()
+        .map(|r| (r.key.clone(), (r.min + r.max) / 2))
+        .collect();
+    let answers: std::collections::BTreeMap<String, String> = state
+        .questionnaire
+        .iter()
+        .map(|q| (q.key.clone(), "It asked what I meant.".to_string()))
+        .collect();
+    sent.ratings += ratings.len();
+    sent.answers = answers.len();
+    let (_, before, _) = client
+        .acked(
+            |seq| ClientFrame::FinalAnswers {
+                client_seq: seq,
+                ratings,
+                answers,
+            },
+            timings,
+        )
+        .await?;
+    if !before
+        .iter()
+        .any(|f| matches!(f, ServerFrame::Completed(_)))
+    {
+        client
+            .until(|f| matches!(f, ServerFrame::Completed(_)))
+            .await?;
+    }
+    sent.completed = true;
+    let _ = client.socket.close(None).await;
+    Ok(sent)
+}
+
+/// Whether the database holds exactly what the participants sent: per session, one user message
+/// and one reply per message sent, one revision per document save, every rating and answer, the
+/// session completed. Returns the mismatches.
+pub fn check_stored(conn: &mut DbConn, study: &str, sent: &[Sent]) -> DbResult<Vec<String>> {
+    let study_row = db::studies::find_by_slug(conn, study)?
+        .ok_or_else(|| db::DbError::Invalid(format!("there is no study {study:?}")))?;
+    let mut sessions = Vec::new();
+    for version in db::studies::versions(conn, study_row.id)? {
+        sessions.extend(db::sessions::list_for_version(conn, version.id)?);
+    }
+    let mut stored = Vec::new();
+    let mut problems = Vec::new();
+    for s in &sessions {
+        let messages = db::messages::list_for_session(conn, s.id)?;
+        let users = messages
+            .iter()
+            .filter(|m| m.role == MessageRole::User)
+            .count();
+        let replies = messages.len() - users;
+        if users != replies {
+            problems.push(format!(
+                "session {}: {users} messages but {replies} replies",
+                s.public_id
+            ));
+        }
+        stored.push(Sent {
+            messages: users,
+            doc_updates: db::revisions::list_for_session(conn, s.id)?.len(),
+            ratings: db::ratings::list_for_session(conn, s.id)?.len(),
+            answers: db::answers::list_for_session(conn, s.id)?.len(),
+            completed: s.state == SessionState::Finished,
+        });
+    }
+    // Sessions cannot be matched to participants by id (the platform keeps no external id), so
+    // the two sides are compared as multisets.
+    let key = |s: &Sent| (s.messages, s.doc_updates, s.ratings, s.answers, s.completed);
+    let mut wanted: Vec<_> = sent.iter().map(key).collect();
+    let mut found: Vec<_> = stored.iter().map(key).collect();
+    wanted.sort_unstable();
+    found.sort_unstable();
+    if wanted != found {
+        problems.push(format!(
+            "the {} sessions stored differ from what {} participants sent (messages, saves, \
+             ratings, answers, completed): stored {found:?}, sent {wanted:?}",
+            stored.len(),
+            sent.len()
+        ));
+    }
+    Ok(problems)
+}
+
+/// The engines of a load test: every model id of the protocol answered by [`InstantEngine`].
+pub fn instant_engines(protocol: &crate::protocol::Protocol) -> crate::engine::Engines {
+    let engines = crate::engine::Engines::new();
+    let engine: Arc<dyn Engine> = Arc::new(InstantEngine);
+    for arm in &protocol.arms {
+        let name = crate::engine::registry::engine_name(&arm.model, arm.lora.first());
+        engines.insert(&name, engine.clone());
+    }
+    engines
+}
