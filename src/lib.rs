@@ -2,7 +2,8 @@
 //! for collaborative LLMs.
 //!
 //! Dependencies flow one way: `web` → `study` / `export` / `results` → `db` / `engine` / `protocol`;
-//! `train` (DPO on the CPU) uses `engine` for the served tokens and to check its adapters.
+//! `train` (DPO on the CPU) uses `engine` for the served tokens and to check its adapters;
+//! `metrics` is counted into from every layer and depends on `engine` alone.
 
 pub mod bench;
 pub mod collab;

@@ -2,7 +2,8 @@
 //! refusals by type, reply latencies by arm (waiting for a slot, first token, whole reply), the
 //! database's units of work, sessions by state, and each engine's queues, slots, speed and
 //! prompt reuse. Events are counted where they happen, into one registry per process; what is
-//! a state of the moment (sessions, engines) is read when scraped.
+//! a state of the moment (sessions, engines) is read when scraped. It sits below every other
+//! module but `engine`, so each layer (the database's included) can count into it.
 
 use std::collections::HashMap;
 use std::sync::{LazyLock, Mutex};
@@ -13,7 +14,6 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
-use crate::db::vocab::SessionState;
 use crate::engine::{Completion, EngineStatus, Priority};
 
 /// Seconds a reply may take, from a fraction of a second to minutes in a queue.
@@ -202,15 +202,11 @@ impl Metrics {
         self.db_work.get_sample_count()
     }
 
-    /// Everything, in Prometheus's text format, with the sessions and engines as they are now.
-    pub fn render(&self, sessions: &[(SessionState, i64)], engines: &[EngineStatus]) -> String {
-        for state in SessionState::ALL {
-            let n = sessions
-                .iter()
-                .filter(|(s, _)| s == state)
-                .map(|(_, n)| n)
-                .sum();
-            self.sessions.with_label_values(&[state.as_str()]).set(n);
+    /// Everything, in Prometheus's text format, with the sessions (how many in each state, every
+    /// state named) and the engines as they are now.
+    pub fn render(&self, sessions: &[(&str, i64)], engines: &[EngineStatus]) -> String {
+        for (state, n) in sessions {
+            self.sessions.with_label_values(&[state]).set(*n);
         }
         let mut seen = self.seen.lock().expect("metrics lock");
         for e in engines {

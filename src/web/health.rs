@@ -6,6 +6,7 @@ use askama::Template;
 use serde_json::json;
 
 use super::{render, ApiError, AppState};
+use crate::db::vocab::SessionState;
 use crate::db::{self, models::Study};
 
 /// 200 with `"status": "ok"` when the database answers and every engine runs; 503 with
@@ -47,9 +48,21 @@ async fn get_metrics(
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
     super::openai::authorise(&req, &state).await?;
-    let sessions = state
+    let counts = state
         .db(|conn| Ok(db::sessions::count_by_state(conn)?))
         .await?;
+    // Every state, with 0 where no session is in it.
+    let sessions: Vec<(&str, i64)> = SessionState::ALL
+        .iter()
+        .map(|state| {
+            let n = counts
+                .iter()
+                .filter(|(s, _)| s == state)
+                .map(|(_, n)| n)
+                .sum();
+            (state.as_str(), n)
+        })
+        .collect();
     let text = crate::metrics::metrics().render(&sessions, &state.engines.statuses());
     Ok(HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
