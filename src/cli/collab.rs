@@ -41,17 +41,8 @@ pub struct PairsArgs {
     /// Which sessions to score.
     #[arg(long, value_enum, default_value_t = SessionsArg::All)]
     sessions: SessionsArg,
-    /// Replies compared per turn, the one given included (K >= 2; default: the protocol's
-    /// [collab] candidates, 2).
-    #[arg(long)]
-    candidates: Option<u32>,
-    /// Rollouts per candidate (S; default: the protocol's, 3).
-    #[arg(long)]
-    samples: Option<u32>,
-    /// Turn pairs each rollout runs (w; default: the protocol's, 2). 0 scores the candidate in
-    /// its context alone: the paper's single-turn ablation.
-    #[arg(long)]
-    window: Option<u32>,
+    #[command(flatten)]
+    rollouts: RolloutArgs,
     /// Smallest MR gap for a pair (default: the protocol's, 0.02).
     #[arg(long)]
     margin: Option<f64>,
@@ -91,19 +82,40 @@ pub struct SynthArgs {
     /// Assistant turns per conversation at most (default: the protocol's [collab] max_turns).
     #[arg(long)]
     turns: Option<u32>,
-    /// Candidates per turn (default: the protocol's).
-    #[arg(long)]
-    candidates: Option<u32>,
-    /// Rollouts per candidate (default: the protocol's).
-    #[arg(long)]
-    samples: Option<u32>,
-    /// Turn pairs per rollout (default: the protocol's); 0 scores each candidate alone and asks
-    /// the simulator for the next user message.
-    #[arg(long)]
-    window: Option<u32>,
+    #[command(flatten)]
+    rollouts: RolloutArgs,
     /// Base of every seed of the run.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+}
+
+/// How the multiturn-aware reward rolls a turn's candidates forward, for `pairs` and `synth`;
+/// each defaults to the protocol's `[collab]` value.
+#[derive(clap::Args)]
+pub struct RolloutArgs {
+    /// Replies compared per turn, in `pairs` the one given included (K >= 2; default: the
+    /// protocol's [collab] candidates, 2).
+    #[arg(long)]
+    candidates: Option<u32>,
+    /// Rollouts per candidate (S; default: the protocol's, 3).
+    #[arg(long)]
+    samples: Option<u32>,
+    /// Turn pairs each rollout runs (w; default: the protocol's, 2). 0 scores a candidate in its
+    /// context alone: the paper's single-turn ablation (`synth` then asks the simulator for the
+    /// next user message).
+    #[arg(long)]
+    window: Option<u32>,
+}
+
+impl RolloutArgs {
+    fn overrides(&self) -> MrOverrides {
+        MrOverrides {
+            candidates: self.candidates,
+            samples: self.samples,
+            window: self.window,
+            ..MrOverrides::default()
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -255,20 +267,16 @@ pub fn pairs(ctx: &Context, args: PairsArgs) -> Result<()> {
     let PairsArgs {
         study,
         sessions,
-        candidates,
-        samples,
-        window,
+        rollouts,
         margin,
         min_gap_se,
         seed,
         out,
     } = args;
     let mr = MrOverrides {
-        candidates,
-        samples,
-        window,
         margin,
         min_gap_se,
+        ..rollouts.overrides()
     };
     mr.check()?;
     let options = collab::pairs::PairsOptions {
@@ -318,17 +326,10 @@ pub fn synth(ctx: &Context, args: SynthArgs) -> Result<()> {
         protocol,
         arm,
         turns,
-        candidates,
-        samples,
-        window,
+        rollouts,
         seed,
     } = args;
-    let overrides = MrOverrides {
-        candidates,
-        samples,
-        window,
-        ..MrOverrides::default()
-    };
+    let overrides = rollouts.overrides();
     overrides.check()?;
     let models_dir = &ctx.settings.models_dir;
     let loaded = ctx.load_protocol(&protocol)?;
