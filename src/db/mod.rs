@@ -11,6 +11,7 @@ pub mod audit;
 pub mod candidates;
 pub mod evaluations;
 pub mod events;
+pub mod leases;
 pub mod messages;
 pub mod models;
 pub mod participants;
@@ -218,6 +219,45 @@ pub fn redact(url: &str) -> String {
 /// Now, in UTC without a zone: how every timestamp is stored.
 pub fn now() -> chrono::NaiveDateTime {
     chrono::Utc::now().naive_utc()
+}
+
+/// Sends `payload` to the PostgreSQL listeners of `channel` when the transaction commits (at
+/// once outside one). Nothing on SQLite, which serves one node.
+pub fn notify(conn: &mut DbConn, channel: &str, payload: &str) -> DbResult<()> {
+    if let DbConn::Postgres(c) = conn {
+        use diesel::RunQueryDsl;
+        diesel::sql_query("SELECT pg_notify($1, $2)")
+            .bind::<diesel::sql_types::Text, _>(channel)
+            .bind::<diesel::sql_types::Text, _>(payload)
+            .execute(c)?;
+    }
+    Ok(())
+}
+
+/// Makes this connection receive what is sent to `channel` (PostgreSQL only); false on SQLite.
+pub fn listen(conn: &mut DbConn, channel: &str) -> DbResult<bool> {
+    match conn {
+        // `channel` is one of our names: nothing to escape.
+        DbConn::Postgres(c) => c.batch_execute(&format!("LISTEN {channel}"))?,
+        DbConn::Sqlite(_) => return Ok(false),
+    }
+    Ok(true)
+}
+
+/// Stops a connection's subscriptions (before it goes back to the pool).
+pub fn unlisten(conn: &mut DbConn) -> DbResult<()> {
+    if let DbConn::Postgres(c) = conn {
+        c.batch_execute("UNLISTEN *")?;
+    }
+    Ok(())
+}
+
+/// The payloads received by a listening connection since the last call, without waiting.
+pub fn notifications(conn: &mut DbConn) -> DbResult<Vec<String>> {
+    let DbConn::Postgres(c) = conn else {
+        return Ok(Vec::new());
+    };
+    c.notifications_iter().map(|n| Ok(n?.payload)).collect()
 }
 
 /// Whether `e` is a unique-constraint violation (a duplicate of something already stored).

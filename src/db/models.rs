@@ -87,6 +87,8 @@ pub struct Session {
     pub resume_proof_hmac: Option<String>,
     /// A researcher allowed the next entry with this participant's id to take the session over.
     pub handover_allowed: bool,
+    /// Raised by every `hello`: the socket that said it last may write (see `sessions::claim`).
+    pub owner_epoch: i64,
 }
 
 #[derive(Debug, Clone, Insertable)]

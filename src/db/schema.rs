@@ -22,6 +22,17 @@ diesel::table! {
 }
 
 diesel::table! {
+    leases (name) {
+        name -> Text,
+        holder -> Text,
+        expires_at -> Timestamp,
+        session_id -> Nullable<BigInt>,
+        progress -> Nullable<Text>,
+        cancel -> Bool,
+    }
+}
+
+diesel::table! {
     synth_turns (id) {
         id -> BigInt,
         key_sha256 -> Text,
@@ -127,6 +138,7 @@ diesel::table! {
         last_client_seq -> BigInt,
         resume_proof_hmac -> Nullable<Text>,
         handover_allowed -> Bool,
+        owner_epoch -> BigInt,
     }
 }
 
@@ -292,4 +304,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     rollouts,
     evaluations,
     synth_turns,
+    leases,
 );

@@ -221,6 +221,38 @@ pub fn idle_since(
         .load(conn)?)
 }
 
+/// Makes the socket that said `hello` the session's owner: returns the session's new owner epoch
+/// (hellos are ordered by the database, whatever node they reach).
+pub fn claim(conn: &mut DbConn, id: i64) -> DbResult<i64> {
+    Ok(diesel::update(sessions::table.find(id))
+        .set(sessions::owner_epoch.eq(sessions::owner_epoch + 1))
+        .returning(sessions::owner_epoch)
+        .get_result(conn)?)
+}
+
+/// Ends a session as timed out with `completion_code` if it is still open and has been idle since
+/// before `idle_before` (a frame that came meanwhile keeps it open); whether it ended.
+pub fn time_out(
+    conn: &mut DbConn,
+    id: i64,
+    idle_before: NaiveDateTime,
+    completion_code: &str,
+) -> DbResult<bool> {
+    let at = now();
+    let ended = diesel::update(sessions::table.find(id))
+        .filter(sessions::state.eq_any(SessionState::texts(&SessionState::OPEN)))
+        .filter(sessions::last_activity_at.lt(idle_before))
+        .set((
+            sessions::state.eq(Outcome::TimedOut.ended_state().as_str()),
+            sessions::outcome.eq(Outcome::TimedOut.as_str()),
+            sessions::completion_code.eq(completion_code),
+            sessions::finished_at.eq(at),
+            sessions::last_activity_at.eq(at),
+        ))
+        .execute(conn)?;
+    Ok(ended == 1)
+}
+
 /// Whether a client frame was new or a resend of one already applied.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Applied<T> {

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 pub use entry::{Arrival, Entry};
 pub use live::Connection;
 
-use crate::db::vocab::{MessageRole, Outcome, SessionState};
+use crate::db::vocab::{MessageRole, SessionState};
 use crate::db::{self, DbConn, DbError, DbPool};
 use crate::engine::{ChatMessage, Engines, Role};
 use crate::protocol::Protocol;
@@ -42,6 +42,10 @@ pub enum StudyError {
     TooManyStarted,
     #[error("{0}")]
     Protocol(String),
+    /// Another node took over the reply (this node stopped renewing its lease in time), or the
+    /// message was answered meanwhile: this node's reply is not stored.
+    #[error("the reply was taken over by another node")]
+    ReplyTakenOver,
     #[error(transparent)]
     Db(#[from] DbError),
 }
@@ -59,6 +63,8 @@ pub struct Studio {
     /// Parsed protocols by study version.
     protocols: Mutex<HashMap<i64, Arc<Protocol>>>,
     live: live::Registry,
+    /// This process among the nodes that share the database.
+    node: live::Node,
     /// Key of the external-id HMACs (an installation secret kept in the database).
     hmac_key: Vec<u8>,
 }
@@ -71,7 +77,9 @@ impl Studio {
         let key = db::secrets::get_or_create(&mut conn, "participant-id-hmac", || {
             hex::encode(rand::random::<[u8; 32]>())
         })?;
+        let relays = matches!(*conn, DbConn::Postgres(_));
         Ok(Arc::new(Self {
+            node: live::Node::new(relays, key.as_bytes()),
             pool,
             engines,
             protocols: Mutex::default(),
@@ -133,17 +141,16 @@ impl Studio {
             for session in candidates {
                 let protocol = this.protocol(conn, session.study_version_id)?;
                 let limit = i64::from(protocol.session.idle_timeout_minutes);
-                if limit == 0 || session.last_activity_at > now - chrono::Duration::minutes(limit) {
+                let idle_before = now - chrono::Duration::minutes(limit);
+                if limit == 0 || session.last_activity_at > idle_before {
                     continue;
                 }
-                db::sessions::finish(
-                    conn,
-                    session.id,
-                    Outcome::TimedOut,
-                    &protocol.outcomes.timed_out.code,
-                )?;
-                tracing::info!(session = %session.public_id, "session timed out");
-                ended += 1;
+                // Only if nothing came meanwhile (on this node or another).
+                let code = &protocol.outcomes.timed_out.code;
+                if db::sessions::time_out(conn, session.id, idle_before, code)? {
+                    tracing::info!(session = %session.public_id, "session timed out");
+                    ended += 1;
+                }
             }
             Ok(ended)
         })

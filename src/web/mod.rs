@@ -226,14 +226,6 @@ pub async fn serve(
     let studio = state.studio.clone();
     let (bound, server) = build(state, addr, workers, true)?;
     tracing::info!(%bound, "listening");
-    actix_web::rt::spawn(async move {
-        let mut every = tokio::time::interval(IDLE_SWEEP_INTERVAL);
-        loop {
-            every.tick().await;
-            if let Err(e) = studio.expire_idle_sessions(crate::db::now()).await {
-                tracing::warn!(error = %e, "cannot end idle sessions");
-            }
-        }
-    });
+    studio.run_cluster(IDLE_SWEEP_INTERVAL);
     server.await
 }

@@ -122,6 +122,7 @@ impl From<StudyError> for ApiError {
             StudyError::NotAccepting | StudyError::Full => ApiError::Unavailable(e.to_string()),
             StudyError::OpenElsewhere { .. } => ApiError::Conflict(e.to_string()),
             StudyError::TooManyStarted => ApiError::TooManyRequests(e.to_string()),
+            StudyError::ReplyTakenOver => ApiError::Conflict(e.to_string()),
             StudyError::Protocol(m) => ApiError::Internal(m),
             StudyError::Db(e) => ApiError::Database(e),
         }

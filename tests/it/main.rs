@@ -2,6 +2,7 @@
 
 mod browser;
 mod cli;
+mod cluster;
 mod collab;
 mod common;
 mod console;

@@ -629,3 +629,69 @@ fn sqlite_runs_in_wal_mode_with_foreign_keys() {
         c.batch_execute("SELECT 1").unwrap();
     }
 }
+
+on_both_backends!(a_lease_has_one_holder_until_it_expires, |db: &TestDb| {
+    use db::leases::{self, Released};
+    let mut conn = db.conn();
+    let f = fixture(&mut conn);
+    let name = leases::reply_name(f.session_id);
+    let ttl = chrono::Duration::seconds(30);
+    let sid = Some(f.session_id);
+    assert!(leases::acquire(&mut conn, &name, "node-a", ttl, sid).unwrap());
+    assert!(!leases::acquire(&mut conn, &name, "node-b", ttl, sid).unwrap());
+    // The holder renews it with its progress; a stop asked elsewhere reaches it.
+    assert_eq!(
+        leases::renew(&mut conn, &name, "node-a", ttl, Some("{\"msg_seq\":2}")).unwrap(),
+        Some(false)
+    );
+    assert_eq!(
+        leases::get(&mut conn, &name)
+            .unwrap()
+            .unwrap()
+            .progress
+            .as_deref(),
+        Some("{\"msg_seq\":2}")
+    );
+    assert!(leases::request_cancel(&mut conn, &name).unwrap());
+    assert_eq!(
+        leases::renew(&mut conn, &name, "node-a", ttl, None).unwrap(),
+        Some(true)
+    );
+    assert_eq!(
+        leases::renew(&mut conn, &name, "node-b", ttl, None).unwrap(),
+        None
+    );
+    assert!(leases::expired_sessions(&mut conn, db::now())
+        .unwrap()
+        .is_empty());
+
+    // Node A stops renewing (its lease is made to expire): node B takes it over, A has lost it.
+    assert!(leases::acquire(&mut conn, &name, "node-a", -ttl, sid).unwrap());
+    assert_eq!(
+        leases::expired_sessions(&mut conn, db::now()).unwrap(),
+        [f.session_id]
+    );
+    assert!(leases::acquire(&mut conn, &name, "node-b", ttl, sid).unwrap());
+    let lease = leases::get(&mut conn, &name).unwrap().unwrap();
+    assert_eq!(
+        (lease.holder.as_str(), lease.progress, lease.cancel),
+        ("node-b", None, false)
+    );
+    assert_eq!(
+        leases::renew(&mut conn, &name, "node-a", ttl, None).unwrap(),
+        None
+    );
+    assert_eq!(
+        leases::release(&mut conn, &name, "node-a").unwrap(),
+        Released::HeldElsewhere
+    );
+    assert_eq!(
+        leases::release(&mut conn, &name, "node-b").unwrap(),
+        Released::Released
+    );
+    assert_eq!(
+        leases::release(&mut conn, &name, "node-b").unwrap(),
+        Released::Absent
+    );
+    assert!(!leases::request_cancel(&mut conn, &name).unwrap());
+});

@@ -376,6 +376,7 @@ mod tests {
                 last_client_seq: 10,
                 resume_proof_hmac: None,
                 handover_allowed: false,
+                owner_epoch: 0,
             },
             turn,
             recorded: Vec::new(),

@@ -96,6 +96,7 @@ pub(super) async fn handle(cx: Context<'_>, command: Command) -> Frames {
 /// A user message: stored, then the reply starts.
 async fn message(cx: &Context<'_>, client_seq: i64, text: String) -> Frames {
     let session_id = cx.session_id();
+    let studio = cx.studio.clone();
     let per_minute = i64::from(cx.protocol.session.messages_per_minute);
     let applied = cx
         .studio
@@ -108,6 +109,10 @@ async fn message(cx: &Context<'_>, client_seq: i64, text: String) -> Frames {
                         "rate_limited",
                         "you are sending messages too quickly; wait a moment",
                     );
+                }
+                // One reply at a time across every node: refused while one is leased.
+                if !studio.take_reply_lease(conn, session_id)? {
+                    return refuse("busy", "wait for the reply, or press stop");
                 }
                 let message = db::messages::append(
                     conn,
@@ -132,18 +137,28 @@ async fn message(cx: &Context<'_>, client_seq: i64, text: String) -> Frames {
 }
 
 /// Stop: the reply in flight ends where it is (and is stored as it is).
+/// A reply generated on another node is asked to stop through its lease.
 async fn stop(cx: &Context<'_>, client_seq: i64) -> Frames {
     let session_id = cx.session_id();
+    let here = match cx.live.reply.lock().expect("reply lock").as_ref() {
+        Some(reply) => {
+            for cancel in &reply.cancels {
+                cancel.store(true, Ordering::Relaxed);
+            }
+            true
+        }
+        None => false,
+    };
     cx.studio
         .db(move |conn| {
-            db::sessions::apply_frame(conn, session_id, client_seq, |_, _| Ok::<_, Refusal>(()))
+            db::sessions::apply_frame(conn, session_id, client_seq, |conn, _| {
+                if !here {
+                    db::leases::request_cancel(conn, &db::leases::reply_name(session_id))?;
+                }
+                Ok::<_, Refusal>(())
+            })
         })
         .await?;
-    if let Some(reply) = cx.live.reply.lock().expect("reply lock").as_ref() {
-        for cancel in &reply.cancels {
-            cancel.store(true, Ordering::Relaxed);
-        }
-    }
     Ok(ack(client_seq))
 }
 
@@ -270,6 +285,7 @@ async fn final_answers(
 /// it, and the participant later picks between the two.
 async fn regenerate(cx: &Context<'_>, client_seq: i64) -> Frames {
     let session_id = cx.session_id();
+    let studio = cx.studio.clone();
     let applied = cx
         .studio
         .db(move |conn| {
@@ -279,6 +295,9 @@ async fn regenerate(cx: &Context<'_>, client_seq: i64) -> Frames {
                 else {
                     return refuse("not_allowed", "there is no reply to replace");
                 };
+                if !studio.take_reply_lease(conn, session_id)? {
+                    return refuse("busy", "wait for the reply to finish");
+                }
                 let mut policy = last
                     .policy_json
                     .as_deref()

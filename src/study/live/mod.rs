@@ -8,6 +8,7 @@
 //! complete, are stored, and show on reconnect. Live sessions without a socket or a reply are
 //! dropped from memory.
 
+mod cluster;
 mod decide;
 mod handlers;
 mod reply;
@@ -19,6 +20,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{broadcast, watch};
+
+pub(super) use cluster::Node;
 
 use super::frames::{ClientFrame, ServerFrame};
 use super::{Studio, StudyError};
@@ -45,6 +48,8 @@ pub(super) struct LiveSession {
     reply: Mutex<Option<reply::Reply>>,
     /// The connection that may write: the last one that said `hello`.
     owner: watch::Sender<u64>,
+    /// The highest owner epoch (`sessions.owner_epoch`) seen here, of this node or another.
+    owner_epoch: std::sync::atomic::AtomicI64,
     doc_updates: Throttle,
     browser_events: Throttle,
 }
@@ -65,11 +70,26 @@ impl Registry {
                     gate: tokio::sync::Mutex::new(()),
                     reply: Mutex::new(None),
                     owner: watch::channel(0).0,
+                    owner_epoch: Default::default(),
                     doc_updates: Throttle::new(MAX_DOC_UPDATES_PER_MINUTE, Duration::from_secs(60)),
                     browser_events: Throttle::new(MAX_EVENTS_PER_MINUTE, Duration::from_secs(60)),
                 })
             })
             .clone()
+    }
+
+    /// The session if it is held in memory (a socket or a reply of this node has it).
+    fn existing(&self, session_id: i64) -> Option<Arc<LiveSession>> {
+        let mut live = self.0.lock().expect("live lock");
+        evict(&mut live);
+        live.get(&session_id).cloned()
+    }
+
+    /// Every session held in memory.
+    fn held(&self) -> Vec<(i64, Arc<LiveSession>)> {
+        let mut live = self.0.lock().expect("live lock");
+        evict(&mut live);
+        live.iter().map(|(id, s)| (*id, s.clone())).collect()
     }
 
     fn len(&self) -> usize {
@@ -129,6 +149,8 @@ struct Bound {
     live: Arc<LiveSession>,
     events: broadcast::Receiver<ServerFrame>,
     owner: watch::Receiver<u64>,
+    /// The owner epoch this connection's hello took.
+    epoch: i64,
 }
 
 impl Connection {
@@ -194,9 +216,9 @@ impl Connection {
         }
         let studio = self.studio.clone();
         let live = bound.live.clone();
-        let session_id = bound.session_id;
+        let (session_id, epoch) = (bound.session_id, bound.epoch);
         let _turn = live.gate.lock().await;
-        match studio.apply(session_id, &live, frame).await {
+        match studio.apply(session_id, &live, frame, Some(epoch)).await {
             Ok(frames) => frames,
             Err(Refusal::Frame(code, message)) => {
                 vec![ServerFrame::error(code, message, client_seq)]
@@ -296,7 +318,12 @@ impl Connection {
         }
         let live = self.studio.live(session.id);
         let events = live.events.subscribe();
-        // This connection owns the session from now on; any other is told so.
+        // This connection owns the session from now on; any other, on any node, is told so.
+        let epoch = match self.studio.claim_session(session.id).await {
+            Ok(epoch) => epoch,
+            Err(e) => return vec![ServerFrame::error("unavailable", e.to_string(), None)],
+        };
+        live.owner_epoch.fetch_max(epoch, Ordering::SeqCst);
         live.owner.send_replace(self.id);
         let mut owner = live.owner.subscribe();
         owner.mark_unchanged();
@@ -306,6 +333,7 @@ impl Connection {
             live: live.clone(),
             events,
             owner,
+            epoch,
         });
         let _turn = live.gate.lock().await;
         if let Err(e) = self.studio.resume_reply(&session, &live).await {
@@ -350,7 +378,7 @@ impl Studio {
             if client_seq.is_none() {
                 continue;
             }
-            out.extend(match self.apply(session.id, &live, frame).await {
+            out.extend(match self.apply(session.id, &live, frame, None).await {
                 Ok(frames) => frames
                     .into_iter()
                     .filter(|f| matches!(f, ServerFrame::Ack { .. }))
@@ -373,18 +401,24 @@ impl Studio {
         self.live.len()
     }
 
-    /// Applies one frame: the session's snapshot, the decision, then the command's handler.
+    /// Applies one frame: the session's snapshot, the decision, then the command's handler. A
+    /// socket's frame carries the owner epoch its hello took: refused when a later hello (on any
+    /// node) took the session over. A beacon's frames carry none.
     async fn apply(
         self: &Arc<Self>,
         session_id: i64,
         live: &Arc<LiveSession>,
         frame: ClientFrame,
+        epoch: Option<i64>,
     ) -> Result<Vec<ServerFrame>, Refusal> {
         let this = self.clone();
-        let busy = live.reply.lock().expect("reply lock").is_some();
+        let replying = live.reply.lock().expect("reply lock").is_some();
         let (snapshot, protocol) = self
             .db(move |conn| {
                 let session = db::sessions::get(conn, session_id)?;
+                // A reply of this node, or of another node (or one left by a node that died).
+                let busy = replying
+                    || db::leases::get(conn, &db::leases::reply_name(session_id))?.is_some();
                 let protocol = this.protocol(conn, session.study_version_id)?;
                 let turn = db::messages::turn_count(conn, session_id)?;
                 let recorded = db::ratings::keys_after_turn(conn, session_id, turn)?;
@@ -397,6 +431,14 @@ impl Studio {
                 Ok::<_, StudyError>((snapshot, protocol))
             })
             .await?;
+        if epoch.is_some_and(|e| e != snapshot.session.owner_epoch) {
+            // A later hello, on this node or another; not applied, so the client may send it
+            // again under a new number once it owns the session again.
+            return refuse(
+                "taken_over",
+                "this session is open in another tab or window",
+            );
+        }
         let command = decide::decide(&snapshot, &protocol, frame)?;
         let cx = handlers::Context {
             studio: self,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use futures_util::StreamExt;
 
+use super::cluster::{LeaseKeeper, Progress};
 use super::decide::pending_ratings;
 use super::view::rating_view;
 use super::LiveSession;
@@ -34,6 +35,16 @@ pub(super) struct Reply {
 }
 
 impl Reply {
+    /// What other nodes show of it.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            msg_seq: self.msg_seq,
+            texts: self.texts.clone(),
+            tokens: self.tokens.clone(),
+            waiting: self.waiting(),
+        }
+    }
+
     /// The reply's place in the queue while every candidate still waits (the later one decides).
     pub fn waiting(&self) -> Option<usize> {
         self.ahead
@@ -43,7 +54,8 @@ impl Reply {
 }
 
 impl Studio {
-    /// After a restart, a user message may still wait for its reply: generate it now.
+    /// A user message may still wait for its reply (the process restarted, or the node that
+    /// generated it died): generate it here, unless another node does.
     pub(super) async fn resume_reply(
         self: &Arc<Self>,
         session: &Session,
@@ -52,7 +64,7 @@ impl Studio {
         if live.reply.lock().expect("reply lock").is_some() {
             return Ok(());
         }
-        if session.state != SessionState::Chatting {
+        if !self.claim_unanswered(session).await? {
             return Ok(());
         }
         let session_id = session.id;
@@ -64,16 +76,31 @@ impl Studio {
                 Ok::<_, StudyError>((db::messages::list_for_session(conn, session_id)?, replacing))
             })
             .await?;
-        if messages.last().is_some_and(|m| m.role == MessageRole::User) {
-            self.start_reply(session, live, messages, replacing).await?;
-        }
-        Ok(())
+        // Pages may show part of an earlier attempt: every one starts the reply afresh.
+        let state = self.state_frame(session_id, live).await?;
+        self.broadcast(session_id, live, vec![state]).await;
+        self.start_reply(session, live, messages, replacing).await
     }
 
-    /// Starts the reply to `history` (the last message is the user's) in a task of its own. A
+    /// Starts the reply to `history` (the last message is the user's) in a task of its own; the
+    /// caller took the session's reply lease, which is let go if the reply cannot start. A
     /// comparison turn generates two candidates; `regenerate` generates a replacement for a reply
     /// already kept as a candidate, and the participant then picks between the two.
     pub(super) async fn start_reply(
+        self: &Arc<Self>,
+        session: &Session,
+        live: &Arc<LiveSession>,
+        history: Vec<Message>,
+        regenerate: bool,
+    ) -> Result<(), StudyError> {
+        let started = self.launch_reply(session, live, history, regenerate).await;
+        if started.is_err() {
+            self.drop_reply_lease(session.id).await;
+        }
+        started
+    }
+
+    async fn launch_reply(
         self: &Arc<Self>,
         session: &Session,
         live: &Arc<LiveSession>,
@@ -140,11 +167,13 @@ impl Studio {
             Ok(g) => g,
             Err(e) => {
                 tracing::error!(session_id = session.id, error = %e, "cannot start the reply");
-                let _ = live.events.send(ServerFrame::error(
+                self.drop_reply_lease(session.id).await;
+                let refused = ServerFrame::error(
                     "assistant_unavailable",
                     "the assistant is not available right now; please try again in a moment",
                     None,
-                ));
+                );
+                self.broadcast(session.id, live, vec![refused]).await;
                 return Ok(());
             }
         };
@@ -155,10 +184,11 @@ impl Studio {
             ahead: vec![None; generations.len()],
             cancels: generations.iter().map(|g| g.canceller()).collect(),
         });
-        let _ = live.events.send(ServerFrame::AssistantStart {
+        let start = ServerFrame::AssistantStart {
             msg_seq,
             comparison,
-        });
+        };
+        self.broadcast(session.id, live, vec![start]).await;
         let studio = self.clone();
         let live = live.clone();
         let session_id = session.id;
@@ -185,7 +215,21 @@ impl Studio {
             // How long each candidate waited for a slot (none: it had one at once).
             let asked = std::time::Instant::now();
             let mut waited = vec![std::time::Duration::ZERO; outcomes.len()];
-            while let Some((i, event)) = events.next().await {
+            let relays = studio.node.relays();
+            let mut lease = LeaseKeeper::new(relays);
+            loop {
+                let (i, event) = tokio::select! {
+                    next = events.next() => match next {
+                        Some(next) => next,
+                        None => break,
+                    },
+                    () = lease.due() => {
+                        if !lease.renew(&studio, session_id, &live).await {
+                            break;
+                        }
+                        continue;
+                    }
+                };
                 match event {
                     EngineEvent::Token(delta) => {
                         // Numbered under the lock that a `state` snapshot takes, so a client
@@ -196,12 +240,14 @@ impl Studio {
                         let index = r.tokens[i];
                         r.tokens[i] += 1;
                         let candidate = comparison.then_some(i);
-                        let _ = live.events.send(ServerFrame::Token {
+                        let frame = ServerFrame::Token {
                             msg_seq,
                             index,
                             delta,
                             candidate,
-                        });
+                        };
+                        lease.relay(&frame);
+                        let _ = live.events.send(frame);
                     }
                     EngineEvent::Queued { .. } | EngineEvent::Started => {
                         let place = match event {
@@ -217,12 +263,18 @@ impl Studio {
                         r.ahead[i] = place;
                         let ahead = r.waiting();
                         if ahead != was {
-                            let _ = live.events.send(ServerFrame::Queued { msg_seq, ahead });
+                            let frame = ServerFrame::Queued { msg_seq, ahead };
+                            lease.relay(&frame);
+                            let _ = live.events.send(frame);
                         }
                     }
                     EngineEvent::Done(c) => outcomes[i] = Some(Ok(c)),
                     EngineEvent::Error(e) => outcomes[i] = Some(Err(e.to_string())),
                 }
+            }
+            // What is left to relay goes before the reply is stored.
+            if !lease.lost() && relays {
+                lease.renew(&studio, session_id, &live).await;
             }
             let mut completions: Result<Vec<Completion>, String> = outcomes
                 .into_iter()
@@ -234,11 +286,28 @@ impl Studio {
                 }
             }
             if let (Ok([first, other]), Some(request)) = (completions.as_deref_mut(), second) {
-                if let Some(distinct) =
-                    resample_distinct(&*engine, request, &first.text, other).await
+                if lease.lost() {
+                    // Not sampled again: the reply is not this node's any more.
+                } else if let Some(Some(distinct)) = lease
+                    .hold(
+                        &studio,
+                        session_id,
+                        &live,
+                        resample_distinct(&*engine, request, &first.text, other),
+                    )
+                    .await
                 {
                     *other = distinct;
                 }
+            }
+            if lease.lost() {
+                // Another node generates the reply now; its frames reach this node's sockets.
+                tracing::info!(session_id, "the reply was taken over by another node");
+                let reply = live.reply.lock().expect("reply lock").take();
+                for cancel in reply.iter().flat_map(|r| &r.cancels) {
+                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                return;
             }
             let result = match completions {
                 Ok(mut c) if c.len() == 1 && !regenerate => {
@@ -258,14 +327,23 @@ impl Studio {
                 }
                 Err(e) => Err(StudyError::Protocol(e)),
             };
-            if let Err(e) = result {
-                tracing::error!(session_id, error = %e, "reply failed");
-                *live.reply.lock().expect("reply lock") = None;
-                let _ = live.events.send(ServerFrame::error(
-                    "assistant_failed",
-                    "the assistant could not answer; please send your message again",
-                    None,
-                ));
+            match result {
+                Ok(()) => {}
+                Err(StudyError::ReplyTakenOver) => {
+                    tracing::info!(session_id, "the reply was stored by another node");
+                    *live.reply.lock().expect("reply lock") = None;
+                }
+                Err(e) => {
+                    tracing::error!(session_id, error = %e, "reply failed");
+                    *live.reply.lock().expect("reply lock") = None;
+                    studio.drop_reply_lease(session_id).await;
+                    let failed = ServerFrame::error(
+                        "assistant_failed",
+                        "the assistant could not answer; please send your message again",
+                        None,
+                    );
+                    studio.broadcast(session_id, &live, vec![failed]).await;
+                }
             }
         });
         Ok(())
@@ -285,9 +363,11 @@ impl Studio {
             .iter()
             .map(|c| (c.text.clone(), policy.of_reply(c).to_json()))
             .collect();
+        let this = self.clone();
         let candidates = self
             .db(move |conn| {
                 db::write_transaction(conn, |conn| {
+                    this.settle_reply(conn, session_id, msg_seq)?;
                     for (text, policy) in &rows {
                         db::candidates::insert(
                             conn,
@@ -308,10 +388,11 @@ impl Studio {
             })
             .await?;
         *live.reply.lock().expect("reply lock") = None;
-        let _ = live.events.send(ServerFrame::Comparison(ComparisonView {
+        let comparison = ServerFrame::Comparison(ComparisonView {
             msg_seq,
             candidates: candidates.into_iter().map(|c| c.content).collect(),
-        }));
+        });
+        self.broadcast(session_id, live, vec![comparison]).await;
         Ok(())
     }
 
@@ -329,21 +410,25 @@ impl Studio {
         let text = c.text.clone();
         let (turn, next, due) = self
             .db(move |conn| {
-                let session = db::sessions::get(conn, session_id)?;
-                let protocol = this.protocol(conn, session.study_version_id)?;
-                store_reply(conn, &protocol, session_id, &c.text, &policy)
+                db::write_transaction(conn, |conn| {
+                    this.settle_reply(conn, session_id, msg_seq)?;
+                    let session = db::sessions::get(conn, session_id)?;
+                    let protocol = this.protocol(conn, session.study_version_id)?;
+                    store_reply(conn, &protocol, session_id, &c.text, &policy)
+                })
             })
             .await?;
         *live.reply.lock().expect("reply lock") = None;
         // What the reply made due comes first: a client that acts on `assistant_done` is then
         // already asked for the rating.
+        let mut frames = Vec::new();
         if next == SessionState::Rating {
-            let _ = live.events.send(ServerFrame::RatingRequest {
+            frames.push(ServerFrame::RatingRequest {
                 after_turn: turn,
                 ratings: due,
             });
         }
-        let _ = live.events.send(ServerFrame::AssistantDone {
+        frames.push(ServerFrame::AssistantDone {
             msg_seq,
             text,
             finish_reason: c.finish_reason.as_str().to_string(),
@@ -351,9 +436,10 @@ impl Studio {
         });
         if next == SessionState::Final {
             if let Ok(frame) = self.state_frame(session_id, live).await {
-                let _ = live.events.send(frame);
+                frames.push(frame);
             }
         }
+        self.broadcast(session_id, live, frames).await;
         Ok(())
     }
 }

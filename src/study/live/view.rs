@@ -49,6 +49,20 @@ impl Studio {
         self.db(move |conn| {
             let session = db::sessions::get(conn, session_id)?;
             let protocol = this.protocol(conn, session.study_version_id)?;
+            // A reply that another node generates, as far as it got.
+            let streaming = match streaming {
+                Some(s) => Some(s),
+                None => Studio::leased_reply(conn, session_id)?.map(|p| Streaming {
+                    view: MessageView {
+                        seq: p.msg_seq,
+                        role: MessageRole::Assistant,
+                        content: p.texts.first().cloned().unwrap_or_default(),
+                        finish_reason: None,
+                    },
+                    tokens: p.tokens.first().copied().unwrap_or(0),
+                    waiting: p.waiting,
+                }),
+            };
             Ok(ServerFrame::State(Box::new(view(
                 conn, &protocol, &session, streaming,
             )?)))

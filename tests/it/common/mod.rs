@@ -351,6 +351,10 @@ pub struct ScriptedEngine {
     places: Vec<usize>,
     /// What `status` reports besides the name.
     status: EngineStatus,
+    /// Replies are written a word at a time, one every this long, as a slow model would.
+    pace: Option<std::time::Duration>,
+    /// When each word of a paced reply was written, by request.
+    pub written: std::sync::Arc<std::sync::Mutex<Vec<Vec<std::time::Instant>>>>,
     pub requests: std::sync::atomic::AtomicUsize,
 }
 
@@ -374,8 +378,17 @@ impl ScriptedEngine {
                 running: true,
                 ..Default::default()
             },
+            pace: None,
+            written: Default::default(),
             requests: Default::default(),
         }
+    }
+
+    /// Writes each reply a word at a time, one every `pace` (until stopped: then it ends as
+    /// cancelled with the words so far), and notes when each word was written.
+    pub fn paced(mut self, pace: std::time::Duration) -> Self {
+        self.pace = Some(pace);
+        self
     }
 
     /// Every request first waits in line at these places, as on a busy engine; a held one stays
@@ -434,6 +447,44 @@ impl Engine for ScriptedEngine {
             return Ok(generation);
         }
         let text = (self.reply)(&request);
+        if let Some(pace) = self.pace {
+            let written = self.written.clone();
+            std::thread::spawn(move || {
+                let request = {
+                    let mut written = written.lock().unwrap();
+                    written.push(Vec::new());
+                    written.len() - 1
+                };
+                let mut so_far = String::new();
+                let mut finish_reason = FinishReason::Stop;
+                for (i, word) in text.split(' ').enumerate() {
+                    std::thread::sleep(pace);
+                    if cancel.load(std::sync::atomic::Ordering::Relaxed) || events.is_closed() {
+                        finish_reason = FinishReason::Cancelled;
+                        break;
+                    }
+                    let delta = if i == 0 {
+                        word.to_string()
+                    } else {
+                        format!(" {word}")
+                    };
+                    so_far.push_str(&delta);
+                    written.lock().unwrap()[request].push(std::time::Instant::now());
+                    let _ = events.send(EngineEvent::Token(delta));
+                }
+                let _ = events.send(EngineEvent::Done(Completion {
+                    generated_tokens: so_far.split_whitespace().count() as u32,
+                    text: so_far,
+                    finish_reason,
+                    prompt_tokens: 0,
+                    prompt_tokens_processed: 0,
+                    ttft_ms: 0,
+                    total_ms: 0,
+                    seed: 0,
+                }));
+            });
+            return Ok(generation);
+        }
         let _ = events.send(EngineEvent::Token(text.clone()));
         let _ = events.send(EngineEvent::Done(Completion {
             generated_tokens: text.split_whitespace().count() as u32,

@@ -1,0 +1,2 @@
+ALTER TABLE sessions DROP COLUMN owner_epoch;
+DROP TABLE leases;

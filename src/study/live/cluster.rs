@@ -1,0 +1,654 @@
+//! Several `serve` nodes on one database. Any node may hold a participant's socket at any moment,
+//! so what was in one process's memory is shared through the database:
+//!
+//! - one reply per message across the cluster: the node that generates it holds the session's
+//!   reply lease (`db::leases`), renews it while it works and lets it go in the transaction that
+//!   stores the reply; a lease whose node died expires, and the next sweep of any node takes it
+//!   over and generates the reply again;
+//! - what the reply's sockets see reaches sockets on other nodes: on PostgreSQL the holder
+//!   stores the reply's progress with its lease and, in the same transaction, sends the new frames
+//!   by `NOTIFY` every [`RELAY_EVERY`]; every node `LISTEN`s and hands them to its own sockets of
+//!   the session. A socket that arrives mid-reply gets the text so far from the stored progress;
+//!   a frame too large for a notification (a whole state) goes as "resync": each node sends its
+//!   sockets the state it reads from the database;
+//! - the socket that said hello last owns the session, whatever node it is on: every hello takes a
+//!   new owner epoch from the database (`sessions.owner_epoch`), a frame from an older one is
+//!   refused, and the other nodes are told so their sockets of the session close at once.
+//!
+//! SQLite serves one node: leases are still taken (a restarted process takes over the replies its
+//! previous run left) but nothing is relayed.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::LiveSession;
+use crate::db::leases::{self, Released};
+use crate::db::models::Session;
+use crate::db::vocab::{MessageRole, SessionState};
+use crate::db::{self, DbConn, DbPool};
+use crate::study::frames::ServerFrame;
+use crate::study::{Studio, StudyError};
+
+/// How long a lease lives unless renewed: a node that died is replaced after at most this.
+pub(super) const LEASE_TTL: Duration = Duration::from_secs(10);
+/// How often a reply renews its lease when it has nothing to relay.
+pub(super) const RENEW_EVERY: Duration = Duration::from_secs(2);
+/// How often at most a reply relays its new frames to the other nodes (PostgreSQL).
+pub(super) const RELAY_EVERY: Duration = Duration::from_millis(100);
+/// How often a node looks for replies that a node which died left unfinished.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// Largest notification payload sent (PostgreSQL refuses more than 8000 bytes).
+const MAX_PAYLOAD: usize = 7000;
+/// How often the listening connection is read (it cannot be waited on through diesel).
+const POLL_EVERY: Duration = Duration::from_millis(10);
+/// How long the listener waits before connecting again after losing its connection.
+const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+
+/// This node in the cluster.
+pub(crate) struct Node {
+    /// Unique per process: lease holders are told apart by it.
+    pub id: String,
+    /// Whether frames are relayed to other nodes (the database is PostgreSQL).
+    relays: bool,
+    /// The PostgreSQL channel the nodes of this installation talk on: named after it, since
+    /// channels are shared by every schema of a database.
+    channel: String,
+    /// Whether this process listens for the other nodes (`serve` does; tools do not).
+    listening: AtomicBool,
+    /// Whether the listening connection is up.
+    connected: Arc<AtomicBool>,
+}
+
+impl Node {
+    /// A node of the installation whose secret is `installation` (any per-database secret).
+    pub fn new(relays: bool, installation: &[u8]) -> Self {
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        );
+        let tag = crate::protocol::sha256_hex(installation);
+        Self {
+            id,
+            relays,
+            channel: format!("collabllm_{}", &tag[..16]),
+            listening: AtomicBool::new(false),
+            connected: Arc::default(),
+        }
+    }
+
+    pub fn relays(&self) -> bool {
+        self.relays
+    }
+
+    /// How this node hears the others, for `/healthz`: `off` (SQLite, or not serving),
+    /// `listening`, or `disconnected` (frames of other nodes do not reach this node's sockets).
+    pub fn relay_state(&self) -> &'static str {
+        if !self.listening.load(Ordering::SeqCst) {
+            "off"
+        } else if self.connected.load(Ordering::SeqCst) {
+            "listening"
+        } else {
+            "disconnected"
+        }
+    }
+}
+
+fn ttl() -> chrono::Duration {
+    chrono::Duration::from_std(LEASE_TTL).expect("a short duration")
+}
+
+/// What one node tells the others about a session.
+#[derive(Debug, Serialize, Deserialize)]
+struct Notice {
+    node: String,
+    session: i64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    frames: Vec<ServerFrame>,
+    /// Send the sockets the session's state as stored (something too large to relay changed).
+    #[serde(default, skip_serializing_if = "is_false")]
+    resync: bool,
+    /// A socket on the sending node took the session over, with this owner epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    owner: Option<i64>,
+}
+
+fn is_false(b: &bool) -> bool {
+    !b
+}
+
+/// A reply in flight as stored with its lease, for the sockets of other nodes.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(super) struct Progress {
+    pub msg_seq: i32,
+    pub texts: Vec<String>,
+    pub tokens: Vec<usize>,
+    pub waiting: Option<usize>,
+}
+
+impl Studio {
+    /// This node's id (unique per process) and how it hears the other nodes.
+    pub fn node(&self) -> (&str, &'static str) {
+        (&self.node.id, self.node.relay_state())
+    }
+
+    /// Sends frames to the session's sockets on this node and on the others.
+    pub(super) async fn broadcast(
+        self: &Arc<Self>,
+        session_id: i64,
+        live: &LiveSession,
+        frames: Vec<ServerFrame>,
+    ) {
+        for frame in &frames {
+            let _ = live.events.send(frame.clone());
+        }
+        if !self.node.relays() || frames.is_empty() {
+            return;
+        }
+        let this = self.clone();
+        let sent = self
+            .db(move |conn| this.publish(conn, session_id, &frames))
+            .await;
+        if let Err(e) = sent {
+            tracing::warn!(session_id, error = %e, "cannot relay frames to the other nodes");
+        }
+    }
+
+    /// Makes a socket of this node the session's owner: a new owner epoch, told to the other
+    /// nodes (whose sockets of the session are taken over, unless they said hello since).
+    pub(super) async fn claim_session(
+        self: &Arc<Self>,
+        session_id: i64,
+    ) -> Result<i64, StudyError> {
+        let this = self.clone();
+        self.db(move |conn| {
+            db::write_transaction(conn, |conn| {
+                let epoch = db::sessions::claim(conn, session_id)?;
+                if this.node.relays() {
+                    let notice = Notice {
+                        owner: Some(epoch),
+                        ..this.notice(session_id)
+                    };
+                    let payload = serde_json::to_string(&notice).expect("a notice serialises");
+                    db::notify(conn, &this.node.channel, &payload)?;
+                }
+                Ok(epoch)
+            })
+        })
+        .await
+    }
+
+    /// An empty notice from this node about a session.
+    fn notice(&self, session_id: i64) -> Notice {
+        Notice {
+            node: self.node.id.clone(),
+            session: session_id,
+            frames: Vec::new(),
+            resync: false,
+            owner: None,
+        }
+    }
+
+    /// Sends `frames` to the other nodes when `conn`'s transaction commits, in notifications
+    /// small enough for PostgreSQL; a frame too large (a state) becomes a resync.
+    fn publish(
+        &self,
+        conn: &mut DbConn,
+        session_id: i64,
+        frames: &[ServerFrame],
+    ) -> Result<(), StudyError> {
+        if !self.node.relays() {
+            return Ok(());
+        }
+        let empty = || self.notice(session_id);
+        let mut notice = empty();
+        let mut size = 0;
+        let mut notices = Vec::new();
+        for frame in frames {
+            let len = serde_json::to_string(frame).map_or(usize::MAX, |s| s.len());
+            if matches!(frame, ServerFrame::State(_)) || len > MAX_PAYLOAD - 200 {
+                notice.resync = true;
+                continue;
+            }
+            if size + len > MAX_PAYLOAD - 200 {
+                notices.push(std::mem::replace(&mut notice, empty()));
+                size = 0;
+            }
+            notice.frames.push(frame.clone());
+            size += len + 1;
+        }
+        notices.push(notice);
+        for notice in notices
+            .into_iter()
+            .filter(|n| n.resync || !n.frames.is_empty())
+        {
+            let payload = serde_json::to_string(&notice).expect("a notice serialises");
+            db::notify(conn, &self.node.channel, &payload)?;
+        }
+        Ok(())
+    }
+
+    /// Takes the session's reply lease for this node (see [`leases::acquire`]).
+    pub(super) fn take_reply_lease(
+        &self,
+        conn: &mut DbConn,
+        session_id: i64,
+    ) -> Result<bool, StudyError> {
+        let name = leases::reply_name(session_id);
+        Ok(leases::acquire(
+            conn,
+            &name,
+            &self.node.id,
+            ttl(),
+            Some(session_id),
+        )?)
+    }
+
+    pub(super) fn release_reply_lease(
+        &self,
+        conn: &mut DbConn,
+        session_id: i64,
+    ) -> Result<Released, StudyError> {
+        Ok(leases::release(
+            conn,
+            &leases::reply_name(session_id),
+            &self.node.id,
+        )?)
+    }
+
+    /// Lets go of the reply lease outside a transaction (a reply that failed or never started),
+    /// so the participant may send their message again.
+    pub(super) async fn drop_reply_lease(self: &Arc<Self>, session_id: i64) {
+        let this = self.clone();
+        let released = self
+            .db(move |conn| this.release_reply_lease(conn, session_id))
+            .await;
+        if let Err(e) = released {
+            tracing::warn!(session_id, error = %e, "cannot release the reply lease");
+        }
+    }
+
+    /// Renews the reply's lease, storing its progress and relaying `frames` with it (one
+    /// transaction: a node that reads the progress has every frame sent before). `None` when
+    /// another node took the reply over, else whether the participant asked to stop.
+    pub(super) async fn renew_reply(
+        self: &Arc<Self>,
+        session_id: i64,
+        progress: Option<String>,
+        frames: Vec<ServerFrame>,
+    ) -> Result<Option<bool>, StudyError> {
+        let this = self.clone();
+        self.db(move |conn| {
+            db::write_transaction(conn, |conn| {
+                let name = leases::reply_name(session_id);
+                let renewed =
+                    leases::renew(conn, &name, &this.node.id, ttl(), progress.as_deref())?;
+                if renewed.is_some() {
+                    this.publish(conn, session_id, &frames)?;
+                }
+                Ok(renewed)
+            })
+        })
+        .await
+    }
+
+    /// In the transaction that stores a reply: lets go of its lease, and refuses to store it
+    /// when another node took the reply over or the message was answered meanwhile.
+    pub(super) fn settle_reply(
+        &self,
+        conn: &mut DbConn,
+        session_id: i64,
+        msg_seq: i32,
+    ) -> Result<(), StudyError> {
+        if self.release_reply_lease(conn, session_id)? == Released::HeldElsewhere {
+            return Err(StudyError::ReplyTakenOver);
+        }
+        let answers = db::messages::last(conn, session_id)?
+            .is_some_and(|m| m.role == MessageRole::User && m.seq == msg_seq - 1);
+        if !answers {
+            return Err(StudyError::ReplyTakenOver);
+        }
+        Ok(())
+    }
+
+    /// The reply in flight on whatever node generates it, as its lease stores it; the message
+    /// it answers is `last_seq + 1`'s when nothing was stored yet.
+    pub(super) fn leased_reply(
+        conn: &mut DbConn,
+        session_id: i64,
+    ) -> Result<Option<Progress>, StudyError> {
+        let Some(lease) = leases::get(conn, &leases::reply_name(session_id))? else {
+            return Ok(None);
+        };
+        if let Some(progress) = lease
+            .progress
+            .as_deref()
+            .and_then(|p| serde_json::from_str::<Progress>(p).ok())
+        {
+            return Ok(Some(progress));
+        }
+        let msg_seq = db::messages::last(conn, session_id)?.map_or(1, |m| m.seq + 1);
+        Ok(Some(Progress {
+            msg_seq,
+            ..Progress::default()
+        }))
+    }
+
+    /// Starts the node's cluster work: the sweep for replies left by a node that died, the idle
+    /// session time-outs (one node at a time), and on PostgreSQL the listener for the other nodes.
+    pub fn run_cluster(self: &Arc<Self>, idle_sweep_every: Duration) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(SWEEP_EVERY);
+            loop {
+                every.tick().await;
+                if let Err(e) = this.take_over_replies().await {
+                    tracing::warn!(error = %e, "cannot look for replies left unfinished");
+                }
+            }
+        });
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(idle_sweep_every);
+            loop {
+                every.tick().await;
+                if let Err(e) = this.expire_idle_sessions_once(idle_sweep_every).await {
+                    tracing::warn!(error = %e, "cannot end idle sessions");
+                }
+            }
+        });
+        if self.node.relays() && !self.node.listening.swap(true, Ordering::SeqCst) {
+            let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
+            let (pool, channel) = (self.pool.clone(), self.node.channel.clone());
+            let connected = self.node.connected.clone();
+            std::thread::Builder::new()
+                .name("collabllm-listen".into())
+                .spawn(move || listen(&pool, &channel, &connected, &sender))
+                .expect("start the listener thread");
+            let this = self.clone();
+            tokio::spawn(async move {
+                while let Some(heard) = received.recv().await {
+                    this.dispatch(heard).await;
+                }
+            });
+        }
+    }
+
+    /// Ends idle sessions if this node holds the job's lease (one node does it at a time).
+    async fn expire_idle_sessions_once(
+        self: &Arc<Self>,
+        every: Duration,
+    ) -> Result<(), StudyError> {
+        let this = self.clone();
+        // Held a while past the next sweep, so a live holder keeps it.
+        let ttl = chrono::Duration::milliseconds(every.as_millis() as i64 * 3 / 2);
+        let ours = self
+            .db(move |conn| leases::acquire(conn, "job/idle-sessions", &this.node.id, ttl, None))
+            .await?;
+        if ours {
+            self.expire_idle_sessions(db::now()).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes over the replies whose node stopped renewing their lease, and generates them again.
+    async fn take_over_replies(self: &Arc<Self>) -> Result<(), StudyError> {
+        let expired = self
+            .db(|conn| Ok::<_, StudyError>(leases::expired_sessions(conn, db::now())?))
+            .await?;
+        for session_id in expired {
+            let live = self.live(session_id);
+            let _turn = live.gate.lock().await;
+            let session = self
+                .db(move |conn| Ok::<_, StudyError>(db::sessions::get(conn, session_id)?))
+                .await?;
+            tracing::info!(session = %session.public_id, "taking over a reply left unfinished");
+            self.resume_reply(&session, &live).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the session waits for a reply that nobody generates, taking its lease if so
+    /// (else letting go of a lease it no longer needs). The caller then starts the reply.
+    pub(super) async fn claim_unanswered(
+        self: &Arc<Self>,
+        session: &Session,
+    ) -> Result<bool, StudyError> {
+        let this = self.clone();
+        let (session_id, chatting) = (session.id, session.state == SessionState::Chatting);
+        self.db(move |conn| {
+            if !this.take_reply_lease(conn, session_id)? {
+                return Ok(false);
+            }
+            let unanswered = chatting
+                && db::messages::last(conn, session_id)?
+                    .is_some_and(|m| m.role == MessageRole::User);
+            if !unanswered {
+                this.release_reply_lease(conn, session_id)?;
+            }
+            Ok(unanswered)
+        })
+        .await
+    }
+
+    /// Hands what another node said to this node's sockets of the session.
+    async fn dispatch(self: &Arc<Self>, heard: Heard) {
+        let notice = match heard {
+            Heard::Payload(payload) => match serde_json::from_str::<Notice>(&payload) {
+                Ok(n) if n.node != self.node.id => n,
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "a notification that is not a notice");
+                    return;
+                }
+            },
+            Heard::Reconnected => {
+                // Notices may have been missed while the connection was down.
+                for (session_id, live) in self.live.held() {
+                    self.resync(session_id, &live).await;
+                }
+                return;
+            }
+        };
+        let Some(live) = self.live.existing(notice.session) else {
+            return;
+        };
+        if let Some(epoch) = notice.owner {
+            if live.owner_epoch.fetch_max(epoch, Ordering::SeqCst) < epoch {
+                // No connection of this process has number 0: every one here is taken over.
+                live.owner.send_replace(0);
+            }
+        }
+        for frame in notice.frames {
+            let _ = live.events.send(frame);
+        }
+        if notice.resync {
+            self.resync(notice.session, &live).await;
+        }
+    }
+
+    /// Sends this node's sockets of the session its state as stored.
+    async fn resync(self: &Arc<Self>, session_id: i64, live: &LiveSession) {
+        match self.state_frame(session_id, live).await {
+            Ok(frame) => {
+                let _ = live.events.send(frame);
+            }
+            Err(e) => tracing::warn!(session_id, error = %e, "cannot send the session's state"),
+        }
+    }
+}
+
+/// Keeps a reply's lease while it is generated: renews it every [`RENEW_EVERY`] and, on
+/// PostgreSQL, relays new frames at once, or [`RELAY_EVERY`] after the last relay when frames
+/// come faster (one transaction per interval however fast the model writes).
+pub(super) struct LeaseKeeper {
+    relays: bool,
+    renewed: tokio::time::Instant,
+    frames: Vec<ServerFrame>,
+    lost: bool,
+}
+
+impl LeaseKeeper {
+    pub fn new(relays: bool) -> Self {
+        Self {
+            relays,
+            renewed: tokio::time::Instant::now(),
+            frames: Vec::new(),
+            lost: false,
+        }
+    }
+
+    /// A frame the session's sockets on other nodes must get.
+    pub fn relay(&mut self, frame: &ServerFrame) {
+        if self.relays {
+            self.frames.push(frame.clone());
+        }
+    }
+
+    /// Waits until the frames so far are to be relayed or the lease is due for renewal (made
+    /// again after every frame, so it sees the frames sent meanwhile).
+    pub async fn due(&self) {
+        let after = if self.frames.is_empty() {
+            RENEW_EVERY
+        } else {
+            RELAY_EVERY
+        };
+        tokio::time::sleep_until(self.renewed + after).await;
+    }
+
+    /// Renews the lease with the reply's progress and relays the frames; stops the reply when
+    /// the participant asked so on another node. False when the lease was lost: another node
+    /// generates the reply now.
+    pub async fn renew(
+        &mut self,
+        studio: &Arc<Studio>,
+        session_id: i64,
+        live: &LiveSession,
+    ) -> bool {
+        let progress = if self.relays {
+            live.reply
+                .lock()
+                .expect("reply lock")
+                .as_ref()
+                .and_then(|r| serde_json::to_string(&r.progress()).ok())
+        } else {
+            None
+        };
+        // The next relay is timed from the start of this one.
+        let started = tokio::time::Instant::now();
+        match studio
+            .renew_reply(session_id, progress, self.frames.clone())
+            .await
+        {
+            Ok(Some(stop)) => {
+                self.frames.clear();
+                self.renewed = started;
+                if stop {
+                    if let Some(reply) = live.reply.lock().expect("reply lock").as_ref() {
+                        for cancel in &reply.cancels {
+                            cancel.store(true, Ordering::Relaxed);
+                        }
+                    }
+                }
+                true
+            }
+            Ok(None) => {
+                self.lost = true;
+                false
+            }
+            Err(e) => {
+                // The frames are kept for the next try, an interval later; the lease lives on
+                // for a while.
+                tracing::warn!(session_id, error = %e, "cannot renew the reply's lease");
+                self.renewed = started;
+                true
+            }
+        }
+    }
+
+    /// Runs `work` (a comparison candidate sampled again) while renewing the lease; `None`
+    /// when the lease was lost meanwhile.
+    pub async fn hold<T>(
+        &mut self,
+        studio: &Arc<Studio>,
+        session_id: i64,
+        live: &LiveSession,
+        work: impl std::future::Future<Output = T>,
+    ) -> Option<T> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return Some(done),
+                () = self.due() => {
+                    if !self.renew(studio, session_id, live).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn lost(&self) -> bool {
+        self.lost
+    }
+}
+
+/// What the listener heard.
+enum Heard {
+    Payload(String),
+    /// The listening connection was made again: notices may have been missed.
+    Reconnected,
+}
+
+/// Receives the other nodes' notices, for as long as the process runs (on its own thread: the
+/// connection is read without waiting, every [`POLL_EVERY`]).
+fn listen(
+    pool: &DbPool,
+    channel: &str,
+    connected: &AtomicBool,
+    sender: &tokio::sync::mpsc::UnboundedSender<Heard>,
+) {
+    let mut first = true;
+    while !sender.is_closed() {
+        let mut conn = match pool.get() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "the listener has no database connection");
+                std::thread::sleep(RECONNECT_AFTER);
+                continue;
+            }
+        };
+        if let Err(e) = db::listen(&mut conn, channel) {
+            tracing::warn!(error = %e, "cannot listen for the other nodes");
+            std::thread::sleep(RECONNECT_AFTER);
+            continue;
+        }
+        connected.store(true, Ordering::SeqCst);
+        if !std::mem::take(&mut first) && sender.send(Heard::Reconnected).is_err() {
+            return;
+        }
+        loop {
+            match db::notifications(&mut conn) {
+                Ok(payloads) => {
+                    for p in payloads {
+                        if sender.send(Heard::Payload(p)).is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "lost the connection that listens for the other nodes");
+                    break;
+                }
+            }
+            std::thread::sleep(POLL_EVERY);
+        }
+        connected.store(false, Ordering::SeqCst);
+        // A connection that still works goes back to the pool without the subscription.
+        let _ = db::unlisten(&mut conn);
+        std::thread::sleep(RECONNECT_AFTER);
+    }
+}
