@@ -86,7 +86,6 @@ function connect() {
   ws = new WebSocket(`${scheme}://${location.host}${studyPath}/ws`);
   ws.onopen = () => {
     retryMs = 500;
-    el("connection").textContent = "Connected";
     hello();
   };
   ws.onmessage = (e) => {
@@ -230,6 +229,8 @@ function onTakenOver(frame) {
 
 function applyState(s) {
   state = s;
+  // Connected once the session's state is here: only then can the page send.
+  el("connection").textContent = "Connected";
   nextSeq = Math.max(nextSeq, s.last_client_seq + 1);
   // Frames the server refused because another tab owned the session were never applied: they
   // get numbers after everything the server has.

@@ -93,10 +93,21 @@ async fn wait_for(client: &Client, condition: &str) {
         if value == json!(true) {
             return;
         }
-        assert!(
-            started.elapsed() < WAIT,
-            "timed out waiting for: {condition}"
-        );
+        if started.elapsed() >= WAIT {
+            // What the page showed, to tell why.
+            let page = client
+                .execute(
+                    "const t = (id) => document.getElementById(id)?.textContent;
+                     return {connection: t('connection'), notice: t('notice'),
+                             messages: [...document.querySelectorAll('.msg')].map(m => m.textContent),
+                             input: document.getElementById('input')?.value,
+                             outbox: localStorage.length ? Object.fromEntries(Object.entries(localStorage)) : null};",
+                    vec![],
+                )
+                .await
+                .ok();
+            panic!("timed out waiting for: {condition}; the page: {page:?}");
+        }
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
 }

@@ -7,8 +7,8 @@
 //!   over and generates the reply again;
 //! - what the reply's sockets see reaches sockets on other nodes: on PostgreSQL the holder
 //!   stores the reply's progress with its lease and, in the same transaction, sends the new frames
-//!   by `NOTIFY` every [`RELAY_EVERY`]; every node `LISTEN`s and hands them to its own sockets of
-//!   the session. A socket that arrives mid-reply gets the text so far from the stored progress;
+//!   by `NOTIFY` (at once, at most every [`RELAY_EVERY`]); every node `LISTEN`s and hands them to
+//!   its own sockets of the session. A socket that arrives mid-reply gets the text so far from the stored progress;
 //!   a frame too large for a notification (a whole state) goes as "resync": each node sends its
 //!   sockets the state it reads from the database;
 //! - the socket that said hello last owns the session, whatever node it is on: every hello takes a
@@ -33,11 +33,11 @@ use crate::study::frames::ServerFrame;
 use crate::study::{Studio, StudyError};
 
 /// How long a lease lives unless renewed: a node that died is replaced after at most this.
-pub(super) const LEASE_TTL: Duration = Duration::from_secs(10);
+const LEASE_TTL: Duration = Duration::from_secs(10);
 /// How often a reply renews its lease when it has nothing to relay.
-pub(super) const RENEW_EVERY: Duration = Duration::from_secs(2);
+const RENEW_EVERY: Duration = Duration::from_secs(2);
 /// How often at most a reply relays its new frames to the other nodes (PostgreSQL).
-pub(super) const RELAY_EVERY: Duration = Duration::from_millis(100);
+const RELAY_EVERY: Duration = Duration::from_millis(100);
 /// How often a node looks for replies that a node which died left unfinished.
 const SWEEP_EVERY: Duration = Duration::from_secs(2);
 /// Largest notification payload sent (PostgreSQL refuses more than 8000 bytes).
@@ -400,15 +400,21 @@ impl Studio {
             .db(|conn| Ok::<_, StudyError>(leases::expired_sessions(conn, db::now())?))
             .await?;
         for session_id in expired {
-            let live = self.live(session_id);
-            let _turn = live.gate.lock().await;
-            let session = self
-                .db(move |conn| Ok::<_, StudyError>(db::sessions::get(conn, session_id)?))
-                .await?;
-            tracing::info!(session = %session.public_id, "taking over a reply left unfinished");
-            self.resume_reply(&session, &live).await?;
+            if let Err(e) = self.take_over_reply(session_id).await {
+                tracing::warn!(session_id, error = %e, "cannot take over a reply");
+            }
         }
         Ok(())
+    }
+
+    async fn take_over_reply(self: &Arc<Self>, session_id: i64) -> Result<(), StudyError> {
+        let live = self.live(session_id);
+        let _turn = live.gate.lock().await;
+        let session = self
+            .db(move |conn| Ok::<_, StudyError>(db::sessions::get(conn, session_id)?))
+            .await?;
+        tracing::info!(session = %session.public_id, "a reply's lease expired: taking it over");
+        self.resume_reply(&session, &live).await
     }
 
     /// Whether the session waits for a reply that nobody generates, taking its lease if so
