@@ -507,11 +507,13 @@ impl LeaseKeeper {
         }
     }
 
-    /// A frame the session's sockets on other nodes must get.
-    pub fn relay(&mut self, frame: &ServerFrame) {
+    /// Sends a frame of the reply to the session's sockets here, and keeps it for the other
+    /// nodes' (relayed with the next renewal).
+    pub fn send(&mut self, live: &LiveSession, frame: ServerFrame) {
         if self.relays {
             self.frames.push(frame.clone());
         }
+        let _ = live.events.send(frame);
     }
 
     /// Waits until the frames so far are to be relayed or the lease is due for renewal (made

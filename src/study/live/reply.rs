@@ -246,8 +246,7 @@ impl Studio {
                             delta,
                             candidate,
                         };
-                        lease.relay(&frame);
-                        let _ = live.events.send(frame);
+                        lease.send(&live, frame);
                     }
                     EngineEvent::Queued { .. } | EngineEvent::Started => {
                         let place = match event {
@@ -264,8 +263,7 @@ impl Studio {
                         let ahead = r.waiting();
                         if ahead != was {
                             let frame = ServerFrame::Queued { msg_seq, ahead };
-                            lease.relay(&frame);
-                            let _ = live.events.send(frame);
+                            lease.send(&live, frame);
                         }
                     }
                     EngineEvent::Done(c) => outcomes[i] = Some(Ok(c)),

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::cluster::Progress;
 use super::decide::pending_ratings;
 use super::reply::pending_candidates;
 use super::LiveSession;
@@ -26,43 +27,44 @@ struct Streaming {
     waiting: Option<usize>,
 }
 
+impl From<Progress> for Streaming {
+    /// A state frame shows the first candidate's text as the reply in flight.
+    fn from(p: Progress) -> Self {
+        Streaming {
+            view: MessageView {
+                seq: p.msg_seq,
+                role: MessageRole::Assistant,
+                content: p.texts.into_iter().next().unwrap_or_default(),
+                finish_reason: None,
+            },
+            tokens: p.tokens.first().copied().unwrap_or(0),
+            waiting: p.waiting,
+        }
+    }
+}
+
 impl Studio {
     pub(super) async fn state_frame(
         self: &Arc<Self>,
         session_id: i64,
         live: &LiveSession,
     ) -> Result<ServerFrame, StudyError> {
-        let streaming = live.reply.lock().expect("reply lock").as_ref().map(|r| {
-            let view = MessageView {
-                seq: r.msg_seq,
-                role: MessageRole::Assistant,
-                content: r.texts[0].clone(),
-                finish_reason: None,
-            };
-            Streaming {
-                view,
-                tokens: r.tokens[0],
-                waiting: r.waiting(),
-            }
-        });
+        let here = live
+            .reply
+            .lock()
+            .expect("reply lock")
+            .as_ref()
+            .map(|r| r.progress());
         let this = self.clone();
         self.db(move |conn| {
             let session = db::sessions::get(conn, session_id)?;
             let protocol = this.protocol(conn, session.study_version_id)?;
-            // A reply that another node generates, as far as it got.
-            let streaming = match streaming {
-                Some(s) => Some(s),
-                None => Studio::leased_reply(conn, session_id)?.map(|p| Streaming {
-                    view: MessageView {
-                        seq: p.msg_seq,
-                        role: MessageRole::Assistant,
-                        content: p.texts.first().cloned().unwrap_or_default(),
-                        finish_reason: None,
-                    },
-                    tokens: p.tokens.first().copied().unwrap_or(0),
-                    waiting: p.waiting,
-                }),
-            };
+            // The reply of this node, else one that another node generates, as far as it got.
+            let streaming = match here {
+                Some(p) => Some(p),
+                None => Studio::leased_reply(conn, session_id)?,
+            }
+            .map(Streaming::from);
             Ok(ServerFrame::State(Box::new(view(
                 conn, &protocol, &session, streaming,
             )?)))
