@@ -20,6 +20,8 @@ use crate::engine::{Completion, EngineStatus, Priority};
 const REPLY_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0,
 ];
+/// Writes committed together, from one alone to a full group.
+const COMMIT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 /// Seconds of a database unit of work, from a cached read to a slow disk.
 const DB_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -33,6 +35,7 @@ pub struct Metrics {
     reply_first_token: HistogramVec,
     reply_total: HistogramVec,
     db_work: Histogram,
+    db_commit_writes: Histogram,
     sessions: IntGaugeVec,
     engine_running: IntGaugeVec,
     engine_restarts: IntGaugeVec,
@@ -124,6 +127,15 @@ impl Metrics {
                 ))
                 .expect("valid histogram"),
             ),
+            db_commit_writes: add(
+                &registry,
+                Histogram::with_opts(histogram(
+                    "db_commit_writes",
+                    "Session writes committed together in one SQLite transaction (group commit).",
+                    COMMIT_BUCKETS,
+                ))
+                .expect("valid histogram"),
+            ),
             sessions: gauge("sessions", "Sessions by state.", &["state"]),
             engine_running: gauge(
                 "engine_running",
@@ -195,6 +207,17 @@ impl Metrics {
     /// A unit of database work that took `elapsed`.
     pub fn db_work(&self, elapsed: Duration) {
         self.db_work.observe(elapsed.as_secs_f64());
+    }
+
+    /// A group of `writes` committed in one transaction.
+    pub fn db_commit(&self, writes: usize) {
+        self.db_commit_writes.observe(writes as f64);
+    }
+
+    /// Group commits so far and the writes they carried.
+    pub fn db_commits(&self) -> (u64, u64) {
+        let h = &self.db_commit_writes;
+        (h.get_sample_count(), h.get_sample_sum() as u64)
     }
 
     /// Units of database work so far.

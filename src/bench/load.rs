@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use rand::{Rng, SeedableRng};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
@@ -73,7 +74,9 @@ pub struct LoadOptions {
     pub study: String,
     /// The server, e.g. `http://127.0.0.1:8080`.
     pub base: String,
-    /// A participant's pause before each frame (reading, typing).
+    /// A participant's mean pause before each frame (reading, typing); each pause is drawn
+    /// between half and one and a half times it, so participants drift apart as people do
+    /// instead of moving in lockstep.
     pub pause: Duration,
 }
 
@@ -148,6 +151,8 @@ struct Client {
     seq: i64,
     who: String,
     pause: Duration,
+    /// Draws the pauses (seeded by the participant's number: runs repeat).
+    rng: rand::rngs::StdRng,
 }
 
 impl Client {
@@ -196,7 +201,8 @@ impl Client {
         frame: impl FnOnce(i64) -> ClientFrame,
         timings: &mut Timings,
     ) -> Result<(Option<i32>, Vec<ServerFrame>, Instant), String> {
-        tokio::time::sleep(self.pause).await;
+        let pause = self.pause.mul_f64(self.rng.random_range(0.5..1.5));
+        tokio::time::sleep(pause).await;
         self.seq += 1;
         let seq = self.seq;
         let sent = Instant::now();
@@ -283,6 +289,7 @@ async fn participant(
         seq: 0,
         who,
         pause: options.pause,
+        rng: rand::rngs::StdRng::seed_from_u64(i as u64),
     };
     let state = client.state().await?;
     client.seq = state.last_client_seq;

@@ -109,8 +109,9 @@ pub enum BenchCommand {
         /// Messages each participant sends (at least the study's minimum of turns).
         #[arg(long, default_value_t = 8)]
         turns: usize,
-        /// Milliseconds a participant pauses before each frame (0: as fast as the server
-        /// answers, a stress test rather than a study).
+        /// Milliseconds a participant pauses before each frame, on average (each pause is drawn
+        /// between half and 1.5 times it; 0: as fast as the server answers, a stress test rather
+        /// than a study).
         #[arg(long, default_value_t = 500)]
         pause_ms: u64,
         /// A running server to load instead (e.g. http://127.0.0.1:8080; raise its
@@ -511,7 +512,7 @@ fn load_bench(ctx: &Context, mut options: load::LoadOptions, db: Option<String>)
     let own = if options.base.is_empty() {
         let url =
             db.unwrap_or_else(|| format!("sqlite://{}", dir.path().join("load.sqlite3").display()));
-        let server = LoadServer::start(&url, options.participants)?;
+        let server = LoadServer::start(&url, ctx.settings.db_connections)?;
         options.base = server.base.clone();
         options.study = server.study.clone();
         Some((server, url))
@@ -521,6 +522,7 @@ fn load_bench(ctx: &Context, mut options: load::LoadOptions, db: Option<String>)
     };
     let (participants, turns, study) = (options.participants, options.turns, options.study.clone());
     let units_before = collabllm::metrics::metrics().db_work_count();
+    let commits_before = collabllm::metrics::metrics().db_commits();
     let bar = super::Progress::new("participants");
     let report = runtime.block_on(load::run(&options, &bar.counter()));
     bar.finish();
@@ -575,6 +577,16 @@ fn load_bench(ctx: &Context, mut options: load::LoadOptions, db: Option<String>)
                 },
                 units as f64 / seconds.max(1e-9)
             );
+            let (commits, writes) = collabllm::metrics::metrics().db_commits();
+            let (commits, writes) = (commits - commits_before.0, writes - commits_before.1);
+            if commits > 0 {
+                println!(
+                    "group commit: {writes} session writes in {commits} commits ({:.1} a commit, \
+                     {:.0} commits a second)",
+                    writes as f64 / commits as f64,
+                    commits as f64 / seconds.max(1e-9)
+                );
+            }
             problems = load::check_stored(&mut *server.pool.get()?, &study, &report.sent)?;
             if problems.is_empty() {
                 println!("stored: every frame exactly once");
@@ -608,7 +620,7 @@ struct LoadServer {
 }
 
 impl LoadServer {
-    fn start(url: &str, participants: usize) -> Result<Self> {
+    fn start(url: &str, connections: u32) -> Result<Self> {
         let study = format!("load-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
         let text = EXAMPLE_PROTOCOL
             .replacen(
@@ -624,8 +636,7 @@ impl LoadServer {
             text,
             source: PathBuf::from(EXAMPLE_PROTOCOL_PATH),
         };
-        // Every participant may hold a connection while the others wait for theirs.
-        let connections = u32::try_from(participants.clamp(8, 64)).unwrap_or(64);
+        // As many pooled connections as `serve` would have (--db-connections).
         let pool = collabllm::db::open(url, connections)?;
         collabllm::db::studies::import(&mut *pool.get()?, &loaded)?;
         let engines = load::instant_engines(&loaded.protocol);

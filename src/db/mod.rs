@@ -11,6 +11,7 @@ pub mod audit;
 pub mod candidates;
 pub mod evaluations;
 pub mod events;
+pub mod group;
 pub mod leases;
 pub mod messages;
 pub mod models;

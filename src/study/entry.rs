@@ -9,7 +9,7 @@ use super::assign::{self, ArmState};
 use super::{new_token, token_hash, Studio, StudyError};
 use crate::db::models::{NewAssignment, NewMessage, NewSession, Session, Study};
 use crate::db::vocab::{MessageRole, Outcome, RevisionAuthor, SessionState};
-use crate::db::{self, write_transaction, DbConn};
+use crate::db::{self, DbConn};
 use crate::engine::{ChatMessage, Role};
 use crate::protocol::{sha256_hex, OutcomeSpec, Protocol};
 
@@ -51,77 +51,48 @@ impl Studio {
         let external = non_empty(arrival.external_id).map(|id| self.external_id_hmac(&slug, &id));
         let proof = non_empty(arrival.resume_proof)
             .map(|p| self.external_id_hmac(&slug, &format!("resume\0{p}")));
-        self.db(move |conn| {
-            let study =
-                db::studies::find_by_slug(conn, &slug)?.ok_or(StudyError::UnknownStudy(slug))?;
-            let by_cookie = session_of_token(conn, &study, browser_token.as_deref())?;
-            // A browser shared by two participants: the external id in the link decides.
-            let by_cookie = match (by_cookie, &external) {
-                (Some(s), Some(hmac)) => {
-                    let owner = db::participants::get(conn, s.participant_id)?;
-                    (owner.external_id_hmac.as_ref() == Some(hmac)).then_some(s)
-                }
-                (found, _) => found,
-            };
-            if let Some(session) = by_cookie {
-                return Ok(Entry {
-                    study,
-                    session,
-                    new_token: None,
-                });
-            }
-            let entered = write_transaction(conn, |conn| {
-                let (participant, _) =
-                    db::participants::find_or_create(conn, study.id, external.as_deref(), false)?;
-                let (token, hash) = new_token();
-                if let Some(session) = db::sessions::latest_of_participant(conn, participant.id)? {
-                    let proven = proof.is_some() && session.resume_proof_hmac == proof;
-                    if !proven && !session.handover_allowed {
-                        return Ok(Err(session));
+        let by_link = external.clone();
+        let (study, by_cookie) = self
+            .db(move |conn| {
+                let study = db::studies::find_by_slug(conn, &slug)?
+                    .ok_or(StudyError::UnknownStudy(slug))?;
+                let by_cookie = session_of_token(conn, &study, browser_token.as_deref())?;
+                // A browser shared by two participants: the external id in the link decides.
+                let by_cookie = match (by_cookie, &by_link) {
+                    (Some(s), Some(hmac)) => {
+                        let owner = db::participants::get(conn, s.participant_id)?;
+                        (owner.external_id_hmac.as_ref() == Some(hmac)).then_some(s)
                     }
-                    db::sessions::move_to_browser(conn, session.id, &hash)?;
-                    let how = if proven { "resume_proof" } else { "handover" };
+                    (found, _) => found,
+                };
+                Ok::<_, StudyError>((study, by_cookie))
+            })
+            .await?;
+        if let Some(session) = by_cookie {
+            return Ok(Entry {
+                study,
+                session,
+                new_token: None,
+            });
+        }
+        let entered = self
+            .write(move |conn| {
+                let entered = start_or_move(conn, study, external, proof, may_start)?;
+                // A refused entry changes nothing but the record of it.
+                if let Err(session) = &entered {
                     db::audit::record(
                         conn,
                         session.id,
-                        "moved_to_new_browser",
-                        &json!({"by": how}),
+                        "entry_refused",
+                        &json!({"reason": "open in another browser", "state": session.state}),
                     )?;
-                    return Ok(Ok(Entry {
-                        study: study.clone(),
-                        session,
-                        new_token: Some(token),
-                    }));
                 }
-                if study.status != "active" {
-                    return Err(StudyError::NotAccepting);
-                }
-                if !may_start {
-                    return Err(StudyError::TooManyStarted);
-                }
-                let version = db::studies::current_version(conn, study.id)?;
-                let session =
-                    new_session(conn, participant.id, version.id, &hash, proof.as_deref())?;
-                Ok(Ok(Entry {
-                    study: study.clone(),
-                    session,
-                    new_token: Some(token),
-                }))
-            })?;
-            // A refused entry is recorded after the transaction, which created nothing.
-            entered.or_else(|session| {
-                db::audit::record(
-                    conn,
-                    session.id,
-                    "entry_refused",
-                    &json!({"reason": "open in another browser", "state": session.state}),
-                )?;
-                Err(StudyError::OpenElsewhere {
-                    ended: session.state.has_ended(),
-                })
+                Ok::<_, StudyError>(entered)
             })
+            .await?;
+        entered.map_err(|session| StudyError::OpenElsewhere {
+            ended: session.state.has_ended(),
         })
-        .await
     }
 
     /// The session a browser token opens in this study, if any.
@@ -163,25 +134,23 @@ impl Studio {
         arm: Option<String>,
     ) -> Result<Session, StudyError> {
         let this = self.clone();
-        self.db(move |conn| {
-            write_transaction(conn, |conn| {
-                let session = db::sessions::get(conn, session_id)?;
-                if session.state != SessionState::Consent {
-                    return Ok(session);
-                }
-                let protocol = this.protocol(conn, session.study_version_id)?;
-                db::sessions::record_consent(
-                    conn,
-                    session.id,
-                    &sha256_hex(protocol.consent.text.as_bytes()),
-                )?;
-                draw(conn, &protocol, &session, arm.as_deref())?;
-                Ok(db::sessions::set_state(
-                    conn,
-                    session.id,
-                    SessionState::Chatting,
-                )?)
-            })
+        self.write(move |conn| {
+            let session = db::sessions::get(conn, session_id)?;
+            if session.state != SessionState::Consent {
+                return Ok(session);
+            }
+            let protocol = this.protocol(conn, session.study_version_id)?;
+            db::sessions::record_consent(
+                conn,
+                session.id,
+                &sha256_hex(protocol.consent.text.as_bytes()),
+            )?;
+            draw(conn, &protocol, &session, arm.as_deref())?;
+            Ok(db::sessions::set_state(
+                conn,
+                session.id,
+                SessionState::Chatting,
+            )?)
         })
         .await
     }
@@ -196,13 +165,11 @@ impl Studio {
         arm: Option<String>,
     ) -> Result<(Session, String), StudyError> {
         let this = self.clone();
-        self.db(move |conn| {
-            write_transaction(conn, |conn| {
-                let (session, protocol, token) = this.simulated_session(conn, slug)?;
-                draw(conn, &protocol, &session, arm.as_deref())?;
-                let session = db::sessions::set_state(conn, session.id, SessionState::Chatting)?;
-                Ok((session, token))
-            })
+        self.write(move |conn| {
+            let (session, protocol, token) = this.simulated_session(conn, slug)?;
+            draw(conn, &protocol, &session, arm.as_deref())?;
+            let session = db::sessions::set_state(conn, session.id, SessionState::Chatting)?;
+            Ok((session, token))
         })
         .await
     }
@@ -220,48 +187,46 @@ impl Studio {
         document: String,
     ) -> Result<Session, StudyError> {
         let this = self.clone();
-        self.db(move |conn| {
-            write_transaction(conn, |conn| {
-                let (session, protocol, _) = this.simulated_session(conn, slug)?;
-                let arm_id = db::studies::arms_of(conn, session.study_version_id)?
-                    .into_iter()
-                    .find(|a| a.name == arm)
-                    .ok_or_else(|| StudyError::Protocol(format!("the study has no arm {arm:?}")))?
-                    .id;
-                let (task_id, topic_id) = task.unzip();
-                db::sessions::assign(
+        self.write(move |conn| {
+            let (session, protocol, _) = this.simulated_session(conn, slug)?;
+            let arm_id = db::studies::arms_of(conn, session.study_version_id)?
+                .into_iter()
+                .find(|a| a.name == arm)
+                .ok_or_else(|| StudyError::Protocol(format!("the study has no arm {arm:?}")))?
+                .id;
+            let (task_id, topic_id) = task.unzip();
+            db::sessions::assign(
+                conn,
+                session.id,
+                arm_id,
+                task_id.as_deref(),
+                topic_id.as_deref(),
+            )?;
+            for m in &messages {
+                let role = match m.role {
+                    Role::User => MessageRole::User,
+                    Role::Assistant => MessageRole::Assistant,
+                    Role::System => continue,
+                };
+                db::messages::append(
                     conn,
                     session.id,
-                    arm_id,
-                    task_id.as_deref(),
-                    topic_id.as_deref(),
+                    &NewMessage {
+                        role,
+                        content: &m.content,
+                        ..Default::default()
+                    },
                 )?;
-                for m in &messages {
-                    let role = match m.role {
-                        Role::User => MessageRole::User,
-                        Role::Assistant => MessageRole::Assistant,
-                        Role::System => continue,
-                    };
-                    db::messages::append(
-                        conn,
-                        session.id,
-                        &NewMessage {
-                            role,
-                            content: &m.content,
-                            ..Default::default()
-                        },
-                    )?;
-                }
-                if !document.is_empty() {
-                    db::revisions::append(conn, session.id, RevisionAuthor::User, None, &document)?;
-                }
-                Ok(db::sessions::finish(
-                    conn,
-                    session.id,
-                    Outcome::Completed,
-                    &protocol.outcomes.completed.code,
-                )?)
-            })
+            }
+            if !document.is_empty() {
+                db::revisions::append(conn, session.id, RevisionAuthor::User, None, &document)?;
+            }
+            Ok(db::sessions::finish(
+                conn,
+                session.id,
+                Outcome::Completed,
+                &protocol.outcomes.completed.code,
+            )?)
         })
         .await
     }
@@ -309,6 +274,53 @@ impl Studio {
 }
 
 /// A participant's new session under a study version, waiting for consent.
+/// A browser without the study's cookie: the participant's session moved to it when the link
+/// proves it theirs (or a researcher allowed a handover), else a new session when one may start.
+/// `Err` is the session kept by another browser.
+fn start_or_move(
+    conn: &mut DbConn,
+    study: Study,
+    external: Option<String>,
+    proof: Option<String>,
+    may_start: bool,
+) -> Result<Result<Entry, Session>, StudyError> {
+    let (participant, _) =
+        db::participants::find_or_create(conn, study.id, external.as_deref(), false)?;
+    let (token, hash) = new_token();
+    if let Some(session) = db::sessions::latest_of_participant(conn, participant.id)? {
+        let proven = proof.is_some() && session.resume_proof_hmac == proof;
+        if !proven && !session.handover_allowed {
+            return Ok(Err(session));
+        }
+        db::sessions::move_to_browser(conn, session.id, &hash)?;
+        let how = if proven { "resume_proof" } else { "handover" };
+        db::audit::record(
+            conn,
+            session.id,
+            "moved_to_new_browser",
+            &json!({"by": how}),
+        )?;
+        return Ok(Ok(Entry {
+            study,
+            session,
+            new_token: Some(token),
+        }));
+    }
+    if study.status != "active" {
+        return Err(StudyError::NotAccepting);
+    }
+    if !may_start {
+        return Err(StudyError::TooManyStarted);
+    }
+    let version = db::studies::current_version(conn, study.id)?;
+    let session = new_session(conn, participant.id, version.id, &hash, proof.as_deref())?;
+    Ok(Ok(Entry {
+        study,
+        session,
+        new_token: Some(token),
+    }))
+}
+
 fn new_session(
     conn: &mut DbConn,
     participant_id: i64,

@@ -59,6 +59,8 @@ impl From<diesel::result::Error> for StudyError {
 /// The participant-facing side of every study in the database.
 pub struct Studio {
     pool: DbPool,
+    /// The session writes, committed in groups on SQLite.
+    writer: db::group::Writer,
     engines: Engines,
     /// Parsed protocols by study version.
     protocols: Mutex<HashMap<i64, Arc<Protocol>>>,
@@ -80,6 +82,7 @@ impl Studio {
         let relays = matches!(*conn, DbConn::Postgres(_));
         Ok(Arc::new(Self {
             node: live::Node::new(relays, key.as_bytes()),
+            writer: db::group::Writer::new(pool.clone())?,
             pool,
             engines,
             protocols: Mutex::default(),
@@ -96,6 +99,17 @@ impl Studio {
         F: FnOnce(&mut DbConn) -> Result<T, E> + Send + 'static,
     {
         db::run_blocking(&self.pool, work).await
+    }
+
+    /// Runs `work` in one write transaction and returns once it is committed (together with the
+    /// writes of other sessions at that moment, on SQLite).
+    async fn write<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<DbError> + From<diesel::result::Error> + Send + 'static,
+        F: FnOnce(&mut DbConn) -> Result<T, E> + Send + 'static,
+    {
+        self.writer.write(work).await
     }
 
     /// The protocol a study version runs under (parsed once, for pages and console alike).

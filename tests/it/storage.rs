@@ -695,3 +695,61 @@ on_both_backends!(a_lease_has_one_holder_until_it_expires, |db: &TestDb| {
     );
     assert!(!leases::request_cancel(&mut conn, &name).unwrap());
 });
+
+/// Concurrent writes through the group writer: each is visible to any other connection as soon
+/// as it is acknowledged (committed, not merely queued), and a write that fails or panics is
+/// rolled back alone while the writes committed beside it stand.
+async fn concurrent_writes_commit_before_their_answer_and_fail_alone(db: TestDb) {
+    let f = fixture(&mut db.conn());
+    let writer = std::sync::Arc::new(db::group::Writer::new(db.pool()).unwrap());
+    let writes = (1..=60i64).map(|seq| {
+        let writer = writer.clone();
+        let session_id = f.session_id;
+        tokio::spawn(async move {
+            let written = writer
+                .write(move |conn| {
+                    db::events::record(conn, session_id, seq, "focus", "{}")?;
+                    match seq % 10 {
+                        3 => Err(DbError::Invalid(format!("write {seq} refused"))),
+                        7 => panic!("write {seq} panics"),
+                        _ => Ok(seq),
+                    }
+                })
+                .await;
+            (seq, written)
+        })
+    });
+    let mut committed = Vec::new();
+    for write in writes {
+        let (seq, written) = write.await.unwrap();
+        match written {
+            Ok(n) => {
+                assert_eq!(n, seq);
+                let stored = db::events::list_for_session(&mut db.conn(), f.session_id).unwrap();
+                assert!(
+                    stored.iter().any(|e| e.client_seq == seq),
+                    "write {seq} was answered before another connection could see it"
+                );
+                committed.push(seq);
+            }
+            Err(e) => assert!(
+                matches!(seq % 10, 3 | 7),
+                "write {seq} failed for no reason: {e}"
+            ),
+        }
+    }
+    let wanted: Vec<i64> = (1..=60).filter(|s| !matches!(s % 10, 3 | 7)).collect();
+    assert_eq!(committed, wanted);
+    let mut stored: Vec<i64> = db::events::list_for_session(&mut db.conn(), f.session_id)
+        .unwrap()
+        .iter()
+        .map(|e| e.client_seq)
+        .collect();
+    stored.sort_unstable();
+    assert_eq!(
+        stored, wanted,
+        "exactly the writes that succeeded are stored"
+    );
+}
+
+crate::on_both_backends_async!(concurrent_writes_commit_before_their_answer_and_fail_alone);

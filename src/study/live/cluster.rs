@@ -164,19 +164,17 @@ impl Studio {
         session_id: i64,
     ) -> Result<i64, StudyError> {
         let this = self.clone();
-        self.db(move |conn| {
-            db::write_transaction(conn, |conn| {
-                let epoch = db::sessions::claim(conn, session_id)?;
-                if this.node.relays() {
-                    let notice = Notice {
-                        owner: Some(epoch),
-                        ..this.notice(session_id)
-                    };
-                    let payload = serde_json::to_string(&notice).expect("a notice serialises");
-                    db::notify(conn, &this.node.channel, &payload)?;
-                }
-                Ok(epoch)
-            })
+        self.write(move |conn| {
+            let epoch = db::sessions::claim(conn, session_id)?;
+            if this.node.relays() {
+                let notice = Notice {
+                    owner: Some(epoch),
+                    ..this.notice(session_id)
+                };
+                let payload = serde_json::to_string(&notice).expect("a notice serialises");
+                db::notify(conn, &this.node.channel, &payload)?;
+            }
+            Ok(epoch)
         })
         .await
     }
@@ -264,7 +262,7 @@ impl Studio {
     pub(super) async fn drop_reply_lease(self: &Arc<Self>, session_id: i64) {
         let this = self.clone();
         let released = self
-            .db(move |conn| this.release_reply_lease(conn, session_id))
+            .write(move |conn| this.release_reply_lease(conn, session_id))
             .await;
         if let Err(e) = released {
             tracing::warn!(session_id, error = %e, "cannot release the reply lease");
@@ -281,16 +279,13 @@ impl Studio {
         frames: Vec<ServerFrame>,
     ) -> Result<Option<bool>, StudyError> {
         let this = self.clone();
-        self.db(move |conn| {
-            db::write_transaction(conn, |conn| {
-                let name = leases::reply_name(session_id);
-                let renewed =
-                    leases::renew(conn, &name, &this.node.id, ttl(), progress.as_deref())?;
-                if renewed.is_some() {
-                    this.publish(conn, session_id, &frames)?;
-                }
-                Ok(renewed)
-            })
+        self.write(move |conn| {
+            let name = leases::reply_name(session_id);
+            let renewed = leases::renew(conn, &name, &this.node.id, ttl(), progress.as_deref())?;
+            if renewed.is_some() {
+                this.publish(conn, session_id, &frames)?;
+            }
+            Ok(renewed)
         })
         .await
     }
@@ -425,7 +420,7 @@ impl Studio {
     ) -> Result<bool, StudyError> {
         let this = self.clone();
         let (session_id, chatting) = (session.id, session.state == SessionState::Chatting);
-        self.db(move |conn| {
+        self.write(move |conn| {
             if !this.take_reply_lease(conn, session_id)? {
                 return Ok(false);
             }

@@ -100,7 +100,7 @@ async fn message(cx: &Context<'_>, client_seq: i64, text: String) -> Frames {
     let per_minute = i64::from(cx.protocol.session.messages_per_minute);
     let applied = cx
         .studio
-        .db(move |conn| {
+        .write(move |conn| {
             db::sessions::apply_frame(conn, session_id, client_seq, |conn, _| {
                 let since = db::now() - chrono::Duration::seconds(60);
                 let recent = db::messages::user_messages_since(conn, session_id, since)?;
@@ -150,7 +150,7 @@ async fn stop(cx: &Context<'_>, client_seq: i64) -> Frames {
         None => false,
     };
     cx.studio
-        .db(move |conn| {
+        .write(move |conn| {
             db::sessions::apply_frame(conn, session_id, client_seq, |conn, _| {
                 if !here {
                     db::leases::request_cancel(conn, &db::leases::reply_name(session_id))?;
@@ -176,7 +176,7 @@ async fn document(
     let session_id = cx.session_id();
     let applied = cx
         .studio
-        .db(move |conn| {
+        .write(move |conn| {
             db::sessions::apply_frame(conn, session_id, client_seq, |conn, _| {
                 let latest = db::revisions::latest(conn, session_id)?.map_or(0, |r| r.rev);
                 if latest >= MAX_REVISIONS_PER_SESSION {
@@ -224,7 +224,7 @@ async fn rating(
 ) -> Frames {
     let (session_id, turn) = (cx.session_id(), cx.snapshot.turn);
     cx.studio
-        .db(move |conn| {
+        .write(move |conn| {
             db::sessions::apply_frame(conn, session_id, client_seq, |conn, s| {
                 db::ratings::record(conn, session_id, turn, &key, value)?;
                 if completes && s.state == SessionState::Rating {
@@ -241,7 +241,7 @@ async fn rating(
 async fn finish(cx: &Context<'_>, client_seq: i64) -> Frames {
     let session_id = cx.session_id();
     cx.studio
-        .db(move |conn| {
+        .write(move |conn| {
             db::sessions::apply_frame(conn, session_id, client_seq, |conn, _| {
                 db::sessions::set_state(conn, session_id, SessionState::Final)?;
                 Ok::<_, Refusal>(())
@@ -261,7 +261,7 @@ async fn final_answers(
     let (session_id, turn) = (cx.session_id(), cx.snapshot.turn);
     let code = cx.protocol.outcomes.completed.code.clone();
     cx.studio
-        .db(move |conn| {
+        .write(move |conn| {
             db::sessions::apply_frame(conn, session_id, client_seq, |conn, _| {
                 for (key, value) in &ratings {
                     db::ratings::record(conn, session_id, turn, key, *value)?;
@@ -288,7 +288,7 @@ async fn regenerate(cx: &Context<'_>, client_seq: i64) -> Frames {
     let studio = cx.studio.clone();
     let applied = cx
         .studio
-        .db(move |conn| {
+        .write(move |conn| {
             db::sessions::apply_frame(conn, session_id, client_seq, |conn, _| {
                 let Some(last) = db::messages::last(conn, session_id)?
                     .filter(|m| m.role == MessageRole::Assistant)
@@ -341,7 +341,7 @@ async fn choose(cx: &Context<'_>, client_seq: i64, chosen: [bool; 2], keep: usiz
     let session_id = cx.session_id();
     let studio = cx.studio.clone();
     cx.studio
-        .db(move |conn| {
+        .write(move |conn| {
             db::sessions::apply_frame(conn, session_id, client_seq, |conn, s| {
                 let candidates = pending_candidates(conn, session_id)?;
                 if candidates.len() != 2 {
@@ -368,7 +368,7 @@ async fn event(cx: &Context<'_>, client_seq: i64, kind: String, payload: String)
     }
     let session_id = cx.session_id();
     cx.studio
-        .db(move |conn| {
+        .write(move |conn| {
             db::sessions::apply_frame(conn, session_id, client_seq, |conn, _| {
                 if db::events::count_for_session(conn, session_id)? >= MAX_EVENTS_PER_SESSION {
                     return refuse(

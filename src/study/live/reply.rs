@@ -363,26 +363,24 @@ impl Studio {
             .collect();
         let this = self.clone();
         let candidates = self
-            .db(move |conn| {
-                db::write_transaction(conn, |conn| {
-                    this.settle_reply(conn, session_id, msg_seq)?;
-                    for (text, policy) in &rows {
-                        db::candidates::insert(
-                            conn,
-                            &NewCandidate {
-                                session_id,
-                                after_seq: msg_seq - 1,
-                                source,
-                                content: text,
-                                chosen: None,
-                                policy_json: policy,
-                                created_at: db::now(),
-                            },
-                        )?;
-                    }
-                    db::sessions::set_state(conn, session_id, SessionState::Choosing)?;
-                    pending_candidates(conn, session_id)
-                })
+            .write(move |conn| {
+                this.settle_reply(conn, session_id, msg_seq)?;
+                for (text, policy) in &rows {
+                    db::candidates::insert(
+                        conn,
+                        &NewCandidate {
+                            session_id,
+                            after_seq: msg_seq - 1,
+                            source,
+                            content: text,
+                            chosen: None,
+                            policy_json: policy,
+                            created_at: db::now(),
+                        },
+                    )?;
+                }
+                db::sessions::set_state(conn, session_id, SessionState::Choosing)?;
+                pending_candidates(conn, session_id)
             })
             .await?;
         *live.reply.lock().expect("reply lock") = None;
@@ -407,13 +405,11 @@ impl Studio {
         let policy = policy.of_reply(&c);
         let text = c.text.clone();
         let (turn, next, due) = self
-            .db(move |conn| {
-                db::write_transaction(conn, |conn| {
-                    this.settle_reply(conn, session_id, msg_seq)?;
-                    let session = db::sessions::get(conn, session_id)?;
-                    let protocol = this.protocol(conn, session.study_version_id)?;
-                    store_reply(conn, &protocol, session_id, &c.text, &policy)
-                })
+            .write(move |conn| {
+                this.settle_reply(conn, session_id, msg_seq)?;
+                let session = db::sessions::get(conn, session_id)?;
+                let protocol = this.protocol(conn, session.study_version_id)?;
+                store_reply(conn, &protocol, session_id, &c.text, &policy)
             })
             .await?;
         *live.reply.lock().expect("reply lock") = None;
