@@ -36,6 +36,7 @@ pub struct Metrics {
     reply_total: HistogramVec,
     db_work: Histogram,
     db_commit_writes: Histogram,
+    relay_notices: IntCounterVec,
     sessions: IntGaugeVec,
     engine_running: IntGaugeVec,
     engine_restarts: IntGaugeVec,
@@ -136,6 +137,13 @@ impl Metrics {
                 ))
                 .expect("valid histogram"),
             ),
+            relay_notices: counter(
+                "relay_notices_total",
+                "PostgreSQL notifications sent to the other nodes, by kind: frames (a reply's \
+                 frames or a resync), owner (a tab took a session over) and beat (this node is \
+                 alive). None carry frames while a node knows it is alone.",
+                &["kind"],
+            ),
             sessions: gauge("sessions", "Sessions by state.", &["state"]),
             engine_running: gauge(
                 "engine_running",
@@ -190,6 +198,11 @@ impl Metrics {
         self.refusals.with_label_values(&[kind, code]).inc();
     }
 
+    /// A notification sent to the other nodes.
+    pub fn relay_notice(&self, kind: &str) {
+        self.relay_notices.with_label_values(&[kind]).inc();
+    }
+
     /// A participant's reply that finished, after waiting `queued` for a slot.
     pub fn reply(&self, arm: &str, queued: Duration, c: &Completion) {
         let ms = |v: u64| Duration::from_millis(v).as_secs_f64();
@@ -218,6 +231,11 @@ impl Metrics {
     pub fn db_commits(&self) -> (u64, u64) {
         let h = &self.db_commit_writes;
         (h.get_sample_count(), h.get_sample_sum() as u64)
+    }
+
+    /// Notifications of `kind` sent to the other nodes so far.
+    pub fn relay_notices(&self, kind: &str) -> u64 {
+        self.relay_notices.with_label_values(&[kind]).get()
     }
 
     /// Units of database work so far.

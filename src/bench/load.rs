@@ -78,6 +78,9 @@ pub struct LoadOptions {
     /// between half and one and a half times it, so participants drift apart as people do
     /// instead of moving in lockstep.
     pub pause: Duration,
+    /// How long to keep the load up: each participant who finishes is followed by a new one in
+    /// their place until then. None: each participant goes through once.
+    pub duration: Option<Duration>,
 }
 
 /// What one simulated participant did.
@@ -103,29 +106,43 @@ pub struct LoadReport {
     pub elapsed: Duration,
 }
 
-/// Runs every participant at once; `progress` hears (finished, all).
+/// Runs every participant at once (and, for a duration, their successors); `progress` hears
+/// (participants finished, all) or, for a duration, (seconds gone, all).
 pub async fn run(options: &LoadOptions, progress: &(dyn Fn(u64, u64) + Sync)) -> LoadReport {
     let started = Instant::now();
-    let total = options.participants as u64;
+    let slots = options.participants;
     let done = std::sync::atomic::AtomicU64::new(0);
-    progress(0, total);
-    let runs = (0..options.participants).map(|i| {
-        let done = &done;
+    let tell = |finished: u64| match options.duration {
+        Some(d) => progress(started.elapsed().min(d).as_secs(), d.as_secs()),
+        None => progress(finished, slots as u64),
+    };
+    tell(0);
+    let runs = (0..slots).map(|slot| {
+        let (done, tell) = (&done, &tell);
         async move {
-            let mut timings = Timings::default();
-            let outcome = participant(options, i, &mut timings).await;
-            progress(
-                done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
-                total,
-            );
-            (outcome, timings)
+            let mut runs = Vec::new();
+            // Participant numbers are distinct across slots and successors (their external ids).
+            for i in (slot..).step_by(slots.max(1)) {
+                let mut timings = Timings::default();
+                let outcome = participant(options, i, &mut timings).await;
+                runs.push((outcome, timings));
+                tell(done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1);
+                if options.duration.is_none_or(|d| started.elapsed() >= d) {
+                    break;
+                }
+            }
+            runs
         }
     });
     let mut report = LoadReport {
-        participants: options.participants,
+        participants: slots,
         ..LoadReport::default()
     };
-    for (outcome, timings) in futures_util::future::join_all(runs).await {
+    for (outcome, timings) in futures_util::future::join_all(runs)
+        .await
+        .into_iter()
+        .flatten()
+    {
         report.ack_ms.extend(timings.ack_ms);
         report.reply_ms.extend(timings.reply_ms);
         match outcome {

@@ -98,14 +98,19 @@ pub enum BenchCommand {
     },
     /// The platform under many participants: each goes through the study as a person would over
     /// HTTP and the websocket (link, consent, document saves, messages, ratings, finish, final
-    /// answers), all at once. Without --url, against a server in this process whose model
-    /// answers at once, over a new database (SQLite in a temporary folder, or --db), checked
-    /// afterwards for every frame stored exactly once. Prints errors, server overhead (frame to
-    /// acknowledgement) and reply time percentiles, database work per second and peak memory.
+    /// answers), all at once (with --duration, each followed by a new one). Without --url,
+    /// against a server in this process whose model answers at once, over a new database
+    /// (SQLite in a temporary folder, or --db), checked afterwards for every frame stored
+    /// exactly once. Prints errors, server overhead (frame to acknowledgement) and reply time
+    /// percentiles, database work per second and peak memory.
     Load {
         /// Participants at once.
         #[arg(long, default_value_t = 50)]
         participants: usize,
+        /// Keep the load up this many seconds: a participant who finishes is followed by a new
+        /// one in their place until then (default: each of --participants goes through once).
+        #[arg(long)]
+        duration: Option<u64>,
         /// Messages each participant sends (at least the study's minimum of turns).
         #[arg(long, default_value_t = 8)]
         turns: usize,
@@ -235,6 +240,7 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
         }
         BenchCommand::Load {
             participants,
+            duration,
             turns,
             pause_ms,
             url,
@@ -247,6 +253,7 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
                 study,
                 base: url.unwrap_or_default(),
                 pause: std::time::Duration::from_millis(pause_ms),
+                duration: duration.map(std::time::Duration::from_secs),
             };
             load_bench(ctx, options, db)
         }
@@ -523,14 +530,19 @@ fn load_bench(ctx: &Context, mut options: load::LoadOptions, db: Option<String>)
     let (participants, turns, study) = (options.participants, options.turns, options.study.clone());
     let units_before = collabllm::metrics::metrics().db_work_count();
     let commits_before = collabllm::metrics::metrics().db_commits();
-    let bar = super::Progress::new("participants");
+    let bar = super::Progress::new(if options.duration.is_some() {
+        "seconds"
+    } else {
+        "participants"
+    });
     let report = runtime.block_on(load::run(&options, &bar.counter()));
     bar.finish();
     let units = collabllm::metrics::metrics().db_work_count() - units_before;
     let ms = |values: &[f64], q: f64| bench::percentile(values.to_vec(), q);
     let seconds = report.elapsed.as_secs_f64();
     println!(
-        "{participants} participants, {} messages each, at {}: {} completed, {} errors, {:.1} s",
+        "{participants} participants at once, {} messages each, at {}: {} sessions completed, {} \
+         errors, {:.1} s",
         report
             .sent
             .iter()
@@ -587,6 +599,19 @@ fn load_bench(ctx: &Context, mut options: load::LoadOptions, db: Option<String>)
                     commits as f64 / seconds.max(1e-9)
                 );
             }
+            if url.starts_with("postgres") {
+                let sent = |kind| collabllm::metrics::metrics().relay_notices(kind);
+                println!(
+                    "relay to other nodes: {} notifications of frames ({}; {} beats)",
+                    sent("frames"),
+                    if server.studio.relaying() {
+                        "relaying: another node was heard, or this one started listening lately"
+                    } else {
+                        "none relayed once no other node was heard for 10 s"
+                    },
+                    sent("beat")
+                );
+            }
             problems = load::check_stored(&mut *server.pool.get()?, &study, &report.sent)?;
             if problems.is_empty() {
                 println!("stored: every frame exactly once");
@@ -615,6 +640,7 @@ struct LoadServer {
     base: String,
     study: String,
     pool: collabllm::db::DbPool,
+    studio: std::sync::Arc<collabllm::study::Studio>,
     handle: actix_web::dev::ServerHandle,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -642,12 +668,16 @@ impl LoadServer {
         let engines = load::instant_engines(&loaded.protocol);
         let mut state = AppState::new(pool.clone(), engines, PathBuf::new())?;
         state.limits = std::sync::Arc::new(Limits::new(0, false));
+        let (studio, relay) = (state.studio.clone(), state.studio.clone());
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
                 let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
                 match web::bind(state, loopback, None) {
                     Ok((addr, server)) => {
+                        // A node as `serve` runs it (on PostgreSQL: listening, and relaying
+                        // only while it hears another node).
+                        studio.run_cluster(web::IDLE_SWEEP_INTERVAL);
                         let _ = tx.send(Ok((addr, server.handle())));
                         if let Err(e) = server.await {
                             tracing::error!(error = %e, "the load server failed");
@@ -667,6 +697,7 @@ impl LoadServer {
             base: format!("http://{addr}"),
             study,
             pool,
+            studio: relay,
             handle,
             thread: Some(thread),
         })

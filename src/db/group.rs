@@ -15,7 +15,7 @@ use std::sync::mpsc;
 use diesel::connection::SimpleConnection;
 use tokio::sync::oneshot;
 
-use super::{run_blocking, DbConn, DbError, DbPool, SQLITE_WRITER};
+use super::{run_blocking, Backend, DbConn, DbError, DbPool, SQLITE_WRITER};
 
 /// Most writes one transaction carries, so that one batch cannot grow without bound.
 const MAX_BATCH: usize = 256;
@@ -30,14 +30,8 @@ pub struct Writer {
 impl Writer {
     /// The writer of `pool`'s database; starts the writer thread on SQLite. The thread ends when
     /// the writer is dropped.
-    pub fn new(pool: DbPool) -> Result<Self, DbError> {
-        let sqlite = matches!(
-            *pool
-                .get()
-                .map_err(|e| DbError::Invalid(format!("no database connection: {e}")))?,
-            DbConn::Sqlite(_)
-        );
-        if !sqlite {
+    pub fn new(pool: DbPool, backend: Backend) -> Result<Self, DbError> {
+        if backend != Backend::Sqlite {
             return Ok(Self { pool, queue: None });
         }
         let (queue, jobs) = mpsc::channel::<Box<dyn Job>>();
@@ -139,9 +133,9 @@ fn run_batches(pool: &DbPool, jobs: &mpsc::Receiver<Box<dyn Job>>) {
                 Err(_) => break,
             }
         }
-        let failed = match pool.get() {
+        let failed = match super::connection(pool) {
             Ok(mut conn) => run_batch(&mut conn, &mut batch).err(),
-            Err(e) => Some(format!("no database connection: {e}")),
+            Err(e) => Some(e.to_string()),
         };
         match &failed {
             Some(reason) => {
@@ -162,7 +156,7 @@ fn run_batch(conn: &mut DbConn, batch: &mut [Box<dyn Job>]) -> Result<(), String
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     conn.batch_execute("BEGIN IMMEDIATE")
         .map_err(|e| e.to_string())?;
-    super::SQLITE_WRITE_DEPTH.set(1);
+    let inside = super::InWrite::enter();
     let ran = batch.iter_mut().try_for_each(|job| {
         conn.batch_execute("SAVEPOINT write")?;
         let end = if job.run(conn) {
@@ -172,7 +166,7 @@ fn run_batch(conn: &mut DbConn, batch: &mut [Box<dyn Job>]) -> Result<(), String
         };
         conn.batch_execute(end)
     });
-    super::SQLITE_WRITE_DEPTH.set(0);
+    drop(inside);
     let committed = ran.and_then(|()| conn.batch_execute("COMMIT"));
     committed.map_err(|e| {
         let _ = conn.batch_execute("ROLLBACK");

@@ -46,6 +46,7 @@ pub enum DbConn {
 }
 
 pub type DbPool = Pool<ConnectionManager<DbConn>>;
+pub type PooledConn = diesel::r2d2::PooledConnection<ConnectionManager<DbConn>>;
 
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/postgres");
@@ -66,11 +67,28 @@ pub enum DbError {
     Connect { url: String, reason: String },
     #[error("cannot apply the database migrations: {0}")]
     Migration(String),
+    #[error("no database connection: {0}")]
+    NoConnection(String),
     #[error("{0}")]
     Invalid(String),
 }
 
 pub type DbResult<T> = Result<T, DbError>;
+
+impl DbConn {
+    pub fn backend(&self) -> Backend {
+        match self {
+            DbConn::Sqlite(_) => Backend::Sqlite,
+            DbConn::Postgres(_) => Backend::Postgres,
+        }
+    }
+}
+
+/// A connection from the pool, or why there is none (the database is down or every pooled
+/// connection stayed busy).
+pub fn connection(pool: &DbPool) -> DbResult<PooledConn> {
+    pool.get().map_err(|e| DbError::NoConnection(e.to_string()))
+}
 
 /// Which backend a URL names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,9 +162,7 @@ where
     let pool = pool.clone();
     tokio::task::spawn_blocking(move || {
         let started = std::time::Instant::now();
-        let mut conn = pool
-            .get()
-            .map_err(|e| DbError::Invalid(format!("no database connection: {e}")))?;
+        let mut conn = connection(&pool)?;
         let done = work(&mut conn);
         crate::metrics::metrics().db_work(started.elapsed());
         done
@@ -315,9 +331,25 @@ fn next_number<T>(
 }
 
 thread_local! {
-    /// Depth of the SQLite write transactions open on this thread: nested calls join the
-    /// outermost one.
-    static SQLITE_WRITE_DEPTH: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Whether a write transaction is open on this thread: nested calls join it.
+    static IN_WRITE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks this thread inside a write transaction until dropped (also when the work panics: the
+/// thread may be reused).
+struct InWrite;
+
+impl InWrite {
+    fn enter() -> Self {
+        IN_WRITE.set(true);
+        InWrite
+    }
+}
+
+impl Drop for InWrite {
+    fn drop(&mut self) {
+        IN_WRITE.set(false);
+    }
 }
 
 /// One SQLite write transaction at a time in this process. SQLite lets one writer in at a time
@@ -327,7 +359,8 @@ thread_local! {
 /// processes still meet the busy timeout.
 static SQLITE_WRITER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// A transaction that will write; calls nest (the inner ones join the outer transaction). SQLite
+/// A transaction that will write; calls nest (the inner ones join the outer transaction, on
+/// both backends: no savepoint round trips for what fails or succeeds as a whole anyway). SQLite
 /// takes the write lock at the start (`BEGIN IMMEDIATE`): a deferred transaction that reads first
 /// cannot wait for another writer and fails with "database is locked".
 pub fn write_transaction<T, E>(
@@ -337,20 +370,21 @@ pub fn write_transaction<T, E>(
 where
     E: From<diesel::result::Error>,
 {
-    if !matches!(conn, DbConn::Sqlite(_)) {
-        return conn.transaction(work);
-    }
-    let depth = SQLITE_WRITE_DEPTH.get();
-    if depth > 0 {
+    if IN_WRITE.get() {
         return work(conn);
+    }
+    let joined = |conn: &mut DbConn| {
+        let _inside = InWrite::enter();
+        work(conn)
+    };
+    if !matches!(conn, DbConn::Sqlite(_)) {
+        return conn.transaction(joined);
     }
     let _writer = SQLITE_WRITER
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     conn.batch_execute("BEGIN IMMEDIATE")?;
-    SQLITE_WRITE_DEPTH.set(1);
-    let result = work(conn);
-    SQLITE_WRITE_DEPTH.set(0);
+    let result = joined(conn);
     let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
     match conn.batch_execute(end) {
         Ok(()) => result,

@@ -273,16 +273,18 @@ where
     E: From<diesel::result::Error>,
 {
     write_transaction(conn, |conn| {
-        if let DbConn::Postgres(c) = conn {
-            diesel::connection::SimpleConnection::batch_execute(
-                c,
-                &format!("SELECT 1 FROM sessions WHERE id = {id} FOR UPDATE"),
-            )?;
-        }
-        let session: Session = sessions::table
-            .find(id)
-            .select(Session::as_select())
-            .first(conn)?;
+        // The session's row lock (PostgreSQL) orders its frames; SQLite's write lock is held.
+        let session: Session = match conn {
+            DbConn::Postgres(c) => sessions::table
+                .find(id)
+                .select(Session::as_select())
+                .for_update()
+                .first(c)?,
+            DbConn::Sqlite(_) => sessions::table
+                .find(id)
+                .select(Session::as_select())
+                .first(conn)?,
+        };
         if client_seq <= session.last_client_seq {
             return Ok(Applied::Duplicate);
         }

@@ -73,16 +73,14 @@ pub struct Studio {
 
 impl Studio {
     pub fn new(pool: DbPool, engines: Engines) -> Result<Arc<Self>, DbError> {
-        let mut conn = pool
-            .get()
-            .map_err(|e| DbError::Invalid(format!("no database connection: {e}")))?;
+        let mut conn = db::connection(&pool)?;
         let key = db::secrets::get_or_create(&mut conn, "participant-id-hmac", || {
             hex::encode(rand::random::<[u8; 32]>())
         })?;
-        let relays = matches!(*conn, DbConn::Postgres(_));
+        let backend = conn.backend();
         Ok(Arc::new(Self {
-            node: live::Node::new(relays, key.as_bytes()),
-            writer: db::group::Writer::new(pool.clone())?,
+            node: live::Node::new(backend == db::Backend::Postgres, key.as_bytes()),
+            writer: db::group::Writer::new(pool.clone(), backend)?,
             pool,
             engines,
             protocols: Mutex::default(),

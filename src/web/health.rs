@@ -17,12 +17,14 @@ async fn get_healthz(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
     let studies = state.db(|conn| Ok(db::studies::list(conn)?.len())).await?;
     let engines = state.engines.statuses();
     let healthy = engines.iter().all(|e| e.running);
-    let (node, relay) = state.studio.node();
+    let (node, relay, peers) = state.studio.node();
     let body = json!({
         "status": if healthy { "ok" } else { "degraded" },
         "version": env!("CARGO_PKG_VERSION"),
         "node": node,
         "relay": relay,
+        "peers": peers,
+        "relaying": state.studio.relaying(),
         "database": "ok",
         "studies": studies,
         "engines": engines.iter().map(|e| json!({

@@ -52,9 +52,7 @@ impl AppState {
         models_dir: std::path::PathBuf,
     ) -> Result<Self, crate::db::DbError> {
         let studio = Studio::new(pool.clone(), engines.clone())?;
-        let mut conn = pool
-            .get()
-            .map_err(|e| crate::db::DbError::Invalid(format!("no database connection: {e}")))?;
+        let mut conn = crate::db::connection(&pool)?;
         let key = crate::db::secrets::get_or_create(&mut conn, "console-session-key", || {
             hex::encode(rand::random::<[u8; 32]>())
         })?;
@@ -215,7 +213,7 @@ fn build(
 }
 
 /// How often idle sessions are looked for and ended as timed out.
-const IDLE_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+pub const IDLE_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Serves until the process is stopped.
 pub async fn serve(

@@ -460,8 +460,8 @@ crate::on_both_backends!(
         assert!(out.status.success(), "{said}");
         // The example study asks for 8 turns at least: the participants send that many.
         assert!(
-            said.contains("4 participants, 8 messages each")
-                && said.contains("4 completed, 0 errors"),
+            said.contains("4 participants at once, 8 messages each")
+                && said.contains("4 sessions completed, 0 errors"),
             "{said}"
         );
         assert!(said.contains("stored: every frame exactly once"), "{said}");

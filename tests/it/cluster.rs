@@ -10,14 +10,18 @@ use collabllm::db::vocab::MessageRole;
 use collabllm::study::frames::{ClientFrame, ServerFrame};
 
 use crate::common::{repo_root, ScriptedEngine, TestApp, TestDb, TestServer, TEST_API_KEY};
-use crate::participant::{free_port, state_of, Browser, ServeProcess, Socket};
+use crate::participant::{free_port, metric, state_of, Browser, ServeProcess, Socket};
 
 /// How many words each reply has, and how long the model takes per word.
 const WORDS: usize = 40;
 const PACE: Duration = Duration::from_millis(100);
 
 fn reply_text() -> String {
-    (1..=WORDS)
+    words(WORDS)
+}
+
+fn words(n: usize) -> String {
+    (1..=n)
         .map(|i| format!("w{i}"))
         .collect::<Vec<_>>()
         .join(" ")
@@ -76,6 +80,15 @@ async fn follow_reply(
 
 /// The node id `/healthz` gives, once it says the node listens for the others.
 async fn listening(host: &str) -> String {
+    let health = health_until(host, |h| h["relay"] == "listening").await;
+    health["node"].as_str().unwrap().to_string()
+}
+
+/// What `/healthz` says once `wanted` holds of it (within 30 s).
+async fn health_until(
+    host: &str,
+    wanted: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let started = Instant::now();
     loop {
         let health: serde_json::Value = reqwest::get(format!("http://{host}/healthz"))
@@ -84,12 +97,31 @@ async fn listening(host: &str) -> String {
             .json()
             .await
             .unwrap();
-        if health["relay"] == "listening" {
-            return health["node"].as_str().unwrap().to_string();
+        if wanted(&health) {
+            return health;
         }
         assert!(started.elapsed() < Duration::from_secs(30), "{health}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The node's notifications to the others that carried frames, as `/metrics` counts them.
+async fn frames_relayed(host: &str) -> f64 {
+    let text = reqwest::Client::new()
+        .get(format!("http://{host}/metrics"))
+        .bearer_auth(TEST_API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metric(
+        &text,
+        "collabllm_relay_notices_total",
+        &[("kind", "frames")],
+    )
+    .unwrap_or(0.0)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -268,4 +300,68 @@ async fn a_tab_on_another_node_takes_the_session_over_and_stops_its_reply() {
         (text.as_str(), finish_reason.as_str()),
         ("Partial", "cancelled")
     );
+}
+
+/// A node alone on PostgreSQL relays no frames (each `NOTIFY` would make its commits wait on one
+/// lock of the whole database for nobody). A node that joins is heard within a beat: the reply
+/// under way is relayed from then on, with a resync first, and a socket on the new node shows
+/// the whole reply.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_alone_relays_nothing_until_another_joins_mid_reply() {
+    let long = words(80);
+    let inference_db = TestDb::sqlite();
+    let text = long.clone();
+    let engine = Arc::new(ScriptedEngine::new(move |_| text.clone()).paced(PACE));
+    let inference = TestApp::new(&inference_db).scripted(engine).start();
+    let dir = tempfile::tempdir().unwrap();
+    let protocol = remote_protocol(dir.path(), &inference.url("/v1"));
+    let database = TestDb::postgres();
+    let env = [
+        ("INFERENCE_KEY", TEST_API_KEY),
+        ("COLLABLLM_API_KEYS", TEST_API_KEY),
+    ];
+    let a = ServeProcess::start_with(&database.url, free_port(), &protocol, &env);
+    listening(&a.host).await;
+    health_until(&a.host, |h| h["relaying"] == false && h["peers"] == 0).await;
+
+    let mut browser = Browser::new(&format!("http://{}", a.host));
+    browser.enter("quick-pilot", Some("pid-alone")).await;
+    browser.consent("quick-pilot", "agree").await;
+    let token = browser.token.clone();
+    let mut on_a = Socket::connect(&a.host, "quick-pilot", token.as_deref()).await;
+    state_of(on_a.hello().await);
+    on_a.say("Please write the note.").await;
+    let (streamed, done, _) = follow_reply(&mut on_a, String::new(), 0).await;
+    assert_eq!(
+        (streamed.as_str(), done.as_str()),
+        (long.as_str(), long.as_str())
+    );
+    assert_eq!(
+        frames_relayed(&a.host).await,
+        0.0,
+        "a node alone relays no frames"
+    );
+
+    // The next reply is under way on node A when node B starts; the participant moves to it.
+    let seq = on_a.rate("interaction", 7).await;
+    on_a.expect_ack(seq).await;
+    let seq = on_a.say("Make it warmer.").await;
+    on_a.until(|f| matches!(f, ServerFrame::Token { index: 3, .. }))
+        .await;
+    let b = ServeProcess::start_with(&database.url, free_port(), &protocol, &env);
+    let health = health_until(&a.host, |h| h["peers"] == 1).await;
+    assert_eq!(health["relaying"], true, "{health}");
+    drop(on_a);
+    let mut on_b = Socket::connect(&b.host, "quick-pilot", token.as_deref()).await;
+    on_b.seq = seq;
+    let s = state_of(on_b.hello().await);
+    let (streamed, done, _) = follow_reply(
+        &mut on_b,
+        s.streaming.map(|m| m.content).unwrap_or_default(),
+        s.streaming_tokens,
+    )
+    .await;
+    assert_eq!(done, long);
+    assert_eq!(streamed, done, "node B showed the whole reply");
+    assert!(frames_relayed(&a.host).await > 0.0);
 }

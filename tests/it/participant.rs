@@ -1783,7 +1783,7 @@ async fn a_queued_reply_shows_its_place_in_line() {
 
 /// A metric of the text format, by name and labels (in any order), e.g.
 /// `collabllm_sessions{state="rating"}`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+pub(crate) fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let wanted: BTreeMap<&str, &str> = labels.iter().copied().collect();
     text.lines()
         .filter(|l| !l.starts_with('#'))

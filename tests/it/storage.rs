@@ -51,6 +51,8 @@ fn new_session(
     public_id: &str,
 ) -> db::models::Session {
     let now = db::now();
+    // Each session has a token of its own.
+    let token_hash = format!("hash-{public_id}");
     db::sessions::create(
         conn,
         &NewSession {
@@ -60,7 +62,7 @@ fn new_session(
             arm_id,
             task_id: Some("blog-post"),
             topic_id: Some("remote-work"),
-            token_hash: "hash",
+            token_hash: &token_hash,
             state: SessionState::Consent,
             resume_proof_hmac: None,
             started_at: now,
@@ -586,6 +588,61 @@ on_both_backends!(
     }
 );
 
+/// The plan the database picks for `query`, one line per step (PostgreSQL told to avoid whole
+/// table scans where it can, so that an index that exists is used even on a tiny table).
+fn plan(conn: &mut DbConn, query: &str) -> String {
+    #[derive(QueryableByName)]
+    struct Step {
+        #[diesel(sql_type = Text)]
+        detail: String,
+    }
+    #[derive(QueryableByName)]
+    struct PgStep {
+        #[diesel(sql_type = Text, column_name = "QUERY PLAN")]
+        detail: String,
+    }
+    match conn {
+        DbConn::Sqlite(_) => diesel::sql_query(format!("EXPLAIN QUERY PLAN {query}"))
+            .load::<Step>(conn)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.detail)
+            .collect::<Vec<_>>()
+            .join("\n"),
+        DbConn::Postgres(_) => {
+            diesel::sql_query("SET enable_seqscan = off")
+                .execute(conn)
+                .unwrap();
+            diesel::sql_query(format!("EXPLAIN {query}"))
+                .load::<PgStep>(conn)
+                .unwrap()
+                .into_iter()
+                .map(|s| s.detail)
+                .collect::<Vec<_>>()
+                .join("\n")
+        }
+    }
+}
+
+// The lookups every page, socket and sweep makes read an index, not every session stored.
+on_both_backends!(
+    sessions_are_found_by_token_and_idleness_through_indexes,
+    |db: &TestDb| {
+        let mut conn = db.conn();
+        let by_token = plan(
+            &mut conn,
+            "SELECT id FROM sessions WHERE token_hash = 'abc'",
+        );
+        assert!(by_token.contains("sessions_token_hash"), "{by_token}");
+        let idle = plan(
+            &mut conn,
+            "SELECT id FROM sessions WHERE state IN ('consent', 'chatting') \
+             AND last_activity_at < '2026-01-01 00:00:00'",
+        );
+        assert!(idle.contains("sessions_state_activity"), "{idle}");
+    }
+);
+
 #[test]
 fn an_unreachable_database_gives_a_clear_error() {
     let err = db::open("postgres://postgres:secret@127.0.0.1:1/none", 2)
@@ -701,7 +758,8 @@ on_both_backends!(a_lease_has_one_holder_until_it_expires, |db: &TestDb| {
 /// rolled back alone while the writes committed beside it stand.
 async fn concurrent_writes_commit_before_their_answer_and_fail_alone(db: TestDb) {
     let f = fixture(&mut db.conn());
-    let writer = std::sync::Arc::new(db::group::Writer::new(db.pool()).unwrap());
+    let backend = db::Backend::of_url(&db.url);
+    let writer = std::sync::Arc::new(db::group::Writer::new(db.pool(), backend).unwrap());
     let writes = (1..=60i64).map(|seq| {
         let writer = writer.clone();
         let session_id = f.session_id;
@@ -753,3 +811,32 @@ async fn concurrent_writes_commit_before_their_answer_and_fail_alone(db: TestDb)
 }
 
 crate::on_both_backends_async!(concurrent_writes_commit_before_their_answer_and_fail_alone);
+
+// A write that panicked (the thread survives it: a blocking pool reuses its threads) leaves the
+// next write on that thread in a transaction of its own, not joined to one that is gone.
+on_both_backends!(
+    a_write_after_a_panicked_one_is_still_a_transaction,
+    |db: &TestDb| {
+        let mut conn = db.conn();
+        let f = fixture(&mut conn);
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            db::write_transaction(&mut conn, |_| -> Result<(), DbError> {
+                panic!("the work panics")
+            })
+        }));
+        assert!(panicked.is_err());
+        // Closing the connection ends what the panic left open.
+        drop(conn);
+        let refused = db::write_transaction(&mut db.conn(), |conn| {
+            db::events::record(conn, f.session_id, 1, "focus", "{}")?;
+            Err::<(), _>(DbError::Invalid("refused after writing".into()))
+        });
+        assert!(refused.is_err());
+        assert!(
+            db::events::list_for_session(&mut db.conn(), f.session_id)
+                .unwrap()
+                .is_empty(),
+            "the refused write was rolled back"
+        );
+    }
+);

@@ -11,6 +11,11 @@
 //!   its own sockets of the session. A socket that arrives mid-reply gets the text so far from the stored progress;
 //!   a frame too large for a notification (a whole state) goes as "resync": each node sends its
 //!   sockets the state it reads from the database;
+//! - a node that knows it is alone relays nothing: every listening node says it is alive every
+//!   [`BEAT_EVERY`], and one that has heard no other for [`PEER_TTL`] (nor listened that long)
+//!   stops relaying until it does. `NOTIFY` serialises the commits of the whole database on one
+//!   lock, which one node on its own would pay for at every relay. A reply that starts relaying
+//!   again sends a resync first, so a node that joined mid-reply shows it whole;
 //! - the socket that said hello last owns the session, whatever node it is on: every hello takes a
 //!   new owner epoch from the database (`sessions.owner_epoch`), a frame from an older one is
 //!   refused, and the other nodes are told so their sockets of the session close at once.
@@ -18,9 +23,10 @@
 //! SQLite serves one node: leases are still taken (a restarted process takes over the replies its
 //! previous run left) but nothing is relayed.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -46,20 +52,23 @@ const MAX_PAYLOAD: usize = 7000;
 const POLL_EVERY: Duration = Duration::from_millis(10);
 /// How long the listener waits before connecting again after losing its connection.
 const RECONNECT_AFTER: Duration = Duration::from_secs(1);
+/// How often a listening node tells the others it is alive.
+const BEAT_EVERY: Duration = Duration::from_secs(2);
+/// How long a node counts as alive after it was last heard, and how long a node that has just
+/// started listening relays before it trusts that it would have heard the others.
+const PEER_TTL: Duration = Duration::from_secs(10);
 
 /// This node in the cluster.
 pub(crate) struct Node {
     /// Unique per process: lease holders are told apart by it.
     pub id: String,
-    /// Whether frames are relayed to other nodes (the database is PostgreSQL).
-    relays: bool,
     /// The PostgreSQL channel the nodes of this installation talk on: named after it, since
     /// channels are shared by every schema of a database.
     channel: String,
     /// Whether this process listens for the other nodes (`serve` does; tools do not).
     listening: AtomicBool,
-    /// Whether the listening connection is up.
-    connected: Arc<AtomicBool>,
+    /// What this node knows of the others.
+    peers: Arc<Peers>,
 }
 
 impl Node {
@@ -72,16 +81,21 @@ impl Node {
         );
         let tag = crate::protocol::sha256_hex(installation);
         Self {
+            peers: Arc::new(Peers {
+                own: id.clone(),
+                relays,
+                listening_since: Mutex::default(),
+                heard: Mutex::default(),
+            }),
             id,
-            relays,
             channel: format!("collabllm_{}", &tag[..16]),
             listening: AtomicBool::new(false),
-            connected: Arc::default(),
         }
     }
 
+    /// Whether the database can relay frames to other nodes (it is PostgreSQL).
     pub fn relays(&self) -> bool {
-        self.relays
+        self.peers.relays
     }
 
     /// How this node hears the others, for `/healthz`: `off` (SQLite, or not serving),
@@ -89,7 +103,7 @@ impl Node {
     pub fn relay_state(&self) -> &'static str {
         if !self.listening.load(Ordering::SeqCst) {
             "off"
-        } else if self.connected.load(Ordering::SeqCst) {
+        } else if self.peers.listening() {
             "listening"
         } else {
             "disconnected"
@@ -97,15 +111,64 @@ impl Node {
     }
 }
 
+/// What a node knows of the others, shared by its listener thread and its replies.
+pub(super) struct Peers {
+    /// This node's id.
+    own: String,
+    /// Whether the database relays at all (PostgreSQL).
+    relays: bool,
+    /// Since when the listening connection is up; `None` while it is down (or this process
+    /// does not listen).
+    listening_since: Mutex<Option<Instant>>,
+    /// When each other node was last heard.
+    heard: Mutex<HashMap<String, Instant>>,
+}
+
+impl Peers {
+    fn listening(&self) -> bool {
+        self.listening_since.lock().expect("peers lock").is_some()
+    }
+
+    fn set_listening(&self, up: bool) {
+        *self.listening_since.lock().expect("peers lock") = up.then(Instant::now);
+    }
+
+    /// Notes that `node` spoke; false when it is this node.
+    fn heard_from(&self, node: &str) -> bool {
+        if node == self.own {
+            return false;
+        }
+        let mut heard = self.heard.lock().expect("peers lock");
+        heard.insert(node.to_string(), Instant::now());
+        heard.retain(|_, at| at.elapsed() < PEER_TTL);
+        true
+    }
+
+    /// The other nodes heard within [`PEER_TTL`].
+    pub fn count(&self) -> usize {
+        let heard = self.heard.lock().expect("peers lock");
+        heard.values().filter(|at| at.elapsed() < PEER_TTL).count()
+    }
+
+    /// Whether frames are to be relayed now: on PostgreSQL, unless this node knows it is alone
+    /// (it has listened for [`PEER_TTL`] and heard no other node that long). A process that
+    /// does not listen, or whose listener is down, cannot know and relays.
+    pub fn relay_now(&self) -> bool {
+        let since = *self.listening_since.lock().expect("peers lock");
+        self.relays && (since.is_none_or(|t| t.elapsed() < PEER_TTL) || self.count() > 0)
+    }
+}
+
 fn ttl() -> chrono::Duration {
     chrono::Duration::from_std(LEASE_TTL).expect("a short duration")
 }
 
-/// What one node tells the others about a session.
+/// What one node tells the others about a session, or (with none) that it is alive.
 #[derive(Debug, Serialize, Deserialize)]
 struct Notice {
     node: String,
-    session: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    session: Option<i64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     frames: Vec<ServerFrame>,
     /// Send the sockets the session's state as stored (something too large to relay changed).
@@ -130,9 +193,19 @@ pub(super) struct Progress {
 }
 
 impl Studio {
-    /// This node's id (unique per process) and how it hears the other nodes.
-    pub fn node(&self) -> (&str, &'static str) {
-        (&self.node.id, self.node.relay_state())
+    /// This node's id (unique per process), how it hears the other nodes and how many it
+    /// heard lately.
+    pub fn node(&self) -> (&str, &'static str, usize) {
+        (
+            &self.node.id,
+            self.node.relay_state(),
+            self.node.peers.count(),
+        )
+    }
+
+    /// Whether this node relays frames to the others now (see [`Peers::relay_now`]).
+    pub fn relaying(&self) -> bool {
+        self.node.peers.relay_now()
     }
 
     /// Sends frames to the session's sockets on this node and on the others.
@@ -145,12 +218,12 @@ impl Studio {
         for frame in &frames {
             let _ = live.events.send(frame.clone());
         }
-        if !self.node.relays() || frames.is_empty() {
+        if !self.relaying() || frames.is_empty() {
             return;
         }
         let this = self.clone();
         let sent = self
-            .db(move |conn| this.publish(conn, session_id, &frames))
+            .db(move |conn| this.publish(conn, session_id, &frames, false))
             .await;
         if let Err(e) = sent {
             tracing::warn!(session_id, error = %e, "cannot relay frames to the other nodes");
@@ -166,21 +239,21 @@ impl Studio {
         let this = self.clone();
         self.write(move |conn| {
             let epoch = db::sessions::claim(conn, session_id)?;
+            // Told even to nodes not heard yet: a hello is rare, and an old tab must close.
             if this.node.relays() {
                 let notice = Notice {
                     owner: Some(epoch),
-                    ..this.notice(session_id)
+                    ..this.notice(Some(session_id))
                 };
-                let payload = serde_json::to_string(&notice).expect("a notice serialises");
-                db::notify(conn, &this.node.channel, &payload)?;
+                this.send_notice(conn, &notice, "owner")?;
             }
             Ok(epoch)
         })
         .await
     }
 
-    /// An empty notice from this node about a session.
-    fn notice(&self, session_id: i64) -> Notice {
+    /// An empty notice from this node about a session (none: that the node is alive).
+    fn notice(&self, session_id: Option<i64>) -> Notice {
         Notice {
             node: self.node.id.clone(),
             session: session_id,
@@ -190,18 +263,44 @@ impl Studio {
         }
     }
 
+    /// Sends `notice` when `conn`'s transaction commits, counted as `kind`.
+    fn send_notice(
+        &self,
+        conn: &mut DbConn,
+        notice: &Notice,
+        kind: &str,
+    ) -> Result<(), StudyError> {
+        let payload = serde_json::to_string(notice).expect("a notice serialises");
+        db::notify(conn, &self.node.channel, &payload)?;
+        crate::metrics::metrics().relay_notice(kind);
+        Ok(())
+    }
+
+    /// Tells the other nodes this one is alive.
+    async fn beat(self: &Arc<Self>) -> Result<(), StudyError> {
+        let this = self.clone();
+        self.db(move |conn| this.send_notice(conn, &this.notice(None), "beat"))
+            .await
+    }
+
     /// Sends `frames` to the other nodes when `conn`'s transaction commits, in notifications
-    /// small enough for PostgreSQL; a frame too large (a state) becomes a resync.
+    /// small enough for PostgreSQL; a frame too large (a state) becomes a resync. With `resync`
+    /// only a resync is sent: the state it reads holds the frames (stored in this transaction).
     fn publish(
         &self,
         conn: &mut DbConn,
         session_id: i64,
         frames: &[ServerFrame],
+        resync: bool,
     ) -> Result<(), StudyError> {
         if !self.node.relays() {
             return Ok(());
         }
-        let empty = || self.notice(session_id);
+        let empty = || self.notice(Some(session_id));
+        if resync {
+            let notice = Notice { resync, ..empty() };
+            return self.send_notice(conn, &notice, "frames");
+        }
         let mut notice = empty();
         let mut size = 0;
         let mut notices = Vec::new();
@@ -223,8 +322,7 @@ impl Studio {
             .into_iter()
             .filter(|n| n.resync || !n.frames.is_empty())
         {
-            let payload = serde_json::to_string(&notice).expect("a notice serialises");
-            db::notify(conn, &self.node.channel, &payload)?;
+            self.send_notice(conn, &notice, "frames")?;
         }
         Ok(())
     }
@@ -270,20 +368,22 @@ impl Studio {
     }
 
     /// Renews the reply's lease, storing its progress and relaying `frames` with it (one
-    /// transaction: a node that reads the progress has every frame sent before). `None` when
-    /// another node took the reply over, else whether the participant asked to stop.
+    /// transaction: a node that reads the progress has every frame sent before), and a resync
+    /// if asked. `None` when another node took the reply over, else whether the participant
+    /// asked to stop.
     pub(super) async fn renew_reply(
         self: &Arc<Self>,
         session_id: i64,
         progress: Option<String>,
         frames: Vec<ServerFrame>,
+        resync: bool,
     ) -> Result<Option<bool>, StudyError> {
         let this = self.clone();
         self.write(move |conn| {
             let name = leases::reply_name(session_id);
             let renewed = leases::renew(conn, &name, &this.node.id, ttl(), progress.as_deref())?;
-            if renewed.is_some() {
-                this.publish(conn, session_id, &frames)?;
+            if renewed.is_some() && (resync || !frames.is_empty()) {
+                this.publish(conn, session_id, &frames, resync)?;
             }
             Ok(renewed)
         })
@@ -333,7 +433,8 @@ impl Studio {
     }
 
     /// Starts the node's cluster work: the sweep for replies left by a node that died, the idle
-    /// session time-outs (one node at a time), and on PostgreSQL the listener for the other nodes.
+    /// session time-outs (one node at a time), and on PostgreSQL the listener for the other nodes
+    /// and the beat that tells them this one is alive.
     pub fn run_cluster(self: &Arc<Self>, idle_sweep_every: Duration) {
         let this = self.clone();
         tokio::spawn(async move {
@@ -358,15 +459,26 @@ impl Studio {
         if self.node.relays() && !self.node.listening.swap(true, Ordering::SeqCst) {
             let (sender, mut received) = tokio::sync::mpsc::unbounded_channel();
             let (pool, channel) = (self.pool.clone(), self.node.channel.clone());
-            let connected = self.node.connected.clone();
+            let peers = self.node.peers.clone();
             std::thread::Builder::new()
                 .name("collabllm-listen".into())
-                .spawn(move || listen(&pool, &channel, &connected, &sender))
+                .spawn(move || listen(&pool, &channel, &peers, &sender))
                 .expect("start the listener thread");
             let this = self.clone();
             tokio::spawn(async move {
                 while let Some(heard) = received.recv().await {
                     this.dispatch(heard).await;
+                }
+            });
+            let this = self.clone();
+            tokio::spawn(async move {
+                // The first beat goes at once, before any socket of this node can say hello.
+                let mut every = tokio::time::interval(BEAT_EVERY);
+                loop {
+                    every.tick().await;
+                    if let Err(e) = this.beat().await {
+                        tracing::warn!(error = %e, "cannot tell the other nodes this one is alive");
+                    }
                 }
             });
         }
@@ -437,15 +549,8 @@ impl Studio {
 
     /// Hands what another node said to this node's sockets of the session.
     async fn dispatch(self: &Arc<Self>, heard: Heard) {
-        let notice = match heard {
-            Heard::Payload(payload) => match serde_json::from_str::<Notice>(&payload) {
-                Ok(n) if n.node != self.node.id => n,
-                Ok(_) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "a notification that is not a notice");
-                    return;
-                }
-            },
+        let (session_id, notice) = match heard {
+            Heard::Notice(session_id, notice) => (session_id, notice),
             Heard::Reconnected => {
                 // Notices may have been missed while the connection was down.
                 for (session_id, live) in self.live.held() {
@@ -454,7 +559,7 @@ impl Studio {
                 return;
             }
         };
-        let Some(live) = self.live.existing(notice.session) else {
+        let Some(live) = self.live.existing(session_id) else {
             return;
         };
         if let Some(epoch) = notice.owner {
@@ -467,7 +572,7 @@ impl Studio {
             let _ = live.events.send(frame);
         }
         if notice.resync {
-            self.resync(notice.session, &live).await;
+            self.resync(session_id, &live).await;
         }
     }
 
@@ -482,20 +587,24 @@ impl Studio {
     }
 }
 
-/// Keeps a reply's lease while it is generated: renews it every [`RENEW_EVERY`] and, on
-/// PostgreSQL, relays new frames at once, or [`RELAY_EVERY`] after the last relay when frames
+/// Keeps a reply's lease while it is generated: renews it every [`RENEW_EVERY`] and, while the
+/// node relays, relays new frames at once, or [`RELAY_EVERY`] after the last relay when frames
 /// come faster (one transaction per interval however fast the model writes).
 pub(super) struct LeaseKeeper {
-    relays: bool,
+    peers: Arc<Peers>,
+    /// Whether the other nodes had every frame so far (false once the node relayed nothing).
+    relayed: bool,
     renewed: tokio::time::Instant,
     frames: Vec<ServerFrame>,
     lost: bool,
 }
 
 impl LeaseKeeper {
-    pub fn new(relays: bool) -> Self {
+    pub fn new(studio: &Studio) -> Self {
+        let peers = studio.node.peers.clone();
         Self {
-            relays,
+            relayed: peers.relay_now(),
+            peers,
             renewed: tokio::time::Instant::now(),
             frames: Vec::new(),
             lost: false,
@@ -505,33 +614,40 @@ impl LeaseKeeper {
     /// Sends a frame of the reply to the session's sockets here, and keeps it for the other
     /// nodes' (relayed with the next renewal).
     pub fn send(&mut self, live: &LiveSession, frame: ServerFrame) {
-        if self.relays {
+        if self.peers.relay_now() {
             self.frames.push(frame.clone());
         }
         let _ = live.events.send(frame);
     }
 
+    /// Whether frames, or a resync for nodes that missed some, wait to be relayed.
+    pub fn pending(&self) -> bool {
+        !self.frames.is_empty() || (!self.relayed && self.peers.relay_now())
+    }
+
     /// Waits until the frames so far are to be relayed or the lease is due for renewal (made
     /// again after every frame, so it sees the frames sent meanwhile).
     pub async fn due(&self) {
-        let after = if self.frames.is_empty() {
-            RENEW_EVERY
-        } else {
+        let after = if self.pending() {
             RELAY_EVERY
+        } else {
+            RENEW_EVERY
         };
         tokio::time::sleep_until(self.renewed + after).await;
     }
 
-    /// Renews the lease with the reply's progress and relays the frames; stops the reply when
-    /// the participant asked so on another node. False when the lease was lost: another node
-    /// generates the reply now.
+    /// Renews the lease and, while the node relays, stores the reply's progress with it and
+    /// relays the frames (with a resync first when the other nodes missed some); stops the
+    /// reply when the participant asked so on another node. False when the lease was lost:
+    /// another node generates the reply now.
     pub async fn renew(
         &mut self,
         studio: &Arc<Studio>,
         session_id: i64,
         live: &LiveSession,
     ) -> bool {
-        let progress = if self.relays {
+        let relay = self.peers.relay_now();
+        let progress = if relay {
             live.reply
                 .lock()
                 .expect("reply lock")
@@ -540,14 +656,16 @@ impl LeaseKeeper {
         } else {
             None
         };
+        let resync = relay && !self.relayed;
         // The next relay is timed from the start of this one.
         let started = tokio::time::Instant::now();
         match studio
-            .renew_reply(session_id, progress, self.frames.clone())
+            .renew_reply(session_id, progress, self.frames.clone(), resync)
             .await
         {
             Ok(Some(stop)) => {
                 self.frames.clear();
+                self.relayed = relay;
                 self.renewed = started;
                 if stop {
                     if let Some(reply) = live.reply.lock().expect("reply lock").as_ref() {
@@ -599,19 +717,20 @@ impl LeaseKeeper {
     }
 }
 
-/// What the listener heard.
+/// What the listener heard from the other nodes (their beats only count them as alive).
 enum Heard {
-    Payload(String),
+    Notice(i64, Notice),
     /// The listening connection was made again: notices may have been missed.
     Reconnected,
 }
 
 /// Receives the other nodes' notices, for as long as the process runs (on its own thread: the
-/// connection is read without waiting, every [`POLL_EVERY`]).
+/// connection is read without waiting, every [`POLL_EVERY`]). Who spoke is noted here rather
+/// than by the receiver, so a busy receiver does not make a node seem gone.
 fn listen(
     pool: &DbPool,
     channel: &str,
-    connected: &AtomicBool,
+    peers: &Peers,
     sender: &tokio::sync::mpsc::UnboundedSender<Heard>,
 ) {
     let mut first = true;
@@ -629,7 +748,7 @@ fn listen(
             std::thread::sleep(RECONNECT_AFTER);
             continue;
         }
-        connected.store(true, Ordering::SeqCst);
+        peers.set_listening(true);
         if !std::mem::take(&mut first) && sender.send(Heard::Reconnected).is_err() {
             return;
         }
@@ -637,7 +756,20 @@ fn listen(
             match db::notifications(&mut conn) {
                 Ok(payloads) => {
                     for p in payloads {
-                        if sender.send(Heard::Payload(p)).is_err() {
+                        let notice = match serde_json::from_str::<Notice>(&p) {
+                            Ok(n) => n,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "a notification that is not a notice");
+                                continue;
+                            }
+                        };
+                        if !peers.heard_from(&notice.node) {
+                            continue;
+                        }
+                        let Some(session_id) = notice.session else {
+                            continue;
+                        };
+                        if sender.send(Heard::Notice(session_id, notice)).is_err() {
                             return;
                         }
                     }
@@ -647,9 +779,12 @@ fn listen(
                     break;
                 }
             }
+            if sender.is_closed() {
+                break;
+            }
             std::thread::sleep(POLL_EVERY);
         }
-        connected.store(false, Ordering::SeqCst);
+        peers.set_listening(false);
         // A connection that still works goes back to the pool without the subscription.
         let _ = db::unlisten(&mut conn);
         std::thread::sleep(RECONNECT_AFTER);

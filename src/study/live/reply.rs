@@ -215,8 +215,7 @@ impl Studio {
             // How long each candidate waited for a slot (none: it had one at once).
             let asked = std::time::Instant::now();
             let mut waited = vec![std::time::Duration::ZERO; outcomes.len()];
-            let relays = studio.node.relays();
-            let mut lease = LeaseKeeper::new(relays);
+            let mut lease = LeaseKeeper::new(&studio);
             loop {
                 let (i, event) = tokio::select! {
                     next = events.next() => match next {
@@ -271,7 +270,7 @@ impl Studio {
                 }
             }
             // What is left to relay goes before the reply is stored.
-            if !lease.lost() && relays {
+            if !lease.lost() && lease.pending() {
                 lease.renew(&studio, session_id, &live).await;
             }
             let mut completions: Result<Vec<Completion>, String> = outcomes

@@ -1,0 +1,2 @@
+DROP INDEX sessions_state_activity;
+DROP INDEX sessions_token_hash;
