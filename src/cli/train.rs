@@ -202,7 +202,7 @@ fn run_train_dpo(options: &train::DpoOptions) -> Result<()> {
         } => {
             let d = &report["data"];
             println!(
-                "trained on {} pairs ({} sequences cut to --max-tokens, {} pairs longer left out, \
+                "trained on {} pairs ({} prompts cut to --max-tokens, {} pairs longer left out, \
                  {} KTO rows skipped, {} pairs made with another model)",
                 d["pairs"], d["truncated"], d["too_long"], d["kto_rows_skipped"], d["other_model"]
             );

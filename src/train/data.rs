@@ -153,9 +153,31 @@ pub struct Sequence {
     pub response_start: usize,
 }
 
-impl Sequence {
-    pub fn response_tokens(&self) -> usize {
-        self.tokens.len() - self.response_start
+/// A preference pair as token ids: the prompt once, then each reply ending with the end-of-turn
+/// token. Training computes the prompt once for both replies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PairTokens {
+    pub prompt: Vec<u32>,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+}
+
+impl PairTokens {
+    /// The prompt and the chosen reply as one sequence.
+    pub fn chosen_sequence(&self) -> Sequence {
+        Sequence {
+            tokens: [&self.prompt, &self.chosen]
+                .into_iter()
+                .flatten()
+                .copied()
+                .collect(),
+            response_start: self.prompt.len(),
+        }
+    }
+
+    /// Tokens the pair's two sequences hold (the prompt counted for each).
+    pub fn sequence_tokens(&self) -> usize {
+        2 * self.prompt.len() + self.chosen.len() + self.rejected.len()
     }
 }
 
@@ -175,34 +197,42 @@ impl<'m> Tokenizer<'m> {
 
     /// The sequence of `prompt` then `reply`, cut from the left of the prompt to `max_tokens`
     /// (true when cut); `None` when the reply alone does not fit.
-    pub fn encode(
+    /// A pair's tokens with the prompt cut from the left so that prompt and either reply fit in
+    /// `max_tokens`, and whether it was cut; `None` when a reply alone does not fit.
+    pub fn encode_pair(
         &self,
         prompt: &[ChatMessage],
-        reply: &str,
+        chosen: &str,
+        rejected: &str,
         max_tokens: usize,
-    ) -> Result<Option<(Sequence, bool)>, TrainError> {
+    ) -> Result<Option<(PairTokens, bool)>, TrainError> {
         let text = self
             .template
             .render(&self.model.model, prompt)
             .map_err(|e| TrainError::Model(e.to_string()))?;
         let vocab = self.model.model.vocab();
         let prompt_tokens = vocab.tokenize(text.as_bytes(), true, true);
-        let mut reply_tokens = vocab.tokenize(reply.as_bytes(), false, false);
-        reply_tokens.push(end_of_turn(&self.model.model));
-        if reply_tokens.len() >= max_tokens || prompt_tokens.is_empty() {
+        let reply = |text: &str| -> Vec<u32> {
+            let mut tokens = vocab.tokenize(text.as_bytes(), false, false);
+            tokens.push(end_of_turn(&self.model.model));
+            tokens.iter().map(|t| t.0 as u32).collect()
+        };
+        let (chosen, rejected) = (reply(chosen), reply(rejected));
+        let longest = chosen.len().max(rejected.len());
+        if longest >= max_tokens || prompt_tokens.is_empty() {
             return Ok(None);
         }
-        let keep = prompt_tokens.len().min(max_tokens - reply_tokens.len());
+        let keep = prompt_tokens.len().min(max_tokens - longest);
         let cut = keep < prompt_tokens.len();
-        let tokens: Vec<u32> = prompt_tokens[prompt_tokens.len() - keep..]
+        let prompt = prompt_tokens[prompt_tokens.len() - keep..]
             .iter()
-            .chain(&reply_tokens)
             .map(|t| t.0 as u32)
             .collect();
         Ok(Some((
-            Sequence {
-                tokens,
-                response_start: keep,
+            PairTokens {
+                prompt,
+                chosen,
+                rejected,
             },
             cut,
         )))

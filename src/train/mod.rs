@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::engine::llama;
-use data::{PairFiles, Sequence, Tokenizer};
+use data::{PairFiles, PairTokens, Sequence, Tokenizer};
 use model::{Lora, Target, Weights};
 
 #[derive(Debug, thiserror::Error)]
@@ -171,8 +171,7 @@ pub fn report_path(out: &Path) -> PathBuf {
 
 /// A pair ready for training: tokens of both sides and their reference log-probabilities.
 struct Prepared {
-    chosen: Sequence,
-    rejected: Sequence,
+    pair: PairTokens,
     reference: (f64, f64),
 }
 
@@ -238,7 +237,7 @@ fn summarise(stats: &[PairStats]) -> Summary {
 pub struct DataReport {
     pub pairs: usize,
     pub kto_rows_skipped: usize,
-    /// Sequences whose prompt was cut from the left to fit --max-tokens.
+    /// Pairs whose prompt was cut from the left to fit --max-tokens.
     pub truncated: usize,
     /// Pairs left out because a reply alone is longer than --max-tokens.
     pub too_long: usize,
@@ -252,7 +251,7 @@ fn prepare(
     files: &PairFiles,
     base_sha256: &str,
     max_tokens: usize,
-) -> Result<(Vec<(Sequence, Sequence)>, DataReport), TrainError> {
+) -> Result<(Vec<PairTokens>, DataReport), TrainError> {
     let mut report = DataReport {
         kto_rows_skipped: files.kto_rows,
         ..DataReport::default()
@@ -270,14 +269,12 @@ fn prepare(
                 report.other_model += 1;
             }
         }
-        let chosen = tokenizer.encode(&pair.prompt, &pair.chosen, max_tokens)?;
-        let rejected = tokenizer.encode(&pair.prompt, &pair.rejected, max_tokens)?;
-        match (chosen, rejected) {
-            (Some((c, cut_c)), Some((r, cut_r))) => {
-                report.truncated += usize::from(cut_c) + usize::from(cut_r);
-                out.push((c, r));
+        match tokenizer.encode_pair(&pair.prompt, &pair.chosen, &pair.rejected, max_tokens)? {
+            Some((tokens, cut)) => {
+                report.truncated += usize::from(cut);
+                out.push(tokens);
             }
-            _ => report.too_long += 1,
+            None => report.too_long += 1,
         }
     }
     report.pairs = out.len();
@@ -287,19 +284,18 @@ fn prepare(
 /// Log-probabilities of both sides of each pair under `lora` (or the base model), no gradients.
 fn logprobs(
     weights: &Weights,
-    pairs: &[(Sequence, Sequence)],
+    pairs: &[PairTokens],
     lora: Option<&Lora>,
     stop: &AtomicBool,
     on_done: &dyn Fn(usize),
 ) -> Result<Option<Vec<(f64, f64)>>, TrainError> {
     let mut out = Vec::with_capacity(pairs.len());
-    for (i, (c, r)) in pairs.iter().enumerate() {
+    for (i, pair) in pairs.iter().enumerate() {
         if stop.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let side =
-            |s: &Sequence| scalar(&weights.sequence_logprob(&s.tokens, s.response_start, lora)?);
-        out.push((side(c)?, side(r)?));
+        let (chosen, rejected) = weights.pair_logprobs(pair, lora)?;
+        out.push((scalar(&chosen)?, scalar(&rejected)?));
         on_done(i + 1);
     }
     Ok(Some(out))
@@ -511,9 +507,8 @@ pub fn train_dpo(
     let prepared: Vec<Prepared> = pairs
         .iter()
         .zip(&reference)
-        .map(|((c, r), reference)| Prepared {
-            chosen: c.clone(),
-            rejected: r.clone(),
+        .map(|(pair, reference)| Prepared {
+            pair: pair.clone(),
             reference: *reference,
         })
         .collect();
@@ -545,7 +540,7 @@ pub fn train_dpo(
                 *acc = (&*acc + d)?;
             }
             stats.push(s);
-            tokens += p.chosen.tokens.len() + p.rejected.tokens.len();
+            tokens += p.pair.sequence_tokens();
         }
         let norm = grads
             .iter()
@@ -631,7 +626,7 @@ pub fn train_dpo(
         &options.out,
         &weights,
         &lora,
-        &prepared[0].chosen,
+        &prepared[0].pair.chosen_sequence(),
     )?;
     let report = json!({
         "adapter": options.out.display().to_string(),
@@ -662,9 +657,8 @@ pub fn train_dpo(
 }
 
 /// One pair's DPO numbers and its gradients (of the batch-mean loss over `batch` pairs), one per
-/// tensor of `lora.named()`. The loss's gradient is w·(∇log π(chosen) − ∇log π(rejected)) with
-/// w = −β·σ(−margin)/batch: each side's gradient is taken on its own and the graph freed before
-/// the other side's forward pass, so only one sequence's activations are held at a time.
+/// tensor of `lora.named()`: the loss's gradient is w·(∇log π(chosen) − ∇log π(rejected)) with
+/// w = −β·σ(−margin)/batch, taken in one backward pass over the packed pair.
 fn pair_gradients(
     weights: &Weights,
     lora: &Lora,
@@ -672,27 +666,17 @@ fn pair_gradients(
     beta: f64,
     batch: usize,
 ) -> Result<(PairStats, Vec<Tensor>), TrainError> {
-    let params = lora.named();
-    let side = |s: &Sequence| -> Result<(f64, Vec<Tensor>), TrainError> {
-        let logprob = weights.sequence_logprob(&s.tokens, s.response_start, Some(lora))?;
-        let grads = logprob.backward()?;
-        let per_param = params
-            .iter()
-            .map(|(_, v)| match grads.get(v.as_tensor()) {
-                Some(g) => Ok(g.clone()),
-                None => v.as_tensor().zeros_like(),
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((scalar(&logprob)?, per_param))
-    };
-    let (chosen, chosen_grads) = side(&p.chosen)?;
-    let (rejected, rejected_grads) = side(&p.rejected)?;
-    let s = PairStats::new(beta, (chosen, rejected), p.reference);
+    let (chosen, rejected) = weights.pair_logprobs(&p.pair, Some(lora))?;
+    let s = PairStats::new(beta, (scalar(&chosen)?, scalar(&rejected)?), p.reference);
     let weight = -beta * sigmoid(-s.margin()) / batch as f64;
-    let grads = chosen_grads
+    let grads = ((chosen - rejected)? * weight)?.backward()?;
+    let grads = lora
+        .named()
         .iter()
-        .zip(&rejected_grads)
-        .map(|(c, r)| (c - r).and_then(|d| d * weight))
+        .map(|(_, v)| match grads.get(v.as_tensor()) {
+            Some(g) => Ok(g.clone()),
+            None => v.as_tensor().zeros_like(),
+        })
         .collect::<Result<Vec<_>, _>>()?;
     Ok((s, grads))
 }
@@ -771,7 +755,8 @@ pub fn compare_logits(ours: &[Vec<f32>], theirs: &[Vec<f32>]) -> LogitComparison
 }
 
 /// `collabllm bench train`: one DPO pair's forward and backward passes against the forward-only
-/// pass that computes reference log-probabilities, on random tokens of the model's vocabulary.
+/// pass that computes reference log-probabilities, on random tokens of the model's vocabulary:
+/// each side `tokens` long, the first half of it the prompt both sides share.
 pub fn bench(
     model: &Path,
     tokens: usize,
@@ -785,41 +770,52 @@ pub fn bench(
     let (weights, _) = Weights::from_gguf(model, DType::F32)?;
     let lora = Lora::new(&weights.config, 8, 16.0, &Target::ALL, 0, DType::F32)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(1);
-    let mut sequence = || Sequence {
-        tokens: (0..tokens)
+    let mut random = |n: usize| -> Vec<u32> {
+        (0..n)
             .map(|_| rand::Rng::random_range(&mut rng, 0..weights.config.vocab as u32))
-            .collect(),
-        response_start: tokens / 2,
+            .collect()
     };
     let samples: Vec<Prepared> = (0..pairs)
         .map(|_| Prepared {
-            chosen: sequence(),
-            rejected: sequence(),
+            pair: PairTokens {
+                prompt: random(tokens / 2),
+                chosen: random(tokens - tokens / 2),
+                rejected: random(tokens - tokens / 2),
+            },
             reference: (0.0, 0.0),
         })
         .collect();
     let started = Instant::now();
     for p in &samples {
-        for s in [&p.chosen, &p.rejected] {
-            weights.sequence_logprob(&s.tokens, s.response_start, None)?;
-        }
+        weights.pair_logprobs(&p.pair, None)?;
     }
     let forward = started.elapsed().as_secs_f64() / pairs as f64;
+    // The same pairs as two sequences each, as computed without sharing the prompt.
+    let started = Instant::now();
+    for p in &samples {
+        for reply in [&p.pair.chosen, &p.pair.rejected] {
+            let tokens: Vec<u32> = p.pair.prompt.iter().chain(reply).copied().collect();
+            weights.sequence_logprob(&tokens, p.pair.prompt.len(), None)?;
+        }
+    }
+    let unshared = started.elapsed().as_secs_f64() / pairs as f64;
     let started = Instant::now();
     for p in &samples {
         pair_gradients(&weights, &lora, p, 0.1, 1)?;
     }
     let train = started.elapsed().as_secs_f64() / pairs as f64;
-    // The anchor: llama.cpp computing the same sequences (quantized weights, every position's
-    // logits) in this process.
+    // The anchor: llama.cpp computing as many tokens (the packed pair as one sequence; quantized
+    // weights, every position's logits) in this process.
     let served =
         llama::load_model(model, None, &[]).map_err(|e| TrainError::Model(e.to_string()))?;
     let started = Instant::now();
     for p in &samples {
-        for s in [&p.chosen, &p.rejected] {
-            llama::all_logits(&served, None, &s.tokens)
-                .map_err(|e| TrainError::Model(e.to_string()))?;
-        }
+        let packed: Vec<u32> = [&p.pair.prompt, &p.pair.chosen, &p.pair.rejected]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        llama::all_logits(&served, None, &packed).map_err(|e| TrainError::Model(e.to_string()))?;
     }
     let llama_cpp = started.elapsed().as_secs_f64() / pairs as f64;
     Ok(TrainBench {
@@ -827,20 +823,24 @@ pub fn bench(
         tokens,
         pairs,
         forward_seconds_per_pair: forward,
+        unshared_forward_seconds_per_pair: unshared,
         train_seconds_per_pair: train,
         peak_rss_mib: crate::bench::peak_rss_mib(),
         epoch_pairs,
     })
 }
 
-/// What `bench train` measured; per pair means both sides (2 × tokens).
+/// What `bench train` measured; per pair means both sides (2 × tokens, half of each the shared
+/// prompt).
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainBench {
     pub tokens: usize,
     pub pairs: usize,
     pub forward_seconds_per_pair: f64,
+    /// The forward pass over the pair as two sequences, the prompt computed for each.
+    pub unshared_forward_seconds_per_pair: f64,
     pub train_seconds_per_pair: f64,
-    /// llama.cpp's forward pass over the same sequences.
+    /// llama.cpp's forward pass over as many tokens (the packed pair as one sequence).
     pub llama_cpp_seconds_per_pair: f64,
     pub peak_rss_mib: Option<f64>,
     pub epoch_pairs: usize,
@@ -849,14 +849,19 @@ pub struct TrainBench {
 impl std::fmt::Display for TrainBench {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let tokens = 2.0 * self.tokens as f64;
+        let packed = self.tokens / 2 + 2 * (self.tokens - self.tokens / 2);
         // An epoch: the reference pass once, then a forward and backward pass per pair.
         let epoch_minutes = self.epoch_pairs as f64
             * (self.forward_seconds_per_pair + self.train_seconds_per_pair)
             / 60.0;
         writeln!(
             f,
-            "DPO training, pairs of 2 × {} tokens, {} measured",
-            self.tokens, self.pairs
+            "DPO training, pairs of 2 × {} tokens ({} of them the shared prompt, {} computed), \
+             {} measured",
+            self.tokens,
+            self.tokens / 2,
+            packed,
+            self.pairs
         )?;
         writeln!(
             f,
@@ -877,10 +882,17 @@ impl std::fmt::Display for TrainBench {
         )?;
         writeln!(
             f,
-            "  llama.cpp forward (quantized, the anchor): {:.2} s/pair, {:.0} tokens/s; \
+            "  forward as two sequences (the prompt computed twice): {:.2} s/pair; \
+             sharing the prompt: {:.2}× faster",
+            self.unshared_forward_seconds_per_pair,
+            self.unshared_forward_seconds_per_pair / self.forward_seconds_per_pair
+        )?;
+        writeln!(
+            f,
+            "  llama.cpp forward over the {} tokens (quantized, the anchor): {:.2} s/pair; \
              training forward / llama.cpp: {:.2}×",
+            packed,
             self.llama_cpp_seconds_per_pair,
-            tokens / self.llama_cpp_seconds_per_pair,
             self.forward_seconds_per_pair / self.llama_cpp_seconds_per_pair
         )?;
         if let Some(rss) = self.peak_rss_mib {

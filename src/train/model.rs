@@ -1,10 +1,10 @@
 //! The llama forward pass that training differentiates, with LoRA on its linear layers.
 //!
-//! Built only from candle ops that have a backward pass (matmul, exp, sum, narrow, cat, gather, …):
-//! candle's fused softmax, rms_norm, rope and quantized matmul have none and would stop the
-//! gradient without an error. The weights are the served GGUF's, dequantized, with q/k rows in
-//! llama.cpp's rope layout (pairs of adjacent values rotate together), so an adapter fitted here
-//! is the one llama.cpp applies, with no permutation.
+//! Built only from candle ops that have a backward pass (matmul, index_select, narrow, …) and
+//! custom ops that carry their own: candle's fused softmax, rms_norm, rope and quantized matmul
+//! have none and would stop the gradient without an error. The weights are the served GGUF's,
+//! dequantized, with q/k rows in llama.cpp's rope layout (pairs of adjacent values rotate
+//! together), so an adapter fitted here is the one llama.cpp applies, with no permutation.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -12,9 +12,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Shape, Tensor, Var, D};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 
+use super::data::PairTokens;
 use super::TrainError;
 
 /// A linear layer LoRA can adapt, named as llama.cpp names its tensors.
@@ -315,6 +316,15 @@ impl Weights {
 
     /// Final hidden states, one row per token, with `lora` applied where it adapts.
     pub fn hidden(&self, tokens: &[u32], lora: Option<&Lora>) -> Result<Tensor, TrainError> {
+        self.hidden_rows(tokens, Visibility::causal(tokens.len()), lora)
+    }
+
+    fn hidden_rows(
+        &self,
+        tokens: &[u32],
+        visibility: Visibility,
+        lora: Option<&Lora>,
+    ) -> Result<Tensor, TrainError> {
         let c = &self.config;
         let t = tokens.len();
         if t == 0 {
@@ -322,7 +332,7 @@ impl Weights {
         }
         let ids = Tensor::new(tokens, &Device::Cpu)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        let rope = self.rope_tables(t);
+        let rope = self.rope_tables((0..t).map(|r| visibility.position(r)));
         for (l, layer) in self.layers.iter().enumerate() {
             let linear = |target: Target, input: &Tensor| -> Result<Tensor, TrainError> {
                 let mut y = frozen_linear(input, &layer.linear[target as usize])?;
@@ -339,10 +349,11 @@ impl Weights {
                 &linear(Target::K, &h)?,
                 &linear(Target::V, &h)?,
                 &rope,
+                visibility,
             )?;
             x = (x + linear(Target::O, &attn)?)?;
             let h = rms_norm(&x, &layer.ffn_norm, c.rms_eps)?;
-            let gated = (linear(Target::Gate, &h)?.silu()? * linear(Target::Up, &h)?)?;
+            let gated = linear(Target::Gate, &h)?.apply_op2(&linear(Target::Up, &h)?, SwiGlu)?;
             x = (x + linear(Target::Down, &gated)?)?;
         }
         Ok(rms_norm(&x, &self.norm, c.rms_eps)?)
@@ -352,6 +363,13 @@ impl Weights {
     pub fn logits(&self, hidden: &Tensor) -> Result<Tensor, TrainError> {
         let output = self.output.as_ref().unwrap_or(&self.embed);
         Ok(frozen_linear(hidden, output)?)
+    }
+
+    /// The log-probability of each row's target token (one value per row of `hidden`).
+    fn target_logprobs(&self, hidden: &Tensor, targets: Vec<u32>) -> Result<Tensor, TrainError> {
+        Ok(self.logits(hidden)?.apply_op1(TargetLogProb {
+            targets: Arc::new(targets),
+        })?)
     }
 
     /// The summed log-probability of `tokens[from..]`, each given the tokens before it.
@@ -369,22 +387,62 @@ impl Weights {
         }
         let hidden = self.hidden(tokens, lora)?;
         let rows = tokens.len() - from;
-        let logits = self.logits(&hidden.narrow(0, from - 1, rows)?)?;
-        let max = logits.max_keepdim(D::Minus1)?.detach();
-        let shifted = logits.broadcast_sub(&max)?;
-        let log_norm = shifted.exp()?.sum_keepdim(D::Minus1)?.log()?;
-        let targets = Tensor::new(&tokens[from..], &Device::Cpu)?.unsqueeze(1)?;
-        let picked = shifted.gather(&targets, 1)?;
-        Ok((picked - log_norm)?.sum_all()?)
+        Ok(self
+            .target_logprobs(&hidden.narrow(0, from - 1, rows)?, tokens[from..].to_vec())?
+            .sum_all()?)
+    }
+
+    /// The summed log-probabilities of a pair's chosen and rejected replies, each given the
+    /// prompt, from one pass over prompt, chosen and rejected: the prompt is computed once,
+    /// and the rejected reply sees the prompt but not the chosen one, at the positions it has
+    /// after the prompt. Equal to two [`Weights::sequence_logprob`] calls, for about half the
+    /// work when the prompt is as long as a reply.
+    pub fn pair_logprobs(
+        &self,
+        pair: &PairTokens,
+        lora: Option<&Lora>,
+    ) -> Result<(Tensor, Tensor), TrainError> {
+        let (p, c, r) = (pair.prompt.len(), pair.chosen.len(), pair.rejected.len());
+        if p == 0 || c == 0 || r == 0 {
+            return Err(TrainError::Model(format!(
+                "a pair needs a prompt and two replies, not {p}, {c} and {r} tokens"
+            )));
+        }
+        let tokens: Vec<u32> = [&pair.prompt, &pair.chosen, &pair.rejected]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect();
+        let hidden = self.hidden_rows(
+            &tokens,
+            Visibility {
+                prompt: p,
+                second: p + c,
+            },
+            lora,
+        )?;
+        // Each reply token is predicted by the row before it; the prompt's last row predicts the
+        // first token of both replies.
+        let rows: Vec<u32> = (p - 1..p + c - 1)
+            .chain([p - 1])
+            .chain(p + c..p + c + r - 1)
+            .map(|i| i as u32)
+            .collect();
+        let targets = pair.chosen.iter().chain(&pair.rejected).copied().collect();
+        let picked = hidden.index_select(&Tensor::new(rows.as_slice(), &Device::Cpu)?, 0)?;
+        let logprobs = self.target_logprobs(&picked, targets)?;
+        Ok((
+            logprobs.narrow(0, 0, c)?.sum_all()?,
+            logprobs.narrow(0, c, r)?.sum_all()?,
+        ))
     }
 
     /// cos and sin of every (position, frequency) pair, position-major.
-    fn rope_tables(&self, t: usize) -> Rope {
+    fn rope_tables(&self, positions: impl Iterator<Item = usize>) -> Rope {
         let half = self.config.head_dim() / 2;
         let dims = self.config.head_dim() as f64;
-        let mut cos = Vec::with_capacity(t * half);
-        let mut sin = Vec::with_capacity(t * half);
-        for p in 0..t {
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for p in positions {
             for i in 0..half {
                 let factor = self
                     .rope_factors
@@ -405,13 +463,15 @@ impl Weights {
         }
     }
 
-    /// Causal grouped-query attention; q (t, heads·hd), k and v (t, kv_heads·hd).
+    /// Grouped-query attention, each row seeing what `visibility` lets it; q (t, heads·hd), k and
+    /// v (t, kv_heads·hd).
     fn attention(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
         rope: &Rope,
+        visibility: Visibility,
     ) -> Result<Tensor, TrainError> {
         let c = &self.config;
         let (t, hd, kv) = (q.dims()[0], c.head_dim(), c.kv_heads);
@@ -421,17 +481,21 @@ impl Weights {
             .apply_op1(rope.clone())?
             .reshape((t, c.heads, hd))?
             .transpose(0, 1)?
-            .reshape((kv, group * t, hd))?;
+            .reshape((kv, group * t, hd))?
+            .contiguous()?;
         let k = k
             .apply_op1(rope.clone())?
             .reshape((t, kv, hd))?
             .transpose(0, 1)?
             .contiguous()?;
         let v = v.reshape((t, kv, hd))?.transpose(0, 1)?.contiguous()?;
-        let scores = q.matmul(&k.t()?)?;
-        let p = scores.apply_op1(CausalSoftmax {
-            scale: 1.0 / (hd as f64).sqrt(),
-        })?;
+        let p = q.apply_op2(
+            &k,
+            AttentionProbs {
+                scale: 1.0 / (hd as f64).sqrt(),
+                visibility,
+            },
+        )?;
         let out = p.matmul(&v)?;
         Ok(out
             .reshape((c.heads, t, hd))?
@@ -461,6 +525,24 @@ fn floats<'a>(
     }
 }
 
+/// A custom op's input as a tensor of its own (a copy), to compute with candle's ops.
+fn tensor_of(op: &str, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Tensor> {
+    match floats(op, storage, layout)? {
+        Floats::F32(v) => Tensor::from_slice(v, layout.shape(), &Device::Cpu),
+        Floats::F64(v) => Tensor::from_slice(v, layout.shape(), &Device::Cpu),
+    }
+}
+
+/// A tensor computed in a custom op, as that op's output.
+fn storage_of(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
+    let flat = t.flatten_all()?;
+    let out = match flat.dtype() {
+        DType::F64 => CpuStorage::F64(flat.to_vec1()?),
+        _ => CpuStorage::F32(flat.to_vec1()?),
+    };
+    Ok((out, t.shape().clone()))
+}
+
 /// `x · Wᵀ` for a weight that is not trained. candle's matmul always computes the gradient of
 /// both sides, which for a frozen weight is a wasted matmul per layer and a weight-sized tensor
 /// kept until the end of the backward pass; this op passes the gradient to `x` alone.
@@ -480,18 +562,8 @@ impl CustomOp1 for FrozenLinear {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = match floats(self.name(), storage, layout)? {
-            Floats::F32(v) => Tensor::from_slice(v, layout.shape(), &Device::Cpu)?,
-            Floats::F64(v) => Tensor::from_slice(v, layout.shape(), &Device::Cpu)?,
-        };
-        let y = x.matmul(&self.0.t()?)?;
-        let shape = y.shape().clone();
-        let flat = y.flatten_all()?;
-        let out = match flat.dtype() {
-            DType::F64 => CpuStorage::F64(flat.to_vec1()?),
-            _ => CpuStorage::F32(flat.to_vec1()?),
-        };
-        Ok((out, shape))
+        let x = tensor_of(self.name(), storage, layout)?;
+        storage_of(&x.matmul(&self.0.t()?)?)
     }
 
     fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
@@ -499,42 +571,265 @@ impl CustomOp1 for FrozenLinear {
     }
 }
 
-/// Causal softmax of attention scores (…, groups·t, t), row r at position r mod t, scaled by `scale`: one op whose backward keeps
-/// only its output, where composing it from exp, sum and div would keep five score-sized tensors
-/// per layer until the backward pass (half the memory of a 512-token pair).
-struct CausalSoftmax {
-    scale: f64,
+/// Which earlier rows a row attends to. A plain sequence is causal (`prompt` = `second` = its
+/// length). A packed pair (prompt, chosen reply, rejected reply) computes the prompt once: rows
+/// from `second` on are the rejected reply, which sees the first `prompt` rows and itself but not
+/// the chosen reply, and takes up the positions after the prompt again.
+#[derive(Debug, Clone, Copy)]
+struct Visibility {
+    prompt: usize,
+    second: usize,
 }
 
-fn causal_softmax<T>(x: &[T], t: usize, scale: T) -> Vec<T>
+impl Visibility {
+    fn causal(t: usize) -> Self {
+        Visibility {
+            prompt: t,
+            second: t,
+        }
+    }
+
+    /// The columns row `r` sees: `[0, a)` and `[b, r]`.
+    fn columns(self, r: usize) -> (usize, usize) {
+        if r < self.second {
+            (0, 0)
+        } else {
+            (self.prompt, self.second)
+        }
+    }
+
+    fn position(self, r: usize) -> usize {
+        if r < self.second {
+            r
+        } else {
+            self.prompt + r - self.second
+        }
+    }
+}
+
+/// Attention probabilities softmax(q·kᵀ·scale) under a [`Visibility`] mask, from q
+/// (kv, groups·t, hd) and k (kv, t, hd), as one op: the backward pass keeps q, k and the
+/// probabilities but not the scores, where a matmul and a softmax op would keep both
+/// score-sized tensors per layer (a sixth of a 768-token pair's memory). Its softmax, forward
+/// and backward, touches only the scores a row sees, on every core.
+struct AttentionProbs {
+    scale: f64,
+    visibility: Visibility,
+}
+
+/// The score rows in `out` (width t), each with its two visible column ranges.
+fn visible_rows<T>(
+    out: &mut [T],
+    t: usize,
+    visibility: Visibility,
+    each: impl Fn(usize, &mut [T], [std::ops::Range<usize>; 2]) + Sync,
+) where
+    T: Send,
+{
+    use rayon::prelude::*;
+    out.par_chunks_mut(t).enumerate().for_each(|(row, output)| {
+        let r = row % t;
+        let (a, b) = visibility.columns(r);
+        each(row, output, [0..a, b..r + 1]);
+    });
+}
+
+fn masked_softmax<T>(x: &[T], t: usize, visibility: Visibility, scale: T) -> Vec<T>
 where
-    T: candle_core::WithDType + num_traits::Float + std::ops::AddAssign + std::ops::DivAssign,
+    T: num_traits::Float + Send + Sync,
+{
+    let mut out = vec![T::zero(); x.len()];
+    visible_rows(&mut out, t, visibility, |row, output, ranges| {
+        let input = &x[row * t..(row + 1) * t];
+        let max = ranges
+            .iter()
+            .flat_map(|range| &input[range.clone()])
+            .fold(T::neg_infinity(), |m, &v| m.max(v));
+        let mut sum = T::zero();
+        for range in &ranges {
+            for (o, &v) in output[range.clone()].iter_mut().zip(&input[range.clone()]) {
+                *o = ((v - max) * scale).exp();
+                sum = sum + *o;
+            }
+        }
+        for range in ranges {
+            for o in &mut output[range] {
+                *o = *o / sum;
+            }
+        }
+    });
+    out
+}
+
+/// d scores = scale · p ⊙ (g − Σ g ⊙ p) on the visible scores, zero elsewhere.
+fn masked_softmax_grad<T>(g: &[T], p: &[T], t: usize, visibility: Visibility, scale: T) -> Vec<T>
+where
+    T: num_traits::Float + Send + Sync,
+{
+    let mut out = vec![T::zero(); g.len()];
+    visible_rows(&mut out, t, visibility, |row, output, ranges| {
+        let (g, p) = (&g[row * t..(row + 1) * t], &p[row * t..(row + 1) * t]);
+        let dot = ranges
+            .iter()
+            .flat_map(|range| range.clone())
+            .fold(T::zero(), |s, j| s + g[j] * p[j]);
+        for j in ranges.into_iter().flatten() {
+            output[j] = scale * p[j] * (g[j] - dot);
+        }
+    });
+    out
+}
+
+/// The rows and width of scores laid out as (…, groups·t, t).
+fn score_rows(op: &str, layout: &Layout) -> candle_core::Result<usize> {
+    match layout.shape().dims() {
+        [.., rows, t] if *t > 0 && rows % t == 0 => Ok(*t),
+        _ => candle_core::bail!("{op} needs (…, groups·t, t) scores"),
+    }
+}
+
+impl CustomOp2 for AttentionProbs {
+    fn name(&self) -> &'static str {
+        "attention-probs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_layout: &Layout,
+        k: &CpuStorage,
+        k_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let q = tensor_of(self.name(), q, q_layout)?;
+        let k = tensor_of(self.name(), k, k_layout)?;
+        let (scores, shape) = storage_of(&q.matmul(&k.t()?)?)?;
+        let t = score_rows(self.name(), &Layout::contiguous(&shape))?;
+        let v = self.visibility;
+        let out = match scores {
+            CpuStorage::F32(x) => CpuStorage::F32(masked_softmax(&x, t, v, self.scale as f32)),
+            CpuStorage::F64(x) => CpuStorage::F64(masked_softmax(&x, t, v, self.scale)),
+            _ => candle_core::bail!("{} computes in f32 or f64", self.name()),
+        };
+        Ok((out, shape))
+    }
+
+    /// With dS the scores' gradient: dq = dS·k, dk = dSᵀ·q.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        p: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let ds = grad.contiguous()?.apply_op2_no_bwd(
+            p,
+            &MaskedSoftmaxGrad {
+                scale: self.scale,
+                visibility: self.visibility,
+            },
+        )?;
+        Ok((Some(ds.matmul(k)?), Some(ds.t()?.matmul(q)?)))
+    }
+}
+
+/// The softmax part of [`AttentionProbs`]'s backward pass, on (grad, p): the scores' gradient.
+struct MaskedSoftmaxGrad {
+    scale: f64,
+    visibility: Visibility,
+}
+
+impl CustomOp2 for MaskedSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "masked-softmax-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+        p: &CpuStorage,
+        p_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let t = score_rows(self.name(), p_layout)?;
+        let v = self.visibility;
+        let out = match (
+            floats(self.name(), grad, grad_layout)?,
+            floats(self.name(), p, p_layout)?,
+        ) {
+            (Floats::F32(g), Floats::F32(p)) => {
+                CpuStorage::F32(masked_softmax_grad(g, p, t, v, self.scale as f32))
+            }
+            (Floats::F64(g), Floats::F64(p)) => {
+                CpuStorage::F64(masked_softmax_grad(g, p, t, v, self.scale))
+            }
+            _ => candle_core::bail!("{} needs two inputs of one float type", self.name()),
+        };
+        Ok((out, p_layout.shape().clone()))
+    }
+}
+
+/// log softmax(row)[target] of each row of logits (rows, vocab), as one op: composing it from
+/// max, exp, sum, log and gather keeps four logits-sized tensors for the backward pass (the
+/// vocabulary is 49,152 wide), where this one keeps none and recomputes the softmax from its
+/// input.
+struct TargetLogProb {
+    targets: Arc<Vec<u32>>,
+}
+
+fn log_sum_exp<T: num_traits::Float>(row: &[T]) -> T {
+    let max = row.iter().fold(T::neg_infinity(), |m, &v| m.max(v));
+    max + row.iter().fold(T::zero(), |s, &v| s + (v - max).exp()).ln()
+}
+
+fn target_logprob_rows<T>(x: &[T], vocab: usize, targets: &[u32]) -> Vec<T>
+where
+    T: num_traits::Float + Send + Sync,
+{
+    use rayon::prelude::*;
+    x.par_chunks(vocab)
+        .zip(targets.par_iter())
+        .map(|(row, &target)| row[target as usize] - log_sum_exp(row))
+        .collect()
+}
+
+/// d logits = g · (onehot(target) − softmax(row)), row by row.
+fn target_logprob_grad<T>(x: &[T], g: &[T], vocab: usize, targets: &[u32]) -> Vec<T>
+where
+    T: num_traits::Float + Send + Sync,
 {
     use rayon::prelude::*;
     let mut out = vec![T::zero(); x.len()];
-    out.par_chunks_mut(t)
-        .zip(x.par_chunks(t))
-        .enumerate()
-        .for_each(|(row, (output, input))| {
-            let visible = row % t + 1;
-            let max = input[..visible]
-                .iter()
-                .fold(T::neg_infinity(), |m, &v| num_traits::Float::max(m, v));
-            let mut sum = T::zero();
-            for (o, &v) in output[..visible].iter_mut().zip(&input[..visible]) {
-                *o = ((v - max) * scale).exp();
-                sum += *o;
+    out.par_chunks_mut(vocab)
+        .zip(x.par_chunks(vocab))
+        .zip(targets.par_iter().zip(g.par_iter()))
+        .for_each(|((output, row), (&target, &g))| {
+            let lse = log_sum_exp(row);
+            for (o, &v) in output.iter_mut().zip(row) {
+                *o = -g * (v - lse).exp();
             }
-            for o in &mut output[..visible] {
-                *o /= sum;
-            }
+            output[target as usize] = output[target as usize] + g;
         });
     out
 }
 
-impl CustomOp1 for CausalSoftmax {
+impl TargetLogProb {
+    fn vocab(&self, op: &str, layout: &Layout) -> candle_core::Result<usize> {
+        let Ok((rows, vocab)) = layout.shape().dims2() else {
+            candle_core::bail!("{op} needs (rows, vocab) logits");
+        };
+        if rows != self.targets.len() || self.targets.iter().any(|&t| t as usize >= vocab) {
+            candle_core::bail!(
+                "{op}: {} targets do not fit ({rows}, {vocab}) logits",
+                self.targets.len()
+            );
+        }
+        Ok(vocab)
+    }
+}
+
+impl CustomOp1 for TargetLogProb {
     fn name(&self) -> &'static str {
-        "causal-softmax"
+        "target-logprob"
     }
 
     fn cpu_fwd(
@@ -542,30 +837,163 @@ impl CustomOp1 for CausalSoftmax {
         storage: &CpuStorage,
         layout: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let dims = layout.shape().dims();
-        let (rows, t) = match dims {
-            [.., rows, t] => (*rows, *t),
-            _ => (0, 0),
-        };
-        if t == 0 || rows % t != 0 {
-            candle_core::bail!("causal-softmax needs (…, groups·t, t) scores");
-        }
+        let vocab = self.vocab(self.name(), layout)?;
         let out = match floats(self.name(), storage, layout)? {
-            Floats::F32(v) => CpuStorage::F32(causal_softmax(v, t, self.scale as f32)),
-            Floats::F64(v) => CpuStorage::F64(causal_softmax(v, t, self.scale)),
+            Floats::F32(x) => CpuStorage::F32(target_logprob_rows(x, vocab, &self.targets)),
+            Floats::F64(x) => CpuStorage::F64(target_logprob_rows(x, vocab, &self.targets)),
         };
-        Ok((out, layout.shape().clone()))
+        Ok((out, Shape::from(self.targets.len())))
     }
 
-    /// d scores = scale · p ⊙ (g − Σ g ⊙ p), zero where the mask hid a score (p = 0 there).
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &TargetLogProbGrad(self.targets.clone()),
+        )?))
+    }
+}
+
+/// The backward pass of [`TargetLogProb`] on (logits, grad).
+struct TargetLogProbGrad(Arc<Vec<u32>>);
+
+impl CustomOp2 for TargetLogProbGrad {
+    fn name(&self) -> &'static str {
+        "target-logprob-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let Ok((_, vocab)) = x_layout.shape().dims2() else {
+            candle_core::bail!("{} needs (rows, vocab) logits", self.name());
+        };
+        let out = match (
+            floats(self.name(), x, x_layout)?,
+            floats(self.name(), grad, grad_layout)?,
+        ) {
+            (Floats::F32(x), Floats::F32(g)) => {
+                CpuStorage::F32(target_logprob_grad(x, g, vocab, &self.0))
+            }
+            (Floats::F64(x), Floats::F64(g)) => {
+                CpuStorage::F64(target_logprob_grad(x, g, vocab, &self.0))
+            }
+            _ => candle_core::bail!("{} needs two inputs of one float type", self.name()),
+        };
+        Ok((out, x_layout.shape().clone()))
+    }
+}
+
+/// silu(gate) ⊙ up, llama's feed-forward gate, as one op on every core: composed, it keeps
+/// silu(gate) as well for the backward pass and runs single-threaded.
+struct SwiGlu;
+
+fn sigmoid<T: num_traits::Float>(x: T) -> T {
+    (T::one() + (-x).exp()).recip()
+}
+
+fn swiglu<T: num_traits::Float + Send + Sync>(gate: &[T], up: &[T]) -> Vec<T> {
+    use rayon::prelude::*;
+    gate.par_iter()
+        .zip(up.par_iter())
+        .map(|(&g, &u)| g * sigmoid(g) * u)
+        .collect()
+}
+
+/// d gate = d · up · σ(g)(1 + g(1 − σ(g))), d up = d · silu(g); both halves, gate's first.
+fn swiglu_grad<T: num_traits::Float + Send + Sync>(gate: &[T], up: &[T], d: &[T]) -> Vec<T> {
+    use rayon::prelude::*;
+    let n = gate.len();
+    let mut out = vec![T::zero(); 2 * n];
+    let (d_gate, d_up) = out.split_at_mut(n);
+    d_gate
+        .par_iter_mut()
+        .zip(d_up.par_iter_mut())
+        .enumerate()
+        .for_each(|(i, (dg, du))| {
+            let (g, s) = (gate[i], sigmoid(gate[i]));
+            *dg = d[i] * up[i] * s * (T::one() + g * (T::one() - s));
+            *du = d[i] * g * s;
+        });
+    out
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        gate: &CpuStorage,
+        gate_layout: &Layout,
+        up: &CpuStorage,
+        up_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if gate_layout.shape() != up_layout.shape() {
+            candle_core::bail!("swiglu needs gate and up of one shape");
+        }
+        let out = match (
+            floats(self.name(), gate, gate_layout)?,
+            floats(self.name(), up, up_layout)?,
+        ) {
+            (Floats::F32(g), Floats::F32(u)) => CpuStorage::F32(swiglu(g, u)),
+            (Floats::F64(g), Floats::F64(u)) => CpuStorage::F64(swiglu(g, u)),
+            _ => candle_core::bail!("swiglu needs two inputs of one float type"),
+        };
+        Ok((out, gate_layout.shape().clone()))
+    }
+
     fn bwd(
         &self,
-        _scores: &Tensor,
-        p: &Tensor,
+        gate: &Tensor,
+        up: &Tensor,
+        _y: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<Option<Tensor>> {
-        let dot = (grad * p)?.sum_keepdim(D::Minus1)?;
-        Ok(Some(((grad.broadcast_sub(&dot)? * p)? * self.scale)?))
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let both =
+            Tensor::cat(&[gate, up], 0)?.apply_op2_no_bwd(&grad.contiguous()?, &SwiGluGrad)?;
+        let rows = gate.dims()[0];
+        Ok((
+            Some(both.narrow(0, 0, rows)?),
+            Some(both.narrow(0, rows, rows)?),
+        ))
+    }
+}
+
+/// The backward pass of [`SwiGlu`] on (gate and up stacked, grad): their gradients, stacked.
+struct SwiGluGrad;
+
+impl CustomOp2 for SwiGluGrad {
+    fn name(&self) -> &'static str {
+        "swiglu-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        both: &CpuStorage,
+        both_layout: &Layout,
+        grad: &CpuStorage,
+        grad_layout: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let out = match (
+            floats(self.name(), both, both_layout)?,
+            floats(self.name(), grad, grad_layout)?,
+        ) {
+            (Floats::F32(b), Floats::F32(d)) if b.len() == 2 * d.len() => {
+                let (g, u) = b.split_at(d.len());
+                CpuStorage::F32(swiglu_grad(g, u, d))
+            }
+            (Floats::F64(b), Floats::F64(d)) if b.len() == 2 * d.len() => {
+                let (g, u) = b.split_at(d.len());
+                CpuStorage::F64(swiglu_grad(g, u, d))
+            }
+            _ => candle_core::bail!("swiglu-grad needs stacked gate and up and their gradient"),
+        };
+        Ok((out, both_layout.shape().clone()))
     }
 }
 

@@ -10,7 +10,7 @@ use collabllm::engine::llama::{all_logits, load_model};
 use collabllm::engine::registry::engine_name;
 use collabllm::engine::{ChatMessage, ChatRequest, EngineEvent, Engines, Role, Sampling};
 use collabllm::protocol::LoadedProtocol;
-use collabllm::train::data::Tokenizer;
+use collabllm::train::data::{PairTokens, Tokenizer};
 use collabllm::train::model::{BaseInfo, Config, Lora, Target, Weights};
 use collabllm::train::{adapter, compare_logits, DpoOptions, Hyper, Outcome};
 use serde_json::json;
@@ -64,6 +64,20 @@ fn tiny_config() -> Config {
     }
 }
 
+fn tiny_pair() -> PairTokens {
+    PairTokens {
+        prompt: vec![3, 17, 5],
+        chosen: vec![22, 39, 0, 11, 8],
+        rejected: vec![9, 30, 2, 8],
+    }
+}
+
+/// The DPO objective's policy part: log π(chosen) − log π(rejected), from the packed pair.
+fn pair_margin(weights: &Weights, pair: &PairTokens, lora: &Lora) -> Tensor {
+    let (chosen, rejected) = weights.pair_logprobs(pair, Some(lora)).unwrap();
+    (chosen - rejected).unwrap()
+}
+
 /// Every op of the forward pass must carry the gradient: an op without a backward pass would
 /// make autograd disagree with finite differences (or give zero) for the tensors before it.
 #[test]
@@ -71,19 +85,13 @@ fn gradients_match_finite_differences() {
     let weights = Weights::random(tiny_config(), 7, DType::F64).unwrap();
     let lora = Lora::new(&weights.config, 2, 4.0, &Target::ALL, 3, DType::F64).unwrap();
     randomise_b(&lora, 0.3);
-    let tokens = [3u32, 17, 5, 22, 39, 0, 11, 8];
+    let pair = tiny_pair();
     let loss = |lora: &Lora| {
-        weights
-            .sequence_logprob(&tokens, 3, Some(lora))
-            .unwrap()
+        pair_margin(&weights, &pair, lora)
             .to_scalar::<f64>()
             .unwrap()
     };
-    let grads = weights
-        .sequence_logprob(&tokens, 3, Some(&lora))
-        .unwrap()
-        .backward()
-        .unwrap();
+    let grads = pair_margin(&weights, &pair, &lora).backward().unwrap();
     let mut checked = 0;
     for (name, var) in lora.named() {
         let analytic = values(
@@ -118,6 +126,38 @@ fn gradients_match_finite_differences() {
     assert_eq!(checked, 2 * 7 * 2 * 3);
 }
 
+/// A packed pair computes the prompt once; each reply's log-probability must be what the prompt
+/// and that reply alone give, so the rejected reply neither sees the chosen one nor takes its
+/// positions.
+#[test]
+fn a_packed_pair_scores_each_reply_as_its_own_sequence() {
+    let weights = Weights::random(tiny_config(), 11, DType::F64).unwrap();
+    let lora = Lora::new(&weights.config, 2, 4.0, &Target::ALL, 5, DType::F64).unwrap();
+    randomise_b(&lora, 0.3);
+    let pair = tiny_pair();
+    let alone = |reply: &[u32]| {
+        let tokens: Vec<u32> = pair.prompt.iter().chain(reply).copied().collect();
+        weights
+            .sequence_logprob(&tokens, pair.prompt.len(), Some(&lora))
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let (chosen, rejected) = weights.pair_logprobs(&pair, Some(&lora)).unwrap();
+    let (chosen, rejected) = (
+        chosen.to_scalar::<f64>().unwrap(),
+        rejected.to_scalar::<f64>().unwrap(),
+    );
+    assert!(
+        (chosen - alone(&pair.chosen)).abs() < 1e-9,
+        "chosen {chosen}"
+    );
+    assert!(
+        (rejected - alone(&pair.rejected)).abs() < 1e-9,
+        "rejected {rejected}"
+    );
+}
+
 /// A conversation tokenised as serving does, from the real model's vocabulary and template.
 fn conversation_tokens() -> Vec<u32> {
     let served = load_model(&model_path(), None, &[]).unwrap();
@@ -132,10 +172,13 @@ fn conversation_tokens() -> Vec<u32> {
     let reply = "Of course. Dear Mr. Patel, I am writing to let you know that the heating in \
                  flat 4 has not worked since Monday. Could you arrange for a repair this week? \
                  Thank you, Anna.";
-    let (sequence, cut) = tokenizer.encode(&prompt, reply, 512).unwrap().unwrap();
+    let (pair, cut) = tokenizer
+        .encode_pair(&prompt, reply, "No.", 512)
+        .unwrap()
+        .unwrap();
     assert!(!cut);
-    assert!(sequence.response_tokens() > 20);
-    sequence.tokens
+    assert!(pair.chosen.len() > 20);
+    pair.chosen_sequence().tokens
 }
 
 fn our_logits(weights: &Weights, tokens: &[u32], lora: Option<&Lora>) -> Vec<Vec<f32>> {
