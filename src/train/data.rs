@@ -175,6 +175,15 @@ impl PairTokens {
         }
     }
 
+    /// Prompt, chosen reply and rejected reply as one sequence, as training computes the pair.
+    pub fn packed(&self) -> Vec<u32> {
+        [&self.prompt, &self.chosen, &self.rejected]
+            .into_iter()
+            .flatten()
+            .copied()
+            .collect()
+    }
+
     /// Tokens the pair's two sequences hold (the prompt counted for each).
     pub fn sequence_tokens(&self) -> usize {
         2 * self.prompt.len() + self.chosen.len() + self.rejected.len()

@@ -810,12 +810,8 @@ pub fn bench(
         llama::load_model(model, None, &[]).map_err(|e| TrainError::Model(e.to_string()))?;
     let started = Instant::now();
     for p in &samples {
-        let packed: Vec<u32> = [&p.pair.prompt, &p.pair.chosen, &p.pair.rejected]
-            .into_iter()
-            .flatten()
-            .copied()
-            .collect();
-        llama::all_logits(&served, None, &packed).map_err(|e| TrainError::Model(e.to_string()))?;
+        llama::all_logits(&served, None, &p.pair.packed())
+            .map_err(|e| TrainError::Model(e.to_string()))?;
     }
     let llama_cpp = started.elapsed().as_secs_f64() / pairs as f64;
     Ok(TrainBench {

@@ -408,13 +408,8 @@ impl Weights {
                 "a pair needs a prompt and two replies, not {p}, {c} and {r} tokens"
             )));
         }
-        let tokens: Vec<u32> = [&pair.prompt, &pair.chosen, &pair.rejected]
-            .into_iter()
-            .flatten()
-            .copied()
-            .collect();
         let hidden = self.hidden_rows(
-            &tokens,
+            &pair.packed(),
             Visibility {
                 prompt: p,
                 second: p + c,
