@@ -15,7 +15,9 @@ use candle_core::quantized::gguf_file;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Device, Layout, Shape, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 
+use super::attention::{Attention, Visibility};
 use super::data::PairTokens;
+use super::matmul::{frozen_linear, lora_linear};
 use super::TrainError;
 
 /// A linear layer LoRA can adapt, named as llama.cpp names its tensors.
@@ -335,13 +337,11 @@ impl Weights {
         let rope = self.rope_tables((0..t).map(|r| visibility.position(r)));
         for (l, layer) in self.layers.iter().enumerate() {
             let linear = |target: Target, input: &Tensor| -> Result<Tensor, TrainError> {
-                let mut y = frozen_linear(input, &layer.linear[target as usize])?;
-                if let Some(adapter) = lora.and_then(|lora| lora.adapter(l, target)) {
-                    let delta = (input.matmul(&adapter.a.as_tensor().t()?)? * adapter.scale)?
-                        .matmul(&adapter.b.as_tensor().t()?)?;
-                    y = (y + delta)?;
-                }
-                Ok(y)
+                let w = &layer.linear[target as usize];
+                Ok(match lora.and_then(|lora| lora.adapter(l, target)) {
+                    None => frozen_linear(input, w)?,
+                    Some(adapter) => lora_linear(input, w, adapter)?,
+                })
             };
             let h = rms_norm(&x, &layer.attn_norm, c.rms_eps)?;
             let attn = self.attention(
@@ -469,33 +469,12 @@ impl Weights {
         visibility: Visibility,
     ) -> Result<Tensor, TrainError> {
         let c = &self.config;
-        let (t, hd, kv) = (q.dims()[0], c.head_dim(), c.kv_heads);
-        let group = c.heads / kv;
-        // Query heads of one kv head sit together (llama.cpp: kv head = head / group).
-        let q = q
-            .apply_op1(rope.clone())?
-            .reshape((t, c.heads, hd))?
-            .transpose(0, 1)?
-            .reshape((kv, group * t, hd))?
-            .contiguous()?;
-        let k = k
-            .apply_op1(rope.clone())?
-            .reshape((t, kv, hd))?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let v = v.reshape((t, kv, hd))?.transpose(0, 1)?.contiguous()?;
-        let p = q.apply_op2(
-            &k,
-            AttentionProbs {
-                scale: 1.0 / (hd as f64).sqrt(),
-                visibility,
-            },
-        )?;
-        let out = p.matmul(&v)?;
-        Ok(out
-            .reshape((c.heads, t, hd))?
-            .transpose(0, 1)?
-            .reshape((t, c.heads * hd))?)
+        let attention = Attention::new(c.heads, c.kv_heads, c.head_dim(), visibility);
+        Ok(q.apply_op1(rope.clone())?.apply_op3(
+            &k.apply_op1(rope.clone())?,
+            &v.contiguous()?,
+            attention,
+        )?)
     }
 }
 
@@ -517,249 +496,6 @@ fn floats<'a>(
         CpuStorage::F32(v) => Ok(Floats::F32(&v[start..end])),
         CpuStorage::F64(v) => Ok(Floats::F64(&v[start..end])),
         _ => candle_core::bail!("{op} computes in f32 or f64"),
-    }
-}
-
-/// A custom op's input as a tensor of its own (a copy), to compute with candle's ops.
-fn tensor_of(op: &str, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<Tensor> {
-    match floats(op, storage, layout)? {
-        Floats::F32(v) => Tensor::from_slice(v, layout.shape(), &Device::Cpu),
-        Floats::F64(v) => Tensor::from_slice(v, layout.shape(), &Device::Cpu),
-    }
-}
-
-/// A tensor computed in a custom op, as that op's output.
-fn storage_of(t: &Tensor) -> candle_core::Result<(CpuStorage, Shape)> {
-    let flat = t.flatten_all()?;
-    let out = match flat.dtype() {
-        DType::F64 => CpuStorage::F64(flat.to_vec1()?),
-        _ => CpuStorage::F32(flat.to_vec1()?),
-    };
-    Ok((out, t.shape().clone()))
-}
-
-/// `x · Wᵀ` for a weight that is not trained. candle's matmul always computes the gradient of
-/// both sides, which for a frozen weight is a wasted matmul per layer and a weight-sized tensor
-/// kept until the end of the backward pass; this op passes the gradient to `x` alone.
-fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    x.contiguous()?.apply_op1(FrozenLinear(w.clone()))
-}
-
-struct FrozenLinear(Tensor);
-
-impl CustomOp1 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        storage: &CpuStorage,
-        layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = tensor_of(self.name(), storage, layout)?;
-        storage_of(&x.matmul(&self.0.t()?)?)
-    }
-
-    fn bwd(&self, _x: &Tensor, _y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.0)?))
-    }
-}
-
-/// Which earlier rows a row attends to. A plain sequence is causal (`prompt` = `second` = its
-/// length). A packed pair (prompt, chosen reply, rejected reply) computes the prompt once: rows
-/// from `second` on are the rejected reply, which sees the first `prompt` rows and itself but not
-/// the chosen reply, and takes up the positions after the prompt again.
-#[derive(Debug, Clone, Copy)]
-struct Visibility {
-    prompt: usize,
-    second: usize,
-}
-
-impl Visibility {
-    fn causal(t: usize) -> Self {
-        Visibility {
-            prompt: t,
-            second: t,
-        }
-    }
-
-    /// The columns row `r` sees: `[0, a)` and `[b, r]`.
-    fn columns(self, r: usize) -> (usize, usize) {
-        if r < self.second {
-            (0, 0)
-        } else {
-            (self.prompt, self.second)
-        }
-    }
-
-    fn position(self, r: usize) -> usize {
-        if r < self.second {
-            r
-        } else {
-            self.prompt + r - self.second
-        }
-    }
-}
-
-/// Attention probabilities softmax(q·kᵀ·scale) under a [`Visibility`] mask, from q
-/// (kv, groups·t, hd) and k (kv, t, hd), as one op: the backward pass keeps q, k and the
-/// probabilities but not the scores, where a matmul and a softmax op would keep both
-/// score-sized tensors per layer (a sixth of a 768-token pair's memory). Its softmax, forward
-/// and backward, touches only the scores a row sees, on every core.
-struct AttentionProbs {
-    scale: f64,
-    visibility: Visibility,
-}
-
-/// The score rows in `out` (width t), each with its two visible column ranges.
-fn visible_rows<T>(
-    out: &mut [T],
-    t: usize,
-    visibility: Visibility,
-    each: impl Fn(usize, &mut [T], [std::ops::Range<usize>; 2]) + Sync,
-) where
-    T: Send,
-{
-    use rayon::prelude::*;
-    out.par_chunks_mut(t).enumerate().for_each(|(row, output)| {
-        let r = row % t;
-        let (a, b) = visibility.columns(r);
-        each(row, output, [0..a, b..r + 1]);
-    });
-}
-
-fn masked_softmax<T>(x: &[T], t: usize, visibility: Visibility, scale: T) -> Vec<T>
-where
-    T: num_traits::Float + Send + Sync,
-{
-    let mut out = vec![T::zero(); x.len()];
-    visible_rows(&mut out, t, visibility, |row, output, ranges| {
-        let input = &x[row * t..(row + 1) * t];
-        let max = ranges
-            .iter()
-            .flat_map(|range| &input[range.clone()])
-            .fold(T::neg_infinity(), |m, &v| m.max(v));
-        let mut sum = T::zero();
-        for range in &ranges {
-            for (o, &v) in output[range.clone()].iter_mut().zip(&input[range.clone()]) {
-                *o = ((v - max) * scale).exp();
-                sum = sum + *o;
-            }
-        }
-        for range in ranges {
-            for o in &mut output[range] {
-                *o = *o / sum;
-            }
-        }
-    });
-    out
-}
-
-/// d scores = scale · p ⊙ (g − Σ g ⊙ p) on the visible scores, zero elsewhere.
-fn masked_softmax_grad<T>(g: &[T], p: &[T], t: usize, visibility: Visibility, scale: T) -> Vec<T>
-where
-    T: num_traits::Float + Send + Sync,
-{
-    let mut out = vec![T::zero(); g.len()];
-    visible_rows(&mut out, t, visibility, |row, output, ranges| {
-        let (g, p) = (&g[row * t..(row + 1) * t], &p[row * t..(row + 1) * t]);
-        let dot = ranges
-            .iter()
-            .flat_map(|range| range.clone())
-            .fold(T::zero(), |s, j| s + g[j] * p[j]);
-        for j in ranges.into_iter().flatten() {
-            output[j] = scale * p[j] * (g[j] - dot);
-        }
-    });
-    out
-}
-
-/// The rows and width of scores laid out as (…, groups·t, t).
-fn score_rows(op: &str, layout: &Layout) -> candle_core::Result<usize> {
-    match layout.shape().dims() {
-        [.., rows, t] if *t > 0 && rows % t == 0 => Ok(*t),
-        _ => candle_core::bail!("{op} needs (…, groups·t, t) scores"),
-    }
-}
-
-impl CustomOp2 for AttentionProbs {
-    fn name(&self) -> &'static str {
-        "attention-probs"
-    }
-
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        q_layout: &Layout,
-        k: &CpuStorage,
-        k_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let q = tensor_of(self.name(), q, q_layout)?;
-        let k = tensor_of(self.name(), k, k_layout)?;
-        let (scores, shape) = storage_of(&q.matmul(&k.t()?)?)?;
-        let t = score_rows(self.name(), &Layout::contiguous(&shape))?;
-        let v = self.visibility;
-        let out = match scores {
-            CpuStorage::F32(x) => CpuStorage::F32(masked_softmax(&x, t, v, self.scale as f32)),
-            CpuStorage::F64(x) => CpuStorage::F64(masked_softmax(&x, t, v, self.scale)),
-            _ => candle_core::bail!("{} computes in f32 or f64", self.name()),
-        };
-        Ok((out, shape))
-    }
-
-    /// With dS the scores' gradient: dq = dS·k, dk = dSᵀ·q.
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        p: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let ds = grad.contiguous()?.apply_op2_no_bwd(
-            p,
-            &MaskedSoftmaxGrad {
-                scale: self.scale,
-                visibility: self.visibility,
-            },
-        )?;
-        Ok((Some(ds.matmul(k)?), Some(ds.t()?.matmul(q)?)))
-    }
-}
-
-/// The softmax part of [`AttentionProbs`]'s backward pass, on (grad, p): the scores' gradient.
-struct MaskedSoftmaxGrad {
-    scale: f64,
-    visibility: Visibility,
-}
-
-impl CustomOp2 for MaskedSoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "masked-softmax-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        grad: &CpuStorage,
-        grad_layout: &Layout,
-        p: &CpuStorage,
-        p_layout: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let t = score_rows(self.name(), p_layout)?;
-        let v = self.visibility;
-        let out = match (
-            floats(self.name(), grad, grad_layout)?,
-            floats(self.name(), p, p_layout)?,
-        ) {
-            (Floats::F32(g), Floats::F32(p)) => {
-                CpuStorage::F32(masked_softmax_grad(g, p, t, v, self.scale as f32))
-            }
-            (Floats::F64(g), Floats::F64(p)) => {
-                CpuStorage::F64(masked_softmax_grad(g, p, t, v, self.scale))
-            }
-            _ => candle_core::bail!("{} needs two inputs of one float type", self.name()),
-        };
-        Ok((out, p_layout.shape().clone()))
     }
 }
 
