@@ -140,10 +140,8 @@ impl Attention {
         let blocks = self.visibility.blocks(t, self.block);
         let mut probs = vec![T::zero(); heads * t * t];
         let mut out = vec![T::zero(); heads * t * hd];
-        let tasks: Vec<_> = block_tasks(&blocks, heads, pieces(&mut probs, t * t, t, &blocks))
-            .zip(pieces(&mut out, t * hd, hd, &blocks))
-            .collect();
-        tasks.into_par_iter().for_each(|((h, rows, p), o)| {
+        let tasks = block_tasks(&blocks, heads, (&mut probs, t), (&mut out, hd));
+        tasks.into_par_iter().for_each(|(h, rows, p, o)| {
             let g = h / z.group();
             let columns = self.visibility.seen_by(&rows);
             for c in &columns {
@@ -187,10 +185,8 @@ impl Attention {
         let blocks = self.visibility.blocks(t, self.block);
         let mut ds = vec![T::zero(); heads * t * t];
         let mut dq = vec![T::zero(); heads * t * hd];
-        let by_rows: Vec<_> = block_tasks(&blocks, heads, pieces(&mut ds, t * t, t, &blocks))
-            .zip(pieces(&mut dq, t * hd, hd, &blocks))
-            .collect();
-        by_rows.into_par_iter().for_each(|((h, rows, s), dq)| {
+        let by_rows = block_tasks(&blocks, heads, (&mut ds, t), (&mut dq, hd));
+        by_rows.into_par_iter().for_each(|(h, rows, s, dq)| {
             let g = h / z.group();
             let columns = self.visibility.seen_by(&rows);
             for c in &columns {
@@ -221,10 +217,8 @@ impl Attention {
             vec![T::zero(); heads * t * hd],
             vec![T::zero(); heads * t * hd],
         );
-        let by_columns: Vec<_> = block_tasks(&blocks, heads, pieces(&mut dk, t * hd, hd, &blocks))
-            .zip(pieces(&mut dv, t * hd, hd, &blocks))
-            .collect();
-        by_columns.into_par_iter().for_each(|((h, c, dk), dv)| {
+        let by_columns = block_tasks(&blocks, heads, (&mut dk, hd), (&mut dv, hd));
+        by_columns.into_par_iter().for_each(|(h, c, dk, dv)| {
             let rows = self.visibility.seeing(&c, t);
             let at = (h * t + rows.start) * t + c.start;
             let s = View::new(&ds, at, rows.len(), c.len(), t, 1).t();
@@ -335,17 +329,12 @@ impl Sizes {
     }
 }
 
-/// `data`, laid out as (heads, t, width) with `stride` = t·width values a head, cut into one
-/// mutable piece a (head, block of rows), head by head.
-fn pieces<'a, T>(
-    data: &'a mut [T],
-    stride: usize,
-    width: usize,
-    blocks: &[Range<usize>],
-) -> Vec<&'a mut [T]> {
+/// `data`, laid out as (heads, t, width), cut into one mutable piece a (head, block of rows),
+/// head by head.
+fn pieces<'a, T>(data: &'a mut [T], width: usize, blocks: &[Range<usize>]) -> Vec<&'a mut [T]> {
     let mut out = Vec::new();
-    for head in data.chunks_mut(stride) {
-        let mut rest = head;
+    let mut rest = data;
+    while !rest.is_empty() {
         for block in blocks {
             let (piece, tail) = rest.split_at_mut(block.len() * width);
             out.push(piece);
@@ -355,17 +344,22 @@ fn pieces<'a, T>(
     out
 }
 
-/// (head, block, piece) for each piece [`pieces`] cut, in its order.
-fn block_tasks<'a, 'b, T>(
-    blocks: &'b [Range<usize>],
+/// One task a (head, block): the block's pieces of two (heads, t, width) buffers, written by that
+/// task alone, so that the tasks run on every core.
+type BlockTask<'a, T> = (usize, Range<usize>, &'a mut [T], &'a mut [T]);
+
+fn block_tasks<'a, T>(
+    blocks: &[Range<usize>],
     heads: usize,
-    pieces: Vec<&'a mut [T]>,
-) -> impl Iterator<Item = (usize, Range<usize>, &'a mut [T])> + 'b
-where
-    'a: 'b,
-{
-    let per_head = (0..heads).flat_map(move |h| blocks.iter().map(move |b| (h, b.clone())));
-    per_head.zip(pieces).map(|((h, b), piece)| (h, b, piece))
+    (first, first_width): (&'a mut [T], usize),
+    (second, second_width): (&'a mut [T], usize),
+) -> Vec<BlockTask<'a, T>> {
+    let per_head = (0..heads).flat_map(|h| blocks.iter().map(move |b| (h, b.clone())));
+    per_head
+        .zip(pieces(first, first_width, blocks))
+        .zip(pieces(second, second_width, blocks))
+        .map(|(((h, b), first), second)| (h, b, first, second))
+        .collect()
 }
 
 /// (heads, t, hd) per-head rows into (t, into·hd), summing the heads that share one of `into`

@@ -143,6 +143,13 @@ pub(super) fn gemm_into<T: Real>(
     }
 }
 
+/// alpha · lhs · rhs as a new row-major matrix, on every core.
+fn product<T: Real>(lhs: View<'_, T>, rhs: View<'_, T>, alpha: T) -> Vec<T> {
+    let mut out = vec![T::zero(); lhs.rows * rhs.cols];
+    gemm_into(&mut out, rhs.cols, lhs, rhs, alpha, false, Threads::All);
+    out
+}
+
 /// An op input's values in its layout's order (a contiguous layout), as `T`.
 pub(super) fn values<'a, T: WithDType>(
     storage: &'a CpuStorage,
@@ -256,27 +263,9 @@ fn linear_forward<T: Real + WithDType>(
         rank,
     } = z;
     let x = View::rows(x, t, input);
-    let mut y = vec![T::zero(); t * output];
-    gemm_into(
-        &mut y,
-        output,
-        x,
-        View::rows(w, output, input).t(),
-        T::one(),
-        false,
-        Threads::All,
-    );
+    let mut y = product(x, View::rows(w, output, input).t(), T::one());
     if let Some((a, b, scale)) = adapter {
-        let mut u = vec![T::zero(); t * rank];
-        gemm_into(
-            &mut u,
-            rank,
-            x,
-            View::rows(a, rank, input).t(),
-            T::one(),
-            false,
-            Threads::All,
-        );
+        let u = product(x, View::rows(a, rank, input).t(), T::one());
         let (u, b) = (View::rows(&u, t, rank), View::rows(b, output, rank).t());
         gemm_into(&mut y, output, u, b, float(scale), true, Threads::All);
     }
@@ -360,26 +349,13 @@ impl LoraLinear {
             View::rows(held[4].values::<T>()?, output, input),
         );
         let scale = float::<T>(self.scale);
-        let mut gb = vec![T::zero(); t * rank];
-        gemm_into(&mut gb, rank, g, b, T::one(), false, Threads::All);
+        let gb = product(g, b, T::one());
         let gb = View::rows(&gb, t, rank);
-        let mut dx = vec![T::zero(); t * input];
-        gemm_into(&mut dx, input, g, w, T::one(), false, Threads::All);
+        let mut dx = product(g, w, T::one());
         gemm_into(&mut dx, input, gb, a, scale, true, Threads::All);
-        let mut da = vec![T::zero(); rank * input];
-        gemm_into(&mut da, input, gb.t(), x, scale, false, Threads::All);
-        let mut u = vec![T::zero(); t * rank];
-        gemm_into(&mut u, rank, x, a.t(), T::one(), false, Threads::All);
-        let mut db = vec![T::zero(); output * rank];
-        gemm_into(
-            &mut db,
-            rank,
-            g.t(),
-            View::rows(&u, t, rank),
-            scale,
-            false,
-            Threads::All,
-        );
+        let da = product(gb.t(), x, scale);
+        let u = product(x, a.t(), T::one());
+        let db = product(g.t(), View::rows(&u, t, rank), scale);
         Ok([
             Tensor::from_vec(dx, (t, input), &Device::Cpu)?,
             Tensor::from_vec(da, (rank, input), &Device::Cpu)?,
