@@ -15,17 +15,15 @@ pub fn record(
 ) -> DbResult<(Answer, bool)> {
     insert_once(
         conn,
-        |conn| {
-            diesel::insert_into(answers::table)
-                .values((
-                    answers::session_id.eq(session_id),
-                    answers::question_key.eq(question_key),
-                    answers::answer.eq(answer),
-                    answers::created_at.eq(now()),
-                ))
-                .returning(answers::all_columns)
-                .get_result(conn)
-        },
+        diesel::insert_into(answers::table)
+            .values((
+                answers::session_id.eq(session_id),
+                answers::question_key.eq(question_key),
+                answers::answer.eq(answer),
+                answers::created_at.eq(now()),
+            ))
+            .on_conflict_do_nothing()
+            .returning(answers::all_columns),
         |conn| {
             answers::table
                 .filter(answers::session_id.eq(session_id))

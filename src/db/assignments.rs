@@ -4,37 +4,45 @@ use diesel::prelude::*;
 
 use super::models::{Assignment, NewAssignment};
 use super::schema::{assignments, participants};
-use super::{next_number, now, DbConn, DbResult, Parent};
+use super::{lock, next_number, now, DbConn, DbResult, Parent};
+
+/// The lock of a version's ledger: a study version row.
+fn ledger(study_version_id: i64) -> Parent {
+    Parent {
+        table: "study_versions",
+        id: study_version_id,
+    }
+}
+
+/// Holds the version's ledger until the end of the caller's write transaction. A draw takes it
+/// before reading what the ledger holds so far: two concurrent draws never see the same count
+/// and so never take the same place in the seeded sequence.
+pub fn lock_ledger(conn: &mut DbConn, study_version_id: i64) -> DbResult<()> {
+    Ok(lock(conn, &ledger(study_version_id))?)
+}
 
 /// Appends a draw with the next `draw_index` (0, 1, …) of its study version.
 pub fn record(conn: &mut DbConn, new: &NewAssignment) -> DbResult<Assignment> {
-    next_number(
-        conn,
-        Parent {
-            table: "study_versions",
-            id: new.study_version_id,
-        },
-        |conn| {
-            let draws: i64 = assignments::table
-                .filter(assignments::study_version_id.eq(new.study_version_id))
-                .count()
-                .get_result(conn)?;
-            diesel::insert_into(assignments::table)
-                .values((
-                    assignments::study_version_id.eq(new.study_version_id),
-                    assignments::participant_id.eq(new.participant_id),
-                    assignments::draw_index.eq(i32::try_from(draws).unwrap_or(i32::MAX)),
-                    assignments::method.eq(new.method),
-                    assignments::arm_id.eq(new.arm_id),
-                    assignments::task_id.eq(new.task_id),
-                    assignments::topic_id.eq(new.topic_id),
-                    assignments::inputs_json.eq(new.inputs_json),
-                    assignments::created_at.eq(now()),
-                ))
-                .returning(assignments::all_columns)
-                .get_result(conn)
-        },
-    )
+    next_number(conn, ledger(new.study_version_id), |conn| {
+        let draws: i64 = assignments::table
+            .filter(assignments::study_version_id.eq(new.study_version_id))
+            .count()
+            .get_result(conn)?;
+        diesel::insert_into(assignments::table)
+            .values((
+                assignments::study_version_id.eq(new.study_version_id),
+                assignments::participant_id.eq(new.participant_id),
+                assignments::draw_index.eq(i32::try_from(draws).unwrap_or(i32::MAX)),
+                assignments::method.eq(new.method),
+                assignments::arm_id.eq(new.arm_id),
+                assignments::task_id.eq(new.task_id),
+                assignments::topic_id.eq(new.topic_id),
+                assignments::inputs_json.eq(new.inputs_json),
+                assignments::created_at.eq(now()),
+            ))
+            .returning(assignments::all_columns)
+            .get_result(conn)
+    })
 }
 
 pub fn list_for_version(conn: &mut DbConn, study_version_id: i64) -> DbResult<Vec<Assignment>> {

@@ -17,18 +17,16 @@ pub fn record(
 ) -> DbResult<(Event, bool)> {
     insert_once(
         conn,
-        |conn| {
-            diesel::insert_into(events::table)
-                .values((
-                    events::session_id.eq(session_id),
-                    events::client_seq.eq(client_seq),
-                    events::kind.eq(kind),
-                    events::payload_json.eq(payload_json),
-                    events::created_at.eq(now()),
-                ))
-                .returning(events::all_columns)
-                .get_result(conn)
-        },
+        diesel::insert_into(events::table)
+            .values((
+                events::session_id.eq(session_id),
+                events::client_seq.eq(client_seq),
+                events::kind.eq(kind),
+                events::payload_json.eq(payload_json),
+                events::created_at.eq(now()),
+            ))
+            .on_conflict_do_nothing()
+            .returning(events::all_columns),
         |conn| {
             events::table
                 .filter(events::session_id.eq(session_id))

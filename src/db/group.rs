@@ -7,7 +7,8 @@
 //! rolled back alone) and commits once; nobody hears of their write before that commit, so an
 //! acknowledged frame still survives a power cut. An idle writer commits a lone write at once:
 //! nothing waits for company. PostgreSQL runs concurrent transactions itself: there a write is
-//! one transaction on a pooled connection.
+//! one transaction on a pooled connection, and writes that all take one lock (the ledger of
+//! draws) go one at a time per node, waiting without a connection.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::mpsc;
@@ -25,14 +26,21 @@ pub struct Writer {
     pool: DbPool,
     /// The queue of the SQLite writer thread; none on PostgreSQL.
     queue: Option<mpsc::Sender<Box<dyn Job>>>,
+    /// The turn of [`Writer::write_in_turn`].
+    turn: tokio::sync::Semaphore,
 }
 
 impl Writer {
     /// The writer of `pool`'s database; starts the writer thread on SQLite. The thread ends when
     /// the writer is dropped.
     pub fn new(pool: DbPool, backend: Backend) -> Result<Self, DbError> {
+        let turn = tokio::sync::Semaphore::new(1);
         if backend != Backend::Sqlite {
-            return Ok(Self { pool, queue: None });
+            return Ok(Self {
+                pool,
+                queue: None,
+                turn,
+            });
         }
         let (queue, jobs) = mpsc::channel::<Box<dyn Job>>();
         let batch_pool = pool.clone();
@@ -43,7 +51,31 @@ impl Writer {
         Ok(Self {
             pool,
             queue: Some(queue),
+            turn,
         })
+    }
+
+    /// [`Writer::write`] for work that takes a lock every such write takes (the ledger of draws).
+    /// On PostgreSQL these go one at a time per node: in a burst of arrivals the others wait here
+    /// instead of each holding a pooled connection while they wait for the lock, and the frames
+    /// of sessions already running keep getting connections. SQLite's writer runs every write in
+    /// turn already (and groups them).
+    pub async fn write_in_turn<T, E, F>(&self, work: F) -> Result<T, E>
+    where
+        T: Send + 'static,
+        E: From<DbError> + From<diesel::result::Error> + Send + 'static,
+        F: FnOnce(&mut DbConn) -> Result<T, E> + Send + 'static,
+    {
+        let _turn = match self.queue {
+            Some(_) => None,
+            None => Some(
+                self.turn
+                    .acquire()
+                    .await
+                    .map_err(|_| DbError::Invalid("the database writer has stopped".into()))?,
+            ),
+        };
+        self.write(work).await
     }
 
     /// Runs `work` in a write transaction and returns its result once that transaction is

@@ -7,7 +7,7 @@ use chrono::NaiveDateTime;
 use diesel::prelude::*;
 
 use super::schema::leases;
-use super::{insert_once, now, write_transaction, DbConn, DbResult};
+use super::{get_optional, now, write_transaction, DbConn, DbResult};
 
 #[derive(Debug, Clone, Queryable, Selectable)]
 #[diesel(table_name = leases)]
@@ -37,7 +37,7 @@ pub fn get(conn: &mut DbConn, name: &str) -> DbResult<Option<Lease>> {
 
 /// Takes the lease for `holder` until `ttl` from now when nobody holds it, its holder let it
 /// expire, or `holder` has it already (then it is renewed, its progress cleared). Whether
-/// `holder` has it now.
+/// `holder` has it now. One statement: inserted, or taken over when the stored one may be.
 pub fn acquire(
     conn: &mut DbConn,
     name: &str,
@@ -45,37 +45,32 @@ pub fn acquire(
     ttl: chrono::Duration,
     session_id: Option<i64>,
 ) -> DbResult<bool> {
+    // `filter` of an upsert is its `ON CONFLICT … DO UPDATE … WHERE`.
+    use diesel::query_dsl::methods::FilterDsl;
     write_transaction(conn, |conn| {
         let at = now();
-        let taken = diesel::update(leases::table.find(name))
-            .filter(leases::expires_at.lt(at).or(leases::holder.eq(holder)))
-            .set((
-                leases::holder.eq(holder),
-                leases::expires_at.eq(at + ttl),
-                leases::progress.eq(None::<String>),
-                leases::cancel.eq(false),
-            ))
-            .execute(conn)?;
-        if taken == 1 {
-            return Ok(true);
-        }
-        let (_, inserted) = insert_once(
+        let taken = get_optional::<_, String>(
             conn,
-            |conn| {
-                diesel::insert_into(leases::table)
-                    .values((
-                        leases::name.eq(name),
-                        leases::holder.eq(holder),
-                        leases::expires_at.eq(at + ttl),
-                        leases::session_id.eq(session_id),
-                        leases::cancel.eq(false),
-                    ))
-                    .returning(leases::name)
-                    .get_result::<String>(conn)
-            },
-            |conn| leases::table.find(name).select(leases::name).first(conn),
+            diesel::insert_into(leases::table)
+                .values((
+                    leases::name.eq(name),
+                    leases::holder.eq(holder),
+                    leases::expires_at.eq(at + ttl),
+                    leases::session_id.eq(session_id),
+                    leases::cancel.eq(false),
+                ))
+                .on_conflict(leases::name)
+                .do_update()
+                .set((
+                    leases::holder.eq(holder),
+                    leases::expires_at.eq(at + ttl),
+                    leases::progress.eq(None::<String>),
+                    leases::cancel.eq(false),
+                ))
+                .filter(leases::expires_at.lt(at).or(leases::holder.eq(holder)))
+                .returning(leases::name),
         )?;
-        Ok(inserted)
+        Ok(taken.is_some())
     })
 }
 

@@ -16,18 +16,16 @@ pub fn find_or_create(
 ) -> DbResult<(Participant, bool)> {
     insert_once(
         conn,
-        |conn| {
-            diesel::insert_into(participants::table)
-                .values((
-                    participants::study_id.eq(study_id),
-                    participants::pseudonym.eq(new_pseudonym()),
-                    participants::external_id_hmac.eq(external_id_hmac),
-                    participants::simulated.eq(simulated),
-                    participants::created_at.eq(now()),
-                ))
-                .returning(participants::all_columns)
-                .get_result(conn)
-        },
+        diesel::insert_into(participants::table)
+            .values((
+                participants::study_id.eq(study_id),
+                participants::pseudonym.eq(new_pseudonym()),
+                participants::external_id_hmac.eq(external_id_hmac),
+                participants::simulated.eq(simulated),
+                participants::created_at.eq(now()),
+            ))
+            .on_conflict_do_nothing()
+            .returning(participants::all_columns),
         |conn| {
             participants::table
                 .filter(participants::study_id.eq(study_id))

@@ -16,18 +16,16 @@ pub fn record(
 ) -> DbResult<(Rating, bool)> {
     insert_once(
         conn,
-        |conn| {
-            diesel::insert_into(ratings::table)
-                .values((
-                    ratings::session_id.eq(session_id),
-                    ratings::after_turn.eq(after_turn),
-                    ratings::rating_key.eq(key),
-                    ratings::value.eq(value),
-                    ratings::created_at.eq(now()),
-                ))
-                .returning(ratings::all_columns)
-                .get_result(conn)
-        },
+        diesel::insert_into(ratings::table)
+            .values((
+                ratings::session_id.eq(session_id),
+                ratings::after_turn.eq(after_turn),
+                ratings::rating_key.eq(key),
+                ratings::value.eq(value),
+                ratings::created_at.eq(now()),
+            ))
+            .on_conflict_do_nothing()
+            .returning(ratings::all_columns),
         |conn| {
             ratings::table
                 .filter(ratings::session_id.eq(session_id))

@@ -23,16 +23,14 @@ pub fn get_or_create(
     let value = make();
     let (stored, _) = insert_once(
         conn,
-        |conn| {
-            diesel::insert_into(secrets::table)
-                .values((
-                    secrets::name.eq(name),
-                    secrets::value.eq(&value),
-                    secrets::created_at.eq(now()),
-                ))
-                .returning(secrets::value)
-                .get_result::<String>(conn)
-        },
+        diesel::insert_into(secrets::table)
+            .values((
+                secrets::name.eq(name),
+                secrets::value.eq(&value),
+                secrets::created_at.eq(now()),
+            ))
+            .on_conflict_do_nothing()
+            .returning(secrets::value),
         |conn| secrets::table.find(name).select(secrets::value).first(conn),
     )?;
     Ok(stored)

@@ -134,25 +134,26 @@ impl Studio {
         arm: Option<String>,
     ) -> Result<Session, StudyError> {
         let this = self.clone();
-        self.write(move |conn| {
-            let session = db::sessions::get(conn, session_id)?;
-            if session.state != SessionState::Consent {
-                return Ok(session);
-            }
-            let protocol = this.protocol(conn, session.study_version_id)?;
-            db::sessions::record_consent(
-                conn,
-                session.id,
-                &sha256_hex(protocol.consent.text.as_bytes()),
-            )?;
-            draw(conn, &protocol, &session, arm.as_deref())?;
-            Ok(db::sessions::set_state(
-                conn,
-                session.id,
-                SessionState::Chatting,
-            )?)
-        })
-        .await
+        self.writer
+            .write_in_turn(move |conn| {
+                let session = db::sessions::get(conn, session_id)?;
+                if session.state != SessionState::Consent {
+                    return Ok(session);
+                }
+                let protocol = this.protocol(conn, session.study_version_id)?;
+                db::sessions::record_consent(
+                    conn,
+                    session.id,
+                    &sha256_hex(protocol.consent.text.as_bytes()),
+                )?;
+                draw(conn, &protocol, &session, arm.as_deref())?;
+                Ok(db::sessions::set_state(
+                    conn,
+                    session.id,
+                    SessionState::Chatting,
+                )?)
+            })
+            .await
     }
 
     /// A simulated participant: a new participant flagged `simulated` and a session past consent,
@@ -165,13 +166,14 @@ impl Studio {
         arm: Option<String>,
     ) -> Result<(Session, String), StudyError> {
         let this = self.clone();
-        self.write(move |conn| {
-            let (session, protocol, token) = this.simulated_session(conn, slug)?;
-            draw(conn, &protocol, &session, arm.as_deref())?;
-            let session = db::sessions::set_state(conn, session.id, SessionState::Chatting)?;
-            Ok((session, token))
-        })
-        .await
+        self.writer
+            .write_in_turn(move |conn| {
+                let (session, protocol, token) = this.simulated_session(conn, slug)?;
+                draw(conn, &protocol, &session, arm.as_deref())?;
+                let session = db::sessions::set_state(conn, session.id, SessionState::Chatting)?;
+                Ok((session, token))
+            })
+            .await
     }
 
     /// A simulated user's whole conversation that ran outside the websocket (`eval`), stored as
@@ -370,6 +372,7 @@ fn draw(
     forced_arm: Option<&str>,
 ) -> Result<(), StudyError> {
     let version_id = session.study_version_id;
+    db::assignments::lock_ledger(conn, version_id)?;
     if let Some(previous) =
         db::assignments::find_for_participant(conn, version_id, session.participant_id)?
     {

@@ -866,6 +866,74 @@ crate::on_both_backends!(balanced_assignment_of_300_entries, |db: &TestDb| {
     });
 });
 
+/// Consents that arrive together, on several nodes, take consecutive places in the seeded
+/// sequence of draws: each draw reads the ledger only once it holds the ledger's lock. The
+/// consents are let in together by holding that lock from another connection while they start
+/// (on SQLite: the database's write lock).
+async fn simultaneous_consents_on_several_nodes_take_consecutive_places(db: TestDb) {
+    use diesel::connection::SimpleConnection;
+    let pool = db.pool();
+    db::studies::import(&mut pool.get().unwrap(), &crate::common::example_protocol()).unwrap();
+    let nodes: Vec<_> = (0..3)
+        .map(|_| {
+            collabllm::study::Studio::new(pool.clone(), collabllm::engine::Engines::new()).unwrap()
+        })
+        .collect();
+    let mut sessions = Vec::new();
+    for i in 0..12 {
+        let arrival = collabllm::study::Arrival {
+            external_id: Some(format!("pid-{i}")),
+            resume_proof: None,
+        };
+        let entry = nodes[0]
+            .enter("doc-cocreation".into(), arrival, None, true)
+            .await
+            .unwrap();
+        sessions.push(entry.session.id);
+    }
+    let mut conn = db.conn();
+    let study = db::studies::find_by_slug(&mut conn, "doc-cocreation")
+        .unwrap()
+        .unwrap();
+    let version = db::studies::current_version(&mut conn, study.id).unwrap();
+    let hold = match &conn {
+        db::DbConn::Postgres(_) => format!(
+            "BEGIN; SELECT 1 FROM study_versions WHERE id = {} FOR UPDATE",
+            version.id
+        ),
+        db::DbConn::Sqlite(_) => "BEGIN IMMEDIATE".to_string(),
+    };
+    conn.batch_execute(&hold).unwrap();
+    let consents: Vec<_> = sessions
+        .iter()
+        .enumerate()
+        .map(|(i, &id)| {
+            let node = nodes[i % nodes.len()].clone();
+            tokio::spawn(async move { node.agree(id).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    conn.batch_execute("COMMIT").unwrap();
+    for consent in consents {
+        consent.await.unwrap().unwrap();
+    }
+    let ledger = db::assignments::list_for_version(&mut conn, version.id).unwrap();
+    assert_eq!(ledger.len(), 12);
+    for a in &ledger {
+        let inputs: serde_json::Value = serde_json::from_str(&a.inputs_json).unwrap();
+        assert_eq!(
+            inputs["arm"]["draw_index"], a.draw_index,
+            "draw {} chose its arm for another place in the sequence: {inputs}",
+            a.draw_index
+        );
+    }
+    for block in ledger.chunks(3) {
+        let arms: std::collections::HashSet<_> = block.iter().map(|a| a.arm_id).collect();
+        assert_eq!(arms.len(), 3, "a block of three lacks an arm: {block:?}");
+    }
+}
+crate::on_both_backends_async!(simultaneous_consents_on_several_nodes_take_consecutive_places);
+
 /// The `collabllm serve` binary on a free port, over `database`.
 pub struct ServeProcess {
     child: std::process::Child,
