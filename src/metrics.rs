@@ -42,6 +42,7 @@ pub struct Metrics {
     engine_restarts: IntGaugeVec,
     engine_queued: IntGaugeVec,
     engine_slots_active: IntGaugeVec,
+    engine_replies_paused: IntGaugeVec,
     engine_slots: IntGaugeVec,
     engine_tokens_per_second: GaugeVec,
     engine_tokens: IntCounterVec,
@@ -165,6 +166,11 @@ impl Metrics {
                 "Sequence slots generating now.",
                 &["engine"],
             ),
+            engine_replies_paused: gauge(
+                "engine_replies_paused",
+                "Replies paused for participants waiting for a first token.",
+                &["engine"],
+            ),
             engine_slots: gauge("engine_slots", "Sequence slots in all.", &["engine"]),
             engine_tokens_per_second: add(
                 &registry,
@@ -267,6 +273,9 @@ impl Metrics {
             self.engine_slots_active
                 .with_label_values(&[name])
                 .set(int(e.active));
+            self.engine_replies_paused
+                .with_label_values(&[name])
+                .set(int(e.paused));
             self.engine_slots
                 .with_label_values(&[name])
                 .set(int(e.slots));
@@ -298,4 +307,12 @@ impl Metrics {
             .expect("the text encoder writes to memory");
         String::from_utf8(text).expect("the text format is UTF-8")
     }
+}
+
+/// Peak resident memory of this process in MiB (Linux), if known.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }

@@ -16,7 +16,7 @@ use std::path::Path;
 use crate::collab::reward::{rollouts, Candidate, RolloutKey, Scene};
 use crate::collab::{start_policy, CollabError, Goal, Roles, Task};
 use crate::engine::{
-    ChatMessage, ChatRequest, Completion, Engine, EngineError, Engines, Role, Sampling,
+    ChatMessage, ChatRequest, Completion, Engine, EngineError, EngineEvent, Engines, Role, Sampling,
 };
 use crate::protocol::LoadedProtocol;
 
@@ -221,6 +221,9 @@ pub struct StudyWorkload {
     pub alone_tokens: u32,
     /// Seconds between a reply and the participant's next message, drawn uniformly.
     pub think_seconds: (f64, f64),
+    /// The engine's time slice (the reference has none): tokens a reply streams before a
+    /// participant waiting for a first token may pause it.
+    pub time_slice_tokens: u32,
 }
 
 /// What the study workload measured on one engine.
@@ -236,6 +239,11 @@ pub struct StudyFigures {
     pub ttft_p50_ms: f64,
     pub ttft_p90_ms: f64,
     pub ttft_by_turn_ms: Vec<f64>,
+    /// The participants together: time to a reply's last token (median, 90th percentile), and the
+    /// longest wait between two pieces of one reply's text (90th percentile over replies).
+    pub reply_p50_ms: f64,
+    pub reply_p90_ms: f64,
+    pub stall_p90_ms: f64,
 }
 
 /// Runs the study workload on `engine`; `progress` ticks once per reply.
@@ -267,11 +275,15 @@ pub async fn study_bench(
     let mut generated = 0u64;
     let mut all = Vec::new();
     let mut by_turn = vec![Vec::new(); workload.turns];
+    let mut replies = Vec::new();
+    let mut stalls = Vec::new();
     for run in runs {
-        for (turn, c) in run?.into_iter().enumerate() {
+        for (turn, (c, stall_ms)) in run?.into_iter().enumerate() {
             generated += u64::from(c.generated_tokens);
             all.push(c.ttft_ms as f64);
             by_turn[turn].push(c.ttft_ms as f64);
+            replies.push(c.total_ms as f64);
+            stalls.push(stall_ms);
         }
     }
     Ok(StudyFigures {
@@ -282,6 +294,9 @@ pub async fn study_bench(
         ttft_p50_ms: percentile(all.clone(), 0.5),
         ttft_p90_ms: percentile(all, 0.9),
         ttft_by_turn_ms: by_turn.into_iter().map(median).collect(),
+        reply_p50_ms: percentile(replies.clone(), 0.5),
+        reply_p90_ms: percentile(replies, 0.9),
+        stall_p90_ms: percentile(stalls, 0.9),
     })
 }
 
@@ -344,6 +359,24 @@ pub fn study_figures(engine: &StudyFigures, reference: &StudyFigures) -> Vec<Fig
         "together, first token p90".into(),
         engine.ttft_p90_ms,
         reference.ttft_p90_ms,
+        "ms",
+    );
+    push(
+        "together, whole reply p50".into(),
+        engine.reply_p50_ms,
+        reference.reply_p50_ms,
+        "ms",
+    );
+    push(
+        "together, whole reply p90".into(),
+        engine.reply_p90_ms,
+        reference.reply_p90_ms,
+        "ms",
+    );
+    push(
+        "together, longest stall in a reply p90".into(),
+        engine.stall_p90_ms,
+        reference.stall_p90_ms,
         "ms",
     );
     for (turn, (ours, theirs)) in engine
@@ -446,13 +479,40 @@ fn participant_message(participant: usize, turn: usize) -> ChatMessage {
     )
 }
 
-/// One participant's whole conversation; the completions in turn order.
+/// A reply as its reader sees it: the completion, and the longest wait between two pieces of its
+/// text in ms (a paused reply's pause shows here).
+async fn complete_streamed(
+    engine: &dyn Engine,
+    r: ChatRequest,
+) -> Result<(Completion, f64), EngineError> {
+    let mut generation = engine.start(r)?;
+    let mut last_piece: Option<Instant> = None;
+    let mut longest = std::time::Duration::ZERO;
+    while let Some(event) = generation.next().await {
+        match event {
+            EngineEvent::Token(_) => {
+                let now = Instant::now();
+                if let Some(last) = last_piece {
+                    longest = longest.max(now - last);
+                }
+                last_piece = Some(now);
+            }
+            EngineEvent::Queued { .. } | EngineEvent::Started => {}
+            EngineEvent::Done(c) => return Ok((c, longest.as_secs_f64() * 1000.0)),
+            EngineEvent::Error(e) => return Err(e),
+        }
+    }
+    Err(EngineError::Stopped)
+}
+
+/// One participant's whole conversation; the completions (with their longest stall) in turn
+/// order.
 async fn participant(
     engine: &dyn Engine,
     workload: &StudyWorkload,
     p: usize,
     progress: &ProgressBar,
-) -> Result<Vec<Completion>, EngineError> {
+) -> Result<Vec<(Completion, f64)>, EngineError> {
     use rand::{Rng, SeedableRng};
     let mut rng = rand::rngs::StdRng::seed_from_u64(p as u64);
     let (low, high) = workload.think_seconds;
@@ -470,9 +530,9 @@ async fn participant(
         history.push(participant_message(p, turn));
         let mut r = request(p, &history, workload.tokens, true);
         r.conversation = Some(format!("study-{p}"));
-        let c = complete(engine, r).await?;
+        let (c, stall_ms) = complete_streamed(engine, r).await?;
         history.push(ChatMessage::new(Role::Assistant, c.text.clone()));
-        completions.push(c);
+        completions.push((c, stall_ms));
         progress.inc(1);
     }
     Ok(completions)
@@ -491,14 +551,6 @@ fn median(values: Vec<f64>) -> f64 {
     percentile(values, 0.5)
 }
 
-/// Peak resident memory of this process in MiB (Linux), if known.
-pub fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib / 1024.0)
-}
-
 /// Fills a database with a study of `sessions` finished sessions of `messages` messages each
 /// (with a document revision and ratings), for the export benchmark.
 pub fn seed_study(
@@ -507,10 +559,10 @@ pub fn seed_study(
     messages: usize,
     progress: &ProgressBar,
 ) -> Result<(), crate::db::DbError> {
-    use crate::config::{EXAMPLE_PROTOCOL, EXAMPLE_PROTOCOL_PATH};
     use crate::db::vocab::{MessageRole, Outcome, RevisionAuthor, SessionState};
     use crate::db::{self, models::NewMessage, models::NewSession};
     use crate::protocol::{sha256_hex, LoadedProtocol, Protocol};
+    use crate::protocol::{EXAMPLE_PROTOCOL, EXAMPLE_PROTOCOL_PATH};
 
     let mut conn = db::connect(url)?;
     db::migrate(&mut conn)?;

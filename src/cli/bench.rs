@@ -8,12 +8,12 @@ use clap::Subcommand;
 use indicatif::ProgressBar;
 
 use collabllm::bench::{self, load, EngineBenchOptions, StudyWorkload};
-use collabllm::config::{EXAMPLE_PROTOCOL, EXAMPLE_PROTOCOL_PATH};
 use collabllm::engine::fetch;
 use collabllm::engine::llama::{self, LlamaEngine, WorkerConfig};
 use collabllm::engine::remote::RemoteEngine;
 use collabllm::engine::Engine;
-use collabllm::protocol::{LoadedProtocol, Protocol};
+use collabllm::protocol::{LoadedProtocol, Protocol, DEFAULT_TIME_SLICE_TOKENS};
+use collabllm::protocol::{EXAMPLE_PROTOCOL, EXAMPLE_PROTOCOL_PATH};
 use collabllm::train;
 use collabllm::web::{self, limits::Limits, AppState};
 
@@ -95,6 +95,10 @@ pub enum BenchCommand {
         /// model, slots, context and threads as the engine (used when --endpoint is not given).
         #[arg(long, env = "COLLABLLM_LLAMA_SERVER")]
         llama_server: Option<PathBuf>,
+        /// Tokens a reply streams before a participant waiting for a first token may pause it,
+        /// as the protocol's `time_slice_tokens` (`study`; 0 never pauses).
+        #[arg(long, default_value_t = DEFAULT_TIME_SLICE_TOKENS)]
+        time_slice_tokens: u32,
     },
     /// The platform under many participants: each goes through the study as a person would over
     /// HTTP and the websocket (link, consent, document saves, messages, ratings, finish, final
@@ -203,6 +207,7 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
             endpoint,
             remote_model,
             llama_server,
+            time_slice_tokens,
         } => {
             let model = model.unwrap_or_else(|| fetch::default_model_path(models_dir));
             match workload {
@@ -228,6 +233,7 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
                         tokens: reply_tokens,
                         alone_tokens: tokens,
                         think_seconds: (think_seconds[0], think_seconds[1]),
+                        time_slice_tokens,
                     };
                     let reference = match (endpoint, llama_server) {
                         (Some(url), _) => Some(Reference::Endpoint(url, remote_model)),
@@ -344,6 +350,11 @@ fn engine_bench(
                 lora: None,
                 reuse_prefix,
                 saved_cache_bytes: if reuse_prefix { 1 << 30 } else { 0 },
+                time_slice_tokens: if reuse_prefix {
+                    DEFAULT_TIME_SLICE_TOKENS
+                } else {
+                    0
+                },
             },
         )
     };
@@ -387,7 +398,7 @@ fn engine_bench(
             last / first.max(1.0)
         );
     }
-    if let Some(rss) = bench::peak_rss_mib() {
+    if let Some(rss) = collabllm::metrics::peak_rss_mib() {
         println!("peak RSS: {rss:.0} MiB");
     }
     Ok(())
@@ -419,6 +430,7 @@ fn study_bench(
                 lora: None,
                 reuse_prefix: true,
                 saved_cache_bytes: 1 << 30,
+                time_slice_tokens: workload.time_slice_tokens,
             },
         )?;
         runtime.block_on(bench::study_bench(&engine, workload, &progress))?
@@ -430,14 +442,15 @@ fn study_bench(
     );
     println!(
         "{} participants at once, {} turns each, {} tokens a reply, {:.1}-{:.1} s between turns; \
-         one conversation alone: {} turns of {} tokens",
+         one conversation alone: {} turns of {} tokens; time slices of {} tokens",
         workload.participants,
         workload.turns,
         workload.tokens,
         workload.think_seconds.0,
         workload.think_seconds.1,
         workload.turns,
-        workload.alone_tokens
+        workload.alone_tokens,
+        workload.time_slice_tokens
     );
     let alone = |f: &bench::StudyFigures| {
         f.alone_turn_s.last().copied().unwrap_or(0.0) / f.alone_turn_s[0].max(1e-9)
@@ -571,7 +584,7 @@ fn load_bench(ctx: &Context, mut options: load::LoadOptions, db: Option<String>)
         ms(&report.reply_ms, 0.99),
         report.reply_ms.len()
     );
-    if let Some(rss) = bench::peak_rss_mib() {
+    if let Some(rss) = collabllm::metrics::peak_rss_mib() {
         println!("peak RSS of this process (server and participants): {rss:.0} MiB");
     }
     for error in report.errors.iter().take(10) {

@@ -7,9 +7,9 @@ use anyhow::{bail, Context as _, Result};
 use clap::Subcommand;
 
 use collabllm::collab::{self, reward::MrOverrides};
-use collabllm::config::EXAMPLE_PROTOCOL_PATH;
 use collabllm::db;
 use collabllm::engine::Engines;
+use collabllm::protocol::EXAMPLE_PROTOCOL_PATH;
 use collabllm::web::{self, AppState};
 
 use super::{run_writing, stop_signal, written, Context, Progress, SessionsArg};

@@ -4,6 +4,7 @@
 mod admin;
 mod bench;
 mod collab;
+mod config;
 mod export;
 mod serve;
 mod train;
@@ -15,9 +16,9 @@ use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use indicatif::ProgressBar;
 
-use collabllm::config::{ServeSettings, Settings};
 use collabllm::db::{self, studies::ImportOutcome};
 use collabllm::protocol::{LoadedProtocol, ProtocolError};
+use config::{ServeSettings, Settings};
 
 /// CollabLLM Studio: run human–AI document co-creation studies and turn them into training data.
 #[derive(Parser)]

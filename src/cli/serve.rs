@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result};
 
-use collabllm::config::{ServeSettings, EXAMPLE_PROTOCOL, EXAMPLE_PROTOCOL_PATH};
+use super::config::ServeSettings;
 use collabllm::engine::registry::engine_name;
 use collabllm::engine::{ChatMessage, ChatRequest, EngineEvent, Engines, Role};
 use collabllm::protocol::LoadedProtocol;
+use collabllm::protocol::{EXAMPLE_PROTOCOL, EXAMPLE_PROTOCOL_PATH};
 use collabllm::web::{self, AppState};
 
 use super::Context;

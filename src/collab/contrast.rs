@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::reward::{rollouts, Candidate, Reward, RolloutKey, Scene};
 use super::{derive_seed, judge, CollabError, Goal, Policy, Roles, Task};
 use crate::engine::{ChatMessage, Role};
+use crate::stats::wilson;
 
 /// Which of a case's two replies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,19 +152,6 @@ impl Agreement {
     pub fn above_chance(&self) -> bool {
         self.n > 0 && self.lo > 0.5
     }
-}
-
-/// The 95% Wilson score interval of `k` successes in `n`.
-fn wilson(k: usize, n: usize) -> (f64, f64) {
-    if n == 0 {
-        return (0.0, 1.0);
-    }
-    let (k, n, z) = (k as f64, n as f64, 1.959_964);
-    let p = k / n;
-    let denominator = 1.0 + z * z / n;
-    let centre = (p + z * z / (2.0 * n)) / denominator;
-    let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denominator;
-    ((centre - half).max(0.0), (centre + half).min(1.0))
 }
 
 /// MR of both replies of a case.

@@ -20,7 +20,8 @@ use super::{derive_seed, judge, simulator, CollabError, Goal, Policy, Roles, Tas
 use crate::engine::{ChatMessage, Role};
 use crate::export::neutralise;
 use crate::protocol::{sha256_hex, Protocol};
-use crate::results::estimate;
+use crate::results::charts::{fmt_interval, EvaluationView, ResultRow};
+use crate::stats::estimate;
 use crate::study::Studio;
 
 /// One simulated user's task and what they want.
@@ -417,6 +418,41 @@ fn interval(values: &[f64]) -> Option<Interval> {
         mean: e.mean,
         lo: e.low,
         hi: e.high,
+    })
+}
+
+/// The console's view of a stored evaluation; its table is JSON that `collabllm eval` wrote.
+pub fn view(stored: &crate::db::models::Evaluation) -> Result<EvaluationView, serde_json::Error> {
+    let table: Table = serde_json::from_str(&stored.table_json)?;
+    let cell = |i: Option<&Option<Interval>>| match i.copied().flatten() {
+        Some(i) => fmt_interval(i.mean, i.lo, i.hi),
+        None => "—".to_string(),
+    };
+    let cells = |m: &BTreeMap<String, Option<Interval>>| {
+        METRICS.iter().map(|k| cell(m.get(*k))).collect::<Vec<_>>()
+    };
+    Ok(EvaluationView {
+        when: stored.created_at.format("%Y-%m-%d %H:%M UTC").to_string(),
+        users: stored.users,
+        headers: METRICS.iter().map(|m| metric_label(m)).collect(),
+        rows: table
+            .order
+            .iter()
+            .filter_map(|arm| {
+                let row = table.arms.get(arm)?;
+                Some(ResultRow {
+                    arm: arm.clone(),
+                    n: row.n,
+                    cells: cells(&row.metrics),
+                })
+            })
+            .collect(),
+        diffs: table
+            .order
+            .iter()
+            .filter_map(|arm| Some((arm.clone(), cells(table.diff.get(arm)?))))
+            .collect(),
+        baseline: table.baseline,
     })
 }
 

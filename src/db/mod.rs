@@ -200,14 +200,41 @@ pub fn open(url: &str, max_connections: u32) -> DbResult<DbPool> {
         })
 }
 
-/// Applies every pending migration of the connection's backend.
+/// The first key of the PostgreSQL advisory lock that migrations run under (the second is the
+/// schema's name hashed): "CLLM" in ASCII.
+const MIGRATION_LOCK_KEY: i32 = 0x434c_4c4d;
+
+/// Applies every pending migration of the connection's backend, once however many nodes start
+/// at the same moment: on PostgreSQL under an advisory lock on the schema (the others wait for
+/// it, then find nothing pending), on SQLite in one immediate transaction (which takes the file's
+/// write lock before reading what is applied).
 pub fn migrate(conn: &mut DbConn) -> DbResult<Vec<String>> {
+    let failed = |e: Box<dyn std::error::Error + Send + Sync>| DbError::Migration(e.to_string());
     let applied = match conn {
-        DbConn::Sqlite(c) => c.run_pending_migrations(SQLITE_MIGRATIONS),
-        DbConn::Postgres(c) => c.run_pending_migrations(POSTGRES_MIGRATIONS),
-    }
-    .map_err(|e| DbError::Migration(e.to_string()))?;
-    Ok(applied.iter().map(|v| v.to_string()).collect())
+        DbConn::Sqlite(c) => c.immediate_transaction(|c| {
+            c.run_pending_migrations(SQLITE_MIGRATIONS)
+                .map(|applied| applied.iter().map(|v| v.to_string()).collect())
+                .map_err(failed)
+        })?,
+        DbConn::Postgres(c) => {
+            let lock = format!(
+                "SELECT pg_advisory_lock({MIGRATION_LOCK_KEY}, hashtext(coalesce(current_schema(), '')))"
+            );
+            c.batch_execute(&lock)
+                .map_err(|e| DbError::Migration(format!("cannot take the migration lock: {e}")))?;
+            let applied = c
+                .run_pending_migrations(POSTGRES_MIGRATIONS)
+                .map(|applied| applied.iter().map(|v| v.to_string()).collect())
+                .map_err(failed);
+            // The lock is the session's: closing the connection would also let it go.
+            let unlock = lock.replace("pg_advisory_lock", "pg_advisory_unlock");
+            if let Err(e) = c.batch_execute(&unlock) {
+                tracing::warn!(error = %e, "cannot let go of the migration lock");
+            }
+            applied?
+        }
+    };
+    Ok(applied)
 }
 
 /// Reverts every applied migration (used by the migration round-trip test).

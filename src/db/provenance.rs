@@ -4,7 +4,6 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Completion;
 use crate::protocol::{LoraSpec, Sampling};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -47,18 +46,6 @@ pub struct Usage {
     pub finish_reason: Option<String>,
 }
 
-impl Usage {
-    pub fn of(c: &Completion) -> Self {
-        Self {
-            ttft_ms: Some(c.ttft_ms),
-            gen_ms: Some(c.total_ms.saturating_sub(c.ttft_ms)),
-            prompt_tokens: Some(u64::from(c.prompt_tokens)),
-            gen_tokens: Some(u64::from(c.generated_tokens)),
-            finish_reason: Some(c.finish_reason.as_str().to_string()),
-        }
-    }
-}
-
 impl Provenance {
     /// The provenance stored as text; text that is not one (hand-edited, or empty) reads as none.
     /// MR candidates stored before `usage` existed kept their token count and finish reason at
@@ -82,10 +69,10 @@ impl Provenance {
     }
 
     /// This policy's provenance of one finished reply: the seed drawn and how it went.
-    pub fn of_reply(&self, c: &Completion) -> Self {
+    pub fn of_reply(&self, seed: u32, usage: Usage) -> Self {
         let mut p = self.clone();
-        p.sampling.seed = Some(c.seed);
-        p.usage = Some(Usage::of(c));
+        p.sampling.seed = Some(seed);
+        p.usage = Some(usage);
         p
     }
 

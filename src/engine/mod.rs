@@ -394,6 +394,9 @@ pub struct EngineStatus {
     pub prompt_tokens_reused: u64,
     /// Conversations whose cache was put back from RAM after another had taken their slot.
     pub caches_restored: u64,
+    /// Replies paused now, and paused so far, for participants waiting for a first token.
+    pub paused: usize,
+    pub replies_paused: u64,
     /// Whether the engine can take requests (a local worker thread is alive).
     pub running: bool,
     /// Times the worker failed and was started again, and why it last failed.

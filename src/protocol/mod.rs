@@ -15,6 +15,11 @@ use sha2::{Digest, Sha256};
 pub use diagnostic::{Diagnostic, ProtocolError};
 pub use sampling::Sampling;
 
+/// Where the example protocol lives in the repository; `serve` falls back to the embedded copy.
+pub const EXAMPLE_PROTOCOL_PATH: &str = "study-protocols/doc-cocreation.toml";
+/// The example protocol, compiled into the binary so `serve` runs from any directory.
+pub const EXAMPLE_PROTOCOL: &str = include_str!("../../study-protocols/doc-cocreation.toml");
+
 /// A study protocol as written in a TOML file.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -129,6 +134,11 @@ pub struct ModelSpec {
     /// turn is restored instead of computed again; 0 turns this off.
     #[serde(default = "default_saved_cache_mib")]
     pub saved_cache_mib: u32,
+    /// Tokens a reply streams after taking a slot before a participant waiting for the first
+    /// token of theirs may pause it, when every slot is busy; the paused reply goes on from where
+    /// it stopped when a slot frees. 0: replies are never paused (participants wait for a slot).
+    #[serde(default = "default_time_slice_tokens")]
+    pub time_slice_tokens: u32,
 }
 
 /// Default of [`ModelSpec::timeout_seconds`].
@@ -140,6 +150,14 @@ fn default_remote_timeout() -> u32 {
 
 fn default_context_tokens() -> u32 {
     8192
+}
+
+/// Default of [`ModelSpec::time_slice_tokens`]: about two seconds of a reply with every slot busy
+/// on two cores.
+pub const DEFAULT_TIME_SLICE_TOKENS: u32 = 16;
+
+fn default_time_slice_tokens() -> u32 {
+    DEFAULT_TIME_SLICE_TOKENS
 }
 
 fn default_saved_cache_mib() -> u32 {

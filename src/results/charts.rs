@@ -14,7 +14,8 @@ const COLOURS: [&str; 6] = [
     "#0072b2", "#e69f00", "#009e73", "#cc79a7", "#56b4e9", "#d55e00",
 ];
 
-/// The latest evaluation with simulated users (`collabllm eval`), as the results page shows it.
+/// The latest evaluation with simulated users (`collabllm eval`), as the results page shows it
+/// (made by `collab::evaluate::view`).
 pub struct EvaluationView {
     pub when: String,
     pub users: i32,
@@ -23,44 +24,6 @@ pub struct EvaluationView {
     pub rows: Vec<ResultRow>,
     /// (arm, cells) of each arm's paired difference to the baseline.
     pub diffs: Vec<(String, Vec<String>)>,
-}
-
-impl EvaluationView {
-    /// The view of a stored evaluation; its table is JSON that `collabllm eval` wrote.
-    pub fn of(stored: &crate::db::models::Evaluation) -> Result<Self, serde_json::Error> {
-        use crate::collab::evaluate::{metric_label, Interval, Table, METRICS};
-        let table: Table = serde_json::from_str(&stored.table_json)?;
-        let cell = |i: Option<&Option<Interval>>| match i.copied().flatten() {
-            Some(i) => fmt_interval(i.mean, i.lo, i.hi),
-            None => "—".to_string(),
-        };
-        let cells = |m: &std::collections::BTreeMap<String, Option<Interval>>| {
-            METRICS.iter().map(|k| cell(m.get(*k))).collect::<Vec<_>>()
-        };
-        Ok(EvaluationView {
-            when: stored.created_at.format("%Y-%m-%d %H:%M UTC").to_string(),
-            users: stored.users,
-            headers: METRICS.iter().map(|m| metric_label(m)).collect(),
-            rows: table
-                .order
-                .iter()
-                .filter_map(|arm| {
-                    let row = table.arms.get(arm)?;
-                    Some(ResultRow {
-                        arm: arm.clone(),
-                        n: row.n,
-                        cells: cells(&row.metrics),
-                    })
-                })
-                .collect(),
-            diffs: table
-                .order
-                .iter()
-                .filter_map(|arm| Some((arm.clone(), cells(table.diff.get(arm)?))))
-                .collect(),
-            baseline: table.baseline,
-        })
-    }
 }
 
 /// One row of the results table.
@@ -135,7 +98,7 @@ fn fmt_estimate(e: &Option<Estimate>) -> String {
 
 /// "mean [low, high]", each number with two decimals unless it is whole (turns, counts, ratings
 /// that all agree read "8 [8, 8]", not "8.00 [8.00, 8.00]").
-fn fmt_interval(mean: f64, low: f64, high: f64) -> String {
+pub fn fmt_interval(mean: f64, low: f64, high: f64) -> String {
     let number = |v: f64| {
         if v.fract() == 0.0 && v.abs() < 1e15 {
             format!("{v:.0}")

@@ -12,31 +12,7 @@ use crate::db::vocab::{MessageRole, Outcome, RevisionAuthor};
 
 use crate::db::{self, DbConn, DbResult};
 use crate::protocol::{Protocol, RatingWhen};
-use crate::study::assign::SplitMix64;
-
-/// Bootstrap resamples per interval.
-const BOOTSTRAP_RESAMPLES: usize = 2000;
-/// Seed of the bootstrap, fixed so results are reproducible.
-const BOOTSTRAP_SEED: u64 = 2025;
-
-/// A mean with its 95% percentile-bootstrap interval.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Estimate {
-    pub n: usize,
-    pub mean: f64,
-    pub low: f64,
-    pub high: f64,
-}
-
-/// Median and quartiles.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Spread {
-    pub min: f64,
-    pub q1: f64,
-    pub median: f64,
-    pub q3: f64,
-    pub max: f64,
-}
+use crate::stats::{estimate, mean, spread, Estimate, Spread};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ArmResults {
@@ -54,53 +30,6 @@ pub struct ArmResults {
     pub words: Option<Estimate>,
     pub assistant_tokens: Option<Estimate>,
     pub ttft_ms: Option<Estimate>,
-}
-
-pub fn mean(values: &[f64]) -> Option<f64> {
-    (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
-}
-
-/// Mean and 95% percentile-bootstrap interval of `values`.
-pub fn estimate(values: &[f64]) -> Option<Estimate> {
-    let center = mean(values)?;
-    let mut rng = SplitMix64::new(BOOTSTRAP_SEED);
-    let mut means: Vec<f64> = (0..BOOTSTRAP_RESAMPLES)
-        .map(|_| {
-            (0..values.len())
-                .map(|_| values[rng.below(values.len())])
-                .sum::<f64>()
-                / values.len() as f64
-        })
-        .collect();
-    means.sort_by(f64::total_cmp);
-    Some(Estimate {
-        n: values.len(),
-        mean: center,
-        low: quantile(&means, 0.025),
-        high: quantile(&means, 0.975),
-    })
-}
-
-/// Linear-interpolated quantile of sorted values.
-fn quantile(sorted: &[f64], q: f64) -> f64 {
-    let at = q * (sorted.len() - 1) as f64;
-    let (lo, hi) = (at.floor() as usize, at.ceil() as usize);
-    sorted[lo] + (sorted[hi] - sorted[lo]) * (at - lo as f64)
-}
-
-pub fn spread(values: &[f64]) -> Option<Spread> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    Some(Spread {
-        min: v[0],
-        q1: quantile(&v, 0.25),
-        median: quantile(&v, 0.5),
-        q3: quantile(&v, 0.75),
-        max: v[v.len() - 1],
-    })
 }
 
 /// Results per arm of one study version, from its completed sessions: of people only
@@ -273,21 +202,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_bootstrap_interval_contains_the_mean_and_is_reproducible() {
-        let values = [6.0, 7.0, 8.0, 9.0, 5.0, 7.0, 8.0, 6.0];
-        let e = estimate(&values).unwrap();
-        assert_eq!(e.mean, 7.0);
-        assert!(
-            e.low < 7.0 && e.high > 7.0 && e.low >= 5.0 && e.high <= 9.0,
-            "{e:?}"
-        );
-        assert_eq!(estimate(&values), Some(e));
-        let same = estimate(&[4.0, 4.0, 4.0]).unwrap();
-        assert_eq!((same.low, same.high), (4.0, 4.0));
-        assert!(estimate(&[]).is_none());
-    }
-
-    #[test]
     fn authorship_follows_inserts_and_edits() {
         let revisions = [
             (RevisionAuthor::AssistantInsert, "Hello world".to_string()),
@@ -302,14 +216,5 @@ mod tests {
         );
         assert_eq!((typed, inserted), (7, 11));
         assert_eq!(authorship(&[]), (vec![], 0, 0));
-    }
-
-    #[test]
-    fn spread_gives_quartiles() {
-        let s = spread(&[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
-        assert_eq!(
-            (s.min, s.q1, s.median, s.q3, s.max),
-            (1.0, 2.0, 3.0, 4.0, 5.0)
-        );
     }
 }

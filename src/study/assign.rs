@@ -1,10 +1,11 @@
 //! Balanced assignment of arms, tasks and topics. Decisions are pure functions of what the ledger
 //! and the session counts say, and of a seeded generator whose algorithm is fixed here
-//! (SplitMix64), so a recorded sequence can be recomputed by anyone.
+//! (SplitMix64, in [`crate::stats`]), so a recorded sequence can be recomputed by anyone.
 
 use serde_json::json;
 
 use crate::protocol::AssignmentMethod;
+use crate::stats::SplitMix64;
 
 /// One arm as the assignment sees it.
 #[derive(Debug, Clone)]
@@ -28,28 +29,6 @@ pub struct ArmDraw {
     pub arm_id: i64,
     pub method: &'static str,
     pub inputs: serde_json::Value,
-}
-
-/// SplitMix64: a tiny generator with a published, stable definition.
-pub struct SplitMix64(u64);
-
-impl SplitMix64 {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n as u64) as usize
-    }
 }
 
 /// Integer counts per arm in one block, proportional to the weights.
@@ -189,14 +168,6 @@ mod tests {
                 filled: 0,
             })
             .collect()
-    }
-
-    #[test]
-    fn splitmix_matches_its_reference_values() {
-        // First outputs for seed 1234567 from the reference implementation.
-        let mut r = SplitMix64::new(1_234_567);
-        assert_eq!(r.next_u64(), 6_457_827_717_110_365_317);
-        assert_eq!(r.next_u64(), 3_203_168_211_198_807_973);
     }
 
     #[test]

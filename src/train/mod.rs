@@ -823,7 +823,7 @@ pub fn bench(
         forward_seconds_per_pair: forward,
         unshared_forward_seconds_per_pair: unshared,
         train_seconds_per_pair: train,
-        peak_rss_mib: crate::bench::peak_rss_mib(),
+        peak_rss_mib: crate::metrics::peak_rss_mib(),
         epoch_pairs,
     })
 }

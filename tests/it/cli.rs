@@ -468,3 +468,39 @@ crate::on_both_backends!(
         assert!(said.contains("frame to acknowledgement: p50"), "{said}");
     }
 );
+
+// Three `collabllm migrate` processes started at the same moment on an empty database (as a
+// deployment starts its nodes): all succeed, and the migrations are applied by exactly one.
+crate::on_both_backends!(
+    processes_started_together_on_an_empty_database_all_succeed,
+    |db: &TestDb| {
+        let children: Vec<_> = (0..3)
+            .map(|_| {
+                Command::new(env!("CARGO_BIN_EXE_collabllm"))
+                    .args(["--database-url", &db.url, "migrate"])
+                    .env("COLLABLLM_LOG", "warn")
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .expect("start collabllm migrate")
+            })
+            .collect();
+        let outputs: Vec<Output> = children
+            .into_iter()
+            .map(|c| c.wait_with_output().expect("wait for collabllm migrate"))
+            .collect();
+        for out in &outputs {
+            assert!(out.status.success(), "{}", text(out));
+        }
+        let applying = outputs
+            .iter()
+            .filter(|out| text(out).contains("applied "))
+            .count();
+        assert_eq!(
+            applying,
+            1,
+            "{:?}",
+            outputs.iter().map(text).collect::<Vec<_>>()
+        );
+    }
+);

@@ -829,8 +829,8 @@ async fn a_preview_shows_the_study_and_records_nothing() {
     assert!(!done.contains("prolific.com"), "{done}");
 }
 
-/// The engine table says what each engine is doing now: slots in use, requests waiting by class,
-/// the share of prompt tokens reused, and whether it had to be restarted.
+/// The engine table says what each engine is doing now: slots in use, replies paused, requests
+/// waiting by class, the share of prompt tokens reused, and whether it had to be restarted.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_engine_table_shows_slots_queues_and_prompt_reuse() {
     let db = TestDb::sqlite();
@@ -840,6 +840,7 @@ async fn the_engine_table_shows_slots_queues_and_prompt_reuse() {
             restarts: 1,
             slots: 8,
             active: 3,
+            paused: 2,
             queued: 7,
             queued_by_priority: [2, 1, 4],
             prompt_tokens_processed: 250,
@@ -862,7 +863,7 @@ async fn the_engine_table_shows_slots_queues_and_prompt_reuse() {
             .unwrap_or_else(|| panic!("{page} has no engine row: {body}"));
         for shown in [
             "restarted 1×",
-            "3 of 8",
+            "3 of 8 (2 paused)",
             "2 / 1 / 4",
             "250 / 750 (75% reused)",
             "<td>5</td>",

@@ -23,12 +23,29 @@ fn model() -> Arc<LoadedModel> {
         .clone()
 }
 
+/// Tokens of a reply before a participant may pause it, in the tests' engines.
+const TIME_SLICE: u32 = 16;
+
 fn engine(slots: u32, context_tokens: u32) -> LlamaEngine {
     engine_with(slots, context_tokens, 1 << 30)
 }
 
 /// An engine that keeps up to `saved_cache_bytes` of evicted conversations' caches in RAM.
 fn engine_with(slots: u32, context_tokens: u32, saved_cache_bytes: usize) -> LlamaEngine {
+    spawn_engine(slots, context_tokens, saved_cache_bytes, TIME_SLICE)
+}
+
+/// An engine whose replies are never paused: participants wait for a slot.
+fn engine_without_time_slices(slots: u32, context_tokens: u32) -> LlamaEngine {
+    spawn_engine(slots, context_tokens, 1 << 30, 0)
+}
+
+fn spawn_engine(
+    slots: u32,
+    context_tokens: u32,
+    saved_cache_bytes: usize,
+    time_slice_tokens: u32,
+) -> LlamaEngine {
     LlamaEngine::spawn(
         model(),
         WorkerConfig {
@@ -38,6 +55,7 @@ fn engine_with(slots: u32, context_tokens: u32, saved_cache_bytes: usize) -> Lla
             lora: None,
             reuse_prefix: true,
             saved_cache_bytes,
+            time_slice_tokens,
         },
     )
     .expect("start worker")
@@ -327,12 +345,16 @@ async fn wait_for(engine: &dyn Engine, what: &str, done: impl Fn(&EngineStatus) 
     panic!("timed out waiting until {what}: {:?}", engine.status());
 }
 
-/// Participants' replies go before API requests and background work queued earlier.
+/// A participant waiting for a first token pauses running background work, and is served before
+/// API requests and background work queued earlier; the paused reply then goes on to its end.
 #[tokio::test]
 async fn a_participant_goes_before_work_queued_earlier() {
     let engine = engine(1, 4096);
     let running = engine.start(long_request(Priority::Background)).unwrap();
-    wait_for(&engine, "the first request runs", |s| s.active == 1).await;
+    wait_for(&engine, "the first request has run for a time slice", |s| {
+        s.active == 1 && s.generated_tokens > u64::from(TIME_SLICE)
+    })
+    .await;
     let mut background = chat("Say one word.", greedy(4));
     background.priority = Priority::Background;
     let mut api = chat("Say one word.", greedy(60));
@@ -340,19 +362,67 @@ async fn a_participant_goes_before_work_queued_earlier() {
     api.priority = Priority::Api;
     let background = engine.start(background).unwrap();
     let api = engine.start(api).unwrap();
-    let participant = engine.start(chat("Say one word.", greedy(4))).unwrap();
-    wait_for(&engine, "three requests wait", |s| s.queued == 3).await;
-    assert_eq!(engine.status().queued_by_priority, [1, 1, 1]);
-    drop(running); // frees the slot
-    let done = participant.finish().await.unwrap();
-    assert!(done.generated_tokens > 0);
-    // The API request goes next (it runs for a while), the background one still waits.
-    wait_for(&engine, "only the background request waits", |s| {
-        s.queued_by_priority == [0, 0, 1] && s.active == 1
+    wait_for(&engine, "two requests wait", |s| s.queued == 2).await;
+    assert_eq!(engine.status().queued_by_priority, [0, 1, 1]);
+    let done = engine
+        .start(chat("Say one word.", greedy(4)))
+        .unwrap()
+        .finish()
+        .await;
+    assert!(done.unwrap().generated_tokens > 0);
+    assert_eq!(
+        engine.status().replies_paused,
+        1,
+        "the background reply was paused"
+    );
+    // The API request goes next (it runs for a while); the background ones wait.
+    wait_for(&engine, "only background work waits", |s| {
+        s.queued_by_priority == [0, 0, 1] && s.active == 1 && s.paused == 1
     })
     .await;
     api.finish().await.unwrap();
+    let resumed = collect(running).await;
+    let resumed_done = resumed.1.expect("the paused reply completes");
+    assert_eq!(resumed_done.generated_tokens, 400);
+    assert_eq!(resumed.0.concat(), resumed_done.text);
     background.finish().await.unwrap();
+}
+
+/// A participant waiting for a first token pauses a long reply once it has streamed its time
+/// slice; the paused reply goes on where it stopped, to the same text as without the pause.
+#[tokio::test]
+async fn a_paused_reply_goes_on_to_the_same_text() {
+    let mut long = chat("Tell me a long story.", greedy(160));
+    long.ignore_eos = true;
+    let alone = run(&engine(1, 2048), long.clone()).await;
+
+    let engine = engine(1, 2048);
+    let mut paused = engine.start(long).unwrap();
+    let mut before = String::new();
+    while before.len() < 200 {
+        match paused.next().await {
+            Some(EngineEvent::Token(t)) => before.push_str(&t),
+            other => panic!("expected the reply's tokens, got {other:?}"),
+        }
+    }
+    let other = engine.start(chat("Say one word.", greedy(4))).unwrap();
+    let other = other.finish().await.expect("the participant's reply");
+    assert!(other.generated_tokens > 0);
+    assert_eq!(engine.status().replies_paused, 1);
+    let (after, done) = collect(paused).await;
+    let done = done.expect("the paused reply completes");
+    assert!(
+        done.total_ms > other.total_ms,
+        "the other reply ended while this one was paused"
+    );
+    assert_eq!(done.generated_tokens, 160);
+    assert_eq!(before + &after.concat(), done.text);
+    assert_eq!(done.text, alone.text, "the pause does not change the reply");
+    assert_eq!(
+        engine.status().caches_restored,
+        0,
+        "the paused state is its own"
+    );
 }
 
 /// What a generation told its caller before its first token: its places in line, then whether
@@ -373,7 +443,7 @@ async fn places_before_first_token(generation: &mut Generation) -> (Vec<usize>, 
 /// reply starts; one that never waited is told nothing.
 #[tokio::test]
 async fn waiting_participants_are_told_their_place_in_line() {
-    let engine = engine(1, 4096);
+    let engine = engine_without_time_slices(1, 4096);
     let mut running = engine.start(long_request(Priority::Participant)).unwrap();
     wait_for(&engine, "the first request runs", |s| s.active == 1).await;
     let mut first = engine.start(chat("Say one word.", greedy(4))).unwrap();
@@ -643,6 +713,7 @@ async fn an_engine_computes_with_one_thread_per_core() {
             lora: None,
             reuse_prefix: false,
             saved_cache_bytes: 0,
+            time_slice_tokens: 0,
         },
     )
     .expect("start worker");

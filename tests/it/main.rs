@@ -10,6 +10,8 @@ mod contrast;
 mod engine;
 mod evaluate;
 mod export;
+mod hostile;
+mod layers;
 mod openai;
 mod participant;
 mod protocol;

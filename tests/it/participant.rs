@@ -1883,6 +1883,7 @@ async fn metrics_show_frames_replies_sessions_and_engines() {
         collabllm::engine::EngineStatus {
             slots: 4,
             active: 1,
+            paused: 1,
             queued_by_priority: [2, 0, 1],
             generated_tokens: 120,
             prompt_tokens_processed: 40,
@@ -1961,6 +1962,7 @@ async fn metrics_show_frames_replies_sessions_and_engines() {
     };
     assert_eq!(engine("collabllm_engine_slots", &[]), Some(4.0));
     assert_eq!(engine("collabllm_engine_slots_active", &[]), Some(1.0));
+    assert_eq!(engine("collabllm_engine_replies_paused", &[]), Some(1.0));
     assert_eq!(engine("collabllm_engine_running", &[]), Some(1.0));
     assert_eq!(
         engine("collabllm_engine_queued", &[("class", "participant")]),

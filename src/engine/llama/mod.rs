@@ -189,6 +189,9 @@ pub struct WorkerConfig {
     pub reuse_prefix: bool,
     /// Bytes of RAM for the caches of conversations evicted from their slot.
     pub saved_cache_bytes: usize,
+    /// Tokens a reply streams after taking a slot before a participant waiting for a first token
+    /// may pause it (its state kept in RAM until a slot frees); 0 never pauses.
+    pub time_slice_tokens: u32,
 }
 
 /// Handle to a worker thread. Dropping it lets the worker finish its requests and stop.
@@ -284,6 +287,7 @@ fn serve(
         status.restarts += 1;
         status.last_failure = Some(reason);
         status.active = 0;
+        status.paused = 0;
         status.queued = 0;
         status.queued_by_priority = [0; 3];
     }
@@ -349,6 +353,7 @@ pub fn all_logits(
         lora: adapter.map(|a| (a.to_path_buf(), 1.0)),
         reuse_prefix: false,
         saved_cache_bytes: 0,
+        time_slice_tokens: 0,
     };
     let mut context = new_context(model, &config)?;
     let failed = |e: &dyn std::fmt::Display| EngineError::Load {

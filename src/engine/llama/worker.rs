@@ -4,8 +4,9 @@
 //! chunks of newly admitted ones (continuous batching). A slot keeps its tokens between turns, so
 //! the next turn of a conversation only computes what is new (prefix reuse); idle slots are
 //! reused least-recently-used first, and the cache a conversation loses to another is kept in RAM
-//! and put back when it returns (llama.cpp's per-sequence state). Cancellation is checked every
-//! step.
+//! and put back when it returns (llama.cpp's per-sequence state). A participant waiting for a
+//! first token may pause a reply that has had its slot for a while; the paused reply's state is kept
+//! in RAM the same way and it goes on when a slot frees. Cancellation is checked every step.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -103,6 +104,24 @@ struct Active {
     /// The prompt prefix this request takes from another of its group, once that one has
     /// computed it.
     share: Option<Share>,
+    /// `generated` when the request last took a slot: a reply is paused only after a time slice
+    /// of its own.
+    slice_start: usize,
+}
+
+/// A reply paused for a participant's first token, with what its sequence held.
+struct Paused {
+    active: Active,
+    cache: SeqCache,
+    conversation: Option<String>,
+    /// None when llama.cpp could not copy the state: the cache is computed again on resuming.
+    state: Option<SeqState>,
+}
+
+/// What takes the next free slot.
+enum Next {
+    New(Job),
+    Resume(Box<Paused>),
 }
 
 /// A prompt prefix shared with a request admitted in the same step (the leader). The follower
@@ -125,6 +144,10 @@ pub(crate) struct Worker<'m> {
     slots: Vec<Slot>,
     /// Jobs waiting for a slot, one queue per [`Priority`].
     queues: [VecDeque<Job>; 3],
+    /// Replies paused for participants' first tokens, oldest first; at most one per slot.
+    paused: VecDeque<Paused>,
+    /// Tokens a reply streams after taking a slot before it may be paused; 0 never pauses.
+    time_slice_tokens: usize,
     /// When a participant's request was last admitted.
     last_participant: Option<Instant>,
     /// Jobs admitted so far; numbers the jobs so batches are built in admission order.
@@ -227,6 +250,8 @@ impl<'m> Worker<'m> {
             template,
             slots,
             queues: Default::default(),
+            paused: VecDeque::new(),
+            time_slice_tokens: config.time_slice_tokens as usize,
             last_participant: None,
             admitted: 0,
             context_tokens: config.context_tokens as usize,
@@ -270,13 +295,23 @@ impl<'m> Worker<'m> {
     }
 
     fn idle(&self) -> bool {
-        self.queues.iter().all(VecDeque::is_empty) && self.slots.iter().all(|s| s.active.is_none())
+        self.queues.iter().all(VecDeque::is_empty)
+            && self.paused.is_empty()
+            && self.slots.iter().all(|s| s.active.is_none())
     }
 
-    /// The next job to admit: participants' first, then API requests, then background work. While
-    /// participants are being served, other work leaves a quarter of the slots (at least one)
-    /// free for them, so a participant never waits for a long background generation to end.
-    fn take_from_queue(&mut self) -> Option<Job> {
+    /// What to admit next: participants' new requests first (someone is waiting for a first
+    /// token), then replies paused for them and the other classes, most urgent first, a paused
+    /// reply before its class's queue (it arrived earlier). While participants are being served,
+    /// other work leaves a quarter of the slots (at least one) free for them, so a participant
+    /// never waits for a long background generation to end.
+    fn take_next(&mut self) -> Option<Next> {
+        let participant = Priority::Participant;
+        if let Some(job) = self.queues[participant.index()].pop_front() {
+            self.last_participant = Some(Instant::now());
+            self.unqueued(participant);
+            return Some(Next::New(job));
+        }
         let idle = self.slots.iter().filter(|s| s.active.is_none()).count();
         let serving_participants = self
             .last_participant
@@ -286,16 +321,23 @@ impl<'m> Worker<'m> {
         } else {
             0
         };
-        let class = Priority::ALL.into_iter().find(|class| {
-            !self.queues[class.index()].is_empty()
-                && (*class == Priority::Participant || idle > reserved)
-        })?;
-        let job = self.queues[class.index()].pop_front()?;
-        if class == Priority::Participant {
-            self.last_participant = Some(Instant::now());
+        for class in Priority::ALL {
+            if class != participant && idle <= reserved {
+                return None;
+            }
+            let paused = self
+                .paused
+                .iter()
+                .position(|p| p.active.job.request.priority == class);
+            if let Some(paused) = paused.and_then(|at| self.paused.remove(at)) {
+                return Some(Next::Resume(Box::new(paused)));
+            }
+            if let Some(job) = self.queues[class.index()].pop_front() {
+                self.unqueued(class);
+                return Some(Next::New(job));
+            }
         }
-        self.unqueued(class);
-        Some(job)
+        None
     }
 
     fn unqueued(&self, class: Priority) {
@@ -337,6 +379,120 @@ impl<'m> Worker<'m> {
                 }
             }
         }
+        for paused in std::mem::take(&mut self.paused) {
+            if paused.active.job.cancelled() {
+                self.report(paused.active, FinishReason::Cancelled);
+            } else {
+                self.paused.push_back(paused);
+            }
+        }
+    }
+
+    /// With every slot busy and a participant waiting for a first token: pauses the running reply
+    /// that has had its slot longest past its time slice, least urgent class first, keeping its
+    /// sequence's state in RAM. Replies of reproducible groups, replies about to end and replies
+    /// still reading their prompt keep their slot, and at most one reply per slot is paused (so
+    /// paused state never holds more than the context does). Returns whether a slot was freed.
+    fn pause_for_participant(&mut self) -> bool {
+        let slice = self.time_slice_tokens;
+        if slice == 0
+            || self.queues[Priority::Participant.index()].is_empty()
+            || self.paused.len() >= self.slots.len()
+        {
+            return false;
+        }
+        let pausable = |a: &Active| {
+            !a.job.request.reproducible
+                && a.share.is_none()
+                && a.prefill.is_empty()
+                && a.next.is_some()
+                && a.generated - a.slice_start >= slice
+                && a.max_tokens.saturating_sub(a.generated) >= slice
+        };
+        let victim = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| Some((i, s.active.as_ref().filter(|a| pausable(a))?)))
+            .max_by_key(|(_, a)| {
+                let class = a.job.request.priority.index();
+                (
+                    class,
+                    a.generated - a.slice_start,
+                    std::cmp::Reverse(a.admission),
+                )
+            })
+            .map(|(i, _)| i);
+        let Some(index) = victim else {
+            return false;
+        };
+        let slot = &mut self.slots[index];
+        let active = slot.active.take().expect("the victim is active");
+        let state = match self
+            .context
+            .state_seq_get(slot.seq, LlamaStateSeqFlags::empty())
+        {
+            Ok(state) => Some(state),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot keep a paused reply's cache; it is computed again");
+                None
+            }
+        };
+        let cache = std::mem::replace(
+            &mut slot.cache,
+            SeqCache {
+                exact: true,
+                ..Default::default()
+            },
+        );
+        let _ = self
+            .context
+            .clear_kv_cache_seq(Some(slot.seq as u32), None, None);
+        self.paused.push_back(Paused {
+            active,
+            cache,
+            conversation: slot.conversation.take(),
+            state,
+        });
+        self.status.lock().expect("status lock").replies_paused += 1;
+        true
+    }
+
+    /// Puts a paused reply back in the idle slot `index`. If its state cannot be put back, its
+    /// tokens and the one sampled last are computed again, whose logits give the next.
+    fn resume(&mut self, index: usize, paused: Paused) {
+        self.keep_in_ram(index);
+        let seq = self.slots[index].seq;
+        self.slots[index].cache.truncate(&mut self.context, seq, 0);
+        let Paused {
+            mut active,
+            cache,
+            conversation,
+            state,
+        } = paused;
+        active.slice_start = active.generated;
+        active.logits_at = None;
+        let restored = state
+            .as_ref()
+            .is_some_and(|state| self.context.state_seq_set(state, seq).is_ok());
+        let slot = &mut self.slots[index];
+        if restored {
+            slot.cache = cache;
+        } else {
+            let _ = self
+                .context
+                .clear_kv_cache_seq(Some(seq as u32), None, None);
+            active.prefill = cache
+                .tokens
+                .iter()
+                .copied()
+                .chain(active.next.take())
+                .collect();
+            active.prompt_processed += active.prefill.len();
+            slot.cache = SeqCache::default();
+        }
+        slot.conversation = conversation;
+        slot.active = Some(active);
     }
 
     /// Moves queued jobs into idle slots, most urgent class first, first come first served
@@ -344,9 +500,21 @@ impl<'m> Worker<'m> {
     fn admit(&mut self) {
         // Reproducible requests admitted in this step, whose prompts later ones may share.
         let mut leaders: Vec<(u64, Vec<LlamaToken>)> = Vec::new();
-        while self.slots.iter().any(|s| s.active.is_none()) {
-            let Some(job) = self.take_from_queue() else {
+        loop {
+            if self.slots.iter().all(|s| s.active.is_some()) && !self.pause_for_participant() {
                 break;
+            }
+            let job = match self.take_next() {
+                None => break,
+                Some(Next::Resume(paused)) => {
+                    // A slot is idle here: the loop's first check saw one or paused a reply.
+                    let index = self
+                        .least_recently_used_idle()
+                        .expect("admit checks that an idle slot exists");
+                    self.resume(index, *paused);
+                    continue;
+                }
+                Some(Next::New(job)) => job,
             };
             if job.reported_ahead.is_some() {
                 let _ = job.events.send(EngineEvent::Started);
@@ -426,10 +594,18 @@ impl<'m> Worker<'m> {
                 return i;
             }
         }
-        idle()
+        self.least_recently_used_idle()
+            .expect("admit checks that an idle slot exists")
+    }
+
+    /// The idle slot used longest ago: the one whose cache is least likely to be wanted again.
+    fn least_recently_used_idle(&self) -> Option<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.active.is_none())
             .min_by_key(|(_, s)| s.last_used)
             .map(|(i, _)| i)
-            .expect("admit checks that an idle slot exists")
     }
 
     /// Before a job takes a slot that holds another conversation: keeps that conversation's cache
@@ -448,19 +624,7 @@ impl<'m> Worker<'m> {
             return;
         }
         let seq = slot.seq;
-        if slot.cache.tokens.len() >= MIN_SAVED_TOKENS {
-            match self.context.state_seq_get(seq, LlamaStateSeqFlags::empty()) {
-                Ok(state) if state.byte_len() <= self.saved.budget => {
-                    self.saved.insert(Saved {
-                        conversation: slot.conversation.clone(),
-                        cache: slot.cache.clone(),
-                        state,
-                    });
-                }
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "cannot keep a conversation's cache"),
-            }
-        }
+        self.keep_in_ram(index);
         if request.reproducible {
             return;
         }
@@ -485,8 +649,31 @@ impl<'m> Worker<'m> {
         }
     }
 
-    /// Reuses what the slot's cache shares with the prompt, drops the rest, and queues the new
-    /// prompt tokens for decoding.
+    /// Keeps the conversation an idle slot holds in RAM, before the slot is given to another.
+    fn keep_in_ram(&mut self, index: usize) {
+        let slot = &self.slots[index];
+        if !self.reuse_prefix
+            || self.saved.budget == 0
+            || slot.cache.tokens.len() < MIN_SAVED_TOKENS
+        {
+            return;
+        }
+        match self
+            .context
+            .state_seq_get(slot.seq, LlamaStateSeqFlags::empty())
+        {
+            Ok(state) if state.byte_len() <= self.saved.budget => {
+                self.saved.insert(Saved {
+                    conversation: slot.conversation.clone(),
+                    cache: slot.cache.clone(),
+                    state,
+                });
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot keep a conversation's cache"),
+        }
+    }
+
     /// Starts a job in a slot. A reproducible job whose prompt starts like the prompt of one
     /// admitted before it in this step follows that one; every reproducible job is returned as a
     /// possible leader (admission number and prompt tokens).
@@ -595,6 +782,7 @@ impl<'m> Worker<'m> {
             first_token_at: None,
             admission: self.admitted,
             share,
+            slice_start: 0,
             job,
         });
         self.admitted += 1;
@@ -837,7 +1025,7 @@ impl<'m> Worker<'m> {
     /// Ends the slot's request: flushes the text, reports the completion, frees the slot.
     fn finish(&mut self, index: usize, reason: FinishReason) {
         let slot = &mut self.slots[index];
-        let Some(mut active) = slot.active.take() else {
+        let Some(active) = slot.active.take() else {
             return;
         };
         slot.last_used = Instant::now();
@@ -846,6 +1034,11 @@ impl<'m> Worker<'m> {
             // check after prefill never confirmed.
             slot.cache.exact = false;
         }
+        self.report(active, reason);
+    }
+
+    /// Flushes a request's text and reports its completion.
+    fn report(&self, mut active: Active, reason: FinishReason) {
         let rest = active.stream.finish();
         if !rest.is_empty() && reason != FinishReason::Cancelled {
             let _ = active.job.events.send(EngineEvent::Token(rest));
@@ -890,6 +1083,7 @@ impl<'m> Worker<'m> {
             .map_or(0.0, |(t, _)| now.duration_since(*t).as_secs_f64());
         let mut status = self.status.lock().expect("status lock");
         status.active = self.slots.iter().filter(|s| s.active.is_some()).count();
+        status.paused = self.paused.len();
         status.generated_tokens += generated as u64;
         status.tokens_per_second = if span > 0.0 {
             in_window as f64 / span

@@ -341,7 +341,7 @@ fn check_final(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::EXAMPLE_PROTOCOL;
+    use crate::protocol::EXAMPLE_PROTOCOL;
 
     /// The example protocol: at least 8 turns, a periodic rating every 3, two final ratings and
     /// two required questions.

@@ -13,7 +13,7 @@ use super::decide::pending_ratings;
 use super::view::rating_view;
 use super::LiveSession;
 use crate::db::models::{Candidate, Message, NewCandidate, NewMessage, Session};
-use crate::db::provenance::Provenance;
+use crate::db::provenance::{Provenance, Usage};
 use crate::db::vocab::{CandidateSource, MessageRole, SessionState};
 use crate::db::{self, DbConn};
 use crate::engine::registry::engine_name;
@@ -358,7 +358,7 @@ impl Studio {
     ) -> Result<(), StudyError> {
         let rows: Vec<(String, String)> = completions
             .iter()
-            .map(|c| (c.text.clone(), policy.of_reply(c).to_json()))
+            .map(|c| (c.text.clone(), policy.of_reply(c.seed, usage(c)).to_json()))
             .collect();
         let this = self.clone();
         let candidates = self
@@ -401,7 +401,7 @@ impl Studio {
         policy: &Provenance,
     ) -> Result<(), StudyError> {
         let this = self.clone();
-        let policy = policy.of_reply(&c);
+        let policy = policy.of_reply(c.seed, usage(&c));
         let text = c.text.clone();
         let (turn, next, due) = self
             .write(move |conn| {
@@ -480,6 +480,17 @@ pub(super) fn store_reply(
     // A session that ended meanwhile (timed out, abandoned) keeps its end.
     let next = db::sessions::set_state(conn, session_id, next)?.state;
     Ok((turn, next, due))
+}
+
+/// How a finished reply's generation went, as its provenance stores it.
+fn usage(c: &Completion) -> Usage {
+    Usage {
+        ttft_ms: Some(c.ttft_ms),
+        gen_ms: Some(c.total_ms.saturating_sub(c.ttft_ms)),
+        prompt_tokens: Some(u64::from(c.prompt_tokens)),
+        gen_tokens: Some(u64::from(c.generated_tokens)),
+        finish_reason: Some(c.finish_reason.as_str().to_string()),
+    }
 }
 
 /// A second comparison candidate that repeats the first states no preference: it is sampled

@@ -8,6 +8,7 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 
 use super::{check_csrf, csrf, participant_label, researcher, with_cookie, Page};
+use crate::collab::evaluate;
 use crate::db::vocab::SessionState;
 use crate::db::{self, DbConn};
 use crate::engine::EngineStatus;
@@ -152,7 +153,7 @@ pub(crate) async fn show_study(
                 })
                 .collect();
             let evaluation = db::evaluations::latest(conn, study.id)?
-                .map(|e| EvaluationView::of(&e))
+                .map(|e| evaluate::view(&e))
                 .transpose()
                 .map_err(|e| {
                     ApiError::Internal(format!("a stored evaluation is unreadable: {e}"))

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 
-use collabllm::config::EXAMPLE_PROTOCOL_PATH;
 use collabllm::db::{self, DbConn, DbPool};
 use collabllm::engine::fetch::default_model_path;
 use collabllm::engine::{
@@ -14,6 +13,7 @@ use collabllm::engine::{
     Generation,
 };
 use collabllm::protocol::LoadedProtocol;
+use collabllm::protocol::EXAMPLE_PROTOCOL_PATH;
 use collabllm::web::AppState;
 use diesel::connection::SimpleConnection;
 

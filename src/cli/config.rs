@@ -5,11 +5,6 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-/// Where the example protocol lives in the repository; `serve` falls back to the embedded copy.
-pub const EXAMPLE_PROTOCOL_PATH: &str = "study-protocols/doc-cocreation.toml";
-/// The example protocol, compiled into the binary so `serve` runs from any directory.
-pub const EXAMPLE_PROTOCOL: &str = include_str!("../study-protocols/doc-cocreation.toml");
-
 /// Settings every command shares.
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
@@ -61,7 +56,7 @@ pub struct ServeSettings {
     #[arg(
         long,
         env = "COLLABLLM_NEW_SESSIONS_PER_HOUR",
-        default_value_t = crate::web::limits::DEFAULT_NEW_SESSIONS_PER_HOUR
+        default_value_t = collabllm::web::limits::DEFAULT_NEW_SESSIONS_PER_HOUR
     )]
     pub new_sessions_per_hour: usize,
 
