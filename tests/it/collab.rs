@@ -24,17 +24,16 @@ use diesel::prelude::*;
 use serde_json::Value;
 
 use crate::common::{
-    asker, assert_trl_pair, models_dir, repo_root, request_text, scripted_engines, Asker,
-    ScriptedEngine, TestDb, TestServer,
+    asker, assert_trl_pair, models_dir, pilot_text, repo_root, request_text, scripted_engines,
+    Asker, ScriptedEngine, TestDb, TestServer, JUDGE_MODEL_ID,
 };
 use crate::on_both_backends_async;
 
 /// The quick pilot with small MR settings, so a test scores a turn in seconds.
 fn pilot(extra: &str) -> LoadedProtocol {
     let path = repo_root().join("study-protocols/quick-pilot.toml");
-    let text = std::fs::read_to_string(&path).unwrap()
-        + "\n[collab]\nsamples = 2\nwindow = 1\nmax_turns = 2\nmax_document_chars = 300\n"
-        + extra;
+    let text =
+        pilot_text() + "samples = 2\nwindow = 1\nmax_turns = 2\nmax_document_chars = 300\n" + extra;
     LoadedProtocol::from_text(&path, text, &models_dir()).unwrap()
 }
 
@@ -119,6 +118,56 @@ fn count_rollouts(pool: &DbPool) -> i64 {
         .count()
         .get_result(&mut pool.get().unwrap())
         .unwrap()
+}
+
+/// The judge and simulated user the example protocols name (fetched by `collabllm models fetch
+/// --judge`): they load and answer in shape, reproducibly.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_fetched_judge_rates_a_reply_in_shape() {
+    let loaded = crate::common::protocol("quick-pilot.toml");
+    let (simulator, judge_model) = loaded.protocol.collab_models();
+    assert_eq!(
+        (simulator.as_str(), judge_model.as_str()),
+        (JUDGE_MODEL_ID, JUDGE_MODEL_ID)
+    );
+    let engines = Engines::new();
+    let roles = Roles::start(&engines, &loaded.protocol, &loaded.source, &models_dir(), 2)
+        .unwrap_or_else(|e| panic!("the judge model is needed: {e}"));
+    let task_spec = &loaded.protocol.tasks[0];
+    let task = Task::of(task_spec, &task_spec.topics[0]);
+    let goal = Goal {
+        intent: task_spec.topics[0].hidden_intent.clone(),
+        document: String::new(),
+    };
+    let m = simulator::next_message(&roles, &task, &goal, &[], Draft::Skip, 0)
+        .await
+        .unwrap();
+    assert!(
+        !m.response.trim().is_empty() && !m.response.contains(TERMINATE),
+        "{m:?}"
+    );
+    let asked = [
+        ChatMessage::new(Role::User, "Write a thank-you note."),
+        ChatMessage::new(
+            Role::Assistant,
+            "Happy to. Who is it for, and what would you like to thank them for?",
+        ),
+    ];
+    let (score, reason) = judge::interactivity(&roles, &task, &asked, 1, 1)
+        .await
+        .unwrap();
+    assert!(
+        (0.0..=1.0).contains(&score) && !reason.trim().is_empty(),
+        "{score} {reason:?}"
+    );
+    let again = judge::interactivity(&roles, &task, &asked, 1, 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        (score, reason),
+        again,
+        "the same question and seed give the same answer"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

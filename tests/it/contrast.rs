@@ -9,12 +9,13 @@ use collabllm::protocol::LoadedProtocol;
 use serde_json::json;
 
 use crate::common::{
-    asker, models_dir, repo_root, request_text, scripted_engines, write_temp, Asker, ScriptedEngine,
+    asker, models_dir, pilot_text, repo_root, request_text, scripted_engines, write_temp, Asker,
+    ScriptedEngine,
 };
 
 fn pilot() -> LoadedProtocol {
     let path = repo_root().join("study-protocols/quick-pilot.toml");
-    let text = std::fs::read_to_string(&path).unwrap() + "\n[collab]\nsamples = 2\nwindow = 1\n";
+    let text = pilot_text() + "samples = 2\nwindow = 1\n";
     LoadedProtocol::from_text(&path, text, &models_dir()).unwrap()
 }
 

@@ -14,14 +14,14 @@ use collabllm::study::Studio;
 use serde_json::json;
 
 use crate::common::{
-    asker, models_dir, repo_root, request_text, scripted_engines, write_temp, Asker,
+    asker, models_dir, pilot_text, repo_root, request_text, scripted_engines, write_temp, Asker,
     ScriptedEngine, TestDb,
 };
 
 /// The quick pilot with a second arm that writes at once.
 fn two_arms() -> LoadedProtocol {
     let path = repo_root().join("study-protocols/quick-pilot.toml");
-    let text = std::fs::read_to_string(&path).unwrap()
+    let text = pilot_text()
         + r#"
 [[arms]]
 id = "writer"

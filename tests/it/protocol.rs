@@ -351,13 +351,42 @@ fn collab_settings_default_to_the_papers() {
         (1.0, -0.1, 1.0, 0.0)
     );
     let paper = protocol("doc-cocreation.toml").protocol;
-    assert_eq!(
-        paper.collab, c,
-        "the example protocol spells out the defaults"
-    );
+    let judge = crate::common::JUDGE_MODEL_ID.to_string();
     assert_eq!(
         paper.collab_models(),
-        ("smollm2-135m".to_string(), "smollm2-135m".to_string())
+        (judge.clone(), judge.clone()),
+        "the example protocol names the fetched judge as judge and simulated user"
+    );
+    let roles_aside = collabllm::protocol::CollabSpec {
+        simulator_model: None,
+        judge_model: None,
+        ..paper.collab
+    };
+    assert_eq!(
+        roles_aside, c,
+        "the example protocol spells out the defaults"
+    );
+    // Without its roles, the judge is the first arm's model.
+    assert_eq!(
+        c.judge_model.as_deref().unwrap_or(&paper.arms[0].model),
+        "smollm2-135m"
+    );
+}
+
+/// A model only the CollabLLM core uses may be absent (serve does not load it); a model an arm
+/// uses may not.
+#[test]
+fn only_the_arms_models_must_be_present() {
+    let judge = "[[models]]\nid = \"judge\"\nfile = \"absent-judge.gguf\"\n";
+    let ok = check(&format!(
+        "{VALID}\n{judge}\n[collab]\njudge_model = \"judge\"\n"
+    ));
+    assert!(ok.is_ok(), "{:?}", ok.err().map(|e| e.to_string()));
+    let served = format!("{VALID}\n{judge}").replacen("model = \"m\"", "model = \"judge\"", 1);
+    let err = check(&served).unwrap_err().to_string();
+    assert!(
+        err.contains("absent-judge.gguf") && err.contains("models fetch"),
+        "{err}"
     );
 }
 

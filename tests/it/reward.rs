@@ -12,7 +12,7 @@ use collabllm::protocol::LoadedProtocol;
 use serde_json::json;
 
 use crate::common::{
-    asker, models_dir, repo_root, request_text, scripted_engines, Asker, ScriptedEngine,
+    asker, models_dir, pilot_text, repo_root, request_text, scripted_engines, Asker, ScriptedEngine,
 };
 
 const ASKS: &str = "Who is it for?";
@@ -28,8 +28,7 @@ fn scripted() -> Arc<ScriptedEngine> {
         let all = request_text(r);
         match asker(&all) {
             Asker::Interactivity(judged) => {
-                let score = u8::from(judged.contains(ASKS));
-                json!({"thought": "", "interactivity": score}).to_string()
+                json!({"thought": "", "interactivity": u8::from(judged.contains(ASKS))}).to_string()
             }
             Asker::Document => json!({"thought": "", "final_document": DOCUMENT}).to_string(),
             Asker::Quality => json!({"thought": "", "quality": 7}).to_string(),
@@ -50,8 +49,7 @@ struct Setup {
 
 fn setup() -> Setup {
     let path = repo_root().join("study-protocols/quick-pilot.toml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let loaded = LoadedProtocol::from_text(&path, text, &models_dir()).unwrap();
+    let loaded = LoadedProtocol::from_text(&path, pilot_text(), &models_dir()).unwrap();
     let p = &loaded.protocol;
     let engines = scripted_engines(scripted());
     Setup {

@@ -17,13 +17,14 @@ use collabllm::web::AppState;
 use serde_json::json;
 
 use crate::common::{
-    asker, models_dir, repo_root, request_text, Asker, ScriptedEngine, TestApp, TestDb, TestServer,
+    asker, models_dir, pilot_text, repo_root, request_text, Asker, ScriptedEngine, TestApp, TestDb,
+    TestServer,
 };
 
 /// The quick pilot, ending after two turns.
 fn pilot() -> LoadedProtocol {
     let path = repo_root().join("study-protocols/quick-pilot.toml");
-    let text = std::fs::read_to_string(&path).unwrap() + "\n[collab]\nmax_turns = 2\n";
+    let text = pilot_text() + "max_turns = 2\n";
     LoadedProtocol::from_text(&path, text, &models_dir()).unwrap()
 }
 
@@ -322,10 +323,8 @@ async fn a_comparison_never_offers_the_same_reply_twice() {
         }
     }));
     let path = repo_root().join("study-protocols/quick-pilot.toml");
-    let text = std::fs::read_to_string(&path)
-        .unwrap()
-        .replace("[session]\n", "[session]\ncompare_every_turns = 1\n")
-        + "\n[collab]\nmax_turns = 2\n";
+    let text = pilot_text().replace("[session]\n", "[session]\ncompare_every_turns = 1\n")
+        + "max_turns = 2\n";
     let loaded = LoadedProtocol::from_text(&path, text, &models_dir()).unwrap();
     let pilot = start(&loaded, engine);
     let summary = simulate(&pilot, &options(1), &|_: &Tally| {}, std::future::pending()).await;

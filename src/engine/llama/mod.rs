@@ -95,10 +95,14 @@ pub fn load_model(
         path: path.display().to_string(),
         reason,
     };
-    let sha256 = file_sha256(path).map_err(|e| {
-        fail(format!(
+    let sha256 = file_sha256(path).map_err(|e| match super::fetch::Release::of_file(path) {
+        Some(release) => fail(format!(
+            "{e}. Run `{}` to fetch it",
+            release.fetch_command()
+        )),
+        None => fail(format!(
             "{e}. Run `collabllm models fetch` for the default model or check the path"
-        ))
+        )),
     })?;
     if let Some(expected) = expected_sha256 {
         if !expected.eq_ignore_ascii_case(&sha256) {

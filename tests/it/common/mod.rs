@@ -144,6 +144,28 @@ pub fn protocol(name: &str) -> LoadedProtocol {
     LoadedProtocol::load(&path, &models_dir()).unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// The quick pilot's text as the tests run it: the CollabLLM core's judge and simulated user are
+/// the default model, fast enough for the suite (the judge the protocol names is tested by
+/// `collab::the_fetched_judge_rates_a_reply_in_shape`). The text ends in its `[collab]` table, so
+/// keys appended to it are CollabLLM settings.
+pub fn pilot_text() -> String {
+    let text = std::fs::read_to_string(repo_root().join("study-protocols/quick-pilot.toml"))
+        .expect("the quick pilot");
+    let mut fast = text.clone();
+    for role in ["simulator_model", "judge_model"] {
+        let named = format!("{role} = \"{JUDGE_MODEL_ID}\"");
+        fast = fast.replace(&named, &format!("{role} = \"smollm2-135m\""));
+    }
+    assert!(
+        fast != text && fast.trim_end().ends_with("judge_model = \"smollm2-135m\""),
+        "the quick pilot ends with its [collab] roles"
+    );
+    fast + "\n"
+}
+
+/// The id of the judge and simulator model in the example protocols.
+pub const JUDGE_MODEL_ID: &str = "qwen2.5-coder-1.5b";
+
 pub fn example_protocol() -> LoadedProtocol {
     LoadedProtocol::load(&repo_root().join(EXAMPLE_PROTOCOL_PATH), &models_dir())
         .unwrap_or_else(|e| panic!("{e}"))
