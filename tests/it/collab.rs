@@ -498,12 +498,19 @@ async fn with_remote_judge(behaviour: &'static str) {
             });
         }
     });
-    let extra = format!(
-        "judge_model = \"remote-judge\"\n\n[[models]]\nid = \"remote-judge\"\nendpoint = \"http://127.0.0.1:{port}/v1\"\ntimeout_seconds = 1\n"
+    let remote = format!(
+        "\n[[models]]\nid = \"remote-judge\"\nendpoint = \"http://127.0.0.1:{port}/v1\"\ntimeout_seconds = 1\n"
     );
+    let pilot = pilot(&remote);
+    let text = pilot.text.replace(
+        "judge_model = \"smollm2-135m\"",
+        "judge_model = \"remote-judge\"",
+    );
+    let loaded = LoadedProtocol::from_text(&pilot.source, text, &models_dir()).unwrap();
+    assert_eq!(loaded.protocol.collab_models().1, "remote-judge");
     let db = TestDb::sqlite();
     let pool = db.pool();
-    import(&pool, &pilot(&extra));
+    import(&pool, &loaded);
     seed_session(&pool).await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pairs.jsonl");

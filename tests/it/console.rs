@@ -372,8 +372,12 @@ async fn console_pages_show_the_study(db: TestDb) {
     let form = |text: &str| format!("protocol={}&csrf={token}", urlencode(text));
     let refused = client.post("/console/studies/import", &form(&broken)).await;
     assert_eq!(refused.status, 422);
+    let line = 1 + broken
+        .lines()
+        .position(|l| l.contains("model = \"gone\""))
+        .unwrap();
     assert!(
-        refused.body.contains("pasted protocol:29:1"),
+        refused.body.contains(&format!("pasted protocol:{line}:1")),
         "{}",
         refused.body
     );
