@@ -18,8 +18,10 @@ use super::llama::file_sha256;
 /// A model file the platform knows how to fetch, pinned by its sha256, size and GGUF metadata.
 #[derive(Debug, Clone, Copy)]
 pub struct Release {
-    /// The name `models fetch` takes.
+    /// What the progress bar calls it.
     pub name: &'static str,
+    /// The command that fetches it, for messages that find it missing or wrong.
+    pub fetch_command: &'static str,
     pub file: &'static str,
     pub sha256: &'static str,
     pub bytes: u64,
@@ -37,6 +39,7 @@ pub struct Release {
 /// and DPO training on any CPU.
 pub const POLICY: Release = Release {
     name: "smollm2-135m",
+    fetch_command: "collabllm models fetch",
     file: "SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     bytes: 98_362_432,
@@ -52,6 +55,7 @@ pub const POLICY: Release = Release {
 /// carry signal (docs/benchmarks.md).
 pub const JUDGE: Release = Release {
     name: "qwen2.5-coder-1.5b",
+    fetch_command: "collabllm models fetch --judge",
     file: "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
     sha256: "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
     bytes: 1_117_320_768,
@@ -65,7 +69,7 @@ pub const JUDGE: Release = Release {
 /// Every release `models fetch` knows.
 pub const RELEASES: [Release; 2] = [POLICY, JUDGE];
 
-/// The default model's file, sha256 and size (the policy of the example protocols).
+/// The default model's file and sha256 (the arms' model in the example protocols).
 pub const DEFAULT_MODEL_FILE: &str = POLICY.file;
 pub const DEFAULT_MODEL_SHA256: &str = POLICY.sha256;
 
@@ -127,15 +131,6 @@ impl Release {
         RELEASES.into_iter().find(|r| r.file == name)
     }
 
-    /// The command that fetches this release.
-    pub fn fetch_command(&self) -> &'static str {
-        if self.name == JUDGE.name {
-            "collabllm models fetch --judge"
-        } else {
-            "collabllm models fetch"
-        }
-    }
-
     fn part(&self, template: &str, n: u32) -> String {
         template
             .replace("{nn}", &format!("{n:02}"))
@@ -195,10 +190,9 @@ pub fn fetch(
     let (actual, size) = join(&parts, &joined)?;
     if actual != release.sha256 || size != release.bytes {
         let _ = std::fs::remove_file(&joined);
-        let _ = std::fs::remove_dir_all(&parts_dir);
-        let _ = std::fs::remove_dir(models_dir.join(".fetch"));
+        remove_parts(models_dir, &parts_dir);
         return Err(FetchError::Corrupt {
-            command: release.fetch_command(),
+            command: release.fetch_command,
             file: release.file,
             actual,
             size,
@@ -211,9 +205,14 @@ pub fn fetch(
         return Err(e);
     }
     std::fs::rename(&joined, &target).map_err(io(&target))?;
-    let _ = std::fs::remove_dir_all(&parts_dir);
-    let _ = std::fs::remove_dir(models_dir.join(".fetch"));
+    remove_parts(models_dir, &parts_dir);
     Ok(target)
+}
+
+/// Removes a release's downloaded parts, and the folder of parts once no fetch uses it.
+fn remove_parts(models_dir: &Path, parts_dir: &Path) {
+    let _ = std::fs::remove_dir_all(parts_dir);
+    let _ = std::fs::remove_dir(models_dir.join(".fetch"));
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> FetchError {

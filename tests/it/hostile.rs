@@ -14,7 +14,8 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::{Config, TestRunner};
 use serde_json::{json, Value};
 
-use crate::common::{models_dir, repo_root, write_temp, TestApp, TestDb, TEST_API_KEY};
+use crate::common::{models_dir, repo_root, write_temp, TestApp, TestDb};
+use crate::openai::post_text;
 use crate::participant::{Browser, Socket};
 
 /// Cases of each property in one run of the suite, times `COLLABLLM_PROPTEST_CASES`.
@@ -211,7 +212,6 @@ async fn generated_frames_are_answered_and_never_break_the_server() {
 async fn generated_api_requests_never_get_a_server_error() {
     let db = TestDb::sqlite();
     let server = TestApp::new(&db).start();
-    let client = reqwest::Client::new();
     // Each field is valid most of the time, so that some requests reach the model.
     let mostly = |valid: BoxedStrategy<Value>| prop_oneof![4 => valid, 1 => any_json()];
     let shaped = (
@@ -272,15 +272,7 @@ async fn generated_api_requests_never_get_a_server_error() {
     let mut served = 0;
     for i in 0..cases(600) {
         let body = strategy.new_tree(&mut runner).expect("a body").current();
-        let r = client
-            .post(server.url("/v1/chat/completions"))
-            .bearer_auth(TEST_API_KEY)
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap();
+        let (status, text) = post_text(&server, &body).await;
         assert!(status < 500, "request {i} got {status}: {body} -> {text}");
         served += usize::from(status == 200);
         if status >= 400 {

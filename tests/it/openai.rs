@@ -5,14 +5,21 @@ use serde_json::{json, Value};
 use crate::common::{state_with_model, TestDb, TestServer, TEST_API_KEY};
 
 async fn post(server: &TestServer, body: Value) -> (u16, Value) {
+    let (status, text) = post_text(server, &body).await;
+    let body = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    (status, body)
+}
+
+/// `POST /v1/chat/completions` with the test key: the status and the body as text.
+pub async fn post_text(server: &TestServer, body: &Value) -> (u16, String) {
     let r = reqwest::Client::new()
         .post(server.url("/v1/chat/completions"))
         .bearer_auth(TEST_API_KEY)
-        .json(&body)
+        .json(body)
         .send()
         .await
         .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
+    (r.status().as_u16(), r.text().await.unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -96,10 +96,7 @@ pub fn load_model(
         reason,
     };
     let sha256 = file_sha256(path).map_err(|e| match super::fetch::Release::of_file(path) {
-        Some(release) => fail(format!(
-            "{e}. Run `{}` to fetch it",
-            release.fetch_command()
-        )),
+        Some(release) => fail(format!("{e}. Run `{}` to fetch it", release.fetch_command)),
         None => fail(format!(
             "{e}. Run `collabllm models fetch` for the default model or check the path"
         )),
