@@ -54,6 +54,7 @@ let docDirty = false;
 let streaming = null; // {seq, el}
 let comparing = null; // {seq, texts, bodies, box}
 let retryMs = 500;
+let unavailableRetryMs = 1000;
 let superseded = false;
 const DOC_SAVE_DELAY_MS = 800;
 const RATE_LIMITED_RETRY_MS = 5000;
@@ -114,6 +115,7 @@ function handle(frame) {
       applyState(frame);
       break;
     case "ack":
+      unavailableRetryMs = 1000;
       outbox = outbox.filter((f) => f.client_seq !== frame.client_seq);
       persist();
       if (frame.rev) {
@@ -188,6 +190,16 @@ function handle(frame) {
 function onError(frame) {
   if (frame.code === "taken_over") {
     onTakenOver(frame);
+    return;
+  }
+  if (frame.code === "unavailable") {
+    // Nothing was saved: the frame stays in the outbox, and the state asked for again sends it
+    // once the server can save (applyState resends what it has not acknowledged).
+    notice(frame.message);
+    setTimeout(() => {
+      if (ws && ws.readyState === WebSocket.OPEN && !superseded) hello();
+    }, unavailableRetryMs);
+    unavailableRetryMs = Math.min(unavailableRetryMs * 2, 10000);
     return;
   }
   if (frame.client_seq) {

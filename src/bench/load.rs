@@ -9,21 +9,22 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use rand::{Rng, SeedableRng};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 use crate::db::vocab::{MessageRole, SessionState};
 use crate::db::{self, DbConn, DbResult};
 use crate::engine::{
     ChatRequest, Completion, Engine, EngineError, EngineStatus, FinishReason, Generation,
 };
-use crate::study::frames::{ClientFrame, ServerFrame, StateView};
-use crate::study::SESSION_COOKIE;
+use crate::study::client::{Browser, ClientError, Connection};
+use crate::study::frames::{ClientFrame, ServerFrame};
 
 /// Longest wait for any one answer of the server.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a participant waits to send a frame again that the server could not store, and how
+/// often (a minute in all: a database that is back by then loses nothing).
+const UNAVAILABLE_PAUSE: Duration = Duration::from_millis(250);
+const UNAVAILABLE_ATTEMPTS: u32 = 240;
 
 /// A model that answers every request at once with the same few sentences, streamed a word at
 /// a time.
@@ -103,6 +104,9 @@ pub struct LoadReport {
     /// Milliseconds from a message to the reply's end.
     pub reply_ms: Vec<f64>,
     pub sent: Vec<Sent>,
+    /// Pages loaded and frames sent again after the server answered 503 or `unavailable` (it
+    /// could not store what they carried).
+    pub retried: u64,
     pub elapsed: Duration,
 }
 
@@ -145,6 +149,7 @@ pub async fn run(options: &LoadOptions, progress: &(dyn Fn(u64, u64) + Sync)) ->
     {
         report.ack_ms.extend(timings.ack_ms);
         report.reply_ms.extend(timings.reply_ms);
+        report.retried += timings.retried;
         match outcome {
             Ok(sent) => report.sent.push(sent),
             Err(e) => report.errors.push(e),
@@ -158,14 +163,13 @@ pub async fn run(options: &LoadOptions, progress: &(dyn Fn(u64, u64) + Sync)) ->
 struct Timings {
     ack_ms: Vec<f64>,
     reply_ms: Vec<f64>,
+    /// Pages loaded and frames sent again after the server could not store what they carried.
+    retried: u64,
 }
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
+/// A participant's connection with the pauses of a person between frames.
 struct Client {
-    socket: Socket,
-    seq: i64,
+    connection: Connection,
     who: String,
     pause: Duration,
     /// Draws the pauses (seeded by the participant's number: runs repeat).
@@ -173,40 +177,34 @@ struct Client {
 }
 
 impl Client {
-    async fn send(&mut self, frame: &ClientFrame) -> Result<(), String> {
-        let text = serde_json::to_string(frame).expect("frames serialise");
-        self.socket
-            .send(WsMessage::text(text))
-            .await
-            .map_err(|e| format!("{}: cannot send: {e}", self.who))
+    fn failed(&self, e: ClientError) -> String {
+        format!("{}: {e}", self.who)
     }
 
-    /// Frames until one `matches`, which is returned with those before it. An error frame is
-    /// this participant's failure.
+    /// Frames until one `matches`, which is returned with those before it. A load without
+    /// mistakes gets no error frame at all: one is this participant's failure.
     async fn until(
         &mut self,
         matches: impl Fn(&ServerFrame) -> bool,
     ) -> Result<(ServerFrame, Vec<ServerFrame>), String> {
-        let mut before = Vec::new();
-        loop {
-            let message = tokio::time::timeout(ANSWER_TIMEOUT, self.socket.next())
-                .await
-                .map_err(|_| format!("{}: no answer within {ANSWER_TIMEOUT:?}", self.who))?;
-            let text = match message {
-                Some(Ok(WsMessage::Text(text))) => text,
-                Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
-                other => return Err(format!("{}: the socket closed: {other:?}", self.who)),
-            };
-            let frame: ServerFrame = serde_json::from_str(&text)
-                .map_err(|e| format!("{}: an unreadable frame ({e}): {text}", self.who))?;
-            // A load without mistakes gets no error frame at all.
-            if let ServerFrame::Error { code, message, .. } = &frame {
-                return Err(format!("{}: error {code}: {message}", self.who));
+        let (frame, before) = self
+            .connection
+            .until(|f| matches!(f, ServerFrame::Error { .. }) || matches(f))
+            .await
+            .map_err(|e| self.failed(e))?;
+        self.no_error(std::slice::from_ref(&frame))?;
+        Ok((frame, before))
+    }
+
+    fn no_error(&self, frames: &[ServerFrame]) -> Result<(), String> {
+        match frames
+            .iter()
+            .find(|f| matches!(f, ServerFrame::Error { .. }))
+        {
+            Some(ServerFrame::Error { code, message, .. }) => {
+                Err(format!("{}: error {code}: {message}", self.who))
             }
-            if matches(&frame) {
-                return Ok((frame, before));
-            }
-            before.push(frame);
+            _ => Ok(()),
         }
     }
 
@@ -220,29 +218,15 @@ impl Client {
     ) -> Result<(Option<i32>, Vec<ServerFrame>, Instant), String> {
         let pause = self.pause.mul_f64(self.rng.random_range(0.5..1.5));
         tokio::time::sleep(pause).await;
-        self.seq += 1;
-        let seq = self.seq;
         let sent = Instant::now();
-        self.send(&frame(seq)).await?;
-        let (ack, before) = self
-            .until(|f| matches!(f, ServerFrame::Ack { client_seq, .. } if *client_seq == seq))
-            .await?;
+        let (rev, before) = self
+            .connection
+            .acked(frame)
+            .await
+            .map_err(|e| self.failed(e))?;
         timings.ack_ms.push(sent.elapsed().as_secs_f64() * 1000.0);
-        let ServerFrame::Ack { rev, .. } = ack else {
-            unreachable!("matched an ack")
-        };
+        self.no_error(&before)?;
         Ok((rev, before, sent))
-    }
-
-    async fn state(&mut self) -> Result<StateView, String> {
-        self.send(&ClientFrame::Hello {
-            session_token: None,
-        })
-        .await?;
-        match self.until(|f| matches!(f, ServerFrame::State(_))).await? {
-            (ServerFrame::State(state), _) => Ok(*state),
-            _ => unreachable!("matched a state"),
-        }
     }
 }
 
@@ -253,63 +237,40 @@ async fn participant(
     timings: &mut Timings,
 ) -> Result<Sent, String> {
     let who = format!("participant {i}");
-    let http = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .map_err(|e| format!("{who}: {e}"))?;
     let study = &options.study;
-    let entry = http
-        .get(format!(
-            "{}/s/{study}?PROLIFIC_PID=load-{i}&SESSION_ID=load-{i}",
-            options.base
-        ))
-        .send()
-        .await
-        .map_err(|e| format!("{who}: cannot open the study link: {e}"))?;
-    let token = entry
-        .headers()
-        .get_all("set-cookie")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .find_map(|v| {
-            v.split(';')
-                .next()?
-                .strip_prefix(&format!("{SESSION_COOKIE}="))
-                .map(str::to_string)
-        })
-        .ok_or_else(|| format!("{who}: the study link set no session ({})", entry.status()))?;
-    let cookie = format!("{SESSION_COOKIE}={token}");
-    let consent = http
-        .post(format!("{}/s/{study}/consent", options.base))
-        .header("cookie", &cookie)
-        .header("content-type", "application/x-www-form-urlencoded")
-        .body("decision=agree")
-        .send()
-        .await
-        .map_err(|e| format!("{who}: cannot consent: {e}"))?;
-    if !consent.status().is_redirection() {
-        return Err(format!("{who}: consent answered {}", consent.status()));
+    let mut browser = Browser::new(&options.base);
+    let query = format!("PROLIFIC_PID=load-{i}&SESSION_ID=load-{i}");
+    // A page the server could not make (503: the database is away) is loaded again, as the
+    // participant would after its "try again".
+    let mut attempts = 0;
+    loop {
+        match browser.join(study, &query).await {
+            Ok(()) => break,
+            Err(ClientError::Status { status: 503, .. }) if attempts < UNAVAILABLE_ATTEMPTS => {
+                attempts += 1;
+                timings.retried += 1;
+                tokio::time::sleep(UNAVAILABLE_PAUSE).await;
+            }
+            Err(e) => return Err(format!("{who}: {e}")),
+        }
     }
-    let ws_url = format!("{}/s/{study}/ws", options.base.replacen("http", "ws", 1));
-    let mut request = ws_url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| format!("{who}: {e}"))?;
-    request
-        .headers_mut()
-        .insert("cookie", cookie.parse().map_err(|e| format!("{who}: {e}"))?);
-    let (socket, _) = tokio_tungstenite::connect_async(request)
+    // As the page does: a frame the database could not store is sent again.
+    let mut connection = browser
+        .connect(study, ANSWER_TIMEOUT)
         .await
-        .map_err(|e| format!("{who}: cannot open the websocket: {e}"))?;
+        .map_err(|e| format!("{who}: {e}"))?
+        .retrying(&["unavailable"], UNAVAILABLE_PAUSE, UNAVAILABLE_ATTEMPTS);
+    let state = connection
+        .state()
+        .await
+        .map_err(|e| format!("{who}: {e}"))?;
+    connection.seq = state.last_client_seq;
     let mut client = Client {
-        socket,
-        seq: 0,
+        connection,
         who,
         pause: options.pause,
         rng: rand::rngs::StdRng::seed_from_u64(i as u64),
     };
-    let state = client.state().await?;
-    client.seq = state.last_client_seq;
     let turns = options.turns.max(state.min_turns as usize);
     let mut sent = Sent::default();
     let mut rev = state.document.rev;
@@ -422,7 +383,8 @@ async fn participant(
             .await?;
     }
     sent.completed = true;
-    let _ = client.socket.close(None).await;
+    timings.retried += client.connection.retried;
+    client.connection.close().await;
     Ok(sent)
 }
 

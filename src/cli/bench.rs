@@ -573,6 +573,12 @@ fn load_bench(ctx: &Context, mut options: load::LoadOptions, db: Option<String>)
         ms(&report.ack_ms, 0.99),
         report.ack_ms.len()
     );
+    if report.retried > 0 {
+        println!(
+            "pages loaded and frames sent again after the server could not store them: {}",
+            report.retried
+        );
+    }
     println!(
         "message to reply done{}: p50 {:.1} ms, p99 {:.1} ms ({} replies)",
         if own.is_some() {

@@ -10,9 +10,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message as WsMessage;
+use futures_util::StreamExt;
 
 use super::simulator::{self, Question};
 use super::{derive_seed, CollabError, Goal, Roles, Task};
@@ -20,8 +18,9 @@ use crate::db::vocab::{MessageRole, SessionState};
 use crate::db::{self, DbPool};
 use crate::engine::{ChatMessage, Engines};
 use crate::protocol::Protocol;
-use crate::study::frames::{ClientFrame, ServerFrame, StateView};
-use crate::study::{Studio, SESSION_COOKIE};
+use crate::study::client::{session_cookie, Connection};
+use crate::study::frames::{ClientFrame, RatingView, ServerFrame, StateView};
+use crate::study::Studio;
 
 #[derive(Debug, Clone)]
 pub struct SimulateOptions {
@@ -210,106 +209,40 @@ struct Participant<'a> {
     entered: &'a Mutex<Vec<(i64, String)>>,
 }
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// One simulated participant's connection and what it knows.
+/// One simulated participant's connection, and the session it is in for messages.
 struct Client {
-    socket: Socket,
-    next_seq: i64,
+    connection: Connection,
     session: String,
 }
 
 impl Client {
-    async fn send(&mut self, frame: &ClientFrame) -> Result<(), CollabError> {
-        let text = serde_json::to_string(frame).expect("frames serialise");
-        self.socket
-            .send(WsMessage::Text(text.into()))
-            .await
-            .map_err(|e| self.failed(format!("cannot send: {e}")))
-    }
-
-    fn failed(&self, why: String) -> CollabError {
+    fn failed(&self, why: impl std::fmt::Display) -> CollabError {
         CollabError::Invalid(format!("simulated session {}: {why}", self.session))
-    }
-
-    async fn receive(&mut self) -> Result<ServerFrame, CollabError> {
-        loop {
-            let message = tokio::time::timeout(FRAME_TIMEOUT, self.socket.next())
-                .await
-                .map_err(|_| self.failed("the server sent nothing for 5 minutes".into()))?;
-            match message {
-                Some(Ok(WsMessage::Text(text))) => {
-                    return serde_json::from_str(&text)
-                        .map_err(|e| self.failed(format!("unreadable frame {text}: {e}")));
-                }
-                Some(Ok(WsMessage::Close(_))) | None => {
-                    return Err(self.failed("the server closed the connection".into()))
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(self.failed(format!("websocket error: {e}"))),
-            }
-        }
     }
 
     /// The session's full state, as a reconnecting browser gets it.
     async fn state(&mut self) -> Result<StateView, CollabError> {
-        self.send(&ClientFrame::Hello {
-            session_token: None,
-        })
-        .await?;
-        loop {
-            match self.receive().await? {
-                ServerFrame::State(state) => return Ok(*state),
-                ServerFrame::Error {
-                    code,
-                    message,
-                    client_seq: None,
-                } => return Err(self.failed(format!("hello refused: {code}: {message}"))),
-                _ => {}
-            }
-        }
+        self.connection.state().await.map_err(|e| self.failed(e))
     }
 
+    /// The next client sequence number.
     fn seq(&mut self) -> i64 {
-        self.next_seq += 1;
-        self.next_seq
+        self.connection.next_seq()
     }
 
-    /// Sends a frame and reads until `done` says so; a refusal of the frame is an error, except
-    /// `rate_limited`, which waits and sends again.
+    /// Sends a frame and reads until `done` says so; a refusal is an error.
     async fn request(
         &mut self,
         frame: ClientFrame,
         done: impl Fn(&ServerFrame) -> bool,
-    ) -> Result<ServerFrame, CollabError> {
-        let seq = frame.client_seq();
-        self.send(&frame).await?;
-        loop {
-            let reply = self.receive().await?;
-            if let ServerFrame::Error {
-                code,
-                message,
-                client_seq,
-            } = &reply
-            {
-                if *client_seq == seq {
-                    if code == "rate_limited" {
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                        self.send(&frame).await?;
-                        continue;
-                    }
-                    return Err(
-                        self.failed(format!("the server refused a frame: {code}: {message}"))
-                    );
-                }
-            }
-            if done(&reply) {
-                return Ok(reply);
-            }
+    ) -> Result<(), CollabError> {
+        match self.connection.request(frame, done).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.failed(e)),
         }
     }
 
+    /// Sends a frame and waits for its acknowledgement.
     async fn acked(&mut self, frame: ClientFrame) -> Result<(), CollabError> {
         let seq = frame.client_seq();
         self.request(
@@ -317,7 +250,14 @@ impl Client {
             |f| matches!(f, ServerFrame::Ack { client_seq, .. } if Some(*client_seq) == seq),
         )
         .await
-        .map(|_| ())
+    }
+
+    /// Waits for the reply that is streaming to end (or to turn into a comparison).
+    async fn wait_for_reply(&mut self) -> Result<(), CollabError> {
+        match self.connection.until(reply_ended).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(self.failed(e)),
+        }
     }
 }
 
@@ -359,21 +299,13 @@ impl Participant<'_> {
             document: String::new(),
         };
         let url = format!("{}/s/{}/ws", self.ws_base, self.options.study);
-        let cannot = |e: &dyn std::fmt::Display| {
-            CollabError::Invalid(format!("cannot connect to {url}: {e}"))
-        };
         // As a browser does: the session is the cookie's.
-        let mut request = url.as_str().into_client_request().map_err(|e| cannot(&e))?;
-        let cookie = format!("{SESSION_COOKIE}={token}");
-        request
-            .headers_mut()
-            .insert("cookie", cookie.parse().map_err(|e| cannot(&e))?);
-        let (socket, _) = tokio_tungstenite::connect_async(request)
+        let connection = Connection::open(&url, Some(&session_cookie(&token)), FRAME_TIMEOUT)
             .await
-            .map_err(|e| cannot(&e))?;
+            .map_err(|e| CollabError::Invalid(e.to_string()))?
+            .retrying(&["rate_limited", "unavailable"], Duration::from_secs(5), 60);
         let mut client = Client {
-            socket,
-            next_seq: 0,
+            connection,
             session: session.public_id.clone(),
         };
         let rules = &self.protocol.session;
@@ -387,10 +319,16 @@ impl Participant<'_> {
         // The last turn whose reply the participant has decided what to do with.
         let mut decided_turn = 0;
         for step in 0..most_steps {
-            let conversation = conversation_of(&st);
+            let at = Step {
+                task: &task,
+                goal: &goal,
+                conversation: conversation_of(&st),
+                st: &st,
+                step,
+            };
             match st.phase {
                 SessionState::Finished => {
-                    let _ = client.socket.close(None).await;
+                    client.connection.close().await;
                     return Ok(session.public_id);
                 }
                 SessionState::Chatting if st.streaming.is_some() => {
@@ -398,107 +336,13 @@ impl Participant<'_> {
                 }
                 SessionState::Chatting if st.turn > decided_turn => {
                     decided_turn = st.turn;
-                    self.act_on_reply(&mut client, &task, &goal, &conversation, &st, step)
-                        .await?;
+                    self.act_on_reply(&mut client, &at).await?;
                 }
-                SessionState::Chatting => {
-                    let started = Instant::now();
-                    let at_cap = st.turn as u32 >= cap;
-                    let message = if at_cap {
-                        None
-                    } else {
-                        Some(
-                            simulator::next_message(
-                                self.roles,
-                                &task,
-                                &goal,
-                                &conversation,
-                                simulator::Draft::Keep,
-                                self.seed("message", step),
-                            )
-                            .await?,
-                        )
-                    };
-                    match message {
-                        Some(m) if !(m.terminates && st.can_finish) => {
-                            let draft = truncate(&m.current_answer, st.max_document_bytes);
-                            if !draft.trim().is_empty() && draft != st.document.content {
-                                let seq = client.seq();
-                                client
-                                    .acked(ClientFrame::DocUpdate {
-                                        client_seq: seq,
-                                        base_rev: st.document.rev,
-                                        content: draft,
-                                        inserted_message: None,
-                                    })
-                                    .await?;
-                            }
-                            let seq = client.seq();
-                            client
-                                .request(
-                                    ClientFrame::UserMessage {
-                                        client_seq: seq,
-                                        text: truncate(
-                                            &sendable(&m.response),
-                                            st.max_message_bytes,
-                                        ),
-                                    },
-                                    reply_ended,
-                                )
-                                .await?;
-                            self.count(|t| {
-                                t.turns += 1;
-                                t.turn_seconds += started.elapsed().as_secs_f64();
-                            });
-                        }
-                        _ if st.can_finish => {
-                            let seq = client.seq();
-                            client
-                                .acked(ClientFrame::Finish { client_seq: seq })
-                                .await?;
-                        }
-                        _ => {
-                            return Err(client.failed(format!(
-                                "the turn cap ({cap}) is reached but the session cannot finish"
-                            )))
-                        }
-                    }
-                }
-                SessionState::Choosing => {
-                    let Some(comparison) = &st.comparison else {
-                        return Err(client.failed("choosing without candidates".into()));
-                    };
-                    let question = Question::Choice {
-                        question: format!(
-                            "Which reply do you prefer?\n\nReply A:\n{}\n\nReply B:\n{}\n\n(tie: both are good; both_bad: neither is)",
-                            comparison.candidates.first().map_or("", |c| c.as_str()),
-                            comparison.candidates.get(1).map_or("", |c| c.as_str()),
-                        ),
-                        choices: ["a", "b", "tie", "both_bad"].map(String::from).to_vec(),
-                    };
-                    let choice = simulator::answer(
-                        self.roles,
-                        &task,
-                        &goal,
-                        &conversation,
-                        &st.document.content,
-                        &question,
-                        self.seed("choice", step),
-                    )
-                    .await?;
-                    let seq = client.seq();
-                    client
-                        .acked(ClientFrame::Choose {
-                            client_seq: seq,
-                            choice: choice.as_str().unwrap_or("tie").to_string(),
-                        })
-                        .await?;
-                }
+                SessionState::Chatting => self.chat(&mut client, &at, cap).await?,
+                SessionState::Choosing => self.choose(&mut client, &at).await?,
                 SessionState::Rating => {
-                    for rating in st.pending_ratings.clone() {
-                        let value = self
-                            .rate(&task, &goal, &conversation, &st, &rating, step)
-                            .await?;
+                    for rating in &st.pending_ratings {
+                        let value = self.rate(&at, rating).await?;
                         let seq = client.seq();
                         client
                             .acked(ClientFrame::Rating {
@@ -509,50 +353,7 @@ impl Participant<'_> {
                             .await?;
                     }
                 }
-                SessionState::Final => {
-                    let mut ratings = BTreeMap::new();
-                    for rating in &st.final_ratings {
-                        let value = self
-                            .rate(&task, &goal, &conversation, &st, rating, step)
-                            .await?;
-                        ratings.insert(rating.key.clone(), value);
-                    }
-                    let mut answers = BTreeMap::new();
-                    for (i, q) in st.questionnaire.iter().enumerate() {
-                        let question = Question::Text {
-                            question: q.prompt.clone(),
-                            max_chars: q.max_chars.min(600) as u32,
-                        };
-                        let answer = simulator::answer(
-                            self.roles,
-                            &task,
-                            &goal,
-                            &conversation,
-                            &st.document.content,
-                            &question,
-                            self.seed(&format!("question-{i}"), step),
-                        )
-                        .await?;
-                        let text = answer.as_str().unwrap_or_default().trim().to_string();
-                        let text = if text.is_empty() && q.required {
-                            "no comment".to_string()
-                        } else {
-                            text
-                        };
-                        answers.insert(q.key.clone(), text);
-                    }
-                    let seq = client.seq();
-                    client
-                        .request(
-                            ClientFrame::FinalAnswers {
-                                client_seq: seq,
-                                ratings,
-                                answers,
-                            },
-                            |f| matches!(f, ServerFrame::Completed(_)),
-                        )
-                        .await?;
-                }
+                SessionState::Final => self.answer_final(&mut client, &at).await?,
                 SessionState::Consent
                 | SessionState::Declined
                 | SessionState::TimedOut
@@ -560,9 +361,148 @@ impl Participant<'_> {
                     return Err(client.failed(format!("the session is {}", st.phase)));
                 }
             }
+            drop(at);
             st = client.state().await?;
         }
         Err(client.failed(format!("not finished after {most_steps} steps")))
+    }
+
+    /// A turn of the chat: the simulator writes its next message (saving its draft first), or
+    /// ends the chat once it is satisfied or the turn cap is reached.
+    async fn chat(&self, client: &mut Client, at: &Step<'_>, cap: u32) -> Result<(), CollabError> {
+        let st = at.st;
+        let started = Instant::now();
+        let message = if st.turn as u32 >= cap {
+            None
+        } else {
+            Some(
+                simulator::next_message(
+                    self.roles,
+                    at.task,
+                    at.goal,
+                    &at.conversation,
+                    simulator::Draft::Keep,
+                    self.seed("message", at.step),
+                )
+                .await?,
+            )
+        };
+        match message {
+            Some(m) if !(m.terminates && st.can_finish) => {
+                let draft = truncate(&m.current_answer, st.max_document_bytes);
+                if !draft.trim().is_empty() && draft != st.document.content {
+                    let seq = client.seq();
+                    client
+                        .acked(ClientFrame::DocUpdate {
+                            client_seq: seq,
+                            base_rev: st.document.rev,
+                            content: draft,
+                            inserted_message: None,
+                        })
+                        .await?;
+                }
+                let seq = client.seq();
+                let text = truncate(&sendable(&m.response), st.max_message_bytes);
+                client
+                    .request(
+                        ClientFrame::UserMessage {
+                            client_seq: seq,
+                            text,
+                        },
+                        reply_ended,
+                    )
+                    .await?;
+                self.count(|t| {
+                    t.turns += 1;
+                    t.turn_seconds += started.elapsed().as_secs_f64();
+                });
+                Ok(())
+            }
+            _ if st.can_finish => {
+                let seq = client.seq();
+                client.acked(ClientFrame::Finish { client_seq: seq }).await
+            }
+            _ => Err(client.failed(format!(
+                "the turn cap ({cap}) is reached but the session cannot finish"
+            ))),
+        }
+    }
+
+    /// A comparison turn: the simulator picks between the two candidate replies.
+    async fn choose(&self, client: &mut Client, at: &Step<'_>) -> Result<(), CollabError> {
+        let Some(comparison) = &at.st.comparison else {
+            return Err(client.failed("choosing without candidates"));
+        };
+        let question = Question::Choice {
+            question: format!(
+                "Which reply do you prefer?\n\nReply A:\n{}\n\nReply B:\n{}\n\n(tie: both are good; both_bad: neither is)",
+                comparison.candidates.first().map_or("", |c| c.as_str()),
+                comparison.candidates.get(1).map_or("", |c| c.as_str()),
+            ),
+            choices: ["a", "b", "tie", "both_bad"].map(String::from).to_vec(),
+        };
+        let choice = self.ask(at, &question, "choice").await?;
+        let seq = client.seq();
+        client
+            .acked(ClientFrame::Choose {
+                client_seq: seq,
+                choice: choice.as_str().unwrap_or("tie").to_string(),
+            })
+            .await
+    }
+
+    /// The end of the session: the final ratings and the questionnaire's answers.
+    async fn answer_final(&self, client: &mut Client, at: &Step<'_>) -> Result<(), CollabError> {
+        let st = at.st;
+        let mut ratings = BTreeMap::new();
+        for rating in &st.final_ratings {
+            ratings.insert(rating.key.clone(), self.rate(at, rating).await?);
+        }
+        let mut answers = BTreeMap::new();
+        for (i, q) in st.questionnaire.iter().enumerate() {
+            let question = Question::Text {
+                question: q.prompt.clone(),
+                max_chars: q.max_chars.min(600) as u32,
+            };
+            let answer = self.ask(at, &question, &format!("question-{i}")).await?;
+            let text = answer.as_str().unwrap_or_default().trim().to_string();
+            let text = if text.is_empty() && q.required {
+                "no comment".to_string()
+            } else {
+                text
+            };
+            answers.insert(q.key.clone(), text);
+        }
+        let seq = client.seq();
+        client
+            .request(
+                ClientFrame::FinalAnswers {
+                    client_seq: seq,
+                    ratings,
+                    answers,
+                },
+                |f| matches!(f, ServerFrame::Completed(_)),
+            )
+            .await
+    }
+
+    /// The simulated user's answer to `question` at this step, seeded by `what` it is.
+    async fn ask(
+        &self,
+        at: &Step<'_>,
+        question: &Question,
+        what: &str,
+    ) -> Result<serde_json::Value, CollabError> {
+        simulator::answer(
+            self.roles,
+            at.task,
+            at.goal,
+            &at.conversation,
+            &at.st.document.content,
+            question,
+            self.seed(what, at.step),
+        )
+        .await
     }
 
     /// Adds to the run's tally and reports it.
@@ -575,15 +515,8 @@ impl Participant<'_> {
     /// What a participant does with a new reply, as the simulator decides: goes on, inserts it
     /// into the document (to edit it later), or asks for another reply and then picks one of the
     /// two — so a pilot exercises every signal the pairs export reads.
-    async fn act_on_reply(
-        &self,
-        client: &mut Client,
-        task: &Task,
-        goal: &Goal,
-        conversation: &[ChatMessage],
-        st: &StateView,
-        step: usize,
-    ) -> Result<(), CollabError> {
+    async fn act_on_reply(&self, client: &mut Client, at: &Step<'_>) -> Result<(), CollabError> {
+        let st = at.st;
         let Some(reply) = st
             .messages
             .last()
@@ -598,16 +531,7 @@ impl Participant<'_> {
                 .into(),
             choices: ACTIONS.map(String::from).to_vec(),
         };
-        let action = simulator::answer(
-            self.roles,
-            task,
-            goal,
-            conversation,
-            &st.document.content,
-            &question,
-            self.seed("action", step),
-        )
-        .await?;
+        let action = self.ask(at, &question, "action").await?;
         match action.as_str() {
             Some("insert") => {
                 let document = &st.document.content;
@@ -643,15 +567,8 @@ impl Participant<'_> {
         Ok(())
     }
 
-    async fn rate(
-        &self,
-        task: &Task,
-        goal: &Goal,
-        conversation: &[ChatMessage],
-        st: &StateView,
-        rating: &crate::study::frames::RatingView,
-        step: usize,
-    ) -> Result<i32, CollabError> {
+    /// The simulated user's rating on `rating`'s scale (its lowest if the answer is not one).
+    async fn rate(&self, at: &Step<'_>, rating: &RatingView) -> Result<i32, CollabError> {
         let question = Question::Scale {
             question: rating.question.clone(),
             min: rating.min,
@@ -659,16 +576,9 @@ impl Participant<'_> {
             min_label: rating.min_label.clone(),
             max_label: rating.max_label.clone(),
         };
-        let value = simulator::answer(
-            self.roles,
-            task,
-            goal,
-            conversation,
-            &st.document.content,
-            &question,
-            self.seed(&format!("rating-{}", rating.key), step),
-        )
-        .await?;
+        let value = self
+            .ask(at, &question, &format!("rating-{}", rating.key))
+            .await?;
         Ok(value
             .as_i64()
             .and_then(|v| i32::try_from(v).ok())
@@ -676,15 +586,14 @@ impl Participant<'_> {
     }
 }
 
-impl Client {
-    /// Waits for the reply that is streaming to end (or to turn into a comparison).
-    async fn wait_for_reply(&mut self) -> Result<(), CollabError> {
-        loop {
-            if reply_ended(&self.receive().await?) {
-                return Ok(());
-            }
-        }
-    }
+/// Where a simulated participant is: the task, its hidden goal, and the session as the last
+/// `state` showed it, at this step of the run (steps seed the simulator).
+struct Step<'a> {
+    task: &'a Task,
+    goal: &'a Goal,
+    conversation: Vec<ChatMessage>,
+    st: &'a StateView,
+    step: usize,
 }
 
 /// Whether a frame ends the reply the participant waits for: it is done, or it is a pick between

@@ -4,6 +4,7 @@
 //! layer turns requests and frames into calls here.
 
 pub mod assign;
+pub mod client;
 mod entry;
 pub mod frames;
 mod live;

@@ -32,6 +32,7 @@ struct Driver {
 
 impl Driver {
     fn start() -> Self {
+        crate::common::needs_full_tier("a browser");
         let binary = std::env::var("CHROMEDRIVER").unwrap_or_else(|_| "chromedriver".into());
         let port = free_port();
         let child = Command::new(&binary)

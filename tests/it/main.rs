@@ -10,6 +10,7 @@ mod contrast;
 mod engine;
 mod evaluate;
 mod export;
+mod faults;
 mod hostile;
 mod layers;
 mod openai;

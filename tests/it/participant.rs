@@ -7,133 +7,87 @@ use std::time::Duration;
 use collabllm::db;
 use collabllm::db::vocab::{MessageRole, SessionState};
 use collabllm::protocol::LoadedProtocol;
+use collabllm::study::client::{self, ClientError, Connection};
 use collabllm::study::frames::{ClientFrame, ServerFrame, StateView};
 use collabllm::web::AppState;
-use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::common::{models_dir, repo_root, state_with_model, TestApp, TestDb, TestServer};
 
 const WAIT: Duration = Duration::from_secs(120);
 
-/// An HTTP client that keeps the session cookie, as a browser would.
-pub struct Browser {
-    base: String,
-    pub http: reqwest::Client,
-    pub token: Option<String>,
+/// The library's participant client for tests: a failure to talk to the server is the test's
+/// failure.
+pub struct Browser(pub client::Browser);
+
+impl std::ops::Deref for Browser {
+    type Target = client::Browser;
+    fn deref(&self) -> &client::Browser {
+        &self.0
+    }
 }
 
 impl Browser {
     /// A browser of the server at `base` (`http://host:port`).
     pub fn new(base: &str) -> Self {
-        Self {
-            base: base.to_string(),
-            http: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .unwrap(),
-            token: None,
-        }
+        Self(client::Browser::new(base))
     }
 
-    pub fn cookie(&self) -> String {
-        format!(
-            "collabllm_session={}",
-            self.token.clone().unwrap_or_default()
-        )
-    }
-
-    /// Opens the study link; keeps the cookie it sets.
+    /// Opens the study link (with a Prolific id, if given); keeps the cookie it sets.
     pub async fn enter(&mut self, slug: &str, pid: Option<&str>) -> reqwest::Response {
-        let url = match pid {
-            Some(pid) => format!(
-                "{}/s/{slug}?PROLIFIC_PID={pid}&STUDY_ID=s1&SESSION_ID=x1",
-                self.base
-            ),
-            None => format!("{}/s/{slug}", self.base),
-        };
-        let response = self
-            .http
-            .get(url)
-            .header("cookie", self.cookie())
-            .send()
-            .await
-            .unwrap();
-        if let Some(set) = response.headers().get("set-cookie") {
-            let value = set.to_str().unwrap();
-            let token = value.split(';').next().unwrap().split_once('=').unwrap().1;
-            self.token = Some(token.to_string());
-        }
-        response
+        let query = pid
+            .map(|pid| format!("PROLIFIC_PID={pid}&STUDY_ID=s1&SESSION_ID=x1"))
+            .unwrap_or_default();
+        self.0.enter(slug, &query).await.unwrap()
     }
 
     pub async fn page(&self, slug: &str) -> String {
-        self.http
-            .get(format!("{}/s/{slug}/p", self.base))
-            .header("cookie", self.cookie())
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        self.0.page(slug).await.unwrap()
     }
 
     pub async fn consent(&self, slug: &str, decision: &str) -> reqwest::Response {
-        self.http
-            .post(format!("{}/s/{slug}/consent", self.base))
-            .header("cookie", self.cookie())
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(format!("decision={decision}"))
-            .send()
-            .await
-            .unwrap()
+        self.0.consent(slug, decision).await.unwrap()
     }
 }
 
-/// A websocket client speaking the participant protocol.
-pub struct Socket {
-    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
-    pub seq: i64,
-    /// Frames `chat` read past that a test may still wait for (a rating request comes before
-    /// the reply's `assistant_done`).
-    backlog: std::collections::VecDeque<ServerFrame>,
+/// A websocket of the library's participant client, with the checks tests make on top.
+pub struct Socket(pub Connection);
+
+impl std::ops::Deref for Socket {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Socket {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.0
+    }
 }
 
 impl Socket {
     /// Connects to the server at `host` (`host:port`) as a browser with this session cookie.
     pub async fn connect(host: &str, slug: &str, token: Option<&str>) -> Self {
-        let cookie = token.map(|token| format!("collabllm_session={token}"));
+        let cookie = token.map(client::session_cookie);
         Self::connect_to(&format!("ws://{host}/s/{slug}/ws"), cookie.as_deref()).await
     }
 
     /// Connects to the websocket at `url` with this `cookie` header.
     pub async fn connect_to(url: &str, cookie: Option<&str>) -> Self {
-        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-        let mut request = url.into_client_request().unwrap();
-        if let Some(cookie) = cookie {
-            request
-                .headers_mut()
-                .insert("cookie", cookie.parse().unwrap());
-        }
-        let (ws, _) = tokio_tungstenite::connect_async(request)
-            .await
-            .expect("websocket connects");
-        Self {
-            ws,
-            seq: 0,
-            backlog: Default::default(),
-        }
+        Self(
+            Connection::open(url, cookie, WAIT)
+                .await
+                .expect("websocket connects"),
+        )
     }
 
     pub async fn raw(&mut self, text: &str) {
-        self.ws.send(Message::text(text)).await.unwrap();
+        self.0.send_raw(Message::text(text)).await.unwrap();
     }
 
     pub async fn send(&mut self, frame: &ClientFrame) {
-        self.raw(&serde_json::to_string(frame).unwrap()).await;
+        self.0.send(frame).await.unwrap();
     }
 
     /// `hello`: the session is the one of the connection's cookie.
@@ -177,23 +131,16 @@ impl Socket {
         seq
     }
 
-    pub fn next_seq(&mut self) -> i64 {
-        self.seq += 1;
-        self.seq
+    pub async fn next(&mut self) -> ServerFrame {
+        self.0.next().await.expect("a frame arrives in time")
     }
 
-    pub async fn next(&mut self) -> ServerFrame {
-        if let Some(frame) = self.backlog.pop_front() {
-            return frame;
-        }
+    /// How the server closed the connection, once the frames before are read.
+    pub async fn closed(&mut self) -> ClientError {
         loop {
-            let message = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("a frame arrives in time")
-                .expect("the socket stays open")
-                .expect("a valid websocket message");
-            if let Message::Text(text) = message {
-                return serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+            match self.0.next().await {
+                Ok(_) => continue,
+                Err(e) => return e,
             }
         }
     }
@@ -203,14 +150,7 @@ impl Socket {
         &mut self,
         wanted: impl Fn(&ServerFrame) -> bool,
     ) -> (ServerFrame, Vec<ServerFrame>) {
-        let mut before = Vec::new();
-        loop {
-            let f = self.next().await;
-            if wanted(&f) {
-                return (f, before);
-            }
-            before.push(f);
-        }
+        self.0.until(wanted).await.expect("a frame arrives in time")
     }
 
     /// Sends a message and waits for the reply to finish; returns the reply text.
@@ -228,7 +168,8 @@ impl Socket {
         let ServerFrame::AssistantDone { text, .. } = done else {
             unreachable!()
         };
-        self.backlog.extend(
+        // A rating request comes before the reply's `assistant_done`: a test may still wait for it.
+        self.keep(
             before
                 .iter()
                 .filter(|f| matches!(f, ServerFrame::RatingRequest { .. } | ServerFrame::State(_)))
@@ -692,8 +633,7 @@ async fn bad_frames_get_error_frames_and_the_connection_survives() {
     ws.expect_error("bad_frame").await;
     ws.raw(r#"{"type":"launch_missiles","client_seq":1}"#).await;
     ws.expect_error("bad_frame").await;
-    ws.ws
-        .send(Message::binary(vec![0u8, 159, 146, 150]))
+    ws.send_raw(Message::binary(vec![0u8, 159, 146, 150]))
         .await
         .unwrap();
     ws.expect_error("bad_frame").await;
@@ -1377,11 +1317,8 @@ async fn a_second_tab_takes_the_session_over_and_no_frame_is_applied_twice() {
     assert_eq!(s2.last_client_seq, s.last_client_seq);
     // The first tab is told, then closed: it cannot write with numbers the second one uses.
     first.expect_error("taken_over").await;
-    let closed = tokio::time::timeout(WAIT, first.ws.next()).await.unwrap();
-    assert!(
-        matches!(closed, Some(Ok(Message::Close(_))) | None),
-        "{closed:?}"
-    );
+    let closed = first.closed().await;
+    assert!(matches!(closed, ClientError::Closed(_)), "{closed:?}");
     // Both tabs numbered their next frame 1; only the owner's is applied, once.
     second.seq = s2.last_client_seq;
     second.chat("From the second tab.").await;
@@ -1411,11 +1348,8 @@ async fn a_frame_too_large_to_read_is_answered_before_the_socket_closes() {
     ws.raw(&huge).await;
     let error = ws.expect_error("too_large").await;
     assert!(format!("{error:?}").contains("closed"), "{error:?}");
-    let closed = tokio::time::timeout(WAIT, ws.ws.next()).await.unwrap();
-    match closed {
-        Some(Ok(Message::Close(Some(frame)))) => {
-            assert_eq!(u16::from(frame.code), 1009, "{frame:?}")
-        }
+    match ws.closed().await {
+        ClientError::Closed(Some((code, _))) => assert_eq!(code, 1009),
         other => panic!("expected a close frame, got {other:?}"),
     }
 }

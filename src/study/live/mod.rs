@@ -225,10 +225,12 @@ impl Connection {
             }
             Err(Refusal::Study(e)) => {
                 tracing::error!(session_id, error = %e, "frame failed");
+                // A frame is stored in one transaction with its number, so the client keeps it
+                // and sends it again: stored once when the database is back, acknowledged then.
                 vec![ServerFrame::error(
                     "unavailable",
                     "the server could not save this right now; it will be sent again",
-                    None,
+                    client_seq,
                 )]
             }
         }

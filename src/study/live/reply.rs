@@ -17,10 +17,37 @@ use crate::db::provenance::{Provenance, Usage};
 use crate::db::vocab::{CandidateSource, MessageRole, SessionState};
 use crate::db::{self, DbConn};
 use crate::engine::registry::engine_name;
-use crate::engine::{ChatMessage, ChatRequest, Completion, EngineEvent, Role};
+use crate::engine::{ChatMessage, ChatRequest, Completion, Engine, EngineEvent, Generation, Role};
 use crate::protocol::Protocol;
 use crate::study::frames::{ComparisonView, RatingView, ServerFrame};
 use crate::study::{Studio, StudyError};
+
+/// How often a finished reply is stored again when the database could not take it, and the
+/// first pause between tries (doubling up to 16 times it: about 40 s in all).
+const STORE_ATTEMPTS: u32 = 8;
+const STORE_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// What a reply will be, decided before the engine is asked.
+struct ReplyPlan {
+    /// The seq the reply will be stored under.
+    msg_seq: i32,
+    /// Two candidates for the participant to pick from.
+    comparison: bool,
+    /// A replacement for a reply already kept as a candidate.
+    regenerate: bool,
+    engine_id: String,
+    /// One per candidate; taken when the generations start.
+    requests: Vec<ChatRequest>,
+    /// What the reply is stored with (the engine's fingerprint added once it starts).
+    policy: Provenance,
+}
+
+/// How the generations ended, how long each waited for a slot, and the lease kept meanwhile.
+struct Streamed {
+    completions: Result<Vec<Completion>, String>,
+    waited: Vec<std::time::Duration>,
+    lease: LeaseKeeper,
+}
 
 /// A reply being generated.
 pub(super) struct Reply {
@@ -100,6 +127,8 @@ impl Studio {
         started
     }
 
+    /// Plans the reply, starts its generations and hands them to a task that streams them to
+    /// the session and then settles the outcome.
     async fn launch_reply(
         self: &Arc<Self>,
         session: &Session,
@@ -107,56 +136,11 @@ impl Studio {
         history: Vec<Message>,
         regenerate: bool,
     ) -> Result<(), StudyError> {
-        let this = self.clone();
-        let (arm_id, version_id) = (session.arm_id, session.study_version_id);
-        let (protocol, arm_name) = self
-            .db(move |conn| {
-                let protocol = this.protocol(conn, version_id)?;
-                let arm = db::studies::arms_of(conn, version_id)?
-                    .into_iter()
-                    .find(|a| Some(a.id) == arm_id)
-                    .ok_or_else(|| StudyError::Protocol("the session has no arm".into()))?;
-                Ok::<_, StudyError>((protocol, arm.name))
-            })
-            .await?;
-        let arm = protocol
-            .arm(&arm_name)
-            .ok_or_else(|| {
-                StudyError::Protocol(format!("arm {arm_name:?} is missing from the protocol"))
-            })?
-            .clone();
-        let engine_id = engine_name(&arm.model, arm.lora.first());
-        let mut messages = vec![ChatMessage::new(Role::System, arm.system_prompt.clone())];
-        messages.extend(
-            history
-                .iter()
-                .map(|m| crate::study::chat_message(m.role, &m.content)),
-        );
-        let msg_seq = history.last().map_or(1, |m| m.seq + 1);
-        let every = protocol.session.compare_every_turns;
-        let turns = history.iter().filter(|m| m.is_turn()).count() as i32;
-        let comparison = !regenerate && every > 0 && (turns + 1) % every as i32 == 0;
-        // A comparison turn generates a second candidate with the next seed, in a slot of its own.
-        let requests: Vec<ChatRequest> = (0..if comparison { 2 } else { 1 })
-            .map(|i| {
-                let mut sampling = arm.sampling.clone();
-                // Another candidate, or a replacement, must not repeat a fixed seed's text.
-                let offset = i + u32::from(regenerate);
-                if offset > 0 {
-                    sampling.seed = sampling.seed.map(|s| s.wrapping_add(offset));
-                }
-                let mut request = ChatRequest::new(messages.clone(), sampling);
-                request.conversation = Some(if i == 0 {
-                    session.public_id.clone()
-                } else {
-                    format!("{}#{i}", session.public_id)
-                });
-                request
-            })
-            .collect();
+        let mut plan = self.plan_reply(session, &history, regenerate).await?;
         // The second candidate's request, to sample again should it repeat the first.
-        let second = requests.get(1).cloned();
-        let started = self.engines.get(&engine_id).and_then(|engine| {
+        let second = plan.requests.get(1).cloned();
+        let requests = std::mem::take(&mut plan.requests);
+        let started = self.engines.get(&plan.engine_id).and_then(|engine| {
             let generations = requests
                 .into_iter()
                 .map(|r| engine.start(r))
@@ -177,173 +161,293 @@ impl Studio {
                 return Ok(());
             }
         };
+        plan.policy.fingerprint = fingerprint;
         *live.reply.lock().expect("reply lock") = Some(Reply {
-            msg_seq,
+            msg_seq: plan.msg_seq,
             texts: vec![String::new(); generations.len()],
             tokens: vec![0; generations.len()],
             ahead: vec![None; generations.len()],
             cancels: generations.iter().map(|g| g.canceller()).collect(),
         });
         let start = ServerFrame::AssistantStart {
-            msg_seq,
-            comparison,
+            msg_seq: plan.msg_seq,
+            comparison: plan.comparison,
         };
         self.broadcast(session.id, live, vec![start]).await;
-        let studio = self.clone();
-        let live = live.clone();
-        let session_id = session.id;
+        let (studio, live, session_id) = (self.clone(), live.clone(), session.id);
+        tokio::spawn(async move {
+            let streamed = studio
+                .stream_reply(session_id, &live, &plan, generations)
+                .await;
+            studio
+                .conclude_reply(session_id, &live, &plan, streamed, &*engine, second)
+                .await;
+        });
+        Ok(())
+    }
+
+    /// What the reply to `history` will be: the arm's model and prompt, one request per
+    /// candidate (two in a comparison turn), and the provenance it will be stored with.
+    async fn plan_reply(
+        self: &Arc<Self>,
+        session: &Session,
+        history: &[Message],
+        regenerate: bool,
+    ) -> Result<ReplyPlan, StudyError> {
+        let this = self.clone();
+        let (arm_id, version_id) = (session.arm_id, session.study_version_id);
+        let (protocol, arm_name) = self
+            .db(move |conn| {
+                let protocol = this.protocol(conn, version_id)?;
+                let arm = db::studies::arms_of(conn, version_id)?
+                    .into_iter()
+                    .find(|a| Some(a.id) == arm_id)
+                    .ok_or_else(|| StudyError::Protocol("the session has no arm".into()))?;
+                Ok::<_, StudyError>((protocol, arm.name))
+            })
+            .await?;
+        let arm = protocol.arm(&arm_name).ok_or_else(|| {
+            StudyError::Protocol(format!("arm {arm_name:?} is missing from the protocol"))
+        })?;
+        let engine_id = engine_name(&arm.model, arm.lora.first());
+        let mut messages = vec![ChatMessage::new(Role::System, arm.system_prompt.clone())];
+        messages.extend(
+            history
+                .iter()
+                .map(|m| crate::study::chat_message(m.role, &m.content)),
+        );
+        let every = protocol.session.compare_every_turns;
+        let turns = history.iter().filter(|m| m.is_turn()).count() as i32;
+        let comparison = !regenerate && every > 0 && (turns + 1) % every as i32 == 0;
+        // A comparison turn generates a second candidate with the next seed, in a slot of its own.
+        let requests = (0..if comparison { 2 } else { 1 })
+            .map(|i| {
+                let mut sampling = arm.sampling.clone();
+                // Another candidate, or a replacement, must not repeat a fixed seed's text.
+                let offset = i + u32::from(regenerate);
+                if offset > 0 {
+                    sampling.seed = sampling.seed.map(|s| s.wrapping_add(offset));
+                }
+                let mut request = ChatRequest::new(messages.clone(), sampling);
+                request.conversation = Some(if i == 0 {
+                    session.public_id.clone()
+                } else {
+                    format!("{}#{i}", session.public_id)
+                });
+                request
+            })
+            .collect();
         let policy = Provenance {
             arm: arm.id.clone(),
             model: Some(arm.model.clone()),
-            engine: Some(engine_id),
-            fingerprint,
+            engine: Some(engine_id.clone()),
             system_prompt_sha256: Some(crate::protocol::sha256_hex(arm.system_prompt.as_bytes())),
             lora: arm.lora.clone(),
             sampling: arm.sampling.clone(),
             ..Provenance::default()
         };
-        tokio::spawn(async move {
-            let streams = generations.into_iter().enumerate().map(|(i, g)| {
-                futures_util::stream::unfold(g, move |mut g| async move {
-                    g.next().await.map(|event| ((i, event), g))
-                })
-                .boxed()
-            });
-            let mut events = futures_util::stream::select_all(streams);
-            let mut outcomes: Vec<Option<Result<Completion, String>>> =
-                vec![None; if comparison { 2 } else { 1 }];
-            // How long each candidate waited for a slot (none: it had one at once).
-            let asked = std::time::Instant::now();
-            let mut waited = vec![std::time::Duration::ZERO; outcomes.len()];
-            let mut lease = LeaseKeeper::new(&studio);
-            loop {
-                let (i, event) = tokio::select! {
-                    next = events.next() => match next {
-                        Some(next) => next,
-                        None => break,
-                    },
-                    () = lease.due() => {
-                        if !lease.renew(&studio, session_id, &live).await {
-                            break;
+        Ok(ReplyPlan {
+            msg_seq: history.last().map_or(1, |m| m.seq + 1),
+            comparison,
+            regenerate,
+            engine_id,
+            requests,
+            policy,
+        })
+    }
+
+    /// Relays the generations' tokens and queue places to the session as they come, keeping the
+    /// reply lease, until every generation ended (or the lease was lost).
+    async fn stream_reply(
+        self: &Arc<Self>,
+        session_id: i64,
+        live: &Arc<LiveSession>,
+        plan: &ReplyPlan,
+        generations: Vec<Generation>,
+    ) -> Streamed {
+        let msg_seq = plan.msg_seq;
+        let streams = generations.into_iter().enumerate().map(|(i, g)| {
+            futures_util::stream::unfold(g, move |mut g| async move {
+                g.next().await.map(|event| ((i, event), g))
+            })
+            .boxed()
+        });
+        let mut events = futures_util::stream::select_all(streams);
+        let candidates = if plan.comparison { 2 } else { 1 };
+        let mut outcomes: Vec<Option<Result<Completion, String>>> = vec![None; candidates];
+        // How long each candidate waited for a slot (none: it had one at once).
+        let asked = std::time::Instant::now();
+        let mut waited = vec![std::time::Duration::ZERO; candidates];
+        let mut lease = LeaseKeeper::new(self);
+        loop {
+            let (i, event) = tokio::select! {
+                next = events.next() => match next {
+                    Some(next) => next,
+                    None => break,
+                },
+                () = lease.due() => {
+                    if !lease.renew(self, session_id, live).await {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            match event {
+                EngineEvent::Token(delta) => {
+                    // Numbered under the lock that a `state` snapshot takes, so a client can tell
+                    // which frames the snapshot already holds.
+                    let mut reply = live.reply.lock().expect("reply lock");
+                    let Some(r) = reply.as_mut() else { continue };
+                    r.texts[i].push_str(&delta);
+                    let index = r.tokens[i];
+                    r.tokens[i] += 1;
+                    let candidate = plan.comparison.then_some(i);
+                    let frame = ServerFrame::Token {
+                        msg_seq,
+                        index,
+                        delta,
+                        candidate,
+                    };
+                    lease.send(live, frame);
+                }
+                EngineEvent::Queued { .. } | EngineEvent::Started => {
+                    let place = match event {
+                        EngineEvent::Queued { ahead } => Some(ahead),
+                        _ => {
+                            waited[i] = asked.elapsed();
+                            None
                         }
-                        continue;
+                    };
+                    let mut reply = live.reply.lock().expect("reply lock");
+                    let Some(r) = reply.as_mut() else { continue };
+                    let was = r.waiting();
+                    r.ahead[i] = place;
+                    let ahead = r.waiting();
+                    if ahead != was {
+                        lease.send(live, ServerFrame::Queued { msg_seq, ahead });
                     }
-                };
-                match event {
-                    EngineEvent::Token(delta) => {
-                        // Numbered under the lock that a `state` snapshot takes, so a client
-                        // can tell which frames the snapshot already holds.
-                        let mut reply = live.reply.lock().expect("reply lock");
-                        let Some(r) = reply.as_mut() else { continue };
-                        r.texts[i].push_str(&delta);
-                        let index = r.tokens[i];
-                        r.tokens[i] += 1;
-                        let candidate = comparison.then_some(i);
-                        let frame = ServerFrame::Token {
-                            msg_seq,
-                            index,
-                            delta,
-                            candidate,
-                        };
-                        lease.send(&live, frame);
-                    }
-                    EngineEvent::Queued { .. } | EngineEvent::Started => {
-                        let place = match event {
-                            EngineEvent::Queued { ahead } => Some(ahead),
-                            _ => {
-                                waited[i] = asked.elapsed();
-                                None
-                            }
-                        };
-                        let mut reply = live.reply.lock().expect("reply lock");
-                        let Some(r) = reply.as_mut() else { continue };
-                        let was = r.waiting();
-                        r.ahead[i] = place;
-                        let ahead = r.waiting();
-                        if ahead != was {
-                            let frame = ServerFrame::Queued { msg_seq, ahead };
-                            lease.send(&live, frame);
-                        }
-                    }
-                    EngineEvent::Done(c) => outcomes[i] = Some(Ok(c)),
-                    EngineEvent::Error(e) => outcomes[i] = Some(Err(e.to_string())),
                 }
+                EngineEvent::Done(c) => outcomes[i] = Some(Ok(c)),
+                EngineEvent::Error(e) => outcomes[i] = Some(Err(e.to_string())),
             }
-            // What is left to relay goes before the reply is stored.
-            if !lease.lost() && lease.pending() {
-                lease.renew(&studio, session_id, &live).await;
+        }
+        // What is left to relay goes before the reply is stored.
+        if !lease.lost() && lease.pending() {
+            lease.renew(self, session_id, live).await;
+        }
+        let completions = outcomes
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err("the engine stopped".into())))
+            .collect();
+        Streamed {
+            completions,
+            waited,
+            lease,
+        }
+    }
+
+    /// After the stream: counts the replies, samples a comparison's second candidate again if it
+    /// repeats the first, and stores the reply (or the candidates) — unless another node took
+    /// the reply over; a failure is told to the participant, who can send the message again.
+    async fn conclude_reply(
+        self: &Arc<Self>,
+        session_id: i64,
+        live: &Arc<LiveSession>,
+        plan: &ReplyPlan,
+        streamed: Streamed,
+        engine: &dyn Engine,
+        second: Option<ChatRequest>,
+    ) {
+        let Streamed {
+            mut completions,
+            waited,
+            mut lease,
+        } = streamed;
+        if let Ok(done) = &completions {
+            for (c, waited) in done.iter().zip(&waited) {
+                crate::metrics::metrics().reply(&plan.policy.arm, *waited, c);
             }
-            let mut completions: Result<Vec<Completion>, String> = outcomes
-                .into_iter()
-                .map(|o| o.unwrap_or_else(|| Err("the engine stopped".into())))
-                .collect();
-            if let Ok(done) = &completions {
-                for (c, waited) in done.iter().zip(&waited) {
-                    crate::metrics::metrics().reply(&policy.arm, *waited, c);
-                }
-            }
-            if let (Ok([first, other]), Some(request)) = (completions.as_deref_mut(), second) {
-                if lease.lost() {
-                    // Not sampled again: the reply is not this node's any more.
-                } else if let Some(Some(distinct)) = lease
-                    .hold(
-                        &studio,
-                        session_id,
-                        &live,
-                        resample_distinct(&*engine, request, &first.text, other),
-                    )
-                    .await
-                {
-                    *other = distinct;
-                }
-            }
+        }
+        if let (Ok([first, other]), Some(request)) = (completions.as_deref_mut(), second) {
             if lease.lost() {
-                // Another node generates the reply now; its frames reach this node's sockets.
-                tracing::info!(session_id, "the reply was taken over by another node");
-                let reply = live.reply.lock().expect("reply lock").take();
-                for cancel in reply.iter().flat_map(|r| &r.cancels) {
-                    cancel.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                return;
+                // Not sampled again: the reply is not this node's any more.
+            } else if let Some(Some(distinct)) = lease
+                .hold(
+                    self,
+                    session_id,
+                    live,
+                    resample_distinct(engine, request, &first.text, other),
+                )
+                .await
+            {
+                *other = distinct;
             }
-            let result = match completions {
-                Ok(mut c) if c.len() == 1 && !regenerate => {
-                    studio
-                        .finish_reply(session_id, &live, msg_seq, c.remove(0), &policy)
+        }
+        if lease.lost() {
+            // Another node generates the reply now; its frames reach this node's sockets.
+            tracing::info!(session_id, "the reply was taken over by another node");
+            let reply = live.reply.lock().expect("reply lock").take();
+            for cancel in reply.iter().flat_map(|r| &r.cancels) {
+                cancel.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            return;
+        }
+        let (msg_seq, policy) = (plan.msg_seq, &plan.policy);
+        let mut attempt = 0;
+        let result = loop {
+            let result = match &completions {
+                Ok(c) if c.len() == 1 && !plan.regenerate => {
+                    self.finish_reply(session_id, live, msg_seq, c[0].clone(), policy)
                         .await
                 }
                 Ok(c) => {
-                    let source = if regenerate {
+                    let source = if plan.regenerate {
                         CandidateSource::Regenerate
                     } else {
                         CandidateSource::Compare
                     };
-                    studio
-                        .offer_candidates(session_id, &live, msg_seq, &c, &policy, source)
+                    self.offer_candidates(session_id, live, msg_seq, c, policy, source)
                         .await
                 }
-                Err(e) => Err(StudyError::Protocol(e)),
+                Err(e) => Err(StudyError::Protocol(e.clone())),
             };
             match result {
-                Ok(()) => {}
-                Err(StudyError::ReplyTakenOver) => {
-                    tracing::info!(session_id, "the reply was stored by another node");
-                    *live.reply.lock().expect("reply lock") = None;
+                // The database went away while the reply was stored: its transaction stored
+                // nothing, and the reply is still here to store once the database is back.
+                Err(StudyError::Db(e)) if attempt < STORE_ATTEMPTS => {
+                    tracing::warn!(session_id, error = %e, attempt, "cannot store the reply yet");
+                    tokio::time::sleep(STORE_RETRY_PAUSE * 2u32.pow(attempt.min(4))).await;
+                    attempt += 1;
                 }
-                Err(e) => {
-                    tracing::error!(session_id, error = %e, "reply failed");
-                    *live.reply.lock().expect("reply lock") = None;
-                    studio.drop_reply_lease(session_id).await;
-                    let failed = ServerFrame::error(
-                        "assistant_failed",
-                        "the assistant could not answer; please send your message again",
-                        None,
-                    );
-                    studio.broadcast(session_id, &live, vec![failed]).await;
+                other => break other,
+            }
+        };
+        match result {
+            Ok(()) => {}
+            Err(StudyError::ReplyTakenOver) if attempt > 0 => {
+                // Stored after all by an attempt whose answer was lost (or by another node):
+                // the pages catch up from the state.
+                *live.reply.lock().expect("reply lock") = None;
+                if let Ok(state) = self.state_frame(session_id, live).await {
+                    self.broadcast(session_id, live, vec![state]).await;
                 }
             }
-        });
-        Ok(())
+            Err(StudyError::ReplyTakenOver) => {
+                tracing::info!(session_id, "the reply was stored by another node");
+                *live.reply.lock().expect("reply lock") = None;
+            }
+            Err(e) => {
+                tracing::error!(session_id, error = %e, "reply failed");
+                *live.reply.lock().expect("reply lock") = None;
+                self.drop_reply_lease(session_id).await;
+                let failed = ServerFrame::error(
+                    "assistant_failed",
+                    "the assistant could not answer; please send your message again",
+                    None,
+                );
+                self.broadcast(session_id, live, vec![failed]).await;
+            }
+        }
     }
 
     /// Stores the candidates of a comparison turn and asks the participant to pick.

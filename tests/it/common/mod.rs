@@ -53,11 +53,17 @@ impl TestDb {
                 .expect("create schema");
         }
         let sep = if base.contains('?') { '&' } else { '?' };
+        // Its connections are named after the schema, so a test can find (and kill) them.
         Self {
-            url: format!("{base}{sep}options=-csearch_path%3D{schema}"),
+            url: format!("{base}{sep}options=-csearch_path%3D{schema}&application_name={schema}"),
             schema: Some(schema),
             _dir: None,
         }
+    }
+
+    /// The `application_name` of the test's PostgreSQL connections.
+    pub fn application_name(&self) -> Option<&str> {
+        self.schema.as_deref()
     }
 
     pub fn conn(&self) -> DbConn {
@@ -128,8 +134,26 @@ pub fn models_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("models"))
 }
 
+/// Set by `scripts/test --fast`: the tier without the real models and the browser.
+const TIER: &str = "COLLABLLM_TEST_TIER";
+
+/// Fails at once, naming the test, when it runs in the fast tier but needs `what` (the real
+/// model, the judge, a browser), which that tier leaves out: `scripts/test` lists the tests of
+/// the full tier only, and a test missing from that list shows up here instead of slowing the
+/// fast tier down.
+pub fn needs_full_tier(what: &str) {
+    if std::env::var(TIER).as_deref() == Ok("fast") {
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("this test")
+            .to_string();
+        panic!("{test} needs {what}, which the fast tier leaves out: list it in scripts/test's FULL_ONLY");
+    }
+}
+
 /// The real default model; a test that needs it fails loudly when it is missing.
 pub fn model_path() -> PathBuf {
+    needs_full_tier("the real model");
     let path = default_model_path(&models_dir());
     assert!(
         path.exists(),
@@ -259,6 +283,7 @@ impl<'a> TestApp<'a> {
 
     /// The protocol's own models: the real default model, through llama.cpp.
     pub fn real_model(mut self) -> Self {
+        needs_full_tier("the real model");
         self.engine = None;
         self
     }
