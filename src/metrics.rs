@@ -34,6 +34,7 @@ pub struct Metrics {
     reply_queue: HistogramVec,
     reply_first_token: HistogramVec,
     reply_total: HistogramVec,
+    reply_failures: IntCounterVec,
     db_work: Histogram,
     db_commit_writes: Histogram,
     relay_notices: IntCounterVec,
@@ -118,6 +119,12 @@ impl Metrics {
             reply_total: reply(
                 "reply_seconds",
                 "Seconds from a participant's message to the reply's end, by arm.",
+            ),
+            reply_failures: counter(
+                "reply_failures_total",
+                "Participants' replies that failed (the engine, its worker or its endpoint \
+                 failed) and were offered to try again, by arm.",
+                &["arm"],
             ),
             db_work: add(
                 &registry,
@@ -221,6 +228,11 @@ impl Metrics {
         self.reply_total
             .with_label_values(&[arm])
             .observe(ms(c.total_ms));
+    }
+
+    /// A participant's reply that failed.
+    pub fn reply_failed(&self, arm: &str) {
+        self.reply_failures.with_label_values(&[arm]).inc();
     }
 
     /// A unit of database work that took `elapsed`.

@@ -53,6 +53,7 @@ let docTimer = null;
 let docDirty = false;
 let streaming = null; // {seq, el}
 let comparing = null; // {seq, texts, bodies, box}
+let failed = false; // the last reply failed: "Another reply" becomes "Try again"
 let retryMs = 500;
 let unavailableRetryMs = 1000;
 let superseded = false;
@@ -188,6 +189,15 @@ function handle(frame) {
 }
 
 function onError(frame) {
+  if (frame.code === "assistant_failed") {
+    // Nothing of the reply was kept: its bubble goes, and the button asks for it again.
+    if (streaming) streaming.div.remove();
+    if (comparing) comparing.box.remove();
+    streaming = null;
+    comparing = null;
+    failed = true;
+    showQueued(null);
+  }
   if (frame.code === "taken_over") {
     onTakenOver(frame);
     return;
@@ -261,6 +271,7 @@ function applyState(s) {
   messagesEl.replaceChildren();
   streaming = null;
   comparing = null;
+  failed = false;
   for (const m of s.messages) addMessage(m.role, m.content, m.seq, null, m.finish_reason);
   if (s.streaming) {
     startStreaming(s.streaming.seq, s.streaming.content);
@@ -412,6 +423,7 @@ function showQueued(ahead) {
 }
 
 function startStreaming(seq, text) {
+  failed = false;
   const { div, body } = addMessage("assistant", text, null);
   streaming = { seq, text, div, body, tokens: 0 };
   renderStatus();
@@ -436,6 +448,7 @@ function startComparison(seq, texts) {
   });
   messagesEl.append(box);
   messagesEl.scrollTop = messagesEl.scrollHeight;
+  failed = false;
   comparing = { seq, texts: [...texts], bodies, box, tokens: [0, 0] };
   renderStatus();
 }
@@ -497,7 +510,8 @@ function renderStatus() {
   el("finish-hint").textContent =
     left > 0 ? `You can finish after ${left} more turn${left === 1 ? "" : "s"}.` : "";
   const last = state.messages[state.messages.length - 1];
-  regenerateBtn.disabled = busy || !chatting || !last || last.role !== "assistant";
+  regenerateBtn.textContent = failed ? "Try again" : "Another reply";
+  regenerateBtn.disabled = busy || !chatting || (!failed && (!last || last.role !== "assistant"));
 }
 
 function countWords() {

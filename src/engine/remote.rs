@@ -17,6 +17,10 @@ use crate::protocol::ModelSpec;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The longest line of a response stream: a server that streams without line breaks (a broken
+/// proxy, garbage) is stopped here instead of filling memory.
+const MAX_LINE_BYTES: usize = 1 << 20;
+
 pub struct RemoteEngine {
     endpoint: String,
     model: String,
@@ -144,7 +148,11 @@ impl Engine for RemoteEngine {
         self.runtime.spawn(async move {
             counters.queued.fetch_sub(1, Ordering::Relaxed);
             counters.active.fetch_add(1, Ordering::Relaxed);
-            let result = stream(http, &events, &flag, &counters, seed, timeout).await;
+            let limits = Limits {
+                timeout,
+                max_tokens: request.sampling.max_tokens,
+            };
+            let result = stream(http, &events, &flag, &counters, seed, limits).await;
             counters.active.fetch_sub(1, Ordering::Relaxed);
             let event = match result {
                 Ok(c) => EngineEvent::Done(c),
@@ -176,6 +184,13 @@ impl Engine for RemoteEngine {
     }
 }
 
+/// What a response may take: `timeout` of silence, and `max_tokens` (a server that streams
+/// more is cut there, as a local engine would stop).
+struct Limits {
+    timeout: Duration,
+    max_tokens: u32,
+}
+
 /// Reads the server-sent events of one request into engine events.
 async fn stream(
     http: reqwest::RequestBuilder,
@@ -183,7 +198,10 @@ async fn stream(
     cancel: &AtomicBool,
     counters: &Counters,
     seed: u32,
-    timeout: Duration,
+    Limits {
+        timeout,
+        max_tokens,
+    }: Limits,
 ) -> Result<Completion, String> {
     let started = Instant::now();
     let response = tokio::time::timeout(timeout, http.send())
@@ -208,6 +226,11 @@ async fn stream(
     loop {
         if cancel.load(Ordering::Relaxed) || events.is_closed() {
             finish = Some(FinishReason::Cancelled);
+            break;
+        }
+        // More pieces than tokens asked for: the server does not stop by itself.
+        if generated > max_tokens {
+            finish.get_or_insert(FinishReason::Length);
             break;
         }
         let chunk = match tokio::time::timeout(timeout, body.next()).await {
@@ -252,6 +275,12 @@ async fn stream(
                     FinishReason::Stop
                 });
             }
+        }
+        if buffer.len() > MAX_LINE_BYTES {
+            return Err(format!(
+                "the server sent a line longer than {} KiB",
+                MAX_LINE_BYTES >> 10
+            ));
         }
     }
     let generated = usage.completion.unwrap_or(generated);

@@ -55,6 +55,7 @@ pub enum ClientFrame {
         answers: BTreeMap<String, String>,
     },
     /// Ask for another reply to the last message; the participant then keeps one of the two.
+    /// After `assistant_failed`: try the reply again.
     Regenerate {
         client_seq: i64,
     },

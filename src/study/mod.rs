@@ -70,6 +70,8 @@ pub struct Studio {
     node: live::Node,
     /// Key of the external-id HMACs (an installation secret kept in the database).
     hmac_key: Vec<u8>,
+    /// The process is stopping: replies in flight finish, no new one starts.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Studio {
@@ -87,6 +89,7 @@ impl Studio {
             protocols: Mutex::default(),
             live: live::Registry::default(),
             hmac_key: key.into_bytes(),
+            draining: Default::default(),
         }))
     }
 

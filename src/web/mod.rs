@@ -182,31 +182,19 @@ fn security_headers() -> actix_web::middleware::DefaultHeaders {
 }
 
 /// The routes over `state`, bound to `addr` (port 0: a free one); the caller runs the returned
-/// server. Also the server of `simulate`'s own participants, on a loopback port: it leaves
-/// Ctrl-C and SIGTERM to its caller.
+/// server and handles Ctrl-C and SIGTERM (`serve` does; `simulate`'s own server on a loopback
+/// port leaves them to its command).
 pub fn bind(
     state: AppState,
     addr: std::net::SocketAddr,
     workers: Option<usize>,
 ) -> std::io::Result<(std::net::SocketAddr, actix_web::dev::Server)> {
-    build(state, addr, workers, false)
-}
-
-/// The server; with `signals`, Ctrl-C and SIGTERM stop it gracefully.
-fn build(
-    state: AppState,
-    addr: std::net::SocketAddr,
-    workers: Option<usize>,
-    signals: bool,
-) -> std::io::Result<(std::net::SocketAddr, actix_web::dev::Server)> {
     let data = web::Data::new(state);
-    let mut server =
-        HttpServer::new(move || App::new().app_data(data.clone()).configure(routes)).bind(addr)?;
+    let mut server = HttpServer::new(move || App::new().app_data(data.clone()).configure(routes))
+        .disable_signals()
+        .bind(addr)?;
     if let Some(n) = workers {
         server = server.workers(n);
-    }
-    if !signals {
-        server = server.disable_signals();
     }
     let bound = server.addrs()[0];
     Ok((bound, server.run()))
@@ -215,15 +203,48 @@ fn build(
 /// How often idle sessions are looked for and ended as timed out.
 pub const IDLE_SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Serves until the process is stopped.
+/// How long a stopping server waits for the replies in flight before it closes the sockets.
+const DRAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Serves until the process is stopped. On Ctrl-C or SIGTERM it stops taking connections, lets
+/// the replies in flight finish and be stored (new messages are answered `unavailable`, which the
+/// page sends again once a node serves), then closes.
 pub async fn serve(
     state: AppState,
     addr: std::net::SocketAddr,
     workers: Option<usize>,
 ) -> std::io::Result<()> {
     let studio = state.studio.clone();
-    let (bound, server) = build(state, addr, workers, true)?;
+    let (bound, server) = bind(state, addr, workers)?;
     tracing::info!(%bound, "listening");
     studio.run_cluster(IDLE_SWEEP_INTERVAL);
-    server.await
+    let handle = server.handle();
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        result = &mut server => return result,
+        signal = stop_signal() => signal?,
+    }
+    tracing::info!("stopping: the replies in flight finish first");
+    // The server goes on running (its handle's commands are carried out by it) while it drains.
+    let stopping = async {
+        handle.pause().await;
+        let left = studio.drain(DRAIN_TIMEOUT).await;
+        if left > 0 {
+            tracing::warn!(
+                left,
+                "replies still in flight are generated again by the next node"
+            );
+        }
+        handle.stop(false).await;
+    };
+    tokio::join!(server, stopping).0
+}
+
+/// Ctrl-C or SIGTERM.
+async fn stop_signal() -> std::io::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result,
+        _ = terminate.recv() => Ok(()),
+    }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use collabllm::db;
 use collabllm::db::vocab::RevisionAuthor;
+use collabllm::engine::{ChatRequest, Engine, EngineError, EngineEvent, EngineStatus, Generation};
 use collabllm::protocol::LoadedProtocol;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
@@ -188,7 +189,7 @@ async fn a_participant_completes_the_study_in_chromium() {
     db::studies::import(&mut state.pool.get().unwrap(), &loaded).unwrap();
     state
         .engines
-        .load_protocol(&loaded.protocol, &models_dir())
+        .load_protocol(&loaded.protocol, &crate::common::real_models())
         .unwrap();
     let pool = state.pool.clone();
     let server = TestServer::start(state);
@@ -862,5 +863,85 @@ async fn participant_and_console_pages_pass_an_accessibility_check() {
     wait_for(&client, "!document.getElementById('live-toggle').hidden").await;
     click(&client, "#live-toggle").await;
     assert!(has_attribute(&client, "#live-toggle[aria-pressed=true]", "id").await);
+    client.close().await.unwrap();
+}
+
+/// An engine whose first reply breaks off after a word, as a remote server that goes away
+/// would; the others are the scripted model's.
+struct FailingOnce {
+    failed: std::sync::atomic::AtomicBool,
+    then: crate::common::ScriptedEngine,
+}
+
+impl Engine for FailingOnce {
+    fn start(&self, request: ChatRequest) -> Result<Generation, EngineError> {
+        if self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return self.then.start(request);
+        }
+        let (generation, events, _) = Generation::channel();
+        let _ = events.send(EngineEvent::Token("Partial".into()));
+        let _ = events.send(EngineEvent::Error(EngineError::Remote {
+            endpoint: "http://inference.example/v1".into(),
+            reason: "the stream broke".into(),
+        }));
+        Ok(generation)
+    }
+
+    fn status(&self) -> EngineStatus {
+        self.then.status()
+    }
+
+    fn fingerprint(&self) -> String {
+        self.then.fingerprint()
+    }
+}
+
+/// A reply that fails leaves no half-written bubble; the page offers "Try again", which gets
+/// the reply.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_reply_can_be_tried_again_from_the_page() {
+    let engine = FailingOnce {
+        failed: Default::default(),
+        then: crate::common::ScriptedEngine::new(|_| "Dear Jo, thank you.".into()),
+    };
+    let db = TestDb::sqlite();
+    let server = TestApp::new(&db)
+        .serving(std::sync::Arc::new(engine))
+        .start();
+    let driver = Driver::start();
+    let profile = tempfile::tempdir().unwrap();
+    let client = chromium(&driver, profile.path()).await;
+    consent(&client, &server.url("/s/quick-pilot")).await;
+    send_by_script(&client, "a note for Jo").await;
+    wait_for(
+        &client,
+        "document.getElementById('regenerate').textContent === 'Try again'
+         && !document.getElementById('regenerate').disabled",
+    )
+    .await;
+    let shown = client
+        .execute(
+            "return [document.querySelectorAll('.msg.assistant').length,
+                     document.body.innerText.includes('press Try again')];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        shown,
+        json!([0, true]),
+        "no part of the failed reply is shown"
+    );
+    click(&client, "#regenerate").await;
+    wait_for(&client, "document.querySelector('.msg.assistant .insert')").await;
+    let shown = client
+        .execute(
+            "return [document.querySelector('.msg.assistant .body').textContent,
+                     document.getElementById('regenerate').textContent];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(shown, json!(["Dear Jo, thank you.", "Another reply"]));
     client.close().await.unwrap();
 }

@@ -365,3 +365,51 @@ async fn a_node_alone_relays_nothing_until_another_joins_mid_reply() {
     assert_eq!(streamed, done, "node B showed the whole reply");
     assert!(frames_relayed(&a.host).await > 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_node_finishes_the_reply_in_flight_before_it_exits() {
+    let inference_db = TestDb::sqlite();
+    let engine = Arc::new(ScriptedEngine::new(|_| reply_text()).paced(PACE));
+    let inference = TestApp::new(&inference_db).scripted(engine.clone()).start();
+    let dir = tempfile::tempdir().unwrap();
+    let protocol = remote_protocol(dir.path(), &inference.url("/v1"));
+    let database = format!("sqlite://{}", dir.path().join("study.sqlite3").display());
+    let env = [("INFERENCE_KEY", TEST_API_KEY)];
+    let port = free_port();
+    let node = ServeProcess::start_with(&database, port, &protocol, &env);
+
+    let mut browser = Browser::new(&format!("http://{}", node.host));
+    browser.enter("quick-pilot", Some("pid-sigterm")).await;
+    browser.consent("quick-pilot", "agree").await;
+    let mut ws = Socket::connect(&node.host, "quick-pilot", browser.token.as_deref()).await;
+    state_of(ws.hello().await);
+    let seq = ws.say("Please write the note.").await;
+    ws.expect_ack(seq).await;
+    ws.until(|f| matches!(f, ServerFrame::Token { index: 3, .. }))
+        .await;
+    node.terminate(); // as systemd, Kubernetes or Ctrl-C stop it
+    let (done, _) = ws
+        .until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
+        .await;
+    let ServerFrame::AssistantDone { text, .. } = done else {
+        unreachable!()
+    };
+    assert_eq!(text, reply_text(), "the reply in flight was finished");
+    let status = tokio::task::spawn_blocking(move || node.wait(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    assert!(status.success(), "serve exits cleanly: {status}");
+
+    // The next node has the whole reply, generated once, and the participant goes on.
+    let node = ServeProcess::start_with(&database, port, &protocol, &env);
+    let mut ws = Socket::connect(&node.host, "quick-pilot", browser.token.as_deref()).await;
+    let s = state_of(ws.hello().await);
+    assert_eq!(s.messages.len(), 2);
+    assert_eq!(s.messages[1].content, reply_text());
+    assert!(s.streaming.is_none(), "no reply is left half-written");
+    assert_eq!(engine.requests.load(std::sync::atomic::Ordering::SeqCst), 1);
+    ws.seq = s.last_client_seq;
+    let rated = ws.rate("interaction", 8).await; // the pilot's rating after every turn
+    ws.expect_ack(rated).await;
+    assert_eq!(ws.chat("Thank you, a shorter one?").await, reply_text());
+}

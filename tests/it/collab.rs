@@ -90,7 +90,7 @@ fn options(study: &str) -> PairsOptions {
             min_gap_se: None,
         },
         seed: 11,
-        models_dir: models_dir(),
+        models_dir: crate::common::real_models(),
     }
 }
 
@@ -131,8 +131,14 @@ async fn the_fetched_judge_rates_a_reply_in_shape() {
         (JUDGE_MODEL_ID, JUDGE_MODEL_ID)
     );
     let engines = Engines::new();
-    let roles = Roles::start(&engines, &loaded.protocol, &loaded.source, &models_dir(), 2)
-        .unwrap_or_else(|e| panic!("the judge model is needed: {e}"));
+    let roles = Roles::start(
+        &engines,
+        &loaded.protocol,
+        &loaded.source,
+        &crate::common::real_models(),
+        2,
+    )
+    .unwrap_or_else(|e| panic!("the judge model is needed: {e}"));
     let task_spec = &loaded.protocol.tasks[0];
     let task = Task::of(task_spec, &task_spec.topics[0]);
     let goal = Goal {
@@ -174,7 +180,14 @@ async fn the_fetched_judge_rates_a_reply_in_shape() {
 async fn simulator_and_judge_answer_in_shape() {
     let loaded = pilot("");
     let engines = Engines::new();
-    let roles = Roles::start(&engines, &loaded.protocol, &loaded.source, &models_dir(), 4).unwrap();
+    let roles = Roles::start(
+        &engines,
+        &loaded.protocol,
+        &loaded.source,
+        &crate::common::real_models(),
+        4,
+    )
+    .unwrap();
     let task_spec = &loaded.protocol.tasks[0];
     let task = Task::of(task_spec, &task_spec.topics[0]);
     let goal = Goal {
@@ -231,9 +244,9 @@ async fn simulated_participants_complete_the_protocol_over_the_websocket() {
     import(&pool, &loaded);
     let engines = Engines::new();
     engines
-        .load_protocol(&loaded.protocol, &models_dir())
+        .load_protocol(&loaded.protocol, &crate::common::real_models())
         .unwrap();
-    let state = AppState::new(pool.clone(), engines, models_dir()).unwrap();
+    let state = AppState::new(pool.clone(), engines, crate::common::real_models()).unwrap();
     let server = TestServer::start(state.clone());
     let options = SimulateOptions {
         study: "quick-pilot".into(),
@@ -241,7 +254,7 @@ async fn simulated_participants_complete_the_protocol_over_the_websocket() {
         participants: 2,
         concurrency: 2,
         seed: 5,
-        models_dir: models_dir(),
+        models_dir: crate::common::real_models(),
     };
     let tallies = std::sync::Mutex::new(Vec::new());
     let summary = simulate::run(
@@ -551,9 +564,17 @@ async fn synth_grows_conversations_from_single_turn_tasks() {
     let loaded = pilot("");
     let p = &loaded.protocol;
     let engines = Engines::new();
-    let roles = Roles::start(&engines, p, &loaded.source, &models_dir(), 4).unwrap();
+    let roles = Roles::start(
+        &engines,
+        p,
+        &loaded.source,
+        &crate::common::real_models(),
+        4,
+    )
+    .unwrap();
     let policy =
-        collabllm::collab::start_policy(&engines, p, &p.arms[0], &models_dir(), 4).unwrap();
+        collabllm::collab::start_policy(&engines, p, &p.arms[0], &crate::common::real_models(), 4)
+            .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let tasks = crate::common::write_temp(
         dir.path(),
@@ -637,9 +658,17 @@ async fn a_weighted_quality_is_judged_in_every_rollout() {
     let loaded = pilot("\n[collab.weights]\nquality = 0.5\n");
     let p = &loaded.protocol;
     let engines = Engines::new();
-    let roles = Roles::start(&engines, p, &loaded.source, &models_dir(), 4).unwrap();
+    let roles = Roles::start(
+        &engines,
+        p,
+        &loaded.source,
+        &crate::common::real_models(),
+        4,
+    )
+    .unwrap();
     let policy =
-        collabllm::collab::start_policy(&engines, p, &p.arms[0], &models_dir(), 4).unwrap();
+        collabllm::collab::start_policy(&engines, p, &p.arms[0], &crate::common::real_models(), 4)
+            .unwrap();
     let task = Task::of(&p.tasks[0], &p.tasks[0].topics[0]);
     let goal = Goal {
         intent: p.tasks[0].topics[0].hidden_intent.clone(),

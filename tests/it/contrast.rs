@@ -42,8 +42,15 @@ async fn check(preferred: Vec<String>, samples: u32) -> contrast::ContrastReport
     let loaded = pilot();
     let p = &loaded.protocol;
     let engines = scripted_engines(Arc::new(scripted(preferred)));
-    let roles = Roles::start(&engines, p, &loaded.source, &models_dir(), 4).unwrap();
-    let policy = start_policy(&engines, p, &p.arms[0], &models_dir(), 4).unwrap();
+    let roles = Roles::start(
+        &engines,
+        p,
+        &loaded.source,
+        &crate::common::real_models(),
+        4,
+    )
+    .unwrap();
+    let policy = start_policy(&engines, p, &p.arms[0], &crate::common::real_models(), 4).unwrap();
     let cases = contrast::read_cases(None).unwrap();
     let options = ContrastOptions {
         samples,

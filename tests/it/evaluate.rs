@@ -75,11 +75,18 @@ fn setup() -> Setup {
     let p = &loaded.protocol;
     let engine = scripted();
     let engines = scripted_engines(engine.clone());
-    let roles = Roles::start(&engines, p, &loaded.source, &models_dir(), 4).unwrap();
+    let roles = Roles::start(
+        &engines,
+        p,
+        &loaded.source,
+        &crate::common::real_models(),
+        4,
+    )
+    .unwrap();
     let policies = p
         .arms
         .iter()
-        .map(|a| start_policy(&engines, p, a, &models_dir(), 4).unwrap())
+        .map(|a| start_policy(&engines, p, a, &crate::common::real_models(), 4).unwrap())
         .collect();
     Setup {
         roles,

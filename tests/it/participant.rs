@@ -909,7 +909,18 @@ impl ServeProcess {
         protocol: &std::path::Path,
         env: &[(&str, &str)],
     ) -> Self {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_collabllm"))
+        crate::common::needs_full_tier("a serve process with the real model");
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_collabllm"));
+        // A write past a file size limit (`limit_file_size`) fails with EFBIG, as on a full
+        // disk, instead of ending the process.
+        // SAFETY: signal(2) is async-signal-safe; an ignored signal stays ignored across exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut command, || {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                Ok(())
+            });
+        }
+        let child = command
             .args([
                 "--database-url",
                 database,
@@ -939,6 +950,41 @@ impl ServeProcess {
             panic!("serve exited ({status}) after starting");
         }
         server
+    }
+
+    /// No file of the process may grow past `bytes` (`None`: no limit), as on a disk that is
+    /// full: the limit is the process's own RLIMIT_FSIZE, changed while it runs.
+    pub fn limit_file_size(&self, bytes: Option<u64>) {
+        let limit = libc::rlimit {
+            rlim_cur: bytes.unwrap_or(libc::RLIM_INFINITY),
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: prlimit(2) reads `limit` and writes nothing (no old limit asked for).
+        let done = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+        assert_eq!(done, 0, "prlimit: {}", std::io::Error::last_os_error());
+    }
+
+    /// Asks the process to stop, as systemd, Kubernetes or Ctrl-C do (SIGTERM).
+    pub fn terminate(&self) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) with a signal number only sends the signal.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0, "SIGTERM sent");
+    }
+
+    /// Waits for the process to exit by itself, at most `within`.
+    pub fn wait(mut self, within: Duration) -> std::process::ExitStatus {
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                started.elapsed() < within,
+                "serve did not exit within {within:?}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Ends the process at once, as a crash or `kill -9` would.
@@ -1913,4 +1959,146 @@ async fn metrics_show_frames_replies_sessions_and_engines() {
         ) >= Some(360.0)
     );
     assert!(engine("collabllm_engine_tokens_total", &[("kind", "generated")]) >= Some(120.0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draining_node_finishes_its_replies_and_turns_new_messages_away() {
+    let db = TestDb::sqlite();
+    let reply = "One two three four five six seven eight nine ten.";
+    // A's reply is written a word at a time; B's never ends.
+    let engine = std::sync::Arc::new(
+        crate::common::ScriptedEngine::holding(
+            move |_| reply.into(),
+            |r| crate::common::request_text(r).contains("take forever"),
+        )
+        .paced(Duration::from_millis(60)),
+    );
+    let state = TestApp::new(&db).scripted(engine.clone()).state();
+    let studio = state.studio.clone();
+    let server = TestServer::start(state);
+    let (browser, mut a, _) = consented(&server, "quick-pilot", "pid-drain-a").await;
+    let (_, mut b, _) = consented(&server, "quick-pilot", "pid-drain-b").await;
+    let first = a.say("Please write the note.").await;
+    a.expect_ack(first).await;
+    a.until(|f| matches!(f, ServerFrame::Token { .. })).await;
+    let seq = b.say("Please take forever.").await;
+    b.expect_ack(seq).await;
+
+    let drain = tokio::spawn(async move { studio.drain(Duration::from_secs(2)).await });
+    let (done, _) = a
+        .until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
+        .await;
+    let ServerFrame::AssistantDone { text, .. } = done else {
+        unreachable!()
+    };
+    assert_eq!(text, reply, "the reply in flight was finished");
+    // A reply that does not end within the drain's time is left to the next node.
+    assert_eq!(drain.await.unwrap(), 1, "B's reply was still in flight");
+
+    let refused = a.say("And a shorter one?").await;
+    let ServerFrame::Error { client_seq, .. } = a.expect_error("unavailable").await else {
+        unreachable!()
+    };
+    assert_eq!(
+        client_seq,
+        Some(refused),
+        "the page knows which frame to send again"
+    );
+    let s = state_of(socket_of(&server, &browser).await.hello().await);
+    assert_eq!(s.messages.len(), 2, "the refused message was not stored");
+    assert_eq!(s.messages[1].content, reply);
+    assert_eq!(s.last_client_seq, first);
+    assert_eq!(engine.requests.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_worker_that_panics_mid_reply_restarts_and_the_reply_can_be_tried_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("study.sqlite3").display());
+    let server = ServeProcess::start_with(
+        &database,
+        free_port(),
+        &repo_root().join("study-protocols/quick-pilot.toml"),
+        &[
+            ("COLLABLLM_FAULT_WORKER_PANIC", "PANIC-THE-WORKER"),
+            ("COLLABLLM_API_KEYS", crate::common::TEST_API_KEY),
+        ],
+    );
+    let mut browser = Browser::new(&format!("http://{}", server.host));
+    browser.enter("quick-pilot", Some("pid-panic")).await;
+    browser.consent("quick-pilot", "agree").await;
+    let mut ws = Socket::connect(&server.host, "quick-pilot", browser.token.as_deref()).await;
+    state_of(ws.hello().await);
+    let seq = ws.say("Please write the note. PANIC-THE-WORKER").await;
+    ws.expect_ack(seq).await;
+    let (failed, before) = ws
+        .until(|f| {
+            matches!(
+                f,
+                ServerFrame::Error { .. } | ServerFrame::AssistantDone { .. }
+            )
+        })
+        .await;
+    assert!(
+        matches!(&failed, ServerFrame::Error { code, .. } if code == "assistant_failed"),
+        "{failed:?}"
+    );
+    assert!(
+        before
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Token { .. })),
+        "the worker failed mid-reply"
+    );
+
+    // The worker restarted, and says so.
+    let health: serde_json::Value = reqwest::get(format!("http://{}/healthz", server.host))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok", "{health}");
+    let restarted: Vec<_> = health["engines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["restarts"] == 1)
+        .collect();
+    assert_eq!(restarted.len(), 1, "{health}");
+    assert!(
+        restarted[0]["last_failure"]
+            .as_str()
+            .unwrap()
+            .contains("injected fault"),
+        "{health}"
+    );
+    let metrics = reqwest::Client::new()
+        .get(format!("http://{}/metrics", server.host))
+        .bearer_auth(crate::common::TEST_API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let arm = [("arm", "proactive")];
+    assert_eq!(
+        metric(&metrics, "collabllm_reply_failures_total", &arm),
+        Some(1.0)
+    );
+
+    // "Try again": the restarted worker writes the reply.
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::Regenerate { client_seq: seq }).await;
+    let (done, _) = ws
+        .until(|f| matches!(f, ServerFrame::AssistantDone { .. }))
+        .await;
+    let ServerFrame::AssistantDone { text, .. } = done else {
+        unreachable!()
+    };
+    assert!(!text.is_empty());
+    let mut again = Socket::connect(&server.host, "quick-pilot", browser.token.as_deref()).await;
+    let s = state_of(again.hello().await);
+    assert_eq!(s.messages.len(), 2);
+    assert_eq!(s.messages[1].content, text);
 }

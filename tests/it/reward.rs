@@ -53,8 +53,15 @@ fn setup() -> Setup {
     let p = &loaded.protocol;
     let engines = scripted_engines(scripted());
     Setup {
-        roles: Roles::start(&engines, p, &loaded.source, &models_dir(), 4).unwrap(),
-        policy: start_policy(&engines, p, &p.arms[0], &models_dir(), 4).unwrap(),
+        roles: Roles::start(
+            &engines,
+            p,
+            &loaded.source,
+            &crate::common::real_models(),
+            4,
+        )
+        .unwrap(),
+        policy: start_policy(&engines, p, &p.arms[0], &crate::common::real_models(), 4).unwrap(),
         task: Task::of(&p.tasks[0], &p.tasks[0].topics[0]),
     }
 }

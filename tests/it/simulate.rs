@@ -100,7 +100,7 @@ fn options(participants: usize) -> SimulateOptions {
         participants,
         concurrency: participants,
         seed: 1,
-        models_dir: models_dir(),
+        models_dir: crate::common::real_models(),
     }
 }
 

@@ -410,7 +410,7 @@ fn serve_as_an_arm(dir: &Path, adapter: &Path) {
     let spec = loaded.protocol.arms[0].lora[0].clone();
     let engines = Engines::new();
     engines
-        .load_protocol(&loaded.protocol, &models_dir())
+        .load_protocol(&loaded.protocol, &crate::common::real_models())
         .unwrap();
     let engine = engines
         .get(&engine_name("smollm2-135m", Some(&spec)))

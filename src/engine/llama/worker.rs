@@ -982,6 +982,8 @@ impl<'m> Worker<'m> {
         })?;
         active.first_token_at.get_or_insert_with(Instant::now);
         active.generated += 1;
+        #[cfg(debug_assertions)]
+        injected_panic(&active.job.request, active.generated);
         let eog = model.vocab().is_eog(token);
         if eog && !active.job.request.ignore_eos {
             return Ok(Some(FinishReason::Stop));
@@ -1194,4 +1196,27 @@ fn build_sampler(
         chain.push(LlamaSampler::dist(seed));
     }
     Ok((LlamaSampler::chain_simple(chain), seed))
+}
+
+/// Test builds only (`debug_assertions`): with `COLLABLLM_FAULT_WORKER_PANIC=TEXT` set, the first
+/// request whose last message contains TEXT panics the worker at its third token, as a bug would,
+/// so that a test can check that the reply fails cleanly and the worker restarts.
+#[cfg(debug_assertions)]
+fn injected_panic(request: &crate::engine::ChatRequest, generated: usize) {
+    static MARKER: std::sync::LazyLock<Option<String>> = std::sync::LazyLock::new(|| {
+        std::env::var("COLLABLLM_FAULT_WORKER_PANIC")
+            .ok()
+            .filter(|m| !m.is_empty())
+    });
+    static FIRED: AtomicBool = AtomicBool::new(false);
+    let Some(marker) = MARKER.as_deref() else {
+        return;
+    };
+    let asked = request
+        .messages
+        .last()
+        .is_some_and(|m| m.content.contains(marker));
+    if generated == 3 && asked && !FIRED.swap(true, Ordering::SeqCst) {
+        panic!("injected fault: the request asked the worker to panic");
+    }
 }

@@ -282,7 +282,9 @@ async fn final_answers(
 }
 
 /// Another reply to the last message: the one given is kept as a candidate, with what produced
-/// it, and the participant later picks between the two.
+/// it, and the participant later picks between the two. After a reply that failed (the last
+/// message is the participant's, with no candidates waiting) it is "try again": the reply is
+/// simply generated again.
 async fn regenerate(cx: &Context<'_>, client_seq: i64) -> Frames {
     let session_id = cx.session_id();
     let studio = cx.studio.clone();
@@ -290,11 +292,25 @@ async fn regenerate(cx: &Context<'_>, client_seq: i64) -> Frames {
         .studio
         .write(move |conn| {
             db::sessions::apply_frame(conn, session_id, client_seq, |conn, _| {
-                let Some(last) = db::messages::last(conn, session_id)?
-                    .filter(|m| m.role == MessageRole::Assistant)
-                else {
+                let Some(last) = db::messages::last(conn, session_id)? else {
                     return refuse("not_allowed", "there is no reply to replace");
                 };
+                if last.role == MessageRole::User {
+                    // The failed reply may itself have been a replacement (its first candidate
+                    // is kept): it is generated as one again.
+                    let pending = pending_candidates(conn, session_id)?;
+                    if pending.len() > 1 {
+                        return refuse("not_allowed", "pick one of the two replies first");
+                    }
+                    if !studio.take_reply_lease(conn, session_id)? {
+                        return refuse("busy", "wait for the reply to finish");
+                    }
+                    let replacing = pending
+                        .iter()
+                        .any(|c| c.source == CandidateSource::Regenerate);
+                    let history = db::messages::list_for_session(conn, session_id)?;
+                    return Ok((history, replacing));
+                }
                 if !studio.take_reply_lease(conn, session_id)? {
                     return refuse("busy", "wait for the reply to finish");
                 }
@@ -324,13 +340,13 @@ async fn regenerate(cx: &Context<'_>, client_seq: i64) -> Frames {
                     },
                 )?;
                 db::messages::remove(conn, last.id)?;
-                Ok(db::messages::list_for_session(conn, session_id)?)
+                Ok((db::messages::list_for_session(conn, session_id)?, true))
             })
         })
         .await?;
-    if let Applied::New(history) = applied {
+    if let Applied::New((history, replacing)) = applied {
         cx.studio
-            .start_reply(&cx.snapshot.session, cx.live, history, true)
+            .start_reply(&cx.snapshot.session, cx.live, history, replacing)
             .await?;
     }
     Ok(ack(client_seq))

@@ -403,6 +403,27 @@ impl Studio {
         self.live.len()
     }
 
+    /// For a process that is stopping: no new reply starts (a message is answered `unavailable`,
+    /// so the page keeps it and sends it again to the node that serves next), and the replies in
+    /// flight are waited for, at most `within`. Returns how many were still in flight then;
+    /// those are generated again by the next node, as after a crash.
+    pub async fn drain(&self, within: Duration) -> usize {
+        self.draining.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let replying = self
+                .live
+                .held()
+                .iter()
+                .filter(|(_, s)| s.reply.lock().expect("reply lock").is_some())
+                .count();
+            if replying == 0 || tokio::time::Instant::now() >= deadline {
+                return replying;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Applies one frame: the session's snapshot, the decision, then the command's handler. A
     /// socket's frame carries the owner epoch its hello took: refused when a later hello (on any
     /// node) took the session over. A beacon's frames carry none.
@@ -413,6 +434,17 @@ impl Studio {
         frame: ClientFrame,
         epoch: Option<i64>,
     ) -> Result<Vec<ServerFrame>, Refusal> {
+        if self.draining.load(Ordering::SeqCst)
+            && matches!(
+                frame,
+                ClientFrame::UserMessage { .. } | ClientFrame::Regenerate { .. }
+            )
+        {
+            return refuse(
+                "unavailable",
+                "the server is restarting; your message is sent again once it is back",
+            );
+        }
         let this = self.clone();
         let replying = live.reply.lock().expect("reply lock").is_some();
         let (snapshot, protocol) = self

@@ -438,11 +438,12 @@ impl Studio {
             }
             Err(e) => {
                 tracing::error!(session_id, error = %e, "reply failed");
+                crate::metrics::metrics().reply_failed(&policy.arm);
                 *live.reply.lock().expect("reply lock") = None;
                 self.drop_reply_lease(session_id).await;
                 let failed = ServerFrame::error(
                     "assistant_failed",
-                    "the assistant could not answer; please send your message again",
+                    "the assistant could not answer; press Try again",
                     None,
                 );
                 self.broadcast(session_id, live, vec![failed]).await;

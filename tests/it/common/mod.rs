@@ -151,6 +151,13 @@ pub fn needs_full_tier(what: &str) {
     }
 }
 
+/// The models directory, for a test that runs the models in it (loads a protocol's engines,
+/// the simulator or the judge).
+pub fn real_models() -> PathBuf {
+    needs_full_tier("the real models");
+    models_dir()
+}
+
 /// The real default model; a test that needs it fails loudly when it is missing.
 pub fn model_path() -> PathBuf {
     needs_full_tier("the real model");
@@ -250,7 +257,7 @@ pub const TEST_API_KEY: &str = "test-api-key";
 pub struct TestApp<'a> {
     db: &'a TestDb,
     protocol: LoadedProtocol,
-    engine: Option<std::sync::Arc<ScriptedEngine>>,
+    engine: Option<std::sync::Arc<dyn Engine>>,
     researcher: bool,
 }
 
@@ -276,7 +283,12 @@ impl<'a> TestApp<'a> {
     }
 
     /// This scripted model instead of the default one.
-    pub fn scripted(mut self, engine: std::sync::Arc<ScriptedEngine>) -> Self {
+    pub fn scripted(self, engine: std::sync::Arc<ScriptedEngine>) -> Self {
+        self.serving(engine)
+    }
+
+    /// This engine (e.g. a remote one) instead of the default model.
+    pub fn serving(mut self, engine: std::sync::Arc<dyn Engine>) -> Self {
         self.engine = Some(engine);
         self
     }
@@ -343,7 +355,7 @@ pub fn add_researcher(pool: &DbPool) {
 
 /// Engines whose default model (every arm, the simulator and the judge of the shipped protocols)
 /// is `engine`: nothing loads llama.cpp.
-pub fn scripted_engines(engine: std::sync::Arc<ScriptedEngine>) -> Engines {
+pub fn scripted_engines(engine: std::sync::Arc<dyn Engine>) -> Engines {
     let engines = Engines::new();
     engines.insert(
         &collabllm::engine::registry::engine_name("smollm2-135m", None),
