@@ -1,8 +1,9 @@
 //! `collabllm bench engine` and `bench mr`: throughput and latency of the engine against a naive baseline
 //! measured in the same run (one request at a time, the whole prompt recomputed every turn), so
 //! the printed ratios do not depend on the machine. `bench load` ([`load`]) measures the platform
-//! under many participants.
+//! under many participants; [`api`] what an OpenAI client gets from `/v1`.
 
+pub mod api;
 pub mod load;
 
 use std::time::Instant;

@@ -7,6 +7,7 @@ use anyhow::{bail, Context as _, Result};
 use clap::Subcommand;
 use indicatif::ProgressBar;
 
+use collabllm::bench::api::{ApiClient, ApiWorkload};
 use collabllm::bench::{self, load, EngineBenchOptions, StudyWorkload};
 use collabllm::engine::fetch;
 use collabllm::engine::llama::{self, LlamaEngine, WorkerConfig};
@@ -50,10 +51,11 @@ pub enum BenchCommand {
     /// The engine's throughput and time to first token. `--workload chats` compares it with
     /// one-at-a-time requests without prefix reuse; `--workload study` runs the study's own load
     /// (participants chatting at once, several turns each, pauses between turns) on the engine and
-    /// on llama.cpp's `llama-server` in the same run.
+    /// on llama.cpp's `llama-server` in the same run; `--workload v1` sends the same chats to this
+    /// server's `/v1` and to llama-server's, over HTTP.
     Engine {
-        /// What to measure: `chats` (concurrency and prefix reuse) or `study` (the study's load
-        /// against llama-server).
+        /// What to measure: `chats` (concurrency and prefix reuse), `study` (the study's load
+        /// against llama-server) or `v1` (concurrent chats over `/v1`, against llama-server's).
         #[arg(long, value_enum, default_value = "chats")]
         workload: Workload,
         /// GGUF model (default: the default model in the models directory).
@@ -65,13 +67,14 @@ pub enum BenchCommand {
         /// Tokens one conversation may hold.
         #[arg(long, default_value_t = 8192)]
         context_tokens: u32,
-        /// Tokens generated per request (`chats`) or per turn of the conversation alone (`study`).
+        /// Tokens generated per request (`chats`, `v1`) or per turn of the conversation alone
+        /// (`study`).
         #[arg(long, default_value_t = 64)]
         tokens: u32,
         /// Turns of each conversation.
         #[arg(long, default_value_t = 10)]
         turns: usize,
-        /// Numbers of concurrent chats to measure (`chats`).
+        /// Numbers of concurrent chats to measure (`chats`, `v1`).
         #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
         concurrency: Vec<usize>,
         /// Participants chatting at once (`study`).
@@ -85,14 +88,16 @@ pub enum BenchCommand {
         #[arg(long, value_delimiter = ',', num_args = 2, default_values_t = [0.5, 2.0])]
         think_seconds: Vec<f64>,
         /// An OpenAI-compatible server to measure: with `chats` in place of the in-process
-        /// engine, with `study` as the reference (e.g. llama-server at http://127.0.0.1:8081/v1).
+        /// engine, with `study` and `v1` as the reference (e.g. llama-server at
+        /// http://127.0.0.1:8081/v1).
         #[arg(long)]
         endpoint: Option<String>,
         /// Model name sent to --endpoint.
         #[arg(long, default_value = "default")]
         remote_model: String,
-        /// A `llama-server` binary the `study` workload starts as its reference, with the same
-        /// model, slots, context and threads as the engine (used when --endpoint is not given).
+        /// A `llama-server` binary the `study` and `v1` workloads start as their reference, with
+        /// the same model, slots, context and threads as the engine (used when --endpoint is not
+        /// given).
         #[arg(long, env = "COLLABLLM_LLAMA_SERVER")]
         llama_server: Option<PathBuf>,
         /// Tokens a reply streams before a participant waiting for a first token may pause it,
@@ -160,14 +165,55 @@ pub enum Workload {
     Chats,
     /// The study's load against llama.cpp's llama-server.
     Study,
+    /// Chats sent at once to this server's `/v1` and to llama-server's, answered whole and
+    /// streamed, as an OpenAI client sends them.
+    V1,
 }
 
-/// The server the study workload is compared with.
+/// The server the study and `/v1` workloads are compared with.
 enum Reference {
     /// One already running: its `/v1` URL and model name.
     Endpoint(String, String),
     /// A llama-server binary to start with the engine's settings.
     LlamaServer(PathBuf),
+}
+
+impl Reference {
+    /// `--endpoint` (with `--remote-model`), else `--llama-server`, else none.
+    fn of(endpoint: Option<String>, model: String, llama_server: Option<PathBuf>) -> Option<Self> {
+        match (endpoint, llama_server) {
+            (Some(url), _) => Some(Reference::Endpoint(url, model)),
+            (None, Some(binary)) => Some(Reference::LlamaServer(binary)),
+            (None, None) => None,
+        }
+    }
+
+    /// The reference's `/v1` URL and model name, starting llama-server if it is one (stopped
+    /// when the returned guard is dropped).
+    fn open(
+        self,
+        runtime: &tokio::runtime::Runtime,
+        model: &Path,
+        slots: u32,
+        context_tokens: u32,
+    ) -> Result<(Option<bench::LlamaServer>, String, String)> {
+        Ok(match self {
+            Reference::Endpoint(url, name) => (None, url, name),
+            Reference::LlamaServer(binary) => {
+                let server = runtime
+                    .block_on(bench::LlamaServer::start(
+                        &binary,
+                        model,
+                        slots,
+                        context_tokens,
+                        llama::thread_count(),
+                    ))
+                    .with_context(|| format!("cannot start {}", binary.display()))?;
+                let url = server.url.clone();
+                (Some(server), url, "default".to_string())
+            }
+        })
+    }
 }
 
 pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
@@ -235,12 +281,16 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
                         think_seconds: (think_seconds[0], think_seconds[1]),
                         time_slice_tokens,
                     };
-                    let reference = match (endpoint, llama_server) {
-                        (Some(url), _) => Some(Reference::Endpoint(url, remote_model)),
-                        (None, Some(binary)) => Some(Reference::LlamaServer(binary)),
-                        (None, None) => None,
-                    };
+                    let reference = Reference::of(endpoint, remote_model, llama_server);
                     study_bench(ctx, &model, slots, context_tokens, &workload, reference)
+                }
+                Workload::V1 => {
+                    let workload = ApiWorkload {
+                        concurrency,
+                        tokens,
+                    };
+                    let reference = Reference::of(endpoint, remote_model, llama_server);
+                    v1_bench(ctx, &model, slots, context_tokens, &workload, reference)
                 }
             }
         }
@@ -467,22 +517,7 @@ fn study_bench(
         return Ok(());
     };
     // The engine is dropped before the reference starts: the two never share the cores.
-    let (_server, url, name) = match reference {
-        Reference::Endpoint(url, name) => (None, url, name),
-        Reference::LlamaServer(binary) => {
-            let server = runtime
-                .block_on(bench::LlamaServer::start(
-                    &binary,
-                    model,
-                    slots,
-                    context_tokens,
-                    llama::thread_count(),
-                ))
-                .with_context(|| format!("cannot start {}", binary.display()))?;
-            let url = server.url.clone();
-            (Some(server), url, "default".to_string())
-        }
-    };
+    let (_server, url, name) = reference.open(runtime, model, slots, context_tokens)?;
     let remote = RemoteEngine::new(&url, &name, None)?;
     let theirs = runtime.block_on(bench::study_bench(&remote, workload, &progress))?;
     progress.finish_and_clear();
@@ -501,6 +536,72 @@ fn study_bench(
         ours.ttft_p50_ms / theirs.ttft_p50_ms.max(1e-9),
         ours.tokens_per_s / theirs.tokens_per_s.max(1e-9)
     );
+    Ok(())
+}
+
+/// `bench engine --workload v1`: this server's `/v1` (in this process, over loopback HTTP), then
+/// the reference's, on the same chats; the engine is gone before the reference starts.
+fn v1_bench(
+    ctx: &Context,
+    model: &Path,
+    slots: u32,
+    context_tokens: u32,
+    workload: &ApiWorkload,
+    reference: Option<Reference>,
+) -> Result<()> {
+    let runtime = ctx.runtime()?;
+    let _guard = runtime.enter();
+    let runs = if reference.is_some() { 2 } else { 1 };
+    let progress = ProgressBar::new(runs * 2 * workload.concurrency.len() as u64);
+    let ours = {
+        let dir = tempfile::tempdir()?;
+        let url = format!("sqlite://{}", dir.path().join("bench.sqlite3").display());
+        let engine = LlamaEngine::spawn(
+            llama::load_model(model, None, &[])?,
+            WorkerConfig {
+                name: "engine".into(),
+                context_tokens,
+                slots,
+                lora: None,
+                reuse_prefix: true,
+                saved_cache_bytes: 1 << 30,
+                time_slice_tokens: DEFAULT_TIME_SLICE_TOKENS,
+            },
+        )?;
+        let engines = collabllm::engine::Engines::new();
+        engines.insert("bench", std::sync::Arc::new(engine));
+        let key = uuid::Uuid::new_v4().simple().to_string();
+        let mut state = AppState::new(collabllm::db::open(&url, 4)?, engines, PathBuf::new())?;
+        state.api_keys = std::sync::Arc::new(vec![web::openai::key_sha256(&key)]);
+        let server = ServerThread::start(state, None)?;
+        let client = ApiClient::new(&format!("{}/v1", server.base), "bench", Some(key));
+        runtime.block_on(bench::api::api_bench(&client, workload, &progress))?
+    };
+    println!(
+        "model {}, {slots} slots of {context_tokens} tokens, {} threads; {} tokens a chat",
+        model.display(),
+        llama::thread_count(),
+        workload.tokens
+    );
+    let Some(reference) = reference else {
+        progress.finish_and_clear();
+        println!("{}", serde_json::to_string_pretty(&ours)?);
+        println!(
+            "no reference was measured: pass --llama-server PATH or --endpoint URL to compare \
+             with llama-server"
+        );
+        return Ok(());
+    };
+    let (_server, url, name) = reference.open(runtime, model, slots, context_tokens)?;
+    let client = ApiClient::new(&url, &name, None);
+    let theirs = runtime.block_on(bench::api::api_bench(&client, workload, &progress))?;
+    progress.finish_and_clear();
+    println!("reference: {url}");
+    print_figures(
+        &bench::api::api_figures(&ours, &theirs, workload),
+        "llama-server",
+    );
+    println!("target: every ratio >= 0.95x");
     Ok(())
 }
 
@@ -533,7 +634,7 @@ fn load_bench(ctx: &Context, mut options: load::LoadOptions, db: Option<String>)
         let url =
             db.unwrap_or_else(|| format!("sqlite://{}", dir.path().join("load.sqlite3").display()));
         let server = LoadServer::start(&url, ctx.settings.db_connections)?;
-        options.base = server.base.clone();
+        options.base = server.server.base.clone();
         options.study = server.study.clone();
         Some((server, url))
     } else {
@@ -652,16 +753,13 @@ fn load_bench(ctx: &Context, mut options: load::LoadOptions, db: Option<String>)
     Ok(())
 }
 
-/// The server `bench load` runs in this process, on a thread of its own: the example study under
-/// a fresh slug, with no limit on new sessions or messages a minute, every model answering at
-/// once.
+/// The server `bench load` runs in this process: the example study under a fresh slug, with no
+/// limit on new sessions or messages a minute, every model answering at once.
 struct LoadServer {
-    base: String,
     study: String,
     pool: collabllm::db::DbPool,
     studio: std::sync::Arc<collabllm::study::Studio>,
-    handle: actix_web::dev::ServerHandle,
-    thread: Option<std::thread::JoinHandle<()>>,
+    server: ServerThread,
 }
 
 impl LoadServer {
@@ -687,19 +785,46 @@ impl LoadServer {
         let engines = load::instant_engines(&loaded.protocol);
         let mut state = AppState::new(pool.clone(), engines, PathBuf::new())?;
         state.limits = std::sync::Arc::new(Limits::new(0, false));
-        let (studio, relay) = (state.studio.clone(), state.studio.clone());
+        let studio = state.studio.clone();
+        // A node as `serve` runs it (on PostgreSQL: listening, and relaying only while it hears
+        // another node).
+        let server = ServerThread::start(state, Some(studio.clone()))?;
+        Ok(Self {
+            study,
+            pool,
+            studio,
+            server,
+        })
+    }
+}
+
+/// The routes over a state, served on a loopback port by a thread of its own (with its own
+/// runtime, so the benchmark's clients never share one with the server); stopped when dropped.
+struct ServerThread {
+    /// `http://127.0.0.1:PORT`.
+    base: String,
+    handle: actix_web::dev::ServerHandle,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerThread {
+    /// Serves `state`; with `cluster`, that studio also runs as a node of a cluster.
+    fn start(
+        state: AppState,
+        cluster: Option<std::sync::Arc<collabllm::study::Studio>>,
+    ) -> Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel();
         let thread = std::thread::spawn(move || {
             actix_web::rt::System::new().block_on(async move {
                 let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
                 match web::bind(state, loopback, None) {
                     Ok((addr, server)) => {
-                        // A node as `serve` runs it (on PostgreSQL: listening, and relaying
-                        // only while it hears another node).
-                        studio.run_cluster(web::IDLE_SWEEP_INTERVAL);
+                        if let Some(studio) = cluster {
+                            studio.run_cluster(web::IDLE_SWEEP_INTERVAL);
+                        }
                         let _ = tx.send(Ok((addr, server.handle())));
                         if let Err(e) = server.await {
-                            tracing::error!(error = %e, "the load server failed");
+                            tracing::error!(error = %e, "the benchmark's server failed");
                         }
                     }
                     Err(e) => {
@@ -710,20 +835,17 @@ impl LoadServer {
         });
         let (addr, handle) = rx
             .recv()
-            .context("the load server did not start")?
-            .context("cannot start the load server")?;
+            .context("the benchmark's server did not start")?
+            .context("cannot start the benchmark's server")?;
         Ok(Self {
             base: format!("http://{addr}"),
-            study,
-            pool,
-            studio: relay,
             handle,
             thread: Some(thread),
         })
     }
 }
 
-impl Drop for LoadServer {
+impl Drop for ServerThread {
     fn drop(&mut self) {
         let handle = self.handle.clone();
         // Stopping needs a runtime of its own: the server's is on its thread.

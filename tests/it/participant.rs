@@ -932,8 +932,19 @@ impl ServeProcess {
             .arg(protocol)
             .env("COLLABLLM_LOG", "warn")
             .envs(env.iter().copied())
+            // Through a pipe, so that a file size limit never applies to the log (the test's own
+            // output may be a file), and shown with the test's output.
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start collabllm serve");
+        let mut child = child;
+        let log = child.stderr.take().expect("piped stderr");
+        std::thread::spawn(move || {
+            for line in std::io::BufRead::lines(std::io::BufReader::new(log)).map_while(Result::ok)
+            {
+                eprintln!("serve: {line}");
+            }
+        });
         let host = format!("127.0.0.1:{port}");
         let mut server = Self { child, host };
         let started = std::time::Instant::now();

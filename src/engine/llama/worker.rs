@@ -91,6 +91,8 @@ struct Active {
     /// Index in the current batch whose logits this slot samples from.
     logits_at: Option<i32>,
     sampler: LlamaSampler,
+    /// Applied before `sampler`, which then has no penalties of its own.
+    penalty: Option<RepeatPenalty>,
     stream: TextStream,
     prompt_tokens: usize,
     prompt_processed: usize,
@@ -773,6 +775,7 @@ impl<'m> Worker<'m> {
             next: None,
             logits_at: None,
             sampler,
+            penalty: RepeatPenalty::of(&job.request.sampling),
             stream: TextStream::new(stop),
             prompt_tokens,
             prompt_processed: prompt_tokens - keep,
@@ -968,6 +971,9 @@ impl<'m> Worker<'m> {
         let slot = &mut self.slots[index];
         let active = slot.active.as_mut().expect("sampled slots are active");
         let mut candidates = LlamaTokenDataArray::from_iter(self.context.candidates_ith(at), false);
+        if let Some(penalty) = &active.penalty {
+            penalty.apply(&mut candidates.data);
+        }
         candidates.apply_sampler(&mut active.sampler);
         let token = candidates
             .selected
@@ -980,6 +986,9 @@ impl<'m> Worker<'m> {
         active.sampler.try_accept(token).map_err(|e| {
             EngineError::Grammar(format!("the grammar cannot accept the next token ({e})"))
         })?;
+        if let Some(penalty) = &mut active.penalty {
+            penalty.accept(token);
+        }
         active.first_token_at.get_or_insert_with(Instant::now);
         active.generated += 1;
         #[cfg(debug_assertions)]
@@ -1153,6 +1162,55 @@ fn ms_since(t: Instant) -> u64 {
     t.elapsed().as_millis() as u64
 }
 
+/// llama.cpp's `penalties` sampler as the engine uses it (a repeat penalty on the last `last_n`
+/// sampled tokens; no frequency or presence penalty), applied to those tokens instead of by a
+/// look-up for each token of the vocabulary: that sampler's ~50,000 hash look-ups a token, for
+/// each slot, cost more than a decode step of a small model.
+struct RepeatPenalty {
+    penalty: f32,
+    last_n: usize,
+    recent: VecDeque<LlamaToken>,
+}
+
+impl RepeatPenalty {
+    /// None when the request asks for no penalty (1.0, or a window of 0 or less, as llama.cpp).
+    fn of(s: &Sampling) -> Option<Self> {
+        let last_n = usize::try_from(s.repeat_last_n).ok().filter(|&n| n > 0)?;
+        (s.repeat_penalty != 1.0).then(|| Self {
+            penalty: s.repeat_penalty,
+            last_n,
+            recent: VecDeque::with_capacity(last_n),
+        })
+    }
+
+    /// Penalises each recent token once, as llama.cpp does; `data` holds the vocabulary's
+    /// candidates in token order, as they come from the logits.
+    fn apply(&self, data: &mut [llama_cpp_2::token::data::LlamaTokenData]) {
+        let mut tokens: Vec<i32> = self.recent.iter().map(|t| t.0).collect();
+        tokens.sort_unstable();
+        tokens.dedup();
+        for token in tokens {
+            let Some(d) = usize::try_from(token).ok().and_then(|i| data.get_mut(i)) else {
+                continue;
+            };
+            debug_assert_eq!(d.id().0, token, "candidates are in token order");
+            let logit = d.logit();
+            d.set_logit(if logit <= 0.0 {
+                logit * self.penalty
+            } else {
+                logit / self.penalty
+            });
+        }
+    }
+
+    fn accept(&mut self, token: LlamaToken) {
+        if self.recent.len() == self.last_n {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(token);
+    }
+}
+
 /// The sampler chain of a request, and the seed it uses.
 fn build_sampler(
     model: &LlamaModel,
@@ -1172,15 +1230,6 @@ fn build_sampler(
         let sampler = LlamaSampler::grammar(model, &grammar, "root")
             .map_err(|e| EngineError::Grammar(e.to_string()))?;
         chain.push(sampler);
-    }
-    if s.repeat_penalty != 1.0 {
-        chain.push(LlamaSampler::penalties(
-            model.n_vocab(),
-            s.repeat_last_n,
-            s.repeat_penalty,
-            0.0,
-            0.0,
-        ));
     }
     if s.temperature <= 0.0 {
         chain.push(LlamaSampler::greedy());
