@@ -42,7 +42,8 @@ struct ErrorBody<'a> {
 }
 
 impl ApiError {
-    fn kind(&self) -> &'static str {
+    /// The error's kind, as the `error` field of its JSON says.
+    pub(super) fn kind(&self) -> &'static str {
         match self {
             ApiError::NotFound(_) => "not_found",
             ApiError::BadRequest(_) => "bad_request",

@@ -172,11 +172,56 @@ impl CompletionRequest {
     }
 }
 
+/// An error of `/v1` in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, which
+/// OpenAI's clients read into their exceptions; the status codes and the `code` are
+/// [`ApiError`]'s.
+#[derive(Debug)]
+pub struct OpenAiError(ApiError);
+
+impl<E: Into<ApiError>> From<E> for OpenAiError {
+    fn from(e: E) -> Self {
+        OpenAiError(e.into())
+    }
+}
+
+impl std::fmt::Display for OpenAiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl actix_web::ResponseError for OpenAiError {
+    fn status_code(&self) -> actix_web::http::StatusCode {
+        self.0.status_code()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        // OpenAI's types, by status.
+        let kind = match status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            404 => "not_found_error",
+            429 => "rate_limit_error",
+            400..=499 => "invalid_request_error",
+            _ => "server_error",
+        };
+        HttpResponse::build(status).json(json!({
+            "error": {
+                "message": self.0.to_string(),
+                "type": kind,
+                "param": null,
+                "code": self.0.kind(),
+            }
+        }))
+    }
+}
+
 #[get("/v1/models")]
 async fn list_models(
     req: HttpRequest,
     state: web::Data<AppState>,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<HttpResponse, OpenAiError> {
     authorise(&req, &state).await?;
     let data: Vec<Value> = state
         .engines
@@ -237,12 +282,14 @@ async fn create_chat_completion(
     req: HttpRequest,
     state: web::Data<AppState>,
     body: web::Bytes,
-) -> Result<HttpResponse, ApiError> {
+) -> Result<HttpResponse, OpenAiError> {
     // The key first: a caller without one learns nothing about the body it sent.
     authorise(&req, &state).await?;
     let body: CompletionRequest = serde_json::from_slice(&body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))?;
     let request = body.to_chat_request()?;
+    // What is wrong with the request itself is said whatever the backend.
+    request.check()?;
     let engine = state.engines.get(&body.model)?;
     let generation = engine.start(request)?;
     let meta = Meta {

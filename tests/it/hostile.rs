@@ -278,7 +278,10 @@ async fn generated_api_requests_never_get_a_server_error() {
         if status >= 400 {
             let error: Value = serde_json::from_str(&text)
                 .unwrap_or_else(|e| panic!("request {i}: the error is not JSON ({e}): {text}"));
-            let (kind, message) = (error["error"].as_str(), error["message"].as_str());
+            let (kind, message) = (
+                error["error"]["code"].as_str(),
+                error["error"]["message"].as_str(),
+            );
             assert!(
                 kind.is_some_and(|k| !k.is_empty()) && message.is_some_and(|m| !m.is_empty()),
                 "request {i}: no kind or reason given: {text}"

@@ -2,7 +2,7 @@
 
 use serde_json::{json, Value};
 
-use crate::common::{state_with_model, TestDb, TestServer, TEST_API_KEY};
+use crate::common::{state_with_model, TestApp, TestDb, TestServer, TEST_API_KEY};
 
 async fn post(server: &TestServer, body: Value) -> (u16, Value) {
     let (status, text) = post_text(server, &body).await;
@@ -111,18 +111,21 @@ async fn streaming_ends_with_usage_and_done() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_json_errors() {
     let db = TestDb::sqlite();
-    let server = TestServer::start(state_with_model(&db));
+    let server = TestApp::new(&db).start();
     let (status, body) = post(
         &server,
         json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
     )
     .await;
     assert_eq!(status, 404);
-    assert_eq!(body["error"], "model_not_found");
-    assert!(body["message"].as_str().unwrap().contains("smollm2-135m"));
+    assert_eq!(body["error"]["code"], "model_not_found");
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("smollm2-135m"));
     let (status, body) = post(&server, json!({"model": "smollm2-135m", "messages": []})).await;
     assert_eq!(
-        (status, body["error"].as_str()),
+        (status, body["error"]["code"].as_str()),
         (400, Some("invalid_request"))
     );
     let (status, body) = post(
@@ -143,7 +146,7 @@ async fn bad_requests_get_json_errors() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
     let body: Value = r.json().await.unwrap();
-    assert_eq!(body["error"], "bad_request");
+    assert_eq!(body["error"]["code"], "bad_request");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -203,9 +206,9 @@ async fn no_grammar_can_end_the_process() {
         }
         let (status, reply) = post(&server, body).await;
         assert_eq!(status, 400, "{reply}");
-        assert_eq!(reply["error"], "invalid_request", "{reply}");
+        assert_eq!(reply["error"]["code"], "invalid_request", "{reply}");
         assert!(
-            reply["message"].as_str().unwrap().contains(why),
+            reply["error"]["message"].as_str().unwrap().contains(why),
             "{why}: {reply}"
         );
     }
@@ -224,7 +227,7 @@ async fn no_grammar_can_end_the_process() {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_api_needs_a_key_and_is_off_without_one() {
     let db = TestDb::sqlite();
-    let mut state = state_with_model(&db);
+    let mut state = TestApp::new(&db).state();
     let pool = state.pool.clone();
     let body = json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
     let ask = |server: &TestServer, key: Option<&str>| {
@@ -244,11 +247,11 @@ async fn the_api_needs_a_key_and_is_off_without_one() {
     let server = TestServer::start(state.clone());
     let (status, reply) = ask(&server, Some("anything")).await;
     assert_eq!(
-        (status, reply["error"].as_str()),
+        (status, reply["error"]["code"].as_str()),
         (403, Some("disabled")),
         "{reply}"
     );
-    assert!(reply["message"]
+    assert!(reply["error"]["message"]
         .as_str()
         .unwrap()
         .contains("COLLABLLM_API_KEYS"));
@@ -265,7 +268,7 @@ async fn the_api_needs_a_key_and_is_off_without_one() {
     for wrong in [None, Some("clm-guess"), Some(TEST_API_KEY)] {
         let (status, reply) = ask(&server, wrong).await;
         assert_eq!(
-            (status, reply["error"].as_str()),
+            (status, reply["error"]["code"].as_str()),
             (401, Some("unauthorized")),
             "{reply}"
         );
@@ -290,7 +293,7 @@ async fn the_api_needs_a_key_and_is_off_without_one() {
     assert_eq!(garbage.status(), 400);
     let reply: Value = garbage.json().await.unwrap();
     assert!(
-        reply["message"]
+        reply["error"]["message"]
             .as_str()
             .unwrap()
             .starts_with("invalid JSON body"),
@@ -328,9 +331,12 @@ async fn a_prompt_of_megabytes_is_refused_as_too_long() {
     )
     .await;
     assert_eq!(status, 400, "{body}");
-    assert_eq!(body["error"], "invalid_request");
+    assert_eq!(body["error"]["code"], "invalid_request");
     assert!(
-        body["message"].as_str().unwrap().contains("tokens"),
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("tokens"),
         "{body}"
     );
 }
