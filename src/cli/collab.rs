@@ -89,8 +89,8 @@ pub struct SynthArgs {
     seed: u64,
 }
 
-/// How the multiturn-aware reward rolls a turn's candidates forward, for `pairs` and `synth`;
-/// each defaults to the protocol's `[collab]` value.
+/// How the multiturn-aware reward rolls a turn's candidates forward, for `pairs`, `synth` and
+/// `loop`; each defaults to the protocol's `[collab]` value.
 #[derive(clap::Args)]
 pub struct RolloutArgs {
     /// Replies compared per turn, in `pairs` the one given included (K >= 2; default: the
@@ -108,6 +108,19 @@ pub struct RolloutArgs {
 }
 
 impl RolloutArgs {
+    /// The options as they are written on a command line (those given only).
+    pub(super) fn to_args(&self) -> Vec<String> {
+        [
+            ("--candidates", self.candidates),
+            ("--samples", self.samples),
+            ("--window", self.window),
+        ]
+        .into_iter()
+        .filter_map(|(flag, v)| Some([flag.to_string(), v?.to_string()]))
+        .flatten()
+        .collect()
+    }
+
     fn overrides(&self) -> MrOverrides {
         MrOverrides {
             candidates: self.candidates,

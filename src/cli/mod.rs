@@ -6,6 +6,7 @@ mod bench;
 mod collab;
 mod config;
 mod export;
+mod online;
 mod serve;
 mod train;
 
@@ -85,6 +86,12 @@ enum Command {
     /// DIR/eval.json and DIR/eval.csv. Finished conversations are kept in DIR/eval.jsonl: run the
     /// same command again after a stop to resume. `eval reward` checks the reward itself.
     Eval(collab::EvalArgs),
+    /// Online DPO, round after round: simulated participants with the current policy, their
+    /// turns scored with MR into pairs, an adapter trained from the base on every pair so far, and
+    /// the base against it on the same held-out simulated users; DIR/round-N/ keeps each round's
+    /// protocols, pairs, adapter, training report and evaluation, DIR/report.md and report.json
+    /// one row per round. Finished steps are kept: run the same command again to resume.
+    Loop(online::LoopArgs),
 }
 
 /// Parses the command line, sets up logging and runs the command; an error is printed and exits
@@ -126,6 +133,7 @@ fn run(ctx: &Context, command: Command) -> Result<()> {
         Command::Bench(command) => bench::bench(ctx, command),
         Command::Train(command) => train::train(ctx, command),
         Command::Eval(args) => collab::eval(ctx, args),
+        Command::Loop(args) => online::run(ctx, args),
     }
 }
 

@@ -13,6 +13,7 @@ mod export;
 mod faults;
 mod hostile;
 mod layers;
+mod online;
 mod openai;
 mod participant;
 mod protocol;
