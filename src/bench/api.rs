@@ -18,6 +18,8 @@ use crate::engine::EngineError;
 pub struct ApiWorkload {
     pub concurrency: Vec<usize>,
     pub tokens: u32,
+    /// Times each figure is measured (new chats each time); the median is kept.
+    pub repeats: usize,
 }
 
 /// Generated tokens per second over all the chats at once, for each of the workload's
@@ -125,7 +127,8 @@ impl ApiClient {
 }
 
 /// Runs the workload against `client`: a short warm-up chat, then at each concurrency the chats
-/// answered whole, then streamed; `progress` ticks once per batch of chats.
+/// answered whole, then streamed, each `repeats` times (the median kept); `progress` ticks once
+/// per batch of chats.
 pub async fn api_bench(
     client: &ApiClient,
     workload: &ApiWorkload,
@@ -139,19 +142,23 @@ pub async fn api_bench(
     let mut next_chat = 1;
     for &n in &workload.concurrency {
         for stream in [false, true] {
-            let chats = next_chat..next_chat + n;
-            next_chat += n;
-            let started = Instant::now();
-            let done = join_all(chats.map(|c| client.chat(c, workload.tokens, stream))).await;
-            let elapsed = started.elapsed().as_secs_f64();
-            let tokens = done.into_iter().sum::<Result<u64, _>>()?;
-            let rate = tokens as f64 / elapsed.max(1e-9);
+            let mut rates = Vec::new();
+            for _ in 0..workload.repeats.max(1) {
+                let chats = next_chat..next_chat + n;
+                next_chat += n;
+                let started = Instant::now();
+                let done = join_all(chats.map(|c| client.chat(c, workload.tokens, stream))).await;
+                let elapsed = started.elapsed().as_secs_f64();
+                let tokens = done.into_iter().sum::<Result<u64, _>>()?;
+                rates.push(tokens as f64 / elapsed.max(1e-9));
+                progress.inc(1);
+            }
+            let rate = super::percentile(rates, 0.5);
             if stream {
                 figures.streamed.push(rate);
             } else {
                 figures.whole.push(rate);
             }
-            progress.inc(1);
         }
     }
     Ok(figures)

@@ -77,6 +77,9 @@ pub enum BenchCommand {
         /// Numbers of concurrent chats to measure (`chats`, `v1`).
         #[arg(long, value_delimiter = ',', default_value = "1,4,8,16")]
         concurrency: Vec<usize>,
+        /// Times each `v1` figure is measured, with new chats each time; the median is shown.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
         /// Participants chatting at once (`study`).
         #[arg(long, default_value_t = 16)]
         participants: usize,
@@ -247,6 +250,7 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
             tokens,
             turns,
             concurrency,
+            repeats,
             participants,
             reply_tokens,
             think_seconds,
@@ -288,6 +292,7 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
                     let workload = ApiWorkload {
                         concurrency,
                         tokens,
+                        repeats,
                     };
                     let reference = Reference::of(endpoint, remote_model, llama_server);
                     v1_bench(ctx, &model, slots, context_tokens, &workload, reference)
@@ -552,7 +557,8 @@ fn v1_bench(
     let runtime = ctx.runtime()?;
     let _guard = runtime.enter();
     let runs = if reference.is_some() { 2 } else { 1 };
-    let progress = ProgressBar::new(runs * 2 * workload.concurrency.len() as u64);
+    let batches = 2 * workload.concurrency.len() * workload.repeats.max(1);
+    let progress = ProgressBar::new(runs * batches as u64);
     let ours = {
         let dir = tempfile::tempdir()?;
         let url = format!("sqlite://{}", dir.path().join("bench.sqlite3").display());

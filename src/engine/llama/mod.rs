@@ -306,9 +306,9 @@ fn new_context<'m>(
         .with_n_ubatch(BATCH_TOKENS.min(512))
         .with_n_seq_max(config.slots.max(1))
         .with_kv_unified(false)
-        // Measured: ggml's CPU flash-attention kernel costs ~25 µs per cached token per decoded
-        // token with the default model, so a conversation's turns slowed 1 s → 2.9 s by its
-        // eighth turn; the plain attention path stays flat (1.0 → 1.1 s).
+        // Measured (docs/benchmarks.md): with ggml's CPU flash-attention kernel a
+        // conversation's tenth turn takes 1.57x its first; the plain attention path stays flat
+        // (0.98x), though short chats are up to ~15 % faster with the kernel.
         .with_flash_attention_policy(llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED)
         .with_n_threads(threads)
         .with_n_threads_batch(threads);
