@@ -108,9 +108,120 @@ pub fn wilson(k: usize, n: usize) -> (f64, f64) {
     ((centre - half).max(0.0), (centre + half).min(1.0))
 }
 
+/// Random sign patterns of the permutation test above [`EXACT_SIGN_FLIPS`] differences.
+const SIGN_FLIP_SAMPLES: usize = 20_000;
+/// Up to this many differences every sign pattern is enumerated (2^16 of them).
+const EXACT_SIGN_FLIPS: usize = 16;
+
+/// Two-sided p-value of the paired sign-flip permutation test that `diffs` (one difference per
+/// user, arm − baseline) are centred on 0: the share of sign patterns whose mean is at least as
+/// far from 0 as the one observed. Exact up to 16 differences; above, 20,000 seeded random
+/// patterns with the observed one counted in (so never 0). Assumes only that a difference's sign
+/// is exchangeable under the null, not normality.
+pub fn sign_flip_p(diffs: &[f64]) -> Option<f64> {
+    if diffs.is_empty() {
+        return None;
+    }
+    let observed = diffs.iter().sum::<f64>().abs();
+    // A tolerance, so patterns that tie with the observed sum in exact arithmetic count as ties.
+    let at_least = |sum: f64| sum.abs() >= observed - 1e-9 * (1.0 + observed);
+    let flipped = |bits: u64| {
+        diffs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| if bits >> i & 1 == 1 { -d } else { *d })
+            .sum::<f64>()
+    };
+    if diffs.len() <= EXACT_SIGN_FLIPS {
+        let patterns = 1u64 << diffs.len();
+        let extreme = (0..patterns).filter(|&b| at_least(flipped(b))).count();
+        return Some(extreme as f64 / patterns as f64);
+    }
+    let mut rng = SplitMix64::new(BOOTSTRAP_SEED);
+    let extreme = (0..SIGN_FLIP_SAMPLES)
+        .filter(|_| {
+            let sum: f64 = diffs
+                .iter()
+                .map(|d| if rng.next_u64() & 1 == 1 { -d } else { *d })
+                .sum();
+            at_least(sum)
+        })
+        .count();
+    Some((extreme + 1) as f64 / (SIGN_FLIP_SAMPLES + 1) as f64)
+}
+
+/// The paired effect size d_z: the mean difference over the differences' standard deviation
+/// (n − 1); None for fewer than two differences or no spread.
+pub fn paired_effect_size(diffs: &[f64]) -> Option<f64> {
+    let m = mean(diffs)?;
+    if diffs.len() < 2 {
+        return None;
+    }
+    let var = diffs.iter().map(|d| (d - m).powi(2)).sum::<f64>() / (diffs.len() - 1) as f64;
+    (var > 0.0).then(|| m / var.sqrt())
+}
+
+/// Holm's step-down adjustment of a family of p-values (in the order given): the smallest is
+/// multiplied by the family's size, the next by one less, each at least the one before, at most 1.
+pub fn holm(ps: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..ps.len()).collect();
+    order.sort_by(|&a, &b| ps[a].total_cmp(&ps[b]));
+    let mut adjusted = vec![0.0; ps.len()];
+    let mut running: f64 = 0.0;
+    for (rank, &i) in order.iter().enumerate() {
+        running = running.max((ps[i] * (ps.len() - rank) as f64).min(1.0));
+        adjusted[i] = running;
+    }
+    adjusted
+}
+
+/// Users a paired comparison needs to find an effect of size `d_z` with a two-sided test at
+/// α = 0.05 and power 0.8: ((z₀.₉₇₅ + z₀.₈) / d_z)² by the normal approximation, plus one for the
+/// t distribution's heavier tails at small n.
+pub fn paired_users_needed(d_z: f64) -> Option<usize> {
+    if !d_z.is_finite() || d_z == 0.0 {
+        return None;
+    }
+    let n = ((1.959_964 + 0.841_621) / d_z.abs()).powi(2);
+    Some(n.ceil() as usize + 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sign_flip_test_matches_its_enumeration_by_hand() {
+        // Three positive differences: of the 8 sign patterns only all-plus and all-minus are as
+        // extreme, so p = 2/8.
+        assert_eq!(sign_flip_p(&[1.0, 2.0, 3.0]), Some(0.25));
+        // Differences of both signs that cancel: every pattern is as extreme as 0.
+        assert_eq!(sign_flip_p(&[1.0, -1.0]), Some(1.0));
+        // Twenty equal differences: the sampled p is near 2 / 2^20, i.e. the smallest possible.
+        let p = sign_flip_p(&[0.5; 20]).unwrap();
+        assert!(p < 0.001, "{p}");
+        assert_eq!(sign_flip_p(&[]), None);
+    }
+
+    #[test]
+    fn holm_adjusts_step_down_and_keeps_the_order() {
+        let adjusted = holm(&[0.01, 0.04, 0.03]);
+        // Sorted 0.01, 0.03, 0.04 → ×3, ×2, ×1, each at least the one before: 0.03, 0.06, 0.06.
+        let expected = [0.03, 0.06, 0.06];
+        for (a, e) in adjusted.iter().zip(expected) {
+            assert!((a - e).abs() < 1e-12, "{adjusted:?}");
+        }
+    }
+
+    #[test]
+    fn effect_size_and_users_needed_follow_their_formulas() {
+        // Differences 1, 2, 3: mean 2, sd 1, d_z 2.
+        assert_eq!(paired_effect_size(&[1.0, 2.0, 3.0]), Some(2.0));
+        assert_eq!(paired_effect_size(&[1.0, 1.0]), None);
+        // d_z = 0.5: (2.8016 / 0.5)^2 = 31.4 → 32, + 1.
+        assert_eq!(paired_users_needed(0.5), Some(33));
+        assert_eq!(paired_users_needed(0.0), None);
+    }
 
     #[test]
     fn splitmix_matches_its_reference_values() {

@@ -146,7 +146,7 @@ pub struct EvalArgs {
     #[arg(long)]
     baseline: Option<String>,
     /// Simulated users per arm.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "power")]
     users: Option<usize>,
     /// Held-out tasks in `synth`'s format (`prompt`, `reference`; BLEU against the reference);
     /// default: the protocol's topics (no goal document, so no BLEU).
@@ -162,8 +162,13 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Folder for eval.json, eval.csv and eval.jsonl.
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "power")]
     out: Option<PathBuf>,
+    /// Only say how many users per arm a paired difference of this effect size (d_z: the mean
+    /// difference over the differences' standard deviation, as the table reports it) needs to be
+    /// found with power 0.8 by a two-sided test at α = 0.05, and exit.
+    #[arg(long, value_name = "D_Z")]
+    power: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -453,6 +458,16 @@ fn eval_reward(ctx: &Context, check: EvalCommand) -> Result<()> {
 }
 
 fn eval_arms(ctx: &Context, args: EvalArgs) -> Result<()> {
+    if let Some(d_z) = args.power {
+        let Some(n) = collabllm::stats::paired_users_needed(d_z) else {
+            bail!("--power needs an effect size other than 0, e.g. 0.5");
+        };
+        println!(
+            "a paired difference of effect size d_z = {d_z} needs {n} simulated users per arm \
+             (two-sided test at α = 0.05, power 0.8; normal approximation + 1)"
+        );
+        return Ok(());
+    }
     let (Some(users), Some(out)) = (args.users, args.out) else {
         bail!("eval needs --users and --out");
     };

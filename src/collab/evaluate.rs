@@ -466,6 +466,23 @@ pub struct Table {
     /// Arm → metric → mean difference (arm − baseline) over the users both have, with its
     /// interval.
     pub diff: BTreeMap<String, BTreeMap<String, Option<Interval>>>,
+    /// Arm → metric → the paired test of that difference (absent from tables stored before it).
+    #[serde(default)]
+    pub tests: BTreeMap<String, BTreeMap<String, Option<PairedTest>>>,
+}
+
+/// The paired test of an arm against the baseline in one metric, over the users both have.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PairedTest {
+    pub n: usize,
+    /// Two-sided p-value of the sign-flip permutation test ([`crate::stats::sign_flip_p`]).
+    pub p: f64,
+    /// `p` adjusted by Holm's method across the arms compared with the baseline in this metric.
+    pub p_holm: f64,
+    /// The effect size d_z: the mean difference over the differences' standard deviation.
+    pub effect_size: Option<f64>,
+    /// Users per arm an effect of this size needs for power 0.8 at α = 0.05.
+    pub users_needed: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -482,6 +499,7 @@ impl Table {
         }
         let mut arms = BTreeMap::new();
         let mut diff = BTreeMap::new();
+        let mut tests: BTreeMap<String, BTreeMap<String, Option<PairedTest>>> = BTreeMap::new();
         let base: BTreeMap<usize, &Row> = of_arm(rows, baseline).map(|r| (r.user, r)).collect();
         for p in policies {
             let arm = &p.arm.id;
@@ -500,16 +518,40 @@ impl Table {
                 },
             );
             if arm != baseline {
-                let paired = METRICS
-                    .iter()
-                    .map(|m| {
-                        let values: Vec<f64> = of_arm(rows, arm)
-                            .filter_map(|r| Some(r.metric(m)? - base.get(&r.user)?.metric(m)?))
-                            .collect();
-                        (m.to_string(), interval(&values))
-                    })
-                    .collect();
+                let mut paired = BTreeMap::new();
+                let mut tested = BTreeMap::new();
+                for m in METRICS {
+                    let values: Vec<f64> = of_arm(rows, arm)
+                        .filter_map(|r| Some(r.metric(m)? - base.get(&r.user)?.metric(m)?))
+                        .collect();
+                    paired.insert(m.to_string(), interval(&values));
+                    let test = crate::stats::sign_flip_p(&values).map(|p| {
+                        let effect_size = crate::stats::paired_effect_size(&values);
+                        PairedTest {
+                            n: values.len(),
+                            p,
+                            p_holm: p,
+                            effect_size,
+                            users_needed: effect_size.and_then(crate::stats::paired_users_needed),
+                        }
+                    });
+                    tested.insert(m.to_string(), test);
+                }
                 diff.insert(arm.clone(), paired);
+                tests.insert(arm.clone(), tested);
+            }
+        }
+        // Holm across the arms compared with the baseline, metric by metric.
+        for m in METRICS {
+            let family: Vec<(String, f64)> = tests
+                .iter()
+                .filter_map(|(arm, t)| Some((arm.clone(), t.get(m)?.as_ref()?.p)))
+                .collect();
+            let ps: Vec<f64> = family.iter().map(|(_, p)| *p).collect();
+            for ((arm, _), adjusted) in family.iter().zip(crate::stats::holm(&ps)) {
+                if let Some(Some(t)) = tests.get_mut(arm).and_then(|t| t.get_mut(m)) {
+                    t.p_holm = adjusted;
+                }
             }
         }
         Table {
@@ -517,6 +559,7 @@ impl Table {
             arms,
             order: policies.iter().map(|p| p.arm.id.clone()).collect(),
             diff,
+            tests,
         }
     }
 }
@@ -550,7 +593,31 @@ impl std::fmt::Display for Table {
                 write!(f, " {:>24}", cell(&metrics[m]))?;
             }
             writeln!(f)?;
+            let tests = self.tests.get(arm);
+            let test = |m: &str| tests.and_then(|t| t.get(m).copied().flatten());
+            write!(f, "{:<19}", "  p (Holm)")?;
+            for m in METRICS {
+                let text =
+                    test(m).map_or("–".into(), |t| format!("{:.3} ({:.3})", t.p, t.p_holm));
+                write!(f, " {text:>24}")?;
+            }
+            writeln!(f)?;
+            write!(f, "{:<19}", "  d_z, users for 80%")?;
+            for m in METRICS {
+                let text =
+                    test(m).map_or("–".into(), |t| match (t.effect_size, t.users_needed) {
+                        (Some(d), Some(n)) => format!("{d:+.2}, {n}"),
+                        _ => "–".into(),
+                    });
+                write!(f, " {text:>24}")?;
+            }
+            writeln!(f)?;
         }
+        writeln!(
+            f,
+            "p: two-sided paired sign-flip permutation test; Holm across the arms; d_z: mean \
+             difference / its standard deviation; users for 80%: per arm, for power 0.8 at α 0.05"
+        )?;
         Ok(())
     }
 }
@@ -573,6 +640,7 @@ pub fn write_outputs(
         "arms": table.arms,
         "baseline": table.baseline,
         "diff": table.diff,
+        "tests": table.tests,
         "failed": outcome.failed,
         "provenance": provenance,
     });

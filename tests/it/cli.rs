@@ -50,6 +50,9 @@ fn every_command_explains_itself() {
         vec!["synth", "--help"],
         vec!["bench", "mr", "--help"],
         vec!["bench", "load", "--help"],
+        vec!["eval", "--help"],
+        vec!["loop", "--help"],
+        vec!["train", "dpo", "--help"],
     ] {
         let out = collabllm(&args);
         assert!(out.status.success(), "{args:?}: {}", text(&out));
@@ -587,4 +590,18 @@ fn a_stopped_judge_fetch_goes_on_where_it_stopped_and_a_wrong_file_is_refused() 
         ["SmolLM2-135M-Instruct.Q4_1.gguf"],
         "nothing unverified is kept"
     );
+}
+
+#[test]
+fn eval_power_says_how_many_users_an_effect_needs() {
+    let out = collabllm(&["eval", "--power", "0.5"]);
+    assert!(out.status.success(), "{}", text(&out));
+    // ((1.96 + 0.84) / 0.5)^2 = 31.4 → 32, + 1 for the t distribution.
+    assert!(
+        text(&out).contains("needs 33 simulated users per arm"),
+        "{}",
+        text(&out)
+    );
+    assert_refused(&["eval", "--power", "0"], "other than 0");
+    assert_refused(&["eval", "--out", "x"], "--users");
 }

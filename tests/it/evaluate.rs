@@ -75,18 +75,11 @@ fn setup() -> Setup {
     let p = &loaded.protocol;
     let engine = scripted();
     let engines = scripted_engines(engine.clone());
-    let roles = Roles::start(
-        &engines,
-        p,
-        &loaded.source,
-        &crate::common::real_models(),
-        4,
-    )
-    .unwrap();
+    let roles = Roles::start(&engines, p, &loaded.source, &models_dir(), 4).unwrap();
     let policies = p
         .arms
         .iter()
-        .map(|a| start_policy(&engines, p, a, &crate::common::real_models(), 4).unwrap())
+        .map(|a| start_policy(&engines, p, a, &models_dir(), 4).unwrap())
         .collect();
     Setup {
         roles,
@@ -198,6 +191,14 @@ async fn the_table_has_every_arms_metrics_and_the_paired_difference() {
     );
     assert_eq!(t.diff["writer"]["quality"].unwrap().mean, 0.0);
     assert!(!t.diff.contains_key("proactive"));
+    // The paired tests: three users all 100 points lower in ITR — of the 8 sign patterns only
+    // the two of equal signs are as extreme (p = 0.25, one arm: Holm changes nothing; no spread,
+    // so no effect size); the same quality everywhere is no evidence at all (p = 1).
+    let itr = t.tests["writer"]["itr"].unwrap();
+    assert_eq!((itr.n, itr.p, itr.p_holm), (3, 0.25, 0.25));
+    assert_eq!((itr.effect_size, itr.users_needed), (None, None));
+    assert_eq!(t.tests["writer"]["quality"].unwrap().p, 1.0);
+    assert!(t.tests["writer"]["bleu"].is_none());
 
     let (json_path, csv_path) =
         evaluate::write_outputs(dir.path(), &outcome, json!({"seed": 5})).unwrap();
@@ -207,6 +208,7 @@ async fn the_table_has_every_arms_metrics_and_the_paired_difference() {
     assert_eq!(written["arms"]["writer"]["n"], 3);
     assert_eq!(written["baseline"], "proactive");
     assert_eq!(written["diff"]["writer"]["itr"]["lo"], -100.0);
+    assert_eq!(written["tests"]["writer"]["itr"]["p"], 0.25);
     let csv = std::fs::read_to_string(csv_path).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(lines[0], "arm,user,task,metric,value");
