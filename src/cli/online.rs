@@ -86,7 +86,9 @@ pub fn run(ctx: &Context, args: LoopArgs) -> Result<()> {
     let id = loop_id(&args.out)?;
     let started = Instant::now();
     let total = args.rounds * STEPS.len();
-    let mut done = 0;
+    // Steps done before (a resumed run) and in this run; the estimate of the time left rests on
+    // this run's.
+    let (mut done, mut ran) = (0, 0);
     let mut rows = Vec::new();
     for round in 1..=args.rounds {
         let dir = args.out.join(format!("round-{round}"));
@@ -105,10 +107,10 @@ pub fn run(ctx: &Context, args: LoopArgs) -> Result<()> {
                 done += 1;
                 continue;
             }
-            let left = if done == 0 {
+            let left = if ran == 0 {
                 String::new()
             } else {
-                let per = started.elapsed().as_secs_f64() / done as f64;
+                let per = started.elapsed().as_secs_f64() / ran as f64;
                 format!(", about {:.0} min left", per * (total - done) as f64 / 60.0)
             };
             eprintln!("loop: round {round} of {}: {step}{left}", args.rounds);
@@ -128,6 +130,7 @@ pub fn run(ctx: &Context, args: LoopArgs) -> Result<()> {
             }
             std::fs::write(&marker, b"")?;
             done += 1;
+            ran += 1;
         }
         rows.push(round_row(&dir, round)?);
         write_report(&args, &rows)?;
