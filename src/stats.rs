@@ -30,7 +30,7 @@ impl SplitMix64 {
 }
 
 /// A mean with its 95% percentile-bootstrap interval.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Estimate {
     pub n: usize,
     pub mean: f64,

@@ -49,6 +49,7 @@ impl Engine for InstantEngine {
             ttft_ms: 0,
             total_ms: 0,
             seed: request.sampling.seed.unwrap_or(0),
+            logprobs: Vec::new(),
         }));
         Ok(generation)
     }

@@ -198,6 +198,28 @@ pub enum EvalCommand {
         #[arg(long)]
         out: Option<PathBuf>,
     },
+    /// Whether the simulated user plays a person as MR assumes, on a contrast set: how often its
+    /// first message pastes the hidden intent (should be rare), how often its answer to a
+    /// clarifying question adds facts of the intent (should be most), how often it ends the chat
+    /// right after a question (rare) or once the text it asked for is delivered (most), and how
+    /// long its messages are; each with a 95% interval.
+    Simulator {
+        /// Protocol whose user simulator is checked.
+        #[arg(long, default_value = EXAMPLE_PROTOCOL_PATH)]
+        protocol: PathBuf,
+        /// Contrast set, as for `eval reward` (its ambiguous and clear cases are used).
+        #[arg(long)]
+        contrast: Option<PathBuf>,
+        /// Simulated messages per case and measure (each with its own seed).
+        #[arg(long, default_value_t = 2)]
+        samples: u32,
+        /// Base of every seed of the check.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also write the whole report, every message included, as JSON.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 /// `simulate`: the participants use the same websocket path as people, on a server of their own.
@@ -410,7 +432,8 @@ pub fn synth(ctx: &Context, args: SynthArgs) -> Result<()> {
 
 pub fn eval(ctx: &Context, mut args: EvalArgs) -> Result<()> {
     match args.check.take() {
-        Some(check) => eval_reward(ctx, check),
+        Some(check @ EvalCommand::Reward { .. }) => eval_reward(ctx, check),
+        Some(check @ EvalCommand::Simulator { .. }) => eval_simulator(ctx, check),
         None => eval_arms(ctx, args),
     }
 }
@@ -424,7 +447,10 @@ fn eval_reward(ctx: &Context, check: EvalCommand) -> Result<()> {
         window,
         seed,
         out,
-    } = check;
+    } = check
+    else {
+        unreachable!("eval dispatches by kind");
+    };
     let models_dir = &ctx.settings.models_dir;
     let loaded = ctx.load_protocol(&protocol)?;
     let cases = collab::contrast::read_cases(contrast.as_deref())?;
@@ -449,12 +475,95 @@ fn eval_reward(ctx: &Context, check: EvalCommand) -> Result<()> {
     bar.finish();
     let report = report?;
     print_contrast(&report);
+    write_json(out.as_deref(), &report)
+}
+
+/// `eval simulator`: the user simulator on a contrast set.
+fn eval_simulator(ctx: &Context, check: EvalCommand) -> Result<()> {
+    let EvalCommand::Simulator {
+        protocol,
+        contrast,
+        samples,
+        seed,
+        out,
+    } = check
+    else {
+        unreachable!("eval dispatches by kind");
+    };
+    if samples == 0 {
+        bail!("--samples must be at least 1");
+    }
+    let loaded = ctx.load_protocol(&protocol)?;
+    let cases = collab::contrast::read_cases(contrast.as_deref())?;
+    let runtime = ctx.runtime()?;
+    let _guard = runtime.enter();
+    let engines = Engines::new();
+    let slots = u32::try_from(cases.len()).unwrap_or(u32::MAX).clamp(2, 8);
+    let roles = collab::Roles::start(
+        &engines,
+        &loaded.protocol,
+        &loaded.source,
+        &ctx.settings.models_dir,
+        slots,
+    )?;
+    let bar = Progress::new("simulator steps");
+    let progress = bar.counter();
+    let report = runtime.block_on(collab::fidelity::run(
+        &roles, &cases, samples, seed, &progress,
+    ));
+    bar.finish();
+    let report = report?;
+    print_fidelity(&report);
+    write_json(out.as_deref(), &report)
+}
+
+/// Writes `value` as pretty JSON to `out`, when given, and says where.
+fn write_json(out: Option<&std::path::Path>, value: &impl serde::Serialize) -> Result<()> {
     if let Some(out) = out {
-        let json = serde_json::to_vec_pretty(&report).expect("the report is JSON");
-        std::fs::write(&out, json).with_context(|| format!("cannot write {}", out.display()))?;
+        let json = serde_json::to_vec_pretty(value).expect("the report is JSON");
+        std::fs::write(out, json).with_context(|| format!("cannot write {}", out.display()))?;
         println!("report: {}", out.display());
     }
     Ok(())
+}
+
+fn print_fidelity(report: &collab::fidelity::FidelityReport) {
+    let line = |what: &str, r: &collab::fidelity::Rate| {
+        println!(
+            "{what:<44} {:>3}/{:<3} {:>5.1}%  [{:>5.1}%, {:>5.1}%]",
+            r.k,
+            r.n,
+            r.rate * 100.0,
+            r.lo * 100.0,
+            r.hi * 100.0
+        );
+    };
+    println!(
+        "the simulated user ({}), {} sample(s) a case (95% Wilson intervals)",
+        report.simulator_model, report.samples
+    );
+    line(
+        "first message pastes the intent (rare)",
+        &report.first_message_leaks,
+    );
+    line(
+        "answer to a question adds its facts (most)",
+        &report.answer_carries_intent,
+    );
+    line(
+        "ends the chat right after a question (rare)",
+        &report.ends_after_question,
+    );
+    line(
+        "ends the chat once it is delivered (most)",
+        &report.ends_when_met,
+    );
+    if let Some(w) = &report.message_words {
+        println!(
+            "{:<44} {:>9.1}  [{:.1}, {:.1}]  (n = {})",
+            "words a message", w.mean, w.low, w.high, w.n
+        );
+    }
 }
 
 fn eval_arms(ctx: &Context, args: EvalArgs) -> Result<()> {

@@ -12,6 +12,9 @@ use crate::engine::ChatMessage;
 
 const MAX_THOUGHT_CHARS: u32 = 300;
 
+/// Interactivity is rated from 1 to this and read as 0–1.
+const INTERACTIVITY_SCALE: u8 = 5;
+
 pub(super) const WHO: &str = "judge";
 
 /// A question about `conversation`, asked with the prompt `name`.
@@ -68,7 +71,7 @@ pub fn interactivity_ask(
 ) -> Result<Ask, CollabError> {
     let shape = Shape(vec![
         ("thought", Field::Text(MAX_THOUGHT_CHARS)),
-        ("interactivity", Field::Unit),
+        ("interactivity", Field::Rating(1, INTERACTIVITY_SCALE)),
     ]);
     let (history, judged) = judged_transcript(conversation, from);
     let prompt = roles.prompts.render(
@@ -89,10 +92,12 @@ pub fn interactivity_ask(
     })
 }
 
-/// Interactivity (0–1) and the judge's reason.
+/// Interactivity (the 1–5 rating, expected under the judge's probabilities, read as 0–1) and
+/// the judge's reason.
 pub fn read_interactivity(object: &Map<String, Value>) -> (f64, String) {
+    let rating = object["interactivity"].as_f64().unwrap_or(1.0);
     (
-        object["interactivity"].as_f64().unwrap_or_default(),
+        (rating - 1.0) / f64::from(INTERACTIVITY_SCALE - 1),
         structured::text(object, "thought"),
     )
 }

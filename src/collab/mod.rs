@@ -10,6 +10,7 @@
 
 pub mod contrast;
 pub mod evaluate;
+pub mod fidelity;
 pub mod judge;
 pub mod metrics;
 pub mod pairs;

@@ -5,15 +5,21 @@
 use serde_json::{Map, Value};
 
 use super::CollabError;
-use crate::engine::{ChatMessage, Completion, Constraint, Engine, Role, Sampling};
+use crate::engine::{
+    ChatMessage, Completion, Constraint, Engine, Role, Sampling, MAX_TOP_LOGPROBS,
+};
 
 /// What one key of the object holds.
 #[derive(Debug, Clone)]
 pub enum Field {
     /// A string of at most this many characters.
     Text(u32),
-    /// A number from 0 to 1 with up to two decimals.
-    Unit,
+    /// A rating, a whole number from `min` to `max` (single digits, so that each is one token
+    /// of any tokenizer). Where the engine reports token probabilities, the value read is the
+    /// rating expected under the model's probabilities for each number at that position (a
+    /// model torn between 2 and 4 reads as 3, not as whichever it sampled), which also breaks
+    /// the ties a coarse scale leaves between two answers.
+    Rating(u8, u8),
     /// A whole number in a range.
     Integer(i32, i32),
     /// One of these strings.
@@ -35,7 +41,13 @@ impl Shape {
             root.push_str(&format!("\"\\\"{key}\\\":\" ws f{i} "));
             let rule = match field {
                 Field::Text(max) => format!("f{i} ::= \"\\\"\" char{{0,{max}}} \"\\\"\""),
-                Field::Unit => format!("f{i} ::= \"0\" (\".\" [0-9] [0-9]?)? | \"1\" (\".0\")?"),
+                Field::Rating(min, max) => format!(
+                    "f{i} ::= {}",
+                    (*min..=*max)
+                        .map(|n| format!("\"{n}\""))
+                        .collect::<Vec<_>>()
+                        .join(" | ")
+                ),
                 Field::Integer(min, max) => format!(
                     "f{i} ::= {}",
                     (*min..=*max)
@@ -74,7 +86,7 @@ impl Shape {
                     + 8
                     + match field {
                         Field::Text(max) => *max,
-                        Field::Unit | Field::Integer(..) => 8,
+                        Field::Rating(..) | Field::Integer(..) => 8,
                         Field::Choice(options) => {
                             options.iter().map(|o| o.len() as u32).max().unwrap_or(0)
                         }
@@ -95,7 +107,9 @@ impl Shape {
             let value = object.get(*key).ok_or_else(|| format!("no {key:?} key"))?;
             let ok = match field {
                 Field::Text(_) => value.is_string(),
-                Field::Unit => value.as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)),
+                Field::Rating(min, max) => value
+                    .as_u64()
+                    .is_some_and(|x| (u64::from(*min)..=u64::from(*max)).contains(&x)),
                 Field::Integer(min, max) => value
                     .as_i64()
                     .is_some_and(|x| (i64::from(*min)..=i64::from(*max)).contains(&x)),
@@ -109,6 +123,72 @@ impl Shape {
         }
         Ok(object)
     }
+
+    fn has_ratings(&self) -> bool {
+        self.0.iter().any(|(_, f)| matches!(f, Field::Rating(..)))
+    }
+
+    /// Replaces each rating of `object` (parsed from `completion`) by its expected value under
+    /// the token probabilities the completion carries; a rating whose position they do not
+    /// cover keeps the sampled number.
+    fn expect_ratings(&self, completion: &Completion, object: &mut Map<String, Value>) {
+        for (key, field) in &self.0 {
+            let Field::Rating(min, max) = *field else {
+                continue;
+            };
+            if let Some(x) = expected_rating(completion, key, min, max) {
+                object.insert((*key).to_string(), Value::from(x));
+            }
+        }
+    }
+}
+
+/// The expected value of the rating that follows `"key":` in the completion's text, from the
+/// probabilities of the alternatives at the token that holds its first character.
+fn expected_rating(completion: &Completion, key: &str, min: u8, max: u8) -> Option<f64> {
+    let pattern = format!("\"{key}\":");
+    let value_at = completion.text.find(&pattern)? + pattern.len();
+    let mut start = 0;
+    for token in &completion.logprobs {
+        let end = start + token.bytes.len();
+        // The token that holds the value: it may begin with the colon or a space before it.
+        let holds_value = end > value_at
+            && completion.text.as_bytes()[value_at..end.min(completion.text.len())]
+                .iter()
+                .any(u8::is_ascii_digit);
+        if !holds_value {
+            start = end;
+            continue;
+        }
+        let before = completion.text.as_bytes().get(start..value_at.max(start))?;
+        let mut mass = [0.0f64; 10];
+        for (bytes, logprob) in &token.top {
+            let Some(rest) = bytes.strip_prefix(before) else {
+                continue;
+            };
+            let Ok(rest) = std::str::from_utf8(rest) else {
+                continue;
+            };
+            let rest = rest.trim_start();
+            if let Ok(n @ 0..=9) = rest.parse::<u8>() {
+                if (min..=max).contains(&n) && rest.len() == 1 {
+                    mass[usize::from(n)] += f64::from(*logprob).exp();
+                }
+            }
+        }
+        let total: f64 = mass.iter().sum();
+        if total <= 0.0 {
+            return None;
+        }
+        let mean = mass
+            .iter()
+            .enumerate()
+            .map(|(n, p)| n as f64 * p)
+            .sum::<f64>()
+            / total;
+        return Some(mean);
+    }
+    None
 }
 
 /// One question for a model: the prompt (sent as the user's message), the shape of the answer
@@ -138,17 +218,22 @@ pub async fn ask_all(
             sampling,
         );
         request.constraint = Some(Constraint::Grammar(ask.shape.grammar()));
+        if ask.shape.has_ratings() {
+            request.top_logprobs = Some(MAX_TOP_LOGPROBS);
+        }
         request
     };
     let parse = |ask: &Ask, answer: Result<Completion, CollabError>| {
         answer.and_then(|c| {
-            ask.shape.parse(&c.text).map_err(|problem| {
+            let mut object = ask.shape.parse(&c.text).map_err(|problem| {
                 tracing::debug!(who, %problem, text = %c.text, "unparseable answer");
                 CollabError::Unparseable {
                     who: who.to_string(),
                     problem: format!("{problem}; the answer began {:?}", preview(&c.text)),
                 }
-            })
+            })?;
+            ask.shape.expect_ratings(&c, &mut object);
+            Ok(object)
         })
     };
     let first =
@@ -205,19 +290,92 @@ mod tests {
     fn parses_and_checks_ranges() {
         let shape = Shape(vec![
             ("thought", Field::Text(50)),
-            ("interactivity", Field::Unit),
+            ("interactivity", Field::Rating(1, 5)),
         ]);
         let object = shape
-            .parse(r#"{"thought": "asks well", "interactivity": 0.75}"#)
+            .parse(r#"{"thought": "asks well", "interactivity": 4}"#)
             .unwrap();
         assert_eq!(text(&object, "thought"), "asks well");
         assert!(shape
-            .parse(r#"{"thought": "x", "interactivity": 3}"#)
+            .parse(r#"{"thought": "x", "interactivity": 6}"#)
+            .is_err());
+        assert!(shape
+            .parse(r#"{"thought": "x", "interactivity": 0.5}"#)
             .is_err());
         assert!(shape.parse(r#"{"thought": "x"}"#).is_err());
         assert!(shape.parse("not json").is_err());
         let grammar = shape.grammar();
         assert!(grammar.starts_with("root ::= \"{\" \"\\\"thought\\\":\" ws f0 \",\" ws"));
         assert!(grammar.contains("f0 ::= \"\\\"\" char{0,50} \"\\\"\""));
+    }
+
+    fn completion(pieces: &[(&str, Vec<(&str, f64)>)]) -> Completion {
+        Completion {
+            text: pieces.iter().map(|(p, _)| *p).collect(),
+            finish_reason: crate::engine::FinishReason::Stop,
+            prompt_tokens: 0,
+            prompt_tokens_processed: 0,
+            generated_tokens: pieces.len() as u32,
+            ttft_ms: 0,
+            total_ms: 0,
+            seed: 0,
+            logprobs: pieces
+                .iter()
+                .map(|(p, top)| crate::engine::TokenLogprob {
+                    bytes: p.as_bytes().to_vec(),
+                    logprob: 0.0,
+                    top: top
+                        .iter()
+                        .map(|(t, p)| (t.as_bytes().to_vec(), p.ln() as f32))
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_rating_reads_as_its_expected_value_over_the_numbers_in_range() {
+        let shape = Shape(vec![
+            ("thought", Field::Text(50)),
+            ("interactivity", Field::Rating(1, 5)),
+        ]);
+        // A space token before the digit, and alternatives out of range or not numbers.
+        let c = completion(&[
+            ("{\"thought\":\"asks\",\"interactivity\":", vec![]),
+            (" ", vec![]),
+            (
+                "4",
+                vec![
+                    ("4", 0.5),
+                    ("2", 0.3),
+                    ("9", 0.1),
+                    ("x", 0.05),
+                    ("45", 0.05),
+                ],
+            ),
+            ("}", vec![]),
+        ]);
+        let mut object = shape.parse(&c.text).unwrap();
+        shape.expect_ratings(&c, &mut object);
+        let x = object["interactivity"].as_f64().unwrap();
+        assert!((x - 3.25).abs() < 1e-6, "{x}");
+
+        // The digit merged into the token with the colon before it.
+        let c = completion(&[
+            ("{\"thought\":\"asks\",\"interactivity", vec![]),
+            ("\":2", vec![("\":2", 0.25), ("\":1", 0.25), (":3", 0.5)]),
+            ("}", vec![]),
+        ]);
+        let mut object = shape.parse(&c.text).unwrap();
+        shape.expect_ratings(&c, &mut object);
+        let x = object["interactivity"].as_f64().unwrap();
+        assert!((x - 1.5).abs() < 1e-6, "{x}");
+
+        // Without probabilities the sampled number stays.
+        let mut c = completion(&[("{\"thought\":\"a\",\"interactivity\":3}", vec![])]);
+        c.logprobs.clear();
+        let mut object = shape.parse(&c.text).unwrap();
+        shape.expect_ratings(&c, &mut object);
+        assert_eq!(object["interactivity"].as_u64(), Some(3));
     }
 }

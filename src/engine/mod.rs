@@ -82,7 +82,15 @@ pub struct ChatRequest {
     /// Who waits for the reply; decides the order of the queue and its bounds.
     #[serde(default)]
     pub priority: Priority,
+    /// Report, for every generated token, its log-probability and this many of the likeliest
+    /// tokens at its position (at most [`MAX_TOP_LOGPROBS`]). The judge reads its scores from
+    /// them.
+    #[serde(default)]
+    pub top_logprobs: Option<u32>,
 }
+
+/// The most alternatives a request may ask for at each position (OpenAI's bound).
+pub const MAX_TOP_LOGPROBS: u32 = 20;
 
 /// The classes of work an engine serves, most urgent first. A participant is watching the reply;
 /// an API client can retry; background work (multiturn-aware rewards, simulation, evaluation) can
@@ -231,6 +239,11 @@ impl ChatRequest {
         if let Some(constraint) = &self.constraint {
             constraint.check()?;
         }
+        if let Some(n) = self.top_logprobs.filter(|&n| n > MAX_TOP_LOGPROBS) {
+            return Err(EngineError::InvalidRequest(format!(
+                "top_logprobs is {n}; at most {MAX_TOP_LOGPROBS}"
+            )));
+        }
         self.sampling.check().map_err(EngineError::InvalidRequest)
     }
 
@@ -243,6 +256,7 @@ impl ChatRequest {
             ignore_eos: false,
             reproducible: false,
             priority: Priority::Participant,
+            top_logprobs: None,
         }
     }
 }
@@ -284,6 +298,61 @@ pub struct Completion {
     pub total_ms: u64,
     /// The seed the sampler used (drawn when the request had none).
     pub seed: u32,
+    /// One entry per generated token when the request asked for `top_logprobs`, else empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub logprobs: Vec<TokenLogprob>,
+}
+
+/// A generated token with its log-probability under the model (before sampling settings and
+/// constraints), and the likeliest tokens at its position, most likely first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// The token's bytes (a token may hold part of a character).
+    pub bytes: Vec<u8>,
+    pub logprob: f32,
+    pub top: Vec<(Vec<u8>, f32)>,
+}
+
+impl TokenLogprob {
+    /// The entry of OpenAI's `logprobs.content` list: `token`, `logprob`, `bytes` and
+    /// `top_logprobs`, as llama-server writes it too.
+    pub fn to_openai(&self) -> serde_json::Value {
+        let entry = |bytes: &[u8], logprob: f32| {
+            serde_json::json!({
+                "token": String::from_utf8_lossy(bytes),
+                "logprob": logprob,
+                "bytes": bytes,
+            })
+        };
+        let mut value = entry(&self.bytes, self.logprob);
+        value["top_logprobs"] = self.top.iter().map(|(b, lp)| entry(b, *lp)).collect();
+        value
+    }
+
+    /// An entry of OpenAI's `logprobs.content` list; None when it lacks the token or its
+    /// log-probability.
+    pub fn from_openai(value: &serde_json::Value) -> Option<Self> {
+        let entry = |v: &serde_json::Value| -> Option<(Vec<u8>, f32)> {
+            let bytes = match v["bytes"].as_array() {
+                Some(b) => b
+                    .iter()
+                    .map(|x| x.as_u64().and_then(|n| u8::try_from(n).ok()))
+                    .collect::<Option<Vec<u8>>>()?,
+                None => v["token"].as_str()?.as_bytes().to_vec(),
+            };
+            Some((bytes, v["logprob"].as_f64()? as f32))
+        };
+        let (bytes, logprob) = entry(value)?;
+        let top = value["top_logprobs"]
+            .as_array()
+            .map(|t| t.iter().filter_map(entry).collect())
+            .unwrap_or_default();
+        Some(Self {
+            bytes,
+            logprob,
+            top,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

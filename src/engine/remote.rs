@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 
 use super::{
     ChatRequest, Completion, Constraint, Engine, EngineError, EngineEvent, EngineStatus,
-    FinishReason, Generation,
+    FinishReason, Generation, TokenLogprob,
 };
 use crate::protocol::ModelSpec;
 
@@ -114,6 +114,10 @@ impl RemoteEngine {
         }
         if request.ignore_eos {
             body["ignore_eos"] = json!(true);
+        }
+        if let Some(n) = request.top_logprobs {
+            body["logprobs"] = json!(true);
+            body["top_logprobs"] = json!(n);
         }
         match &request.constraint {
             Some(Constraint::JsonSchema(schema)) => {
@@ -223,6 +227,7 @@ async fn stream(
     let mut first_token_at = None;
     let mut generated = 0u32;
     let mut usage = Usage::default();
+    let mut logprobs = Vec::new();
     loop {
         if cancel.load(Ordering::Relaxed) || events.is_closed() {
             finish = Some(FinishReason::Cancelled);
@@ -268,6 +273,9 @@ async fn stream(
                     let _ = events.send(EngineEvent::Token(delta.to_string()));
                 }
             }
+            if let Some(content) = choice["logprobs"]["content"].as_array() {
+                logprobs.extend(content.iter().filter_map(TokenLogprob::from_openai));
+            }
             if let Some(reason) = choice["finish_reason"].as_str() {
                 finish = Some(if reason == "length" {
                     FinishReason::Length
@@ -305,6 +313,7 @@ async fn stream(
             .map_or(0, |t: Instant| t.duration_since(started).as_millis() as u64),
         total_ms: started.elapsed().as_millis() as u64,
         seed,
+        logprobs,
     })
 }
 

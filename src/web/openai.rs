@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use super::{ApiError, AppState};
 use crate::engine::{
     ChatMessage, ChatRequest, Completion, Constraint, EngineEvent, Generation, Priority, Role,
-    Sampling,
+    Sampling, TokenLogprob,
 };
 
 #[derive(Deserialize)]
@@ -38,6 +38,9 @@ struct CompletionRequest {
     stop: Option<Stop>,
     #[serde(default)]
     ignore_eos: bool,
+    #[serde(default)]
+    logprobs: bool,
+    top_logprobs: Option<u32>,
     response_format: Option<Value>,
     grammar: Option<String>,
     json_schema: Option<Value>,
@@ -140,6 +143,15 @@ impl CompletionRequest {
             ignore_eos: self.ignore_eos,
             reproducible: false,
             priority: Priority::Api,
+            top_logprobs: match (self.logprobs, self.top_logprobs) {
+                (true, n) => Some(n.unwrap_or(0)),
+                (false, None) => None,
+                (false, Some(_)) => {
+                    return Err(ApiError::BadRequest(
+                        "top_logprobs needs logprobs: true".into(),
+                    ))
+                }
+            },
         })
     }
 
@@ -297,6 +309,7 @@ async fn create_chat_completion(
         created: chrono::Utc::now().timestamp(),
         model: body.model,
         include_usage: body.stream_options.is_some_and(|o| o.include_usage),
+        logprobs: body.logprobs,
     };
     if body.stream {
         Ok(HttpResponse::Ok()
@@ -313,6 +326,7 @@ async fn create_chat_completion(
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": completion.text},
+                "logprobs": logprobs(&completion, meta.logprobs),
                 "finish_reason": completion.finish_reason.as_str(),
             }],
             "usage": usage(&completion),
@@ -326,22 +340,37 @@ struct Meta {
     created: i64,
     model: String,
     include_usage: bool,
+    logprobs: bool,
 }
 
 impl Meta {
     fn chunk(&self, delta: Value, finish_reason: Option<&str>) -> Bytes {
-        event(&json!({
+        event(&self.chunk_value(delta, finish_reason))
+    }
+
+    fn chunk_value(&self, delta: Value, finish_reason: Option<&str>) -> Value {
+        json!({
             "id": self.id,
             "object": "chat.completion.chunk",
             "created": self.created,
             "model": self.model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
-        }))
+        })
     }
 }
 
 fn event(value: &Value) -> Bytes {
     Bytes::from(format!("data: {value}\n\n"))
+}
+
+/// The choice's `logprobs`: null unless asked for. Streamed text pieces do not follow token
+/// boundaries (a stop string or a split character holds text back), so a stream carries every
+/// token's entry in its last chunk.
+fn logprobs(c: &Completion, asked: bool) -> Value {
+    if !asked {
+        return Value::Null;
+    }
+    json!({"content": c.logprobs.iter().map(TokenLogprob::to_openai).collect::<Vec<_>>()})
 }
 
 fn usage(c: &Completion) -> Value {
@@ -382,9 +411,11 @@ fn sse(
                 Bytes::from_static(b": waiting\n\n")
             }
             EngineEvent::Done(c) => {
-                let mut out = meta
-                    .chunk(json!({}), Some(c.finish_reason.as_str()))
-                    .to_vec();
+                let mut last = meta.chunk_value(json!({}), Some(c.finish_reason.as_str()));
+                if meta.logprobs {
+                    last["choices"][0]["logprobs"] = logprobs(&c, true);
+                }
+                let mut out = event(&last).to_vec();
                 if meta.include_usage {
                     let mut last = json!({
                         "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,

@@ -793,7 +793,7 @@ async fn a_share_of_fresh_candidates_gets_the_proactive_instruction() {
     let engine = Arc::new(ScriptedEngine::new(move |r| {
         match asker(&request_text(r)) {
             Asker::Interactivity(_) => {
-                serde_json::json!({"thought": "", "interactivity": 0.5}).to_string()
+                serde_json::json!({"thought": "", "interactivity": 3}).to_string()
             }
             Asker::Document => {
                 serde_json::json!({"thought": "", "final_document": "A note."}).to_string()

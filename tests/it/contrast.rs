@@ -24,9 +24,8 @@ fn pilot() -> LoadedProtocol {
 fn scripted(preferred: Vec<String>) -> ScriptedEngine {
     ScriptedEngine::new(move |r| match asker(&request_text(r)) {
         Asker::Interactivity(judged) => {
-            let score = f64::from(u8::from(
-                preferred.iter().any(|p| judged.contains(p.as_str())),
-            ));
+            // The judge's 1–5 rating: 5 reads as 1, 1 as 0.
+            let score = 1 + 4 * u8::from(preferred.iter().any(|p| judged.contains(p.as_str())));
             json!({"thought": "scripted", "interactivity": score}).to_string()
         }
         Asker::Document => json!({"thought": "scripted", "final_document": "A note."}).to_string(),
@@ -180,4 +179,70 @@ fn unrecorded_replies_are_counted_close_to_their_real_tokens() {
             );
         }
     }
+}
+
+/// `eval simulator` on a scripted user whose behaviour is known: it opens vaguely (or pastes its
+/// goal, when `pastes` says so), answers a question with its goal, and ends the chat once the
+/// text it asked for is there; the report's rates are exact.
+async fn simulator_check(pastes: bool) -> collabllm::collab::fidelity::FidelityReport {
+    let cases = contrast::read_cases(None).unwrap();
+    let clear: Vec<String> = cases
+        .iter()
+        .filter(|c| c.kind == "clear")
+        .map(|c| c.intent.clone())
+        .collect();
+    let engine = ScriptedEngine::new(move |r| {
+        let all = request_text(r);
+        let goal = all
+            .split("you never paste it):\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n\nHow you behave").next())
+            .unwrap_or_default()
+            .to_string();
+        let response = if clear.contains(&goal) {
+            "Perfect, thanks! [[TERMINATE CHAT]]".to_string()
+        } else if all.contains("(nothing yet: you write first)") && !pastes {
+            "hi, can you help me with something?".to_string()
+        } else {
+            goal
+        };
+        json!({"thought": "scripted", "response": response}).to_string()
+    });
+    let loaded = pilot();
+    let engines = scripted_engines(Arc::new(engine));
+    let roles = Roles::start(&engines, &loaded.protocol, &loaded.source, &models_dir(), 4).unwrap();
+    collabllm::collab::fidelity::run(&roles, &cases, 2, 1, &|_, _| {})
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_simulator_check_counts_leaks_answers_and_endings() {
+    let report = simulator_check(false).await;
+    let ambiguous = 2 * 16;
+    assert_eq!(
+        (report.first_message_leaks.k, report.first_message_leaks.n),
+        (0, ambiguous)
+    );
+    assert_eq!(report.answer_carries_intent.n, ambiguous);
+    assert!(
+        report.answer_carries_intent.rate > 0.9,
+        "an answer that restates the goal adds its facts: {:?}",
+        report.answer_carries_intent
+    );
+    assert_eq!(report.ends_after_question.k, 0);
+    assert_eq!(
+        (report.ends_when_met.k, report.ends_when_met.n),
+        (2 * 14, 2 * 14)
+    );
+    let words = report.message_words.unwrap();
+    assert_eq!(words.n, 2 * ambiguous);
+    assert!(words.low <= words.mean && words.mean <= words.high);
+
+    let pasting = simulator_check(true).await;
+    assert_eq!(
+        pasting.first_message_leaks.k, ambiguous,
+        "{:?}",
+        pasting.first_message_leaks
+    );
 }

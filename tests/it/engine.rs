@@ -749,6 +749,20 @@ fn the_remote_backend_streams_from_another_serve_instance() {
         let c = run(&remote, constrained).await;
         assert!(c.text == "yes" || c.text == "no", "{:?}", c.text);
 
+        // Token probabilities cross /v1 as they left the local engine.
+        let mut asked = chat("Say hello.", greedy(6));
+        asked.top_logprobs = Some(3);
+        let (remote_c, local_c) = (
+            run(&remote, asked.clone()).await,
+            run(&engine(1, 2048), asked).await,
+        );
+        assert_eq!(remote_c.logprobs.len(), local_c.logprobs.len());
+        for (r, l) in remote_c.logprobs.iter().zip(&local_c.logprobs) {
+            assert_eq!(r.bytes, l.bytes);
+            assert_eq!(r.top.len(), 3);
+            assert!((r.logprob - l.logprob).abs() < 1e-3, "{r:?} {l:?}");
+        }
+
         let unknown =
             RemoteEngine::new(&endpoint, "no-such-model", Some(TEST_API_KEY.into())).unwrap();
         let (_, err) = collect(unknown.start(chat("hi", greedy(4))).unwrap()).await;

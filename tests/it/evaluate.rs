@@ -45,7 +45,7 @@ fn scripted() -> Arc<ScriptedEngine> {
         let all = request_text(r);
         match asker(&all) {
             Asker::Interactivity(judged) => {
-                let score = f64::from(u8::from(judged.contains(ASKS)));
+                let score = 1 + 4 * u8::from(judged.contains(ASKS));
                 json!({"thought": "scripted", "interactivity": score}).to_string()
             }
             Asker::Document => json!({"thought": "scripted", "final_document": WRITES}).to_string(),

@@ -108,6 +108,87 @@ async fn streaming_ends_with_usage_and_done() {
     );
 }
 
+/// `logprobs` as OpenAI's clients read them: one entry per generated token whose tokens spell the
+/// text, log-probabilities of at most 0, the alternatives most likely first, the greedy pick the
+/// likeliest (no repeat penalty); a stream carries the same entries in its last chunk.
+#[tokio::test(flavor = "multi_thread")]
+async fn logprobs_give_each_token_and_its_likeliest_alternatives() {
+    let db = TestDb::sqlite();
+    let server = TestServer::start(state_with_model(&db));
+    let request = json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "Name a colour."}],
+                         "max_tokens": 8, "temperature": 0, "repeat_penalty": 1.0, "logprobs": true, "top_logprobs": 4});
+    let (status, body) = post(&server, request.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    let content = body["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap();
+    let tokens = body["usage"]["completion_tokens"].as_u64().unwrap() as usize;
+    assert_eq!(content.len(), tokens, "{body}");
+    let mut spelled = Vec::new();
+    for entry in content {
+        let bytes: Vec<u8> = entry["bytes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b.as_u64().unwrap() as u8)
+            .collect();
+        spelled.extend_from_slice(&bytes);
+        let top = entry["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 4);
+        let lps: Vec<f64> = top.iter().map(|t| t["logprob"].as_f64().unwrap()).collect();
+        assert!(
+            lps.windows(2).all(|w| w[0] >= w[1]) && lps[0] <= 0.0,
+            "{lps:?}"
+        );
+        assert_eq!(
+            top[0]["token"], entry["token"],
+            "greedy picks the likeliest"
+        );
+        assert!(
+            (top[0]["logprob"].as_f64().unwrap() - entry["logprob"].as_f64().unwrap()).abs() < 1e-6
+        );
+    }
+    let text = body["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(String::from_utf8(spelled).unwrap(), text);
+
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    let (status, events) = post_text(&server, &streamed).await;
+    assert_eq!(status, 200);
+    let last: Value = events
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find(|c| c["choices"][0]["finish_reason"].is_string())
+        .unwrap();
+    assert_eq!(
+        last["choices"][0]["logprobs"]["content"],
+        body["choices"][0]["logprobs"]["content"]
+    );
+
+    let (status, body) = post(
+        &server,
+        json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}],
+                                               "logprobs": true, "top_logprobs": 21}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("top_logprobs"),
+        "{body}"
+    );
+    let (status, body) = post(
+        &server,
+        json!({"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}],
+                                               "top_logprobs": 2}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_requests_get_json_errors() {
     let db = TestDb::sqlite();

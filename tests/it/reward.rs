@@ -28,7 +28,8 @@ fn scripted() -> Arc<ScriptedEngine> {
         let all = request_text(r);
         match asker(&all) {
             Asker::Interactivity(judged) => {
-                json!({"thought": "", "interactivity": u8::from(judged.contains(ASKS))}).to_string()
+                json!({"thought": "", "interactivity": 1 + 4 * u8::from(judged.contains(ASKS))})
+                    .to_string()
             }
             Asker::Document => json!({"thought": "", "final_document": DOCUMENT}).to_string(),
             Asker::Quality => json!({"thought": "", "quality": 7}).to_string(),

@@ -27,7 +27,7 @@ use crate::engine::chat_template::ChatTemplate;
 use crate::engine::text::{Pushed, TextStream};
 use crate::engine::{
     ChatRequest, Completion, Constraint, EngineError, EngineEvent, EngineStatus, FinishReason,
-    Priority, Sampling,
+    Priority, Sampling, TokenLogprob,
 };
 
 /// Largest prompt chunk one sequence may add to a step, so generating sequences keep streaming
@@ -109,6 +109,8 @@ struct Active {
     /// `generated` when the request last took a slot: a reply is paused only after a time slice
     /// of its own.
     slice_start: usize,
+    /// The generated tokens' log-probabilities, when the request asked for them.
+    logprobs: Vec<TokenLogprob>,
 }
 
 /// A reply paused for a participant's first token, with what its sequence held.
@@ -369,6 +371,7 @@ impl<'m> Worker<'m> {
                         ttft_ms: 0,
                         total_ms: ms_since(job.arrived),
                         seed: job.request.sampling.seed.unwrap_or(0),
+                        logprobs: Vec::new(),
                     }));
                 } else if expired {
                     self.unqueued(class);
@@ -786,6 +789,7 @@ impl<'m> Worker<'m> {
             admission: self.admitted,
             share,
             slice_start: 0,
+            logprobs: Vec::new(),
             job,
         });
         self.admitted += 1;
@@ -970,6 +974,11 @@ impl<'m> Worker<'m> {
         let context_tokens = self.context_tokens;
         let slot = &mut self.slots[index];
         let active = slot.active.as_mut().expect("sampled slots are active");
+        let distribution = active
+            .job
+            .request
+            .top_logprobs
+            .map(|n| Distribution::of(self.context.get_logits_ith(at), n as usize));
         let mut candidates = LlamaTokenDataArray::from_iter(self.context.candidates_ith(at), false);
         if let Some(penalty) = &active.penalty {
             penalty.apply(&mut candidates.data);
@@ -988,6 +997,18 @@ impl<'m> Worker<'m> {
         })?;
         if let Some(penalty) = &mut active.penalty {
             penalty.accept(token);
+        }
+        if let Some(d) = distribution {
+            let piece = |t: i32| {
+                model
+                    .vocab()
+                    .token_to_piece(LlamaToken::new(t), false, None)
+            };
+            active.logprobs.push(TokenLogprob {
+                bytes: piece(token.0),
+                logprob: self.context.get_logits_ith(at)[token.0 as usize] - d.log_sum,
+                top: d.top.into_iter().map(|(t, lp)| (piece(t), lp)).collect(),
+            });
         }
         active.first_token_at.get_or_insert_with(Instant::now);
         active.generated += 1;
@@ -1066,6 +1087,7 @@ impl<'m> Worker<'m> {
             ttft_ms: ttft,
             total_ms: ms_since(active.job.arrived),
             seed: active.seed,
+            logprobs: std::mem::take(&mut active.logprobs),
         };
         {
             let mut status = self.status.lock().expect("status lock");
@@ -1208,6 +1230,33 @@ impl RepeatPenalty {
             self.recent.pop_front();
         }
         self.recent.push_back(token);
+    }
+}
+
+/// The model's distribution at one position, as `top_logprobs` reports it: the log of the
+/// softmax's denominator and the likeliest tokens with their log-probabilities.
+struct Distribution {
+    log_sum: f32,
+    top: Vec<(i32, f32)>,
+}
+
+impl Distribution {
+    fn of(logits: &[f32], n: usize) -> Self {
+        let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let log_sum = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+        let mut top: Vec<(i32, f32)> = Vec::with_capacity(n + 1);
+        for (t, &l) in logits.iter().enumerate() {
+            if top.len() == n && top.last().is_none_or(|&(_, worst)| l <= worst) {
+                continue;
+            }
+            let at = top.partition_point(|&(_, better)| better >= l);
+            top.insert(at, (t as i32, l));
+            top.truncate(n);
+        }
+        for entry in &mut top {
+            entry.1 -= log_sum;
+        }
+        Self { log_sum, top }
     }
 }
 

@@ -497,6 +497,7 @@ impl Engine for ScriptedEngine {
                             ttft_ms: 0,
                             total_ms: 0,
                             seed: 0,
+                            logprobs: Vec::new(),
                         }));
                         return;
                     }
@@ -540,6 +541,7 @@ impl Engine for ScriptedEngine {
                     ttft_ms: 0,
                     total_ms: 0,
                     seed: 0,
+                    logprobs: Vec::new(),
                 }));
             });
             return Ok(generation);
@@ -554,6 +556,7 @@ impl Engine for ScriptedEngine {
             ttft_ms: 0,
             total_ms: 0,
             seed: request.sampling.seed.unwrap_or(0),
+            logprobs: Vec::new(),
         }));
         Ok(generation)
     }
