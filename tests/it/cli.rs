@@ -51,6 +51,7 @@ fn every_command_explains_itself() {
         vec!["bench", "mr", "--help"],
         vec!["bench", "load", "--help"],
         vec!["eval", "--help"],
+        vec!["eval", "simulator", "--help"],
         vec!["loop", "--help"],
         vec!["train", "dpo", "--help"],
     ] {
@@ -604,4 +605,5 @@ fn eval_power_says_how_many_users_an_effect_needs() {
     );
     assert_refused(&["eval", "--power", "0"], "other than 0");
     assert_refused(&["eval", "--out", "x"], "--users");
+    assert_refused(&["eval", "simulator", "--samples", "0"], "at least 1");
 }
