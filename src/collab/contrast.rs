@@ -58,10 +58,27 @@ pub struct Case {
 }
 
 impl Case {
-    fn reply(&self, side: Side) -> &str {
+    pub(super) fn reply(&self, side: Side) -> &str {
         match side {
             Side::A => &self.a,
             Side::B => &self.b,
+        }
+    }
+
+    /// The task the judge and the simulator are told: the case's kind of document.
+    pub(super) fn task(&self) -> Task {
+        Task {
+            kind: self.task.clone(),
+            title: self.task.clone(),
+            instructions: String::new(),
+        }
+    }
+
+    /// What the simulated user pursues: the case's hidden intent.
+    pub(super) fn goal(&self) -> Goal {
+        Goal {
+            intent: self.intent.clone(),
+            document: String::new(),
         }
     }
 }
@@ -287,11 +304,7 @@ async fn run_case(
     case: &Case,
     options: &ContrastOptions,
 ) -> Result<CaseResult, CollabError> {
-    let task = Task {
-        kind: case.task.clone(),
-        title: case.task.clone(),
-        instructions: String::new(),
-    };
+    let task = case.task();
     let judged = [Side::A, Side::B].map(|side| {
         let mut conversation = case.conversation.clone();
         conversation.push(ChatMessage::new(Role::Assistant, case.reply(side)));
@@ -323,10 +336,7 @@ async fn run_case(
     if options.samples == 0 {
         return Ok(result);
     }
-    let goal = Goal {
-        intent: case.intent.clone(),
-        document: String::new(),
-    };
+    let goal = case.goal();
     let scene = Scene {
         roles,
         policy,

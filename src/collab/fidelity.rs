@@ -9,7 +9,7 @@ use serde::Serialize;
 
 use super::contrast::Case;
 use super::simulator::{self, Draft, SimulatedMessage};
-use super::{derive_seed, CollabError, Goal, Roles, Task};
+use super::{derive_seed, CollabError, Roles};
 use crate::engine::{ChatMessage, Role};
 use crate::stats::{estimate, wilson, Estimate};
 
@@ -124,30 +124,11 @@ fn facts_added(intent: &str, before: &[ChatMessage], answer: &str) -> usize {
         .count()
 }
 
-fn task_of(case: &Case) -> Task {
-    Task {
-        kind: case.task.clone(),
-        title: case.task.clone(),
-        instructions: String::new(),
-    }
-}
-
-fn goal_of(case: &Case) -> Goal {
-    Goal {
-        intent: case.intent.clone(),
-        document: String::new(),
-    }
-}
-
 /// The case's conversation with its expected reply appended: on an ambiguous request the
 /// question that matters, on a clear one the delivered text.
 fn with_expected_reply(case: &Case) -> Vec<ChatMessage> {
     let mut conversation = case.conversation.clone();
-    let reply = match case.expected {
-        super::contrast::Side::A => &case.a,
-        super::contrast::Side::B => &case.b,
-    };
-    conversation.push(ChatMessage::new(Role::Assistant, reply.clone()));
+    conversation.push(ChatMessage::new(Role::Assistant, case.reply(case.expected)));
     conversation
 }
 
@@ -161,8 +142,8 @@ async fn messages(
         .map(|(case, conversation, seed)| {
             simulator::message_ask(
                 roles,
-                &task_of(case),
-                &goal_of(case),
+                &case.task(),
+                &case.goal(),
                 conversation,
                 Draft::Skip,
                 *seed,

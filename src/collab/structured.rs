@@ -26,6 +26,17 @@ pub enum Field {
     Choice(Vec<String>),
 }
 
+impl Field {
+    /// The whole numbers a rating or an integer field allows.
+    fn range(&self) -> Option<(i64, i64)> {
+        match *self {
+            Field::Rating(min, max) => Some((i64::from(min), i64::from(max))),
+            Field::Integer(min, max) => Some((i64::from(min), i64::from(max))),
+            Field::Text(_) | Field::Choice(_) => None,
+        }
+    }
+}
+
 /// An object with fixed keys, in order.
 #[derive(Debug, Clone)]
 pub struct Shape(pub Vec<(&'static str, Field)>);
@@ -41,20 +52,16 @@ impl Shape {
             root.push_str(&format!("\"\\\"{key}\\\":\" ws f{i} "));
             let rule = match field {
                 Field::Text(max) => format!("f{i} ::= \"\\\"\" char{{0,{max}}} \"\\\"\""),
-                Field::Rating(min, max) => format!(
-                    "f{i} ::= {}",
-                    (*min..=*max)
-                        .map(|n| format!("\"{n}\""))
-                        .collect::<Vec<_>>()
-                        .join(" | ")
-                ),
-                Field::Integer(min, max) => format!(
-                    "f{i} ::= {}",
-                    (*min..=*max)
-                        .map(|n| format!("\"{n}\""))
-                        .collect::<Vec<_>>()
-                        .join(" | ")
-                ),
+                Field::Rating(..) | Field::Integer(..) => {
+                    let (min, max) = field.range().expect("numbers have a range");
+                    format!(
+                        "f{i} ::= {}",
+                        (min..=max)
+                            .map(|n| format!("\"{n}\""))
+                            .collect::<Vec<_>>()
+                            .join(" | ")
+                    )
+                }
                 Field::Choice(options) => format!(
                     "f{i} ::= {}",
                     options
@@ -107,12 +114,10 @@ impl Shape {
             let value = object.get(*key).ok_or_else(|| format!("no {key:?} key"))?;
             let ok = match field {
                 Field::Text(_) => value.is_string(),
-                Field::Rating(min, max) => value
-                    .as_u64()
-                    .is_some_and(|x| (u64::from(*min)..=u64::from(*max)).contains(&x)),
-                Field::Integer(min, max) => value
-                    .as_i64()
-                    .is_some_and(|x| (i64::from(*min)..=i64::from(*max)).contains(&x)),
+                Field::Rating(..) | Field::Integer(..) => {
+                    let (min, max) = field.range().expect("numbers have a range");
+                    value.as_i64().is_some_and(|x| (min..=max).contains(&x))
+                }
                 Field::Choice(options) => value
                     .as_str()
                     .is_some_and(|s| options.iter().any(|o| o == s)),

@@ -411,11 +411,11 @@ fn sse(
                 Bytes::from_static(b": waiting\n\n")
             }
             EngineEvent::Done(c) => {
-                let mut last = meta.chunk_value(json!({}), Some(c.finish_reason.as_str()));
+                let mut finish = meta.chunk_value(json!({}), Some(c.finish_reason.as_str()));
                 if meta.logprobs {
-                    last["choices"][0]["logprobs"] = logprobs(&c, true);
+                    finish["choices"][0]["logprobs"] = logprobs(&c, true);
                 }
-                let mut out = event(&last).to_vec();
+                let mut out = event(&finish).to_vec();
                 if meta.include_usage {
                     let mut last = json!({
                         "id": meta.id, "object": "chat.completion.chunk", "created": meta.created,
