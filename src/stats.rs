@@ -30,7 +30,7 @@ impl SplitMix64 {
 }
 
 /// A mean with its 95% percentile-bootstrap interval.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Estimate {
     pub n: usize,
     pub mean: f64,
@@ -106,6 +106,31 @@ pub fn wilson(k: usize, n: usize) -> (f64, f64) {
     let centre = (p + z * z / (2.0 * n)) / denominator;
     let half = z * (p * (1.0 - p) / n + z * z / (4.0 * n * n)).sqrt() / denominator;
     ((centre - half).max(0.0), (centre + half).min(1.0))
+}
+
+/// How often something happened, with its 95% Wilson interval.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Rate {
+    pub n: usize,
+    pub k: usize,
+    pub rate: f64,
+    pub lo: f64,
+    pub hi: f64,
+}
+
+impl Rate {
+    /// The share of `flags` that are true.
+    pub fn of(flags: &[bool]) -> Self {
+        let (n, k) = (flags.len(), flags.iter().filter(|&&f| f).count());
+        let (lo, hi) = wilson(k, n);
+        Rate {
+            n,
+            k,
+            rate: if n == 0 { 0.0 } else { k as f64 / n as f64 },
+            lo,
+            hi,
+        }
+    }
 }
 
 /// Random sign patterns of the permutation test above [`EXACT_SIGN_FLIPS`] differences.

@@ -651,18 +651,124 @@ pub fn peak_rss_of(mut command: std::process::Command) -> std::io::Result<(bool,
     }
 }
 
-/// `collabllm bench mr`: one turn's multiturn-aware rewards (K candidates × S rollouts × w turn
-/// pairs) with every rollout in flight at once, against the same rollouts (same seeds, so the
-/// same work) run one after another. Each mode runs on engines of its own, so neither starts with
-/// the other's cache.
+/// What `bench mr` measures: one turn of K candidates × S rollouts × w turn pairs.
+pub struct MrBenchOptions {
+    pub candidates: u32,
+    pub samples: u32,
+    pub window: u32,
+    /// The model that plays the simulator and the judge in the reference run.
+    pub reference: String,
+    /// Also run the protocol's rollouts one after another, against all at once.
+    pub sequential: bool,
+}
+
+/// One measured run of the turn's MR.
+struct MrRun {
+    label: String,
+    seconds: f64,
+    /// (engine, generated tokens, prompt tokens computed) of each engine the run used.
+    engines: Vec<(String, u64, u64)>,
+}
+
+/// `collabllm bench mr`: one turn's multiturn-aware rewards with the protocol's simulator and
+/// judge against the same turn with `reference` in both roles (the default model: what the
+/// platform is measured against), and optionally the protocol's rollouts one after another
+/// instead of all in flight at once. Each run is on engines of its own, so none starts with
+/// another's cache; the tokens each engine generated and computed say where the time went.
 pub async fn mr_bench(
+    loaded: &LoadedProtocol,
+    models_dir: &Path,
+    options: &MrBenchOptions,
+) -> Result<String, CollabError> {
+    let p = &loaded.protocol;
+    let (candidates, samples, window) = (options.candidates, options.samples, options.window);
+    if p.model(&options.reference).is_none() {
+        return Err(CollabError::Invalid(format!(
+            "the protocol has no model {:?} to measure against",
+            options.reference
+        )));
+    }
+    let mut reference = p.clone();
+    reference.collab.simulator_model = Some(options.reference.clone());
+    reference.collab.judge_model = Some(options.reference.clone());
+    let (simulator, judge) = p.collab_models();
+    let mut modes = vec![
+        (
+            format!("reference ({} as simulator and judge)", options.reference),
+            &reference,
+            true,
+        ),
+        (
+            format!("protocol ({simulator} simulator, {judge} judge)"),
+            p,
+            true,
+        ),
+    ];
+    if options.sequential {
+        modes.push(("protocol, one rollout after another".into(), p, false));
+    }
+    let mut runs = Vec::new();
+    for (label, protocol, batched) in modes {
+        let seconds_and_engines = mr_turn(
+            protocol, loaded, models_dir, candidates, samples, window, batched,
+        )
+        .await?;
+        runs.push(MrRun {
+            label,
+            seconds: seconds_and_engines.0,
+            engines: seconds_and_engines.1,
+        });
+    }
+    let rollouts = candidates * samples;
+    let mut report = format!(
+        "one turn's MRs: {candidates} candidates x {samples} rollouts x {window} turn pairs = \
+         {rollouts} rollouts, all in flight at once unless said ({} threads)\n",
+        crate::engine::llama::thread_count(),
+    );
+    for run in &runs {
+        report.push_str(&format!(
+            "{:<58} {:>7.1} s a turn {:>7.1} turns/h\n",
+            run.label,
+            run.seconds,
+            3600.0 / run.seconds.max(f64::MIN_POSITIVE)
+        ));
+        for (engine, generated, prompt) in &run.engines {
+            report.push_str(&format!(
+                "    {engine:<54} {generated:>7} tokens generated {prompt:>7} prompt tokens computed\n"
+            ));
+        }
+    }
+    let (reference_run, protocol_run) = (&runs[0], &runs[1]);
+    report.push_str(&format!(
+        "protocol vs reference: {:.2}x the time of a turn; goal: >= 60 MR-scored turns an hour\n",
+        protocol_run.seconds / reference_run.seconds.max(f64::MIN_POSITIVE)
+    ));
+    if let Some(sequential) = runs.get(2) {
+        report.push_str(&format!(
+            "all at once vs one after another: {:.2}x faster\n",
+            sequential.seconds / protocol_run.seconds.max(f64::MIN_POSITIVE)
+        ));
+    }
+    if let Some(rss) = crate::metrics::peak_rss_mib() {
+        report.push_str(&format!(
+            "peak memory of the process (the policy and the protocol's simulator and judge \
+             loaded): {rss:.0} MiB\n"
+        ));
+    }
+    Ok(report)
+}
+
+/// One turn's MR under `p` (its first arm, simulator and judge): the seconds the rollouts took
+/// and each engine's tokens.
+async fn mr_turn(
+    p: &crate::protocol::Protocol,
     loaded: &LoadedProtocol,
     models_dir: &Path,
     candidates: u32,
     samples: u32,
     window: u32,
-) -> Result<String, CollabError> {
-    let p = &loaded.protocol;
+    batched: bool,
+) -> Result<(f64, Vec<(String, u64, u64)>), CollabError> {
     let slots = candidates * samples;
     let arm = p
         .arms
@@ -692,70 +798,63 @@ pub async fn mr_bench(
             })
         })
         .collect();
-    let mut timings = Vec::new();
-    for batched in [true, false] {
-        let engines = Engines::new();
-        let roles = Roles::start(&engines, p, &loaded.source, models_dir, slots)?;
-        let policy = start_policy(&engines, p, arm, models_dir, slots)?;
-        let mut replies = Vec::new();
-        for k in 0..candidates {
-            let mut sampling = arm.sampling.clone();
-            sampling.seed = Some(1000 + k);
-            let c = policy
-                .engine
-                .start(crate::collab::request(policy.messages(&context), sampling))
-                .map_err(|e| CollabError::Engine("policy".into(), e))?
-                .finish()
-                .await
-                .map_err(|e| CollabError::Engine("policy".into(), e))?;
-            replies.push(Candidate {
-                text: c.text,
-                tokens: c.generated_tokens,
-            });
-        }
-        let scene = Scene {
-            roles: &roles,
-            policy: &policy,
-            task: &task,
-            goal: &goal,
-            context: &context,
-        };
-        let started = Instant::now();
-        let groups: Vec<&[RolloutKey]> = if batched {
-            vec![&keys]
-        } else {
-            keys.chunks(1).collect()
-        };
-        for group in groups {
-            for r in rollouts(&scene, &replies, group, window).await {
-                r?;
-            }
-        }
-        let statuses = engines.statuses();
-        let generated: u64 = statuses.iter().map(|s| s.generated_tokens).sum();
-        let prompt: u64 = statuses.iter().map(|s| s.prompt_tokens_processed).sum();
-        timings.push((started.elapsed().as_secs_f64(), generated, prompt));
+    let engines = Engines::new();
+    let roles = Roles::start(&engines, p, &loaded.source, models_dir, slots)?;
+    let policy = start_policy(&engines, p, arm, models_dir, slots)?;
+    let mut replies = Vec::new();
+    for k in 0..candidates {
+        let mut sampling = arm.sampling.clone();
+        sampling.seed = Some(1000 + k);
+        let c = policy
+            .engine
+            .start(crate::collab::request(policy.messages(&context), sampling))
+            .map_err(|e| CollabError::Engine("policy".into(), e))?
+            .finish()
+            .await
+            .map_err(|e| CollabError::Engine("policy".into(), e))?;
+        replies.push(Candidate {
+            text: c.text,
+            tokens: c.generated_tokens,
+        });
     }
-    let ((batched, gen_b, prompt_b), (sequential, gen_s, prompt_s)) = (timings[0], timings[1]);
-    let n = keys.len() as f64;
-    Ok(format!(
-        "one turn's MRs: {candidates} candidates x {samples} rollouts x {window} turn pairs = {} rollouts ({} threads)\n\
-         {:<12} {:>8.1} s {:>8.1} rollouts/min {:>8} tokens generated {:>8} prompt tokens\n\
-         {:<12} {:>8.1} s {:>8.1} rollouts/min {:>8} tokens generated {:>8} prompt tokens\n\
-         batched vs one after another: {:.2}x faster, {:.2}x the generated tokens per second (target >= 1.6x)",
-        keys.len(),
-        crate::engine::llama::thread_count(),
-        "batched",
-        batched,
-        n * 60.0 / batched,
-        gen_b,
-        prompt_b,
-        "sequential",
-        sequential,
-        n * 60.0 / sequential,
-        gen_s,
-        prompt_s,
-        sequential / batched,
-        (gen_b as f64 / batched) / (gen_s as f64 / sequential).max(f64::MIN_POSITIVE)
-    ))
+    let scene = Scene {
+        roles: &roles,
+        policy: &policy,
+        task: &task,
+        goal: &goal,
+        context: &context,
+        keep_document: false,
+    };
+    // The candidates' own tokens are not the turn's MR: counted from here.
+    let before: Vec<(String, u64, u64)> = engine_tokens(&engines);
+    let started = Instant::now();
+    let groups: Vec<&[RolloutKey]> = if batched {
+        vec![&keys]
+    } else {
+        keys.chunks(1).collect()
+    };
+    for group in groups {
+        for r in rollouts(&scene, &replies, group, window).await {
+            r?;
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let tokens = engine_tokens(&engines)
+        .into_iter()
+        .map(|(name, generated, prompt)| {
+            let was = before.iter().find(|b| b.0 == name);
+            let (g0, p0) = was.map_or((0, 0), |b| (b.1, b.2));
+            (name, generated - g0, prompt - p0)
+        })
+        .collect();
+    Ok((seconds, tokens))
+}
+
+/// Each engine's name with the tokens it generated and computed so far.
+fn engine_tokens(engines: &Engines) -> Vec<(String, u64, u64)> {
+    engines
+        .statuses()
+        .into_iter()
+        .map(|s| (s.model, s.generated_tokens, s.prompt_tokens_processed))
+        .collect()
 }

@@ -32,8 +32,10 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 100)]
         messages: usize,
     },
-    /// Time of one turn's multiturn-aware rewards (2 candidates, S=3, w=2) with every rollout in
-    /// one batch vs the same rollouts one after another, and rollouts per minute.
+    /// Time of one turn's multiturn-aware rewards (2 candidates, S=3, w=2) with the protocol's
+    /// simulator and judge against the same turn with a reference model in both roles, in one
+    /// run: seconds a turn, MR-scored turns an hour, and the tokens each engine generated and
+    /// computed.
     Mr {
         /// Protocol whose first arm, simulator and judge are measured.
         #[arg(long, default_value = EXAMPLE_PROTOCOL_PATH)]
@@ -47,6 +49,13 @@ pub enum BenchCommand {
         /// Turn pairs per rollout.
         #[arg(long, default_value_t = 2)]
         window: u32,
+        /// The protocol's model that plays the simulator and the judge of the reference run
+        /// (default: the first arm's).
+        #[arg(long)]
+        reference: Option<String>,
+        /// Also run the protocol's rollouts one after another, against all in flight at once.
+        #[arg(long)]
+        sequential: bool,
     },
     /// The engine's throughput and time to first token. `--workload chats` compares it with
     /// one-at-a-time requests without prefix reuse; `--workload study` runs the study's own load
@@ -227,18 +236,34 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
             candidates,
             samples,
             window,
+            reference,
+            sequential,
         } => {
             let loaded = ctx.load_protocol(&protocol)?;
+            let reference = match reference {
+                Some(id) => id,
+                None => loaded
+                    .protocol
+                    .arms
+                    .first()
+                    .context("the protocol has no arms")?
+                    .model
+                    .clone(),
+            };
+            let options = bench::MrBenchOptions {
+                candidates: candidates.max(2),
+                samples: samples.max(1),
+                window: window.max(1),
+                reference,
+                sequential,
+            };
             let runtime = ctx.runtime()?;
             let _guard = runtime.enter();
-            let report = runtime.block_on(bench::mr_bench(
-                &loaded,
-                models_dir,
-                candidates.max(1),
-                samples.max(1),
-                window.max(1),
-            ))?;
-            println!("{report}");
+            let bar = ProgressBar::new_spinner().with_message("measuring one turn's MR");
+            bar.enable_steady_tick(std::time::Duration::from_millis(200));
+            let report = runtime.block_on(bench::mr_bench(&loaded, models_dir, &options));
+            bar.finish_and_clear();
+            println!("{}", report?);
             Ok(())
         }
         BenchCommand::Export { sessions, messages } => export_bench(sessions, messages),

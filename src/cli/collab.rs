@@ -164,6 +164,15 @@ pub struct EvalArgs {
     /// Folder for eval.json, eval.csv and eval.jsonl.
     #[arg(long, required_unless_present = "power")]
     out: Option<PathBuf>,
+    /// Contrast set whose requests measure how often each arm's first reply asks a question
+    /// (ambiguous requests, where asking helps, against clear ones, where it only delays); the
+    /// format of `eval reward --contrast` (default: the built-in set).
+    #[arg(long)]
+    ask_cases: Option<PathBuf>,
+    /// First replies per contrast case and arm for that measure, each with its own seed, the
+    /// same for every arm; 0 skips it.
+    #[arg(long, default_value_t = 1)]
+    ask_samples: u32,
     /// Only say how many users per arm a paired difference of this effect size (d_z: the mean
     /// difference over the differences' standard deviation, as the table reports it) needs to be
     /// found with power 0.8 by a two-sided test at α = 0.05, and exit.
@@ -517,6 +526,16 @@ fn eval_simulator(ctx: &Context, check: EvalCommand) -> Result<()> {
     write_json(out.as_deref(), &report)
 }
 
+/// Writes `rows` to `path`, one JSON object a line.
+fn write_jsonl(path: &std::path::Path, rows: &[impl serde::Serialize]) -> Result<()> {
+    let mut text = String::new();
+    for row in rows {
+        text.push_str(&serde_json::to_string(row).expect("a row is JSON"));
+        text.push('\n');
+    }
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Writes `value` as pretty JSON to `out`, when given, and says where.
 fn write_json(out: Option<&std::path::Path>, value: &impl serde::Serialize) -> Result<()> {
     if let Some(out) = out {
@@ -528,7 +547,7 @@ fn write_json(out: Option<&std::path::Path>, value: &impl serde::Serialize) -> R
 }
 
 fn print_fidelity(report: &collab::fidelity::FidelityReport) {
-    let line = |what: &str, r: &collab::fidelity::Rate| {
+    let line = |what: &str, r: &collabllm::stats::Rate| {
         println!(
             "{what:<44} {:>3}/{:<3} {:>5.1}%  [{:>5.1}%, {:>5.1}%]",
             r.k,
@@ -662,8 +681,42 @@ fn eval_arms(ctx: &Context, args: EvalArgs) -> Result<()> {
             log.display()
         );
     };
-    let outcome =
+    let mut outcome =
         outcome.with_context(|| format!("finished conversations are in {}", log.display()))?;
+    if args.ask_samples > 0 {
+        let cases = collab::contrast::read_cases(args.ask_cases.as_deref())?;
+        let bar = Progress::new("first replies");
+        let progress = bar.counter();
+        let job = collab::asking::first_replies(
+            &policies,
+            &cases,
+            args.ask_samples,
+            options.seed,
+            options.concurrency,
+            &progress,
+        );
+        let replies = runtime.block_on(async {
+            tokio::select! {
+                result = job => Some(result),
+                () = stop_signal() => None,
+            }
+        });
+        bar.finish();
+        let Some(replies) = replies else {
+            bail!(
+                "stopped while measuring first replies; the conversations are in {}: run the \
+                 same command again to finish",
+                log.display()
+            );
+        };
+        let replies = replies.context("cannot measure how often the arms ask")?;
+        write_jsonl(&out.join("asking.jsonl"), &replies)?;
+        outcome.table.asking = Some(collab::asking::Asking::of(
+            &replies,
+            &options.baseline,
+            args.ask_samples,
+        ));
+    }
     let provenance = serde_json::json!({
         "protocol": args.protocol.display().to_string(),
         "protocol_sha256": loaded.sha256,
@@ -671,6 +724,8 @@ fn eval_arms(ctx: &Context, args: EvalArgs) -> Result<()> {
         "users": users,
         "max_turns": options.max_turns,
         "seed": options.seed,
+        "ask_cases": args.ask_cases.as_ref().map(|c| c.display().to_string()),
+        "ask_samples": args.ask_samples,
         "simulator": roles.simulator.fingerprint(),
         "judge": roles.judge.fingerprint(),
         "prompts_sha256": roles.prompts.sha256(),

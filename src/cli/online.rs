@@ -383,7 +383,7 @@ fn evaluate(
     round: usize,
 ) -> Result<()> {
     let adapter = dir.join("adapter.gguf");
-    let slug = format!("{}-loop-{id}-eval-r{round}", base.study.slug);
+    let slug = collabllm::collab::evaluate::loop_eval_slug(&base.study.slug, id, round);
     let trained = adapter.exists().then_some(adapter.as_path());
     let protocol = dir.join("eval.toml");
     write_protocol(
@@ -507,9 +507,13 @@ fn write_report(args: &LoopArgs, rows: &[Value]) -> Result<()> {
          scored with MR into pairs, an adapter trained from the base on every pair so far, and the \
          base against it on the same held-out simulated users. Differences are the trained arm's \
          minus the base's over the same users, with 95% bootstrap intervals.\n\n\
+         Asks: the share of first replies to the contrast set's ambiguous and clear requests \
+         that open with a question, trained vs base (asking should rise on the ambiguous ones, \
+         not on the clear ones); a measure that does not rest on the judge.\n\n\
          | round | pairs | gap median [q1, q3] | clear of noise | train loss | reward accuracy \
-         (held out) | margin (held out) | Δ quality | Δ ITR | Δ tokens (k) | Δ turns |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+         (held out) | margin (held out) | Δ quality | Δ ITR | Δ tokens (k) | Δ turns | asks, \
+         ambiguous | asks, clear |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in rows {
         let gap = match &r["gap"] {
@@ -535,8 +539,19 @@ fn write_report(args: &LoopArgs, rows: &[Value]) -> Result<()> {
             ),
             None => "—".to_string(),
         };
+        let asks = |kind: &str| {
+            let rate = |arm: &str| {
+                r["eval"]["asking"]["arms"][arm][kind]["rate"]
+                    .as_f64()
+                    .map(|x| format!("{:.0}%", x * 100.0))
+            };
+            match (rate("trained"), rate("base")) {
+                (Some(t), Some(b)) => format!("{t} vs {b}"),
+                _ => "—".to_string(),
+            }
+        };
         md.push_str(&format!(
-            "| {} | {} | {gap} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {} | {gap} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r["round"],
             r["pairs"],
             r["pairs_clear_of_noise"],
@@ -547,6 +562,8 @@ fn write_report(args: &LoopArgs, rows: &[Value]) -> Result<()> {
             diff("itr"),
             diff("tokens_k"),
             diff("turns"),
+            asks("ambiguous"),
+            asks("clear"),
         ));
     }
     std::fs::write(args.out.join("report.md"), md)?;

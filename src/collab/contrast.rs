@@ -343,6 +343,7 @@ async fn run_case(
         task: &task,
         goal: &goal,
         context: &case.conversation,
+        keep_document: false,
     };
     let candidates = [Side::A, Side::B].map(|side| Candidate {
         text: case.reply(side).to_string(),

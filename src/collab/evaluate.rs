@@ -20,7 +20,7 @@ use super::{derive_seed, judge, simulator, CollabError, Goal, Policy, Roles, Tas
 use crate::engine::{ChatMessage, Role};
 use crate::export::neutralise;
 use crate::protocol::{sha256_hex, Protocol};
-use crate::results::charts::{fmt_interval, EvaluationView, ResultRow};
+use crate::results::charts::{fmt_interval, EvaluationView, ResultRow, RoundView};
 use crate::stats::estimate;
 use crate::study::Studio;
 
@@ -184,6 +184,7 @@ async fn converse(
         task: &t.task,
         goal: &t.goal,
         context: &context,
+        keep_document: true,
     };
     let key = RolloutKey {
         base_seed: options.seed,
@@ -456,6 +457,59 @@ pub fn view(stored: &crate::db::models::Evaluation) -> Result<EvaluationView, se
     })
 }
 
+/// The study under which `collabllm loop` evaluates round `round` of its run `run` of the study
+/// `base`.
+pub fn loop_eval_slug(base: &str, run: &str, round: usize) -> String {
+    format!("{base}-loop-{run}-eval-r{round}")
+}
+
+/// The run and round of a study named by [`loop_eval_slug`] for `base`, if `slug` is one.
+pub fn loop_round_of(base: &str, slug: &str) -> Option<(String, u32)> {
+    let rest = slug.strip_prefix(base)?.strip_prefix("-loop-")?;
+    let (run, round) = rest.rsplit_once("-eval-r")?;
+    let round = round.parse().ok()?;
+    // A run's id is a word of letters and digits, so a study of another base is never taken.
+    (!run.is_empty() && run.chars().all(|c| c.is_ascii_alphanumeric()))
+        .then(|| (run.to_string(), round))
+}
+
+/// The console's row of one loop round, from its evaluation: the trained arm against the base.
+pub fn round_view(
+    run: String,
+    round: u32,
+    slug: String,
+    stored: &crate::db::models::Evaluation,
+) -> Result<RoundView, serde_json::Error> {
+    let table: Table = serde_json::from_str(&stored.table_json)?;
+    let diff = table.diff.get("trained");
+    let cells = METRICS
+        .iter()
+        .map(|m| match diff.and_then(|d| d.get(*m)).copied().flatten() {
+            Some(i) => fmt_interval(i.mean, i.lo, i.hi),
+            None => "—".to_string(),
+        })
+        .collect();
+    let asks = |kind: &str| {
+        let rate = |arm: &str| {
+            let r = table.asking.as_ref()?.arms.get(arm)?.get(kind)?;
+            Some(format!("{:.0}%", r.rate * 100.0))
+        };
+        match (rate("trained"), rate("base")) {
+            (Some(t), Some(b)) => format!("{t} vs {b}"),
+            _ => "—".to_string(),
+        }
+    };
+    Ok(RoundView {
+        run,
+        round,
+        slug,
+        users: stored.users,
+        cells,
+        asks_ambiguous: asks("ambiguous"),
+        asks_clear: asks("clear"),
+    })
+}
+
 /// The paper's table: each arm's metrics, and each arm's paired difference to the baseline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Table {
@@ -469,6 +523,10 @@ pub struct Table {
     /// Arm → metric → the paired test of that difference (absent from tables stored before it).
     #[serde(default)]
     pub tests: BTreeMap<String, BTreeMap<String, Option<PairedTest>>>,
+    /// How often each arm's first reply asks, on ambiguous and on clear requests (absent when
+    /// not measured).
+    #[serde(default)]
+    pub asking: Option<super::asking::Asking>,
 }
 
 /// The paired test of an arm against the baseline in one metric, over the users both have.
@@ -560,6 +618,7 @@ impl Table {
             order: policies.iter().map(|p| p.arm.id.clone()).collect(),
             diff,
             tests,
+            asking: None,
         }
     }
 }
@@ -618,8 +677,68 @@ impl std::fmt::Display for Table {
             "p: two-sided paired sign-flip permutation test; Holm across the arms; d_z: mean \
              difference / its standard deviation; users for 80%: per arm, for power 0.8 at α 0.05"
         )?;
+        if let Some(asking) = &self.asking {
+            write_asking(f, asking, &self.order, &self.baseline)?;
+        }
         Ok(())
     }
+}
+
+/// The asking table: per arm and kind, the share of first replies that ask, and the paired
+/// difference to the baseline.
+fn write_asking(
+    f: &mut std::fmt::Formatter<'_>,
+    asking: &super::asking::Asking,
+    order: &[String],
+    baseline: &str,
+) -> std::fmt::Result {
+    let kinds: std::collections::BTreeSet<&String> =
+        asking.arms.values().flat_map(|k| k.keys()).collect();
+    writeln!(
+        f,
+        "\nfirst replies that ask a question ({} a case; % [95% Wilson interval]; − {baseline}: \
+         paired difference in points [95% bootstrap])",
+        asking.samples
+    )?;
+    write!(f, "{:<19}", "arm")?;
+    for kind in &kinds {
+        write!(f, " {kind:>24}")?;
+    }
+    writeln!(f)?;
+    for arm in order {
+        let Some(rates) = asking.arms.get(arm) else {
+            continue;
+        };
+        write!(f, "{arm:<19}")?;
+        for kind in &kinds {
+            let text = rates.get(*kind).map_or("–".into(), |r| {
+                format!(
+                    "{:.0}% [{:.0}, {:.0}]",
+                    r.rate * 100.0,
+                    r.lo * 100.0,
+                    r.hi * 100.0
+                )
+            });
+            write!(f, " {text:>24}")?;
+        }
+        writeln!(f)?;
+        if let Some(diffs) = asking.diff.get(arm) {
+            write!(f, "{:<19}", format!("  − {baseline}"))?;
+            for kind in &kinds {
+                let text = diffs.get(*kind).cloned().flatten().map_or("–".into(), |d| {
+                    format!(
+                        "{:+.0} [{:+.0}, {:+.0}]",
+                        d.mean * 100.0,
+                        d.low * 100.0,
+                        d.high * 100.0
+                    )
+                });
+                write!(f, " {text:>24}")?;
+            }
+            writeln!(f)?;
+        }
+    }
+    Ok(())
 }
 
 /// Writes `eval.json` (the table and provenance) and `eval.csv` (arm, user, metric, value).
@@ -641,6 +760,7 @@ pub fn write_outputs(
         "baseline": table.baseline,
         "diff": table.diff,
         "tests": table.tests,
+        "asking": table.asking,
         "failed": outcome.failed,
         "provenance": provenance,
     });
@@ -678,4 +798,21 @@ pub fn write_outputs(
         source: e,
     })?;
     Ok((json_path, csv_path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loop_round_is_found_by_its_study_name_and_only_for_its_base() {
+        let slug = loop_eval_slug("pilot", "3fa2b9c1", 2);
+        assert_eq!(loop_round_of("pilot", &slug), Some(("3fa2b9c1".into(), 2)));
+        // A study of the base "pilot-loop-x" is not a round of "pilot".
+        let other = loop_eval_slug("pilot-loop-x", "3fa2b9c1", 1);
+        assert_eq!(loop_round_of("pilot", &other), None);
+        assert_eq!(loop_round_of("pilot-2", &slug), None);
+        assert_eq!(loop_round_of("pilot", "pilot-loop-3fa2b9c1-r1"), None);
+        assert_eq!(loop_round_of("pilot", "pilot-loop-3fa2b9c1-eval-rx"), None);
+    }
 }

@@ -11,36 +11,12 @@ use super::contrast::Case;
 use super::simulator::{self, Draft, SimulatedMessage};
 use super::{derive_seed, CollabError, Roles};
 use crate::engine::{ChatMessage, Role};
-use crate::stats::{estimate, wilson, Estimate};
+use crate::stats::{estimate, Estimate, Rate};
 
 /// A first message leaks the intent when it holds at least this share of its content words.
 const LEAK_SHARE: f64 = 0.5;
 /// An answer carries the intent when it adds at least this many of its content words.
 const FACTS_CARRIED: usize = 2;
-
-/// How often something happened, with its 95% Wilson interval.
-#[derive(Debug, Clone, Serialize)]
-pub struct Rate {
-    pub n: usize,
-    pub k: usize,
-    pub rate: f64,
-    pub lo: f64,
-    pub hi: f64,
-}
-
-impl Rate {
-    fn of(flags: &[bool]) -> Self {
-        let (n, k) = (flags.len(), flags.iter().filter(|&&f| f).count());
-        let (lo, hi) = wilson(k, n);
-        Rate {
-            n,
-            k,
-            rate: if n == 0 { 0.0 } else { k as f64 / n as f64 },
-            lo,
-            hi,
-        }
-    }
-}
 
 /// What the simulator did on one case, one sample.
 #[derive(Debug, Clone, Serialize)]

@@ -8,6 +8,7 @@
 //! run on the local llama.cpp workers (batched with each other and with the arms) or on any remote
 //! OpenAI-compatible backend named in the protocol.
 
+pub mod asking;
 pub mod contrast;
 pub mod evaluate;
 pub mod fidelity;

@@ -441,6 +441,7 @@ async fn score_turn(
         task: &s.task,
         goal: &s.goal,
         context: &context,
+        keep_document: false,
     };
     let plain: Vec<Candidate> = candidates.iter().map(|c| c.candidate.clone()).collect();
     let ran = reward::rollouts(&scene, &plain, &todo, turn.settings.mr.window).await;

@@ -127,7 +127,8 @@ impl Metrics {
 pub struct Rollout {
     /// The candidate and what followed it (the context is not repeated).
     pub continuation: Vec<ChatMessage>,
-    /// The document the judge extracted from the whole conversation.
+    /// The document the judge extracted from the whole conversation; empty when the score does
+    /// not use it (no goal document and no quality weight).
     pub document: String,
     pub metrics: Metrics,
     pub score: f64,
@@ -171,6 +172,9 @@ pub struct Scene<'a> {
     pub goal: &'a Goal,
     /// The conversation before the candidate (user and assistant messages).
     pub context: &'a [ChatMessage],
+    /// The final document is wanted besides the score (an evaluation rates and records it);
+    /// otherwise it is extracted only when the score uses it.
+    pub keep_document: bool,
 }
 
 /// A rollout under way.
@@ -279,58 +283,66 @@ pub async fn rollouts(
 }
 
 /// Scores finished rollouts: the documents and interactivity of all of them in one group, then
-/// (when weighted) the quality of the documents in another.
+/// (when weighted) the quality of the documents in another. The document is extracted only when
+/// it is wanted or the score uses it (a goal document to compute BLEU against, or a quality
+/// weight): written out by the judge it is most of a rollout's judged tokens, and a score
+/// without it is the same.
 async fn judge_all(
     scene: &Scene<'_>,
     keys: &[RolloutKey],
     runs: Vec<Running>,
 ) -> Vec<Result<Rollout, CollabError>> {
     let roles = scene.roles;
+    let weights = &roles.spec.weights;
+    let documents =
+        scene.keep_document || scene.goal.reference().is_some() || weights.quality != 0.0;
     let mut scored: Vec<Option<Result<(String, f64), CollabError>>> =
         (0..runs.len()).map(|_| None).collect();
     let mut asks = Vec::new();
     let mut judged = Vec::new();
     for (i, run) in runs.iter().enumerate().filter(|(_, r)| r.failed.is_none()) {
         let key = &keys[i];
-        let built = judge::document_ask(
+        let interactivity = judge::interactivity_ask(
             roles,
             scene.task,
             &run.conversation,
-            key.seed("document", 0),
-        )
-        .and_then(|d| {
-            let seed = key.seed("interactivity", 0);
-            Ok([
-                d,
-                judge::interactivity_ask(
-                    roles,
-                    scene.task,
-                    &run.conversation,
-                    scene.context.len(),
-                    seed,
-                )?,
-            ])
+            scene.context.len(),
+            key.seed("interactivity", 0),
+        );
+        let document = documents.then(|| {
+            judge::document_ask(
+                roles,
+                scene.task,
+                &run.conversation,
+                key.seed("document", 0),
+            )
         });
-        match built {
-            Ok(pair) => {
-                asks.extend(pair);
+        match (interactivity, document.transpose()) {
+            (Ok(x), Ok(d)) => {
+                asks.push(x);
+                asks.extend(d);
                 judged.push(i);
             }
-            Err(e) => scored[i] = Some(Err(e)),
+            (Err(e), _) | (_, Err(e)) => scored[i] = Some(Err(e)),
         }
     }
     let mut answers = judge::ask_all(roles, &asks).await.into_iter();
     for &i in &judged {
-        let (document, interactivity) = (answers.next(), answers.next());
-        let (Some(document), Some(interactivity)) = (document, interactivity) else {
+        let Some(interactivity) = answers.next() else {
             break;
         };
-        scored[i] = Some(document.and_then(|d| {
-            let x = judge::read_interactivity(&interactivity?).0;
-            Ok((judge::read_document(&d), x))
+        let document = if documents { answers.next() } else { None };
+        scored[i] = Some(interactivity.and_then(|x| {
+            let x = judge::read_interactivity(&x).0;
+            let document = document.transpose()?;
+            Ok((
+                document
+                    .map(|d| judge::read_document(&d))
+                    .unwrap_or_default(),
+                x,
+            ))
         }));
     }
-    let weights = &roles.spec.weights;
     let mut qualities: Vec<Option<Result<f64, CollabError>>> =
         (0..runs.len()).map(|_| None).collect();
     if weights.quality != 0.0 {

@@ -377,6 +377,7 @@ async fn grow_turn(
         task,
         goal,
         context: history,
+        keep_document: false,
     };
     let ran = reward::rollouts(&scene, &candidates, &todo, options.mr.window).await;
     let mut per_candidate = vec![Vec::new(); candidates.len()];

@@ -26,6 +26,22 @@ pub struct EvaluationView {
     pub diffs: Vec<(String, Vec<String>)>,
 }
 
+/// One round of an online DPO run (`collabllm loop`) of the study, as its evaluation found it
+/// (made by `collab::evaluate::round_view`).
+pub struct RoundView {
+    /// The run's id and the round's number.
+    pub run: String,
+    pub round: u32,
+    /// The round's evaluation study, whose page holds the whole table.
+    pub slug: String,
+    pub users: i32,
+    /// The trained arm's paired difference to the base in each of `EvaluationView::headers`.
+    pub cells: Vec<String>,
+    /// The share of first replies that ask, trained vs base, on ambiguous and on clear requests.
+    pub asks_ambiguous: String,
+    pub asks_clear: String,
+}
+
 /// One row of the results table.
 pub struct ResultRow {
     pub arm: String,

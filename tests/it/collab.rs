@@ -681,6 +681,7 @@ async fn a_weighted_quality_is_judged_in_every_rollout() {
         task: &task,
         goal: &goal,
         context: &context,
+        keep_document: false,
     };
     let candidates = [Candidate {
         text: "Happy to help! Who is it for?".into(),

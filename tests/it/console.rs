@@ -721,6 +721,74 @@ async fn the_latest_evaluation_is_shown(db: TestDb) {
 
 crate::on_both_backends_async!(the_latest_evaluation_is_shown);
 
+/// The results page lists the rounds of the online DPO runs of the study, run by run, each with
+/// the trained arm's difference to the base and how often each asks; rounds of another study's
+/// runs are not among them.
+async fn the_rounds_of_a_loop_are_shown(db: TestDb) {
+    use collabllm::collab::evaluate::loop_eval_slug;
+    let (server, _) = seeded(&db).await;
+    let pool = db.pool();
+    let mut conn = pool.get().unwrap();
+    let round_study = |conn: &mut db::DbConn, slug: String| {
+        let mut loaded = protocol("quick-pilot.toml");
+        loaded.protocol.study.slug = slug;
+        db::studies::import(conn, &loaded).unwrap().study
+    };
+    let table = |quality: f64, asks: f64| {
+        let i = |mean: f64| serde_json::json!({"n": 4, "mean": mean, "lo": mean - 0.5, "hi": mean + 0.5});
+        let rate = |rate: f64| serde_json::json!({"n": 10, "k": (rate * 10.0) as usize, "rate": rate, "lo": 0.0, "hi": 1.0});
+        serde_json::json!({
+            "baseline": "base",
+            "order": ["base", "trained"],
+            "arms": {},
+            "diff": {"trained": {"bleu": null, "tokens_k": i(0.0), "itr": i(0.25), "quality": i(quality), "turns": i(1.0)}},
+            "asking": {
+                "samples": 1,
+                "arms": {
+                    "base": {"ambiguous": rate(0.2), "clear": rate(0.1)},
+                    "trained": {"ambiguous": rate(asks), "clear": rate(0.1)}
+                },
+                "diff": {}
+            }
+        })
+        .to_string()
+    };
+    for (round, quality, asks) in [(2, 1.75, 0.7), (1, 0.5, 0.4)] {
+        let study = round_study(&mut conn, loop_eval_slug("quick-pilot", "ab12cd34", round));
+        db::evaluations::insert(&mut conn, study.id, 4, &table(quality, asks), "{}").unwrap();
+    }
+    let other = round_study(&mut conn, loop_eval_slug("quick-pilot-2", "ab12cd34", 1));
+    db::evaluations::insert(&mut conn, other.id, 4, &table(9.25, 0.9), "{}").unwrap();
+
+    let mut client = Client::new(&server);
+    client.login("ada", "lovelace-1815").await;
+    let page = client.get("/console/studies/quick-pilot").await.body;
+    let at = page
+        .find("Online DPO rounds")
+        .expect("the rounds are shown");
+    let section = &page[at..];
+    let first = section.find("0.50 [0, 1]").expect("round 1's Δ quality");
+    let second = section
+        .find("1.75 [1.25, 2.25]")
+        .expect("round 2's Δ quality");
+    assert!(first < second, "rounds in order: {section}");
+    assert!(
+        section.contains("40% vs 20%") && section.contains("70% vs 20%"),
+        "{section}"
+    );
+    assert!(section.contains("10% vs 10%"), "{section}");
+    assert!(
+        !section.contains("9.25"),
+        "another study's round is shown: {section}"
+    );
+    assert!(section.contains(&format!(
+        "/console/studies/{}",
+        loop_eval_slug("quick-pilot", "ab12cd34", 2)
+    )));
+}
+
+crate::on_both_backends_async!(the_rounds_of_a_loop_are_shown);
+
 /// A researcher tries the study as a participant sees it, with the arm they pick: consent, the
 /// workspace and a reply over the real websocket, all under the console's login, and nothing of
 /// it reaches the study's database.

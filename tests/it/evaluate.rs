@@ -286,3 +286,82 @@ async fn bleu_is_scored_against_the_tasks_reference() {
     );
     assert_eq!(outcome.rows[0].task, "jo");
 }
+
+/// How often an arm's first reply asks: every contrast case answered by every arm with the same
+/// seeds, short replies, rates by kind, and the paired difference to the baseline; the table
+/// shows them.
+#[tokio::test]
+async fn the_arms_first_replies_are_counted_as_asking_or_writing_by_kind() {
+    use collabllm::collab::{asking, contrast};
+    use std::sync::Mutex;
+    // (the writer asked, seed, max tokens) of each request.
+    type Seen = Vec<(bool, Option<u32>, u32)>;
+    let seen: Arc<Mutex<Seen>> = Arc::default();
+    let engine = {
+        let seen = seen.clone();
+        Arc::new(ScriptedEngine::new(move |r| {
+            let writer = request_text(r).contains("Write the note at once.");
+            seen.lock()
+                .unwrap()
+                .push((writer, r.sampling.seed, r.sampling.max_tokens));
+            if writer { WRITES } else { ASKS }.to_string()
+        }))
+    };
+    let loaded = two_arms();
+    let p = &loaded.protocol;
+    let engines = scripted_engines(engine);
+    let policies: Vec<Policy> = p
+        .arms
+        .iter()
+        .map(|a| start_policy(&engines, p, a, &models_dir(), 4).unwrap())
+        .collect();
+    let cases = contrast::read_cases(None).unwrap();
+    let replies = asking::first_replies(&policies, &cases, 2, 9, 3, &|_, _| {})
+        .await
+        .unwrap();
+    assert_eq!(replies.len(), 2 * 2 * cases.len());
+    let seen = seen.lock().unwrap().clone();
+    assert!(seen.iter().all(|(_, _, max)| *max <= 96), "{seen:?}");
+    let seeds = |writer: bool| {
+        let mut s: Vec<_> = seen.iter().filter(|r| r.0 == writer).map(|r| r.1).collect();
+        s.sort();
+        s
+    };
+    assert_eq!(
+        seeds(true),
+        seeds(false),
+        "both arms answer with the same seeds"
+    );
+    assert_eq!(
+        seeds(true)
+            .iter()
+            .collect::<std::collections::HashSet<_>>()
+            .len(),
+        2 * cases.len(),
+        "each case and sample has a seed of its own"
+    );
+
+    let table = asking::Asking::of(&replies, "writer", 2);
+    let ambiguous = cases.iter().filter(|c| c.kind == "ambiguous").count();
+    let rate = &table.arms["proactive"]["ambiguous"];
+    assert_eq!((rate.k, rate.n), (2 * ambiguous, 2 * ambiguous));
+    assert_eq!(table.arms["writer"]["clear"].k, 0);
+    let d = table.diff["proactive"]["clear"].clone().unwrap();
+    assert_eq!((d.mean, d.low, d.high), (1.0, 1.0, 1.0));
+
+    let s = setup();
+    let mut outcome = evaluate_in(
+        &s.roles,
+        &s,
+        &options(),
+        tempfile::tempdir().unwrap().path(),
+    )
+    .await;
+    outcome.table.asking = Some(table);
+    let shown = outcome.table.to_string();
+    assert!(
+        shown.contains("first replies that ask a question"),
+        "{shown}"
+    );
+    assert!(shown.contains("100% ["), "{shown}");
+}

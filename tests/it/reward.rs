@@ -24,8 +24,16 @@ const GOAL: &str = "Dear Jo, thank you for the plants.";
 /// always says [`MORE`] (3 tokens: the scripted engine counts words); the judge rates a part
 /// that asks 1 and anything else 0, and extracts [`DOCUMENT`].
 fn scripted() -> Arc<ScriptedEngine> {
-    Arc::new(ScriptedEngine::new(|r| {
+    scripted_counting(Arc::default())
+}
+
+/// [`scripted`], counting the documents the judge is asked to extract in `documents`.
+fn scripted_counting(documents: Arc<std::sync::atomic::AtomicUsize>) -> Arc<ScriptedEngine> {
+    Arc::new(ScriptedEngine::new(move |r| {
         let all = request_text(r);
+        if matches!(asker(&all), Asker::Document) {
+            documents.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         match asker(&all) {
             Asker::Interactivity(judged) => {
                 json!({"thought": "", "interactivity": 1 + 4 * u8::from(judged.contains(ASKS))})
@@ -49,10 +57,14 @@ struct Setup {
 }
 
 fn setup() -> Setup {
+    setup_with(scripted())
+}
+
+fn setup_with(engine: Arc<ScriptedEngine>) -> Setup {
     let path = repo_root().join("study-protocols/quick-pilot.toml");
     let loaded = LoadedProtocol::from_text(&path, pilot_text(), &models_dir()).unwrap();
     let p = &loaded.protocol;
-    let engines = scripted_engines(scripted());
+    let engines = scripted_engines(engine);
     Setup {
         roles: Roles::start(
             &engines,
@@ -69,9 +81,19 @@ fn setup() -> Setup {
 
 /// Two rollouts of each candidate over `window` turn pairs.
 async fn roll(s: &Setup, candidates: &[Candidate], window: u32) -> Vec<reward::Rollout> {
+    roll_towards(s, candidates, window, GOAL).await
+}
+
+/// [`roll`] towards a goal document (empty: the intent alone).
+async fn roll_towards(
+    s: &Setup,
+    candidates: &[Candidate],
+    window: u32,
+    goal_document: &str,
+) -> Vec<reward::Rollout> {
     let goal = Goal {
         intent: "a note for Jo".into(),
-        document: GOAL.into(),
+        document: goal_document.into(),
     };
     let context = [ChatMessage::new(Role::User, "A note please.")];
     let scene = Scene {
@@ -80,6 +102,7 @@ async fn roll(s: &Setup, candidates: &[Candidate], window: u32) -> Vec<reward::R
         task: &s.task,
         goal: &goal,
         context: &context,
+        keep_document: false,
     };
     let keys: Vec<RolloutKey> = (0..candidates.len())
         .flat_map(|candidate| {
@@ -179,4 +202,31 @@ async fn the_reward_of_a_candidate_that_asks_beats_one_that_does_not_by_its_scor
     assert_eq!((picked.chosen, picked.rejected), (0, 1));
     assert!((picked.gap - (1.0 - 0.0001)).abs() < 1e-12);
     assert!(reward::pick_with_noise(&rewards, 1.5).is_none());
+}
+
+/// Without a goal document and with no quality weight the score has no use for the document, so
+/// the judge is not asked to write it out; the interactivity and the score are as with it.
+#[tokio::test]
+async fn the_document_is_extracted_only_when_the_score_uses_it() {
+    let documents = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let s = setup_with(scripted_counting(documents.clone()));
+    assert_eq!(s.roles.spec.weights.quality, 0.0);
+    let count = || documents.load(std::sync::atomic::Ordering::Relaxed);
+    let with_goal = roll(&s, &[asks()], 1).await;
+    assert_eq!(count(), with_goal.len(), "one document a rollout for BLEU");
+    assert!(with_goal.iter().all(|r| r.document == DOCUMENT));
+    let without = roll_towards(&s, &[asks()], 1, "").await;
+    assert_eq!(count(), with_goal.len(), "no document asked without a use");
+    for (a, b) in with_goal.iter().zip(&without) {
+        assert_eq!(b.document, "");
+        assert_eq!(b.metrics.bleu, None);
+        assert_eq!(a.metrics.interactivity, b.metrics.interactivity);
+        let bleu = s.roles.spec.weights.bleu * a.metrics.bleu.unwrap();
+        assert!(
+            (a.score - bleu - b.score).abs() < 1e-12,
+            "{} {}",
+            a.score,
+            b.score
+        );
+    }
 }

@@ -14,7 +14,9 @@ use crate::db::{self, DbConn};
 use crate::engine::EngineStatus;
 use crate::export;
 use crate::results;
-use crate::results::charts::{result_views, BoxPlot, EvaluationView, LinePlot, ResultRow};
+use crate::results::charts::{
+    result_views, BoxPlot, EvaluationView, LinePlot, ResultRow, RoundView,
+};
 use crate::web::{render, see_other, ApiError, AppState};
 
 struct ArmRow {
@@ -57,6 +59,10 @@ struct StudyPage<'a> {
     tasks: Vec<TaskRow>,
     engines: Vec<EngineStatus>,
     evaluation: Option<EvaluationView>,
+    /// The rounds of the online DPO runs (`collabllm loop`) of the study, run by run.
+    rounds: Vec<RoundView>,
+    /// The metrics of a round's cells.
+    round_headers: Vec<&'static str>,
 }
 
 /// A task of the protocol, with how often each topic was drawn.
@@ -158,16 +164,17 @@ pub(crate) async fn show_study(
                 .map_err(|e| {
                     ApiError::Internal(format!("a stored evaluation is unreadable: {e}"))
                 })?;
+            let rounds = loop_rounds(conn, &study.slug)?;
             Ok((
                 study,
                 version,
                 arms,
                 sessions,
-                (result_views(&per_arm, &protocol), tasks, evaluation),
+                (result_views(&per_arm, &protocol), tasks, evaluation, rounds),
             ))
         })
         .await?;
-    let ((result_headers, results, lines, boxes), tasks, evaluation) = views;
+    let ((result_headers, results, lines, boxes), tasks, evaluation, rounds) = views;
     let response = render(&StudyPage {
         who: &who.name,
         csrf: &token,
@@ -189,8 +196,31 @@ pub(crate) async fn show_study(
         tasks,
         engines: state.engines.statuses(),
         evaluation,
+        rounds,
+        round_headers: evaluate::METRICS
+            .iter()
+            .map(|m| evaluate::metric_label(m))
+            .collect(),
     })?;
     with_cookie(response, cookie)
+}
+
+/// Every evaluated round of the loops run on the study `base`, by run and round.
+fn loop_rounds(conn: &mut DbConn, base: &str) -> Result<Vec<RoundView>, ApiError> {
+    let mut rounds = Vec::new();
+    for study in db::studies::list(conn)? {
+        let Some((run, round)) = evaluate::loop_round_of(base, &study.slug) else {
+            continue;
+        };
+        if let Some(stored) = db::evaluations::latest(conn, study.id)? {
+            let view = evaluate::round_view(run, round, study.slug, &stored).map_err(|e| {
+                ApiError::Internal(format!("a stored evaluation is unreadable: {e}"))
+            })?;
+            rounds.push(view);
+        }
+    }
+    rounds.sort_by(|a, b| (&a.run, a.round).cmp(&(&b.run, b.round)));
+    Ok(rounds)
 }
 
 fn study_overview(
