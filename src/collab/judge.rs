@@ -69,10 +69,11 @@ pub fn interactivity_ask(
     from: usize,
     seed: u32,
 ) -> Result<Ask, CollabError> {
-    let shape = Shape(vec![
-        ("thought", Field::Text(MAX_THOUGHT_CHARS)),
-        ("interactivity", Field::Rating(1, INTERACTIVITY_SCALE)),
-    ]);
+    let mut fields = vec![("interactivity", Field::Rating(1, INTERACTIVITY_SCALE))];
+    if roles.spec.reasons {
+        fields.insert(0, ("thought", Field::Text(MAX_THOUGHT_CHARS)));
+    }
+    let shape = Shape(fields);
     let (history, judged) = judged_transcript(conversation, from);
     let prompt = roles.prompts.render(
         "judge_interactivity.md",
@@ -81,6 +82,7 @@ pub fn interactivity_ask(
             task_title => task.title,
             history => history,
             judged => judged,
+            reasons => roles.spec.reasons,
             // For prompt files written before the split: the whole transcript.
             conversation => transcript(conversation),
         },

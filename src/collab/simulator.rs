@@ -58,12 +58,13 @@ pub fn message_ask(
             goal => goal.describe(),
             conversation => transcript(conversation),
             with_draft => draft == Draft::Keep,
+            reasons => roles.spec.reasons,
         },
     )?;
-    let mut fields = vec![
-        ("thought", Field::Text(MAX_THOUGHT_CHARS)),
-        ("response", Field::Text(MAX_RESPONSE_CHARS)),
-    ];
+    let mut fields = vec![("response", Field::Text(MAX_RESPONSE_CHARS))];
+    if roles.spec.reasons {
+        fields.insert(0, ("thought", Field::Text(MAX_THOUGHT_CHARS)));
+    }
     if draft == Draft::Keep {
         fields.insert(
             0,

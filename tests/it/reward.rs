@@ -61,8 +61,13 @@ fn setup() -> Setup {
 }
 
 fn setup_with(engine: Arc<ScriptedEngine>) -> Setup {
+    setup_from(engine, pilot_text())
+}
+
+/// [`setup_with`] under a protocol of this text.
+fn setup_from(engine: Arc<ScriptedEngine>, text: String) -> Setup {
     let path = repo_root().join("study-protocols/quick-pilot.toml");
-    let loaded = LoadedProtocol::from_text(&path, pilot_text(), &models_dir()).unwrap();
+    let loaded = LoadedProtocol::from_text(&path, text, &models_dir()).unwrap();
     let p = &loaded.protocol;
     let engines = scripted_engines(engine);
     Setup {
@@ -229,4 +234,40 @@ async fn the_document_is_extracted_only_when_the_score_uses_it() {
             b.score
         );
     }
+}
+
+/// With `reasons = false` neither the simulated user nor the interactivity judge is asked for a
+/// thought (not in the grammar, not in the prompt), and the rollouts score as before.
+#[tokio::test]
+async fn without_reasons_no_thought_is_asked_for() {
+    use collabllm::engine::Constraint;
+    let asked: Arc<std::sync::Mutex<Vec<(String, String)>>> = Arc::default();
+    let inner = scripted();
+    let engine = {
+        let asked = asked.clone();
+        Arc::new(ScriptedEngine::new(move |r| {
+            if let Some(Constraint::Grammar(g)) = &r.constraint {
+                asked.lock().unwrap().push((request_text(r), g.clone()));
+            }
+            inner.answer(r)
+        }))
+    };
+    let s = setup_from(engine, pilot_text() + "reasons = false\n");
+    assert!(!s.roles.spec.reasons);
+    let rollouts = roll(&s, &[asks()], 2).await;
+    let asked = asked.lock().unwrap().clone();
+    let kinds = |text: &str| match asker(text) {
+        Asker::Interactivity(_) => "judge",
+        Asker::Simulator => "simulator",
+        _ => "other",
+    };
+    for who in ["judge", "simulator"] {
+        let of: Vec<_> = asked.iter().filter(|(t, _)| kinds(t) == who).collect();
+        assert!(!of.is_empty(), "{who} was asked");
+        for (text, grammar) in of {
+            assert!(!grammar.contains("thought"), "{who}: {grammar}");
+            assert!(!text.contains("\"thought\""), "{who}: {text}");
+        }
+    }
+    assert!(rollouts.iter().all(|r| r.metrics.interactivity == 1.0));
 }

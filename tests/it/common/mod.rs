@@ -418,6 +418,11 @@ pub struct ScriptedEngine {
 }
 
 impl ScriptedEngine {
+    /// What this engine answers `request`, without generating it.
+    pub fn answer(&self, request: &ChatRequest) -> String {
+        (self.reply)(request)
+    }
+
     pub fn new(reply: impl Fn(&ChatRequest) -> String + Send + Sync + 'static) -> Self {
         Self::holding(reply, |_| false)
     }
