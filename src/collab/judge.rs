@@ -70,7 +70,7 @@ pub fn interactivity_ask(
     seed: u32,
 ) -> Result<Ask, CollabError> {
     let mut fields = vec![("interactivity", Field::Rating(1, INTERACTIVITY_SCALE))];
-    if roles.spec.reasons {
+    if roles.spec.judge_reasons {
         fields.insert(0, ("thought", Field::Text(MAX_THOUGHT_CHARS)));
     }
     let shape = Shape(fields);
@@ -82,7 +82,7 @@ pub fn interactivity_ask(
             task_title => task.title,
             history => history,
             judged => judged,
-            reasons => roles.spec.reasons,
+            reasons => roles.spec.judge_reasons,
             // For prompt files written before the split: the whole transcript.
             conversation => transcript(conversation),
         },

@@ -255,7 +255,7 @@ pub fn rollout_identity(roles: &Roles, policy: &Policy) -> serde_json::Value {
     serde_json::json!({
         "weights": roles.spec.weights,
         "max_document_chars": roles.spec.max_document_chars,
-        "reasons": roles.spec.reasons,
+        "reasons": [roles.spec.judge_reasons, roles.spec.simulator_reasons],
         "simulator": [roles.simulator.fingerprint(), &roles.spec.simulator_sampling],
         "judge": [roles.judge.fingerprint(), &roles.spec.judge_sampling],
         "prompts": roles.prompts.sha256(),

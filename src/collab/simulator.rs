@@ -58,11 +58,11 @@ pub fn message_ask(
             goal => goal.describe(),
             conversation => transcript(conversation),
             with_draft => draft == Draft::Keep,
-            reasons => roles.spec.reasons,
+            reasons => roles.spec.simulator_reasons,
         },
     )?;
     let mut fields = vec![("response", Field::Text(MAX_RESPONSE_CHARS))];
-    if roles.spec.reasons {
+    if roles.spec.simulator_reasons {
         fields.insert(0, ("thought", Field::Text(MAX_THOUGHT_CHARS)));
     }
     if draft == Draft::Keep {

@@ -329,11 +329,13 @@ pub struct CollabSpec {
     pub max_turns: u32,
     /// Longest document (characters) the judge extracts from a conversation.
     pub max_document_chars: u32,
-    /// The simulated user and the interactivity judge write a short `thought` before each
-    /// message and rating. `false` leaves it out: most of the tokens they generate, while the
-    /// rating is still read from the judge's token probabilities; run `eval reward` and `eval
-    /// simulator` before relying on it, since the reason can be what makes a judge agree.
-    pub reasons: bool,
+    /// The interactivity judge writes a short `thought` before its rating. `false` leaves it
+    /// out (fewer tokens; the rating is still read from the judge's token probabilities), but
+    /// the reason can be what makes a judge agree: run `eval reward` before relying on it.
+    pub judge_reasons: bool,
+    /// The simulated user writes a short `thought` before each message; `false` leaves it out
+    /// (most of the tokens a rollout's simulator generates); check it with `eval simulator`.
+    pub simulator_reasons: bool,
     pub weights: RewardWeights,
     /// Sampling of the simulator (its `max_tokens` is set from the reply's length limits).
     pub simulator_sampling: Sampling,
@@ -355,7 +357,8 @@ impl Default for CollabSpec {
             min_gap_se: 0.0,
             max_turns: 10,
             max_document_chars: 2000,
-            reasons: true,
+            judge_reasons: true,
+            simulator_reasons: true,
             weights: RewardWeights::default(),
             simulator_sampling: Sampling {
                 temperature: 0.8,

@@ -236,8 +236,9 @@ async fn the_document_is_extracted_only_when_the_score_uses_it() {
     }
 }
 
-/// With `reasons = false` neither the simulated user nor the interactivity judge is asked for a
-/// thought (not in the grammar, not in the prompt), and the rollouts score as before.
+/// With `judge_reasons` and `simulator_reasons` false neither the interactivity judge nor the
+/// simulated user is asked for a thought (not in the grammar, not in the prompt), and the
+/// rollouts score as before.
 #[tokio::test]
 async fn without_reasons_no_thought_is_asked_for() {
     use collabllm::engine::Constraint;
@@ -252,8 +253,9 @@ async fn without_reasons_no_thought_is_asked_for() {
             inner.answer(r)
         }))
     };
-    let s = setup_from(engine, pilot_text() + "reasons = false\n");
-    assert!(!s.roles.spec.reasons);
+    let text = pilot_text() + "judge_reasons = false\nsimulator_reasons = false\n";
+    let s = setup_from(engine, text);
+    assert!(!s.roles.spec.judge_reasons && !s.roles.spec.simulator_reasons);
     let rollouts = roll(&s, &[asks()], 2).await;
     let asked = asked.lock().unwrap().clone();
     let kinds = |text: &str| match asker(text) {
