@@ -709,14 +709,14 @@ pub async fn mr_bench(
     }
     let mut runs = Vec::new();
     for (label, protocol, batched) in modes {
-        let seconds_and_engines = mr_turn(
+        let (seconds, engines) = mr_turn(
             protocol, loaded, models_dir, candidates, samples, window, batched,
         )
         .await?;
         runs.push(MrRun {
             label,
-            seconds: seconds_and_engines.0,
-            engines: seconds_and_engines.1,
+            seconds,
+            engines,
         });
     }
     let rollouts = candidates * samples;

@@ -12,7 +12,7 @@ use collabllm::engine::Engines;
 use collabllm::protocol::EXAMPLE_PROTOCOL_PATH;
 use collabllm::web::{self, AppState};
 
-use super::{run_writing, stop_signal, written, Context, Progress, SessionsArg};
+use super::{run_writing, stop_signal, until_stopped, written, Context, Progress, SessionsArg};
 
 #[derive(clap::Args)]
 pub struct SimulateArgs {
@@ -526,16 +526,6 @@ fn eval_simulator(ctx: &Context, check: EvalCommand) -> Result<()> {
     write_json(out.as_deref(), &report)
 }
 
-/// Writes `rows` to `path`, one JSON object a line.
-fn write_jsonl(path: &std::path::Path, rows: &[impl serde::Serialize]) -> Result<()> {
-    let mut text = String::new();
-    for row in rows {
-        text.push_str(&serde_json::to_string(row).expect("a row is JSON"));
-        text.push('\n');
-    }
-    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
-}
-
 /// Writes `value` as pretty JSON to `out`, when given, and says where.
 fn write_json(out: Option<&std::path::Path>, value: &impl serde::Serialize) -> Result<()> {
     if let Some(out) = out {
@@ -666,12 +656,7 @@ fn eval_arms(ctx: &Context, args: EvalArgs) -> Result<()> {
         Some(record),
         &progress,
     );
-    let outcome = runtime.block_on(async {
-        tokio::select! {
-            result = job => Some(result),
-            () = stop_signal() => None,
-        }
-    });
+    let outcome = until_stopped(runtime, job);
     bar.finish();
     let log = out.join("eval.jsonl");
     let Some(outcome) = outcome else {
@@ -695,12 +680,7 @@ fn eval_arms(ctx: &Context, args: EvalArgs) -> Result<()> {
             options.concurrency,
             &progress,
         );
-        let replies = runtime.block_on(async {
-            tokio::select! {
-                result = job => Some(result),
-                () = stop_signal() => None,
-            }
-        });
+        let replies = until_stopped(runtime, job);
         bar.finish();
         let Some(replies) = replies else {
             bail!(
@@ -710,7 +690,11 @@ fn eval_arms(ctx: &Context, args: EvalArgs) -> Result<()> {
             );
         };
         let replies = replies.context("cannot measure how often the arms ask")?;
-        write_jsonl(&out.join("asking.jsonl"), &replies)?;
+        let mut log = collab::JsonlWriter::create(&out.join("asking.jsonl"))?;
+        for reply in &replies {
+            log.write(&serde_json::to_value(reply).expect("a reply is JSON"))?;
+        }
+        log.finish()?;
         outcome.table.asking = Some(collab::asking::Asking::of(
             &replies,
             &options.baseline,

@@ -280,6 +280,19 @@ impl Progress {
     }
 }
 
+/// Runs `job` to its end, or until the process is told to stop (Ctrl-C, SIGTERM): `None`.
+fn until_stopped<F: std::future::Future>(
+    runtime: &tokio::runtime::Runtime,
+    job: F,
+) -> Option<F::Output> {
+    runtime.block_on(async {
+        tokio::select! {
+            result = job => Some(result),
+            () = stop_signal() => None,
+        }
+    })
+}
+
 /// Runs a job that writes JSONL files until it ends, fails, or is stopped (Ctrl-C, SIGTERM).
 /// Stopped or failed, it says where the rows finished so far are: complete lines in each
 /// output's `.jsonl.partial` file.
@@ -288,12 +301,7 @@ fn run_writing<T>(
     job: impl std::future::Future<Output = Result<T, collabllm::collab::CollabError>>,
     outputs: &[&Path],
 ) -> Result<T> {
-    let outcome = runtime.block_on(async {
-        tokio::select! {
-            result = job => Some(result),
-            () = stop_signal() => None,
-        }
-    });
+    let outcome = until_stopped(runtime, job);
     let partial = || {
         let files: Vec<String> = outputs
             .iter()

@@ -539,16 +539,12 @@ fn write_report(args: &LoopArgs, rows: &[Value]) -> Result<()> {
             ),
             None => "—".to_string(),
         };
+        let asking: Option<collabllm::collab::asking::Asking> =
+            serde_json::from_value(r["eval"]["asking"].clone()).ok();
         let asks = |kind: &str| {
-            let rate = |arm: &str| {
-                r["eval"]["asking"]["arms"][arm][kind]["rate"]
-                    .as_f64()
-                    .map(|x| format!("{:.0}%", x * 100.0))
-            };
-            match (rate("trained"), rate("base")) {
-                (Some(t), Some(b)) => format!("{t} vs {b}"),
-                _ => "—".to_string(),
-            }
+            asking
+                .as_ref()
+                .map_or("—".to_string(), |a| a.versus(kind, "trained", "base"))
         };
         md.push_str(&format!(
             "| {} | {} | {gap} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",

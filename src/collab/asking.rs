@@ -117,6 +117,19 @@ pub async fn first_replies(
 }
 
 impl Asking {
+    /// "arm's share vs baseline's share" of the replies to `kind` that ask, or "—" when either
+    /// was not measured.
+    pub fn versus(&self, kind: &str, arm: &str, baseline: &str) -> String {
+        let rate = |arm: &str| {
+            let r = self.arms.get(arm)?.get(kind)?;
+            Some(format!("{:.0}%", r.rate * 100.0))
+        };
+        match (rate(arm), rate(baseline)) {
+            (Some(a), Some(b)) => format!("{a} vs {b}"),
+            _ => "—".to_string(),
+        }
+    }
+
     /// The rates of `replies` by arm and kind, and each arm's paired difference to `baseline`.
     pub fn of(replies: &[FirstReply], baseline: &str, samples: u32) -> Self {
         let mut arms: BTreeMap<String, BTreeMap<String, Vec<bool>>> = BTreeMap::new();

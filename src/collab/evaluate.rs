@@ -490,14 +490,10 @@ pub fn round_view(
         })
         .collect();
     let asks = |kind: &str| {
-        let rate = |arm: &str| {
-            let r = table.asking.as_ref()?.arms.get(arm)?.get(kind)?;
-            Some(format!("{:.0}%", r.rate * 100.0))
-        };
-        match (rate("trained"), rate("base")) {
-            (Some(t), Some(b)) => format!("{t} vs {b}"),
-            _ => "—".to_string(),
-        }
+        table
+            .asking
+            .as_ref()
+            .map_or("—".to_string(), |a| a.versus(kind, "trained", "base"))
     };
     Ok(RoundView {
         run,
