@@ -189,8 +189,9 @@ function handle(frame) {
 }
 
 function onError(frame) {
-  if (frame.code === "assistant_failed") {
-    // Nothing of the reply was kept: its bubble goes, and the button asks for it again.
+  if (frame.code === "assistant_failed" || frame.code === "assistant_unavailable") {
+    // Nothing of the reply was kept (or it never started): its bubble goes, and the button asks
+    // for it again.
     if (streaming) streaming.div.remove();
     if (comparing) comparing.box.remove();
     streaming = null;

@@ -600,6 +600,7 @@ pub fn seed_study(
                     resume_proof_hmac: None,
                     started_at: now,
                     last_activity_at: now,
+                    simulation_seed: None,
                 },
             )?;
             for m in 0..messages {

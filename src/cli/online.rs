@@ -19,7 +19,6 @@ use anyhow::{Context as _, Result};
 use serde_json::{json, Value};
 
 use collabllm::db;
-use collabllm::db::vocab::SessionState;
 use collabllm::protocol::{LoraSpec, Protocol, EXAMPLE_PROTOCOL_PATH};
 
 use super::collab::{EvalArgs, PairsArgs, RolloutArgs, SimulateArgs};
@@ -95,12 +94,15 @@ pub fn run(ctx: &Context, args: LoopArgs) -> Result<()> {
         std::fs::create_dir_all(&dir)?;
         let previous = (round > 1).then(|| adapter_of(&args.out, round - 1));
         let previous = previous.filter(|a| a.exists());
-        let slug = format!("{}-loop-{id}-r{round}", base.study.slug);
+        let mut slug = round_study(&dir, &format!("{}-loop-{id}-r{round}", base.study.slug));
         let sample = dir.join("sample.toml");
-        write_protocol(
-            &sample,
-            &round_protocol(base, &slug, &[("policy", &arm, previous.as_deref())]),
-        )?;
+        let write_sample = |slug: &str| {
+            write_protocol(
+                &sample,
+                &round_protocol(base, slug, &[("policy", &arm, previous.as_deref())]),
+            )
+        };
+        write_sample(&slug)?;
         for step in STEPS {
             let marker = dir.join(step);
             if marker.exists() {
@@ -115,7 +117,13 @@ pub fn run(ctx: &Context, args: LoopArgs) -> Result<()> {
             };
             eprintln!("loop: round {round} of {}: {step}{left}", args.rounds);
             match step {
-                "simulated" => simulate(ctx, &args, &sample, &slug, round)?,
+                "simulated" => {
+                    if let Some(again) = next_attempt(ctx, &dir, &slug)? {
+                        slug = again;
+                        write_sample(&slug)?;
+                    }
+                    simulate(ctx, &args, &sample, round)?
+                }
                 "scored" => score(ctx, &args, &dir, &slug, round)?,
                 "trained" => train(
                     ctx,
@@ -240,39 +248,57 @@ fn write_protocol(path: &Path, protocol: &Protocol) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
-/// Simulates the participants of the round still missing (a stopped simulation ended its
-/// sessions in flight as abandoned; the completed ones count).
-fn simulate(ctx: &Context, args: &LoopArgs, sample: &Path, slug: &str, round: usize) -> Result<()> {
-    let completed = completed_sessions(ctx, slug)?;
-    let n = args.users.saturating_sub(completed);
-    if n == 0 {
-        return Ok(());
+/// The study the round simulates its participants in, kept in the round's `study.txt` once a
+/// stopped simulation moved it to a new attempt (see [`next_attempt`]).
+fn round_study(dir: &Path, first: &str) -> String {
+    std::fs::read_to_string(dir.join("study.txt"))
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| first.to_string())
+}
+
+/// A simulation stopped before it finished is run again from its start, in a study of its own
+/// (`…-a2`, `…-a3`): with the same seeds, the same participants then draw the same arms and
+/// topics and get the same replies as in a loop that never stopped. The stopped attempt's
+/// sessions stay in its study, ended as abandoned. `None`: the study has no session yet.
+fn next_attempt(ctx: &Context, dir: &Path, slug: &str) -> Result<Option<String>> {
+    let mut conn = ctx.conn()?;
+    let Some(study) = db::studies::find_by_slug(&mut conn, slug)? else {
+        return Ok(None);
+    };
+    let version = db::studies::current_version(&mut conn, study.id)?;
+    let sessions = db::sessions::list_for_version(&mut conn, version.id)?;
+    if sessions.is_empty() {
+        return Ok(None);
     }
-    let seed = round_seed(args.seed, round) + completed as u64;
+    for session in &sessions {
+        db::sessions::abandon(&mut conn, session.id)?;
+    }
+    let (first, attempt) = match slug.rsplit_once("-a") {
+        Some((first, n)) if n.parse::<u32>().is_ok() => (first, n.parse::<u32>()? + 1),
+        _ => (slug, 2),
+    };
+    let next = format!("{first}-a{attempt}");
+    eprintln!("loop: the simulation in {slug} stopped before it finished; it runs again in {next}");
+    std::fs::write(dir.join("study.txt"), &next)?;
+    Ok(Some(next))
+}
+
+/// Simulates the round's participants.
+fn simulate(ctx: &Context, args: &LoopArgs, sample: &Path, round: usize) -> Result<()> {
     let line = vec![
         "--protocol".into(),
         path(sample),
         "--arm".into(),
         "policy".into(),
         "--n".into(),
-        n.to_string(),
+        args.users.to_string(),
         "--seed".into(),
-        seed.to_string(),
+        round_seed(args.seed, round).to_string(),
     ];
     let dir = sample.parent().unwrap_or(Path::new("."));
     super::collab::simulate(ctx, parse::<SimulateArgs>(dir, "simulate", line)?)
-}
-
-fn completed_sessions(ctx: &Context, slug: &str) -> Result<usize> {
-    let mut conn = ctx.conn()?;
-    let Some(study) = db::studies::find_by_slug(&mut conn, slug)? else {
-        return Ok(0);
-    };
-    let version = db::studies::current_version(&mut conn, study.id)?;
-    Ok(db::sessions::list_for_version(&mut conn, version.id)?
-        .iter()
-        .filter(|s| s.state == SessionState::Finished)
-        .count())
 }
 
 /// Seeds of a round, apart from every other round's and from the evaluation's.

@@ -325,9 +325,14 @@ struct Turn<'a> {
 }
 
 impl Turn<'_> {
-    /// Names the turn in its seeds: the session and the reply's seq.
+    /// Names the turn in its seeds: the session and the reply's seq. A simulated participant's
+    /// session is named by its seed, so the same pilot run again is scored the same.
     fn label(&self) -> String {
-        format!("{}/{}", self.session.session.public_id, self.message.seq)
+        let session = &self.session.session;
+        match session.simulation_seed {
+            Some(seed) => format!("simulated {seed}/{}", self.message.seq),
+            None => format!("{}/{}", session.public_id, self.message.seq),
+        }
     }
 }
 

@@ -139,6 +139,9 @@ pub async fn run(
         ..Tally::default()
     });
     let entered = Mutex::new(Vec::new());
+    // Participants enter in their order, whatever runs at once: the draws of arms and topics
+    // then fall to the same participants on every run.
+    let (next_to_enter, _) = tokio::sync::watch::channel(0usize);
     progress(&tally.lock().expect("tally lock"));
     let mut summary = SimulateSummary::default();
     let mut runs = futures_util::stream::iter(0..options.participants)
@@ -153,6 +156,7 @@ pub async fn run(
                 tally: &tally,
                 progress,
                 entered: &entered,
+                next_to_enter: &next_to_enter,
             };
             async move { participant.run().await }
         })
@@ -207,6 +211,8 @@ struct Participant<'a> {
     progress: &'a (dyn Fn(&Tally) + Sync),
     /// Every session this run entered (id, public id), to end those left open.
     entered: &'a Mutex<Vec<(i64, String)>>,
+    /// The index of the participant whose turn it is to enter.
+    next_to_enter: &'a tokio::sync::watch::Sender<usize>,
 }
 
 /// One simulated participant's connection, and the session it is in for messages.
@@ -254,9 +260,41 @@ impl Client {
 
     /// Waits for the reply that is streaming to end (or to turn into a comparison).
     async fn wait_for_reply(&mut self) -> Result<(), CollabError> {
-        match self.connection.until(reply_ended).await {
-            Ok(_) => Ok(()),
+        match self.connection.until(reply_settled).await {
+            Ok((frame, _)) => self.try_again_if_failed(frame).await,
             Err(e) => Err(self.failed(e)),
+        }
+    }
+
+    /// Sends a frame that asks for a reply (a message, a regeneration) and waits for the reply.
+    async fn replied(&mut self, frame: ClientFrame) -> Result<(), CollabError> {
+        match self.connection.request(frame, reply_settled).await {
+            Ok((frame, _)) => self.try_again_if_failed(frame).await,
+            Err(e) => Err(self.failed(e)),
+        }
+    }
+
+    /// After a reply failed (or could not start), presses Try again as the page asks, up to
+    /// twice; then the participant gives up.
+    async fn try_again_if_failed(&mut self, mut last: ServerFrame) -> Result<(), CollabError> {
+        for _ in 0..2 {
+            if !is_assistant_failure(&last) {
+                return Ok(());
+            }
+            tokio::time::sleep(TRY_AGAIN_AFTER).await;
+            let frame = ClientFrame::Regenerate {
+                client_seq: self.seq(),
+            };
+            last = match self.connection.request(frame, reply_settled).await {
+                Ok((frame, _)) => frame,
+                Err(e) => return Err(self.failed(e)),
+            };
+        }
+        match last {
+            ServerFrame::Error { message, .. } => Err(self.failed(format!(
+                "the assistant failed three times in a row: {message}"
+            ))),
+            _ => Ok(()),
         }
     }
 }
@@ -271,11 +309,21 @@ impl Participant<'_> {
 
     /// Enters, chats until satisfied or the turn cap, rates and finishes; the session's public id.
     async fn run(&self) -> Result<String, CollabError> {
-        let (session, token) = self
+        let mut turn = self.next_to_enter.subscribe();
+        // The earlier participants were started first, so the wait ends.
+        let _ = turn.wait_for(|&next| next == self.index).await;
+        let replies_seed = u64::from(self.seed("replies", 0));
+        let entered = self
             .studio
-            .enter_simulated(self.options.study.clone(), self.options.arm.clone())
-            .await
-            .map_err(|e| CollabError::Invalid(format!("cannot enter the study: {e}")))?;
+            .enter_simulated(
+                self.options.study.clone(),
+                self.options.arm.clone(),
+                replies_seed,
+            )
+            .await;
+        self.next_to_enter.send_modify(|next| *next += 1);
+        let (session, token) =
+            entered.map_err(|e| CollabError::Invalid(format!("cannot enter the study: {e}")))?;
         self.entered
             .lock()
             .expect("entered lock")
@@ -404,13 +452,10 @@ impl Participant<'_> {
                 let seq = client.seq();
                 let text = truncate(&sendable(&m.response), st.max_message_bytes);
                 client
-                    .request(
-                        ClientFrame::UserMessage {
-                            client_seq: seq,
-                            text,
-                        },
-                        reply_ended,
-                    )
+                    .replied(ClientFrame::UserMessage {
+                        client_seq: seq,
+                        text,
+                    })
                     .await?;
                 self.count(|t| {
                     t.turns += 1;
@@ -558,7 +603,7 @@ impl Participant<'_> {
             Some("regenerate") => {
                 let seq = client.seq();
                 client
-                    .request(ClientFrame::Regenerate { client_seq: seq }, reply_ended)
+                    .replied(ClientFrame::Regenerate { client_seq: seq })
                     .await?;
                 self.count(|t| t.regenerated += 1);
             }
@@ -598,10 +643,22 @@ struct Step<'a> {
 
 /// Whether a frame ends the reply the participant waits for: it is done, or it is a pick between
 /// candidates.
-fn reply_ended(frame: &ServerFrame) -> bool {
+/// The reply is over: done, offered as a comparison, or failed.
+fn reply_settled(frame: &ServerFrame) -> bool {
     matches!(
         frame,
         ServerFrame::AssistantDone { .. } | ServerFrame::Comparison(_)
+    ) || is_assistant_failure(frame)
+}
+
+/// How long a simulated participant waits before pressing Try again.
+const TRY_AGAIN_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// The reply failed, or the assistant could not start it: nothing of it is kept.
+fn is_assistant_failure(frame: &ServerFrame) -> bool {
+    matches!(
+        frame,
+        ServerFrame::Error { code, .. } if code == "assistant_failed" || code == "assistant_unavailable"
     )
 }
 

@@ -89,6 +89,8 @@ pub struct Session {
     pub handover_allowed: bool,
     /// Raised by every `hello`: the socket that said it last may write (see `sessions::claim`).
     pub owner_epoch: i64,
+    /// A simulated participant's seed, from which its replies' seeds are drawn (people: none).
+    pub simulation_seed: Option<i64>,
 }
 
 #[derive(Debug, Clone, Insertable)]
@@ -106,6 +108,7 @@ pub struct NewSession<'a> {
     pub resume_proof_hmac: Option<&'a str>,
     pub started_at: NaiveDateTime,
     pub last_activity_at: NaiveDateTime,
+    pub simulation_seed: Option<i64>,
 }
 
 #[derive(Debug, Clone, Queryable, Selectable, Serialize, PartialEq)]

@@ -139,6 +139,7 @@ diesel::table! {
         resume_proof_hmac -> Nullable<Text>,
         handover_allowed -> Bool,
         owner_epoch -> BigInt,
+        simulation_seed -> Nullable<BigInt>,
     }
 }
 

@@ -60,19 +60,20 @@ impl TextStream {
         out
     }
 
-    /// Moves complete characters from `pending` to `text`; invalid bytes become U+FFFD.
+    /// Moves complete characters from `pending` to `text`; invalid bytes become U+FFFD, and so
+    /// does NUL, which no database text column or C string can hold.
     fn drain_valid(&mut self) {
         loop {
             match std::str::from_utf8(&self.pending) {
                 Ok(s) => {
-                    self.text.push_str(s);
+                    push_without_nul(&mut self.text, s);
                     self.pending.clear();
                     return;
                 }
                 Err(e) => {
                     let valid = e.valid_up_to();
                     let s = std::str::from_utf8(&self.pending[..valid]).expect("checked valid");
-                    self.text.push_str(s);
+                    push_without_nul(&mut self.text, s);
                     match e.error_len() {
                         // An incomplete character at the end: wait for more bytes.
                         None => {
@@ -113,6 +114,14 @@ impl TextStream {
     }
 }
 
+fn push_without_nul(text: &mut String, s: &str) {
+    if s.contains('\0') {
+        text.push_str(&s.replace('\0', "\u{FFFD}"));
+    } else {
+        text.push_str(s);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::{Pushed, TextStream};
@@ -128,9 +137,10 @@ mod tests {
     }
 
     #[test]
-    fn invalid_bytes_become_replacement_characters() {
+    fn invalid_bytes_and_nul_become_replacement_characters() {
         let mut s = TextStream::new(vec![]);
         assert_eq!(s.push(b"a\xffb"), Pushed::Text("a\u{fffd}b".into()));
+        assert_eq!(s.push(b"\0c"), Pushed::Text("\u{fffd}c".into()), "NUL too");
     }
 
     #[test]

@@ -159,16 +159,18 @@ impl Studio {
     /// A simulated participant: a new participant flagged `simulated` and a session past consent,
     /// assigned like anyone (or to `arm` when given, recorded as a forced draw). Returns the
     /// session and its token for the websocket `hello`. Works whatever the study's status, so a
-    /// paused study can be piloted before it opens.
+    /// paused study can be piloted before it opens. Its replies are sampled with seeds drawn from
+    /// `seed` and the turn.
     pub async fn enter_simulated(
         self: &Arc<Self>,
         slug: String,
         arm: Option<String>,
+        seed: u64,
     ) -> Result<(Session, String), StudyError> {
         let this = self.clone();
         self.writer
             .write_in_turn(move |conn| {
-                let (session, protocol, token) = this.simulated_session(conn, slug)?;
+                let (session, protocol, token) = this.simulated_session(conn, slug, Some(seed))?;
                 draw(conn, &protocol, &session, arm.as_deref())?;
                 let session = db::sessions::set_state(conn, session.id, SessionState::Chatting)?;
                 Ok((session, token))
@@ -190,7 +192,7 @@ impl Studio {
     ) -> Result<Session, StudyError> {
         let this = self.clone();
         self.write(move |conn| {
-            let (session, protocol, _) = this.simulated_session(conn, slug)?;
+            let (session, protocol, _) = this.simulated_session(conn, slug, None)?;
             let arm_id = db::studies::arms_of(conn, session.study_version_id)?
                 .into_iter()
                 .find(|a| a.name == arm)
@@ -239,6 +241,7 @@ impl Studio {
         &self,
         conn: &mut DbConn,
         slug: String,
+        seed: Option<u64>,
     ) -> Result<(Session, Arc<Protocol>, String), StudyError> {
         let study =
             db::studies::find_by_slug(conn, &slug)?.ok_or(StudyError::UnknownStudy(slug))?;
@@ -246,7 +249,7 @@ impl Studio {
         let protocol = self.protocol(conn, version.id)?;
         let (participant, _) = db::participants::find_or_create(conn, study.id, None, true)?;
         let (token, hash) = new_token();
-        let session = new_session(conn, participant.id, version.id, &hash, None)?;
+        let session = new_session(conn, participant.id, version.id, &hash, None, seed)?;
         db::sessions::record_consent(
             conn,
             session.id,
@@ -315,7 +318,14 @@ fn start_or_move(
         return Err(StudyError::TooManyStarted);
     }
     let version = db::studies::current_version(conn, study.id)?;
-    let session = new_session(conn, participant.id, version.id, &hash, proof.as_deref())?;
+    let session = new_session(
+        conn,
+        participant.id,
+        version.id,
+        &hash,
+        proof.as_deref(),
+        None,
+    )?;
     Ok(Ok(Entry {
         study,
         session,
@@ -329,6 +339,7 @@ fn new_session(
     study_version_id: i64,
     token_hash: &str,
     resume_proof_hmac: Option<&str>,
+    simulation_seed: Option<u64>,
 ) -> Result<Session, StudyError> {
     let now = db::now();
     let public_id = uuid::Uuid::new_v4().to_string();
@@ -346,6 +357,8 @@ fn new_session(
             resume_proof_hmac,
             started_at: now,
             last_activity_at: now,
+            // Stored as the same 64 bits: PostgreSQL has no unsigned integer.
+            simulation_seed: simulation_seed.map(|s| s as i64),
         },
     )?)
 }

@@ -460,7 +460,7 @@ async fn results_per_arm_are_computed_and_plotted() {
             let arm = Some("base".to_string());
             state
                 .studio
-                .enter_simulated("doc-cocreation".into(), arm)
+                .enter_simulated("doc-cocreation".into(), arm, 0)
                 .await
                 .unwrap()
                 .0

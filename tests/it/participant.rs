@@ -637,6 +637,25 @@ async fn bad_frames_get_error_frames_and_the_connection_survives() {
         .await
         .unwrap();
     ws.expect_error("bad_frame").await;
+    // The NUL character, which PostgreSQL cannot store, in a message and in a document; an
+    // escaped backslash before "u0000" is text like any other.
+    for text in [r"hi\u0000there", r"x\\\u0000"] {
+        let seq = ws.next_seq();
+        ws.raw(&format!(
+            r#"{{"type":"user_message","client_seq":{seq},"text":"{text}"}}"#
+        ))
+        .await;
+        ws.expect_error("bad_frame").await;
+    }
+    let seq = ws.next_seq();
+    ws.send(&ClientFrame::DocUpdate {
+        client_seq: seq,
+        base_rev: 0,
+        content: "Dear Jo,\0".into(),
+        inserted_message: None,
+    })
+    .await;
+    ws.expect_error("bad_frame").await;
     let seq = ws.next_seq();
     ws.send(&ClientFrame::UserMessage {
         client_seq: seq,

@@ -9,7 +9,9 @@ use collabllm::collab::simulate::{self, SimulateOptions, SimulateSummary, Tally}
 use collabllm::db::models::Session;
 use collabllm::db::vocab::{CandidateSource, MessageRole, Outcome, RevisionAuthor, SessionState};
 use collabllm::db::{self, DbPool};
-use collabllm::engine::{ChatRequest, Engines, Role};
+use collabllm::engine::{
+    ChatRequest, Engine, EngineError, EngineEvent, EngineStatus, Engines, Generation, Role,
+};
 use collabllm::export;
 use collabllm::protocol::LoadedProtocol;
 use collabllm::study::{Studio, StudyError};
@@ -77,11 +79,11 @@ struct Pilot {
     server: TestServer,
 }
 
-fn start(loaded: &LoadedProtocol, engine: Arc<ScriptedEngine>) -> Pilot {
+fn start(loaded: &LoadedProtocol, engine: Arc<dyn Engine>) -> Pilot {
     let db = TestDb::sqlite();
     let state = TestApp::new(&db)
         .loaded(loaded.clone())
-        .scripted(engine)
+        .serving(engine)
         .state();
     let pool = state.pool.clone();
     let server = TestServer::start(state.clone());
@@ -95,12 +97,20 @@ fn start(loaded: &LoadedProtocol, engine: Arc<ScriptedEngine>) -> Pilot {
 
 fn options(participants: usize) -> SimulateOptions {
     SimulateOptions {
+        models_dir: crate::common::real_models(),
+        ..options_without_models(participants)
+    }
+}
+
+/// [`options`] for a test whose every model is scripted.
+fn options_without_models(participants: usize) -> SimulateOptions {
+    SimulateOptions {
         study: "quick-pilot".into(),
         arm: Some("proactive".into()),
         participants,
         concurrency: participants,
         seed: 1,
-        models_dir: crate::common::real_models(),
+        models_dir: models_dir(),
     }
 }
 
@@ -255,12 +265,12 @@ async fn a_pilot_never_takes_the_place_of_a_person() {
     let studio = Studio::new(pool.clone(), Engines::new()).unwrap();
     for _ in 0..arms {
         studio
-            .enter_simulated("quick-pilot".into(), None)
+            .enter_simulated("quick-pilot".into(), None, 0)
             .await
             .unwrap();
     }
     // Every arm is full for simulated participants…
-    let full = studio.enter_simulated("quick-pilot".into(), None).await;
+    let full = studio.enter_simulated("quick-pilot".into(), None, 0).await;
     assert!(matches!(full, Err(StudyError::Full)), "{full:?}");
     // …and empty for people: the first person is drawn as in a study without the pilot.
     let entry = studio
@@ -344,4 +354,67 @@ async fn a_comparison_never_offers_the_same_reply_twice() {
         ["Who is  it for?", "Reply 2: here is the note."],
         "the repeat was sampled again"
     );
+}
+
+/// The policy's first `fails` replies fail, by turns before they start (the engine refuses
+/// them) and while they stream; then it answers as `inner`.
+struct FailingFirst {
+    inner: Arc<ScriptedEngine>,
+    fails: AtomicUsize,
+}
+
+impl Engine for FailingFirst {
+    fn start(&self, request: ChatRequest) -> Result<Generation, EngineError> {
+        if !matches!(asker(&request_text(&request)), Asker::Policy) {
+            return self.inner.start(request);
+        }
+        let fault = || EngineError::Inference("a fault injected by the test".into());
+        let fail = |left: usize| left.checked_sub(1);
+        match self
+            .fails
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, fail)
+        {
+            Ok(left) if left % 2 == 1 => Err(fault()),
+            Ok(_) => {
+                let (generation, events, _) = Generation::channel();
+                events.send(EngineEvent::Token("Half a ".into())).unwrap();
+                events.send(EngineEvent::Error(fault())).unwrap();
+                Ok(generation)
+            }
+            Err(_) => self.inner.start(request),
+        }
+    }
+
+    fn status(&self) -> EngineStatus {
+        self.inner.status()
+    }
+
+    fn fingerprint(&self) -> String {
+        self.inner.fingerprint()
+    }
+}
+
+/// A participant whose reply failed presses Try again, as the page asks, and goes on; one whose
+/// reply fails three times in a row gives up at once, with the reason, instead of waiting for a
+/// reply that will not come.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_reply_is_tried_again_twice_then_the_participant_gives_up() {
+    let options = options_without_models(1);
+    for (fails, completes) in [(2, true), (3, false)] {
+        let engine = Arc::new(FailingFirst {
+            inner: scripted(|_| false),
+            fails: AtomicUsize::new(fails),
+        });
+        let pilot = start(&pilot(), engine);
+        let started = std::time::Instant::now();
+        let summary = simulate(&pilot, &options, &|_: &Tally| {}, std::future::pending()).await;
+        assert!(started.elapsed().as_secs() < 60, "{:?}", started.elapsed());
+        if completes {
+            assert_eq!(summary.completed.len(), 1, "{:?}", summary.failed);
+        } else {
+            assert!(summary.completed.is_empty());
+            let why = format!("{:?}", summary.failed);
+            assert!(why.contains("failed three times"), "{why}");
+        }
+    }
 }

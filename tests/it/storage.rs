@@ -67,6 +67,7 @@ fn new_session(
             resume_proof_hmac: None,
             started_at: now,
             last_activity_at: now,
+            simulation_seed: None,
         },
     )
     .unwrap()

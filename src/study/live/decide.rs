@@ -377,6 +377,7 @@ mod tests {
                 resume_proof_hmac: None,
                 handover_allowed: false,
                 owner_epoch: 0,
+                simulation_seed: None,
             },
             turn,
             recorded: Vec::new(),

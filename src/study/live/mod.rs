@@ -176,6 +176,12 @@ impl Connection {
         let frame = serde_json::from_str::<ClientFrame>(text);
         let kind = frame.as_ref().map_or("invalid", ClientFrame::kind);
         let answer = match frame {
+            // PostgreSQL cannot store it, and no text a person writes holds it.
+            Ok(frame) if holds_nul(text) => vec![ServerFrame::error(
+                "bad_frame",
+                "the frame's text contains the NUL character (\\u0000)",
+                frame.client_seq(),
+            )],
             Ok(frame) => self.handle_frame(frame).await,
             Err(e) => vec![ServerFrame::error(
                 "bad_frame",
@@ -481,5 +487,35 @@ impl Studio {
             protocol: &protocol,
         };
         handlers::handle(cx, command).await
+    }
+}
+
+/// Whether a JSON text's strings hold the NUL character: JSON can only write it as the escape
+/// `\u0000`, whose backslash is not itself escaped.
+fn holds_nul(json: &str) -> bool {
+    let bytes = json.as_bytes();
+    json.match_indices("u0000").any(|(at, _)| {
+        let slashes = bytes[..at]
+            .iter()
+            .rev()
+            .take_while(|&&b| b == b'\\')
+            .count();
+        slashes % 2 == 1
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::holds_nul;
+
+    #[test]
+    fn only_an_unescaped_nul_escape_is_a_nul() {
+        assert!(holds_nul(r#"{"text":"a\u0000"}"#));
+        assert!(holds_nul(r#"{"text":"a\\\u0000"}"#));
+        assert!(
+            !holds_nul(r#"{"text":"a\\u0000"}"#),
+            "a backslash, then text"
+        );
+        assert!(!holds_nul(r#"{"text":"u0000"}"#));
     }
 }

@@ -216,6 +216,7 @@ impl Studio {
                 .iter()
                 .map(|m| crate::study::chat_message(m.role, &m.content)),
         );
+        let msg_seq = history.last().map_or(1, |m| m.seq + 1);
         let every = protocol.session.compare_every_turns;
         let turns = history.iter().filter(|m| m.is_turn()).count() as i32;
         let comparison = !regenerate && every > 0 && (turns + 1) % every as i32 == 0;
@@ -223,6 +224,9 @@ impl Studio {
         let requests = (0..if comparison { 2 } else { 1 })
             .map(|i| {
                 let mut sampling = arm.sampling.clone();
+                if sampling.seed.is_none() {
+                    sampling.seed = session.simulation_seed.map(|s| reply_seed(s, msg_seq));
+                }
                 // Another candidate, or a replacement, must not repeat a fixed seed's text.
                 let offset = i + u32::from(regenerate);
                 if offset > 0 {
@@ -247,7 +251,7 @@ impl Studio {
             ..Provenance::default()
         };
         Ok(ReplyPlan {
-            msg_seq: history.last().map_or(1, |m| m.seq + 1),
+            msg_seq,
             comparison,
             regenerate,
             engine_id,
@@ -651,4 +655,11 @@ pub(super) fn pending_candidates(
                 && c.chosen.is_none()
         })
         .collect())
+}
+
+/// The seed of a simulated participant's reply at `msg_seq`: a pilot's replies are the same on
+/// every run, and differ from turn to turn.
+fn reply_seed(simulation_seed: i64, msg_seq: i32) -> u32 {
+    let mixed = (simulation_seed as u64) ^ (msg_seq as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    crate::stats::SplitMix64::new(mixed).next_u64() as u32
 }

@@ -17,6 +17,9 @@ use collabllm::protocol::EXAMPLE_PROTOCOL_PATH;
 use collabllm::web::AppState;
 use diesel::connection::SimpleConnection;
 
+mod tiny_model;
+pub use tiny_model::write_tiny_model;
+
 /// The PostgreSQL server the tests use (a database where we may create schemas).
 pub fn postgres_base_url() -> String {
     std::env::var("COLLABLLM_TEST_POSTGRES_URL")
