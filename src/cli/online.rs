@@ -275,10 +275,10 @@ fn next_attempt(ctx: &Context, dir: &Path, slug: &str) -> Result<Option<String>>
     for session in &sessions {
         db::sessions::abandon(&mut conn, session.id)?;
     }
-    let (first, attempt) = match slug.rsplit_once("-a") {
-        Some((first, n)) if n.parse::<u32>().is_ok() => (first, n.parse::<u32>()? + 1),
-        _ => (slug, 2),
-    };
+    let attempt = slug
+        .rsplit_once("-a")
+        .and_then(|(first, n)| Some((first, n.parse::<u32>().ok()?)));
+    let (first, attempt) = attempt.map_or((slug, 2), |(first, n)| (first, n + 1));
     let next = format!("{first}-a{attempt}");
     eprintln!("loop: the simulation in {slug} stopped before it finished; it runs again in {next}");
     std::fs::write(dir.join("study.txt"), &next)?;

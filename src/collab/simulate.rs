@@ -260,16 +260,21 @@ impl Client {
 
     /// Waits for the reply that is streaming to end (or to turn into a comparison).
     async fn wait_for_reply(&mut self) -> Result<(), CollabError> {
-        match self.connection.until(reply_settled).await {
-            Ok((frame, _)) => self.try_again_if_failed(frame).await,
-            Err(e) => Err(self.failed(e)),
-        }
+        let settled = self.connection.until(reply_settled).await;
+        let last = settled.map_err(|e| self.failed(e))?.0;
+        self.try_again_if_failed(last).await
     }
 
     /// Sends a frame that asks for a reply (a message, a regeneration) and waits for the reply.
     async fn replied(&mut self, frame: ClientFrame) -> Result<(), CollabError> {
+        let last = self.settled(frame).await?;
+        self.try_again_if_failed(last).await
+    }
+
+    /// Sends a frame and returns the frame that settled the reply it asked for.
+    async fn settled(&mut self, frame: ClientFrame) -> Result<ServerFrame, CollabError> {
         match self.connection.request(frame, reply_settled).await {
-            Ok((frame, _)) => self.try_again_if_failed(frame).await,
+            Ok((last, _)) => Ok(last),
             Err(e) => Err(self.failed(e)),
         }
     }
@@ -282,13 +287,10 @@ impl Client {
                 return Ok(());
             }
             tokio::time::sleep(TRY_AGAIN_AFTER).await;
-            let frame = ClientFrame::Regenerate {
-                client_seq: self.seq(),
-            };
-            last = match self.connection.request(frame, reply_settled).await {
-                Ok((frame, _)) => frame,
-                Err(e) => return Err(self.failed(e)),
-            };
+            let seq = self.seq();
+            last = self
+                .settled(ClientFrame::Regenerate { client_seq: seq })
+                .await?;
         }
         match last {
             ServerFrame::Error { message, .. } => Err(self.failed(format!(
@@ -641,9 +643,8 @@ struct Step<'a> {
     step: usize,
 }
 
-/// Whether a frame ends the reply the participant waits for: it is done, or it is a pick between
-/// candidates.
-/// The reply is over: done, offered as a comparison, or failed.
+/// Whether a frame ends the reply the participant waits for: it is done, it is a pick between
+/// candidates, or it failed.
 fn reply_settled(frame: &ServerFrame) -> bool {
     matches!(
         frame,

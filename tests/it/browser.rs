@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use collabllm::db;
 use collabllm::db::vocab::RevisionAuthor;
-use collabllm::engine::{ChatRequest, Engine, EngineError, EngineEvent, EngineStatus, Generation};
 use collabllm::protocol::LoadedProtocol;
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
@@ -866,44 +865,17 @@ async fn participant_and_console_pages_pass_an_accessibility_check() {
     client.close().await.unwrap();
 }
 
-/// An engine whose first reply breaks off after a word, as a remote server that goes away
-/// would; the others are the scripted model's.
-struct FailingOnce {
-    failed: std::sync::atomic::AtomicBool,
-    then: crate::common::ScriptedEngine,
-}
-
-impl Engine for FailingOnce {
-    fn start(&self, request: ChatRequest) -> Result<Generation, EngineError> {
-        if self.failed.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            return self.then.start(request);
-        }
-        let (generation, events, _) = Generation::channel();
-        let _ = events.send(EngineEvent::Token("Partial".into()));
-        let _ = events.send(EngineEvent::Error(EngineError::Remote {
-            endpoint: "http://inference.example/v1".into(),
-            reason: "the stream broke".into(),
-        }));
-        Ok(generation)
-    }
-
-    fn status(&self) -> EngineStatus {
-        self.then.status()
-    }
-
-    fn fingerprint(&self) -> String {
-        self.then.fingerprint()
-    }
-}
-
-/// A reply that fails leaves no half-written bubble; the page offers "Try again", which gets
-/// the reply.
+/// A reply that fails leaves no half-written bubble; the page offers "Try again", also when the
+/// next try is refused before it starts, and the last try gets the reply.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_reply_can_be_tried_again_from_the_page() {
-    let engine = FailingOnce {
-        failed: Default::default(),
-        then: crate::common::ScriptedEngine::new(|_| "Dear Jo, thank you.".into()),
-    };
+    let engine = crate::common::FailingFirst::new(
+        std::sync::Arc::new(crate::common::ScriptedEngine::new(|_| {
+            "Dear Jo, thank you.".into()
+        })),
+        2,
+        |_| true,
+    );
     let db = TestDb::sqlite();
     let server = TestApp::new(&db)
         .serving(std::sync::Arc::new(engine))
@@ -932,6 +904,15 @@ async fn a_failed_reply_can_be_tried_again_from_the_page() {
         json!([0, true]),
         "no part of the failed reply is shown"
     );
+    // The second try is refused before it starts: the page offers Try again once more.
+    click(&client, "#regenerate").await;
+    wait_for(
+        &client,
+        "document.getElementById('regenerate').textContent === 'Try again'
+         && !document.getElementById('regenerate').disabled
+         && document.body.innerText.includes('not available right now')",
+    )
+    .await;
     click(&client, "#regenerate").await;
     wait_for(&client, "document.querySelector('.msg.assistant .insert')").await;
     let shown = client

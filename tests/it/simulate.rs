@@ -9,9 +9,7 @@ use collabllm::collab::simulate::{self, SimulateOptions, SimulateSummary, Tally}
 use collabllm::db::models::Session;
 use collabllm::db::vocab::{CandidateSource, MessageRole, Outcome, RevisionAuthor, SessionState};
 use collabllm::db::{self, DbPool};
-use collabllm::engine::{
-    ChatRequest, Engine, EngineError, EngineEvent, EngineStatus, Engines, Generation, Role,
-};
+use collabllm::engine::{ChatRequest, Engine, Engines, Role};
 use collabllm::export;
 use collabllm::protocol::LoadedProtocol;
 use collabllm::study::{Studio, StudyError};
@@ -19,8 +17,8 @@ use collabllm::web::AppState;
 use serde_json::json;
 
 use crate::common::{
-    asker, models_dir, pilot_text, repo_root, request_text, Asker, ScriptedEngine, TestApp, TestDb,
-    TestServer,
+    asker, models_dir, pilot_text, repo_root, request_text, Asker, FailingFirst, ScriptedEngine,
+    TestApp, TestDb, TestServer,
 };
 
 /// The quick pilot, ending after two turns.
@@ -356,44 +354,6 @@ async fn a_comparison_never_offers_the_same_reply_twice() {
     );
 }
 
-/// The policy's first `fails` replies fail, by turns before they start (the engine refuses
-/// them) and while they stream; then it answers as `inner`.
-struct FailingFirst {
-    inner: Arc<ScriptedEngine>,
-    fails: AtomicUsize,
-}
-
-impl Engine for FailingFirst {
-    fn start(&self, request: ChatRequest) -> Result<Generation, EngineError> {
-        if !matches!(asker(&request_text(&request)), Asker::Policy) {
-            return self.inner.start(request);
-        }
-        let fault = || EngineError::Inference("a fault injected by the test".into());
-        let fail = |left: usize| left.checked_sub(1);
-        match self
-            .fails
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, fail)
-        {
-            Ok(left) if left % 2 == 1 => Err(fault()),
-            Ok(_) => {
-                let (generation, events, _) = Generation::channel();
-                events.send(EngineEvent::Token("Half a ".into())).unwrap();
-                events.send(EngineEvent::Error(fault())).unwrap();
-                Ok(generation)
-            }
-            Err(_) => self.inner.start(request),
-        }
-    }
-
-    fn status(&self) -> EngineStatus {
-        self.inner.status()
-    }
-
-    fn fingerprint(&self) -> String {
-        self.inner.fingerprint()
-    }
-}
-
 /// A participant whose reply failed presses Try again, as the page asks, and goes on; one whose
 /// reply fails three times in a row gives up at once, with the reason, instead of waiting for a
 /// reply that will not come.
@@ -401,10 +361,8 @@ impl Engine for FailingFirst {
 async fn a_failed_reply_is_tried_again_twice_then_the_participant_gives_up() {
     let options = options_without_models(1);
     for (fails, completes) in [(2, true), (3, false)] {
-        let engine = Arc::new(FailingFirst {
-            inner: scripted(|_| false),
-            fails: AtomicUsize::new(fails),
-        });
+        let policy = |r: &ChatRequest| matches!(asker(&request_text(r)), Asker::Policy);
+        let engine = Arc::new(FailingFirst::new(scripted(|_| false), fails, policy));
         let pilot = start(&pilot(), engine);
         let started = std::time::Instant::now();
         let summary = simulate(&pilot, &options, &|_: &Tally| {}, std::future::pending()).await;

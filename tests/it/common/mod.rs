@@ -582,6 +582,62 @@ impl Engine for ScriptedEngine {
     }
 }
 
+/// An engine whose first `fails` replies to the requests `picked` fail, by turns: the first
+/// breaks off after a word, as a remote server that goes away would; the second is refused before
+/// it starts; and so on. The others are `then`'s.
+pub struct FailingFirst {
+    pub then: std::sync::Arc<dyn Engine>,
+    pub fails: usize,
+    pub picked: Box<dyn Fn(&ChatRequest) -> bool + Send + Sync>,
+    failed: std::sync::atomic::AtomicUsize,
+}
+
+impl FailingFirst {
+    pub fn new(
+        then: std::sync::Arc<dyn Engine>,
+        fails: usize,
+        picked: impl Fn(&ChatRequest) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            then,
+            fails,
+            picked: Box::new(picked),
+            failed: Default::default(),
+        }
+    }
+}
+
+impl Engine for FailingFirst {
+    fn start(&self, request: ChatRequest) -> Result<Generation, EngineError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        let next = |failed: usize| (failed < self.fails).then_some(failed + 1);
+        if !(self.picked)(&request) {
+            return self.then.start(request);
+        }
+        match self.failed.fetch_update(SeqCst, SeqCst, next) {
+            Ok(failed) if failed % 2 == 0 => {
+                let (generation, events, _) = Generation::channel();
+                let _ = events.send(EngineEvent::Token("Partial".into()));
+                let _ = events.send(EngineEvent::Error(EngineError::Remote {
+                    endpoint: "http://inference.example/v1".into(),
+                    reason: "the stream broke".into(),
+                }));
+                Ok(generation)
+            }
+            Ok(_) => Err(EngineError::Inference("refused by the test".into())),
+            Err(_) => self.then.start(request),
+        }
+    }
+
+    fn status(&self) -> EngineStatus {
+        self.then.status()
+    }
+
+    fn fingerprint(&self) -> String {
+        self.then.fingerprint()
+    }
+}
+
 /// All the text of a request, for a scripted model that answers by what it is asked.
 pub fn request_text(r: &ChatRequest) -> String {
     r.messages
