@@ -1,9 +1,11 @@
 //! Faults injected while participants work: the database's connections killed under a load of
-//! a hundred participants, a remote model endpoint that fails mid-reply. The promises checked
-//! (docs/reliability.md): every acknowledged frame is stored once, a frame the database could
-//! not store is answered `unavailable` and sent again, a reply that fails ends with a clear
-//! message the participant can retry, and the node serves on afterwards.
+//! a hundred participants, a remote model endpoint that fails mid-reply, a full disk and a
+//! read-only database file under SQLite. The promises checked (docs/reliability.md): every
+//! acknowledged frame is stored once, a frame the database could not store is answered
+//! `unavailable` and sent again, a reply that fails ends with a clear message the participant
+//! can retry, and the node serves on afterwards.
 
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,7 +19,7 @@ use collabllm::web::{limits::Limits, AppState};
 use diesel::prelude::*;
 
 use crate::common::{models_dir, postgres_base_url, TestApp, TestDb, TestServer, TEST_API_KEY};
-use crate::participant::Browser as TestBrowser;
+use crate::participant::{free_port, Browser as TestBrowser, ServeProcess};
 
 /// The longest wait for a frame.
 const WAIT: Duration = Duration::from_secs(30);
@@ -347,11 +349,81 @@ async fn a_remote_endpoint_that_fails_mid_reply_ends_the_reply_and_try_again_wor
     assert_eq!(health["status"], "ok", "{health}");
 }
 
+/// What makes the SQLite file under a running server refuse writes.
+#[derive(Debug, Clone, Copy)]
+enum StorageFault {
+    /// The disk is full: no file of the server may grow past its first page.
+    FullDisk,
+    /// The database file and its write-ahead log are made read-only. They are made immutable
+    /// (`chattr +i`), since file modes do not stop root, whom the test suite runs as.
+    ReadOnlyFile,
+}
+
+impl StorageFault {
+    /// Imposes the fault on the server and its database file, until the returned value drops.
+    fn impose<'a>(self, server: &'a ServeProcess, file: &'a Path) -> Imposed<'a> {
+        self.set(server, file, true);
+        Imposed {
+            fault: self,
+            server,
+            file,
+        }
+    }
+
+    fn set(self, server: &ServeProcess, file: &Path, on: bool) {
+        match self {
+            Self::FullDisk => server.limit_file_size(on.then_some(4096)),
+            Self::ReadOnlyFile => {
+                let wal = file.with_extension("sqlite3-wal");
+                let flag = if on { "+i" } else { "-i" };
+                let status = std::process::Command::new("chattr")
+                    .arg(flag)
+                    .args([file, wal.as_path()])
+                    .status()
+                    .expect("chattr (e2fsprogs) runs");
+                // Not checked while a failed assertion unwinds: its message is the one to see.
+                assert!(
+                    status.success() || std::thread::panicking(),
+                    "chattr {flag} on {}: {status}; the test needs root and a filesystem with \
+                     the immutable attribute (ext4, xfs, btrfs)",
+                    file.display()
+                );
+            }
+        }
+    }
+}
+
+/// A storage fault in force; dropping it lifts the fault (also when an assertion fails, so the
+/// temporary folder can be removed).
+struct Imposed<'a> {
+    fault: StorageFault,
+    server: &'a ServeProcess,
+    file: &'a Path,
+}
+
+impl Drop for Imposed<'_> {
+    fn drop(&mut self) {
+        self.fault.set(self.server, self.file, false);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_under_sqlite_loses_nothing_acknowledged_and_recovers_when_space_returns() {
-    use crate::participant::{free_port, ServeProcess};
+    refused_writes_lose_nothing_acknowledged_and_recover(StorageFault::FullDisk).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_read_only_database_file_loses_nothing_acknowledged_and_recovers_when_writable() {
+    refused_writes_lose_nothing_acknowledged_and_recover(StorageFault::ReadOnlyFile).await;
+}
+
+/// A participant saves, the fault comes, their next save and a newcomer are refused with a
+/// retryable error, and once it is lifted the save sent again is stored once and survives a
+/// crash.
+async fn refused_writes_lose_nothing_acknowledged_and_recover(fault: StorageFault) {
     let dir = tempfile::tempdir().unwrap();
-    let database = format!("sqlite://{}", dir.path().join("study.sqlite3").display());
+    let file = dir.path().join("study.sqlite3");
+    let database = format!("sqlite://{}", file.display());
     let protocol = crate::common::repo_root().join("study-protocols/quick-pilot.toml");
     let port = free_port();
     let server = ServeProcess::start_with(&database, port, &protocol, &[]);
@@ -367,14 +439,13 @@ async fn a_full_disk_under_sqlite_loses_nothing_acknowledged_and_recovers_when_s
         content: content.into(),
         inserted_message: None,
     };
-    ws.acked(|seq| save(seq, 0, "Saved before the disk filled."))
+    ws.acked(|seq| save(seq, 0, "Saved before writes were refused."))
         .await
         .unwrap();
 
-    // The disk is full: no file of the server may grow past its first page.
-    server.limit_file_size(Some(4096));
+    let imposed = fault.impose(&server, &file);
     let seq = ws.next_seq();
-    ws.send(&save(seq, 1, "Written while the disk is full."))
+    ws.send(&save(seq, 1, "Written while writes were refused."))
         .await
         .unwrap();
     let (refused, _) = ws
@@ -385,12 +456,12 @@ async fn a_full_disk_under_sqlite_loses_nothing_acknowledged_and_recovers_when_s
         code, client_seq, ..
     } = &refused
     else {
-        panic!("a write to a full disk is not acknowledged: {refused:?}");
+        panic!("a write refused by the disk ({fault:?}) is not acknowledged: {refused:?}");
     };
     assert_eq!(
         (code.as_str(), *client_seq),
         ("unavailable", Some(seq)),
-        "{refused:?}"
+        "{fault:?}: {refused:?}"
     );
     // A newcomer is told to try again, and nothing of them is half-written.
     let mut newcomer = TestBrowser::new(&base);
@@ -401,9 +472,9 @@ async fn a_full_disk_under_sqlite_loses_nothing_acknowledged_and_recovers_when_s
     let health = reqwest::get(format!("{base}/healthz")).await.unwrap();
     assert_eq!(health.status(), 200, "reading still works");
 
-    // Space returns: the frame sent again is stored, once.
-    server.limit_file_size(None);
-    ws.send(&save(seq, 1, "Written while the disk is full."))
+    // Space returns (the file is writable again): the frame sent again is stored, once.
+    drop(imposed);
+    ws.send(&save(seq, 1, "Written while writes were refused."))
         .await
         .unwrap();
     let (ack, _) = ws
@@ -426,7 +497,7 @@ async fn a_full_disk_under_sqlite_loses_nothing_acknowledged_and_recovers_when_s
     let server = ServeProcess::start_with(&database, port, &protocol, &[]);
     let mut ws = browser.connect("quick-pilot", WAIT).await.unwrap();
     let state = ws.state().await.unwrap();
-    assert_eq!(state.document.content, "Written while the disk is full.");
+    assert_eq!(state.document.content, "Written while writes were refused.");
     assert_eq!((state.document.rev, state.last_client_seq), (2, seq));
     server.kill();
 }
