@@ -13,6 +13,7 @@ pub mod data;
 mod matmul;
 pub mod model;
 
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -418,6 +419,10 @@ fn last_epoch(curve: &[StepRecord]) -> serde_json::Value {
 }
 
 /// Trains an adapter as `options` say; `stop` ends the run after saving what is finished.
+///
+/// The stages: read the pairs and the model, start (reference log-probabilities) or resume
+/// (a checkpoint), take the optimizer steps, measure the held-out pairs, write the adapter
+/// and its report.
 pub fn train_dpo(
     options: &DpoOptions,
     progress: &dyn Fn(Progress),
@@ -430,37 +435,10 @@ pub fn train_dpo(
     let targets = hyper.targets()?;
     let checkpoint = checkpoint_path(&options.out);
     check_outputs(options, &checkpoint)?;
+    let inputs = Inputs::read(options)?;
 
-    let train_files = data::read_pairs(&options.pairs)?;
-    let eval_files = options
-        .eval
-        .as_ref()
-        .map(|e| data::read_pairs(std::slice::from_ref(e)))
-        .transpose()?;
-    // The weights first: they say whether this is a model training supports.
-    let (weights, base) = Weights::from_gguf(&options.model, DType::F32)?;
-    let served = llama::load_model(&options.model, None, &[])
-        .map_err(|e| TrainError::Model(e.to_string()))?;
-    let tokenizer = Tokenizer::new(&served)?;
-    let (pairs, data_report) = prepare(&tokenizer, &train_files, &served.sha256, hyper.max_tokens)?;
-    if pairs.is_empty() {
-        return Err(TrainError::Options(format!(
-            "no pairs to train on in {} ({} KTO rows, {} pairs longer than --max-tokens)",
-            display_paths(&options.pairs),
-            data_report.kto_rows_skipped,
-            data_report.too_long
-        )));
-    }
-    let eval_pairs = match &eval_files {
-        Some(files) => Some(prepare(&tokenizer, files, &served.sha256, hyper.max_tokens)?.0),
-        None => None,
-    };
-    let pairs_sha256: Vec<String> = train_files.files.iter().map(|(_, s)| s.clone()).collect();
-
-    let steps_per_epoch = pairs.len().div_ceil(hyper.grad_accum);
-    let total_steps = steps_per_epoch * hyper.epochs;
     let lora = Lora::new(
-        &weights.config,
+        &inputs.weights.config,
         hyper.rank,
         hyper.alpha,
         &targets,
@@ -468,26 +446,15 @@ pub fn train_dpo(
         DType::F32,
     )?;
     let mut adam = Adam::new(&lora)?;
-    let (reference, mut curve, steps_done) = if options.resume {
-        let state = adapter::load_checkpoint(&checkpoint, &lora, &mut adam)?;
-        let mismatch = |what: &str| TrainError::Checkpoint {
-            path: checkpoint.display().to_string(),
-            reason: format!("made with other {what}: resume with the same or use --force"),
-        };
-        if state.hyper != *hyper {
-            return Err(mismatch("hyper-parameters"));
-        }
-        if state.base_sha256 != served.sha256 {
-            return Err(mismatch("base model"));
-        }
-        if state.pairs_sha256 != pairs_sha256 || state.reference.len() != pairs.len() {
-            return Err(mismatch("pairs files"));
-        }
-        tracing::info!(steps = state.steps_done, "resuming");
-        (state.reference, state.curve, state.steps_done)
+    let Start {
+        reference,
+        mut curve,
+        steps_done,
+    } = if options.resume {
+        inputs.resume(&checkpoint, hyper, &lora, &mut adam)?
     } else {
-        let total = pairs.len();
-        let Some(reference) = logprobs(&weights, &pairs, None, stop, &|done| {
+        let total = inputs.pairs.len();
+        let Some(reference) = logprobs(&inputs.weights, &inputs.pairs, None, stop, &|done| {
             progress(Progress::Reference { done, total })
         })?
         else {
@@ -495,18 +462,23 @@ pub fn train_dpo(
                 "stopped while computing the reference log-probabilities; nothing to keep".into(),
             ));
         };
-        (reference, Vec::new(), 0)
+        Start {
+            reference,
+            curve: Vec::new(),
+            steps_done: 0,
+        }
     };
     let state_of = |curve: &[StepRecord], steps_done| CheckpointState {
         hyper: hyper.clone(),
-        base_sha256: served.sha256.clone(),
-        pairs_sha256: pairs_sha256.clone(),
+        base_sha256: inputs.base_sha256.clone(),
+        pairs_sha256: inputs.pairs_sha256(),
         steps_done,
         reference: reference.clone(),
         curve: curve.to_vec(),
     };
 
-    let prepared: Vec<Prepared> = pairs
+    let prepared: Vec<Prepared> = inputs
+        .pairs
         .iter()
         .zip(&reference)
         .map(|(pair, reference)| Prepared {
@@ -514,65 +486,46 @@ pub fn train_dpo(
             reference: *reference,
         })
         .collect();
+    let steps_per_epoch = prepared.len().div_ceil(hyper.grad_accum);
+    let total_steps = steps_per_epoch * hyper.epochs;
     let last = options
         .max_steps
         .map_or(total_steps, |m| m.min(total_steps));
-    let params = lora.named();
     for step in steps_done..last {
         let epoch = step / steps_per_epoch;
         let order = epoch_order(prepared.len(), hyper.seed, epoch);
         let within = step % steps_per_epoch;
-        let batch =
-            &order[within * hyper.grad_accum..((within + 1) * hyper.grad_accum).min(order.len())];
-        let step_started = Instant::now();
-        let mut grads: Vec<Tensor> = params
+        let batch: Vec<&Prepared> = order
+            [within * hyper.grad_accum..((within + 1) * hyper.grad_accum).min(order.len())]
             .iter()
-            .map(|(_, v)| v.as_tensor().zeros_like())
-            .collect::<Result<_, _>>()?;
-        let mut stats = Vec::with_capacity(batch.len());
-        let mut tokens = 0;
-        for &i in batch {
-            if stop.load(Ordering::Relaxed) {
-                adapter::save_checkpoint(&checkpoint, &lora, &adam, &state_of(&curve, step))?;
-                return Ok(Outcome::Stopped { step, checkpoint });
-            }
-            let p = &prepared[i];
-            let (s, g) = pair_gradients(&weights, &lora, p, hyper.beta, batch.len())?;
-            for (acc, d) in grads.iter_mut().zip(&g) {
-                *acc = (&*acc + d)?;
-            }
-            stats.push(s);
-            tokens += p.pair.sequence_tokens();
-        }
-        let norm = grads
-            .iter()
-            .map(|g| {
-                g.sqr()
-                    .and_then(|s| s.sum_all())
-                    .and_then(|s| s.to_dtype(DType::F64))
-                    .and_then(|s| s.to_scalar::<f64>())
-            })
-            .sum::<Result<f64, _>>()?
-            .sqrt();
-        if norm > hyper.max_grad_norm {
-            let scale = hyper.max_grad_norm / (norm + 1e-6);
-            grads = grads.iter().map(|g| g * scale).collect::<Result<_, _>>()?;
-        }
+            .map(|&i| &prepared[i])
+            .collect();
         let lr = hyper.lr * (1.0 - step as f64 / total_steps as f64);
-        adam.step(&lora, &grads, step + 1, lr)?;
-        let summary = summarise(&stats);
+        let taken = train_step(
+            &inputs.weights,
+            &lora,
+            &mut adam,
+            &batch,
+            hyper,
+            (step, lr),
+            stop,
+        )?;
+        let Some((stats, norm, tokens_per_s)) = taken else {
+            adapter::save_checkpoint(&checkpoint, &lora, &adam, &state_of(&curve, step))?;
+            return Ok(Outcome::Stopped { step, checkpoint });
+        };
         let record = StepRecord {
             step: step + 1,
             total_steps,
             epoch: epoch + 1,
-            loss: summary.loss,
-            reward_accuracy: summary.reward_accuracy,
-            margin: summary.margin,
-            chosen_reward: summary.chosen_reward,
-            rejected_reward: summary.rejected_reward,
+            loss: stats.loss,
+            reward_accuracy: stats.reward_accuracy,
+            margin: stats.margin,
+            chosen_reward: stats.chosen_reward,
+            rejected_reward: stats.rejected_reward,
             lr,
             grad_norm: norm,
-            tokens_per_s: tokens as f64 / step_started.elapsed().as_secs_f64().max(1e-9),
+            tokens_per_s,
         };
         curve.push(record.clone());
         progress(Progress::Step(record));
@@ -581,81 +534,280 @@ pub fn train_dpo(
         }
     }
 
-    let eval = match &eval_pairs {
-        Some(pairs) if !pairs.is_empty() => {
-            let Some(reference) = logprobs(&weights, pairs, None, stop, &|_| {})? else {
-                return Ok(Outcome::Stopped {
-                    step: last,
-                    checkpoint,
-                });
-            };
-            let Some(policy) = logprobs(&weights, pairs, Some(&lora), stop, &|_| {})? else {
-                return Ok(Outcome::Stopped {
-                    step: last,
-                    checkpoint,
-                });
-            };
-            let stats: Vec<PairStats> = policy
-                .iter()
-                .zip(&reference)
-                .map(|(p, r)| PairStats::new(hyper.beta, *p, *r))
-                .collect();
-            Some(summarise(&stats))
-        }
-        _ => None,
+    let ControlFlow::Continue(eval) = inputs.held_out(&lora, hyper.beta, stop)? else {
+        return Ok(Outcome::Stopped {
+            step: last,
+            checkpoint,
+        });
     };
-    let train = last_epoch(&curve);
-    let provenance = json!({
-        "base_model": {"path": options.model.display().to_string(), "sha256": served.sha256},
-        "pairs_files": train_files.files.iter().map(|(p, s)| json!({"path": p.display().to_string(), "sha256": s})).collect::<Vec<_>>(),
-        "eval_files": eval_files.iter().flat_map(|f| &f.files).map(|(p, s)| json!({"path": p.display().to_string(), "sha256": s})).collect::<Vec<_>>(),
-        "hyperparameters": hyper,
-        "steps": last,
-        "total_steps": total_steps,
-        "finished": last == total_steps,
-    });
-    let metrics = json!({"train": train, "eval": eval});
-    adapter::write_adapter(
-        &options.out,
-        &base,
-        &lora,
-        &served.sha256,
-        &provenance,
-        &metrics,
-    )?;
-    let check = llama_cpp_check(
-        &options.model,
-        &options.out,
-        &weights,
-        &lora,
-        &prepared[0].pair.chosen_sequence(),
-    )?;
-    let report = json!({
-        "adapter": options.out.display().to_string(),
-        "provenance": provenance,
-        "data": data_report,
-        "eval_pairs": eval_pairs.as_ref().map(Vec::len),
-        "curve": curve,
-        "train": train,
-        "eval": eval,
-        "llama_cpp_check": check,
-        "seconds": started.elapsed().as_secs_f64(),
-    });
-    let report_file = report_path(&options.out);
-    adapter::write_atomic(
-        &report_file,
-        serde_json::to_string_pretty(&report)
-            .expect("JSON")
-            .as_bytes(),
-    )?;
-    if last == total_steps {
-        std::fs::remove_file(&checkpoint).map_err(|e| TrainError::io(&checkpoint, e))?;
+    let finished = Finished {
+        curve: &curve,
+        steps: last,
+        total_steps,
+        eval,
+        started,
+    };
+    finished.write(options, &inputs, &lora, &prepared[0].pair, &checkpoint)
+}
+
+/// Where a run takes up its steps: the pairs' reference log-probabilities, and the steps
+/// taken so far (none on a fresh start).
+struct Start {
+    reference: Vec<(f64, f64)>,
+    curve: Vec<StepRecord>,
+    steps_done: usize,
+}
+
+/// What a run trains on: the pairs files read and tokenized with the base model's vocabulary,
+/// and the base model's weights.
+struct Inputs {
+    train_files: PairFiles,
+    eval_files: Option<PairFiles>,
+    weights: Weights,
+    base: model::BaseInfo,
+    base_sha256: String,
+    pairs: Vec<PairTokens>,
+    eval_pairs: Option<Vec<PairTokens>>,
+    data_report: DataReport,
+}
+
+impl Inputs {
+    fn read(options: &DpoOptions) -> Result<Self, TrainError> {
+        let hyper = &options.hyper;
+        let train_files = data::read_pairs(&options.pairs)?;
+        let eval_files = options
+            .eval
+            .as_ref()
+            .map(|e| data::read_pairs(std::slice::from_ref(e)))
+            .transpose()?;
+        // The weights first: they say whether this is a model training supports.
+        let (weights, base) = Weights::from_gguf(&options.model, DType::F32)?;
+        let served = llama::load_model(&options.model, None, &[])
+            .map_err(|e| TrainError::Model(e.to_string()))?;
+        let tokenizer = Tokenizer::new(&served)?;
+        let (pairs, data_report) =
+            prepare(&tokenizer, &train_files, &served.sha256, hyper.max_tokens)?;
+        if pairs.is_empty() {
+            return Err(TrainError::Options(format!(
+                "no pairs to train on in {} ({} KTO rows, {} pairs longer than --max-tokens)",
+                display_paths(&options.pairs),
+                data_report.kto_rows_skipped,
+                data_report.too_long
+            )));
+        }
+        let eval_pairs = match &eval_files {
+            Some(files) => Some(prepare(&tokenizer, files, &served.sha256, hyper.max_tokens)?.0),
+            None => None,
+        };
+        Ok(Inputs {
+            train_files,
+            eval_files,
+            weights,
+            base,
+            base_sha256: served.sha256.clone(),
+            pairs,
+            eval_pairs,
+            data_report,
+        })
     }
-    Ok(Outcome::Finished {
-        adapter: options.out.clone(),
-        report_path: report_file,
-        report: Box::new(report),
-    })
+
+    fn pairs_sha256(&self) -> Vec<String> {
+        self.train_files
+            .files
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect()
+    }
+
+    /// Loads the checkpoint into `lora` and `adam`, after checking that it was made with the
+    /// same hyper-parameters, base model and pairs files.
+    fn resume(
+        &self,
+        checkpoint: &Path,
+        hyper: &Hyper,
+        lora: &Lora,
+        adam: &mut Adam,
+    ) -> Result<Start, TrainError> {
+        let state = adapter::load_checkpoint(checkpoint, lora, adam)?;
+        let mismatch = |what: &str| TrainError::Checkpoint {
+            path: checkpoint.display().to_string(),
+            reason: format!("made with other {what}: resume with the same or use --force"),
+        };
+        if state.hyper != *hyper {
+            return Err(mismatch("hyper-parameters"));
+        }
+        if state.base_sha256 != self.base_sha256 {
+            return Err(mismatch("base model"));
+        }
+        if state.pairs_sha256 != self.pairs_sha256() || state.reference.len() != self.pairs.len() {
+            return Err(mismatch("pairs files"));
+        }
+        tracing::info!(steps = state.steps_done, "resuming");
+        Ok(Start {
+            reference: state.reference,
+            curve: state.curve,
+            steps_done: state.steps_done,
+        })
+    }
+
+    /// The DPO numbers of the trained adapter on the held-out pairs (`None` without any);
+    /// `Break` when stopped.
+    fn held_out(
+        &self,
+        lora: &Lora,
+        beta: f64,
+        stop: &AtomicBool,
+    ) -> Result<ControlFlow<(), Option<Summary>>, TrainError> {
+        let Some(pairs) = self.eval_pairs.as_ref().filter(|p| !p.is_empty()) else {
+            return Ok(ControlFlow::Continue(None));
+        };
+        let Some(reference) = logprobs(&self.weights, pairs, None, stop, &|_| {})? else {
+            return Ok(ControlFlow::Break(()));
+        };
+        let Some(policy) = logprobs(&self.weights, pairs, Some(lora), stop, &|_| {})? else {
+            return Ok(ControlFlow::Break(()));
+        };
+        let stats: Vec<PairStats> = policy
+            .iter()
+            .zip(&reference)
+            .map(|(p, r)| PairStats::new(beta, *p, *r))
+            .collect();
+        Ok(ControlFlow::Continue(Some(summarise(&stats))))
+    }
+}
+
+/// One optimizer step over `batch` (`step`: its index from 0 and its learning rate): the
+/// pairs' gradients summed, clipped to the maximum norm, and Adam's update. Returns the batch's
+/// DPO numbers, the gradient norm before clipping and the training tokens a second, or `None`
+/// when stopped before the update.
+fn train_step(
+    weights: &Weights,
+    lora: &Lora,
+    adam: &mut Adam,
+    batch: &[&Prepared],
+    hyper: &Hyper,
+    (step, lr): (usize, f64),
+    stop: &AtomicBool,
+) -> Result<Option<(Summary, f64, f64)>, TrainError> {
+    let started = Instant::now();
+    let mut grads: Vec<Tensor> = lora
+        .named()
+        .iter()
+        .map(|(_, v)| v.as_tensor().zeros_like())
+        .collect::<Result<_, _>>()?;
+    let mut stats = Vec::with_capacity(batch.len());
+    let mut tokens = 0;
+    for p in batch {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let (s, g) = pair_gradients(weights, lora, p, hyper.beta, batch.len())?;
+        for (acc, d) in grads.iter_mut().zip(&g) {
+            *acc = (&*acc + d)?;
+        }
+        stats.push(s);
+        tokens += p.pair.sequence_tokens();
+    }
+    let norm = grads
+        .iter()
+        .map(|g| {
+            g.sqr()
+                .and_then(|s| s.sum_all())
+                .and_then(|s| s.to_dtype(DType::F64))
+                .and_then(|s| s.to_scalar::<f64>())
+        })
+        .sum::<Result<f64, _>>()?
+        .sqrt();
+    if norm > hyper.max_grad_norm {
+        let scale = hyper.max_grad_norm / (norm + 1e-6);
+        grads = grads.iter().map(|g| g * scale).collect::<Result<_, _>>()?;
+    }
+    adam.step(lora, &grads, step + 1, lr)?;
+    let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    Ok(Some((summarise(&stats), norm, tokens_per_s)))
+}
+
+/// A run whose steps are taken: what goes into its adapter's metadata and its report.
+struct Finished<'a> {
+    curve: &'a [StepRecord],
+    steps: usize,
+    total_steps: usize,
+    eval: Option<Summary>,
+    started: Instant,
+}
+
+impl Finished<'_> {
+    /// Writes the adapter (with its provenance and metrics), checks it against llama.cpp on
+    /// `check_pair`, writes the report beside it and, when every step is taken, removes the
+    /// checkpoint.
+    fn write(
+        &self,
+        options: &DpoOptions,
+        inputs: &Inputs,
+        lora: &Lora,
+        check_pair: &PairTokens,
+        checkpoint: &Path,
+    ) -> Result<Outcome, TrainError> {
+        let files = |files: &PairFiles| {
+            files
+                .files
+                .iter()
+                .map(|(p, s)| json!({"path": p.display().to_string(), "sha256": s}))
+                .collect::<Vec<_>>()
+        };
+        let train = last_epoch(self.curve);
+        let provenance = json!({
+            "base_model": {"path": options.model.display().to_string(), "sha256": inputs.base_sha256},
+            "pairs_files": files(&inputs.train_files),
+            "eval_files": inputs.eval_files.as_ref().map(files).unwrap_or_default(),
+            "hyperparameters": options.hyper,
+            "steps": self.steps,
+            "total_steps": self.total_steps,
+            "finished": self.steps == self.total_steps,
+        });
+        let metrics = json!({"train": train, "eval": self.eval});
+        adapter::write_adapter(
+            &options.out,
+            &inputs.base,
+            lora,
+            &inputs.base_sha256,
+            &provenance,
+            &metrics,
+        )?;
+        let check = llama_cpp_check(
+            &options.model,
+            &options.out,
+            &inputs.weights,
+            lora,
+            &check_pair.chosen_sequence(),
+        )?;
+        let report = json!({
+            "adapter": options.out.display().to_string(),
+            "provenance": provenance,
+            "data": inputs.data_report,
+            "eval_pairs": inputs.eval_pairs.as_ref().map(Vec::len),
+            "curve": self.curve,
+            "train": train,
+            "eval": self.eval,
+            "llama_cpp_check": check,
+            "seconds": self.started.elapsed().as_secs_f64(),
+        });
+        let report_file = report_path(&options.out);
+        adapter::write_atomic(
+            &report_file,
+            serde_json::to_string_pretty(&report)
+                .expect("JSON")
+                .as_bytes(),
+        )?;
+        if self.steps == self.total_steps {
+            std::fs::remove_file(checkpoint).map_err(|e| TrainError::io(checkpoint, e))?;
+        }
+        Ok(Outcome::Finished {
+            adapter: options.out.clone(),
+            report_path: report_file,
+            report: Box::new(report),
+        })
+    }
 }
 
 /// One pair's DPO numbers and its gradients (of the batch-mean loss over `batch` pairs), one per
