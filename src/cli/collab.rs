@@ -54,6 +54,11 @@ pub struct PairsArgs {
     /// Base of every seed of the run (same seed, same build: same pairs).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Judge with this `[[models]]` id of the study's protocol instead of its `[collab]`
+    /// judge_model, e.g. to compare two judges on the same sessions (their rollouts and rewards
+    /// are stored apart).
+    #[arg(long, value_name = "ID")]
+    judge_model: Option<String>,
     /// JSONL file to write.
     #[arg(long)]
     out: PathBuf,
@@ -320,6 +325,7 @@ pub fn pairs(ctx: &Context, args: PairsArgs) -> Result<()> {
         margin,
         min_gap_se,
         seed,
+        judge_model,
         out,
     } = args;
     let mr = MrOverrides {
@@ -334,6 +340,7 @@ pub fn pairs(ctx: &Context, args: PairsArgs) -> Result<()> {
         mr,
         seed,
         models_dir: ctx.settings.models_dir.clone(),
+        judge_model,
     };
     let pool = ctx.pool()?;
     let runtime = ctx.runtime()?;

@@ -51,6 +51,9 @@ pub struct PairsOptions {
     /// Base of every seed of the run.
     pub seed: u64,
     pub models_dir: PathBuf,
+    /// A model of the protocol that judges instead of its `[collab]` judge, to compare judges on
+    /// the same sessions (their rollouts and rewards are stored apart, by configuration).
+    pub judge_model: Option<String>,
 }
 
 /// What a run did.
@@ -128,7 +131,16 @@ pub async fn run(
     for s in &sessions {
         let version_id = s.session.study_version_id;
         if let std::collections::hash_map::Entry::Vacant(entry) = work.entry(version_id) {
-            let (row, protocol) = versions[&version_id].clone();
+            let (row, mut protocol) = versions[&version_id].clone();
+            if let Some(judge) = &options.judge_model {
+                if protocol.model(judge).is_none() {
+                    return Err(CollabError::Invalid(format!(
+                        "--judge-model {judge:?} is not a [[models]] id of study {:?} version {}",
+                        options.study, row.version
+                    )));
+                }
+                protocol.collab.judge_model = Some(judge.clone());
+            }
             let roles = Roles::start(
                 engines,
                 &protocol,
@@ -325,6 +337,23 @@ struct Turn<'a> {
 }
 
 impl Turn<'_> {
+    /// The conversation the reply answered, which must end with the participant's message.
+    fn context(&self) -> Result<Vec<ChatMessage>, TurnError> {
+        let context: Vec<ChatMessage> = self
+            .session
+            .messages
+            .iter()
+            .filter(|m| m.seq < self.message.seq)
+            .map(|m| crate::study::chat_message(m.role, &m.content))
+            .collect();
+        if context.last().is_none_or(|m| m.role != Role::User) {
+            return Err(TurnError::Skip(
+                "the reply does not follow a user message".into(),
+            ));
+        }
+        Ok(context)
+    }
+
     /// Names the turn in its seeds: the session and the reply's seq. A simulated participant's
     /// session is named by its seed, so the same pilot run again is scored the same.
     fn label(&self) -> String {
@@ -352,7 +381,6 @@ impl From<CollabError> for TurnError {
     }
 }
 
-/// A candidate of a turn: its text, its stored row (none for the reply given) and its seed.
 /// Standard errors a pair's gap is reported against in every run's summary, whatever rule
 /// keeps the pairs: a gap of two is clear of the reward's own noise.
 const NOISE_REPORT_SE: f64 = 2.0;
@@ -366,6 +394,7 @@ fn finite_or_null(x: f64) -> Value {
     }
 }
 
+/// A candidate of a turn: its text, its stored row (none for the reply given) and its seed.
 struct Scored {
     candidate: Candidate,
     id: Option<i64>,
@@ -373,24 +402,15 @@ struct Scored {
 }
 
 /// Candidates, rollouts and rewards of one turn; the pair row when there is one.
+///
+/// The stages: the context the reply answered, the candidates, their rollouts (those stored by
+/// an earlier run reused, the rest run now and stored), the rewards stored, and the pick.
 async fn score_turn(
     pool: &DbPool,
     turn: &Turn<'_>,
     summary: &mut PairsSummary,
 ) -> Result<Option<Value>, TurnError> {
-    let s = turn.session;
-    let seq = turn.message.seq;
-    let context: Vec<ChatMessage> = s
-        .messages
-        .iter()
-        .filter(|m| m.seq < seq)
-        .map(|m| crate::study::chat_message(m.role, &m.content))
-        .collect();
-    if context.last().is_none_or(|m| m.role != Role::User) {
-        return Err(TurnError::Skip(
-            "the reply does not follow a user message".into(),
-        ));
-    }
+    let context = turn.context()?;
     let candidates = candidates(pool, turn, &context, &mut summary.identical_candidates).await?;
     if candidates.len() < 2 {
         return Err(TurnError::Skip(format!(
@@ -398,15 +418,54 @@ async fn score_turn(
             crate::engine::CANDIDATE_RESAMPLE_ROUNDS
         )));
     }
-    let label = turn.label();
+    let mut results = stored_rollouts(pool, turn, &candidates, summary).await?;
+    run_rollouts(pool, turn, &context, &candidates, &mut results, summary).await?;
+    let rewards: Vec<Reward> = results
+        .iter()
+        .map(|samples| Reward::of(&samples.iter().flatten().cloned().collect::<Vec<_>>()))
+        .collect();
+    store_rewards(pool, turn, &candidates, &rewards).await?;
 
-    // Rollouts stored by an earlier run are reused; the rest run now, all at once.
-    let (session_id, config) = (s.session.id, turn.config.to_string());
+    let Some(picked) = reward::pick_with_noise(&rewards, turn.settings.mr.margin) else {
+        return Ok(None);
+    };
+    summary.over_margin += 1;
+    if picked.clears(NOISE_REPORT_SE) {
+        summary.clear_of_noise += 1;
+    }
+    if !picked.clears(turn.settings.mr.min_gap_se) {
+        summary.below_noise += 1;
+        return Ok(None);
+    }
+    Ok(Some(pair_row(
+        turn,
+        &context,
+        &candidates,
+        &rewards,
+        &picked,
+    )))
+}
+
+/// Each candidate's rollouts by sample: score and metrics, `None` where none is stored yet.
+type Rollouts = Vec<Vec<Option<(f64, Metrics)>>>;
+
+/// The rollouts an earlier run stored for this turn under its configuration.
+async fn stored_rollouts(
+    pool: &DbPool,
+    turn: &Turn<'_>,
+    candidates: &[Scored],
+    summary: &mut PairsSummary,
+) -> Result<Rollouts, TurnError> {
+    let (session_id, seq, config) = (
+        turn.session.session.id,
+        turn.message.seq,
+        turn.config.to_string(),
+    );
     let stored = db::run_blocking::<_, CollabError, _>(pool, move |conn| {
         Ok(db::rollouts::list_for_turn(conn, session_id, seq, &config)?)
     })
     .await?;
-    let mut results: Vec<Vec<Option<(f64, Metrics)>>> =
+    let mut results: Rollouts =
         vec![vec![None; turn.settings.mr.samples as usize]; candidates.len()];
     for r in &stored {
         let Some(c) = candidates.iter().position(|c| c.id == r.candidate_id) else {
@@ -423,6 +482,20 @@ async fn score_turn(
             summary.rollouts_reused += 1;
         }
     }
+    Ok(results)
+}
+
+/// Runs the rollouts `results` lacks, all at once, and stores those that finished before
+/// looking at what failed, so the next run only redoes the rest.
+async fn run_rollouts(
+    pool: &DbPool,
+    turn: &Turn<'_>,
+    context: &[ChatMessage],
+    candidates: &[Scored],
+    results: &mut Rollouts,
+    summary: &mut PairsSummary,
+) -> Result<(), TurnError> {
+    let label = turn.label();
     let todo: Vec<RolloutKey> = results
         .iter()
         .enumerate()
@@ -440,17 +513,17 @@ async fn score_turn(
             sample,
         })
         .collect();
+    let s = turn.session;
     let scene = Scene {
         roles: &turn.version.roles,
         policy: turn.policy,
         task: &s.task,
         goal: &s.goal,
-        context: &context,
+        context,
         keep_document: false,
     };
     let plain: Vec<Candidate> = candidates.iter().map(|c| c.candidate.clone()).collect();
     let ran = reward::rollouts(&scene, &plain, &todo, turn.settings.mr.window).await;
-    // Store what finished before looking at what failed: the next run only redoes the rest.
     let finished: Vec<(Option<i64>, i32, u32, String, String, f64)> = todo
         .iter()
         .zip(&ran)
@@ -467,7 +540,7 @@ async fn score_turn(
             ))
         })
         .collect();
-    let config = turn.config.to_string();
+    let (session_id, seq, config) = (s.session.id, turn.message.seq, turn.config.to_string());
     db::run_blocking::<_, CollabError, _>(pool, move |conn| {
         db::write_transaction(conn, |conn| {
             for (candidate_id, sample, seed, conversation, metrics, score) in &finished {
@@ -502,21 +575,27 @@ async fn score_turn(
             Err(e) => return Err(TurnError::Fatal(e)),
         }
     }
-    if let Some(e) = failure {
-        return Err(TurnError::Skip(format!(
+    match failure {
+        Some(e) => Err(TurnError::Skip(format!(
             "a rollout failed ({e}); the finished ones are stored and the next run retries the rest"
-        )));
+        ))),
+        None => Ok(()),
     }
+}
 
-    let rewards: Vec<Reward> = results
-        .iter()
-        .map(|samples| Reward::of(&samples.iter().flatten().cloned().collect::<Vec<_>>()))
-        .collect();
+/// Stores each candidate's reward (replacing what an earlier run stored for the turn).
+async fn store_rewards(
+    pool: &DbPool,
+    turn: &Turn<'_>,
+    candidates: &[Scored],
+    rewards: &[Reward],
+) -> Result<(), TurnError> {
     let rows: Vec<(Option<i64>, Reward)> = candidates
         .iter()
-        .zip(&rewards)
+        .zip(rewards)
         .map(|(c, r)| (c.id, r.clone()))
         .collect();
+    let (session_id, seq) = (turn.session.session.id, turn.message.seq);
     let (settings, config) = (turn.settings.clone(), turn.config.to_string());
     db::run_blocking::<_, CollabError, _>(pool, move |conn| {
         let components: Vec<String> = rows
@@ -549,25 +628,7 @@ async fn score_turn(
         Ok(())
     })
     .await?;
-
-    let Some(picked) = reward::pick_with_noise(&rewards, turn.settings.mr.margin) else {
-        return Ok(None);
-    };
-    summary.over_margin += 1;
-    if picked.clears(NOISE_REPORT_SE) {
-        summary.clear_of_noise += 1;
-    }
-    if !picked.clears(turn.settings.mr.min_gap_se) {
-        summary.below_noise += 1;
-        return Ok(None);
-    }
-    Ok(Some(pair_row(
-        turn,
-        &context,
-        &candidates,
-        &rewards,
-        &picked,
-    )))
+    Ok(())
 }
 
 /// The reply given plus K−1 fresh candidates of the same policy: those an earlier run stored

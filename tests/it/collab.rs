@@ -91,6 +91,7 @@ fn options(study: &str) -> PairsOptions {
         },
         seed: 11,
         models_dir: crate::common::real_models(),
+        judge_model: None,
     }
 }
 
@@ -484,9 +485,17 @@ async fn bad_input_is_refused_or_skipped() {
     assert!(!out.exists(), "no pairs: no file, not an empty one");
 }
 
+/// How the remote judge is chosen: by the protocol's `[collab] judge_model`, or by `pairs
+/// --judge-model` over a protocol that names the local model.
+#[derive(Clone, Copy, PartialEq)]
+enum JudgeNamed {
+    InProtocol,
+    OnCommandLine,
+}
+
 /// A remote judge that answers with garbage, or not at all: every turn is skipped with a logged
 /// reason, the run ends normally, and the candidates it generated stay stored.
-async fn with_remote_judge(behaviour: &'static str) {
+async fn with_remote_judge(behaviour: &'static str, named: JudgeNamed) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
@@ -515,19 +524,44 @@ async fn with_remote_judge(behaviour: &'static str) {
         "\n[[models]]\nid = \"remote-judge\"\nendpoint = \"http://127.0.0.1:{port}/v1\"\ntimeout_seconds = 1\n"
     );
     let pilot = pilot(&remote);
-    let text = pilot.text.replace(
-        "judge_model = \"smollm2-135m\"",
-        "judge_model = \"remote-judge\"",
-    );
+    let mut options = options("quick-pilot");
+    let text = match named {
+        JudgeNamed::InProtocol => pilot.text.replace(
+            "judge_model = \"smollm2-135m\"",
+            "judge_model = \"remote-judge\"",
+        ),
+        JudgeNamed::OnCommandLine => {
+            options.judge_model = Some("remote-judge".into());
+            pilot.text.clone()
+        }
+    };
     let loaded = LoadedProtocol::from_text(&pilot.source, text, &models_dir()).unwrap();
-    assert_eq!(loaded.protocol.collab_models().1, "remote-judge");
+    let in_protocol = (named == JudgeNamed::InProtocol).then_some("remote-judge");
+    assert_eq!(
+        loaded.protocol.collab_models().1,
+        in_protocol.unwrap_or("smollm2-135m")
+    );
     let db = TestDb::sqlite();
     let pool = db.pool();
     import(&pool, &loaded);
     seed_session(&pool).await;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("pairs.jsonl");
-    let summary = run_pairs(&pool, &Engines::new(), &options("quick-pilot"), &out).await;
+    if named == JudgeNamed::OnCommandLine {
+        let unknown = PairsOptions {
+            judge_model: Some("no-such-model".into()),
+            ..options.clone()
+        };
+        let refused = pairs::run(&pool, &Engines::new(), &unknown, &out, &|_, _| {})
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            refused.contains("\"no-such-model\" is not a [[models]] id of study \"quick-pilot\""),
+            "{refused}"
+        );
+    }
+    let summary = run_pairs(&pool, &Engines::new(), &options, &out).await;
     assert_eq!(
         (
             summary.turns,
@@ -550,12 +584,19 @@ async fn with_remote_judge(behaviour: &'static str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_remote_judge_that_returns_garbage_skips_turns() {
-    with_remote_judge("garbage").await;
+    with_remote_judge("garbage", JudgeNamed::InProtocol).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_remote_judge_that_times_out_skips_turns() {
-    with_remote_judge("silent").await;
+    with_remote_judge("silent", JudgeNamed::InProtocol).await;
+}
+
+/// `pairs --judge-model` judges with the model it names, not the protocol's judge (which here
+/// would score every turn), and refuses an id the protocol does not declare.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_judge_named_on_the_command_line_replaces_the_protocols() {
+    with_remote_judge("garbage", JudgeNamed::OnCommandLine).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
