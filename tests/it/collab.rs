@@ -525,22 +525,21 @@ async fn with_remote_judge(behaviour: &'static str, named: JudgeNamed) {
     );
     let pilot = pilot(&remote);
     let mut options = options("quick-pilot");
-    let text = match named {
-        JudgeNamed::InProtocol => pilot.text.replace(
-            "judge_model = \"smollm2-135m\"",
-            "judge_model = \"remote-judge\"",
+    let (text, protocols_judge) = match named {
+        JudgeNamed::InProtocol => (
+            pilot.text.replace(
+                "judge_model = \"smollm2-135m\"",
+                "judge_model = \"remote-judge\"",
+            ),
+            "remote-judge",
         ),
         JudgeNamed::OnCommandLine => {
             options.judge_model = Some("remote-judge".into());
-            pilot.text.clone()
+            (pilot.text.clone(), "smollm2-135m")
         }
     };
     let loaded = LoadedProtocol::from_text(&pilot.source, text, &models_dir()).unwrap();
-    let in_protocol = (named == JudgeNamed::InProtocol).then_some("remote-judge");
-    assert_eq!(
-        loaded.protocol.collab_models().1,
-        in_protocol.unwrap_or("smollm2-135m")
-    );
+    assert_eq!(loaded.protocol.collab_models().1, protocols_judge);
     let db = TestDb::sqlite();
     let pool = db.pool();
     import(&pool, &loaded);
