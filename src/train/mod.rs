@@ -510,7 +510,12 @@ pub fn train_dpo(
             (step, lr),
             stop,
         )?;
-        let Some((stats, norm, tokens_per_s)) = taken else {
+        let Some(Taken {
+            stats,
+            grad_norm,
+            tokens_per_s,
+        }) = taken
+        else {
             adapter::save_checkpoint(&checkpoint, &lora, &adam, &state_of(&curve, step))?;
             return Ok(Outcome::Stopped { step, checkpoint });
         };
@@ -524,7 +529,7 @@ pub fn train_dpo(
             chosen_reward: stats.chosen_reward,
             rejected_reward: stats.rejected_reward,
             lr,
-            grad_norm: norm,
+            grad_norm,
             tokens_per_s,
         };
         curve.push(record.clone());
@@ -676,10 +681,18 @@ impl Inputs {
     }
 }
 
+/// What one optimizer step measured.
+struct Taken {
+    /// The batch's DPO numbers.
+    stats: Summary,
+    /// The gradient's norm before clipping.
+    grad_norm: f64,
+    tokens_per_s: f64,
+}
+
 /// One optimizer step over `batch` (`step`: its index from 0 and its learning rate): the
-/// pairs' gradients summed, clipped to the maximum norm, and Adam's update. Returns the batch's
-/// DPO numbers, the gradient norm before clipping and the training tokens a second, or `None`
-/// when stopped before the update.
+/// pairs' gradients summed, clipped to the maximum norm, and Adam's update; `None` when stopped
+/// before the update.
 fn train_step(
     weights: &Weights,
     lora: &Lora,
@@ -688,7 +701,7 @@ fn train_step(
     hyper: &Hyper,
     (step, lr): (usize, f64),
     stop: &AtomicBool,
-) -> Result<Option<(Summary, f64, f64)>, TrainError> {
+) -> Result<Option<Taken>, TrainError> {
     let started = Instant::now();
     let mut grads: Vec<Tensor> = lora
         .named()
@@ -724,7 +737,11 @@ fn train_step(
     }
     adam.step(lora, &grads, step + 1, lr)?;
     let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64().max(1e-9);
-    Ok(Some((summarise(&stats), norm, tokens_per_s)))
+    Ok(Some(Taken {
+        stats: summarise(&stats),
+        grad_norm: norm,
+        tokens_per_s,
+    }))
 }
 
 /// A run whose steps are taken: what goes into its adapter's metadata and its report.
