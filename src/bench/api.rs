@@ -1,6 +1,6 @@
 //! `bench engine --workload v1`: what an OpenAI client gets from a `/v1` server — chats of a
 //! fixed length at once, whole and streamed — measured the same way, over HTTP, on this
-//! server and on llama.cpp's `llama-server` in one run.
+//! server and on llama.cpp's `llama-server` in one run, batch by batch in turn.
 
 use std::time::Instant;
 
@@ -10,6 +10,7 @@ use indicatif::ProgressBar;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::engine::remote::with_causes;
 use crate::engine::EngineError;
 
 /// Chats sent at once, and the length of every reply (end-of-generation ignored, so both
@@ -85,14 +86,14 @@ impl ApiClient {
         if let Some(key) = &self.key {
             request = request.bearer_auth(key);
         }
-        let response = request.send().await.map_err(|e| fail(e.to_string()))?;
+        let response = request.send().await.map_err(|e| fail(with_causes(&e)))?;
         if !response.status().is_success() {
             let status = response.status();
             let text = response.text().await.unwrap_or_default();
             return Err(fail(format!("HTTP {status}: {text:.300}")));
         }
         if !stream {
-            let body: Value = response.json().await.map_err(|e| fail(e.to_string()))?;
+            let body: Value = response.json().await.map_err(|e| fail(with_causes(&e)))?;
             return body["usage"]["completion_tokens"]
                 .as_u64()
                 .ok_or_else(|| fail(format!("no usage in the answer: {body:.300}")));
@@ -101,7 +102,7 @@ impl ApiClient {
         let mut buffer = Vec::new();
         let (mut pieces, mut usage) = (0u64, None);
         while let Some(chunk) = events.next().await {
-            buffer.extend_from_slice(&chunk.map_err(|e| fail(e.to_string()))?);
+            buffer.extend_from_slice(&chunk.map_err(|e| fail(with_causes(&e)))?);
             while let Some(end) = buffer.iter().position(|&b| b == b'\n') {
                 let line: Vec<u8> = buffer.drain(..=end).collect();
                 let line = String::from_utf8_lossy(&line);
@@ -126,38 +127,54 @@ impl ApiClient {
     }
 }
 
-/// Runs the workload against `client`: a short warm-up chat, then at each concurrency the chats
-/// answered whole, then streamed, each `repeats` times (the median kept); `progress` ticks once
-/// per batch of chats.
+/// Runs the workload against each of `clients` in turn, batch by batch (so a machine whose speed
+/// drifts over minutes slows all of them alike): a short warm-up chat each, then at each
+/// concurrency the chats answered whole, then streamed, each `repeats` times (the median kept).
+/// `progress` ticks once per batch of chats; the figures are in the order of `clients`.
 pub async fn api_bench(
-    client: &ApiClient,
+    clients: &[&ApiClient],
     workload: &ApiWorkload,
     progress: &ProgressBar,
-) -> Result<ApiFigures, EngineError> {
-    client.chat(0, 8, false).await?;
-    let mut figures = ApiFigures {
-        whole: Vec::new(),
-        streamed: Vec::new(),
-    };
+) -> Result<Vec<ApiFigures>, EngineError> {
+    for client in clients {
+        client.chat(0, 8, false).await?;
+    }
+    let mut figures = vec![
+        ApiFigures {
+            whole: Vec::new(),
+            streamed: Vec::new(),
+        };
+        clients.len()
+    ];
     let mut next_chat = 1;
     for &n in &workload.concurrency {
         for stream in [false, true] {
-            let mut rates = Vec::new();
+            let mut rates = vec![Vec::new(); clients.len()];
             for _ in 0..workload.repeats.max(1) {
+                // The same chats for every client.
                 let chats = next_chat..next_chat + n;
                 next_chat += n;
-                let started = Instant::now();
-                let done = join_all(chats.map(|c| client.chat(c, workload.tokens, stream))).await;
-                let elapsed = started.elapsed().as_secs_f64();
-                let tokens = done.into_iter().sum::<Result<u64, _>>()?;
-                rates.push(tokens as f64 / elapsed.max(1e-9));
-                progress.inc(1);
+                for (client, rates) in clients.iter().zip(&mut rates) {
+                    let started = Instant::now();
+                    let done = join_all(
+                        chats
+                            .clone()
+                            .map(|c| client.chat(c, workload.tokens, stream)),
+                    )
+                    .await;
+                    let elapsed = started.elapsed().as_secs_f64();
+                    let tokens = done.into_iter().sum::<Result<u64, _>>()?;
+                    rates.push(tokens as f64 / elapsed.max(1e-9));
+                    progress.inc(1);
+                }
             }
-            let rate = super::percentile(rates, 0.5);
-            if stream {
-                figures.streamed.push(rate);
-            } else {
-                figures.whole.push(rate);
+            for (figures, rates) in figures.iter_mut().zip(rates) {
+                let rate = super::percentile(rates, 0.5);
+                if stream {
+                    figures.streamed.push(rate);
+                } else {
+                    figures.whole.push(rate);
+                }
             }
         }
     }

@@ -116,6 +116,10 @@ pub enum BenchCommand {
         /// as the protocol's `time_slice_tokens` (`study`; 0 never pauses).
         #[arg(long, default_value_t = DEFAULT_TIME_SLICE_TOKENS)]
         time_slice_tokens: u32,
+        /// Runs the engine under test with ggml's flash-attention kernel, as the protocol's
+        /// `flash_attention = true` (llama-server uses it by default).
+        #[arg(long)]
+        flash_attention: bool,
     },
     /// The platform under many participants: each goes through the study as a person would over
     /// HTTP and the websocket (link, consent, document saves, messages, ratings, finish, final
@@ -283,6 +287,7 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
             remote_model,
             llama_server,
             time_slice_tokens,
+            flash_attention,
         } => {
             let model = model.unwrap_or_else(|| fetch::default_model_path(models_dir));
             match workload {
@@ -299,6 +304,7 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
                         context_tokens,
                         &options,
                         endpoint.map(|e| (e, remote_model)),
+                        flash_attention,
                     )
                 }
                 Workload::Study => {
@@ -311,7 +317,15 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
                         time_slice_tokens,
                     };
                     let reference = Reference::of(endpoint, remote_model, llama_server);
-                    study_bench(ctx, &model, slots, context_tokens, &workload, reference)
+                    study_bench(
+                        ctx,
+                        &model,
+                        slots,
+                        context_tokens,
+                        &workload,
+                        reference,
+                        flash_attention,
+                    )
                 }
                 Workload::V1 => {
                     let workload = ApiWorkload {
@@ -320,7 +334,15 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
                         repeats,
                     };
                     let reference = Reference::of(endpoint, remote_model, llama_server);
-                    v1_bench(ctx, &model, slots, context_tokens, &workload, reference)
+                    v1_bench(
+                        ctx,
+                        &model,
+                        slots,
+                        context_tokens,
+                        &workload,
+                        reference,
+                        flash_attention,
+                    )
                 }
             }
         }
@@ -416,6 +438,7 @@ fn engine_bench(
     context_tokens: u32,
     options: &EngineBenchOptions,
     endpoint: Option<(String, String)>,
+    flash_attention: bool,
 ) -> Result<()> {
     let runtime = ctx.runtime()?;
     let _guard = runtime.enter();
@@ -435,6 +458,7 @@ fn engine_bench(
                 } else {
                     0
                 },
+                flash_attention,
             },
         )
     };
@@ -493,6 +517,7 @@ fn study_bench(
     context_tokens: u32,
     workload: &StudyWorkload,
     reference: Option<Reference>,
+    flash_attention: bool,
 ) -> Result<()> {
     let runtime = ctx.runtime()?;
     let _guard = runtime.enter();
@@ -511,14 +536,16 @@ fn study_bench(
                 reuse_prefix: true,
                 saved_cache_bytes: 1 << 30,
                 time_slice_tokens: workload.time_slice_tokens,
+                flash_attention,
             },
         )?;
         runtime.block_on(bench::study_bench(&engine, workload, &progress))?
     };
     println!(
-        "model {}, {slots} slots of {context_tokens} tokens, {} threads",
+        "model {}, {slots} slots of {context_tokens} tokens, {} threads, flash attention {}",
         model.display(),
-        llama::thread_count()
+        llama::thread_count(),
+        on_off(flash_attention)
     );
     println!(
         "{} participants at once, {} turns each, {} tokens a reply, {:.1}-{:.1} s between turns; \
@@ -569,8 +596,9 @@ fn study_bench(
     Ok(())
 }
 
-/// `bench engine --workload v1`: this server's `/v1` (in this process, over loopback HTTP), then
-/// the reference's, on the same chats; the engine is gone before the reference starts.
+/// `bench engine --workload v1`: this server's `/v1` (in this process, over loopback HTTP) and
+/// the reference's, on the same chats, one batch of chats after the other (neither computes while
+/// the other is measured).
 fn v1_bench(
     ctx: &Context,
     model: &Path,
@@ -578,62 +606,76 @@ fn v1_bench(
     context_tokens: u32,
     workload: &ApiWorkload,
     reference: Option<Reference>,
+    flash_attention: bool,
 ) -> Result<()> {
     let runtime = ctx.runtime()?;
     let _guard = runtime.enter();
     let runs = if reference.is_some() { 2 } else { 1 };
     let batches = 2 * workload.concurrency.len() * workload.repeats.max(1);
     let progress = ProgressBar::new(runs * batches as u64);
-    let ours = {
-        let dir = tempfile::tempdir()?;
-        let url = format!("sqlite://{}", dir.path().join("bench.sqlite3").display());
-        let engine = LlamaEngine::spawn(
-            llama::load_model(model, None, &[])?,
-            WorkerConfig {
-                name: "engine".into(),
-                context_tokens,
-                slots,
-                lora: None,
-                reuse_prefix: true,
-                saved_cache_bytes: 1 << 30,
-                time_slice_tokens: DEFAULT_TIME_SLICE_TOKENS,
-            },
-        )?;
-        let engines = collabllm::engine::Engines::new();
-        engines.insert("bench", std::sync::Arc::new(engine));
-        let key = uuid::Uuid::new_v4().simple().to_string();
-        let mut state = AppState::new(collabllm::db::open(&url, 4)?, engines, PathBuf::new())?;
-        state.api_keys = std::sync::Arc::new(vec![web::openai::key_sha256(&key)]);
-        let server = ServerThread::start(state, None)?;
-        let client = ApiClient::new(&format!("{}/v1", server.base), "bench", Some(key));
-        runtime.block_on(bench::api::api_bench(&client, workload, &progress))?
-    };
+    let dir = tempfile::tempdir()?;
+    let url = format!("sqlite://{}", dir.path().join("bench.sqlite3").display());
+    let engine = LlamaEngine::spawn(
+        llama::load_model(model, None, &[])?,
+        WorkerConfig {
+            name: "engine".into(),
+            context_tokens,
+            slots,
+            lora: None,
+            reuse_prefix: true,
+            saved_cache_bytes: 1 << 30,
+            time_slice_tokens: DEFAULT_TIME_SLICE_TOKENS,
+            flash_attention,
+        },
+    )?;
+    let engines = collabllm::engine::Engines::new();
+    engines.insert("bench", std::sync::Arc::new(engine));
+    let key = uuid::Uuid::new_v4().simple().to_string();
+    let mut state = AppState::new(collabllm::db::open(&url, 4)?, engines, PathBuf::new())?;
+    state.api_keys = std::sync::Arc::new(vec![web::openai::key_sha256(&key)]);
+    let server = ServerThread::start(state, None)?;
+    let ours = ApiClient::new(&format!("{}/v1", server.base), "bench", Some(key));
     println!(
-        "model {}, {slots} slots of {context_tokens} tokens, {} threads; {} tokens a chat",
+        "model {}, {slots} slots of {context_tokens} tokens, {} threads, flash attention {}; {} \
+         tokens a chat",
         model.display(),
         llama::thread_count(),
+        on_off(flash_attention),
         workload.tokens
     );
     let Some(reference) = reference else {
+        let figures = runtime.block_on(bench::api::api_bench(&[&ours], workload, &progress))?;
         progress.finish_and_clear();
-        println!("{}", serde_json::to_string_pretty(&ours)?);
+        println!("{}", serde_json::to_string_pretty(&figures[0])?);
         println!(
             "no reference was measured: pass --llama-server PATH or --endpoint URL to compare \
              with llama-server"
         );
         return Ok(());
     };
-    let (_server, url, name) = reference.open(runtime, model, slots, context_tokens)?;
-    let client = ApiClient::new(&url, &name, None);
-    let theirs = runtime.block_on(bench::api::api_bench(&client, workload, &progress))?;
+    let (_reference_server, url, name) = reference.open(runtime, model, slots, context_tokens)?;
+    let theirs = ApiClient::new(&url, &name, None);
+    let figures = runtime.block_on(bench::api::api_bench(
+        &[&ours, &theirs],
+        workload,
+        &progress,
+    ))?;
     progress.finish_and_clear();
     println!("reference: {url}");
     print_figures(
-        &bench::api::api_figures(&ours, &theirs, workload),
+        &bench::api::api_figures(&figures[0], &figures[1], workload),
         "llama-server",
     );
     println!("target: every ratio >= 0.95x");
     Ok(())
+}
+
+fn on_off(on: bool) -> &'static str {
+    if on {
+        "on"
+    } else {
+        "off"
+    }
 }
 
 /// The figures of a benchmark as a table: engine, reference, ratio.

@@ -105,6 +105,7 @@ impl Engines {
                     reuse_prefix: true,
                     saved_cache_bytes: spec.saved_cache_mib as usize * 1024 * 1024,
                     time_slice_tokens: spec.time_slice_tokens,
+                    flash_attention: spec.flash_attention,
                 };
                 let engine = Arc::new(LlamaEngine::spawn(model.clone(), config)?);
                 (engine, Some((path, model)))

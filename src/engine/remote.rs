@@ -345,7 +345,7 @@ impl Usage {
 
 /// An error with its causes ("error sending request: connection refused"), since reqwest's own
 /// message hides what went wrong.
-fn with_causes(error: &dyn std::error::Error) -> String {
+pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
     while let Some(c) = cause {

@@ -139,6 +139,11 @@ pub struct ModelSpec {
     /// it stopped when a slot frees. 0: replies are never paused (participants wait for a slot).
     #[serde(default = "default_time_slice_tokens")]
     pub time_slice_tokens: u32,
+    /// ggml's flash-attention kernel: faster for short chats and many at once (the `/v1`
+    /// workload), but a conversation's later turns cost more with every cached token; off keeps
+    /// them as fast as its first (docs/benchmarks.md).
+    #[serde(default)]
+    pub flash_attention: bool,
 }
 
 /// Default of [`ModelSpec::timeout_seconds`].

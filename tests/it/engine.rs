@@ -56,6 +56,7 @@ fn spawn_engine(
             reuse_prefix: true,
             saved_cache_bytes,
             time_slice_tokens,
+            flash_attention: false,
         },
     )
     .expect("start worker")
@@ -141,20 +142,46 @@ async fn streamed_text_is_in_order_and_never_splits_a_character() {
 
 #[tokio::test]
 async fn concurrent_requests_each_get_their_own_reply() {
+    four_at_once_on_two_engines(|| engine(4, 2048)).await;
+}
+
+/// The same with ggml's flash-attention kernel (a model's `flash_attention = true`).
+#[tokio::test]
+async fn concurrent_requests_each_get_their_own_reply_with_flash_attention() {
+    four_at_once_on_two_engines(|| {
+        LlamaEngine::spawn(
+            model(),
+            WorkerConfig {
+                name: "flash".into(),
+                context_tokens: 2048,
+                slots: 4,
+                lora: None,
+                reuse_prefix: true,
+                saved_cache_bytes: 1 << 30,
+                time_slice_tokens: TIME_SLICE,
+                flash_attention: true,
+            },
+        )
+        .expect("start worker")
+    })
+    .await;
+}
+
+/// The same four requests at once on two fresh engines: each stream is its own reply, whole and
+/// in order, and the same batches give the same replies. (A reply computed alone can differ from
+/// one batched with others in the last bits of the logits: the plain attention path is not
+/// batch-invariant.) Queued as a group, they are admitted in one step on both runs; one by one,
+/// the first could start alone.
+async fn four_at_once_on_two_engines(new_engine: impl Fn() -> LlamaEngine) {
     let prompts = [
         "What is the capital of France?",
         "Name three colours.",
         "Write one sentence about the sea.",
         "What is 2 + 2?",
     ];
-    // The same four requests at once on two fresh engines: each stream is its own reply, whole
-    // and in order, and the same batches give the same replies. (A reply computed alone can
-    // differ from one batched with others in the last bits of the logits: flash attention is off
-    // for speed, and the plain attention path is not batch-invariant.) Queued as a group, they
-    // are admitted in one step on both runs; one by one, the first could start alone.
     let mut runs = Vec::new();
     for _ in 0..2 {
-        let engine = engine(4, 2048);
+        let engine = new_engine();
         let generations: Vec<_> = engine
             .start_group(prompts.iter().map(|p| chat(p, greedy(24))).collect())
             .into_iter()
@@ -714,6 +741,7 @@ async fn an_engine_computes_with_one_thread_per_core() {
             reuse_prefix: false,
             saved_cache_bytes: 0,
             time_slice_tokens: 0,
+            flash_attention: false,
         },
     )
     .expect("start worker");

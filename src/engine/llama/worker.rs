@@ -100,8 +100,7 @@ struct Active {
     max_tokens: usize,
     seed: u32,
     first_token_at: Option<Instant>,
-    /// Admission number: batches list sequences in this order, not by slot, so a batch's
-    /// layout does not depend on which slots happened to be free.
+    /// Admission number: names the leader of a shared prefix and orders replies for pausing.
     admission: u64,
     /// The prompt prefix this request takes from another of its group, once that one has
     /// computed it.
@@ -154,7 +153,7 @@ pub(crate) struct Worker<'m> {
     time_slice_tokens: usize,
     /// When a participant's request was last admitted.
     last_participant: Option<Instant>,
-    /// Jobs admitted so far; numbers the jobs so batches are built in admission order.
+    /// Jobs admitted so far; numbers the jobs in admission order.
     admitted: u64,
     context_tokens: usize,
     reuse_prefix: bool,
@@ -514,7 +513,7 @@ impl<'m> Worker<'m> {
                 Some(Next::Resume(paused)) => {
                     // A slot is idle here: the loop's first check saw one or paused a reply.
                     let index = self
-                        .least_recently_used_idle()
+                        .idle_slot_to_take()
                         .expect("admit checks that an idle slot exists");
                     self.resume(index, *paused);
                     continue;
@@ -579,7 +578,7 @@ impl<'m> Worker<'m> {
         };
         if job.request.reproducible {
             // Computed from scratch anyway; the lowest free sequence id keeps a group's batch
-            // layout (llama.cpp orders a batch's rows by sequence) the same on every run.
+            // layout (rows in sequence order) the same on every run.
             return idle()
                 .next()
                 .map(|(i, _)| i)
@@ -599,18 +598,19 @@ impl<'m> Worker<'m> {
                 return i;
             }
         }
-        self.least_recently_used_idle()
+        self.idle_slot_to_take()
             .expect("admit checks that an idle slot exists")
     }
 
-    /// The idle slot used longest ago: the one whose cache is least likely to be wanted again.
-    fn least_recently_used_idle(&self) -> Option<usize> {
-        self.slots
+    /// The idle slot to take for a request that has no cache of its own in one (see
+    /// [`slot_to_take`]).
+    fn idle_slot_to_take(&self) -> Option<usize> {
+        let slots: Vec<(bool, Instant)> = self
+            .slots
             .iter()
-            .enumerate()
-            .filter(|(_, s)| s.active.is_none())
-            .min_by_key(|(_, s)| s.last_used)
-            .map(|(i, _)| i)
+            .map(|s| (s.active.is_some(), s.last_used))
+            .collect();
+        slot_to_take(&slots)
     }
 
     /// Before a job takes a slot that holds another conversation: keeps that conversation's cache
@@ -868,18 +868,20 @@ impl<'m> Worker<'m> {
     fn step(&mut self, batch: &mut LlamaBatch) -> usize {
         batch.clear();
         self.resolve_shares();
-        let mut order: Vec<(u64, usize)> = self
+        // Room for every generating sequence's token comes first; prompt chunks share the rest.
+        let generating = self
             .slots
             .iter()
-            .enumerate()
-            .filter_map(|(i, s)| s.active.as_ref().map(|a| (a.admission, i)))
-            .collect();
-        order.sort_unstable();
-        // Generating sequences first: one token each.
-        for &(_, i) in &order {
-            let Slot {
-                seq, cache, active, ..
-            } = &mut self.slots[i];
+            .filter(|s| s.active.as_ref().is_some_and(|a| a.next.is_some()))
+            .count();
+        let mut prompt_room = BATCH_TOKENS as usize - generating.min(BATCH_TOKENS as usize);
+        // Sequence by sequence in id order, each one's tokens together: llama.cpp splits a batch
+        // of several sequences (one KV stream each) into a forward pass for every run of
+        // consecutive sequence ids, so any other order computes a step several times over.
+        for Slot {
+            seq, cache, active, ..
+        } in &mut self.slots
+        {
             let Some(active) = active.as_mut() else {
                 continue;
             };
@@ -892,21 +894,17 @@ impl<'m> Worker<'m> {
                 }
                 active.logits_at = Some(batch.n_tokens() - 1);
                 cache.push(self.model, token);
-            }
-        }
-        // Then prompt chunks of admitted sequences, as far as the batch has room.
-        for &(_, i) in &order {
-            let Slot {
-                seq, cache, active, ..
-            } = &mut self.slots[i];
-            let room = BATCH_TOKENS as usize - batch.n_tokens() as usize;
-            if room == 0 {
-                break;
-            }
-            let Some(active) = active.as_mut().filter(|a| a.share.is_none()) else {
                 continue;
-            };
-            let chunk = active.prefill.len().min(room).min(PREFILL_CHUNK_TOKENS);
+            }
+            if active.share.is_some() {
+                continue;
+            }
+            let chunk = active
+                .prefill
+                .len()
+                .min(prompt_room)
+                .min(PREFILL_CHUNK_TOKENS);
+            prompt_room -= chunk;
             for _ in 0..chunk {
                 let token = active.prefill.pop_front().expect("chunk ≤ prefill length");
                 let last = active.prefill.is_empty();
@@ -1170,6 +1168,25 @@ impl SeqCache {
     }
 }
 
+/// Of `slots` (busy, last used), the idle one that leaves the busy sequence ids in the fewest runs
+/// (a decode computes each run of consecutive ids apart, see `Worker::step`), then the one used
+/// longest ago, whose cache is least likely to be wanted again.
+fn slot_to_take(slots: &[(bool, Instant)]) -> Option<usize> {
+    let busy = |i: usize| slots.get(i).is_some_and(|&(busy, _)| busy);
+    // Taking slot i joins the runs on its two sides into one (−1), extends one (0) or starts a
+    // new one (+1).
+    let runs_added = |i: usize| {
+        let before = i > 0 && busy(i - 1);
+        1 - i32::from(before) - i32::from(busy(i + 1))
+    };
+    slots
+        .iter()
+        .enumerate()
+        .filter(|(_, &(busy, _))| !busy)
+        .min_by_key(|&(i, &(_, last_used))| (runs_added(i), last_used))
+        .map(|(i, _)| i)
+}
+
 /// Tokens of prompt text; special tokens of the chat template are parsed, and BOS is added at the
 /// start of a sequence when the model wants one.
 fn tokenize(model: &LlamaModel, text: &str, at_start: bool) -> Vec<LlamaToken> {
@@ -1316,5 +1333,33 @@ fn injected_panic(request: &crate::engine::ChatRequest, generated: usize) {
         .is_some_and(|m| m.content.contains(marker));
     if generated == 3 && asked && !FIRED.swap(true, Ordering::SeqCst) {
         panic!("injected fault: the request asked the worker to panic");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Slots from a picture: `#` busy, `.` idle; slot i was last used i seconds after the first.
+    fn slots(picture: &str) -> Vec<(bool, Instant)> {
+        let start = Instant::now();
+        picture
+            .chars()
+            .enumerate()
+            .map(|(i, c)| (c == '#', start + Duration::from_secs(i as u64)))
+            .collect()
+    }
+
+    #[test]
+    fn a_new_request_keeps_the_busy_sequences_in_one_run() {
+        // The gap between two runs, not the slot used longest ago (slot 0 of the idle ones).
+        assert_eq!(slot_to_take(&slots("#.#..")), Some(1));
+        // Next to the run rather than apart from it.
+        assert_eq!(slot_to_take(&slots("..##..")), Some(1));
+        // Nothing busy: the slot used longest ago.
+        let mut idle = slots("...");
+        idle[0].1 += Duration::from_secs(10);
+        assert_eq!(slot_to_take(&idle), Some(1));
+        assert_eq!(slot_to_take(&slots("###")), None);
     }
 }
