@@ -289,7 +289,12 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
             time_slice_tokens,
             flash_attention,
         } => {
-            let model = model.unwrap_or_else(|| fetch::default_model_path(models_dir));
+            let under_test = EngineUnderTest {
+                model: model.unwrap_or_else(|| fetch::default_model_path(models_dir)),
+                slots,
+                context_tokens,
+                flash_attention,
+            };
             match workload {
                 Workload::Chats => {
                     let options = EngineBenchOptions {
@@ -299,12 +304,9 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
                     };
                     engine_bench(
                         ctx,
-                        &model,
-                        slots,
-                        context_tokens,
+                        &under_test,
                         &options,
                         endpoint.map(|e| (e, remote_model)),
-                        flash_attention,
                     )
                 }
                 Workload::Study => {
@@ -317,15 +319,7 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
                         time_slice_tokens,
                     };
                     let reference = Reference::of(endpoint, remote_model, llama_server);
-                    study_bench(
-                        ctx,
-                        &model,
-                        slots,
-                        context_tokens,
-                        &workload,
-                        reference,
-                        flash_attention,
-                    )
+                    study_bench(ctx, &under_test, &workload, reference)
                 }
                 Workload::V1 => {
                     let workload = ApiWorkload {
@@ -334,15 +328,7 @@ pub fn bench(ctx: &Context, command: BenchCommand) -> Result<()> {
                         repeats,
                     };
                     let reference = Reference::of(endpoint, remote_model, llama_server);
-                    v1_bench(
-                        ctx,
-                        &model,
-                        slots,
-                        context_tokens,
-                        &workload,
-                        reference,
-                        flash_attention,
-                    )
+                    v1_bench(ctx, &under_test, &workload, reference)
                 }
             }
         }
@@ -431,42 +417,55 @@ fn export_bench(sessions: usize, messages: usize) -> Result<()> {
     Ok(())
 }
 
-fn engine_bench(
-    ctx: &Context,
-    model: &Path,
+/// The engine a benchmark measures: its model and its worker's settings.
+struct EngineUnderTest {
+    model: PathBuf,
     slots: u32,
     context_tokens: u32,
+    flash_attention: bool,
+}
+
+impl EngineUnderTest {
+    /// A worker of `slots`; with `reuse_prefix` as `serve` runs it (prefix reuse, caches kept in
+    /// RAM), else the one-at-a-time baseline that computes every prompt again.
+    fn config(
+        &self,
+        name: &str,
+        slots: u32,
+        reuse_prefix: bool,
+        time_slice_tokens: u32,
+    ) -> WorkerConfig {
+        WorkerConfig {
+            name: name.into(),
+            context_tokens: self.context_tokens,
+            slots,
+            lora: None,
+            reuse_prefix,
+            saved_cache_bytes: if reuse_prefix { 1 << 30 } else { 0 },
+            time_slice_tokens,
+            flash_attention: self.flash_attention,
+        }
+    }
+}
+
+fn engine_bench(
+    ctx: &Context,
+    under_test: &EngineUnderTest,
     options: &EngineBenchOptions,
     endpoint: Option<(String, String)>,
-    flash_attention: bool,
 ) -> Result<()> {
     let runtime = ctx.runtime()?;
     let _guard = runtime.enter();
+    let (model, slots) = (&under_test.model, under_test.slots);
     let loaded = llama::load_model(model, None, &[])?;
-    let worker = |name: &str, slots, reuse_prefix| {
-        LlamaEngine::spawn(
-            loaded.clone(),
-            WorkerConfig {
-                name: name.into(),
-                context_tokens,
-                slots,
-                lora: None,
-                reuse_prefix,
-                saved_cache_bytes: if reuse_prefix { 1 << 30 } else { 0 },
-                time_slice_tokens: if reuse_prefix {
-                    DEFAULT_TIME_SLICE_TOKENS
-                } else {
-                    0
-                },
-                flash_attention,
-            },
-        )
-    };
     let engine: Box<dyn Engine> = match endpoint {
         Some((url, name)) => Box::new(RemoteEngine::new(&url, &name, None)?),
-        None => Box::new(worker("engine", slots, true)?),
+        None => Box::new(LlamaEngine::spawn(
+            loaded.clone(),
+            under_test.config("engine", slots, true, DEFAULT_TIME_SLICE_TOKENS),
+        )?),
     };
-    let baseline = worker("baseline", 1, false)?;
+    let baseline = LlamaEngine::spawn(loaded.clone(), under_test.config("baseline", 1, false, 0))?;
     let progress = ProgressBar::new(bench::steps(options));
     let figures = runtime.block_on(bench::engine_bench(&*engine, &baseline, options, &progress))?;
     progress.finish_and_clear();
@@ -512,32 +511,24 @@ fn engine_bench(
 /// workload; the ratios are what compare across machines.
 fn study_bench(
     ctx: &Context,
-    model: &Path,
-    slots: u32,
-    context_tokens: u32,
+    under_test: &EngineUnderTest,
     workload: &StudyWorkload,
     reference: Option<Reference>,
-    flash_attention: bool,
 ) -> Result<()> {
+    let (model, slots, context_tokens) = (
+        &under_test.model,
+        under_test.slots,
+        under_test.context_tokens,
+    );
     let runtime = ctx.runtime()?;
     let _guard = runtime.enter();
     let replies = workload.turns * (workload.participants + 1);
     let runs = if reference.is_some() { 2 } else { 1 };
     let progress = ProgressBar::new(runs * replies as u64);
     let ours = {
-        let loaded = llama::load_model(model, None, &[])?;
         let engine = LlamaEngine::spawn(
-            loaded,
-            WorkerConfig {
-                name: "engine".into(),
-                context_tokens,
-                slots,
-                lora: None,
-                reuse_prefix: true,
-                saved_cache_bytes: 1 << 30,
-                time_slice_tokens: workload.time_slice_tokens,
-                flash_attention,
-            },
+            llama::load_model(model, None, &[])?,
+            under_test.config("engine", slots, true, workload.time_slice_tokens),
         )?;
         runtime.block_on(bench::study_bench(&engine, workload, &progress))?
     };
@@ -545,7 +536,7 @@ fn study_bench(
         "model {}, {slots} slots of {context_tokens} tokens, {} threads, flash attention {}",
         model.display(),
         llama::thread_count(),
-        on_off(flash_attention)
+        on_off(under_test.flash_attention)
     );
     println!(
         "{} participants at once, {} turns each, {} tokens a reply, {:.1}-{:.1} s between turns; \
@@ -601,13 +592,15 @@ fn study_bench(
 /// the other is measured).
 fn v1_bench(
     ctx: &Context,
-    model: &Path,
-    slots: u32,
-    context_tokens: u32,
+    under_test: &EngineUnderTest,
     workload: &ApiWorkload,
     reference: Option<Reference>,
-    flash_attention: bool,
 ) -> Result<()> {
+    let (model, slots, context_tokens) = (
+        &under_test.model,
+        under_test.slots,
+        under_test.context_tokens,
+    );
     let runtime = ctx.runtime()?;
     let _guard = runtime.enter();
     let runs = if reference.is_some() { 2 } else { 1 };
@@ -617,16 +610,7 @@ fn v1_bench(
     let url = format!("sqlite://{}", dir.path().join("bench.sqlite3").display());
     let engine = LlamaEngine::spawn(
         llama::load_model(model, None, &[])?,
-        WorkerConfig {
-            name: "engine".into(),
-            context_tokens,
-            slots,
-            lora: None,
-            reuse_prefix: true,
-            saved_cache_bytes: 1 << 30,
-            time_slice_tokens: DEFAULT_TIME_SLICE_TOKENS,
-            flash_attention,
-        },
+        under_test.config("engine", slots, true, DEFAULT_TIME_SLICE_TOKENS),
     )?;
     let engines = collabllm::engine::Engines::new();
     engines.insert("bench", std::sync::Arc::new(engine));
@@ -640,7 +624,7 @@ fn v1_bench(
          tokens a chat",
         model.display(),
         llama::thread_count(),
-        on_off(flash_attention),
+        on_off(under_test.flash_attention),
         workload.tokens
     );
     let Some(reference) = reference else {
