@@ -359,15 +359,12 @@ fn next_number<T>(
 }
 
 /// Locks `parent` until the end of the write transaction: its row lock on PostgreSQL (SQLite's
-/// write transaction holds the whole database already). `FOR NO KEY UPDATE`, not `FOR UPDATE`:
-/// it serialises the writers that take it all the same, but leaves alone the foreign-key checks
-/// of rows inserted under the parent elsewhere (`FOR KEY SHARE`), which `FOR UPDATE` made wait —
-/// every new session behind each draw of the ledger, under a sustained load.
+/// write transaction holds the whole database already).
 fn lock(conn: &mut DbConn, parent: &Parent) -> diesel::QueryResult<()> {
     if let DbConn::Postgres(c) = conn {
         // `table` is one of our table names and `id` an integer: nothing to escape.
         c.batch_execute(&format!(
-            "SELECT 1 FROM {} WHERE id = {} FOR NO KEY UPDATE",
+            "SELECT 1 FROM {} WHERE id = {} FOR UPDATE",
             parent.table, parent.id
         ))?;
     }
