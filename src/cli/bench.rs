@@ -446,6 +446,18 @@ impl EngineUnderTest {
             flash_attention: self.flash_attention,
         }
     }
+
+    /// What a report says of it: model, slots, context, threads, attention path.
+    fn describe(&self) -> String {
+        format!(
+            "model {}, {} slots of {} tokens, {} threads, flash attention {}",
+            self.model.display(),
+            self.slots,
+            self.context_tokens,
+            llama::thread_count(),
+            if self.flash_attention { "on" } else { "off" }
+        )
+    }
 }
 
 fn engine_bench(
@@ -532,12 +544,7 @@ fn study_bench(
         )?;
         runtime.block_on(bench::study_bench(&engine, workload, &progress))?
     };
-    println!(
-        "model {}, {slots} slots of {context_tokens} tokens, {} threads, flash attention {}",
-        model.display(),
-        llama::thread_count(),
-        on_off(under_test.flash_attention)
-    );
+    println!("{}", under_test.describe());
     println!(
         "{} participants at once, {} turns each, {} tokens a reply, {:.1}-{:.1} s between turns; \
          one conversation alone: {} turns of {} tokens; time slices of {} tokens",
@@ -620,11 +627,8 @@ fn v1_bench(
     let server = ServerThread::start(state, None)?;
     let ours = ApiClient::new(&format!("{}/v1", server.base), "bench", Some(key));
     println!(
-        "model {}, {slots} slots of {context_tokens} tokens, {} threads, flash attention {}; {} \
-         tokens a chat",
-        model.display(),
-        llama::thread_count(),
-        on_off(under_test.flash_attention),
+        "{}; {} tokens a chat",
+        under_test.describe(),
         workload.tokens
     );
     let Some(reference) = reference else {
@@ -652,14 +656,6 @@ fn v1_bench(
     );
     println!("target: every ratio >= 0.95x");
     Ok(())
-}
-
-fn on_off(on: bool) -> &'static str {
-    if on {
-        "on"
-    } else {
-        "off"
-    }
 }
 
 /// The figures of a benchmark as a table: engine, reference, ratio.
